@@ -1,0 +1,40 @@
+"""Shared fixtures: real images that install offline with our dependencies (evaluation material only)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+
+def _ct_slice_attenuation(n: int | None = None) -> np.ndarray:
+    import pydicom
+    from pydicom.data import get_testdata_file
+
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    hu = ds.pixel_array.astype(np.float64) * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+    mu = np.clip(hu + 1000.0, 0, None) / 1000.0  # relative to water, ≥ 0
+    if n is not None and n != mu.shape[0]:
+        from skimage.transform import resize
+
+        mu = resize(mu, (n, n), anti_aliasing=True)
+    size = mu.shape[0]
+    yy, xx = np.mgrid[:size, :size]
+    c = size // 2
+    mu[(yy - c) ** 2 + (xx - c) ** 2 > c**2] = 0.0
+    return mu
+
+
+@pytest.fixture(scope="session")
+def ct_slice() -> np.ndarray:
+    """A real 128×128 CT slice (pydicom's CT_small.dcm) as attenuation relative to water, zero outside the circle."""
+    return _ct_slice_attenuation()
+
+
+@pytest.fixture(scope="session")
+def mr_slice() -> np.ndarray:
+    """A real 64×64 MR slice (pydicom's MR_small.dcm), scaled to [0, 1]."""
+    import pydicom
+    from pydicom.data import get_testdata_file
+
+    img = pydicom.dcmread(get_testdata_file("MR_small.dcm")).pixel_array.astype(np.float64)
+    return img / img.max()
