@@ -1,0 +1,229 @@
+"""The ``Prior``: a denoiser ``D(x_σ; σ) → x0_hat`` (Tweedie estimate) and its score, in model units.
+
+Samplers talk to every prior the same way, whatever schedule or parametrisation it was trained
+with: ``x_σ = x0 + σ ε`` (variance-exploding form; see :mod:`.schedules` for the VP mapping).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from pathlib import Path
+
+import torch
+
+from .card import CardError, ModelCard
+from .network import build_network
+from .schedules import Schedule, VPSchedule, get_schedule, sigma_to_alpha_bar
+
+__all__ = [
+    "Prior",
+    "NetworkPrior",
+    "GaussianPrior",
+    "save_prior",
+    "load_prior_file",
+    "complex_to_channels",
+    "channels_to_complex",
+    "edm_noise_label",
+]
+
+
+def complex_to_channels(x: torch.Tensor) -> torch.Tensor:
+    """``(*b, H, W)`` complex → ``(*b, 2, H, W)`` real (real, imag)."""
+    return torch.stack([x.real, x.imag], dim=-3)
+
+
+def channels_to_complex(x: torch.Tensor) -> torch.Tensor:
+    """``(*b, 2, H, W)`` real → ``(*b, H, W)`` complex."""
+    return torch.complex(x[..., 0, :, :], x[..., 1, :, :])
+
+
+def _sigma_tensor(sigma: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
+    """σ as a tensor broadcastable against ``x`` of shape (B, C, H, W)."""
+    s = torch.as_tensor(sigma, dtype=x.dtype, device=x.device)
+    if s.ndim == 0:
+        s = s.expand(x.shape[0])
+    if s.shape[0] != x.shape[0]:
+        raise ValueError(f"sigma has {s.shape[0]} values for a batch of {x.shape[0]} images")
+    return s.reshape(-1, *([1] * (x.ndim - 1)))
+
+
+def edm_noise_label(sigma: torch.Tensor) -> torch.Tensor:
+    """The network's noise input: 250 · ln σ (EDM's c_noise = ln σ / 4, scaled for the sinusoidal embedding)."""
+    return 250.0 * torch.log(torch.clamp(sigma, min=1e-12))
+
+
+class Prior(ABC):
+    """An image prior given by its denoiser.
+
+    Attributes
+    ----------
+    channels : int
+        1 (real) or 2 (complex as real/imag).
+    card : ModelCard or None
+        Provenance and normalisation (None for analytic priors).
+    schedule : Schedule
+        The schedule the prior was trained with; samplers may use another.
+    """
+
+    channels: int = 1
+    card: ModelCard | None = None
+    schedule: Schedule
+
+    @abstractmethod
+    def denoise(self, x_t: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
+        """Tweedie estimate ``E[x0 | x_t]`` for ``x_t = x0 + σ ε``, shape ``(B, C, H, W)``."""
+
+    def score(self, x_t: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
+        """``∇ log p_σ(x_t) = (x0_hat − x_t) / σ²``."""
+        s = _sigma_tensor(sigma, x_t)
+        return (self.denoise(x_t, sigma) - x_t) / s**2
+
+    def to(self, device: str | torch.device) -> Prior:
+        """Move to ``device`` and return self."""
+        return self
+
+    # Intensity normalisation between native units (e.g. HU) and model units.
+    def to_model(self, x_native: torch.Tensor) -> torch.Tensor:
+        """Native image units → model units."""
+        n = self.card.normalisation if self.card else {"offset": 0.0, "scale": 1.0}
+        return (x_native - n["offset"]) / n["scale"]
+
+    def from_model(self, x_model: torch.Tensor) -> torch.Tensor:
+        """Model units → native image units."""
+        n = self.card.normalisation if self.card else {"offset": 0.0, "scale": 1.0}
+        return x_model * n["scale"] + n["offset"]
+
+
+class GaussianPrior(Prior):
+    """``x0 ~ N(mean, σp² I)``: its denoiser is exact, ``x0_hat = mean + (x_t − mean)·σp²/(σp² + σ²)``.
+
+    Used to test samplers against the closed-form Gaussian posterior.
+    """
+
+    def __init__(self, sigma_p: float = 1.0, mean: float = 0.0, channels: int = 1) -> None:
+        self.sigma_p = float(sigma_p)
+        self.mean = float(mean)
+        self.channels = channels
+        self.schedule = get_schedule("edm")
+
+    def denoise(self, x_t: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
+        s = _sigma_tensor(sigma, x_t)
+        return self.mean + (x_t - self.mean) * self.sigma_p**2 / (self.sigma_p**2 + s**2)
+
+
+class NetworkPrior(Prior):
+    """A trained U-Net with EDM preconditioning or VP ε-prediction.
+
+    Parameters
+    ----------
+    network : torch.nn.Module
+        Called as ``network(x, noise_label)``.
+    card : ModelCard
+        The model card (parametrisation, schedule, σ_data, normalisation...).
+    """
+
+    def __init__(self, network: torch.nn.Module, card: ModelCard) -> None:
+        card.validate()
+        self.network = network
+        self.card = card
+        self.channels = card.channels
+        self.sigma_data = float(card.sigma_data)
+        self.schedule = get_schedule(card.schedule)
+        self.parametrisation = card.parametrisation
+        if self.parametrisation == "eps" and not isinstance(self.schedule, VPSchedule):
+            raise CardError("an 'eps' (noise-prediction) prior needs a VP schedule in its card")
+        if isinstance(self.schedule, VPSchedule):
+            self._log_ab = torch.log(self.schedule.alpha_bars())
+        self.network.eval()
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the network's weights."""
+        return next(self.network.parameters()).device
+
+    def to(self, device: str | torch.device) -> NetworkPrior:
+        self.network.to(device)
+        return self
+
+    def _vp_timestep(self, sigma: torch.Tensor) -> torch.Tensor:
+        """Continuous training index t with ᾱ_t = 1/(1+σ²) (linear interpolation in log ᾱ)."""
+        target = torch.log(sigma_to_alpha_bar(sigma.double().cpu()))
+        log_ab = self._log_ab
+        # log ᾱ decreases with t: search on the negated, increasing sequence.
+        idx = torch.searchsorted(-log_ab, -target).clamp(1, len(log_ab) - 1)
+        lo, hi = log_ab[idx - 1], log_ab[idx]
+        frac = ((target - lo) / (hi - lo)).clamp(0, 1)
+        return (idx - 1 + frac).to(sigma.device, torch.float32)
+
+    def raw(self, x_t: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
+        """The network's prediction with preconditioning applied; differentiable."""
+        s = _sigma_tensor(sigma, x_t)
+        if self.parametrisation == "edm":
+            sd = self.sigma_data
+            c_skip = sd**2 / (s**2 + sd**2)
+            c_out = s * sd / torch.sqrt(s**2 + sd**2)
+            c_in = 1.0 / torch.sqrt(s**2 + sd**2)
+            f = self.network(c_in * x_t, edm_noise_label(s.reshape(-1)))
+            return c_skip * x_t + c_out * f
+        # VP ε-prediction: x_vp = √ᾱ x_t, ε = net(x_vp, t), x0 = x_t − σ ε.
+        x_vp = x_t / torch.sqrt(1 + s**2)
+        eps = self.network(x_vp, self._vp_timestep(s.reshape(-1)))
+        return x_t - s * eps
+
+    def denoise(self, x_t: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
+        if x_t.ndim != 4 or x_t.shape[1] != self.channels:
+            raise ValueError(
+                f"prior {self.card.name!r} takes (B, {self.channels}, H, W) images, got {tuple(x_t.shape)}"
+            )
+        return self.raw(x_t, sigma)
+
+
+def save_prior(prior: NetworkPrior, path: str | Path) -> tuple[Path, Path]:
+    """Write ``<path>.safetensors`` (weights) and ``<path>.json`` (card); returns both paths."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    stem = path.with_suffix("") if path.suffix in (".json", ".safetensors") else path
+    weights, card_path = stem.with_suffix(".safetensors"), stem.with_suffix(".json")
+    weights.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in prior.network.state_dict().items()}
+    save_file(state, str(weights), metadata={"name": prior.card.name, "format": "napari-diffrecon prior"})
+    card_path.write_text(prior.card.to_json(), encoding="utf-8")
+    return weights, card_path
+
+
+def load_prior_file(path: str | Path, device: str | torch.device = "cpu") -> NetworkPrior:
+    """Load a prior from its card (``.json``) or weights (``.safetensors``) path; never unpickles.
+
+    Raises
+    ------
+    FileNotFoundError
+        When the card or the weights are missing.
+    CardError
+        When the card is invalid or the weights don't fit the architecture it describes.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    stem = path.with_suffix("") if path.suffix in (".json", ".safetensors") else path
+    card_path, weights = stem.with_suffix(".json"), stem.with_suffix(".safetensors")
+    for p in (card_path, weights):
+        if not p.exists():
+            raise FileNotFoundError(f"prior file {p} not found (a prior is a .json card beside a .safetensors file)")
+    card = ModelCard.read(card_path)
+    net = build_network({**card.architecture, "channels": card.channels})
+    try:
+        state = load_file(str(weights), device="cpu")
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CardError(f"cannot read weights {weights}: {e} (is it a safetensors file?)") from None
+    missing, unexpected = net.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise CardError(
+            f"weights {weights.name} do not match the architecture in {card_path.name}: "
+            f"{len(missing)} missing and {len(unexpected)} unexpected tensors"
+        )
+    prior = NetworkPrior(net, card)
+    return prior.to(device)
+
+

@@ -1,0 +1,339 @@
+"""Training a diffusion prior (denoising score matching) with EMA, validation, checkpoint/resume.
+
+The loop is the review's Algorithm 1 in its EDM form (Karras et al. 2022): draw a noise level σ
+from the schedule's training distribution, noise the image ``x_σ = x0 + σ z``, predict x0 (or the
+noise, for VP ε-prediction), minimise the weighted squared error with Adam. Patches of
+``patch_size`` are cut from larger images, so a fully convolutional U-Net trained on 64² patches
+applies to whole 128²–256² images (patch diffusion).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F  # noqa: N812
+
+from .. import __version__
+from .card import ModelCard
+from .network import build_network, count_parameters
+from .prior import NetworkPrior, save_prior
+from .schedules import VPSchedule, get_schedule
+
+__all__ = ["TrainConfig", "ImagePool", "train_prior", "augment", "VAL_SIGMAS"]
+
+VAL_SIGMAS = (0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run (stored in the checkpoint and the model card)."""
+
+    name: str = "prior"
+    modality: str = "generic"
+    channels: int = 1
+    resolution: int = 128
+    patch_size: int = 64
+    arch: str = "small"
+    parametrisation: str = "edm"
+    schedule: str = "edm"
+    sigma_data: float = 0.5
+    batch_size: int = 16
+    lr: float = 2e-4
+    steps: int = 10_000
+    ema_decay: float = 0.999
+    val_every: int = 250
+    ckpt_every: int = 250
+    val_size: int = 16
+    seed: int = 0
+    device: str = "cpu"
+    amp: bool = False
+    augment: bool = True
+    grad_clip: float = 1.0
+    normalisation: dict[str, Any] = field(
+        default_factory=lambda: {"kind": "affine", "native_units": "arbitrary", "offset": 0.0, "scale": 1.0}
+    )
+    data: dict[str, Any] = field(default_factory=dict)
+    command: str = ""
+
+
+class ImagePool:
+    """A pool of training images (model units, ``(N, C, H, W)``) from which random patches are cut.
+
+    Parameters
+    ----------
+    images : torch.Tensor
+        Images already normalised to model units.
+    refill : callable, optional
+        ``refill(n, rng) -> Tensor`` giving fresh images; when given, a quarter of the pool is
+        replaced every ``refresh_every`` draws (on-the-fly phantoms).
+    """
+
+    def __init__(
+        self,
+        images: torch.Tensor,
+        refill: Callable[[int, np.random.Generator], torch.Tensor] | None = None,
+        refresh_every: int = 50,
+        seed: int = 0,
+    ) -> None:
+        if images.ndim != 4 or images.shape[0] == 0:
+            raise ValueError(f"training images must be a non-empty (N, C, H, W) tensor, got {tuple(images.shape)}")
+        if not torch.isfinite(images).all():
+            raise ValueError("training images contain NaN or Inf")
+        self.images = images.float()
+        self.refill = refill
+        self.refresh_every = refresh_every
+        self.rng = np.random.default_rng(seed)
+        self._draws = 0
+
+    def batch(self, n: int, patch: int, generator: torch.Generator) -> torch.Tensor:
+        """``n`` random patches of side ``patch`` (whole images when ``patch`` ≥ their size)."""
+        self._draws += 1
+        if self.refill is not None and self._draws % self.refresh_every == 0:
+            k = max(1, self.images.shape[0] // 4)
+            idx = self.rng.choice(self.images.shape[0], size=k, replace=False)
+            self.images[torch.as_tensor(idx)] = self.refill(k, self.rng).float()
+        n_img, _, h, w = self.images.shape
+        idx = torch.randint(0, n_img, (n,), generator=generator)
+        if patch >= min(h, w):
+            return self.images[idx].clone()
+        ys = torch.randint(0, h - patch + 1, (n,), generator=generator)
+        xs = torch.randint(0, w - patch + 1, (n,), generator=generator)
+        crops = [self.images[i, :, y : y + patch, x : x + patch] for i, y, x in zip(idx, ys, xs, strict=True)]
+        return torch.stack(crops)
+
+
+def augment(
+    x: torch.Tensor, generator: torch.Generator, max_rot_deg: float = 10.0, max_scale: float = 0.1
+) -> torch.Tensor:
+    """Random flips, small rotations and scalings (bilinear, reflection padding), per image."""
+    n = x.shape[0]
+    flip = torch.rand(n, generator=generator) < 0.5
+    x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+    ang = (torch.rand(n, generator=generator) * 2 - 1) * math.radians(max_rot_deg)
+    sc = 1 + (torch.rand(n, generator=generator) * 2 - 1) * max_scale
+    cos, sin = torch.cos(ang) / sc, torch.sin(ang) / sc
+    theta = torch.stack([torch.stack([cos, -sin, torch.zeros(n)], 1), torch.stack([sin, cos, torch.zeros(n)], 1)], 1)
+    grid = F.affine_grid(theta.to(x), list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+
+def _loss(prior: NetworkPrior, x0: torch.Tensor, sigma: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """Per-image weighted denoising loss (EDM weighting, or ε-MSE for VP ε-prediction)."""
+    s = sigma.reshape(-1, 1, 1, 1)
+    x_t = x0 + s * noise
+    x0_hat = prior.raw(x_t, sigma)
+    if prior.parametrisation == "eps":
+        eps_hat = (x_t - x0_hat) / s
+        return ((eps_hat - noise) ** 2).flatten(1).mean(1)
+    sd = prior.sigma_data
+    weight = (s**2 + sd**2) / (s * sd) ** 2
+    return (weight * (x0_hat - x0) ** 2).flatten(1).mean(1)
+
+
+@torch.no_grad()
+def validation_loss(prior: NetworkPrior, val: torch.Tensor, val_noise: torch.Tensor) -> dict[str, float]:
+    """Loss and denoising PSNR at fixed noise levels on a fixed batch (deterministic)."""
+    out = {}
+    losses = []
+    for i, s in enumerate(VAL_SIGMAS):
+        sigma = torch.full((val.shape[0],), s, device=val.device)
+        losses.append(float(_loss(prior, val, sigma, val_noise[i]).mean()))
+        x0_hat = prior.raw(val + s * val_noise[i], sigma)
+        mse = float(((x0_hat - val) ** 2).mean())
+        out[f"psnr@{s}"] = round(10 * math.log10(4.0 / max(mse, 1e-12)), 3)  # peak-to-peak 2 in model units
+    out["loss"] = float(np.mean(losses))
+    return out
+
+
+def _atomic_save(obj: dict[str, Any], path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def train_prior(
+    config: TrainConfig,
+    pool: ImagePool,
+    out_dir: str | Path,
+    resume: bool = True,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> NetworkPrior:
+    """Train (or resume training) a prior and export its EMA weights with a model card.
+
+    Parameters
+    ----------
+    config : TrainConfig
+        The run's settings.
+    pool : ImagePool
+        Training images in model units.
+    out_dir : str or Path
+        Holds ``checkpoint.pt`` (resumable, loaded with ``weights_only=True``), ``history.json``
+        and the exported ``<name>.safetensors`` + ``<name>.json``.
+    resume : bool
+        Continue from ``checkpoint.pt`` when it exists (a killed run loses at most one
+        checkpoint interval).
+    progress : bool
+        Show a tqdm bar with loss and ETA.
+
+    Returns
+    -------
+    NetworkPrior
+        The EMA prior.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    device = torch.device(config.device)
+    torch.manual_seed(config.seed)
+    schedule = get_schedule(
+        "vp-linear" if config.parametrisation == "eps" and config.schedule == "edm" else config.schedule
+    )
+    if config.parametrisation == "eps" and not isinstance(schedule, VPSchedule):
+        raise ValueError("ε-prediction training needs a VP schedule ('vp', 'vp-linear' or 'vp-cosine')")
+    arch = {"type": "diffusers.UNet2DModel", "preset": config.arch}
+    card = ModelCard(
+        name=config.name,
+        modality=config.modality,
+        channels=config.channels,
+        resolution=config.resolution,
+        architecture=arch,
+        parametrisation=config.parametrisation,
+        schedule=schedule.to_dict(),
+        sigma_data=config.sigma_data,
+        normalisation=dict(config.normalisation),
+        software_version=__version__,
+    )
+    net = build_network({**arch, "channels": config.channels}).to(device)
+    ema = copy.deepcopy(net).requires_grad_(False)
+    opt = torch.optim.Adam(net.parameters(), lr=config.lr)
+    prior = NetworkPrior(net, card)
+    ema_prior = NetworkPrior(ema, card)
+    gen = torch.Generator().manual_seed(config.seed)
+    step, history, wall = 0, [], 0.0
+
+    ckpt_path = out / "checkpoint.pt"
+    if resume and ckpt_path.exists():
+        ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        if ck["config"]["arch"] != config.arch or ck["config"]["channels"] != config.channels:
+            raise ValueError(
+                f"{ckpt_path} was written for arch={ck['config']['arch']!r}, channels={ck['config']['channels']}; "
+                "use another output folder or the same settings"
+            )
+        net.load_state_dict(ck["net"])
+        ema.load_state_dict(ck["ema"])
+        opt.load_state_dict(ck["opt"])
+        gen.set_state(ck["generator"])
+        step, history, wall = int(ck["step"]), json.loads(ck["history"]), float(ck["wall"])
+        log(f"resumed from {ckpt_path} at step {step}")
+
+    vgen = torch.Generator().manual_seed(12345)
+    val = pool.batch(config.val_size, config.patch_size, vgen).to(device)
+    val_noise = torch.randn((len(VAL_SIGMAS), *val.shape), generator=vgen).to(device)
+    log(
+        f"training {config.name}: {count_parameters(net) / 1e6:.2f}M parameters, {config.arch} U-Net, "
+        f"{config.parametrisation}/{schedule.name}, patches {config.patch_size}², batch {config.batch_size}, "
+        f"device {device}, steps {step}→{config.steps}"
+    )
+
+    def checkpoint() -> None:
+        _atomic_save(
+            {
+                "net": net.state_dict(),
+                "ema": ema.state_dict(),
+                "opt": opt.state_dict(),
+                "generator": gen.get_state(),
+                "step": step,
+                "history": json.dumps(history),
+                "wall": wall,
+                "config": asdict(config),
+            },
+            ckpt_path,
+        )
+        (out / "history.json").write_text(json.dumps(history, indent=1))
+
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=config.steps, initial=step, desc=config.name, unit="step", dynamic_ncols=True)
+    use_amp = bool(config.amp)
+    amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+    scaler = torch.amp.GradScaler(device.type, enabled=use_amp and amp_dtype == torch.float16)
+    net.train()
+    t_last = time.perf_counter()
+    try:
+        while step < config.steps:
+            x0 = pool.batch(config.batch_size, config.patch_size, gen)
+            if config.augment:
+                x0 = augment(x0, gen)
+            x0 = x0.to(device)
+            sigma = schedule.sample_training_sigma(x0.shape[0], gen).to(device, torch.float32)
+            noise = torch.randn(x0.shape, generator=gen).to(device)
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
+                loss = _loss(prior, x0, sigma, noise).mean()
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(net.parameters(), config.grad_clip)
+            scaler.step(opt)
+            scaler.update()
+            with torch.no_grad():
+                decay = min(config.ema_decay, (1 + step) / (10 + step))
+                for pe, p in zip(ema.parameters(), net.parameters(), strict=True):
+                    pe.lerp_(p, 1 - decay)
+                for be, b in zip(ema.buffers(), net.buffers(), strict=True):
+                    be.copy_(b)
+            step += 1
+            loss_val = float(loss.detach())
+            now = time.perf_counter()
+            wall += now - t_last
+            t_last = now
+            if not math.isfinite(loss_val):
+                raise FloatingPointError(f"training loss became {loss_val} at step {step}: lower --lr")
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss_val:.4f}")
+            if step % config.val_every == 0 or step == config.steps:
+                v = validation_loss(ema_prior, val, val_noise)
+                history.append({"step": step, "train_loss": loss_val, "wall_s": round(wall, 1), **v})
+                if bar is None:
+                    log(f"step {step}: train {loss_val:.4f} val {v['loss']:.4f}")
+            if step % config.ckpt_every == 0 or step == config.steps:
+                checkpoint()
+    except KeyboardInterrupt:
+        checkpoint()
+        log(f"interrupted: checkpoint written at step {step}; run again to resume")
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+    final = history[-1] if history else validation_loss(ema_prior, val, val_noise)
+    card.training = {
+        "data": config.data,
+        "steps": step,
+        "batch_size": config.batch_size,
+        "patch_size": config.patch_size,
+        "lr": config.lr,
+        "ema_decay": config.ema_decay,
+        "device": str(device),
+        "wall_time_s": round(wall, 1),
+        "final_val_loss": round(float(final["loss"]), 5),
+        "final_val_psnr": {k: v for k, v in final.items() if k.startswith("psnr@")},
+        "parameters": count_parameters(net),
+        "command": config.command,
+        "seed": config.seed,
+    }
+    ema_prior.card = card
+    save_prior(ema_prior, out / config.name)
+    log(f"wrote {out / config.name}.safetensors and .json")
+    return ema_prior

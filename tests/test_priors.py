@@ -1,0 +1,165 @@
+"""Priors: schedules, model cards, save/load, denoiser limits, a tiny training run."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from napari_diffrecon.priors import (
+    CardError,
+    EDMSchedule,
+    GaussianPrior,
+    ModelCard,
+    NetworkPrior,
+    VESchedule,
+    VPSchedule,
+    get_schedule,
+    load_prior_file,
+    save_prior,
+)
+from napari_diffrecon.priors.network import build_network
+from napari_diffrecon.priors.schedules import alpha_bar_to_sigma, sigma_to_alpha_bar
+from napari_diffrecon.priors.training import ImagePool, TrainConfig, train_prior
+
+
+def _card(**kw) -> ModelCard:
+    d = dict(
+        name="t",
+        modality="ct",
+        channels=1,
+        resolution=32,
+        architecture={"type": "diffusers.UNet2DModel", "preset": "tiny"},
+    )
+    d.update(kw)
+    return ModelCard(**d)
+
+
+def _tiny_prior(parametrisation="edm", schedule=None, seed=0) -> NetworkPrior:
+    torch.manual_seed(seed)
+    card = _card(parametrisation=parametrisation, schedule=schedule or {"name": "edm"})
+    return NetworkPrior(build_network({**card.architecture, "channels": 1}), card)
+
+
+def test_edm_sigmas_follow_karras_formula():
+    s = EDMSchedule().sigmas(18)
+    assert len(s) == 19 and s[-1] == 0
+    assert s[0] == pytest.approx(80.0) and s[-2] == pytest.approx(0.002)
+    assert torch.all(s[:-1][1:] < s[:-1][:-1])
+    # ρ = 7: the 7th root of σ is linear in the step index.
+    r = s[:-1] ** (1 / 7)
+    assert torch.allclose(r[1:] - r[:-1], (r[1] - r[0]).expand(17), atol=1e-9)
+
+
+@pytest.mark.parametrize("kind", ["linear", "cosine"])
+def test_vp_schedules_map_to_sigma_consistently(kind):
+    sch = VPSchedule(kind=kind)
+    ab = sch.alpha_bars()
+    assert torch.all(ab[1:] < ab[:-1]) and 0 < ab[-1] < ab[0] < 1
+    torch.testing.assert_close(sigma_to_alpha_bar(alpha_bar_to_sigma(ab)), ab)
+    s = sch.sigmas(50)
+    assert torch.all(s[:-1][1:] < s[:-1][:-1]) and s[-1] == 0
+    train = sch.sample_training_sigma(1000, torch.Generator().manual_seed(0))
+    assert train.min() >= s[-2] * 0.99 and train.max() <= s[0] * 1.01
+
+
+def test_ve_and_named_schedules():
+    s = VESchedule(sigma_min=0.01, sigma_max_=50).sigmas(10)
+    ratios = s[1:-1] / s[:-2]
+    assert torch.allclose(ratios, ratios[0].expand_as(ratios))
+    assert isinstance(get_schedule("vp-cosine"), VPSchedule) and get_schedule("vp-cosine").kind == "cosine"
+    assert get_schedule(EDMSchedule().to_dict()).rho == 7
+    with pytest.raises(ValueError, match="unknown schedule"):
+        get_schedule("ddim-magic")
+
+
+def test_gaussian_prior_denoiser_is_exact_posterior_mean():
+    p = GaussianPrior(sigma_p=2.0, mean=0.5)
+    g = torch.Generator().manual_seed(0)
+    x0 = 0.5 + 2.0 * torch.randn(20000, 1, 1, 1, generator=g)
+    sigma = 1.5
+    x_t = x0 + sigma * torch.randn(x0.shape, generator=g)
+    # E[x0 | x_t] estimated by least squares regression equals the closed form slope σp²/(σp²+σ²).
+    slope = float(((x_t - 0.5) * (x0 - 0.5)).mean() / ((x_t - 0.5) ** 2).mean())
+    assert slope == pytest.approx(4.0 / (4.0 + sigma**2), abs=0.02)
+    torch.testing.assert_close(p.score(x_t, sigma), (p.denoise(x_t, sigma) - x_t) / sigma**2)
+
+
+@pytest.mark.parametrize("parametrisation,schedule", [("edm", {"name": "edm"}), ("eps", {"name": "vp"})])
+def test_network_denoiser_is_identity_at_small_sigma(parametrisation, schedule):
+    p = _tiny_prior(parametrisation, schedule)
+    x = torch.randn(2, 1, 32, 32)
+    with torch.no_grad():
+        d = p.denoise(x, 1e-4)
+    assert (d - x).abs().max() < 1e-2
+
+
+def test_save_load_round_trip_is_identical(tmp_path):
+    p = _tiny_prior()
+    w, c = save_prior(p, tmp_path / "myprior")
+    assert w.suffix == ".safetensors" and c.suffix == ".json"
+    q = load_prior_file(c)
+    x = torch.randn(3, 1, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(q.denoise(x, 0.3), p.denoise(x, 0.3), rtol=0, atol=0)
+    assert q.card == p.card
+
+
+def test_loading_refuses_pickles_and_bad_cards(tmp_path):
+    p = _tiny_prior()
+    _, c = save_prior(p, tmp_path / "a")
+    (tmp_path / "a.safetensors").write_bytes(b"\x80\x04 this is a pickle, not safetensors")
+    with pytest.raises(CardError, match="safetensors"):
+        load_prior_file(c)
+    save_prior(p, tmp_path / "b")
+    d = json.loads((tmp_path / "b.json").read_text())
+    d["channels"] = 3
+    (tmp_path / "b.json").write_text(json.dumps(d))
+    with pytest.raises(CardError, match="channels"):
+        load_prior_file(tmp_path / "b.json")
+    with pytest.raises(FileNotFoundError, match="not found"):
+        load_prior_file(tmp_path / "missing.json")
+    with pytest.raises(CardError, match="unknown model card fields"):
+        ModelCard.from_dict({**_card().__dict__, "pickle": "yes"})
+
+
+def test_card_validation_lists_problems():
+    with pytest.raises(CardError, match="modality") as e:
+        _card(modality="xray", resolution=4).validate()
+    assert "resolution" in str(e.value)
+    _card().validate()
+
+
+def test_tiny_training_lowers_loss_and_resumes(tmp_path):
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:32, :32]
+    imgs = []
+    for _ in range(16):  # blobs on a background: a structured data set
+        cy, cx, r = rng.uniform(8, 24, 2).tolist() + [rng.uniform(3, 8)]
+        imgs.append(np.where((yy - cy) ** 2 + (xx - cx) ** 2 < r**2, 0.8, -0.6))
+    pool = ImagePool(torch.tensor(np.stack(imgs), dtype=torch.float32)[:, None])
+    cfg = TrainConfig(
+        name="tiny",
+        arch="tiny",
+        steps=60,
+        batch_size=8,
+        patch_size=32,
+        resolution=32,
+        val_every=20,
+        ckpt_every=20,
+        lr=1e-3,
+        augment=False,
+    )
+    prior = train_prior(cfg, pool, tmp_path, resume=False, progress=False, log=lambda s: None)
+    hist = json.loads((tmp_path / "history.json").read_text())
+    assert hist[-1]["loss"] < hist[0]["loss"]
+    assert prior.card.training["steps"] == 60 and prior.card.training["final_val_loss"] > 0
+    assert (tmp_path / "tiny.safetensors").exists() and (tmp_path / "checkpoint.pt").exists()
+    # Resume: continuing to 80 steps starts from 60, not from scratch.
+    logs = []
+    cfg.steps = 80
+    train_prior(cfg, pool, tmp_path, resume=True, progress=False, log=logs.append)
+    assert any("resumed" in m and "step 60" in m for m in logs)
+    assert json.loads((tmp_path / "history.json").read_text())[-1]["step"] == 80
