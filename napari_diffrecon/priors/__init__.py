@@ -12,6 +12,7 @@ from .prior import (
     load_prior_file,
     save_prior,
 )
+from .registry import default_prior_for, list_priors, load_prior
 from .schedules import EDMSchedule, Schedule, VESchedule, VPSchedule, get_schedule
 
 __all__ = [
@@ -29,4 +30,7 @@ __all__ = [
     "VPSchedule",
     "VESchedule",
     "get_schedule",
+    "list_priors",
+    "load_prior",
+    "default_prior_for",
 ]

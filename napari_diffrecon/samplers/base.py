@@ -1,0 +1,307 @@
+"""What every sampler shares: the problem, live parameters, iterates, and the model↔image mapping.
+
+A sampler is a generator: ``for it in sampler(problem, params, ...)`` yields :class:`Iterate`
+objects while it runs, and reads ``params`` at every step, so a parameter changed while the
+run is in flight (a GUI slider) changes the rest of the run. Stopping = stop iterating.
+
+States live in *model units* ``u`` (the prior's normalised intensities, ``(B, C, H, W)``, C = 2
+for complex images) in the variance-exploding form ``u_σ = u0 + σ ε``. Data consistency works
+in *image units* ``x`` (what the operator takes), ``x = a·u + b`` (complex when C = 2).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from ..physics.base import LinearOperator
+from ..physics.likelihoods import GaussianLikelihood, Likelihood
+from ..priors.prior import Prior, channels_to_complex, complex_to_channels
+
+__all__ = ["Problem", "SamplerParams", "Iterate", "SamplingError", "run_loop", "ddim_step", "time_grid"]
+
+
+class SamplingError(RuntimeError):
+    """A run that cannot go on (NaN in an iterate, a mismatched prior...), with the likely cause."""
+
+
+@dataclass
+class SamplerParams:
+    """Live parameters: read at every step, so changing them mid-run changes the rest of the run.
+
+    Attributes
+    ----------
+    n_steps : int
+        Number of reverse-diffusion steps (fixed once a run starts).
+    eta : float
+        DDIM stochasticity (0 deterministic, 1 ancestral/DDPM).
+    lam : float
+        Song et al. (2022) λ: weight of the measurement-space projection (1 = hard).
+    gamma : float
+        DDS likelihood weight γ in ``(I + γ AᴴA) x = x0_hat + γ Aᴴm``; ``inf`` = noise-free form.
+    zeta : float
+        DPS/MCG step size ζ on the un-squared residual norm.
+    cg_iters : int
+        Conjugate-gradient iterations per data step (DDS, pseudo-inverse projections).
+    snr : float
+        Langevin corrector signal-to-noise ratio (Song et al.); 0 disables the corrector.
+    t0 : float
+        Hot start: fraction of the noise schedule to run (1 = from pure noise).
+    prior_weight : float
+        Multiplies the prior's pull in the data step (DDS proximal weight 1/γ; MCG/Song λ scaling).
+    """
+
+    n_steps: int = 50
+    eta: float = 0.85
+    lam: float = 1.0
+    gamma: float = 1.0
+    zeta: float = 0.5
+    cg_iters: int = 5
+    snr: float = 0.0
+    t0: float = 1.0
+    prior_weight: float = 1.0
+    schedule: str = "edm"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every parameter as JSON-serialisable values (for provenance)."""
+        return {k: (v if not isinstance(v, float) or math.isfinite(v) else str(v)) for k, v in asdict(self).items()}
+
+
+@dataclass
+class Iterate:
+    """One streamed state of a run (tensors detached, on the run's device).
+
+    Attributes
+    ----------
+    step, n_steps : int
+        Progress.
+    x_t : torch.Tensor
+        The current noisy state in image units, ``(B, *image_shape)``.
+    x0_hat : torch.Tensor
+        The current estimate of the clean image (after the data step), image units.
+    data_residual : torch.Tensor
+        ``‖A x0_hat − m‖ / ‖m‖`` per sample, shape ``(B,)``.
+    elapsed : float
+        Seconds since the run started.
+    nfe : int
+        Network evaluations so far.
+    sigma : float
+        Noise level of ``x_t``.
+    done : bool
+        True for the final iterate (``x0_hat`` is the sample).
+    """
+
+    step: int
+    n_steps: int
+    x_t: torch.Tensor
+    x0_hat: torch.Tensor
+    data_residual: torch.Tensor
+    elapsed: float
+    nfe: int
+    sigma: float
+    done: bool = False
+
+
+@dataclass
+class Problem:
+    """An inverse problem ready to sample: measurement, operator, likelihood, prior, units.
+
+    Parameters
+    ----------
+    operator : LinearOperator
+        Forward model ``A`` (on the run's device).
+    measurement : torch.Tensor
+        ``m``, shape ``operator.data_shape`` (no batch axis).
+    prior : Prior
+        The denoiser (on the run's device).
+    likelihood : Likelihood, optional
+        Noise model (default Gaussian with σ = 1).
+    scale, offset : float
+        Image units from model units: ``x = scale · u + offset``.
+    nonneg : bool
+        Keep images non-negative in the data step (PET).
+    """
+
+    operator: LinearOperator
+    measurement: torch.Tensor
+    prior: Prior
+    likelihood: Likelihood = field(default_factory=lambda: GaussianLikelihood(1.0))
+    scale: float = 1.0
+    offset: float = 0.0
+    nonneg: bool = False
+
+    def __post_init__(self) -> None:
+        op = self.operator
+        if tuple(self.measurement.shape) != tuple(op.data_shape):
+            raise SamplingError(
+                f"measurement shape {tuple(self.measurement.shape)} does not match the operator's {op.data_shape}"
+            )
+        if self.measurement.is_complex() and not op.is_complex:
+            raise SamplingError("complex measurement for a real operator")
+        want = 2 if op.is_complex else 1
+        if self.prior.channels != want:
+            kind = "complex (2-channel)" if want == 2 else "real (1-channel)"
+            raise SamplingError(
+                f"the {op.modality} operator needs a {kind} prior but this prior has {self.prior.channels} channel(s); "
+                "pick a prior trained for this modality"
+            )
+        card = getattr(self.prior, "card", None)
+        if card is not None and getattr(card, "resolution", None) and len(op.image_shape) == 2:
+            h, w = op.image_shape
+            if max(h, w) > 4 * card.resolution or min(h, w) < 16:
+                raise SamplingError(
+                    f"image shape {op.image_shape} is far from the prior's training resolution {card.resolution}²; "
+                    "resample the measurement geometry or pick a prior of matching resolution"
+                )
+        if not torch.isfinite(
+            torch.view_as_real(self.measurement) if self.measurement.is_complex() else self.measurement
+        ).all():
+            raise SamplingError("measurement contains NaN or Inf")
+        self.measurement = self.measurement.to(op.device)
+        self._m_norm = float(self.measurement.abs().pow(2).sum().sqrt()) or 1.0
+
+    @property
+    def device(self) -> torch.device:
+        """The run's device (the operator's)."""
+        return self.operator.device
+
+    @property
+    def state_shape(self) -> tuple[int, ...]:
+        """Shape of one model-unit state ``(C, H, W)``."""
+        return (self.prior.channels, *self.operator.image_shape)
+
+    def to_image(self, u: torch.Tensor) -> torch.Tensor:
+        """Model units ``(B, C, H, W)`` → image units ``(B, H, W)`` (complex when C = 2)."""
+        x = channels_to_complex(u) if self.prior.channels == 2 else u[:, 0]
+        return x * self.scale + self.offset
+
+    def to_model(self, x: torch.Tensor) -> torch.Tensor:
+        """Image units ``(B, H, W)`` → model units ``(B, C, H, W)``."""
+        u = (x - self.offset) / self.scale
+        return complex_to_channels(u) if self.prior.channels == 2 else u.real[:, None] if u.is_complex() else u[:, None]
+
+    def residual(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalised data residual ``‖A x − m‖ / ‖m‖`` per sample, for images ``x`` (image units)."""
+        r = self.operator.forward(x) - self.measurement
+        return r.abs().pow(2).flatten(1).sum(1).sqrt() / self._m_norm
+
+
+def time_grid(prior: Prior, params: SamplerParams) -> torch.Tensor:
+    """Noise levels for a run: the schedule's grid, cut at ``t0`` for hot starts (ends with 0)."""
+    from ..priors.schedules import get_schedule
+
+    sched = get_schedule(params.schedule) if params.schedule else prior.schedule
+    n = max(int(params.n_steps), 1)
+    t0 = float(params.t0)
+    if not 0 < t0 <= 1:
+        raise SamplingError(f"t0 must be in (0, 1], got {t0}")
+    if t0 >= 1:
+        return sched.sigmas(n)
+    # Hot start: the same step density as a full run, entered at fraction t0 of it.
+    full = sched.sigmas(max(int(round(n / t0)), n + 1))
+    return full[len(full) - 1 - n :]
+
+
+def ddim_step(
+    u: torch.Tensor, x0: torch.Tensor, sigma: float, sigma_next: float, eta: float, generator: torch.Generator
+) -> torch.Tensor:
+    """Generalised DDIM update in variance-exploding coordinates.
+
+    ``u' = x0 + √(σ'² − s²) ε̂ + s z`` with ``ε̂ = (u − x0)/σ`` and ``s = η σ' √(1 − σ'²/σ²)`` —
+    the exact DDIM σ_t of Song et al. (2021) rewritten for ``u_σ = x0 + σ ε``; η = 1 is the
+    DDPM ancestral step, η = 0 the deterministic DDIM/probability-flow step.
+    """
+    if sigma_next <= 0:
+        return x0
+    eps = (u - x0) / sigma
+    s = eta * sigma_next * math.sqrt(max(0.0, 1.0 - sigma_next**2 / sigma**2))
+    z = torch.randn(u.shape, generator=generator, dtype=u.dtype).to(u.device) if s > 0 else 0.0
+    return x0 + math.sqrt(max(sigma_next**2 - s**2, 0.0)) * eps + s * z
+
+
+def run_loop(
+    problem: Problem,
+    params: SamplerParams,
+    step_fn: Callable[[torch.Tensor, float, float, int, dict[str, Any]], tuple[torch.Tensor, torch.Tensor, int]],
+    n_samples: int = 1,
+    seed: int = 0,
+    x_init: torch.Tensor | None = None,
+    yield_every: int | None = None,
+    min_interval: float = 0.1,
+) -> Iterator[Iterate]:
+    """Drive a reverse diffusion: draw the start state, call ``step_fn`` per step, yield iterates.
+
+    Parameters
+    ----------
+    problem : Problem
+        What to reconstruct.
+    params : SamplerParams
+        Live parameters (read each step by ``step_fn``).
+    step_fn : callable
+        ``step_fn(u, sigma, sigma_next, i, ctx) -> (u_next, x0_hat_model, nfe)`` — one step of
+        the sampler in model units; ``ctx`` holds the generator and per-run state.
+    n_samples : int
+        Posterior samples, run as one batch.
+    seed : int
+        Seed of the run's noise (drawn on the CPU, so runs agree across devices up to float error).
+    x_init : torch.Tensor, optional
+        Hot-start image in image units (``image_shape``); the run starts at ``σ(t0)`` from it.
+    yield_every : int, optional
+        Yield every k steps (default: about 10 updates/s, at least the first and last step).
+    min_interval : float
+        Minimum seconds between yielded iterates when ``yield_every`` is None.
+    """
+    if n_samples < 1:
+        raise SamplingError(f"n_samples must be ≥ 1, got {n_samples}")
+    sigmas = time_grid(problem.prior, params)
+    n = len(sigmas) - 1
+    gen = torch.Generator().manual_seed(int(seed))
+    dev = problem.device
+    shape = (n_samples, *problem.state_shape)
+    z = torch.randn(shape, generator=gen).to(dev)
+    if x_init is not None:
+        x_init = x_init.to(dev)
+        if tuple(x_init.shape[-len(problem.operator.image_shape) :]) != tuple(problem.operator.image_shape):
+            raise SamplingError(f"hot-start image shape {tuple(x_init.shape)} ≠ {problem.operator.image_shape}")
+        u = problem.to_model(x_init.reshape(1, *problem.operator.image_shape).expand(n_samples, -1, -1))
+        u = u + float(sigmas[0]) * z
+    else:
+        u = float(sigmas[0]) * z
+    ctx: dict[str, Any] = {"generator": gen, "sigmas": sigmas}
+    t_start = time.perf_counter()
+    last_yield = -1e9
+    nfe = 0
+    x0_model = u
+    for i in range(n):
+        s, s_next = float(sigmas[i]), float(sigmas[i + 1])
+        u, x0_model, k = step_fn(u, s, s_next, i, ctx)
+        nfe += k
+        if not torch.isfinite(u).all() or not torch.isfinite(x0_model).all():
+            raise SamplingError(
+                f"NaN/Inf appeared at step {i + 1}/{n} (σ = {s:.3g}); the likely cause is a step size or weight "
+                f"too large for this problem (ζ = {params.zeta}, λ = {params.lam}, γ = {params.gamma}): lower it"
+            )
+        now = time.perf_counter()
+        last = i == n - 1
+        due = (i + 1) % yield_every == 0 if yield_every else now - last_yield >= min_interval
+        if due or last or i == 0:
+            last_yield = now
+            with torch.no_grad():
+                x0_img = problem.to_image(x0_model.detach())
+                yield Iterate(
+                    step=i + 1,
+                    n_steps=n,
+                    x_t=problem.to_image(u.detach()) if not last else x0_img,
+                    x0_hat=x0_img,
+                    data_residual=problem.residual(x0_img),
+                    elapsed=now - t_start,
+                    nfe=nfe,
+                    sigma=s_next,
+                    done=last,
+                )

@@ -1,0 +1,148 @@
+"""Data-consistency steps shared by the samplers (image units): CG proximal steps, pseudo-inverse
+projections, Poisson EM steps, and the likelihood "distance" that DPS/MCG differentiate.
+
+One place for each: DDS's CG step, Song/MCG's projection and PET's EM step are all here, and the
+conjugate gradient itself is the project's one CG (:func:`napari_diffrecon.baselines.cg.conjugate_gradient`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..baselines.cg import conjugate_gradient
+from ..physics.likelihoods import PoissonLikelihood, TransmissionLikelihood
+from ..physics.noise import post_log
+from .base import Problem
+
+__all__ = ["normal_norm", "proximal_cg", "pseudo_inverse", "poisson_prox_em", "data_distance", "data_step"]
+
+
+def normal_norm(problem: Problem, n_iter: int = 20) -> float:
+    """Largest eigenvalue of ``AᴴA`` (power iteration; cached on the problem)."""
+    cached = getattr(problem, "_normal_norm", None)
+    if cached is not None:
+        return cached
+    g = torch.Generator().manual_seed(0)
+    op = problem.operator
+    x = torch.randn(op.image_shape, generator=g).to(op.device, op.image_dtype)
+    lam = 1.0
+    for _ in range(n_iter):
+        y = op.normal(x)
+        lam = float(y.abs().pow(2).sum().sqrt())
+        x = y / max(lam, 1e-30)
+    problem._normal_norm = lam
+    return lam
+
+
+def _pwls(problem: Problem) -> tuple[torch.Tensor, torch.Tensor]:
+    """Post-log sinogram and normalised statistical weights for transmission data (cached)."""
+    cached = getattr(problem, "_pwls", None)
+    if cached is None:
+        lik = problem.likelihood
+        line = post_log(problem.measurement, lik.I0, lik.background)
+        w = torch.clamp(problem.measurement - lik.background, min=0.5)
+        cached = (line, w / w.mean())
+        problem._pwls = cached
+    return cached
+
+
+def proximal_cg(problem: Problem, x0_hat: torch.Tensor, gamma: float, n_iter: int) -> torch.Tensor:
+    """DDS data step: ``M`` CG iterations on ``(I + γ̃ AᴴWA) x = x0_hat + γ̃ AᴴW m``, started at x0_hat.
+
+    ``γ̃ = γ / ‖AᴴA‖`` so γ is dimensionless (γ = 1 weighs prior and data alike at the top of the
+    spectrum); ``γ = inf`` solves the noise-free normal equations ``AᴴA x = Aᴴm`` from x0_hat.
+    For transmission counts the data term is the penalised-weighted-least-squares form on the
+    post-log sinogram with weights ∝ counts.
+    """
+    if n_iter <= 0 or gamma <= 0:
+        return x0_hat
+    op = problem.operator
+    if isinstance(problem.likelihood, TransmissionLikelihood):
+        m, w = _pwls(problem)
+    else:
+        m, w = problem.measurement, None
+
+    def a_h_w(r: torch.Tensor) -> torch.Tensor:
+        return op.adjoint(r if w is None else r * w)
+
+    if gamma == float("inf"):
+        return conjugate_gradient(
+            lambda v: a_h_w(op.forward(v)),
+            a_h_w(m).expand_as(x0_hat),
+            x0=x0_hat,
+            n_iter=n_iter,
+            n_core_dims=len(op.image_shape),
+        )
+    g = gamma / normal_norm(problem)
+    rhs = x0_hat + g * a_h_w(m)
+    return conjugate_gradient(
+        lambda v: v + g * a_h_w(op.forward(v)), rhs, x0=x0_hat, n_iter=n_iter, n_core_dims=len(op.image_shape)
+    )
+
+
+def pseudo_inverse(problem: Problem, r: torch.Tensor, n_iter: int) -> torch.Tensor:
+    """``A⁺ r`` by CG on ``AᴴA δ = Aᴴ r`` from 0 (exact in one step for single-coil MRI and inpainting)."""
+    op = problem.operator
+    return conjugate_gradient(
+        op.normal, op.adjoint(r), x0=None, n_iter=max(int(n_iter), 1), n_core_dims=len(op.image_shape)
+    )
+
+
+def poisson_prox_em(problem: Problem, x0_hat: torch.Tensor, gamma: float, n_iter: int) -> torch.Tensor:
+    """PET data step: EM iterations for ``max L(m|x) − β/2 ‖x − x0_hat‖²``, x ≥ 0 (De Pierro's closed form).
+
+    Each iteration solves per pixel ``β x² + (s − β x0_hat) x − s x_em = 0`` (positive root), with
+    ``s = Aᵀ1`` and ``x_em`` the MLEM update: monotone in the penalised likelihood and never
+    negative. ``β = mean(s) / (γ · scale²)``, so γ is dimensionless in units of the prior's range.
+    """
+    if n_iter <= 0 or gamma <= 0:
+        return torch.clamp(x0_hat, min=0)
+    op, lik = problem.operator, problem.likelihood
+    sens = getattr(problem, "_sens", None)
+    if sens is None:
+        sens = op.adjoint(torch.ones(op.data_shape, device=op.device, dtype=op.dtype))
+        problem._sens = sens
+    beta = float(sens.mean()) / (gamma * problem.scale**2) if gamma != float("inf") else 0.0
+    prior_img = torch.clamp(x0_hat, min=0)
+    x = prior_img + 1e-6 * abs(problem.scale)
+    safe = torch.clamp(sens, min=1e-12)
+    for _ in range(int(n_iter)):
+        ybar = lik.mean(op.forward(x))
+        x_em = x * op.adjoint(problem.measurement / ybar) / safe
+        if beta == 0:
+            x = x_em
+            continue
+        b = sens - beta * prior_img
+        x = (-b + torch.sqrt(b**2 + 4 * beta * sens * x_em)) / (2 * beta)
+        x = torch.where(sens > 0, x, prior_img)
+    return x
+
+
+def data_distance(problem: Problem, x: torch.Tensor) -> torch.Tensor:
+    """Per-sample data misfit that DPS/MCG differentiate (the *un-squared* norm, as in DPS's code).
+
+    Gaussian: ``‖A x − m‖``; Poisson and transmission: ``√deviance`` (the count-domain analogue:
+    ``2 Σ [m log(m/ȳ) − (m − ȳ)]``), with the likelihood's input clamped ≥ 0 for PET (clamp the
+    input of the likelihood, never the iterate).
+    """
+    op, lik, m = problem.operator, problem.likelihood, problem.measurement
+    if isinstance(lik, PoissonLikelihood):
+        x = torch.clamp(x, min=0)
+    ax = op.forward(x)
+    n_core = len(op.data_shape)
+    if isinstance(lik, (PoissonLikelihood, TransmissionLikelihood)):
+        ybar = lik.mean(ax)
+        mlogm = torch.where(m > 0, m * torch.log(torch.clamp(m, min=1e-12) / ybar), torch.zeros_like(m))
+        dev = 2 * (mlogm - (m - ybar))
+        return torch.sqrt(torch.clamp(dev.sum(dim=tuple(range(dev.ndim - n_core, dev.ndim))), min=1e-12))
+    r = ax - m
+    r2 = r.real**2 + r.imag**2 if r.is_complex() else r**2
+    return torch.sqrt(r2.sum(dim=tuple(range(r2.ndim - n_core, r2.ndim))) + 1e-20)
+
+
+def data_step(problem: Problem, x0_hat: torch.Tensor, gamma: float, n_iter: int) -> torch.Tensor:
+    """The modality's data step on a Tweedie estimate: EM for Poisson counts, CG otherwise."""
+    if isinstance(problem.likelihood, PoissonLikelihood):
+        return poisson_prox_em(problem, x0_hat, gamma, n_iter)
+    x = proximal_cg(problem, x0_hat, gamma, n_iter)
+    return torch.clamp(x, min=0) if problem.nonneg else x

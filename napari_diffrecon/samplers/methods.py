@@ -1,0 +1,273 @@
+"""The samplers. Each is a generator ``sampler(problem, params, n_samples, seed, x_init) -> Iterate…``.
+
+- ``ddim`` / ``ddpm`` / ``heun`` / ``euler``: unconditional, for checking a prior.
+- ``song``: Song, Shen, Xing & Ermon (ICLR 2022), λ-weighted projection onto the noised
+  measurement before the predictor and the corrector; ends with Tweedie + a hard projection.
+- ``mcg``: Chung et al. (NeurIPS 2022), DPS-style manifold-constrained gradient then projection.
+- ``dps``: Chung et al. (ICLR 2023), gradient of the un-squared data misfit through the denoiser.
+- ``dds``: Chung, Lee & Ye (ICLR 2024), CG steps on the Tweedie estimate x0_hat, then DDIM with η
+  (EM steps with a proximity term for PET counts).
+
+Hot starts (CCDF) for any of them: pass ``x_init`` and ``params.t0 < 1``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from .base import Iterate, Problem, SamplerParams, SamplingError, ddim_step, run_loop
+from .datastep import data_distance, data_step, normal_norm, pseudo_inverse
+
+__all__ = ["SAMPLERS", "ddim", "ddpm", "heun", "euler", "dds", "dps", "mcg", "song"]
+
+
+def _randn(u: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    return torch.randn(u.shape, generator=gen, dtype=u.dtype).to(u.device)
+
+
+def _denoise(problem: Problem, u: torch.Tensor, sigma: float) -> torch.Tensor:
+    with torch.no_grad():
+        return problem.prior.denoise(u, sigma)
+
+
+# -- unconditional -----------------------------------------------------------------------------
+def ddim(
+    problem: Problem,
+    params: SamplerParams,
+    n_samples: int = 1,
+    seed: int = 0,
+    x_init: torch.Tensor | None = None,
+    **kw: Any,
+) -> Iterator[Iterate]:
+    """Unconditional DDIM with stochasticity ``params.eta`` (η = 1: DDPM ancestral)."""
+
+    def step(u, s, s_next, i, ctx):
+        x0 = _denoise(problem, u, s)
+        return ddim_step(u, x0, s, s_next, float(params.eta), ctx["generator"]), x0, 1
+
+    return run_loop(problem, params, step, n_samples, seed, x_init, **kw)
+
+
+def ddpm(
+    problem: Problem,
+    params: SamplerParams,
+    n_samples: int = 1,
+    seed: int = 0,
+    x_init: torch.Tensor | None = None,
+    **kw: Any,
+) -> Iterator[Iterate]:
+    """Unconditional ancestral sampling (DDPM = DDIM with η = 1)."""
+    params.eta = 1.0
+    return ddim(problem, params, n_samples, seed, x_init, **kw)
+
+
+def _edm_ode(problem, params, n_samples, seed, x_init, heun: bool, **kw):
+    def step(u, s, s_next, i, ctx):
+        x0 = _denoise(problem, u, s)
+        d = (u - x0) / s
+        u_next = u + (s_next - s) * d
+        if heun and s_next > 0:
+            x0_next = _denoise(problem, u_next, s_next)
+            d2 = (u_next - x0_next) / s_next
+            return u + (s_next - s) * 0.5 * (d + d2), x0_next, 2
+        return u_next, x0 if s_next > 0 else u_next, 1
+
+    return run_loop(problem, params, step, n_samples, seed, x_init, **kw)
+
+
+def heun(
+    problem: Problem,
+    params: SamplerParams,
+    n_samples: int = 1,
+    seed: int = 0,
+    x_init: torch.Tensor | None = None,
+    **kw: Any,
+) -> Iterator[Iterate]:
+    """EDM deterministic sampler (Karras et al. 2022, Algorithm 1): Heun's 2nd-order ODE steps."""
+    return _edm_ode(problem, params, n_samples, seed, x_init, True, **kw)
+
+
+def euler(
+    problem: Problem,
+    params: SamplerParams,
+    n_samples: int = 1,
+    seed: int = 0,
+    x_init: torch.Tensor | None = None,
+    **kw: Any,
+) -> Iterator[Iterate]:
+    """Probability-flow ODE with Euler steps."""
+    return _edm_ode(problem, params, n_samples, seed, x_init, False, **kw)
+
+
+# -- DDS ---------------------------------------------------------------------------------------
+def dds(
+    problem: Problem,
+    params: SamplerParams,
+    n_samples: int = 1,
+    seed: int = 0,
+    x_init: torch.Tensor | None = None,
+    **kw: Any,
+) -> Iterator[Iterate]:
+    """Decomposed diffusion sampling: x0_hat → ``cg_iters`` data steps (weight γ) → DDIM(η) re-noise.
+
+    With ``cg_iters = 0`` (or γ = 0) this is exactly unconditional DDIM.
+    """
+
+    def step(u, s, s_next, i, ctx):
+        x0 = _denoise(problem, u, s)
+        x_img = problem.to_image(x0)
+        x_dc = data_step(problem, x_img, float(params.gamma) * float(params.prior_weight) ** -1, int(params.cg_iters))
+        x0_dc = problem.to_model(x_dc)
+        return ddim_step(u, x0_dc, s, s_next, float(params.eta), ctx["generator"]), x0_dc, 1
+
+    return run_loop(problem, params, step, n_samples, seed, x_init, **kw)
+
+
+# -- DPS / MCG ---------------------------------------------------------------------------------
+def _guided_step(problem: Problem, params: SamplerParams, u, s, s_next, gen, project: bool):
+    """Shared DPS/MCG step: ancestral/DDIM step, minus ζ · ∇_u (data misfit through the denoiser)."""
+    u_req = u.detach().requires_grad_(True)
+    with torch.enable_grad():
+        x0 = problem.prior.denoise(u_req, s)
+        dist = data_distance(problem, problem.to_image(x0))
+        (grad,) = torch.autograd.grad(dist.sum(), u_req)  # per-sample: the sum never mixes samples
+    x0 = x0.detach()
+    u_next = ddim_step(u, x0, s, s_next, float(params.eta), gen)
+    if s_next > 0:
+        # The VP-coordinate DPS step −ζ∇_{x_t}‖·‖ written for u_σ = x_t/√ᾱ: divide by √(ᾱ_t ᾱ_{t−1}).
+        # ζ is made dimensionless by the operator norm and the image scale.
+        norm = math.sqrt(normal_norm(problem)) * abs(problem.scale)
+        vp = math.sqrt((1 + s**2) * (1 + s_next**2))
+        u_next = u_next - float(params.zeta) * vp / norm * grad
+    if project and s_next > 0:
+        u_next = _project(problem, params, u_next, s_next, gen)
+    return u_next, x0
+
+
+def _project(
+    problem: Problem, params: SamplerParams, u: torch.Tensor, sigma: float, gen: torch.Generator
+) -> torch.Tensor:
+    """Song-style projection: ``x ← x + λ A⁺(ŷ_σ − A x)`` with ŷ_σ the measurement noised to level σ."""
+    lam = float(params.lam) * float(params.prior_weight) ** -1
+    if lam <= 0:
+        return u
+    lam = min(lam, 1.0)
+    op = problem.operator
+    with torch.no_grad():
+        x = problem.to_image(u)
+        noise_img = problem.to_image(_randn(u, gen)) - problem.offset  # σ=1 image-unit noise
+        y_sigma = problem.measurement + sigma * op.forward(noise_img)
+        x = x + lam * pseudo_inverse(problem, y_sigma - op.forward(x), int(params.cg_iters))
+        return problem.to_model(x)
+
+
+def dps(
+    problem: Problem,
+    params: SamplerParams,
+    n_samples: int = 1,
+    seed: int = 0,
+    x_init: torch.Tensor | None = None,
+    **kw: Any,
+) -> Iterator[Iterate]:
+    """Diffusion posterior sampling (Chung et al. 2023): step ζ on ‖m − A x0_hat(x_t)‖ (Gaussian) or
+    √deviance (Poisson/transmission), gradient through the network each step (2× cost per NFE)."""
+
+    def step(u, s, s_next, i, ctx):
+        u_next, x0 = _guided_step(problem, params, u, s, s_next, ctx["generator"], project=False)
+        return u_next, x0, 1
+
+    return run_loop(problem, params, step, n_samples, seed, x_init, **kw)
+
+
+def mcg(
+    problem: Problem,
+    params: SamplerParams,
+    n_samples: int = 1,
+    seed: int = 0,
+    x_init: torch.Tensor | None = None,
+    **kw: Any,
+) -> Iterator[Iterate]:
+    """Manifold-constrained gradient (Chung et al. 2022): the DPS gradient step, then a λ-projection
+    onto the noised measurement set (λ decreasing linearly from ``lam`` to 0.6·``lam``, as in their CT setting)."""
+    lam0 = float(params.lam)
+
+    def step(u, s, s_next, i, ctx):
+        n = len(ctx["sigmas"]) - 1
+        saved = params.lam
+        params.lam = saved * (1.0 - 0.4 * i / max(n - 1, 1)) if saved == lam0 else saved
+        try:
+            u_next, x0 = _guided_step(problem, params, u, s, s_next, ctx["generator"], project=True)
+        finally:
+            params.lam = saved
+        if s_next == 0:
+            u_next = _final_projection(problem, params, x0)
+        return u_next, (u_next if s_next == 0 else x0), 1
+
+    return run_loop(problem, params, step, n_samples, seed, x_init, **kw)
+
+
+# -- Song et al. 2022 --------------------------------------------------------------------------
+def _final_projection(problem: Problem, params: SamplerParams, x0: torch.Tensor) -> torch.Tensor:
+    """Tweedie estimate followed by a hard (λ = 1) projection onto the measurements (noise-free)."""
+    op = problem.operator
+    with torch.no_grad():
+        x = problem.to_image(x0)
+        x = x + pseudo_inverse(problem, problem.measurement - op.forward(x), int(params.cg_iters))
+        return problem.to_model(x)
+
+
+def song(
+    problem: Problem,
+    params: SamplerParams,
+    n_samples: int = 1,
+    seed: int = 0,
+    x_init: torch.Tensor | None = None,
+    **kw: Any,
+) -> Iterator[Iterate]:
+    """Score-SDE predictor–corrector with λ-weighted data consistency (Song et al. 2022).
+
+    Per step: project (λ) → reverse-diffusion predictor → project (λ) → Langevin corrector with
+    signal-to-noise ``snr`` (skipped when ``snr = 0``). The last step returns Tweedie's estimate
+    followed by a hard projection (λ = 1).
+    """
+
+    def step(u, s, s_next, i, ctx):
+        gen = ctx["generator"]
+        u = _project(problem, params, u, s, gen)
+        x0 = _denoise(problem, u, s)
+        nfe = 1
+        if s_next == 0:
+            x_final = _final_projection(problem, params, x0)
+            return x_final, x_final, nfe
+        score = (x0 - u) / s**2
+        u = u + (s**2 - s_next**2) * score + math.sqrt(s**2 - s_next**2) * _randn(u, gen)
+        u = _project(problem, params, u, s_next, gen)
+        snr = float(params.snr)
+        if snr > 0:
+            x0c = _denoise(problem, u, s_next)
+            nfe += 1
+            score = (x0c - u) / s_next**2
+            z = _randn(u, gen)
+            g_norm = score.flatten(1).norm(dim=1).mean()
+            z_norm = z.flatten(1).norm(dim=1).mean()
+            eps = 2 * (snr * z_norm / torch.clamp(g_norm, min=1e-12)) ** 2
+            u = u + eps * score + torch.sqrt(2 * eps) * z
+        return u, x0, nfe
+
+    return run_loop(problem, params, step, n_samples, seed, x_init, **kw)
+
+
+SAMPLERS = {"ddim": ddim, "ddpm": ddpm, "heun": heun, "euler": euler, "dds": dds, "dps": dps, "mcg": mcg, "song": song}
+UNCONDITIONAL = ("ddim", "ddpm", "heun", "euler")
+
+
+def get_sampler(name: str):
+    """The sampler generator function for ``name``."""
+    try:
+        return SAMPLERS[name.lower()]
+    except KeyError:
+        raise SamplingError(f"unknown sampler {name!r}; use one of {', '.join(SAMPLERS)}") from None

@@ -1,0 +1,138 @@
+"""Samplers against closed forms (Gaussian prior with an exact denoiser) and basic contracts."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from napari_diffrecon.physics import GaussianLikelihood, Identity, Inpainting, ParallelBeamCT, sparse_view_angles
+from napari_diffrecon.priors import GaussianPrior
+from napari_diffrecon.samplers import Problem, SamplerParams, SamplingError, get_sampler
+from napari_diffrecon.uncertainty import summarize
+
+SIGMA_P = 1.5
+
+
+def _final(gen):
+    its = list(gen)
+    assert its[-1].done and all(not it.done for it in its[:-1])
+    return its
+
+
+def _inpainting_problem(seed=0):
+    rng = np.random.default_rng(seed)
+    mask = (rng.uniform(size=(6, 6)) < 0.5).astype(np.float32)
+    op = Inpainting(mask)
+    m = op.forward(torch.tensor(rng.normal(0, SIGMA_P, (6, 6)), dtype=torch.float32))
+    return Problem(op, m, GaussianPrior(SIGMA_P), GaussianLikelihood(1e-3)), torch.tensor(mask, dtype=torch.bool), m
+
+
+@pytest.mark.parametrize("name,n_steps", [("ddpm", 500), ("ddim", 200), ("heun", 60), ("euler", 200)])
+def test_unconditional_samples_have_the_prior_moments(name, n_steps):
+    """With the exact denoiser, sampling error and discretisation error are all that is left."""
+    op = Identity((8, 8))
+    prob = Problem(op, torch.zeros(8, 8), GaussianPrior(SIGMA_P))
+    params = SamplerParams(n_steps=n_steps, eta=0.0 if name == "ddim" else 1.0)
+    x = _final(get_sampler(name)(prob, params, n_samples=400, seed=1))[-1].x0_hat
+    flat = x.flatten()
+    n = flat.numel()
+    # Sampling error of the mean ≈ σp/√n, of the variance ≈ σp²·√(2/n).
+    assert abs(float(flat.mean())) < 4 * SIGMA_P / n**0.5
+    assert abs(float(flat.var()) - SIGMA_P**2) < 4 * SIGMA_P**2 * (2 / n) ** 0.5 + 0.03 * SIGMA_P**2
+
+
+@pytest.mark.parametrize(
+    "name,params",
+    [
+        ("dds", SamplerParams(n_steps=200, eta=0.0, gamma=float("inf"), cg_iters=3)),
+        ("song", SamplerParams(n_steps=1000, lam=1.0, cg_iters=1)),
+        ("mcg", SamplerParams(n_steps=1000, eta=1.0, lam=1.0, zeta=0.1, cg_iters=1)),
+        ("dps", SamplerParams(n_steps=1000, eta=1.0, zeta=1.0)),
+    ],
+)
+def test_inpainting_keeps_measured_pixels_and_fills_the_rest_from_the_prior(name, params):
+    prob, mask, m = _inpainting_problem()
+    its = _final(get_sampler(name)(prob, params, n_samples=300, seed=2))
+    x = its[-1].x0_hat
+    tol = 0.25 if name == "dps" else 1e-3  # DPS only approaches the data through its gradient steps
+    assert (x[:, mask] - m[mask]).abs().mean() < tol
+    free = x[:, ~mask].flatten()
+    n = free.numel()
+    assert abs(float(free.mean())) < 4 * SIGMA_P / n**0.5
+    assert abs(float(free.var()) - SIGMA_P**2) < 4 * SIGMA_P**2 * (2 / n) ** 0.5 + 0.05 * SIGMA_P**2
+    assert float(its[-1].data_residual.mean()) < float(its[0].data_residual.mean()) + 1e-6
+
+
+def test_dds_without_data_steps_equals_unconditional_ddim():
+    prob, _, _ = _inpainting_problem()
+    a = _final(get_sampler("dds")(prob, SamplerParams(n_steps=20, eta=0.5, cg_iters=0), n_samples=3, seed=5))
+    b = _final(get_sampler("ddim")(prob, SamplerParams(n_steps=20, eta=0.5), n_samples=3, seed=5))
+    torch.testing.assert_close(a[-1].x0_hat, b[-1].x0_hat)
+
+
+def test_determinism_and_live_parameter_change():
+    prob, _, _ = _inpainting_problem()
+    p1 = SamplerParams(n_steps=20, eta=0.85, gamma=1.0, cg_iters=2)
+    x1 = _final(get_sampler("dds")(prob, p1, n_samples=2, seed=9))[-1].x0_hat
+    x2 = _final(
+        get_sampler("dds")(prob, SamplerParams(n_steps=20, eta=0.85, gamma=1.0, cg_iters=2), n_samples=2, seed=9)
+    )[-1].x0_hat
+    torch.testing.assert_close(x1, x2, rtol=0, atol=0)
+    live = SamplerParams(n_steps=20, eta=0.85, gamma=1.0, cg_iters=2)
+    out = None
+    for it in get_sampler("dds")(prob, live, n_samples=2, seed=9, yield_every=1):
+        if it.step == 10:
+            live.gamma = 0.0  # the user drops the data weight mid-run
+        out = it
+    assert not torch.allclose(out.x0_hat, x1)
+
+
+def test_nan_is_reported_with_step_and_cause():
+    class Broken(GaussianPrior):
+        def denoise(self, x_t, sigma):
+            out = super().denoise(x_t, sigma)
+            return out * float("nan") if sigma < 1.0 else out
+
+    op = Identity((4, 4))
+    prob = Problem(op, torch.zeros(4, 4), Broken(1.0))
+    with pytest.raises(SamplingError, match=r"step \d+/\d+.*lower it"):
+        list(get_sampler("ddim")(prob, SamplerParams(n_steps=10)))
+
+
+def test_problem_rejects_mismatched_prior_and_measurement():
+    op = ParallelBeamCT(16, sparse_view_angles(4))
+    with pytest.raises(SamplingError, match="shape"):
+        Problem(op, torch.zeros(16, 5), GaussianPrior())
+    with pytest.raises(SamplingError, match="channel"):
+        Problem(op, torch.zeros(16, 4), GaussianPrior(channels=2))
+    with pytest.raises(SamplingError, match="NaN"):
+        Problem(op, torch.full((16, 4), float("nan")), GaussianPrior())
+    with pytest.raises(SamplingError, match="unknown sampler"):
+        get_sampler("magic")
+
+
+def test_hot_start_begins_near_the_initial_image():
+    op = Identity((8, 8))
+    prob = Problem(op, torch.zeros(8, 8), GaussianPrior(SIGMA_P))
+    init = torch.full((8, 8), 3.0)
+    its = list(
+        get_sampler("ddim")(
+            prob, SamplerParams(n_steps=10, t0=0.05, eta=0.0), n_samples=4, seed=0, x_init=init, yield_every=1
+        )
+    )
+    assert its[0].sigma < 0.5  # entered low in the schedule
+    assert (its[-1].x0_hat - init).abs().mean() < 1.0  # stayed close to the hot start
+
+
+def test_summarize_gives_mean_std_and_interval():
+    g = torch.Generator().manual_seed(0)
+    s = 2.0 + 0.5 * torch.randn(400, 3, 3, generator=g)
+    out = summarize(s)
+    assert out["n_samples"] == 400
+    assert torch.allclose(out["mean"], torch.full((3, 3), 2.0), atol=0.1)
+    assert torch.allclose(out["std"], torch.full((3, 3), 0.5), atol=0.06)
+    assert torch.all(out["lower"] < out["mean"]) and torch.all(out["upper"] > out["mean"])
+    assert torch.allclose(out["upper"] - out["lower"], torch.full((3, 3), 2 * 1.96 * 0.5), atol=0.25)
+    small = summarize(np.ones((3, 2, 2)))
+    assert "lower" not in small and isinstance(small["mean"], np.ndarray)
