@@ -1,0 +1,304 @@
+"""One entry point for a reconstruction run, shared by the CLI and the GUI.
+
+:class:`RunSettings` is what the widgets edit, what the CLI parses into, what a preset file
+stores and what goes into every output's provenance. :func:`prepare_run` turns a measurement
+and settings into a sampler generator (the GUI iterates it in a worker); :func:`reconstruct`
+consumes it synchronously (CLI, tests).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import __version__
+from .samplers import SAMPLERS, Iterate, Problem, SamplerParams, SamplingError, get_sampler
+from .uncertainty import summarize
+
+__all__ = ["RunSettings", "Result", "prepare_run", "reconstruct", "intensity_mapping", "DIFFUSION_METHODS"]
+
+DIFFUSION_METHODS = tuple(SAMPLERS)
+
+
+@dataclass
+class RunSettings:
+    """Everything that defines a run (JSON round-trips through :meth:`to_dict` / :meth:`from_dict`)."""
+
+    method: str = "dds"
+    prior: str | None = None
+    params: SamplerParams = field(default_factory=SamplerParams)
+    n_samples: int = 1
+    seed: int = 0
+    device: str = "cpu"
+    hot_start: str | None = None
+    baseline_params: dict[str, Any] = field(default_factory=dict)
+    keep_samples: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable settings."""
+        d = asdict(self)
+        d["params"] = self.params.to_dict()
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RunSettings:
+        """Rebuild settings (unknown keys are an error naming them)."""
+        d = dict(d)
+        unknown = set(d) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown run settings {sorted(unknown)}")
+        p = dict(d.pop("params", {}) or {})
+        bad = set(p) - set(SamplerParams.__dataclass_fields__)
+        if bad:
+            raise ValueError(f"unknown sampler parameters {sorted(bad)}")
+        for k, v in p.items():
+            if v in ("inf", "Infinity"):
+                p[k] = float("inf")
+        return cls(params=SamplerParams(**p), **d)
+
+
+@dataclass
+class Result:
+    """A finished run: the estimate, its uncertainty and the full provenance."""
+
+    reconstruction: np.ndarray
+    provenance: dict[str, Any]
+    mean: np.ndarray | None = None
+    std: np.ndarray | None = None
+    lower: np.ndarray | None = None
+    upper: np.ndarray | None = None
+    samples: np.ndarray | None = None
+    residual: float | None = None
+    complex_reconstruction: np.ndarray | None = None
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The arrays to write to an output file (skipping absent ones)."""
+        names = ("reconstruction", "mean", "std", "lower", "upper", "samples", "complex_reconstruction")
+        out = {k: getattr(self, k) for k in names if getattr(self, k) is not None}
+        if "complex_reconstruction" in out:
+            out["reconstruction_complex"] = out.pop("complex_reconstruction")
+        return out
+
+
+def file_sha256(path: str | Path | None) -> str | None:
+    """SHA-256 of a file (None when there is no file)."""
+    if not path or not Path(path).exists():
+        return None
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def intensity_mapping(measurement: Any, prior: Any, reference: torch.Tensor | None) -> tuple[float, float, str]:
+    """``(scale, offset, how)`` with image = scale · model + offset.
+
+    Uses the measurement's declared intensity (``metadata["intensity"]``: image = a · native + b)
+    composed with the prior card's normalisation when their native units agree; otherwise maps
+    the model range [−1, 1] onto the 1st–99th percentile range of a classical reconstruction.
+    """
+    meta = getattr(measurement, "metadata", None) or {}
+    inten = meta.get("intensity") if isinstance(meta, dict) else None
+    card = getattr(prior, "card", None)
+    if inten and card is not None:
+        norm = card.normalisation
+        if str(inten.get("native_units", "")).lower() == str(norm.get("native_units", "")).lower():
+            a, b = float(inten["scale"]), float(inten["offset"])
+            return a * norm["scale"], a * norm["offset"] + b, f"declared ({inten.get('native_units')})"
+    if reference is None:
+        return 1.0, 0.0, "identity"
+    ref = reference.abs() if reference.is_complex() else reference
+    lo, hi = torch.quantile(ref.flatten().float().cpu(), torch.tensor([0.01, 0.99])).tolist()
+    if card is not None and card.modality in ("mri",):  # magnitude images: background at −1
+        lo = 0.0
+    half = max((hi - lo) / 2, 1e-6 * max(abs(hi), 1.0))
+    return half, (hi + lo) / 2, "estimated from the classical reconstruction's 1–99% range"
+
+
+def _baseline(method: str, operator, m: torch.Tensor, likelihood, params: dict[str, Any]) -> torch.Tensor:
+    from .baselines import reconstruct_baseline
+
+    return reconstruct_baseline(method, operator, m, likelihood, **params)
+
+
+def _default_hot_start_method(modality: str) -> str:
+    return {"ct": "fbp", "pet": "mlem", "mri": "cg"}.get(modality, "cg")
+
+
+def prepare_run(
+    measurement: Any, settings: RunSettings, prior: Any = None
+) -> tuple[Problem, Callable[[], Iterator[Iterate]], dict[str, Any]]:
+    """Build the problem and a zero-argument function that starts the sampler generator.
+
+    Parameters
+    ----------
+    measurement : Measurement
+        From :func:`napari_diffrecon.io.read_measurement` (or built in memory).
+    settings : RunSettings
+        A snapshot of the run's settings (the live ``settings.params`` object is what the
+        sampler reads every step).
+    prior : Prior, optional
+        Already-loaded prior; otherwise loaded from ``settings.prior`` (name or path) or the
+        default shipped prior of the modality.
+
+    Returns
+    -------
+    problem, start, info
+        ``start()`` returns the generator of iterates; ``info`` holds provenance pieces.
+    """
+    from .priors import default_prior_for, load_prior
+
+    device = torch.device(settings.device)
+    operator = measurement.build_operator(device)
+    likelihood = measurement.build_likelihood(device)
+    m = measurement.to_tensor(device)
+    modality = operator.modality
+    if prior is None:
+        name = settings.prior or default_prior_for(modality, operator.is_complex)
+        if name is None:
+            raise SamplingError(
+                f"no shipped prior for {modality} ({'complex' if operator.is_complex else 'real'} images); "
+                "pass --prior PATH to a trained prior (napari-diffrecon train ...)"
+            )
+        prior = load_prior(name, device)
+    else:
+        prior = prior.to(device)
+    card = getattr(prior, "card", None)
+    hs_method = settings.hot_start or (
+        _default_hot_start_method(modality) if modality in ("ct", "pet", "mri") else None
+    )
+    reference = None
+    if hs_method:
+        reference = _baseline(hs_method, operator, m, likelihood, dict(settings.baseline_params))
+    scale, offset, how = intensity_mapping(measurement, prior, reference)
+    problem = Problem(operator, m, prior, likelihood, scale=scale, offset=offset, nonneg=modality == "pet")
+    sampler = get_sampler(settings.method)
+    x_init = reference if settings.hot_start else None
+    if settings.hot_start and settings.params.t0 >= 1:
+        raise SamplingError("a hot start needs --t0 below 1 (e.g. 0.3): the fraction of the schedule to run")
+
+    def start() -> Iterator[Iterate]:
+        return sampler(problem, settings.params, n_samples=settings.n_samples, seed=settings.seed, x_init=x_init)
+
+    info = {
+        "prior": card.name if card is not None else type(prior).__name__,
+        "prior_card": json.loads(card.to_json()) if card is not None else None,
+        "intensity_mapping": {"scale": scale, "offset": offset, "how": how},
+        "hot_start_method": settings.hot_start,
+        "reference_method": hs_method,
+    }
+    return problem, start, info
+
+
+def provenance(measurement: Any, settings: RunSettings, extra: dict[str, Any]) -> dict[str, Any]:
+    """The provenance record: input file and hash, operator summary, every setting, versions."""
+    spec = getattr(measurement, "operator", {}) or {}
+    op_summary = {k: v for k, v in spec.items() if not isinstance(v, (np.ndarray, torch.Tensor))}
+    if "angles_deg" in op_summary:
+        op_summary["n_angles"] = len(op_summary["angles_deg"])
+    path = getattr(measurement, "path", None)
+    rec = {
+        "software": "napari-diffrecon",
+        "software_version": __version__,
+        "torch_version": torch.__version__,
+        "measurement_file": str(path) if path else None,
+        "measurement_sha256": file_sha256(path),
+        "operator": op_summary,
+        "noise": {k: v for k, v in (getattr(measurement, "noise", {}) or {}).items() if not isinstance(v, np.ndarray)},
+        "settings": settings.to_dict(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    rec.update(extra)
+    return json.loads(json.dumps(rec, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
+
+
+def reconstruct(
+    measurement: Any,
+    settings: RunSettings,
+    prior: Any = None,
+    callback: Callable[[Iterate], Any] | None = None,
+) -> Result:
+    """Run a reconstruction to the end (CLI and tests); the GUI drives :func:`prepare_run` itself.
+
+    ``settings.method`` may be a diffusion sampler (``dds``, ``dps``, ...) or a classical
+    baseline (``fbp``, ``cg``, ``tv``, ``mlem``, ...).
+    """
+    t0 = time.perf_counter()
+    if settings.method not in SAMPLERS:
+        from .baselines import BASELINES
+
+        if settings.method not in BASELINES:
+            raise ValueError(
+                f"unknown method {settings.method!r}; diffusion samplers: {', '.join(SAMPLERS)}; "
+                f"classical: {', '.join(BASELINES)}"
+            )
+        device = torch.device(settings.device)
+        op = measurement.build_operator(device)
+        x = _baseline(
+            settings.method,
+            op,
+            measurement.to_tensor(device),
+            measurement.build_likelihood(device),
+            dict(settings.baseline_params),
+        )
+        from .metrics import data_residual
+
+        res = float(data_residual(op, x, measurement.to_tensor(device)))
+        xc = x.detach().cpu()
+        prov = provenance(
+            measurement, settings, {"kind": "classical", "wall_time_s": time.perf_counter() - t0, "data_residual": res}
+        )
+        return Result(
+            reconstruction=(xc.abs() if xc.is_complex() else xc).numpy().astype(np.float32),
+            complex_reconstruction=xc.numpy().astype(np.complex64) if xc.is_complex() else None,
+            provenance=prov,
+            residual=res,
+        )
+    problem, start, info = prepare_run(measurement, settings, prior)
+    last = None
+    n_yields = 0
+    for it in start():
+        n_yields += 1
+        last = it
+        if callback is not None:
+            callback(it)
+    assert last is not None and last.done
+    samples = last.x0_hat.detach().cpu()
+    summary = summarize(samples)
+    mean = summary["mean"].numpy().astype(np.float32)
+    res_mean = float(problem.residual(samples.mean(0, keepdim=True).to(problem.device))[0])
+    extra = {
+        "kind": "diffusion",
+        **info,
+        "nfe": last.nfe,
+        "wall_time_s": time.perf_counter() - t0,
+        "data_residual_per_sample": [float(v) for v in last.data_residual.cpu()],
+        "data_residual_of_mean": res_mean,
+    }
+    prov = provenance(measurement, settings, extra)
+    if not all(math.isfinite(v) for v in extra["data_residual_per_sample"]):
+        raise SamplingError("the run finished with a non-finite data residual")
+    cplx = samples.mean(0).numpy().astype(np.complex64) if samples.is_complex() else None
+    return Result(
+        reconstruction=mean,
+        mean=mean,
+        std=summary["std"].numpy().astype(np.float32),
+        lower=summary.get("lower").numpy().astype(np.float32) if "lower" in summary else None,
+        upper=summary.get("upper").numpy().astype(np.float32) if "upper" in summary else None,
+        samples=(samples.abs() if samples.is_complex() else samples).numpy().astype(np.float32)
+        if settings.keep_samples
+        else None,
+        residual=res_mean,
+        complex_reconstruction=cplx,
+        provenance=prov,
+    )
