@@ -1,0 +1,293 @@
+"""Measurement bundles (``.npz`` / ``.h5``): measurements + JSON operator spec + noise model.
+
+Keys (see README "Measurement bundles"): ``measurement`` (array), ``operator`` (JSON string;
+array-valued fields stored as their own keys and referenced as ``{"$array": "mask"}``),
+``noise`` (JSON, optional), ``ground_truth`` (optional), ``metadata`` (JSON, optional),
+``format_version``. Reading validates everything and never unpickles.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .. import __version__
+
+__all__ = ["BundleError", "Measurement", "read_measurement", "write_measurement", "write_result"]
+
+ARRAY_FIELDS = ("mask", "coil_maps", "attenuation", "background")
+COUNT_MODELS = ("poisson", "transmission")
+
+
+class BundleError(ValueError):
+    """A bundle file is unreadable or inconsistent; the message names the field and the fix."""
+
+
+@dataclass
+class Measurement:
+    """Measured data with everything needed to rebuild its forward model and noise model."""
+
+    data: np.ndarray
+    operator: dict[str, Any]
+    noise: dict[str, Any] = field(default_factory=dict)
+    ground_truth: np.ndarray | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+    path: str | None = None
+
+    def build_operator(self, device: str | torch.device = "cpu"):
+        """The forward model on ``device``."""
+        from ..physics import build_operator
+
+        try:
+            return build_operator(self.operator, device=device)
+        except ValueError as e:
+            raise BundleError(f"operator: {e}") from None
+
+    def build_likelihood(self, device: str | torch.device = "cpu"):
+        """The noise model on ``device``."""
+        from ..physics import build_likelihood
+
+        try:
+            return build_likelihood(self.noise, device=device)
+        except ValueError as e:
+            raise BundleError(f"noise: {e}") from None
+
+    def to_tensor(self, device: str | torch.device = "cpu") -> torch.Tensor:
+        """The measurement as a tensor (complex64 or float32)."""
+        d = self.data.astype(np.complex64 if np.iscomplexobj(self.data) else np.float32)
+        return torch.from_numpy(d).to(device)
+
+    def validate(self) -> None:
+        """Check shapes, finiteness, counts and geometry against the operator; raise BundleError."""
+        _validate(self)
+
+
+def _validate(m: Measurement) -> None:
+    spec = m.operator
+    if not isinstance(spec, dict) or "modality" not in spec:
+        raise BundleError("operator: must be a JSON object with a 'modality' (ct, mri, pet, denoise, inpaint)")
+    data = m.data
+    if data.dtype == object:
+        raise BundleError("measurement: object arrays are refused (untrusted file)")
+    if not np.issubdtype(data.dtype, np.number):
+        raise BundleError(f"measurement: must be numeric, got dtype {data.dtype}")
+    if not np.all(np.isfinite(data)):
+        raise BundleError("measurement: contains NaN or Inf; remove or replace those entries")
+    modality = str(spec.get("modality")).lower()
+    if np.iscomplexobj(data) and modality != "mri":
+        raise BundleError(f"measurement: complex data for the real {modality} modality; store the real sinogram")
+    op = m.build_operator("cpu")
+    if modality in ("ct", "pet") and data.ndim == 2 and data.shape != tuple(op.data_shape):
+        n, na = op.data_shape
+        if data.shape == (na, n):
+            raise BundleError(
+                f"measurement: shape {data.shape} is transposed; store the sinogram as (n_det, n_angles) = {(n, na)} "
+                "as scikit-image's radon returns it"
+            )
+        if data.shape[0] == n:
+            raise BundleError(
+                f"measurement: has {data.shape[1]} angles but operator.angles_deg lists {na}; make them agree"
+            )
+    if tuple(data.shape) != tuple(op.data_shape):
+        raise BundleError(f"measurement: shape {data.shape} does not match the operator's data shape {op.data_shape}")
+    model = str((m.noise or {}).get("model", "gaussian")).lower()
+    if model in COUNT_MODELS and np.any(data < 0):
+        raise BundleError(
+            f"measurement: negative entries (min {data.min():.3g}) but the {model} noise model needs raw counts ≥ 0"
+        )
+    m.build_likelihood("cpu")
+    if m.ground_truth is not None and tuple(m.ground_truth.shape) != tuple(op.image_shape):
+        raise BundleError(f"ground_truth: shape {m.ground_truth.shape} does not match image_shape {op.image_shape}")
+
+
+def _json_field(raw: Any, name: str) -> Any:
+    if raw is None:
+        return None
+    if isinstance(raw, np.ndarray):
+        if raw.dtype == object:
+            raise BundleError(f"{name}: object arrays are refused (untrusted file)")
+        raw = raw.item() if raw.shape == () else raw.tobytes()
+    if isinstance(raw, bytes):
+        raw = raw.decode("utf-8")
+    try:
+        return json.loads(raw)
+    except (TypeError, json.JSONDecodeError) as e:
+        raise BundleError(f"{name}: not valid JSON ({e}); store json.dumps(...) of a dict") from None
+
+
+def _resolve(spec: dict[str, Any], arrays: dict[str, np.ndarray]) -> dict[str, Any]:
+    out = dict(spec)
+    for k, v in spec.items():
+        if isinstance(v, dict) and "$array" in v:
+            key = v["$array"]
+            if key not in arrays:
+                raise BundleError(f"operator.{k}: refers to array key {key!r} which is not in the file")
+            out[k] = arrays[key]
+    for k in ARRAY_FIELDS:  # arrays stored under their own names without a reference
+        if out.get(k) is None and k in arrays and k != "background":
+            out[k] = arrays[k]
+    return out
+
+
+def _load_keys(path: Path) -> dict[str, Any]:
+    if path.suffix in (".h5", ".hdf5"):
+        import h5py
+
+        try:
+            with h5py.File(path, "r") as f:
+                out = {k: f[k][()] for k in f.keys()}
+                for k, v in f.attrs.items():
+                    out.setdefault(k, v)
+            return out
+        except OSError as e:
+            raise BundleError(f"cannot read {path.name} as HDF5: {e}") from None
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except ValueError as e:
+        if "pickle" in str(e).lower():
+            raise BundleError(f"{path.name}: holds pickled objects; refused (untrusted file)") from None
+        raise BundleError(f"cannot read {path.name}: {e}") from None
+    except (OSError, EOFError) as e:
+        raise BundleError(f"cannot read {path.name} as a .npz bundle (corrupt or not a bundle): {e}") from None
+
+
+def read_measurement(path: str | Path) -> Measurement:
+    """Read and validate a bundle (``.npz`` or ``.h5``).
+
+    Raises
+    ------
+    FileNotFoundError
+        The file does not exist.
+    BundleError
+        Anything wrong with its content; the message names the field and the fix.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"measurement file {path} not found")
+    keys = _load_keys(path)
+    if "measurement" not in keys:
+        raise BundleError(f"{path.name}: lacks the 'measurement' array (keys found: {sorted(keys)})")
+    if "operator" not in keys:
+        raise BundleError(f"{path.name}: lacks 'operator', the JSON operator spec (modality, image_shape, geometry)")
+    arrays = {k: np.asarray(v) for k, v in keys.items() if k in ARRAY_FIELDS}
+    for k, v in arrays.items():
+        if v.dtype == object:
+            raise BundleError(f"{k}: object arrays are refused (untrusted file)")
+    spec = _json_field(keys["operator"], "operator")
+    if not isinstance(spec, dict):
+        raise BundleError("operator: must be a JSON object")
+    spec = _resolve(spec, arrays)
+    noise = _json_field(keys.get("noise"), "noise") or {}
+    if "background" in arrays and isinstance(noise.get("background"), dict):
+        noise["background"] = arrays["background"]
+    data = np.asarray(keys["measurement"])
+    if not noise:
+        rms = float(np.sqrt(np.mean(np.abs(data) ** 2))) if data.size and np.issubdtype(data.dtype, np.number) else 1.0
+        noise = {"model": "gaussian", "sigma": max(0.01 * rms, 1e-8), "note": "default: 1% of the measurement RMS"}
+    gt = keys.get("ground_truth")
+    meta = _json_field(keys.get("metadata"), "metadata") or {}
+    m = Measurement(
+        data=data,
+        operator=spec,
+        noise=noise,
+        ground_truth=None if gt is None else np.asarray(gt),
+        metadata=meta,
+        path=str(path),
+    )
+    _validate(m)
+    return m
+
+
+def _atomic_write(path: Path, writer, overwrite: bool) -> None:
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; choose another name or pass --force to overwrite it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp" + path.suffix)
+    os.close(fd)
+    try:
+        writer(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _split_arrays(spec: dict[str, Any], noise: dict[str, Any]) -> tuple[dict, dict, dict[str, np.ndarray]]:
+    arrays: dict[str, np.ndarray] = {}
+    s = {}
+    for k, v in spec.items():
+        if isinstance(v, (np.ndarray, torch.Tensor)):
+            arrays[k] = np.asarray(v.cpu() if isinstance(v, torch.Tensor) else v)
+            s[k] = {"$array": k}
+        elif v is not None:
+            s[k] = v
+    n = dict(noise)
+    if isinstance(n.get("background"), (np.ndarray, torch.Tensor)):
+        arrays["background"] = np.asarray(n["background"])
+        n["background"] = {"$array": "background"}
+    return s, n, arrays
+
+
+def write_measurement(m: Measurement, path: str | Path, overwrite: bool = False) -> Path:
+    """Write a bundle atomically (temp file + rename); refuses to overwrite unless ``overwrite``."""
+    path = Path(path)
+    spec, noise, arrays = _split_arrays(m.operator, m.noise)
+    meta = {"software_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S"), **(m.metadata or {})}
+    keys: dict[str, Any] = {
+        "measurement": np.asarray(m.data),
+        "operator": np.array(json.dumps(spec)),
+        "noise": np.array(json.dumps(noise)),
+        "metadata": np.array(json.dumps(meta, default=str)),
+        "format_version": np.array(1),
+        **arrays,
+    }
+    if m.ground_truth is not None:
+        keys["ground_truth"] = np.asarray(m.ground_truth)
+    if path.suffix in (".h5", ".hdf5"):
+        import h5py
+
+        def writer(tmp: str) -> None:
+            with h5py.File(tmp, "w") as f:
+                for k, v in keys.items():
+                    if v.dtype.kind == "U":
+                        f.attrs[k] = str(v)
+                    else:
+                        f.create_dataset(k, data=v)
+    else:
+
+        def writer(tmp: str) -> None:
+            with open(tmp, "wb") as f:
+                np.savez_compressed(f, **keys)
+
+    _atomic_write(path, writer, overwrite)
+    return path
+
+
+def write_result(
+    path: str | Path, arrays: dict[str, np.ndarray], provenance: dict[str, Any], overwrite: bool = False
+) -> Path:
+    """Write reconstruction arrays + a ``provenance`` JSON string to ``.npz``, atomically, no silent overwrite."""
+    path = Path(path)
+    keys = {k: np.asarray(v) for k, v in arrays.items()}
+    keys["provenance"] = np.array(json.dumps(provenance, default=str))
+
+    def writer(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            np.savez_compressed(f, **keys)
+
+    _atomic_write(path, writer, overwrite)
+    return path

@@ -1,0 +1,99 @@
+"""Reading 2D images to simulate from: DICOM (file or series folder), NIfTI, TIFF, PNG/JPG, NPY."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["read_image", "read_volume"]
+
+
+def _dicom_volume(path: Path) -> tuple[np.ndarray, dict[str, Any]]:
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
+    slices = []
+    for f in files:
+        try:
+            ds = pydicom.dcmread(f)
+            arr = ds.pixel_array.astype(np.float32)
+        except (InvalidDicomError, AttributeError, ValueError, OSError) as e:
+            if path.is_dir():
+                continue
+            raise ValueError(f"cannot read {f.name} as DICOM image: {e}") from None
+        arr = arr * float(getattr(ds, "RescaleSlope", 1.0)) + float(getattr(ds, "RescaleIntercept", 0.0))
+        pos = getattr(ds, "ImagePositionPatient", None)
+        key = float(pos[2]) if pos is not None else float(getattr(ds, "InstanceNumber", 0) or 0)
+        slices.append((key, arr, ds))
+    if not slices:
+        raise ValueError(f"no readable DICOM images in {path}")
+    slices.sort(key=lambda s: s[0])
+    ds = slices[0][2]
+    units = "HU" if str(getattr(ds, "Modality", "")).upper() == "CT" else "arbitrary"
+    info = {"format": "dicom", "units": units, "pixel_spacing_mm": [float(v) for v in getattr(ds, "PixelSpacing", [])]}
+    return np.stack([s[1] for s in slices]), info
+
+
+def read_volume(path: str | Path) -> tuple[np.ndarray, dict[str, Any]]:
+    """Read an image or volume as ``(n_slices, H, W)`` float32 plus an info dict (units, spacing)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"image file {path} not found")
+    name = path.name.lower()
+    try:
+        if path.is_dir() or name.endswith((".dcm", ".dicom")):
+            vol, info = _dicom_volume(path)
+        elif name.endswith((".nii", ".nii.gz")):
+            import nibabel as nib
+
+            img = nib.load(str(path))
+            data = np.asarray(img.dataobj, dtype=np.float32)
+            if data.ndim == 2:
+                data = data[..., None]
+            vol = np.moveaxis(data[..., : data.shape[2]] if data.ndim == 3 else data[..., 0], 2, 0)
+            info = {
+                "format": "nifti",
+                "units": "arbitrary",
+                "pixel_spacing_mm": [float(z) for z in img.header.get_zooms()[:2]],
+            }
+        elif name.endswith((".tif", ".tiff")):
+            import tifffile
+
+            vol, info = np.asarray(tifffile.imread(path), dtype=np.float32), {"format": "tiff", "units": "arbitrary"}
+        elif name.endswith(".npy"):
+            vol, info = np.load(path, allow_pickle=False).astype(np.float32), {"format": "npy", "units": "arbitrary"}
+        elif name.endswith((".png", ".jpg", ".jpeg", ".bmp")):
+            from skimage.io import imread
+
+            vol, info = (
+                np.asarray(imread(path), dtype=np.float32),
+                {"format": name.rsplit(".", 1)[-1], "units": "arbitrary"},
+            )
+            if vol.ndim == 3 and vol.shape[-1] in (3, 4):
+                vol = vol[..., :3].mean(-1)
+        else:
+            raise ValueError(f"unsupported image format {path.name}: use DICOM, NIfTI, TIFF, PNG/JPG or .npy")
+    except ValueError:
+        raise
+    except Exception as e:  # corrupt files surface as many exception types across readers
+        raise ValueError(f"cannot read {path.name}: {e}") from None
+    if vol.ndim == 2:
+        vol = vol[None]
+    if vol.ndim != 3:
+        raise ValueError(f"{path.name} has {vol.ndim} dimensions; expected a 2D image or a 3D volume")
+    if not np.all(np.isfinite(vol)):
+        raise ValueError(f"{path.name} contains NaN or Inf pixels")
+    return vol.astype(np.float32), info
+
+
+def read_image(path: str | Path, slice_index: int | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+    """Read one 2D image (a volume's slice ``slice_index``, default the middle one)."""
+    vol, info = read_volume(path)
+    k = vol.shape[0] // 2 if slice_index is None else int(slice_index)
+    if not 0 <= k < vol.shape[0]:
+        raise ValueError(f"slice {slice_index} out of range: {Path(path).name} has {vol.shape[0]} slices")
+    info = {**info, "slice_index": k, "n_slices": vol.shape[0]}
+    return vol[k], info
