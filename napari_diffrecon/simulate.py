@@ -134,7 +134,9 @@ def simulate_from_image(
     elif modality == "mri":
         mag = _unit(img)
         yy, xx = np.mgrid[:size, :size] / size - 0.5
-        phase = np.random.default_rng(seed + 1).uniform(-1, 1, 3) @ np.stack([yy, xx, yy * xx]) * np.pi / 2
+        phase = (
+            np.tensordot(np.random.default_rng(seed + 1).uniform(-1, 1, 3), np.stack([yy, xx, yy * xx]), 1) * np.pi / 2
+        )
         x = (mag * np.exp(1j * phase)).astype(np.complex64)
         mask = make_mask(mask_kind, (size, size), float(accel or 4), seed=seed)
         maps = simulate_coil_maps((size, size), int(coils), seed=seed) if coils and coils > 1 else None

@@ -12,6 +12,7 @@ import json
 import os
 import tempfile
 import time
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -156,7 +157,7 @@ def _load_keys(path: Path) -> dict[str, Any]:
         if "pickle" in str(e).lower():
             raise BundleError(f"{path.name}: holds pickled objects; refused (untrusted file)") from None
         raise BundleError(f"cannot read {path.name}: {e}") from None
-    except (OSError, EOFError) as e:
+    except (OSError, EOFError, zipfile.BadZipFile) as e:
         raise BundleError(f"cannot read {path.name} as a .npz bundle (corrupt or not a bundle): {e}") from None
 
 

@@ -1,0 +1,232 @@
+"""Bundles, image readers, simulation, masks, the CLI and the napari reader."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from skimage.transform import iradon, radon
+
+from napari_diffrecon.cli import main
+from napari_diffrecon.io import BundleError, load_sample, read_image, read_measurement, write_measurement
+from napari_diffrecon.io._napari import get_reader, sample_ct_sparse23
+from napari_diffrecon.metrics import psnr
+from napari_diffrecon.physics.masks import acceleration_of, make_mask
+from napari_diffrecon.simulate import simulate_from_image
+
+
+def _minimal_bundle(path, img, theta):
+    sino = radon(img, theta=theta, circle=True)
+    np.savez(
+        path,
+        measurement=sino,
+        operator=json.dumps({"modality": "ct", "image_shape": list(img.shape), "angles_deg": theta.tolist()}),
+    )
+    return sino
+
+
+@pytest.mark.parametrize("suffix", [".npz", ".h5"])
+@pytest.mark.parametrize("modality", ["ct", "mri", "pet"])
+def test_bundle_round_trip(tmp_path, ct_slice, modality, suffix):
+    m = simulate_from_image(ct_slice[::2, ::2], modality, size=48, views=12, coils=3, seed=1)
+    path = write_measurement(m, tmp_path / f"b{suffix}")
+    r = read_measurement(path)
+    np.testing.assert_array_equal(r.data, m.data)
+    np.testing.assert_array_equal(r.ground_truth, m.ground_truth)
+    x = torch.tensor(m.ground_truth)
+    torch.testing.assert_close(r.build_operator().forward(x), m.build_operator().forward(x))
+    assert r.noise["model"] == m.noise["model"]
+    assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp" + suffix)]
+
+
+def test_minimal_user_bundle_from_skimage_reconstructs_like_iradon(tmp_path, ct_slice):
+    theta = np.linspace(0, 180, 90, endpoint=False)
+    sino = _minimal_bundle(tmp_path / "user.npz", ct_slice, theta)
+    assert main(["reconstruct", str(tmp_path / "user.npz"), "--method", "fbp", "-o", str(tmp_path / "o.npz")]) == 0
+    with np.load(tmp_path / "o.npz") as z:
+        rec = z["reconstruction"]
+        prov = json.loads(str(z["provenance"]))
+    ref = iradon(sino, theta=theta, circle=True)
+    assert abs(psnr(rec, ct_slice) - psnr(ref, ct_slice)) < 0.5
+    assert prov["settings"]["method"] == "fbp" and len(prov["measurement_sha256"]) == 64
+
+
+@pytest.mark.parametrize(
+    "keys,match",
+    [
+        ({"operator": {"modality": "ct", "image_shape": [16, 16], "angles_deg": [0, 90]}}, "measurement"),
+        ({"measurement": np.zeros((16, 3))}, "operator"),
+        (
+            {
+                "measurement": np.zeros((16, 3)),
+                "operator": {"modality": "ct", "image_shape": [16, 16], "angles_deg": [0, 90]},
+            },
+            "3 angles",
+        ),
+        (
+            {
+                "measurement": np.zeros((2, 16)),
+                "operator": {"modality": "ct", "image_shape": [16, 16], "angles_deg": [0, 90]},
+            },
+            "transposed",
+        ),
+        (
+            {
+                "measurement": np.full((16, 2), np.nan),
+                "operator": {"modality": "ct", "image_shape": [16, 16], "angles_deg": [0, 90]},
+            },
+            "NaN",
+        ),
+        (
+            {
+                "measurement": -np.ones((16, 2)),
+                "noise": {"model": "poisson"},
+                "operator": {"modality": "pet", "image_shape": [16, 16], "angles_deg": [0, 90]},
+            },
+            "negative",
+        ),
+        ({"measurement": np.zeros((16, 2)), "operator": {"modality": "xray", "image_shape": [16, 16]}}, "modality"),
+        (
+            {
+                "measurement": np.zeros((8, 8), np.complex64),
+                "mask": np.ones((8, 9)),
+                "operator": {"modality": "mri", "image_shape": [8, 8], "mask": {"$array": "mask"}},
+            },
+            "mask",
+        ),
+    ],
+)
+def test_bundle_validation_names_the_field(tmp_path, keys, match):
+    keys = {k: (np.array(json.dumps(v)) if isinstance(v, dict) else v) for k, v in keys.items()}
+    np.savez(tmp_path / "bad.npz", **keys)
+    with pytest.raises(BundleError, match=match):
+        read_measurement(tmp_path / "bad.npz")
+
+
+def test_untrusted_and_corrupt_files_are_refused(tmp_path):
+    np.savez(tmp_path / "p.npz", measurement=np.array([{"a": 1}], dtype=object), operator=np.array("{}"))
+    with pytest.raises(BundleError, match="untrusted|pickle"):
+        read_measurement(tmp_path / "p.npz")
+    (tmp_path / "c.npz").write_bytes(b"PK\x03\x04 definitely not a zip")
+    with pytest.raises(BundleError, match="cannot read"):
+        read_measurement(tmp_path / "c.npz")
+    with pytest.raises(FileNotFoundError):
+        read_measurement(tmp_path / "missing.npz")
+
+
+def test_no_overwrite_without_force(tmp_path):
+    m = load_sample()
+    write_measurement(m, tmp_path / "a.npz")
+    with pytest.raises(FileExistsError, match="--force"):
+        write_measurement(m, tmp_path / "a.npz")
+    write_measurement(m, tmp_path / "a.npz", overwrite=True)
+
+
+def test_read_image_formats(tmp_path, ct_slice):
+    import nibabel as nib
+    import tifffile
+    from pydicom.data import get_testdata_file
+    from skimage.io import imsave
+
+    img, info = read_image(get_testdata_file("CT_small.dcm"))
+    assert img.shape == (128, 128) and info["units"] == "HU" and img.min() < -500
+    vol = np.stack([ct_slice * k for k in range(1, 4)], -1).astype(np.float32)
+    nib.save(nib.Nifti1Image(vol, np.eye(4)), tmp_path / "v.nii.gz")
+    sl, info = read_image(tmp_path / "v.nii.gz")
+    np.testing.assert_allclose(sl, vol[..., 1], rtol=1e-6)
+    assert info["n_slices"] == 3
+    with pytest.raises(ValueError, match="out of range"):
+        read_image(tmp_path / "v.nii.gz", slice_index=5)
+    tifffile.imwrite(tmp_path / "a.tif", ct_slice.astype(np.float32))
+    np.testing.assert_allclose(read_image(tmp_path / "a.tif")[0], ct_slice, rtol=1e-6)
+    imsave(tmp_path / "a.png", (ct_slice / ct_slice.max() * 255).astype(np.uint8))
+    assert read_image(tmp_path / "a.png")[0].shape == (128, 128)
+    np.save(tmp_path / "a.npy", ct_slice)
+    np.testing.assert_allclose(read_image(tmp_path / "a.npy")[0], ct_slice, rtol=1e-6)
+    (tmp_path / "x.dcm").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="cannot read|DICOM"):
+        read_image(tmp_path / "x.dcm")
+
+
+def test_simulation_is_deterministic_and_matches_the_forward_model(ct_slice):
+    a = simulate_from_image(ct_slice, "pet", size=64, views=30, seed=3)
+    b = simulate_from_image(ct_slice, "pet", size=64, views=30, seed=3)
+    np.testing.assert_array_equal(a.data, b.data)
+    op = a.build_operator()
+    mean = op.forward(torch.tensor(a.ground_truth)).numpy() + a.noise["background"]
+    assert abs(a.data.sum() / mean.sum() - 1) < 0.02  # Poisson counts are unbiased
+    ld = simulate_from_image(ct_slice, "ct", size=64, views=30, photons=1e4, seed=0)
+    assert ld.noise["model"] == "transmission" and ld.data.min() >= 0
+    mri = simulate_from_image(ct_slice, "mri", size=64, accel=4, coils=4, seed=0)
+    assert mri.data.shape == (4, 64, 64) and np.iscomplexobj(mri.data)
+
+
+@pytest.mark.parametrize("kind", ["random", "equispaced"])
+@pytest.mark.parametrize("acc", [4, 8])
+def test_masks_hit_the_acceleration_with_a_full_centre(kind, acc):
+    m = make_mask(kind, (64, 128), acc, seed=1)
+    assert abs(acceleration_of(m) - acc) / acc < 0.25
+    assert np.all(m == m[0:1])  # whole columns
+    assert m[:, 62:66].all()
+    assert np.array_equal(m, make_mask(kind, (64, 128), acc, seed=1))
+    with pytest.raises(ValueError, match="acceleration"):
+        make_mask(kind, (64, 128), 0.5)
+
+
+def test_cli_simulate_reconstruct_and_errors(tmp_path, capsys):
+    from pydicom.data import get_testdata_file
+
+    b = tmp_path / "b.npz"
+    assert (
+        main(
+            [
+                "simulate",
+                get_testdata_file("CT_small.dcm"),
+                "--modality",
+                "ct",
+                "--views",
+                "23",
+                "--size",
+                "64",
+                "-o",
+                str(b),
+            ]
+        )
+        == 0
+    )
+    assert main(["simulate", get_testdata_file("CT_small.dcm"), "--modality", "ct", "-o", str(b)]) == 2
+    assert "--force" in capsys.readouterr().err
+    out = tmp_path / "tv.npz"
+    assert main(["reconstruct", str(b), "--method", "tv", "--iters", "50", "-o", str(out)]) == 0
+    assert "PSNR" in capsys.readouterr().out
+    with np.load(out) as z:
+        assert z["reconstruction"].shape == (64, 64) and z["reconstruction"].dtype == np.float32
+        assert json.loads(str(z["provenance"]))["settings"]["baseline_params"]["iters"] == 50
+    (tmp_path / "bad.npz").write_bytes(b"nonsense")
+    assert main(["reconstruct", str(tmp_path / "bad.npz"), "--method", "fbp", "-o", str(tmp_path / "x.npz")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "Traceback" not in err
+    assert main(["reconstruct", str(b), "--method", "mlem", "-o", str(tmp_path / "y.npz")]) == 2
+    assert main(["reconstruct", str(b), "--method", "magic", "-o", str(tmp_path / "y.npz")]) == 2
+
+
+def test_demo_headless_writes_png_and_npz(tmp_path):
+    assert main(["demo", "--headless", "-o", str(tmp_path)]) == 0
+    assert (tmp_path / "demo_comparison.png").stat().st_size > 1000
+    with np.load(tmp_path / "demo_reconstruction.npz") as z:
+        assert psnr(z["reconstruction_tv"], z["ground_truth"]) > psnr(z["reconstruction_fbp"], z["ground_truth"])
+
+
+def test_napari_reader_and_sample(tmp_path):
+    np.save(tmp_path / "foreign.npy", np.zeros(3))
+    np.savez(tmp_path / "foreign.npz", a=np.zeros(3))
+    assert get_reader(str(tmp_path / "foreign.npz")) is None
+    assert get_reader(str(tmp_path / "foreign.npy")) is None
+    write_measurement(load_sample(), tmp_path / "s.npz")
+    layers = get_reader(str(tmp_path / "s.npz"))(str(tmp_path / "s.npz"))
+    assert [layer[2] for layer in layers] == ["image", "image"]
+    assert layers[1][1]["metadata"]["operator"]["modality"] == "ct"
+    assert len(sample_ct_sparse23()) == 2
