@@ -218,7 +218,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--photons", type=float, help="CT low dose: blank-scan photons per bin (I0)")
     s.add_argument("--accel", type=float, help="MRI: acceleration (default 4)")
     s.add_argument("--coils", type=int, help="MRI: number of coils (default 1)")
-    s.add_argument("--mask", default="random", choices=["random", "equispaced"], help="MRI mask kind")
+    s.add_argument("--mask", default="random", choices=["random", "equispaced", "poisson"], help="MRI mask kind")
     s.add_argument("--counts", type=float, help="PET: expected total true counts (default 2e5)")
     s.add_argument("--noise-sigma", type=float, help="Gaussian noise sigma (CT post-log, MRI k-space)")
     s.add_argument("--size", type=int, default=128)

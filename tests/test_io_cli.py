@@ -230,3 +230,21 @@ def test_napari_reader_and_sample(tmp_path):
     assert [layer[2] for layer in layers] == ["image", "image"]
     assert layers[1][1]["metadata"]["operator"]["modality"] == "ct"
     assert len(sample_ct_sparse23()) == 2
+
+
+@pytest.mark.parametrize("acc", [4, 8])
+def test_poisson_disc_mask_is_variable_density_with_min_distance(acc):
+    from napari_diffrecon.physics.masks import poisson_disc_mask_2d
+
+    m = poisson_disc_mask_2d((96, 96), acc, calib=12, seed=0)
+    assert abs(acceleration_of(m) - acc) / acc <= 0.06
+    assert m[42:54, 42:54].all()
+    yy, xx = np.mgrid[:96, :96]
+    r = np.hypot(yy - 48, xx - 48)
+    inner, outer = m[(r > 8) & (r < 25)].mean(), m[r > 40].mean()
+    assert inner > 1.5 * outer  # density falls outward
+    pts = np.argwhere((m > 0) & (r > 30))  # outside the calibration box no two samples touch
+    d = np.hypot(*(pts[:, None, :] - pts[None, :, :]).transpose(2, 0, 1))
+    np.fill_diagonal(d, np.inf)
+    assert d.min() > 1.0
+    assert not np.array_equal(m, poisson_disc_mask_2d((96, 96), acc, calib=12, seed=1))
