@@ -205,6 +205,34 @@ def _cmd_demo(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(a: argparse.Namespace) -> int:
+    from .priors.data import NORMALISATION, load_training_images
+    from .priors.training import ImagePool, TrainConfig, train_prior
+
+    images = load_training_images(a.data, a.modality, a.resolution)
+    print(f"train: {images.shape[0]} slices from {a.data}")
+    cfg = TrainConfig(
+        name=a.name,
+        modality=a.modality,
+        resolution=a.resolution,
+        patch_size=min(a.patch, a.resolution),
+        arch=a.arch,
+        batch_size=a.batch,
+        lr=a.lr,
+        steps=a.steps,
+        seed=a.seed,
+        device=a.device,
+        amp=a.amp,
+        val_every=a.val_every,
+        ckpt_every=a.val_every,
+        normalisation=dict(NORMALISATION[a.modality]),
+        data={"sources": [str(a.data)], "n_slices": int(images.shape[0])},
+        command="napari-diffrecon " + " ".join(sys.argv[1:]) if sys.argv else "",
+    )
+    train_prior(cfg, ImagePool(images, seed=a.seed), a.output, resume=not a.restart)
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="napari-diffrecon", description="Reconstruct CT/MRI/PET with diffusion priors.")
     p.add_argument("--version", action="version", version=f"napari-diffrecon {__version__}")
@@ -256,6 +284,24 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--headless", action="store_true")
     d.add_argument("-o", "--output", default="diffrecon-demo")
     d.set_defaults(func=_cmd_demo)
+
+    t = sub.add_parser("train", help="train a diffusion prior on a folder of images (resumable)")
+    t.add_argument("data", help="folder of DICOM series, NIfTI volumes, TIFF/PNG/NPY images")
+    t.add_argument("--modality", required=True, choices=["ct", "mri", "pet", "generic"])
+    t.add_argument("--name", default="my-prior")
+    t.add_argument("--resolution", type=int, default=128)
+    t.add_argument("--patch", type=int, default=64, help="training patch size (patch diffusion)")
+    t.add_argument("--arch", default="small", choices=["tiny", "small", "base"])
+    t.add_argument("--batch", type=int, default=16)
+    t.add_argument("--lr", type=float, default=2e-4)
+    t.add_argument("--steps", type=int, default=10000)
+    t.add_argument("--val-every", type=int, default=250)
+    t.add_argument("--amp", action="store_true", help="mixed precision")
+    t.add_argument("--restart", action="store_true", help="ignore an existing checkpoint")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--device", default="cpu")
+    t.add_argument("-o", "--output", required=True, help="output folder (checkpoint, history, weights + card)")
+    t.set_defaults(func=_cmd_train)
 
     i = sub.add_parser("info", help="summarise a measurement bundle")
     i.add_argument("bundle")

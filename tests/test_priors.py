@@ -163,3 +163,59 @@ def test_tiny_training_lowers_loss_and_resumes(tmp_path):
     train_prior(cfg, pool, tmp_path, resume=True, progress=False, log=logs.append)
     assert any("resumed" in m and "step 60" in m for m in logs)
     assert json.loads((tmp_path / "history.json").read_text())[-1]["step"] == 80
+
+
+def test_train_cli_on_a_folder_and_bad_folders(tmp_path, capsys):
+    from skimage.data import camera
+    from skimage.io import imsave
+
+    from napari_diffrecon.cli import main
+    from napari_diffrecon.priors.data import load_training_images
+
+    data = tmp_path / "imgs"
+    data.mkdir()
+    img = camera()
+    for k in range(3):
+        imsave(data / f"i{k}.png", np.roll(img, 40 * k, axis=1))
+    out = tmp_path / "run"
+    assert (
+        main(
+            [
+                "train",
+                str(data),
+                "--modality",
+                "generic",
+                "--name",
+                "t",
+                "--resolution",
+                "32",
+                "--patch",
+                "32",
+                "--arch",
+                "tiny",
+                "--batch",
+                "4",
+                "--steps",
+                "4",
+                "--val-every",
+                "2",
+                "-o",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    prior = load_prior_file(out / "t.json")
+    assert prior.card.training["steps"] == 4 and prior.card.training["data"]["n_slices"] == 3
+    imgs = load_training_images(data, "generic", 32)
+    assert imgs.shape == (3, 1, 32, 32) and -1.01 <= float(imgs.min()) and float(imgs.max()) <= 1.01
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["train", str(empty), "--modality", "ct", "-o", str(out)]) == 2
+    assert "no images" in capsys.readouterr().err
+    (data / "bad.npy").write_bytes(b"not numpy")
+    with pytest.raises(ValueError, match="bad.npy"):
+        load_training_images(data, "generic", 32)
+    (data / "bad.npy").unlink()
+    with pytest.raises(ValueError, match="Hounsfield"):
+        load_training_images(empty.parent / "imgs", "ct", 32)
