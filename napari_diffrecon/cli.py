@@ -206,14 +206,33 @@ def _cmd_demo(a: argparse.Namespace) -> int:
 
 
 def _cmd_train(a: argparse.Namespace) -> int:
-    from .priors.data import NORMALISATION, load_training_images
+    from .priors.data import load_training_images
+    from .priors.sources import BUILTIN_SOURCES, builtin_pool, normalisation_for
     from .priors.training import ImagePool, TrainConfig, train_prior
 
-    images = load_training_images(a.data, a.modality, a.resolution)
-    print(f"train: {images.shape[0]} slices from {a.data}")
+    if a.threads:
+        import torch
+
+        torch.set_num_threads(a.threads)
+    channels = 2 if a.complex else 1
+    if a.complex and a.modality != "mri":
+        raise ValueError("--complex (2-channel real/imaginary prior) is for MRI only")
+    if str(a.data).startswith("builtin:"):
+        source = str(a.data).split(":", 1)[1]
+        if source in BUILTIN_SOURCES and BUILTIN_SOURCES[source]["modality"] != a.modality:
+            raise ValueError(f"built-in source {source!r} is for --modality {BUILTIN_SOURCES[source]['modality']}")
+        pool, data = builtin_pool(source, a.resolution, channels=channels, seed=a.seed, pool_size=a.pool)
+        print(f"train: built-in source {source}, pool of {pool.images.shape[0]} images, refreshed on the fly")
+    else:
+        if a.complex:
+            raise ValueError("--complex needs complex training data; folders hold magnitude images (builtin:mni152)")
+        images = load_training_images(a.data, a.modality, a.resolution)
+        print(f"train: {images.shape[0]} slices from {a.data}")
+        pool, data = ImagePool(images, seed=a.seed), {"sources": [str(a.data)], "n_slices": int(images.shape[0])}
     cfg = TrainConfig(
         name=a.name,
         modality=a.modality,
+        channels=channels,
         resolution=a.resolution,
         patch_size=min(a.patch, a.resolution),
         arch=a.arch,
@@ -225,11 +244,11 @@ def _cmd_train(a: argparse.Namespace) -> int:
         amp=a.amp,
         val_every=a.val_every,
         ckpt_every=a.val_every,
-        normalisation=dict(NORMALISATION[a.modality]),
-        data={"sources": [str(a.data)], "n_slices": int(images.shape[0])},
+        normalisation=normalisation_for(a.modality, channels),
+        data=data,
         command="napari-diffrecon " + " ".join(sys.argv[1:]) if sys.argv else "",
     )
-    train_prior(cfg, ImagePool(images, seed=a.seed), a.output, resume=not a.restart)
+    train_prior(cfg, pool, a.output, resume=not a.restart, progress=not a.no_progress)
     return 0
 
 
@@ -286,7 +305,11 @@ def _parser() -> argparse.ArgumentParser:
     d.set_defaults(func=_cmd_demo)
 
     t = sub.add_parser("train", help="train a diffusion prior on a folder of images (resumable)")
-    t.add_argument("data", help="folder of DICOM series, NIfTI volumes, TIFF/PNG/NPY images")
+    t.add_argument(
+        "data",
+        help="folder of DICOM series, NIfTI volumes, TIFF/PNG/NPY images; or builtin:ct-phantoms, "
+        "builtin:pet-phantoms, builtin:mni152",
+    )
     t.add_argument("--modality", required=True, choices=["ct", "mri", "pet", "generic"])
     t.add_argument("--name", default="my-prior")
     t.add_argument("--resolution", type=int, default=128)
@@ -298,6 +321,10 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--val-every", type=int, default=250)
     t.add_argument("--amp", action="store_true", help="mixed precision")
     t.add_argument("--restart", action="store_true", help="ignore an existing checkpoint")
+    t.add_argument("--complex", action="store_true", help="MRI: 2-channel (real/imag) prior for complex k-space")
+    t.add_argument("--pool", type=int, default=384, help="built-in sources: images held in the pool")
+    t.add_argument("--threads", type=int, help="CPU threads for torch")
+    t.add_argument("--no-progress", action="store_true", help="log lines instead of a progress bar")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--device", default="cpu")
     t.add_argument("-o", "--output", required=True, help="output folder (checkpoint, history, weights + card)")

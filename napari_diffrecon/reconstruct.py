@@ -119,6 +119,11 @@ def intensity_mapping(measurement: Any, prior: Any, reference: torch.Tensor | No
         return 1.0, 0.0, "identity"
     ref = reference.abs() if reference.is_complex() else reference
     lo, hi = torch.quantile(ref.flatten().float().cpu(), torch.tensor([0.01, 0.99])).tolist()
+    if card is not None and getattr(prior, "channels", 1) == 2:
+        # complex priors: no offset (phase); native magnitude 1 ≈ the image's bright end
+        top = float(torch.quantile(ref.flatten().float().cpu(), 0.995))
+        how = "estimated from the classical reconstruction's 99.5% magnitude"
+        return max(top, 1e-12) * float(card.normalisation["scale"]), 0.0, how
     if card is not None and card.modality in ("mri",):  # magnitude images: background at −1
         lo = 0.0
     half = max((hi - lo) / 2, 1e-6 * max(abs(hi), 1.0))

@@ -1,98 +1,346 @@
-"""Coil sensitivity maps for multi-coil (SENSE) MRI."""
+"""Coil sensitivity maps for multi-coil (SENSE) MRI: simulation and ESPIRiT estimation.
+
+Conventions follow :mod:`napari_diffrecon.physics.mri`: images and k-space share the ``(H, W)`` grid,
+the k-space centre is at ``(H // 2, W // 2)`` and ``k = fftshift(fft2(ifftshift(x), norm="ortho"))``.
+Maps are complex ``(C, H, W)`` and normalised so that ``Σ_c |S_c(r)|² = 1`` wherever they are defined.
+"""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import torch
 
-__all__ = ["simulate_coil_maps", "estimate_coil_maps"]
+from .mri import centered_ifft2
+
+__all__ = ["coil_combine", "estimate_coil_maps", "simulate_coil_maps"]
 
 
-def simulate_coil_maps(shape: tuple[int, int], n_coils: int, seed: int = 0) -> np.ndarray:
-    """Smooth birdcage-like sensitivities, normalised so ``Σ_c |S_c|² = 1`` at every pixel.
+def _as_numpy(a: Any) -> np.ndarray:
+    if isinstance(a, torch.Tensor):
+        return a.detach().cpu().resolve_conj().numpy()
+    return np.asarray(a)
 
-    Coils sit on a circle around the field of view; magnitudes decay with distance from each coil
-    and every coil carries its own smooth phase. Returns complex64 ``(C, H, W)``.
+
+def _check_image_shape(shape: Sequence[int]) -> tuple[int, int]:
+    try:
+        h, w = (int(s) for s in shape)
+    except (TypeError, ValueError):
+        raise ValueError(f"shape must be two integers (H, W), e.g. (256, 256); got {shape!r}") from None
+    if h < 1 or w < 1:
+        raise ValueError(f"shape must be positive (H, W), got {(h, w)}")
+    return h, w
+
+
+# --------------------------------------------------------------------------------------------------
+# simulation
+# --------------------------------------------------------------------------------------------------
+def simulate_coil_maps(
+    shape: Sequence[int],
+    n_coils: int,
+    seed: int | np.random.Generator | None = 0,
+    coil_distance: float = 1.3,
+    loop_radius: float = 0.6,
+    phase_scale: float = 1.0,
+) -> np.ndarray:
+    """Smooth birdcage-like coil sensitivities, normalised so that ``Σ_c |S_c|² = 1`` at every pixel.
+
+    ``n_coils`` surface loops sit evenly on a circle around the field of view (with a small random
+    jitter of their angles). Each magnitude follows the on-axis Biot–Savart field of a circular loop,
+    ``a² / (a² + d²)^{3/2}`` with ``d`` the distance from the loop centre, and each coil carries a
+    smooth phase: a random constant plus a linear ramp along the loop's tangent. The maps are then
+    divided by the root-sum-of-squares over coils.
+
+    Parameters
+    ----------
+    shape : (int, int)
+        Image grid ``(H, W)``.
+    n_coils : int
+        Number of coils ≥ 1; a single coil returns all ones.
+    seed : int or numpy.random.Generator, optional
+        Seed of the angle jitter and constant phases; the same seed gives the same maps.
+    coil_distance : float
+        Radius of the coil circle in units of half the larger image side (> 1 places the loops
+        outside the field of view's inscribed circle).
+    loop_radius : float
+        Loop radius in the same units: larger loops give flatter, more overlapping profiles.
+    phase_scale : float
+        Strength of the per-coil phase ramp (radians across half the field of view).
+
+    Returns
+    -------
+    numpy.ndarray
+        complex64 ``(C, H, W)``.
+
+    Raises
+    ------
+    ValueError
+        On a malformed shape, ``n_coils < 1`` or non-positive geometry parameters.
     """
-    h, w = int(shape[0]), int(shape[1])
-    if n_coils < 1:
-        raise ValueError(f"n_coils must be ≥ 1, got {n_coils}")
+    h, w = _check_image_shape(shape)
+    if isinstance(n_coils, bool) or int(n_coils) != n_coils or n_coils < 1:
+        raise ValueError(f"n_coils must be an integer ≥ 1 (e.g. 8), got {n_coils!r}")
+    n_coils = int(n_coils)
+    if not (coil_distance > 0 and loop_radius > 0 and math.isfinite(coil_distance) and math.isfinite(loop_radius)):
+        raise ValueError(
+            f"coil_distance and loop_radius must be positive (units of half the image side); "
+            f"got {coil_distance!r}, {loop_radius!r}"
+        )
     if n_coils == 1:
         return np.ones((1, h, w), np.complex64)
     rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[:h, :w]
-    yy = (yy - h / 2) / max(h, w)
-    xx = (xx - w / 2) / max(h, w)
-    maps = []
-    for k in range(n_coils):
-        a = 2 * np.pi * k / n_coils + rng.uniform(-0.1, 0.1)
-        cy, cx = 0.75 * np.sin(a), 0.75 * np.cos(a)
-        mag = 1.0 / (0.15 + (yy - cy) ** 2 + (xx - cx) ** 2)
-        phase = rng.uniform(0, 2 * np.pi) + 2.0 * (np.cos(a) * yy - np.sin(a) * xx)
-        maps.append(mag * np.exp(1j * phase))
-    maps = np.stack(maps)
-    return (maps / np.sqrt((np.abs(maps) ** 2).sum(0))).astype(np.complex64)
+    half = max(h, w) / 2.0
+    yy = ((np.arange(h) - h // 2) / half)[:, None]
+    xx = ((np.arange(w) - w // 2) / half)[None, :]
+    angles = 2 * np.pi * np.arange(n_coils) / n_coils + rng.uniform(-0.15, 0.15, n_coils) * np.pi / n_coils
+    offsets = rng.uniform(0, 2 * np.pi, n_coils)
+    maps = np.empty((n_coils, h, w), np.complex128)
+    for c, (a, phi0) in enumerate(zip(angles, offsets, strict=True)):
+        cy, cx = coil_distance * np.sin(a), coil_distance * np.cos(a)
+        d2 = (yy - cy) ** 2 + (xx - cx) ** 2
+        mag = loop_radius**2 / (loop_radius**2 + d2) ** 1.5
+        tangent = np.cos(a) * yy - np.sin(a) * xx  # coordinate along the loop's tangent
+        maps[c] = mag * np.exp(1j * (phi0 + phase_scale * tangent))
+    maps /= np.sqrt((np.abs(maps) ** 2).sum(0))
+    return maps.astype(np.complex64)
 
 
-def _cfft2(x: np.ndarray) -> np.ndarray:
-    ax = (-2, -1)
-    return np.fft.fftshift(np.fft.fft2(np.fft.ifftshift(x, axes=ax), norm="ortho"), axes=ax)
+def coil_combine(coil_images: Any, maps: Any) -> np.ndarray:
+    """SENSE-style coil combination ``Σ_c conj(S_c) y_c / Σ_c |S_c|²`` (zero where the maps are zero).
+
+    Parameters
+    ----------
+    coil_images : array-like
+        Complex coil images ``(C, H, W)`` (numpy or torch).
+    maps : array-like
+        Coil sensitivities ``(C, H, W)``.
+
+    Returns
+    -------
+    numpy.ndarray
+        complex64 ``(H, W)``.
+    """
+    y, s = _as_numpy(coil_images), _as_numpy(maps)
+    if y.shape != s.shape or y.ndim != 3:
+        raise ValueError(f"coil_images {y.shape} and maps {s.shape} must both be (C, H, W)")
+    num = (np.conj(s) * y).sum(0)
+    den = (np.abs(s) ** 2).sum(0)
+    out = np.divide(num, den, out=np.zeros_like(num), where=den > 1e-12)
+    return out.astype(np.complex64)
+
+
+# --------------------------------------------------------------------------------------------------
+# ESPIRiT
+# --------------------------------------------------------------------------------------------------
+def _pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
+    if isinstance(value, int | np.integer):
+        return int(value), int(value)
+    try:
+        a, b = (int(v) for v in value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}") from None
+    return a, b
+
+
+def _centred_extent(line: np.ndarray, centre: int) -> int:
+    """Length of the longest run of True around ``centre`` that is placed like our calibration boxes."""
+    n = line.size
+    best = 0
+    for size in range(1, n + 1):
+        start = centre - size // 2
+        if start < 0 or start + size > n or not line[start : start + size].all():
+            break
+        best = size
+    return best
+
+
+def _detect_calibration(sampled: np.ndarray) -> tuple[int, int]:
+    """Largest fully sampled centred box (rows h//2 − cy//2 …, cols w//2 − cx//2 …) of a sampling pattern."""
+    h, w = sampled.shape
+    cy = _centred_extent(sampled[:, w // 2], h // 2)
+    cx = _centred_extent(sampled[h // 2, :], w // 2)
+    best = (0, 0)
+    for y in range(cy, 0, -1):  # the tallest box is not always the largest: try every height
+        y0 = h // 2 - y // 2
+        rows = sampled[y0 : y0 + y].all(0)
+        x = _centred_extent(rows, w // 2)
+        if x > cx:
+            x = cx
+        if y * x > best[0] * best[1]:
+            best = (y, x)
+        if y * cx <= best[0] * best[1]:
+            break
+    return best
+
+
+def _calibration_kernel(
+    acs: np.ndarray, kernel: tuple[int, int], threshold: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Signal-subspace projector of the calibration (block-Hankel) matrix, and the singular values.
+
+    Rows of the calibration matrix are the kernel-sized patches of the ACS data (all coils).
+    """
+    from numpy.lib.stride_tricks import sliding_window_view
+
+    c = acs.shape[0]
+    ky, kx = kernel
+    patches = sliding_window_view(acs, (ky, kx), axis=(1, 2))  # (C, ny, nx, ky, kx)
+    a = patches.transpose(1, 2, 3, 4, 0).reshape(-1, ky * kx * c)
+    _, s, vh = np.linalg.svd(a, full_matrices=False)
+    n = int(np.sum(s > threshold * s[0]))
+    # Rows a of the calibration matrix satisfy a = a V Vᴴ (V: leading right singular vectors); for a patch as a
+    # column vector y = aᵀ this reads y = conj(V) Vᵀ y, so the projector acting on patches is conj(V) Vᵀ.
+    vt = vh[:n]  # (n, ky·kx·C) = Vᴴ
+    return vt.T @ vt.conj(), s
+
+
+def _image_space_operator(proj: np.ndarray, kernel: tuple[int, int], c: int, shape: tuple[int, int]) -> np.ndarray:
+    """Per-pixel ESPIRiT matrices ``M(r) = (1/K) Σ_d A(d) e^{+2πi d·r}`` of shape ``(H·W, C, C)``.
+
+    The consistency condition ``y_patch = P y_patch`` averaged over the ``K = ky·kx`` kernel positions is a
+    convolution in k-space whose image-space form is multiplication by ``M(r)``; its kernel ``A(d)`` sums
+    the projector entries ``P[(q, c), (q', c')]`` over ``q − q' = d`` (support ``(2ky − 1) × (2kx − 1)``).
+    Sensitivities are the eigenvectors of ``M(r)`` with eigenvalue 1.
+    """
+    ky, kx = kernel
+    h, w = shape
+    p6 = proj.reshape(ky, kx, c, ky, kx, c)
+    auto = np.zeros((2 * ky - 1, 2 * kx - 1, c, c), np.complex128)
+    for qy in range(ky):
+        for qx in range(kx):
+            # d = q − q' for q' = 0..k−1 runs from q down to q − k + 1: a flipped block.
+            auto[qy : qy + ky, qx : qx + kx] += p6[qy, qx].transpose(1, 2, 0, 3)[::-1, ::-1]
+    grid = np.zeros((c, c, h, w), np.complex64)
+    y0, x0 = h // 2 - (ky - 1), w // 2 - (kx - 1)  # d = 0 at the k-space centre
+    grid[:, :, y0 : y0 + 2 * ky - 1, x0 : x0 + 2 * kx - 1] = auto.transpose(2, 3, 0, 1)
+    # centred inverse FFT = Σ_d A(d) e^{+2πi d·r} / sqrt(HW)
+    m = centered_ifft2(torch.from_numpy(grid)).numpy() * (math.sqrt(h * w) / (ky * kx))
+    m = m.transpose(2, 3, 0, 1).reshape(h * w, c, c)
+    return 0.5 * (m + m.conj().transpose(0, 2, 1))
 
 
 def estimate_coil_maps(
     kspace: Any,
-    calib: int = 24,
-    kernel_size: int = 6,
+    calib_size: int | Sequence[int] | None = 24,
+    kernel_size: int | Sequence[int] = 6,
     threshold: float = 0.02,
     eig_threshold: float = 0.95,
-) -> np.ndarray:
-    """ESPIRiT coil sensitivities (Uecker et al. 2014) from the fully sampled k-space centre.
+    phase_reference: int | None = None,
+    return_eigenvalues: bool = False,
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    """ESPIRiT coil sensitivities (Uecker et al., MRM 2014) from the fully sampled k-space centre.
+
+    1. The calibration (block-Hankel) matrix is built from all kernel-sized patches of the fully
+       sampled calibration (ACS) box, all coils side by side; its right singular vectors with
+       singular value > ``threshold · σ_max`` span the signal subspace.
+    2. The projector onto that subspace is turned into a per-pixel ``C × C`` matrix ``M(r)``
+       (zero-padded, centred inverse FFT of its kernel autocorrelation).
+    3. ``numpy.linalg.eigh`` on all pixels at once; the map is the eigenvector of the largest
+       eigenvalue, which is ≈ 1 inside the object. Pixels whose largest eigenvalue is below
+       ``eig_threshold`` (outside the object) are set to zero.
+    4. The per-pixel phase, which ESPIRiT leaves free, is fixed relative to a reference so the maps
+       are smooth: a virtual body coil (the dominant coil combination of the ACS data) by default,
+       or coil ``phase_reference``.
 
     Parameters
     ----------
     kspace : array-like
-        Multi-coil k-space ``(C, H, W)`` (centred convention), zeros where not sampled.
-    calib : int
-        Side of the calibration (ACS) square at the k-space centre; must be fully sampled.
-    kernel_size : int
-        ESPIRiT kernel side.
+        Multi-coil k-space ``(C, H, W)`` (numpy or torch, centred convention), zero where not sampled.
+    calib_size : int, (int, int) or None
+        Size of the calibration box centred at ``(H // 2, W // 2)`` (rows ``H//2 − cy//2 …``); it must be
+        fully sampled. ``None`` detects the largest fully sampled centred box.
+    kernel_size : int or (int, int)
+        ESPIRiT kernel size; the calibration box must be larger than it.
     threshold : float
-        Keep calibration-matrix singular vectors with σ ≥ threshold · σ_max.
+        Relative singular-value threshold of the calibration matrix, in (0, 1).
     eig_threshold : float
-        Pixels whose top eigenvalue is below this are outside the object: maps set to 0.
+        Pixels whose top eigenvalue is below this are treated as outside the object (maps zero).
+        Use 0 to keep every pixel.
+    phase_reference : int, optional
+        Coil whose phase is set to zero; default: a virtual body coil (smoother, no phase
+        singularities where a single coil is weak).
+    return_eigenvalues : bool
+        Also return the top eigenvalue map ``(H, W)`` (≈ 1 inside the object).
 
     Returns
     -------
-    np.ndarray
-        complex64 ``(C, H, W)``, phase referenced to coil 0.
-    """
-    k = np.asarray(kspace.cpu() if hasattr(kspace, "cpu") else kspace)
-    if k.ndim != 3:
-        raise ValueError(f"kspace must be multi-coil (C, H, W), got shape {k.shape}")
-    if not np.all(np.isfinite(k)):
-        raise ValueError("kspace contains NaN or Inf")
-    c, h, w = k.shape
-    if calib < kernel_size + 2 or calib > min(h, w):
-        raise ValueError(f"calib={calib} must be between kernel_size + 2 = {kernel_size + 2} and the image size")
-    y0, x0 = h // 2 - calib // 2, w // 2 - calib // 2
-    acs = k[:, y0 : y0 + calib, x0 : x0 + calib]
-    if np.any(np.abs(acs).sum(0) == 0):
-        raise ValueError(f"the central {calib}×{calib} k-space region is not fully sampled; lower calib")
-    from numpy.lib.stride_tricks import sliding_window_view
+    numpy.ndarray or (numpy.ndarray, numpy.ndarray)
+        complex64 maps ``(C, H, W)`` with ``Σ_c |S_c|² = 1`` where kept; with
+        ``return_eigenvalues`` also the float32 eigenvalue map.
 
-    patches = sliding_window_view(acs, (kernel_size, kernel_size), axis=(1, 2))  # (C, ny, nx, k, k)
-    a = patches.transpose(1, 2, 3, 4, 0).reshape(-1, kernel_size * kernel_size * c)
-    _, s, vh = np.linalg.svd(a, full_matrices=False)
-    n = int(np.sum(s >= threshold * s[0]))
-    kernels = vh[:n].conj().T.reshape(kernel_size, kernel_size, c, n)
-    # Image-space kernels: flipped, conjugated, zero-padded, Fourier transformed.
-    padded = np.zeros((c, n, h, w), np.complex128)
-    ky, kx = h // 2 - kernel_size // 2, w // 2 - kernel_size // 2
-    padded[:, :, ky : ky + kernel_size, kx : kx + kernel_size] = kernels[::-1, ::-1].conj().transpose(2, 3, 0, 1)
-    kerimgs = _cfft2(padded) * np.sqrt(h * w) / kernel_size  # (C, n, H, W)
-    g = kerimgs.transpose(2, 3, 0, 1).reshape(h * w, c, n)
-    u, sv, _ = np.linalg.svd(g, full_matrices=False)
-    maps = u[:, :, 0] * (sv[:, :1] ** 2 > eig_threshold)
-    maps = maps * np.exp(-1j * np.angle(maps[:, :1]))
-    return maps.T.reshape(c, h, w).astype(np.complex64)
+    Raises
+    ------
+    ValueError
+        On wrong dimensions, NaN/Inf, a calibration box that is not fully sampled, does not fit the
+        grid or is too small for the kernel, or thresholds out of range.
+    """
+    k = _as_numpy(kspace)
+    if k.ndim != 3:
+        raise ValueError(
+            f"kspace must be multi-coil k-space of shape (C, H, W), got shape {k.shape}; "
+            "single-coil data need no coil maps (use ones)"
+        )
+    if not np.all(np.isfinite(k)):
+        raise ValueError("kspace contains NaN or Inf; replace unsampled entries by zeros")
+    k = k.astype(np.complex128)
+    c, h, w = k.shape
+    if c < 1:
+        raise ValueError("kspace has no coils (C = 0)")
+    ky, kx = _pair(kernel_size, "kernel_size")
+    if ky < 1 or kx < 1 or 2 * ky - 1 > h or 2 * kx - 1 > w:
+        raise ValueError(f"kernel_size {(ky, kx)} must be ≥ 1 and at most half the grid {(h, w)}")
+    if not 0 < threshold < 1:
+        raise ValueError(f"threshold is relative to the largest singular value and must be in (0, 1), got {threshold}")
+    if not 0 <= eig_threshold < 1:
+        raise ValueError(f"eig_threshold must be in [0, 1) (eigenvalues are ≤ 1), got {eig_threshold}")
+    if phase_reference is not None and not 0 <= int(phase_reference) < c:
+        raise ValueError(f"phase_reference must be a coil index in [0, {c}), got {phase_reference}")
+
+    sampled = np.any(k != 0, axis=0)
+    if calib_size is None:
+        cy, cx = _detect_calibration(sampled)
+        if cy <= ky or cx <= kx:
+            raise ValueError(
+                f"the largest fully sampled box at the k-space centre is {cy}×{cx}, too small for the "
+                f"{ky}×{kx} kernel; acquire a larger calibration region or lower kernel_size"
+            )
+    else:
+        cy, cx = _pair(calib_size, "calib_size")
+        if cy > h or cx > w:
+            raise ValueError(f"calib_size {(cy, cx)} exceeds the k-space grid {(h, w)}; use a smaller calib_size")
+        if cy <= ky or cx <= kx:
+            raise ValueError(
+                f"calib_size {(cy, cx)} is too small for the {ky}×{kx} kernel: it must be larger than "
+                "kernel_size in both directions (e.g. calib_size=24, kernel_size=6)"
+            )
+    y0, x0 = h // 2 - cy // 2, w // 2 - cx // 2
+    if not sampled[y0 : y0 + cy, x0 : x0 + cx].all():
+        found = _detect_calibration(sampled)
+        raise ValueError(
+            f"the central {cy}×{cx} calibration box is not fully sampled (the largest fully sampled centred "
+            f"box is {found[0]}×{found[1]}); pass a smaller calib_size or calib_size=None to detect it"
+        )
+    acs = k[:, y0 : y0 + cy, x0 : x0 + cx]
+    if not np.any(acs):
+        raise ValueError("the calibration region is all zeros")
+
+    proj, _ = _calibration_kernel(acs, (ky, kx), threshold)
+    m = _image_space_operator(proj, (ky, kx), c, (h, w))
+    evals, evecs = np.linalg.eigh(m)  # ascending eigenvalues
+    top = evals[:, -1].real
+    maps = evecs[:, :, -1]  # (H·W, C), unit norm
+    if phase_reference is None:
+        # Virtual body coil: the dominant coil combination of the calibration data.
+        _, _, vh = np.linalg.svd(acs.reshape(c, -1).T, full_matrices=False)
+        ref = maps @ vh[0].conj()
+    else:
+        ref = maps[:, int(phase_reference)]
+    maps = maps * np.exp(-1j * np.angle(ref))[:, None]
+    maps[top < eig_threshold] = 0
+    maps = maps.T.reshape(c, h, w).astype(np.complex64)
+    if return_eigenvalues:
+        return maps, top.reshape(h, w).astype(np.float32)
+    return maps

@@ -29,7 +29,7 @@ from .network import build_network, count_parameters
 from .prior import NetworkPrior, save_prior
 from .schedules import VPSchedule, get_schedule
 
-__all__ = ["TrainConfig", "ImagePool", "train_prior", "augment", "VAL_SIGMAS"]
+__all__ = ["TrainConfig", "ImagePool", "train_prior", "augment", "VAL_SIGMAS", "export_checkpoint"]
 
 VAL_SIGMAS = (0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
 
@@ -76,6 +76,8 @@ class ImagePool:
     refill : callable, optional
         ``refill(n, rng) -> Tensor`` giving fresh images; when given, a quarter of the pool is
         replaced every ``refresh_every`` draws (on-the-fly phantoms).
+    refresh_count : int, optional
+        How many images each refresh replaces (default: a quarter of the pool).
     """
 
     def __init__(
@@ -84,6 +86,7 @@ class ImagePool:
         refill: Callable[[int, np.random.Generator], torch.Tensor] | None = None,
         refresh_every: int = 50,
         seed: int = 0,
+        refresh_count: int | None = None,
     ) -> None:
         if images.ndim != 4 or images.shape[0] == 0:
             raise ValueError(f"training images must be a non-empty (N, C, H, W) tensor, got {tuple(images.shape)}")
@@ -92,6 +95,7 @@ class ImagePool:
         self.images = images.float()
         self.refill = refill
         self.refresh_every = refresh_every
+        self.refresh_count = refresh_count
         self.rng = np.random.default_rng(seed)
         self._draws = 0
 
@@ -99,7 +103,8 @@ class ImagePool:
         """``n`` random patches of side ``patch`` (whole images when ``patch`` ≥ their size)."""
         self._draws += 1
         if self.refill is not None and self._draws % self.refresh_every == 0:
-            k = max(1, self.images.shape[0] // 4)
+            k = self.refresh_count or max(1, self.images.shape[0] // 4)
+            k = min(k, self.images.shape[0])
             idx = self.rng.choice(self.images.shape[0], size=k, replace=False)
             self.images[torch.as_tensor(idx)] = self.refill(k, self.rng).float()
         n_img, _, h, w = self.images.shape
@@ -155,6 +160,76 @@ def validation_loss(prior: NetworkPrior, val: torch.Tensor, val_noise: torch.Ten
     return out
 
 
+def _base_card(config: TrainConfig, schedule: Any) -> ModelCard:
+    return ModelCard(
+        name=config.name,
+        modality=config.modality,
+        channels=config.channels,
+        resolution=config.resolution,
+        architecture={"type": "diffusers.UNet2DModel", "preset": config.arch},
+        parametrisation=config.parametrisation,
+        schedule=schedule.to_dict(),
+        sigma_data=config.sigma_data,
+        normalisation=dict(config.normalisation),
+        software_version=__version__,
+    )
+
+
+def _training_record(
+    config: TrainConfig, step: int, wall: float, final: dict[str, Any], n_params: int, device: str
+) -> dict[str, Any]:
+    return {
+        "data": config.data,
+        "steps": step,
+        "batch_size": config.batch_size,
+        "patch_size": config.patch_size,
+        "lr": config.lr,
+        "ema_decay": config.ema_decay,
+        "device": device,
+        "wall_time_s": round(wall, 1),
+        "final_val_loss": round(float(final["loss"]), 5),
+        "final_val_psnr": {k: v for k, v in final.items() if k.startswith("psnr@")},
+        "parameters": n_params,
+        "command": config.command,
+        "seed": config.seed,
+    }
+
+
+def export_checkpoint(run_dir: str | Path, out: str | Path | None = None) -> tuple[Path, Path]:
+    """Export the EMA weights of a (possibly still running) training run as a prior.
+
+    Parameters
+    ----------
+    run_dir : str or Path
+        A ``train`` output folder holding ``checkpoint.pt``.
+    out : str or Path, optional
+        Output stem (default ``run_dir/<name>``); ``.safetensors`` and ``.json`` are written.
+
+    Returns
+    -------
+    tuple of Path
+        The weights and card paths.
+    """
+    run_dir = Path(run_dir)
+    ck_path = run_dir / "checkpoint.pt"
+    if not ck_path.exists():
+        raise FileNotFoundError(f"{ck_path} not found: is {run_dir} a training output folder?")
+    ck = torch.load(ck_path, map_location="cpu", weights_only=True)
+    known = set(TrainConfig.__dataclass_fields__)
+    config = TrainConfig(**{k: v for k, v in ck["config"].items() if k in known})
+    schedule = get_schedule(
+        "vp-linear" if config.parametrisation == "eps" and config.schedule == "edm" else config.schedule
+    )
+    card = _base_card(config, schedule)
+    net = build_network({**card.architecture, "channels": config.channels})
+    net.load_state_dict(ck["ema"])
+    history = json.loads(ck["history"])
+    final = history[-1] if history else {"loss": float("nan")}
+    n_params = count_parameters(net)
+    card.training = _training_record(config, int(ck["step"]), float(ck["wall"]), final, n_params, config.device)
+    return save_prior(NetworkPrior(net, card), out if out is not None else run_dir / config.name)
+
+
 def _atomic_save(obj: dict[str, Any], path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     torch.save(obj, tmp)
@@ -201,18 +276,7 @@ def train_prior(
     if config.parametrisation == "eps" and not isinstance(schedule, VPSchedule):
         raise ValueError("ε-prediction training needs a VP schedule ('vp', 'vp-linear' or 'vp-cosine')")
     arch = {"type": "diffusers.UNet2DModel", "preset": config.arch}
-    card = ModelCard(
-        name=config.name,
-        modality=config.modality,
-        channels=config.channels,
-        resolution=config.resolution,
-        architecture=arch,
-        parametrisation=config.parametrisation,
-        schedule=schedule.to_dict(),
-        sigma_data=config.sigma_data,
-        normalisation=dict(config.normalisation),
-        software_version=__version__,
-    )
+    card = _base_card(config, schedule)
     net = build_network({**arch, "channels": config.channels}).to(device)
     ema = copy.deepcopy(net).requires_grad_(False)
     opt = torch.optim.Adam(net.parameters(), lr=config.lr)
@@ -318,21 +382,7 @@ def train_prior(
         if bar is not None:
             bar.close()
     final = history[-1] if history else validation_loss(ema_prior, val, val_noise)
-    card.training = {
-        "data": config.data,
-        "steps": step,
-        "batch_size": config.batch_size,
-        "patch_size": config.patch_size,
-        "lr": config.lr,
-        "ema_decay": config.ema_decay,
-        "device": str(device),
-        "wall_time_s": round(wall, 1),
-        "final_val_loss": round(float(final["loss"]), 5),
-        "final_val_psnr": {k: v for k, v in final.items() if k.startswith("psnr@")},
-        "parameters": count_parameters(net),
-        "command": config.command,
-        "seed": config.seed,
-    }
+    card.training = _training_record(config, step, wall, final, count_parameters(net), str(device))
     ema_prior.card = card
     save_prior(ema_prior, out / config.name)
     log(f"wrote {out / config.name}.safetensors and .json")
