@@ -48,9 +48,27 @@ def nrmse(x: Any, ref: Any) -> float:
     return float(np.linalg.norm(x - ref) / max(np.linalg.norm(ref), 1e-30))
 
 
-def data_residual(operator: LinearOperator, x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-    """``‖A x − m‖ / ‖m‖`` per item (a 0-d tensor for a single image)."""
-    r = operator.forward(x) - m.to(operator.device)
+def data_residual(operator: LinearOperator, x: torch.Tensor, m: torch.Tensor, likelihood: Any = None) -> torch.Tensor:
+    """Normalised data residual per item (a 0-d tensor for a single image), in the data's own domain.
+
+    - Gaussian (or no likelihood): ``‖A x − m‖ / ‖m‖``.
+    - Poisson emission counts: ``‖(A x + b) − m‖ / ‖m‖`` (the expected counts include the background).
+    - Transmission counts (low-dose CT): on the post-log sinogram, ``‖A x − ℓ‖ / ‖ℓ‖`` with
+      ``ℓ = −log((m − b)/I0)`` (comparing line integrals with raw counts would be meaningless).
+
+    A value near the ground truth's own residual (the noise floor) is a good fit; far below it
+    means the noise is being fitted.
+    """
+    from .physics.likelihoods import PoissonLikelihood, TransmissionLikelihood
+    from .physics.noise import post_log
+
+    m = m.to(operator.device)
+    ax = operator.forward(x)
+    if isinstance(likelihood, TransmissionLikelihood):
+        m = post_log(m, likelihood.I0, likelihood.background).to(ax.dtype)
+    elif isinstance(likelihood, PoissonLikelihood):
+        ax = ax + likelihood.background
+    r = ax - m
     n = len(operator.data_shape)
     num = (r.abs() ** 2).flatten(-n).sum(-1).sqrt()
     den = (m.abs() ** 2).flatten(-n).sum(-1).sqrt().clamp(min=1e-30)

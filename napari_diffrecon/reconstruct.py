@@ -258,7 +258,7 @@ def reconstruct(
         )
         from .metrics import data_residual
 
-        res = float(data_residual(op, x, measurement.to_tensor(device)))
+        res = float(data_residual(op, x, measurement.to_tensor(device), measurement.build_likelihood(device)))
         xc = x.detach().cpu()
         prov = provenance(
             measurement, settings, {"kind": "classical", "wall_time_s": time.perf_counter() - t0, "data_residual": res}

@@ -164,7 +164,6 @@ class Problem:
         ).all():
             raise SamplingError("measurement contains NaN or Inf")
         self.measurement = self.measurement.to(op.device)
-        self._m_norm = float(self.measurement.abs().pow(2).sum().sqrt()) or 1.0
 
     @property
     def device(self) -> torch.device:
@@ -187,9 +186,14 @@ class Problem:
         return complex_to_channels(u) if self.prior.channels == 2 else u.real[:, None] if u.is_complex() else u[:, None]
 
     def residual(self, x: torch.Tensor) -> torch.Tensor:
-        """Normalised data residual ``‖A x − m‖ / ‖m‖`` per sample, for images ``x`` (image units)."""
-        r = self.operator.forward(x) - self.measurement
-        return r.abs().pow(2).flatten(1).sum(1).sqrt() / self._m_norm
+        """Normalised data residual per sample for images ``x`` (image units), in the data's domain.
+
+        ``‖A x − m‖ / ‖m‖`` for Gaussian data; expected counts (with background) for Poisson data;
+        the post-log sinogram for transmission counts (see :func:`napari_diffrecon.metrics.data_residual`).
+        """
+        from ..metrics import data_residual
+
+        return data_residual(self.operator, x, self.measurement, self.likelihood).reshape(-1)
 
 
 def time_grid(prior: Prior, params: SamplerParams) -> torch.Tensor:

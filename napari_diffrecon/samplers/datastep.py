@@ -14,7 +14,17 @@ from ..physics.likelihoods import PoissonLikelihood, TransmissionLikelihood
 from ..physics.noise import post_log
 from .base import Problem
 
-__all__ = ["normal_norm", "proximal_cg", "pseudo_inverse", "poisson_prox_em", "data_distance", "data_step"]
+__all__ = [
+    "normal_norm",
+    "data_noise_sigma",
+    "prior_error",
+    "data_weight",
+    "proximal_cg",
+    "pseudo_inverse",
+    "poisson_prox_em",
+    "data_distance",
+    "data_step",
+]
 
 
 def normal_norm(problem: Problem, n_iter: int = 20) -> float:
@@ -46,11 +56,46 @@ def _pwls(problem: Problem) -> tuple[torch.Tensor, torch.Tensor]:
     return cached
 
 
-def proximal_cg(problem: Problem, x0_hat: torch.Tensor, gamma: float, n_iter: int) -> torch.Tensor:
+def data_noise_sigma(problem: Problem) -> float:
+    """Standard deviation of the data noise in the domain of the CG data step.
+
+    Gaussian: the likelihood's σ. Transmission counts: the post-log PWLS form weighs bin ``i`` by
+    ``c_i / mean(c)``, so the effective σ is ``1/√mean(c)`` (post-log variance ≈ 1/counts).
+    """
+    lik = problem.likelihood
+    if isinstance(lik, TransmissionLikelihood):
+        counts = torch.clamp(problem.measurement - lik.background, min=0.5)
+        return float(counts.mean()) ** -0.5
+    return float(getattr(lik, "sigma", 1.0))
+
+
+def prior_error(problem: Problem, sigma: float) -> float:
+    """Expected error of the Tweedie estimate at noise level σ, in image units.
+
+    ``σ σ_d / √(σ² + σ_d²)`` (the MMSE error of a Gaussian prior with the network's σ_data),
+    times the image scale: ≈ σ at low noise, ≈ σ_d at high noise.
+    """
+    sd = float(getattr(problem.prior, "sigma_data", None) or getattr(problem.prior, "sigma_p", 0.5))
+    return abs(problem.scale) * sigma * sd / (sigma**2 + sd**2) ** 0.5
+
+
+def data_weight(problem: Problem, gamma: float, sigma: float) -> float:
+    """The DDS weight ``γ̃ = γ · r(σ)² / σ_y²`` of ``AᴴA`` in ``(I + γ̃ AᴴA) x = x0_hat + γ̃ Aᴴm``.
+
+    ``γ = 1`` is the Bayesian weighting of a Gaussian proximal step: the prior's uncertainty
+    about x0_hat (:func:`prior_error`) against the data noise (:func:`data_noise_sigma`), so the
+    data dominate early (large σ) and the prior late (small σ) without per-task tuning.
+    """
+    if gamma == float("inf"):
+        return gamma
+    return float(gamma) * prior_error(problem, sigma) ** 2 / max(data_noise_sigma(problem), 1e-30) ** 2
+
+
+def proximal_cg(problem: Problem, x0_hat: torch.Tensor, gamma: float, n_iter: int, sigma: float = 1.0) -> torch.Tensor:
     """DDS data step: ``M`` CG iterations on ``(I + γ̃ AᴴWA) x = x0_hat + γ̃ AᴴW m``, started at x0_hat.
 
-    ``γ̃ = γ / ‖AᴴA‖`` so γ is dimensionless (γ = 1 weighs prior and data alike at the top of the
-    spectrum); ``γ = inf`` solves the noise-free normal equations ``AᴴA x = Aᴴm`` from x0_hat.
+    ``γ̃ = γ r(σ)²/σ_y²`` (:func:`data_weight`); ``γ = inf`` solves the noise-free normal equations
+    ``AᴴA x = Aᴴm`` from x0_hat (M iterations of early-stopped CG, as in the DDS paper).
     For transmission counts the data term is the penalised-weighted-least-squares form on the
     post-log sinogram with weights ∝ counts.
     """
@@ -65,7 +110,8 @@ def proximal_cg(problem: Problem, x0_hat: torch.Tensor, gamma: float, n_iter: in
     def a_h_w(r: torch.Tensor) -> torch.Tensor:
         return op.adjoint(r if w is None else r * w)
 
-    if gamma == float("inf"):
+    g = data_weight(problem, gamma, sigma)
+    if g == float("inf"):
         return conjugate_gradient(
             lambda v: a_h_w(op.forward(v)),
             a_h_w(m).expand_as(x0_hat),
@@ -73,7 +119,6 @@ def proximal_cg(problem: Problem, x0_hat: torch.Tensor, gamma: float, n_iter: in
             n_iter=n_iter,
             n_core_dims=len(op.image_shape),
         )
-    g = gamma / normal_norm(problem)
     rhs = x0_hat + g * a_h_w(m)
     return conjugate_gradient(
         lambda v: v + g * a_h_w(op.forward(v)), rhs, x0=x0_hat, n_iter=n_iter, n_core_dims=len(op.image_shape)
@@ -88,12 +133,15 @@ def pseudo_inverse(problem: Problem, r: torch.Tensor, n_iter: int) -> torch.Tens
     )
 
 
-def poisson_prox_em(problem: Problem, x0_hat: torch.Tensor, gamma: float, n_iter: int) -> torch.Tensor:
+def poisson_prox_em(
+    problem: Problem, x0_hat: torch.Tensor, gamma: float, n_iter: int, sigma: float = 1.0
+) -> torch.Tensor:
     """PET data step: EM iterations for ``max L(m|x) − β/2 ‖x − x0_hat‖²``, x ≥ 0 (De Pierro's closed form).
 
     Each iteration solves per pixel ``β x² + (s − β x0_hat) x − s x_em = 0`` (positive root), with
     ``s = Aᵀ1`` and ``x_em`` the MLEM update: monotone in the penalised likelihood and never
-    negative. ``β = mean(s) / (γ · scale²)``, so γ is dimensionless in units of the prior's range.
+    negative. ``β = 1 / (γ r(σ)²)`` with ``r(σ)`` the Tweedie estimate's expected error
+    (:func:`prior_error`), so γ = 1 is the Bayesian weighting, as for the CG step.
     """
     if n_iter <= 0 or gamma <= 0:
         return torch.clamp(x0_hat, min=0)
@@ -102,7 +150,7 @@ def poisson_prox_em(problem: Problem, x0_hat: torch.Tensor, gamma: float, n_iter
     if sens is None:
         sens = op.adjoint(torch.ones(op.data_shape, device=op.device, dtype=op.dtype))
         problem._sens = sens
-    beta = float(sens.mean()) / (gamma * problem.scale**2) if gamma != float("inf") else 0.0
+    beta = 1.0 / (gamma * max(prior_error(problem, sigma), 1e-30) ** 2) if gamma != float("inf") else 0.0
     prior_img = torch.clamp(x0_hat, min=0)
     x = prior_img + 1e-6 * abs(problem.scale)
     safe = torch.clamp(sens, min=1e-12)
@@ -140,9 +188,9 @@ def data_distance(problem: Problem, x: torch.Tensor) -> torch.Tensor:
     return torch.sqrt(r2.sum(dim=tuple(range(r2.ndim - n_core, r2.ndim))) + 1e-20)
 
 
-def data_step(problem: Problem, x0_hat: torch.Tensor, gamma: float, n_iter: int) -> torch.Tensor:
-    """The modality's data step on a Tweedie estimate: EM for Poisson counts, CG otherwise."""
+def data_step(problem: Problem, x0_hat: torch.Tensor, gamma: float, n_iter: int, sigma: float = 1.0) -> torch.Tensor:
+    """The modality's data step on a Tweedie estimate at noise level σ: EM for Poisson counts, CG otherwise."""
     if isinstance(problem.likelihood, PoissonLikelihood):
-        return poisson_prox_em(problem, x0_hat, gamma, n_iter)
-    x = proximal_cg(problem, x0_hat, gamma, n_iter)
+        return poisson_prox_em(problem, x0_hat, gamma, n_iter, sigma)
+    x = proximal_cg(problem, x0_hat, gamma, n_iter, sigma)
     return torch.clamp(x, min=0) if problem.nonneg else x

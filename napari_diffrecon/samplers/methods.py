@@ -120,7 +120,7 @@ def dds(
     def step(u, s, s_next, i, ctx):
         x0 = _denoise(problem, u, s)
         x_img = problem.to_image(x0)
-        x_dc = data_step(problem, x_img, float(params.gamma) * float(params.prior_weight) ** -1, int(params.cg_iters))
+        x_dc = data_step(problem, x_img, float(params.gamma) / float(params.prior_weight), int(params.cg_iters), s)
         x0_dc = problem.to_model(x_dc)
         return ddim_step(u, x0_dc, s, s_next, float(params.eta), ctx["generator"]), x0_dc, 1
 
