@@ -19,14 +19,21 @@ class Identity(LinearOperator):
     ----------
     image_shape : tuple of int
         Shape of one image.
+    complex_ : bool
+        Complex images and data (e.g. to sample a 2-channel MRI prior unconditionally).
     """
 
     modality = "denoise"
 
     def __init__(
-        self, image_shape: tuple[int, ...], device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+        self,
+        image_shape: tuple[int, ...],
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        complex_: bool = False,
     ) -> None:
         super().__init__(device=device, dtype=dtype)
+        self.is_complex = bool(complex_)
         self.image_shape = tuple(int(s) for s in image_shape)
         self.data_shape = self.image_shape
 
