@@ -1,0 +1,127 @@
+"""Training sources: procedural phantoms, the MNI152 template, complex phase, built-in pools, export."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from napari_diffrecon.priors import load_prior
+from napari_diffrecon.priors.phantoms import TISSUES, anatomy, ct_phantom, pet_phantom, phantom_batch
+from napari_diffrecon.priors.sources import builtin_pool, mni152_slices, normalisation_for, random_phase
+from napari_diffrecon.priors.training import export_checkpoint
+
+
+def test_ct_phantom_is_seeded_and_in_hounsfield_range():
+    a = ct_phantom(64, np.random.default_rng(3))
+    b = ct_phantom(64, np.random.default_rng(3))
+    c = ct_phantom(64, np.random.default_rng(4))
+    assert a.shape == (64, 64) and a.dtype == np.float32
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+    assert -1024 <= a.min() and a.max() <= 3000
+
+
+@pytest.mark.parametrize("region", ["abdomen", "thorax", "pelvis", "head"])
+def test_ct_phantom_regions_hold_their_tissues(region):
+    rng = np.random.default_rng(0)
+    img = ct_phantom(96, rng, region=region, max_zoom=1.0)  # whole section: air outside the body
+    assert img[0, 0] < -900  # corner is air
+    body = img > -500
+    assert 0.15 < body.mean() < 0.95
+    assert (img > 600).any(), "bone (cortical) is drawn"
+    soft = img[(img > -30) & (img < 120)]
+    assert soft.size > 0.05 * img.size, "soft tissue is drawn"
+    # texture, not flat regions: soft tissue varies by more than a few HU
+    assert soft.std() > 5
+    if region == "thorax":
+        assert ((img > -950) & (img < -600)).mean() > 0.05, "lungs are drawn"
+
+
+def test_anatomy_labels_are_known_tissues():
+    cv, _ = anatomy(128, np.random.default_rng(1), "abdomen")
+    assert set(np.unique(cv.label)) <= set(range(len(TISSUES)))
+
+
+def test_pet_phantom_is_nonnegative_unit_scaled_and_smooth():
+    img = pet_phantom(64, np.random.default_rng(2))
+    assert img.min() >= 0 and 0.9 < np.percentile(img, 99.5) <= 1.0 + 1e-5
+    # blurred by the scanner resolution: neighbouring pixels are strongly correlated
+    corr = np.corrcoef(img[:, :-1].ravel(), img[:, 1:].ravel())[0, 1]
+    assert corr > 0.9
+
+
+def test_phantom_batch_rejects_mri():
+    assert phantom_batch("ct", 2, 32, np.random.default_rng(0)).shape == (2, 32, 32)
+    with pytest.raises(ValueError, match="phantoms exist for"):
+        phantom_batch("mri", 1, 32, np.random.default_rng(0))
+
+
+def test_mni152_slices_are_real_brain_slices():
+    sl = mni152_slices(64, step=8)
+    assert sl.ndim == 3 and sl.shape[1:] == (64, 64) and sl.shape[0] >= 20
+    assert sl.min() >= 0 and sl.max() <= 1.0 + 1e-6
+    assert all(s.std() > 0.1 for s in sl)  # none constant
+
+
+def test_random_phase_is_smooth():
+    ph = random_phase((64, 64), np.random.default_rng(0))
+    assert np.abs(np.diff(ph, axis=0)).max() < 0.5
+
+
+@pytest.mark.parametrize("source,channels", [("ct-phantoms", 1), ("pet-phantoms", 1), ("mni152", 2)])
+def test_builtin_pools_give_model_units_and_refresh(source, channels):
+    pool, info = builtin_pool(source, 64, channels=channels, seed=0, pool_size=6, refresh_every=2, refresh_count=2)
+    assert pool.images.shape == (6, channels, 64, 64)
+    assert info["source"] == f"builtin:{source}" and "licence" in info
+    before = pool.images.clone()
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(2):
+        patch = pool.batch(4, 32, gen)
+    assert patch.shape == (4, channels, 32, 32)
+    changed = (pool.images != before).flatten(1).any(1).sum()
+    assert changed == 2, "a refresh replaces refresh_count images"
+    if source == "ct-phantoms":  # HU/1000: air at −1
+        assert pool.images.min() < -0.9
+    if channels == 2:
+        mag = pool.images.pow(2).sum(1).sqrt()
+        assert mag.max() <= 1.25 and pool.images[:, 1].abs().max() > 0.05  # phase puts signal in the imaginary part
+
+
+def test_normalisation_for_complex_has_no_offset():
+    assert normalisation_for("mri", 2)["offset"] == 0.0
+    assert normalisation_for("ct", 1)["native_units"] == "HU"
+
+
+def test_train_cli_on_builtin_source_then_export_a_running_checkpoint(tmp_path):
+    from napari_diffrecon.cli import main
+
+    out = tmp_path / "run"
+    argv = ["train", "builtin:ct-phantoms", "--modality", "ct", "--name", "ctp", "--resolution", "48", "--patch",
+            "32", "--arch", "tiny", "--batch", "4", "--steps", "4", "--val-every", "2", "--pool", "6",
+            "--no-progress", "-o", str(out)]
+    assert main(argv) == 0
+    prior = load_prior(out / "ctp.json")
+    card = json.loads((out / "ctp.json").read_text())
+    assert card["training"]["data"]["source"] == "builtin:ct-phantoms"
+    assert card["normalisation"]["native_units"] == "HU" and card["training"]["steps"] == 4
+    # export from the checkpoint gives the same EMA weights as the finished run
+    w, c = export_checkpoint(out, tmp_path / "exported")
+    again = load_prior(c)
+    x = torch.randn(1, 1, 48, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(prior.denoise(x, 0.3), again.denoise(x, 0.3))
+
+
+def test_train_cli_rejects_mismatched_builtin_source(tmp_path):
+    from napari_diffrecon.cli import main
+
+    assert main(["train", "builtin:mni152", "--modality", "ct", "-o", str(tmp_path / "x")]) == 2
+    assert main(["train", "builtin:ct-phantoms", "--modality", "ct", "--complex", "-o", str(tmp_path / "y")]) == 2
+
+
+def test_export_checkpoint_needs_a_run_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match="checkpoint.pt"):
+        export_checkpoint(tmp_path)
