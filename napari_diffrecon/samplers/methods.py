@@ -60,9 +60,13 @@ def ddpm(
     x_init: torch.Tensor | None = None,
     **kw: Any,
 ) -> Iterator[Iterate]:
-    """Unconditional ancestral sampling (DDPM = DDIM with η = 1)."""
-    params.eta = 1.0
-    return ddim(problem, params, n_samples, seed, x_init, **kw)
+    """Unconditional ancestral sampling (DDPM = DDIM with η = 1; ``params.eta`` is ignored, not changed)."""
+
+    def step(u, s, s_next, i, ctx):
+        x0 = _denoise(problem, u, s)
+        return ddim_step(u, x0, s, s_next, 1.0, ctx["generator"]), x0, 1
+
+    return run_loop(problem, params, step, n_samples, seed, x_init, **kw)
 
 
 def _edm_ode(problem, params, n_samples, seed, x_init, heun: bool, **kw):
@@ -128,7 +132,7 @@ def dds(
 
 
 # -- DPS / MCG ---------------------------------------------------------------------------------
-def _guided_step(problem: Problem, params: SamplerParams, u, s, s_next, gen, project: bool):
+def _guided_step(problem: Problem, params: SamplerParams, u, s, s_next, gen, project: bool, lam_factor: float = 1.0):
     """Shared DPS/MCG step: ancestral/DDIM step, minus ζ · ∇_u (data misfit through the denoiser)."""
     u_req = u.detach().requires_grad_(True)
     with torch.enable_grad():
@@ -144,15 +148,20 @@ def _guided_step(problem: Problem, params: SamplerParams, u, s, s_next, gen, pro
         vp = math.sqrt((1 + s**2) * (1 + s_next**2))
         u_next = u_next - float(params.zeta) * vp / norm * grad
     if project and s_next > 0:
-        u_next = _project(problem, params, u_next, s_next, gen)
+        u_next = _project(problem, params, u_next, s_next, gen, lam_factor)
     return u_next, x0
 
 
 def _project(
-    problem: Problem, params: SamplerParams, u: torch.Tensor, sigma: float, gen: torch.Generator
+    problem: Problem,
+    params: SamplerParams,
+    u: torch.Tensor,
+    sigma: float,
+    gen: torch.Generator,
+    lam_factor: float = 1.0,
 ) -> torch.Tensor:
     """Song-style projection: ``x ← x + λ A⁺(ŷ_σ − A x)`` with ŷ_σ the measurement noised to level σ."""
-    lam = float(params.lam) * float(params.prior_weight) ** -1
+    lam = float(params.lam) * lam_factor / float(params.prior_weight)
     if lam <= 0:
         return u
     lam = min(lam, 1.0)
@@ -193,16 +202,11 @@ def mcg(
 ) -> Iterator[Iterate]:
     """Manifold-constrained gradient (Chung et al. 2022): the DPS gradient step, then a λ-projection
     onto the noised measurement set (λ decreasing linearly from ``lam`` to 0.6·``lam``, as in their CT setting)."""
-    lam0 = float(params.lam)
 
     def step(u, s, s_next, i, ctx):
         n = len(ctx["sigmas"]) - 1
-        saved = params.lam
-        params.lam = saved * (1.0 - 0.4 * i / max(n - 1, 1)) if saved == lam0 else saved
-        try:
-            u_next, x0 = _guided_step(problem, params, u, s, s_next, ctx["generator"], project=True)
-        finally:
-            params.lam = saved
+        decay = 1.0 - 0.4 * i / max(n - 1, 1)  # λ_i = λ·(1 → 0.6), read live each step
+        u_next, x0 = _guided_step(problem, params, u, s, s_next, ctx["generator"], project=True, lam_factor=decay)
         if s_next == 0:
             u_next = _final_projection(problem, params, x0)
         return u_next, (u_next if s_next == 0 else x0), 1
@@ -230,9 +234,10 @@ def song(
 ) -> Iterator[Iterate]:
     """Score-SDE predictor–corrector with λ-weighted data consistency (Song et al. 2022).
 
-    Per step: project (λ) → reverse-diffusion predictor → project (λ) → Langevin corrector with
+    Per step: project (λ) → ancestral predictor → project (λ) → Langevin corrector with
     signal-to-noise ``snr`` (skipped when ``snr = 0``). The last step returns Tweedie's estimate
-    followed by a hard projection (λ = 1).
+    followed by a hard projection (λ = 1). The predictor uses the exact ancestral variance, so the
+    sampler stays correct with tens of steps (Euler–Maruyama over-noises there).
     """
 
     def step(u, s, s_next, i, ctx):
@@ -243,8 +248,10 @@ def song(
         if s_next == 0:
             x_final = _final_projection(problem, params, x0)
             return x_final, x_final, nfe
-        score = (x0 - u) / s**2
-        u = u + (s**2 - s_next**2) * score + math.sqrt(s**2 - s_next**2) * _randn(u, gen)
+        # Ancestral-sampling predictor (Song et al. 2021): mean u + (σ² − σ'²)·score, variance
+        # σ'²(σ² − σ'²)/σ². Their reverse-diffusion (Euler–Maruyama) predictor adds σ² − σ'² instead,
+        # which is the same with ~1000 steps but leaves excess noise in the sample with tens of steps.
+        u = ddim_step(u, x0, s, s_next, 1.0, gen)
         u = _project(problem, params, u, s_next, gen)
         snr = float(params.snr)
         if snr > 0:
