@@ -107,6 +107,19 @@ def test_save_load_round_trip_is_identical(tmp_path):
     assert q.card == p.card
 
 
+def test_half_precision_weights_halve_the_file_and_barely_change_the_denoiser(tmp_path):
+    p = _tiny_prior()
+    w32, _ = save_prior(p, tmp_path / "f32")
+    w16, c16 = save_prior(p, tmp_path / "f16", half=True)
+    assert w16.stat().st_size < 0.6 * w32.stat().st_size
+    q = load_prior_file(c16)
+    assert next(q.network.parameters()).dtype == torch.float32
+    x = torch.randn(2, 1, 32, 32)
+    with torch.no_grad():
+        a, b = p.denoise(x, 0.3), q.denoise(x, 0.3)
+    assert 0 < float((a - b).abs().max()) < 1e-2 * float(a.abs().max())
+
+
 def test_loading_refuses_pickles_and_bad_cards(tmp_path):
     p = _tiny_prior()
     _, c = save_prior(p, tmp_path / "a")

@@ -178,8 +178,19 @@ class NetworkPrior(Prior):
         return self.raw(x_t, sigma)
 
 
-def save_prior(prior: NetworkPrior, path: str | Path) -> tuple[Path, Path]:
-    """Write ``<path>.safetensors`` (weights) and ``<path>.json`` (card); returns both paths."""
+def save_prior(prior: NetworkPrior, path: str | Path, half: bool = False) -> tuple[Path, Path]:
+    """Write ``<path>.safetensors`` (weights) and ``<path>.json`` (card); returns both paths.
+
+    Parameters
+    ----------
+    prior : NetworkPrior
+        The prior to write.
+    path : str or Path
+        Output stem (a ``.json``/``.safetensors`` suffix is replaced).
+    half : bool
+        Store floating-point weights as float16 (half the size, for shipped priors); they are
+        loaded back as float32.
+    """
     from safetensors.torch import save_file
 
     path = Path(path)
@@ -187,6 +198,8 @@ def save_prior(prior: NetworkPrior, path: str | Path) -> tuple[Path, Path]:
     weights, card_path = stem.with_suffix(".safetensors"), stem.with_suffix(".json")
     weights.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in prior.network.state_dict().items()}
+    if half:
+        state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
     save_file(state, str(weights), metadata={"name": prior.card.name, "format": "napari-diffrecon prior"})
     card_path.write_text(prior.card.to_json(), encoding="utf-8")
     return weights, card_path
@@ -217,6 +230,7 @@ def load_prior_file(path: str | Path, device: str | torch.device = "cpu") -> Net
         state = load_file(str(weights), device="cpu")
     except (SafetensorError, OSError, ValueError) as e:
         raise CardError(f"cannot read weights {weights}: {e} (is it a safetensors file?)") from None
+    state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}  # float16 shipped weights
     missing, unexpected = net.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise CardError(
