@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from .bundle import BundleError, Measurement, read_measurement, write_measurement, write_result
+from .export import export_image, read_exported
+from .fastmri import read_fastmri
 from .images import read_image
 
 __all__ = [
@@ -14,12 +16,19 @@ __all__ = [
     "write_measurement",
     "write_result",
     "read_image",
+    "read_fastmri",
+    "export_image",
+    "read_exported",
     "SAMPLES",
     "load_sample",
 ]
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
-SAMPLES = {"ct_sparse23": "Sparse-view CT (23 views)"}
+SAMPLES = {
+    "ct_sparse23": "Sparse-view CT (23 views)",
+    "mri_4x_8coils": "Accelerated MRI (4×, 8 coils)",
+    "pet_lowcount": "Low-count PET",
+}
 
 
 def load_sample(name: str = "ct_sparse23") -> Measurement:

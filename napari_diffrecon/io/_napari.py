@@ -1,4 +1,12 @@
-"""npe2 contributions: the bundle reader and the sample data (layer data only; no math here)."""
+"""npe2 contributions: readers, writers and sample data (layer data only; no math here).
+
+Readers: our measurement bundles (``.npz`` / ``.h5``) and fastMRI-style ``.h5`` k-space open as
+ground-truth + measurement layers whose metadata carries the :class:`Measurement` (the workbench
+picks it up, ready to Run); NIfTI volumes, DICOM files and series folders, and TIFFs we exported
+open as image layers with their pixel spacing as scale and the provenance in their metadata.
+Writers: image layers to NIfTI, DICOM secondary capture and TIFF with provenance (napari's save
+dialog asks before replacing a file; the writers themselves are atomic).
+"""
 
 from __future__ import annotations
 
@@ -13,41 +21,62 @@ from .bundle import BundleError, Measurement, read_measurement
 LayerData = tuple[np.ndarray, dict[str, Any], str]
 
 
+def _json_safe(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in (d or {}).items() if not isinstance(v, np.ndarray)}
+
+
+def _pixel_scale(m: Measurement) -> tuple[float, float] | None:
+    inten = m.metadata.get("intensity") if isinstance(m.metadata, dict) else None
+    px = (inten or {}).get("pixel_size_mm")
+    return (float(px), float(px)) if px else None
+
+
 def _layers(m: Measurement, name: str) -> list[LayerData]:
     data = m.data
-    if np.iscomplexobj(data):  # k-space: log magnitude is what people look at
-        data = np.log1p(np.abs(data))
-    meta = {"measurement": m, "operator": {k: v for k, v in m.operator.items() if not isinstance(v, np.ndarray)},
-            "noise": {k: v for k, v in m.noise.items() if not isinstance(v, np.ndarray)}, "source": m.path}
+    if np.iscomplexobj(data):  # k-space: log magnitude (coils combined by root-sum-of-squares) is what people view
+        mag = np.abs(data)
+        if mag.ndim == 3:
+            mag = np.sqrt((mag**2).sum(0))
+        data = np.log1p(mag / max(float(mag.max()), 1e-30) * 1e4).astype(np.float32)
+    meta = {"measurement": m, "operator": _json_safe(m.operator), "noise": _json_safe(m.noise), "source": m.path,
+            "description": (m.metadata or {}).get("description")}
     modality = m.operator.get("modality")
     layers: list[LayerData] = [(data, {"name": f"{name} measurement ({modality})", "metadata": meta}, "image")]
     if m.ground_truth is not None:
         gt = np.abs(m.ground_truth) if np.iscomplexobj(m.ground_truth) else m.ground_truth
-        layers.insert(0, (gt, {"name": f"{name} ground truth", "metadata": meta}, "image"))
+        kw: dict[str, Any] = {"name": f"{name} ground truth", "metadata": meta}
+        scale = _pixel_scale(m)
+        if scale is not None:
+            kw["scale"] = scale
+        layers.insert(0, (np.asarray(gt), kw, "image"))
     return layers
 
 
+def _is_bundle(p: Path) -> bool:
+    try:
+        if p.suffix == ".npz":
+            with np.load(p, allow_pickle=False) as z:
+                return {"measurement", "operator"} <= set(z.files)
+        import h5py
+
+        with h5py.File(p, "r") as f:
+            return "measurement" in f and ("operator" in f or "operator" in f.attrs)
+    except Exception:  # not ours or unreadable: let napari try other readers
+        return False
+
+
 def get_reader(path: str | list[str]) -> Callable[[str], list[LayerData]] | None:
-    """Return a reader for napari-diffrecon bundles, None for anything else (other plugins may open it)."""
+    """Reader for napari-diffrecon bundles and fastMRI-style k-space; None for anything else."""
     if isinstance(path, list):
         return None
     p = Path(path)
     if p.suffix not in (".npz", ".h5"):
         return None
-    try:
-        if p.suffix == ".npz":
-            with np.load(p, allow_pickle=False) as z:
-                if not {"measurement", "operator"} <= set(z.files):
-                    return None
-        else:
-            import h5py
+    if _is_bundle(p):
+        return _read
+    from .fastmri import is_fastmri
 
-            with h5py.File(p, "r") as f:
-                if "measurement" not in f or ("operator" not in f and "operator" not in f.attrs):
-                    return None
-    except Exception:  # not ours or unreadable: let napari try other readers
-        return None
-    return _read
+    return _read_fastmri if is_fastmri(p) else None
 
 
 def _read(path: str) -> list[LayerData]:
@@ -58,8 +87,175 @@ def _read(path: str) -> list[LayerData]:
     return _layers(m, Path(path).stem)
 
 
-def sample_ct_sparse23() -> list[LayerData]:
-    """Sparse-view CT (23 views) of a real CT slice: ground truth + sinogram layers."""
+def _read_fastmri(path: str) -> list[LayerData]:
+    from .fastmri import read_fastmri
+
+    try:
+        m = read_fastmri(path)
+    except (BundleError, FileNotFoundError) as e:
+        raise ValueError(f"napari-diffrecon could not open {Path(path).name}: {e}") from None
+    return _layers(m, Path(path).stem)
+
+
+# -- images: NIfTI, DICOM (files and series folders), our TIFFs ---------------------------------
+def _looks_dicom(p: Path) -> bool:
+    try:
+        with open(p, "rb") as f:
+            f.seek(128)
+            return f.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
+def _ours_tiff(p: Path) -> bool:
+    try:
+        import tifffile
+
+        with tifffile.TiffFile(p) as tf:
+            return '"napari-diffrecon"' in (tf.pages[0].description or "")
+    except Exception:  # not a TIFF we wrote: napari's own reader takes it
+        return False
+
+
+def get_image_reader(path: str | list[str]) -> Callable[[str], list[LayerData]] | None:
+    """Reader for NIfTI, DICOM files/series folders and TIFFs carrying our provenance."""
+    if isinstance(path, list):
+        return None
+    p = Path(path)
+    name = p.name.lower()
+    if p.is_dir():
+        files = [f for f in sorted(p.iterdir())[:50] if f.is_file()]
+        return _read_image if any(f.suffix.lower() == ".dcm" or _looks_dicom(f) for f in files) else None
+    if name.endswith((".nii", ".nii.gz")):
+        return _read_image
+    if name.endswith((".dcm", ".dicom")) or (not p.suffix and _looks_dicom(p)):
+        return _read_image
+    if name.endswith((".tif", ".tiff")) and _ours_tiff(p):
+        return _read_image
+    return None
+
+
+def _stem(p: Path) -> str:
+    n = p.name
+    for ext in (".nii.gz", ".nii", ".dcm", ".dicom", ".tiff", ".tif"):
+        if n.lower().endswith(ext):
+            return n[: -len(ext)]
+    return n
+
+
+def read_image_layers(path: str | Path) -> list[LayerData]:
+    """An image layer for a NIfTI / DICOM / TIFF file or DICOM series folder (provenance in metadata)."""
+    from .export import read_exported
+    from .images import read_volume
+
+    p = Path(path)
+    if p.is_dir():
+        vol, info = read_volume(p)
+        data, prov = (vol[0] if vol.shape[0] == 1 else vol), None
+        sp = info.get("pixel_spacing_mm") or [1.0, 1.0]
+        spacing = ([1.0] if data.ndim == 3 else []) + [float(v) for v in sp]
+        fmt = "dicom series"
+    else:
+        data, prov, info = read_exported(p)
+        spacing, fmt = info["spacing"], info["format"]
+    meta: dict[str, Any] = {"source": str(p), "format": fmt}
+    if prov is not None:
+        meta["provenance"] = prov
+    spacing = [s if s > 0 else 1.0 for s in spacing][-data.ndim:]
+    return [(data, {"name": _stem(p), "metadata": meta, "scale": tuple(spacing)}, "image")]
+
+
+def _read_image(path: str) -> list[LayerData]:
+    try:
+        return read_image_layers(path)
+    except (ValueError, FileNotFoundError, OSError) as e:
+        raise ValueError(f"napari-diffrecon could not open {Path(path).name}: {e}") from None
+
+
+# -- the widget's "open anything" ----------------------------------------------------------------
+def simulated_layers(image: np.ndarray, name: str, modality: str = "ct", source: str | None = None,
+                     **options: Any) -> list[LayerData]:
+    """Simulate a measurement from a 2D image (``simulate_from_image`` options) and return its layers."""
+    from ..simulate import simulate_from_image
+
+    m = simulate_from_image(np.asarray(image, dtype=np.float64), modality, source=source or name, **options)
+    return _layers(m, f"{name} ({modality} simulated)")
+
+
+def read_any(path: str | Path, simulate: dict[str, Any] | None = None) -> list[LayerData]:
+    """Layers for a bundle, a fastMRI file, or an image to simulate from (``simulate`` options).
+
+    Raises
+    ------
+    BundleError, ValueError, FileNotFoundError
+        With a message naming the problem (the widget shows it as a notification).
+    """
+    from .fastmri import is_fastmri, read_fastmri
+    from .images import read_image
+
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"{p} not found")
+    if p.suffix in (".npz", ".h5", ".hdf5") and not p.is_dir():
+        if p.suffix != ".npz" and is_fastmri(p):
+            return _layers(read_fastmri(p), p.stem)
+        return _layers(read_measurement(p), p.stem)
+    opts = dict(simulate or {"modality": "ct"})
+    img, info = read_image(p)
+    if info.get("units") == "HU":
+        opts.setdefault("units", "HU")
+    return simulated_layers(img, _stem(p), source=str(p), **opts)
+
+
+# -- samples -----------------------------------------------------------------------------------
+_SAMPLE_LABELS = {"ct_sparse23": "CT 23 views", "mri_4x_8coils": "MRI 4x 8 coils", "pet_lowcount": "PET low count"}
+
+
+def sample_layers(key: str) -> list[LayerData]:
+    """Layers of the shipped sample ``key`` (see ``napari_diffrecon.io.SAMPLES``)."""
     from . import load_sample
 
-    return _layers(load_sample("ct_sparse23"), "CT 23 views")
+    return _layers(load_sample(key), _SAMPLE_LABELS.get(key, key))
+
+
+def sample_ct_sparse23() -> list[LayerData]:
+    """Sparse-view CT (23 views) of a real CT slice: ground truth + sinogram layers."""
+    return sample_layers("ct_sparse23")
+
+
+def sample_mri_4x_8coils() -> list[LayerData]:
+    """Accelerated MRI (4×, 8 coils) of a real MR slice: ground truth + k-space layers."""
+    return sample_layers("mri_4x_8coils")
+
+
+def sample_pet_lowcount() -> list[LayerData]:
+    """Low-count PET from an FDG-like activity map derived from a real CT slice."""
+    return sample_layers("pet_lowcount")
+
+
+# -- writers -----------------------------------------------------------------------------------
+def _write(fmt_path: str, data: Any, meta: dict[str, Any]) -> list[str]:
+    from .export import export_image
+
+    md = meta.get("metadata") or {}
+    prov = md.get("provenance") if isinstance(md.get("provenance"), dict) else None
+    if prov is None:
+        prov = {"software": "napari-diffrecon", "layer": meta.get("name"), "source": str(md.get("source"))}
+    out = export_image(fmt_path, data, prov, spacing=meta.get("scale"), name=str(meta.get("name", "")),
+                       overwrite=True)  # napari's save dialog has already asked before replacing a file
+    return [str(out)]
+
+
+def write_nifti(path: str, data: Any, meta: dict[str, Any]) -> list[str]:
+    """npe2 writer: an image layer to NIfTI with its provenance."""
+    return _write(path, data, meta)
+
+
+def write_dicom(path: str, data: Any, meta: dict[str, Any]) -> list[str]:
+    """npe2 writer: an image layer to a DICOM secondary capture with its provenance."""
+    return _write(path, data, meta)
+
+
+def write_tiff(path: str, data: Any, meta: dict[str, Any]) -> list[str]:
+    """npe2 writer: an image layer to a float32 TIFF with its provenance."""
+    return _write(path, data, meta)

@@ -1,0 +1,992 @@
+"""The workbench dock widget: measurement, prior, sampler, run/stop, results, export, presets.
+
+GUI only: every number comes from the core (``reconstruct.prepare_run`` driven in a napari
+``thread_worker`` by :func:`._runner.run_stream`, ``io``, ``simulate``, ``priors``). The worker
+never touches Qt or layers; the ``yielded`` slot assigns fresh arrays to existing layers.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from napari.utils import progress
+from napari.utils.notifications import show_error, show_info, show_warning
+from qtpy.QtCore import Qt
+from qtpy.QtWidgets import (
+    QCheckBox,
+    QComboBox,
+    QDoubleSpinBox,
+    QFileDialog,
+    QGroupBox,
+    QHBoxLayout,
+    QLabel,
+    QPushButton,
+    QScrollArea,
+    QSlider,
+    QSpinBox,
+    QVBoxLayout,
+    QWidget,
+)
+
+from ..baselines import BASELINES
+from ..io import SAMPLES, BundleError, Measurement
+from ..reconstruct import RunSettings
+from ..samplers import SAMPLERS, UNCONDITIONAL, SamplerParams
+from . import _presets
+from ._runner import Update, baseline_for, run_stream
+
+__all__ = ["DiffReconWidget", "WorkbenchWidget", "PARAMS_FOR", "LAYER_NAMES", "prior_mismatch"]
+
+# Which live parameters each method reads (the others are hidden).
+PARAMS_FOR: dict[str, tuple[str, ...]] = {
+    "dds": ("n_steps", "eta", "gamma", "cg_iters"),
+    "dps": ("n_steps", "eta", "zeta"),
+    "mcg": ("n_steps", "eta", "zeta", "lam", "cg_iters"),
+    "song": ("n_steps", "lam", "cg_iters", "snr"),
+    "ddim": ("n_steps", "eta"),
+    "ddpm": ("n_steps",),
+    "heun": ("n_steps",),
+    "euler": ("n_steps",),
+}
+BASELINE_PARAMS: dict[str, tuple[str, ...]] = {
+    "fbp": ("filter",),
+    "zero_filled": (),
+    "cg": ("iters",),
+    "tv": ("iters", "lam_rel"),
+    "mlem": ("iters",),
+    "osem": ("iters", "subsets"),
+}
+LIVE = ("eta", "lam", "gamma", "zeta", "cg_iters", "snr")  # changed mid-run: acts on the run in flight
+LAYER_NAMES = {
+    "iterate": "x_t (iterate)",
+    "estimate": "x̂0 (estimate)",
+    "mean": "posterior mean",
+    "std": "posterior std",
+    "residual": "data residual |Ax̂ − m|",
+    "baseline": "baseline",
+}
+# spin box specs: (label, kind, min, max, step, decimals, tooltip)
+_SPINS: dict[str, tuple[str, str, float, float, float, int, str]] = {
+    "n_steps": ("steps", "int", 1, 5000, 1, 0, "reverse-diffusion steps (fixed once a run starts)"),
+    "eta": ("η", "float", 0.0, 1.0, 0.05, 2, "DDIM stochasticity: 0 deterministic, 1 ancestral (acts live)"),
+    "gamma": ("γ", "float", 0.0, 1e6, 0.1, 3, "DDS likelihood weight (acts live)"),
+    "lam": ("λ", "float", 0.0, 1.0, 0.05, 2, "Song/MCG projection weight, 1 = hard (acts live)"),
+    "zeta": ("ζ", "float", 0.0, 100.0, 0.05, 3, "DPS/MCG step size (acts live)"),
+    "cg_iters": ("CG steps", "int", 0, 200, 1, 0, "conjugate-gradient iterations per data step (acts live)"),
+    "snr": ("corrector SNR", "float", 0.0, 1.0, 0.01, 3, "Langevin corrector signal-to-noise, 0 = off (acts live)"),
+    "t0": ("t0", "float", 0.01, 1.0, 0.05, 2, "hot start: fraction of the schedule to run"),
+    "iters": ("iterations", "int", 1, 5000, 1, 0, "classical method iterations"),
+    "subsets": ("subsets", "int", 1, 64, 1, 0, "OSEM subsets"),
+    "lam_rel": ("TV weight", "float", 0.0, 1.0, 0.0005, 4, "TV weight relative to ‖Aᴴm‖∞"),
+}
+_WEIGHT_RANGE = 100  # slider ticks each side of 0; weight = 10 ** (tick / _WEIGHT_RANGE)
+NONE_PRIOR = "(default for the modality)"
+
+
+def _spin(kind: str, lo: float, hi: float, step: float, decimals: int) -> QSpinBox | QDoubleSpinBox:
+    if kind == "int":
+        w: QSpinBox | QDoubleSpinBox = QSpinBox()
+        w.setRange(int(lo), int(hi))
+    else:
+        w = QDoubleSpinBox()
+        w.setDecimals(decimals)
+        w.setRange(lo, hi)
+    w.setSingleStep(step)
+    return w
+
+
+def _row(label: str, *widgets: QWidget, tooltip: str = "") -> QWidget:
+    box = QWidget()
+    lay = QHBoxLayout(box)
+    lay.setContentsMargins(0, 0, 0, 0)
+    lab = QLabel(label)
+    lab.setMinimumWidth(90)
+    lay.addWidget(lab)
+    for w in widgets:
+        lay.addWidget(w, 1)
+    if tooltip:
+        box.setToolTip(tooltip)
+    return box
+
+
+def _limits(a: np.ndarray, lo: float = 1.0, hi: float = 99.5) -> tuple[float, float]:
+    """Display window from percentiles (never empty)."""
+    a = np.asarray(a)
+    if a.size == 0 or not np.isfinite(a).any():
+        return 0.0, 1.0
+    v0, v1 = (float(v) for v in np.nanpercentile(a, [lo, hi]))
+    if not v1 > v0:
+        v1 = v0 + max(abs(v0), 1.0) * 1e-3
+    return v0, v1
+
+
+def _devices() -> list[str]:
+    import torch
+
+    out = ["cpu"]
+    if torch.cuda.is_available():
+        out += [f"cuda:{i}" if torch.cuda.device_count() > 1 else "cuda" for i in range(torch.cuda.device_count())]
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        out.append("mps")
+    return out
+
+
+def prior_mismatch(card: Any, measurement: Measurement) -> str | None:
+    """Why a prior cannot serve a measurement (None when it fits): modality, complex/real, resolution."""
+    if card is None or measurement is None:
+        return None
+    modality = str(measurement.operator.get("modality", ""))
+    complex_ = modality == "mri"
+    if card.channels != (2 if complex_ else 1):
+        kind = "complex (2-channel)" if complex_ else "real (1-channel)"
+        return (f"prior {card.name!r} is {'complex' if card.channels == 2 else 'real'} but {modality.upper()} "
+                f"needs a {kind} prior: pick a {modality.upper()} prior or load one from file")
+    if card.modality not in (modality, "generic"):
+        return (f"prior {card.name!r} was trained on {card.modality.upper()} images, the measurement is "
+                f"{modality.upper()}: pick a {modality.upper()} prior or load one from file")
+    shape = measurement.operator.get("image_shape") or []
+    if len(shape) == 2 and card.resolution and max(shape) > 4 * card.resolution:
+        return (f"image {tuple(shape)} is far from prior {card.name!r}'s {card.resolution}² training resolution: "
+                "resample the measurement or pick a matching prior")
+    return None
+
+
+class DiffReconWidget(QWidget):
+    """The napari-diffrecon workbench (one dock widget).
+
+    Parameters
+    ----------
+    viewer : napari.Viewer
+        The viewer whose layers the widget reads and writes.
+    restore_last : bool
+        Restore the last used settings (from :func:`._presets.config_dir`).
+    """
+
+    def __init__(self, viewer: Any, restore_last: bool = True) -> None:
+        super().__init__()
+        self.viewer = viewer
+        self.measurement: Measurement | None = None
+        self.measurement_name: str = ""
+        self.prior: Any = None
+        self.prior_source: str | None = None
+        self.worker: Any = None
+        self.layers: dict[str, Any] = {}
+        self.last_provenance: dict[str, Any] | None = None
+        self.estimate_updates = 0
+        self._live_params: SamplerParams | None = None
+        self._live_log: list[dict[str, Any]] = []
+        self._run_settings: RunSettings | None = None
+        self._run_measurement: Measurement | None = None
+        self._last_update: Update | None = None
+        self._pbar: Any = None
+        self._fresh: set[str] = set()
+        self._window: tuple[float, float] | None = None
+        self._t_run = 0.0
+        self._ended = False
+        self._build()
+        self._connect_viewer()
+        if restore_last:
+            last = _presets.load_last()
+            if last is not None:
+                self.apply_settings(*last, quiet=True)
+        self._on_method_changed()
+
+    # ------------------------------------------------------------------ construction
+    def _build(self) -> None:
+        outer = QVBoxLayout(self)
+        outer.setContentsMargins(0, 0, 0, 0)
+        scroll = QScrollArea()
+        scroll.setWidgetResizable(True)
+        outer.addWidget(scroll)
+        body = QWidget()
+        scroll.setWidget(body)
+        lay = QVBoxLayout(body)
+
+        # Measurement
+        g = QGroupBox("Measurement")
+        gl = QVBoxLayout(g)
+        self.sample_combo = QComboBox()
+        for key, title in SAMPLES.items():
+            self.sample_combo.addItem(title, key)
+        self.load_sample_btn = QPushButton("Load sample")
+        self.load_sample_btn.clicked.connect(lambda: self.load_sample(self.sample_combo.currentData()))
+        gl.addWidget(_row("sample", self.sample_combo, self.load_sample_btn))
+        self.open_btn = QPushButton("Open file…")
+        self.open_btn.setToolTip("bundle (.npz/.h5), fastMRI-style .h5 (kspace), or a DICOM/NIfTI/TIFF image "
+                                 "to simulate")
+        self.open_btn.clicked.connect(self._open_dialog)
+        self.layer_btn = QPushButton("Use selected layer")
+        self.layer_btn.setToolTip("a measurement layer, or an image layer to simulate from with the options below")
+        self.layer_btn.clicked.connect(self.use_selected_layer)
+        gl.addWidget(_row("from", self.open_btn, self.layer_btn))
+        self.sim_modality = QComboBox()
+        self.sim_modality.addItems(["ct", "mri", "pet"])
+        self.sim_views = _spin("int", 4, 1000, 1, 0)
+        self.sim_views.setValue(60)
+        self.sim_accel = _spin("float", 1.0, 32.0, 0.5, 1)
+        self.sim_accel.setValue(4.0)
+        self.sim_coils = _spin("int", 1, 32, 1, 0)
+        self.sim_coils.setValue(8)
+        self.sim_counts = _spin("float", 1e3, 1e9, 1e4, 0)
+        self.sim_counts.setValue(1e5)
+        self.sim_size = _spin("int", 16, 512, 16, 0)
+        self.sim_size.setValue(128)
+        self.sim_modality.currentTextChanged.connect(self._on_sim_modality)
+        self._sim_rows = {
+            "views": _row("  views", self.sim_views, tooltip="CT/PET: evenly spaced views over 180°"),
+            "accel": _row("  acceleration", self.sim_accel, tooltip="MRI undersampling factor"),
+            "coils": _row("  coils", self.sim_coils, tooltip="MRI receive coils"),
+            "counts": _row("  true counts", self.sim_counts, tooltip="PET expected total counts"),
+        }
+        gl.addWidget(_row("simulate as", self.sim_modality, QLabel("size"), self.sim_size))
+        for r in self._sim_rows.values():
+            gl.addWidget(r)
+        self.meas_label = QLabel("no measurement: load a sample or open a file")
+        self.meas_label.setWordWrap(True)
+        gl.addWidget(self.meas_label)
+        self.noise_sigma = _spin("float", 0.0, 1e9, 0.001, 6)
+        self.noise_sigma.setToolTip("Gaussian noise σ of the measurement (free: change it if you know better)")
+        self.noise_sigma.valueChanged.connect(self._on_noise_sigma)
+        self._noise_row = _row("noise σ", self.noise_sigma)
+        gl.addWidget(self._noise_row)
+        lay.addWidget(g)
+        self._on_sim_modality(self.sim_modality.currentText())
+
+        # Prior
+        g = QGroupBox("Prior")
+        gl = QVBoxLayout(g)
+        self.prior_combo = QComboBox()
+        self.prior_file_btn = QPushButton("Load file…")
+        self.prior_file_btn.clicked.connect(self._prior_dialog)
+        gl.addWidget(_row("prior", self.prior_combo, self.prior_file_btn))
+        self.card_label = QLabel("")
+        self.card_label.setWordWrap(True)
+        gl.addWidget(self.card_label)
+        self.mismatch_label = QLabel("")
+        self.mismatch_label.setWordWrap(True)
+        self.mismatch_label.setStyleSheet("color: #e07050")
+        gl.addWidget(self.mismatch_label)
+        self.refresh_priors()
+        self.prior_combo.currentIndexChanged.connect(self._on_prior_combo)
+        lay.addWidget(g)
+
+        # Sampler
+        g = QGroupBox("Sampler")
+        gl = QVBoxLayout(g)
+        self.method_combo = QComboBox()
+        for name in SAMPLERS:
+            self.method_combo.addItem(f"{name} (unconditional)" if name in UNCONDITIONAL else name, name)
+        for name, (mods, _desc) in BASELINES.items():
+            self.method_combo.addItem(f"{name} (classical: {', '.join(mods)})", name)
+        self.method_combo.setCurrentIndex(self.method_combo.findData("dds"))
+        self.method_combo.currentIndexChanged.connect(self._on_method_changed)
+        gl.addWidget(_row("method", self.method_combo))
+        defaults = SamplerParams()
+        self.spins: dict[str, QSpinBox | QDoubleSpinBox] = {}
+        self.param_rows: dict[str, QWidget] = {}
+        for key, (label, kind, lo, hi, step, dec, tip) in _SPINS.items():
+            w = _spin(kind, lo, hi, step, dec)
+            if hasattr(defaults, key):
+                w.setValue(getattr(defaults, key))
+            w.valueChanged.connect(lambda _v, k=key: self._on_live_param(k))
+            self.spins[key] = w
+            self.param_rows[key] = _row(label, w, tooltip=tip)
+        self.spins["iters"].setValue(50)
+        self.spins["subsets"].setValue(6)
+        self.spins["lam_rel"].setValue(0.002)
+        self.filter_combo = QComboBox()
+        self.filter_combo.addItems(["ramp", "shepp-logan", "cosine", "hamming", "hann"])
+        self.param_rows["filter"] = _row("FBP filter", self.filter_combo)
+        self.hot_start = QCheckBox("hot start from the classical reconstruction")
+        self.hot_start.toggled.connect(self._on_method_changed)
+        for key in ("n_steps", "eta", "gamma", "lam", "zeta", "cg_iters", "snr"):
+            gl.addWidget(self.param_rows[key])
+        gl.addWidget(self.hot_start)
+        gl.addWidget(self.param_rows["t0"])
+        self.spins["t0"].setValue(0.3)
+        for key in ("iters", "subsets", "lam_rel", "filter"):
+            gl.addWidget(self.param_rows[key])
+        self.weight_slider = QSlider(Qt.Orientation.Horizontal)
+        self.weight_slider.setRange(-_WEIGHT_RANGE, _WEIGHT_RANGE)
+        self.weight_slider.setValue(0)
+        self.weight_slider.setToolTip("prior / likelihood weight (×0.1 … ×10); acts on the run in flight")
+        self.weight_label = QLabel("1.00")
+        self.weight_slider.valueChanged.connect(self._on_weight)
+        self._weight_row = _row("prior weight", self.weight_slider, self.weight_label)
+        gl.addWidget(self._weight_row)
+        self.n_samples = _spin("int", 1, 256, 1, 0)
+        self.n_samples.setValue(1)
+        self.seed = _spin("int", 0, 2**31 - 1, 1, 0)
+        self.device_combo = QComboBox()
+        self.device_combo.addItems(_devices())
+        self._samples_row = _row("posterior samples", self.n_samples)
+        gl.addWidget(self._samples_row)
+        gl.addWidget(_row("seed", self.seed, QLabel("device"), self.device_combo))
+        self.compare = QCheckBox("also compute the classical baseline")
+        self.compare.setChecked(True)
+        gl.addWidget(self.compare)
+        lay.addWidget(g)
+
+        # Run
+        g = QGroupBox("Run")
+        gl = QVBoxLayout(g)
+        self.run_btn = QPushButton("Run")
+        self.run_btn.clicked.connect(self.run)
+        self.stop_btn = QPushButton("Stop")
+        self.stop_btn.setEnabled(False)
+        self.stop_btn.clicked.connect(self.stop)
+        gl.addWidget(_row("", self.run_btn, self.stop_btn))
+        self.status = QLabel("idle")
+        self.status.setWordWrap(True)
+        gl.addWidget(self.status)
+        self.grid = QCheckBox("side by side (grid view)")
+        self.grid.toggled.connect(self._on_grid)
+        gl.addWidget(self.grid)
+        lay.addWidget(g)
+
+        # Export & presets
+        g = QGroupBox("Export and presets")
+        gl = QVBoxLayout(g)
+        self.export_btn = QPushButton("Export selected layer…")
+        self.export_btn.setToolTip("NIfTI, DICOM secondary capture or TIFF, with the provenance")
+        self.export_btn.clicked.connect(self._export_dialog)
+        gl.addWidget(self.export_btn)
+        self.save_preset_btn = QPushButton("Save preset…")
+        self.save_preset_btn.clicked.connect(self._save_preset_dialog)
+        self.load_preset_btn = QPushButton("Load preset…")
+        self.load_preset_btn.clicked.connect(self._load_preset_dialog)
+        gl.addWidget(_row("", self.save_preset_btn, self.load_preset_btn))
+        lay.addWidget(g)
+        lay.addStretch(1)
+        self.setMinimumWidth(340)
+
+    def _connect_viewer(self) -> None:
+        self.viewer.layers.events.inserted.connect(self._on_layer_inserted)
+        self.viewer.layers.events.removed.connect(self._on_layer_removed)
+
+    # ------------------------------------------------------------------ measurement
+    def _on_sim_modality(self, modality: str) -> None:
+        vis = {"views": modality in ("ct", "pet"), "accel": modality == "mri", "coils": modality == "mri",
+               "counts": modality == "pet"}
+        for k, r in self._sim_rows.items():
+            r.setVisible(vis[k])
+
+    def _on_layer_inserted(self, event: Any) -> None:
+        layer = event.value
+        m = (layer.metadata or {}).get("measurement") if hasattr(layer, "metadata") else None
+        if isinstance(m, Measurement) and m is not self.measurement:
+            self.set_measurement(m, name=layer.name.split(" measurement")[0].split(" ground truth")[0])
+
+    def _on_layer_removed(self, event: Any) -> None:
+        for role, layer in list(self.layers.items()):
+            if layer is event.value:
+                del self.layers[role]
+
+    def set_measurement(self, m: Measurement, name: str = "") -> None:
+        """Make ``m`` the measurement to reconstruct (shows its operator and geometry)."""
+        self.measurement = m
+        self.measurement_name = name or Path(m.path or "measurement").stem
+        spec = m.operator
+        modality = str(spec.get("modality", "?"))
+        geo = []
+        if "angles_deg" in spec:
+            geo.append(f"{len(spec['angles_deg'])} views")
+        if modality == "mri":
+            mask = spec.get("mask")
+            if mask is not None:
+                geo.append(f"{1 / max(float(np.mean(mask)), 1e-9):.1f}× undersampled")
+            maps = spec.get("coil_maps")
+            geo.append(f"{maps.shape[0] if maps is not None else 1} coil(s)")
+        noise = m.noise or {}
+        nm = noise.get("model", "gaussian")
+        desc = m.metadata.get("description", "") if isinstance(m.metadata, dict) else ""
+        self.meas_label.setText(
+            f"<b>{self.measurement_name}</b>: {modality.upper()}, image {tuple(spec.get('image_shape', ()))}, "
+            f"data {tuple(np.shape(m.data))}; {', '.join(geo)}; noise {nm}"
+            + (f"<br>{desc}" if desc else "")
+        )
+        gaussian = str(nm).lower() == "gaussian"
+        self._noise_row.setVisible(gaussian)
+        if gaussian:
+            self.noise_sigma.blockSignals(True)
+            self.noise_sigma.setValue(float(noise.get("sigma", 0.0)))
+            self.noise_sigma.blockSignals(False)
+        self._select_method_for_modality(modality)
+        self._check_prior()
+        if self.prior is None and self._default_prior_name() is None:
+            show_warning(f"napari-diffrecon: no prior for {modality.upper()} is installed; load a prior file "
+                         f"(Prior ▸ Load file…) or run a classical method ({', '.join(self._classical_for())})")
+
+    def _select_method_for_modality(self, modality: str) -> None:
+        method = self.method_combo.currentData()
+        if method in BASELINES and modality not in BASELINES[method][0]:
+            self.method_combo.setCurrentIndex(self.method_combo.findData(baseline_for(modality)))
+
+    def _classical_for(self) -> list[str]:
+        modality = str(self.measurement.operator.get("modality")) if self.measurement else ""
+        return [k for k, (mods, _) in BASELINES.items() if modality in mods]
+
+    def _on_noise_sigma(self, value: float) -> None:
+        if self.measurement is not None and str(self.measurement.noise.get("model", "gaussian")) == "gaussian":
+            if value > 0:
+                self.measurement.noise = {**self.measurement.noise, "sigma": float(value), "model": "gaussian"}
+
+    def _add_layer_data(self, layer_data: list[tuple[Any, dict[str, Any], str]]) -> None:
+        for data, kwargs, kind in layer_data:
+            getattr(self.viewer, f"add_{kind}")(data, **kwargs)
+
+    def load_sample(self, key: str) -> None:
+        """Open a shipped sample (adds ground-truth and measurement layers; ready to Run)."""
+        from ..io._napari import sample_layers
+
+        try:
+            self._add_layer_data(sample_layers(key))
+        except Exception as e:  # noqa: BLE001 - anything wrong with a sample is reported, not raised
+            show_error(f"napari-diffrecon: cannot load sample {key!r}: {e}")
+
+    def open_path(self, path: str | Path) -> bool:
+        """Open a measurement file, or an image to simulate from with the widget's options.
+
+        Returns True on success; on failure shows a napari notification and changes nothing.
+        """
+        from ..io._napari import read_any
+
+        path = Path(path)
+        try:
+            layers = read_any(path, simulate=self.simulate_options())
+        except (BundleError, ValueError, FileNotFoundError, OSError, KeyError) as e:
+            show_error(f"napari-diffrecon could not open {path.name}: {e}")
+            return False
+        self._add_layer_data(layers)
+        return True
+
+    def _open_dialog(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(
+            self, "Open measurement or image", "",
+            "Measurements and images (*.npz *.h5 *.dcm *.nii *.nii.gz *.tif *.tiff *.png *.npy);;All files (*)",
+        )
+        if path:
+            self.open_path(path)
+
+    def simulate_options(self) -> dict[str, Any]:
+        """The simulation options the widget shows (for images without a measurement)."""
+        modality = self.sim_modality.currentText()
+        opts: dict[str, Any] = {"modality": modality, "size": self.sim_size.value()}
+        if modality in ("ct", "pet"):
+            opts["views"] = self.sim_views.value()
+        if modality == "mri":
+            opts["accel"] = self.sim_accel.value()
+            opts["coils"] = self.sim_coils.value()
+        if modality == "pet":
+            opts["counts"] = self.sim_counts.value()
+        return opts
+
+    def use_selected_layer(self) -> None:
+        """Adopt the selected layer's measurement, or simulate one from the selected 2D image layer."""
+        layer = self.viewer.layers.selection.active
+        if layer is None:
+            show_warning("napari-diffrecon: select an image layer first")
+            return
+        m = (layer.metadata or {}).get("measurement")
+        if isinstance(m, Measurement):
+            self.set_measurement(m, layer.name)
+            return
+        data = np.asarray(layer.data)
+        if data.ndim == 3:
+            data = data[int(self.viewer.dims.current_step[0]) % data.shape[0]]
+        if data.ndim != 2 or not np.issubdtype(data.dtype, np.number):
+            show_error(f"napari-diffrecon: layer {layer.name!r} is not a 2D image; pick a single-slice image layer")
+            return
+        from ..io._napari import simulated_layers
+
+        try:
+            self._add_layer_data(simulated_layers(data, layer.name, **self.simulate_options()))
+        except ValueError as e:
+            show_error(f"napari-diffrecon: cannot simulate from {layer.name!r}: {e}")
+
+    # ------------------------------------------------------------------ prior
+    def _default_prior_name(self) -> str | None:
+        from ..priors import default_prior_for
+
+        if self.measurement is None:
+            return None
+        modality = str(self.measurement.operator.get("modality"))
+        return default_prior_for(modality, modality == "mri")
+
+    def refresh_priors(self) -> None:
+        """Fill the prior dropdown with the shipped priors."""
+        from ..priors import list_priors
+
+        self.prior_combo.blockSignals(True)
+        self.prior_combo.clear()
+        self.prior_combo.addItem(NONE_PRIOR, None)
+        for name, card in list_priors().items():
+            self.prior_combo.addItem(f"{name} ({card.modality.upper()}, {card.resolution}²)", name)
+        self.prior_combo.blockSignals(False)
+
+    def _on_prior_combo(self) -> None:
+        name = self.prior_combo.currentData()
+        if name is None:
+            self.prior, self.prior_source = None, None
+            self.card_label.setText("")
+            self._check_prior()
+            return
+        self.set_prior(name)
+
+    def _prior_dialog(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(self, "Load prior card", "",
+                                              "Prior cards (*.json);;Weights (*.safetensors)")
+        if path:
+            self.set_prior(path)
+
+    def set_prior(self, name_or_path: str | Path | None, prior: Any = None) -> bool:
+        """Load a prior by name or path (or use an already-loaded one); show its card and any mismatch."""
+        from ..priors import CardError, load_prior
+
+        if prior is None and name_or_path is None:
+            self.prior, self.prior_source = None, None
+            self._check_prior()
+            return True
+        try:
+            prior = prior if prior is not None else load_prior(name_or_path)
+        except (FileNotFoundError, CardError, ValueError, OSError) as e:
+            show_error(f"napari-diffrecon: cannot load prior {name_or_path}: {e}")
+            return False
+        self.prior = prior
+        self.prior_source = str(name_or_path) if name_or_path is not None else getattr(prior.card, "name", None)
+        card = getattr(prior, "card", None)
+        if card is not None:
+            tr = card.training or {}
+            data = tr.get("data", {})
+            src = data.get("sources") if isinstance(data, dict) else data
+            self.card_label.setText(
+                f"<b>{card.name}</b>: {card.modality.upper()}, {card.resolution}×{card.resolution}, "
+                f"{'complex' if card.channels == 2 else 'real'}; trained {tr.get('steps', '?')} steps on "
+                f"{src or 'unknown data'}; licence {tr.get('licence', tr.get('license', '?'))}"
+            )
+            self.card_label.setToolTip(card.summary())
+        self._check_prior()
+        return True
+
+    def _check_prior(self) -> str | None:
+        card = getattr(self.prior, "card", None)
+        msg = prior_mismatch(card, self.measurement) if self.measurement is not None else None
+        if msg is None and self.prior is None and self.measurement is not None and self._default_prior_name() is None:
+            mod = str(self.measurement.operator.get("modality")).upper()
+            self.mismatch_label.setText(f"no {mod} prior installed: load a prior file, or use a classical method")
+        else:
+            self.mismatch_label.setText(msg or "")
+        return msg
+
+    # ------------------------------------------------------------------ sampler settings
+    def _on_method_changed(self, *_: Any) -> None:
+        method = self.method_combo.currentData() or "dds"
+        diffusion = method in SAMPLERS
+        show = set(PARAMS_FOR.get(method, ())) if diffusion else set(BASELINE_PARAMS.get(method, ()))
+        if diffusion and self.hot_start.isChecked():
+            show.add("t0")
+        for key, row in self.param_rows.items():
+            row.setVisible(key in show)
+        for w in (self.hot_start, self._weight_row, self._samples_row, self.compare):
+            w.setVisible(diffusion)
+
+    def _on_weight(self, tick: int) -> None:
+        w = self.prior_weight()
+        self.weight_label.setText(f"{w:.2f}")
+        self._apply_live("prior_weight", w)
+
+    def prior_weight(self) -> float:
+        """The slider's prior/likelihood weight (×0.1 … ×10, 1 in the middle)."""
+        return float(10 ** (self.weight_slider.value() / _WEIGHT_RANGE))
+
+    def set_prior_weight(self, w: float) -> None:
+        """Move the weight slider to (the tick nearest) ``w``."""
+        self.weight_slider.setValue(int(round(math.log10(max(float(w), 1e-6)) * _WEIGHT_RANGE)))
+
+    def _on_live_param(self, key: str) -> None:
+        if key in LIVE:
+            v = self.spins[key].value()
+            self._apply_live(key, int(v) if key == "cg_iters" else float(v))
+
+    def _apply_live(self, key: str, value: float) -> None:
+        """Write a parameter into the run in flight (the sampler reads it at its next step)."""
+        p = self._live_params
+        if p is None or self.worker is None:
+            return
+        setattr(p, key, value)
+        step = self._last_update.step if self._last_update is not None else 0
+        self._live_log.append({"after_step": step, key: value, "t": round(time.perf_counter() - self._t_run, 3)})
+
+    def current_settings(self) -> RunSettings:
+        """A fresh snapshot of the settings the widgets show (what a run will use)."""
+        method = self.method_combo.currentData() or "dds"
+        params = SamplerParams(
+            n_steps=int(self.spins["n_steps"].value()),
+            eta=float(self.spins["eta"].value()),
+            lam=float(self.spins["lam"].value()),
+            gamma=float(self.spins["gamma"].value()),
+            zeta=float(self.spins["zeta"].value()),
+            cg_iters=int(self.spins["cg_iters"].value()),
+            snr=float(self.spins["snr"].value()),
+            t0=float(self.spins["t0"].value()) if self.hot_start.isChecked() else 1.0,
+            prior_weight=self.prior_weight(),
+        )
+        baseline_params: dict[str, Any] = {}
+        if method in BASELINES:
+            for key in BASELINE_PARAMS.get(method, ()):
+                if key == "filter":
+                    baseline_params["filter"] = self.filter_combo.currentText()
+                else:
+                    v = self.spins[key].value()
+                    baseline_params[key] = int(v) if key in ("iters", "subsets") else float(v)
+        hot = None
+        if method in SAMPLERS and self.hot_start.isChecked() and self.measurement is not None:
+            hot = {"ct": "fbp", "pet": "mlem", "mri": "cg"}.get(str(self.measurement.operator.get("modality")), "cg")
+        return RunSettings(
+            method=method,
+            prior=self.prior_source,
+            params=params,
+            n_samples=int(self.n_samples.value()) if method in SAMPLERS else 1,
+            seed=int(self.seed.value()),
+            device=self.device_combo.currentText(),
+            hot_start=hot,
+            baseline_params=baseline_params,
+        )
+
+    def gui_state(self) -> dict[str, Any]:
+        """Widget-only choices stored beside the settings in a preset."""
+        return {"compare": self.compare.isChecked(), "grid": self.grid.isChecked(),
+                "hot_start": self.hot_start.isChecked()}
+
+    def apply_settings(self, settings: RunSettings, gui: dict[str, Any] | None = None, quiet: bool = False) -> None:
+        """Show ``settings`` in the widgets (a preset or the last used settings)."""
+        idx = self.method_combo.findData(settings.method)
+        if idx >= 0:
+            self.method_combo.setCurrentIndex(idx)
+        p = settings.params
+        for key in ("n_steps", "eta", "lam", "gamma", "zeta", "cg_iters", "snr"):
+            v = getattr(p, key)
+            if isinstance(v, float) and not math.isfinite(v):
+                v = self.spins[key].maximum()
+            self.spins[key].setValue(v)
+        if p.t0 < 1:
+            self.spins["t0"].setValue(p.t0)
+        self.hot_start.setChecked(bool(settings.hot_start) or bool((gui or {}).get("hot_start")))
+        self.set_prior_weight(p.prior_weight)
+        self.n_samples.setValue(int(settings.n_samples))
+        self.seed.setValue(int(settings.seed))
+        if self.device_combo.findText(settings.device) >= 0:
+            self.device_combo.setCurrentText(settings.device)
+        for key, v in (settings.baseline_params or {}).items():
+            if key == "filter":
+                self.filter_combo.setCurrentText(str(v))
+            elif key in self.spins:
+                self.spins[key].setValue(v)
+        if settings.prior:
+            idx = self.prior_combo.findData(settings.prior)
+            if idx >= 0:
+                self.prior_combo.setCurrentIndex(idx)
+            elif Path(settings.prior).suffix in (".json", ".safetensors") and Path(settings.prior).exists():
+                self.set_prior(settings.prior)
+            elif not quiet:
+                show_warning(f"napari-diffrecon: the preset's prior {settings.prior!r} is not available here")
+        gui = gui or {}
+        if "compare" in gui:
+            self.compare.setChecked(bool(gui["compare"]))
+        if "grid" in gui:
+            self.grid.setChecked(bool(gui["grid"]))
+        self._on_method_changed()
+
+    def save_preset(self, path: str | Path) -> Path:
+        """Save the current settings as a JSON preset."""
+        return _presets.save_preset(path, self.current_settings(), self.gui_state())
+
+    def load_preset(self, path: str | Path) -> bool:
+        """Load a JSON preset into the widgets (a bad file gives a notification, changes nothing)."""
+        try:
+            settings, gui = _presets.load_preset(path)
+        except (ValueError, OSError) as e:
+            show_error(f"napari-diffrecon: {e}")
+            return False
+        self.apply_settings(settings, gui)
+        return True
+
+    def _save_preset_dialog(self) -> None:
+        path, _ = QFileDialog.getSaveFileName(self, "Save preset", "diffrecon-preset.json", "Presets (*.json)")
+        if path:
+            show_info(f"napari-diffrecon: preset saved to {self.save_preset(path)}")
+
+    def _load_preset_dialog(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(self, "Load preset", "", "Presets (*.json)")
+        if path:
+            self.load_preset(path)
+
+    # ------------------------------------------------------------------ run / stop
+    @property
+    def running(self) -> bool:
+        """True while a run is in flight."""
+        return self.worker is not None
+
+    def run(self) -> Any:
+        """Start a run in a napari thread worker; returns the worker (None when refused with a notification)."""
+        if self.running:
+            show_info("napari-diffrecon: a run is already in progress (press Stop first)")
+            return None
+        if self.measurement is None:
+            show_error("napari-diffrecon: no measurement; load a sample, open a file or use a layer first")
+            return None
+        settings = self.current_settings()
+        diffusion = settings.method in SAMPLERS
+        modality = str(self.measurement.operator.get("modality"))
+        if not diffusion and modality not in BASELINES[settings.method][0]:
+            show_error(f"napari-diffrecon: {settings.method} applies to {', '.join(BASELINES[settings.method][0])} "
+                       f"data, not {modality.upper()}; pick one of {', '.join(self._classical_for())}")
+            return None
+        prior = None
+        if diffusion:
+            prior = self.prior
+            if prior is None:
+                name = self._default_prior_name()
+                if name is None:
+                    show_error(f"napari-diffrecon: no prior for {modality.upper()} is installed; load a prior file "
+                               f"(Prior ▸ Load file…) or pick a classical method ({', '.join(self._classical_for())})")
+                    return None
+                if not self.set_prior(name):
+                    return None
+                prior = self.prior
+                settings.prior = self.prior_source
+            msg = self._check_prior()
+            if msg:
+                show_error(f"napari-diffrecon: {msg}")
+                return None
+        _presets.save_last(settings, self.gui_state())
+        from napari.qt.threading import create_worker
+
+        self._run_settings = settings
+        self._run_measurement = self.measurement
+        self._live_params = settings.params
+        self._live_log = []
+        self._last_update = None
+        self.estimate_updates = 0
+        self._fresh = set(LAYER_NAMES)
+        self._window = None
+        self._t_run = time.perf_counter()
+        self._ended = False
+        baseline = baseline_for(modality) if diffusion and self.compare.isChecked() else None
+        worker = create_worker(
+            run_stream, self.measurement, settings, prior, baseline, live_log=self._live_log,
+            _start_thread=False, _ignore_errors=True,
+        )
+        worker.yielded.connect(self._on_update)
+        worker.errored.connect(self._on_error)
+        worker.aborted.connect(self._on_aborted)
+        worker.finished.connect(self._on_finished)
+        self.worker = worker
+        self._pbar = progress(total=settings.params.n_steps if diffusion else 0,
+                              desc=f"diffrecon {settings.method}")
+        self.run_btn.setEnabled(False)
+        self.stop_btn.setEnabled(True)
+        self.status.setText(f"running {settings.method}…")
+        worker.start()
+        return worker
+
+    def stop(self) -> None:
+        """Cancel the run in flight (it ends at the sampler's next step; what was computed stays)."""
+        if self.worker is not None:
+            self.worker.quit()
+            self.status.setText("stopping…")
+
+    # ------------------------------------------------------------------ worker slots (main thread)
+    def _on_update(self, upd: Update) -> None:
+        if self._ended:  # an update queued behind Stop: the run is over
+            return
+        self._last_update = upd
+        if upd.kind != "tick":
+            self._apply_update(upd)
+        # The progress bar last: napari may process events while it redraws (re-entrancy).
+        pbar = self._pbar
+        if pbar is not None and upd.n_steps:
+            if pbar.total != upd.n_steps:
+                pbar.total = upd.n_steps
+            eta = upd.elapsed / max(upd.step, 1) * (upd.n_steps - upd.step)
+            pbar.set_description(f"diffrecon: step {upd.step}/{upd.n_steps}, NFE {upd.nfe}, ETA {eta:.1f} s")
+            if upd.step > pbar.n:
+                pbar.update(upd.step - pbar.n)
+
+    def _apply_update(self, upd: Update) -> None:
+        if upd.kind == "baseline":
+            self._show("baseline", upd.baseline, name=f"baseline ({upd.baseline_method})",
+                       provenance=upd.provenance)
+            return
+        running = {"status": "running", "step": upd.step, "settings": self._run_settings.to_dict()}
+        if upd.kind == "final" and upd.baseline_method is not None:  # a classical run: the baseline layer
+            self._show("baseline", upd.x0_hat, name=f"baseline ({upd.baseline_method})", provenance=upd.provenance)
+            if upd.residual_map is not None:
+                self._show("residual", upd.residual_map, provenance=upd.provenance)
+            self.last_provenance = upd.provenance
+            self.status.setText(f"{upd.baseline_method}: data residual {upd.residual:.4f} ({upd.elapsed:.2f} s)")
+            return
+        prov = upd.provenance if upd.kind == "final" else running
+        if upd.x_t is not None:
+            self._show("iterate", upd.x_t, provenance=prov)
+        if upd.x0_hat is not None:
+            self._show("estimate", upd.x0_hat, provenance=prov)
+            self.estimate_updates += 1
+        if upd.mean is not None:
+            self._show("mean", upd.mean, provenance=prov)
+        if upd.std is not None:
+            self._show("std", upd.std, provenance=prov)
+        if upd.residual_map is not None:
+            self._show("residual", upd.residual_map, provenance=prov)
+        if upd.kind == "final":
+            self.last_provenance = upd.provenance
+            self.status.setText(
+                f"done: {upd.n_steps} steps, NFE {upd.nfe}, {upd.elapsed:.1f} s, data residual {upd.residual:.4f}"
+            )
+        else:
+            self.status.setText(f"step {upd.step}/{upd.n_steps} · NFE {upd.nfe} · σ {upd.sigma:.3g} · "
+                                f"residual {upd.residual:.4f} · {upd.elapsed:.1f} s")
+
+    def _show(self, role: str, data: np.ndarray, name: str | None = None,
+              provenance: dict[str, Any] | None = None) -> None:
+        """Assign a fresh array to the role's layer (creating it the first time); keep its display settings."""
+        data = np.asarray(data)
+        meta = {"provenance": provenance or {}, "diffrecon_role": role}
+        layer = self.layers.get(role)
+        if layer is not None and layer not in self.viewer.layers:
+            layer = None
+        scale = self._scale(data)
+        if layer is None:
+            kwargs: dict[str, Any] = {"name": name or LAYER_NAMES[role], "metadata": meta}
+            if scale is not None:
+                kwargs["scale"] = scale
+            kwargs.update(self._display(role, data))
+            layer = self.viewer.add_image(data, **kwargs)
+            self.layers[role] = layer
+            self._fresh.discard(role)
+            return
+        layer.data = data  # a fresh array: napari redraws
+        layer.metadata = meta
+        if name:
+            layer.name = name
+        if role in self._fresh:  # first update of a new run: new contrast window
+            self._fresh.discard(role)
+            for k, v in self._display(role, data).items():
+                setattr(layer, k, v)
+            if scale is not None and len(scale) == data.ndim:
+                layer.scale = scale
+
+    def _scale(self, data: np.ndarray) -> tuple[float, ...] | None:
+        m = self._run_measurement
+        if m is None or data.ndim != 2 or tuple(data.shape) != tuple(m.operator.get("image_shape", ())):
+            return None
+        px = (m.metadata.get("intensity") or {}).get("pixel_size_mm") if isinstance(m.metadata, dict) else None
+        return (float(px), float(px)) if px else None
+
+    def _display(self, role: str, data: np.ndarray) -> dict[str, Any]:
+        if role == "std":
+            return {"colormap": "magma", "contrast_limits": (0.0, max(_limits(data, 0, 99.5)[1], 1e-12))}
+        if role == "residual":
+            return {"colormap": "viridis", "contrast_limits": (0.0, max(_limits(data, 0, 99.5)[1], 1e-12))}
+        if role in ("iterate", "estimate", "mean", "baseline"):
+            if self._window is None:
+                ref = self._reference_image()
+                self._window = _limits(ref if ref is not None else data)
+            return {"colormap": "gray", "contrast_limits": self._window}
+        return {}
+
+    def _reference_image(self) -> np.ndarray | None:
+        m = self._run_measurement
+        if m is not None and m.ground_truth is not None:
+            return np.abs(m.ground_truth)
+        base = self.layers.get("baseline")
+        return np.asarray(base.data) if base is not None and base in self.viewer.layers else None
+
+    def _on_error(self, exc: Exception) -> None:
+        self._ended = True
+        show_error(f"napari-diffrecon: the run failed: {exc}")
+        self.status.setText(f"failed: {exc}")
+        self._close_pbar()
+
+    def _on_aborted(self) -> None:
+        from ..reconstruct import provenance
+
+        self._ended = True
+        upd = self._last_update
+        extra = {"kind": "diffusion", "status": "stopped", "stopped_at_step": upd.step if upd else 0,
+                 "nfe": upd.nfe if upd else 0, "live_parameter_changes": list(self._live_log),
+                 "prior": getattr(getattr(self.prior, "card", None), "name", None), "frontend": "napari widget"}
+        prov = provenance(self._run_measurement, self._run_settings, extra)
+        for role, layer in self.layers.items():
+            if role != "baseline" and layer in self.viewer.layers:
+                layer.metadata = {**layer.metadata, "provenance": prov}
+        self.last_provenance = prov
+        self.status.setText(f"stopped at step {extra['stopped_at_step']}; the layers keep what was computed")
+
+    def _on_finished(self) -> None:
+        self._ended = True
+        self._close_pbar()
+        self.worker = None
+        self._live_params = None
+        self.run_btn.setEnabled(True)
+        self.stop_btn.setEnabled(False)
+
+    def _close_pbar(self) -> None:
+        if self._pbar is not None:
+            self._pbar.close()
+            self._pbar = None
+
+    def _on_grid(self, on: bool) -> None:
+        self.viewer.grid.enabled = bool(on)
+
+    # ------------------------------------------------------------------ export
+    def export_layer(self, layer: Any, path: str | Path, overwrite: bool = False) -> Path | None:
+        """Write an image layer (NIfTI / DICOM / TIFF by extension) with its provenance; None on failure."""
+        from ..io.export import export_image
+
+        try:
+            return export_image(path, np.asarray(layer.data), self._layer_provenance(layer),
+                                spacing=tuple(float(s) for s in layer.scale), name=layer.name, overwrite=overwrite)
+        except (FileExistsError, ValueError, OSError) as e:
+            show_error(f"napari-diffrecon: export failed: {e}")
+            return None
+
+    def _layer_provenance(self, layer: Any) -> dict[str, Any]:
+        meta = layer.metadata or {}
+        prov = meta.get("provenance")
+        if isinstance(prov, dict) and prov:
+            return prov
+        return {"software": "napari-diffrecon", "layer": layer.name, "source": str(meta.get("source"))}
+
+    def _export_dialog(self) -> None:
+        layer = self.viewer.layers.selection.active
+        from napari.layers import Image
+
+        if not isinstance(layer, Image):
+            show_warning("napari-diffrecon: select an image layer to export")
+            return
+        path, _ = QFileDialog.getSaveFileName(  # the dialog asks before replacing a file
+            self, "Export layer", f"{layer.name}.nii.gz",
+            "NIfTI (*.nii.gz *.nii);;DICOM secondary capture (*.dcm);;TIFF (*.tif *.tiff)",
+        )
+        if path:
+            out = self.export_layer(layer, path, overwrite=True)
+            if out is not None:
+                show_info(f"napari-diffrecon: wrote {out}")
+
+    def closeEvent(self, event: Any) -> None:  # noqa: N802 - Qt API
+        """Stop a run in flight and remember the settings."""
+        self.stop()
+        _presets.save_last(self.current_settings(), self.gui_state())
+        super().closeEvent(event)
+
+
+class WorkbenchWidget(DiffReconWidget):
+    """The npe2 widget contribution: napari builds it with its viewer."""
+
+    def __init__(self, napari_viewer: Any) -> None:
+        super().__init__(napari_viewer)

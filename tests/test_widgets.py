@@ -1,0 +1,323 @@
+"""GUI tests of the workbench dock widget (napari's make_napari_viewer + qtbot; run under xvfb-run).
+
+Priors here are tiny untrained U-Nets written by a fixture (never the shipped ones); their
+``denoise`` is slowed to a realistic ~30 ms per call where a test needs several streamed updates,
+because the sampler yields at most ~10 iterates per second.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("napari")
+pytest.importorskip("pytestqt")
+
+from napari_diffrecon._widgets import main_widget  # noqa: E402
+from napari_diffrecon._widgets._main import LAYER_NAMES  # noqa: E402
+from napari_diffrecon.priors import ModelCard, NetworkPrior, save_prior  # noqa: E402
+from napari_diffrecon.priors.network import build_network  # noqa: E402
+from napari_diffrecon.priors.sources import normalisation_for  # noqa: E402
+
+N_STEPS = 10
+
+
+@pytest.fixture(autouse=True)
+def _config_in_tmp(tmp_path, monkeypatch):
+    """Last-used settings go to a temporary folder, never the real home."""
+    monkeypatch.setenv("NAPARI_DIFFRECON_CONFIG_DIR", str(tmp_path / "config"))
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tiny_priors(tmp_path_factory) -> dict[str, Path]:
+    """Card paths of tiny untrained priors: CT (real), MRI (complex), PET (real), all 128²."""
+    import torch
+
+    out = tmp_path_factory.mktemp("priors")
+    paths = {}
+    for modality, ch in (("ct", 1), ("mri", 2), ("pet", 1)):
+        torch.manual_seed(0)
+        card = ModelCard(
+            name=f"tiny-{modality}", modality=modality, channels=ch, resolution=128,
+            architecture={"type": "diffusers.UNet2DModel", "preset": "tiny"},
+            normalisation=normalisation_for(modality, ch),
+            training={"steps": 0, "data": {"sources": ["untrained test network"]}, "licence": "BSD-3-Clause"},
+        )
+        net = build_network({**card.architecture, "channels": ch})
+        paths[modality] = save_prior(NetworkPrior(net, card), out / f"tiny-{modality}")[1]
+    return paths
+
+
+@pytest.fixture
+def notes():
+    """Messages of the napari notifications shown during the test."""
+    from napari.utils.notifications import notification_manager
+
+    got: list[str] = []
+
+    def _collect(event):
+        n = getattr(event, "value", event)
+        got.append(str(getattr(n, "message", n)))
+
+    notification_manager.notification_ready.connect(_collect)
+    yield got
+    notification_manager.notification_ready.disconnect(_collect)
+
+
+def _slow(widget, seconds: float = 0.03) -> None:
+    """Slow the loaded prior's denoiser (a stand-in for a real network's cost per step)."""
+    prior = widget.prior
+    fast = prior.denoise
+
+    def denoise(x, sigma):
+        time.sleep(seconds)
+        return fast(x, sigma)
+
+    prior.denoise = denoise
+
+
+def _widget(make_napari_viewer, qtbot, show: bool = False):
+    viewer = make_napari_viewer(show=show)
+    w = main_widget(viewer)
+    viewer.window.add_dock_widget(w, name="Diffusion reconstruction")
+    return viewer, w
+
+
+def _prepare(w, sample: str, prior: Path, n_steps: int = N_STEPS, slow: float = 0.03) -> None:
+    w.load_sample(sample)
+    assert w.measurement is not None
+    assert w.set_prior(str(prior))
+    w.spins["n_steps"].setValue(n_steps)
+    w.seed.setValue(0)
+    if slow:
+        _slow(w, slow)
+
+
+def _run_to_end(w, qtbot, timeout_ms: int = 60_000):
+    worker = w.run()
+    assert worker is not None, "the run was refused"
+    qtbot.waitUntil(lambda: not w.running, timeout=timeout_ms)
+    return worker
+
+
+def test_dock_widget_opens(make_napari_viewer, qtbot):
+    viewer = make_napari_viewer()
+    dock, widget = viewer.window.add_plugin_dock_widget("napari-diffrecon", "Diffusion reconstruction")
+    assert widget.method_combo.count() >= 8
+    assert widget.sample_combo.count() == 3
+    assert not widget.running and widget.run_btn.isEnabled() and not widget.stop_btn.isEnabled()
+    # parameters follow the sampler: DPS shows ζ but not CG steps; a classical method hides the weight slider
+    widget.method_combo.setCurrentIndex(widget.method_combo.findData("dps"))
+    assert not widget.param_rows["zeta"].isHidden() and widget.param_rows["cg_iters"].isHidden()
+    widget.method_combo.setCurrentIndex(widget.method_combo.findData("tv"))
+    assert widget._weight_row.isHidden() and not widget.param_rows["lam_rel"].isHidden()
+
+
+@pytest.mark.parametrize("sample,modality", [("ct_sparse23", "ct"), ("mri_4x_8coils", "mri"),
+                                             ("pet_lowcount", "pet")])
+def test_run_on_each_sample_streams_layers(make_napari_viewer, qtbot, tiny_priors, sample, modality):
+    viewer, w = _widget(make_napari_viewer, qtbot)
+    _prepare(w, sample, tiny_priors[modality])
+    n_before = len(viewer.layers)
+    w.n_samples.setValue(2)
+    updates = []
+    _run_to_end(w, qtbot)
+    est = w.layers["estimate"]
+    est.events.data.connect(lambda e: updates.append(1))  # from here on: later runs count layer data events
+    names = {layer.name for layer in viewer.layers}
+    for role in ("iterate", "estimate", "mean", "std", "residual"):
+        assert LAYER_NAMES[role] in names, role
+    assert any(n.startswith("baseline (") for n in names)
+    assert len(viewer.layers) == n_before + 6
+    assert w.estimate_updates >= 3, w.estimate_updates
+    prov = est.metadata["provenance"]
+    assert prov["settings"]["method"] == "dds" and prov["settings"]["seed"] == 0
+    assert prov["prior"] == f"tiny-{modality}" and prov["prior_card"]["modality"] == modality
+    assert prov["operator"]["modality"] == modality and prov["software_version"]
+    assert prov["measurement_file"].endswith(f"{sample}.npz") and prov["measurement_sha256"]
+    std = w.layers["std"]
+    assert std.colormap.name == "magma" and std.contrast_limits[0] == 0.0 and float(std.data.max()) > 0
+    assert w.layers["mean"].data.shape == tuple(w.measurement.operator["image_shape"])
+    if modality != "ct":
+        return
+    # a second run re-uses the same layers and streams into the estimate layer again
+    _run_to_end(w, qtbot)
+    assert len(viewer.layers) == n_before + 6
+    assert len(updates) >= 3
+
+
+def test_weight_slider_moved_mid_run_changes_result(make_napari_viewer, qtbot, tiny_priors):
+    viewer, w = _widget(make_napari_viewer, qtbot)
+    _prepare(w, "ct_sparse23", tiny_priors["ct"], n_steps=12)
+    w.compare.setChecked(False)
+    _run_to_end(w, qtbot)
+    unmoved = np.array(w.layers["mean"].data)
+    _run_to_end(w, qtbot)
+    np.testing.assert_allclose(w.layers["mean"].data, unmoved, rtol=0, atol=1e-6)  # same seed, same result
+
+    worker = w.run()
+    moved = []
+
+    def on_update(upd):
+        if upd.kind == "iterate" and not moved:
+            w.set_prior_weight(0.1)  # the user drags the slider while the run is in flight
+            moved.append(upd.step)
+
+    worker.yielded.connect(on_update)
+    qtbot.waitUntil(lambda: not w.running, timeout=60_000)
+    assert moved and moved[0] < 12
+    log = w.last_provenance["live_parameter_changes"]
+    assert log and log[0]["prior_weight"] == pytest.approx(0.1) and log[0]["after_step"] < 12
+    assert w.last_provenance["settings"]["params"]["prior_weight"] == pytest.approx(0.1)
+    assert not np.allclose(w.layers["mean"].data, unmoved, atol=1e-4)
+    # moving the slider with no run in flight only changes the next run's settings
+    w.set_prior_weight(1.0)
+    assert w.current_settings().params.prior_weight == pytest.approx(1.0)
+
+
+def test_stop_ends_worker_quickly_and_keeps_layers(make_napari_viewer, qtbot, tiny_priors):
+    viewer, w = _widget(make_napari_viewer, qtbot)
+    _prepare(w, "ct_sparse23", tiny_priors["ct"], n_steps=400, slow=0.02)
+    w.compare.setChecked(False)
+    worker = w.run()
+    qtbot.waitUntil(lambda: "estimate" in w.layers, timeout=30_000)
+    t0 = time.perf_counter()
+    w.stop_btn.click()
+    qtbot.waitUntil(lambda: not w.running, timeout=1000)
+    elapsed = time.perf_counter() - t0
+    assert elapsed < 1.0, elapsed
+    assert worker.abort_requested
+    est = w.layers["estimate"]
+    assert est in viewer.layers and np.isfinite(est.data).all()
+    prov = est.metadata["provenance"]
+    assert prov["status"] == "stopped" and 0 < prov["stopped_at_step"] < 400
+    assert w.run_btn.isEnabled() and not w.stop_btn.isEnabled() and w._pbar is None
+    # the viewer is usable: add a layer, change the estimate's display, run a classical method
+    viewer.add_image(np.zeros((8, 8)), name="after stop")
+    est.contrast_limits = (0.0, 1.0)
+    w.method_combo.setCurrentIndex(w.method_combo.findData("fbp"))
+    _run_to_end(w, qtbot)
+    assert "baseline (fbp)" in [layer.name for layer in viewer.layers]
+
+
+def test_export_and_reread_roundtrip(make_napari_viewer, qtbot, tiny_priors, tmp_path, notes):
+    viewer, w = _widget(make_napari_viewer, qtbot)
+    _prepare(w, "ct_sparse23", tiny_priors["ct"], n_steps=4, slow=0)
+    w.compare.setChecked(False)
+    _run_to_end(w, qtbot)
+    mean = w.layers["mean"]
+    prov = mean.metadata["provenance"]
+    for ext in (".nii.gz", ".dcm", ".tif"):
+        path = tmp_path / f"mean{ext}"
+        assert w.export_layer(mean, path) == path
+        before = path.read_bytes()
+        assert w.export_layer(mean, path) is None  # never overwrites without asking
+        assert path.read_bytes() == before and any("exists" in m for m in notes)
+        layers = viewer.open(str(path), plugin="napari-diffrecon")
+        back = layers[0]
+        tol = (float(mean.data.max()) - float(mean.data.min())) / 65535 if ext == ".dcm" else 1e-6
+        np.testing.assert_allclose(back.data, mean.data, rtol=0, atol=tol * 1.01)
+        assert back.metadata["provenance"] == json.loads(json.dumps(prov))
+        np.testing.assert_allclose(back.scale, mean.scale, rtol=1e-5)
+    # napari's own save path goes through our npe2 writers
+    out = tmp_path / "via_napari.nii"
+    viewer.layers.selection.active = mean
+    viewer.layers.save(str(out), selected=True, plugin="napari-diffrecon")
+    back = viewer.open(str(out), plugin="napari-diffrecon")[0]
+    assert back.metadata["provenance"]["settings"] == prov["settings"]
+
+
+def test_bad_file_and_mismatched_prior_notify_and_leave_layers(make_napari_viewer, qtbot, tiny_priors, tmp_path,
+                                                              notes):
+    viewer, w = _widget(make_napari_viewer, qtbot)
+    w.load_sample("mri_4x_8coils")
+    before = [(layer.name, id(layer.data)) for layer in viewer.layers]
+    meas = w.measurement
+    bad = tmp_path / "broken.npz"
+    bad.write_bytes(b"this is not a zip file")
+    assert w.open_path(bad) is False
+    assert any("broken.npz" in m for m in notes)
+    assert [(layer.name, id(layer.data)) for layer in viewer.layers] == before and w.measurement is meas
+    n = len(notes)
+    assert w.open_path(tmp_path / "missing.h5") is False and len(notes) > n
+    # a real (1-channel) CT prior for complex MRI data: explained, not run
+    assert w.set_prior(str(tiny_priors["ct"]))
+    assert "complex" in w.mismatch_label.text()
+    n = len(notes)
+    assert w.run() is None and not w.running
+    assert len(notes) > n and "pick a MRI prior" in notes[-1]
+    assert [(layer.name, id(layer.data)) for layer in viewer.layers] == before
+    # a prior file that does not exist
+    n = len(notes)
+    assert w.set_prior(str(tmp_path / "nope.json")) is False and len(notes) > n
+
+
+def test_no_prior_installed_notifies_and_classical_still_runs(make_napari_viewer, qtbot, tmp_path, monkeypatch,
+                                                              notes):
+    import napari_diffrecon.priors.registry as registry
+
+    monkeypatch.setattr(registry, "WEIGHTS_DIR", tmp_path / "no-weights")
+    viewer, w = _widget(make_napari_viewer, qtbot)
+    w.refresh_priors()
+    w.load_sample("pet_lowcount")
+    assert any("no prior for PET" in m for m in notes)
+    n = len(notes)
+    assert w.run() is None and len(notes) > n and "classical" in notes[-1]
+    w.method_combo.setCurrentIndex(w.method_combo.findData("mlem"))
+    w.spins["iters"].setValue(5)
+    _run_to_end(w, qtbot)
+    base = w.layers["baseline"]
+    assert base.name == "baseline (mlem)" and base.metadata["provenance"]["kind"] == "classical"
+    assert LAYER_NAMES["residual"] in [layer.name for layer in viewer.layers]
+
+
+def test_simulate_from_image_layer(make_napari_viewer, qtbot, mr_slice):
+    viewer, w = _widget(make_napari_viewer, qtbot)
+    viewer.add_image(mr_slice, name="mr")
+    w.sim_modality.setCurrentText("mri")
+    w.sim_size.setValue(64)
+    w.sim_coils.setValue(4)
+    w.use_selected_layer()
+    assert w.measurement is not None and w.measurement.operator["modality"] == "mri"
+    assert w.measurement.operator["coil_maps"].shape == (4, 64, 64)
+    assert "4 coil(s)" in w.meas_label.text()
+
+
+def test_presets_and_last_settings_persist(make_napari_viewer, qtbot, tmp_path, tiny_priors):
+    viewer, w = _widget(make_napari_viewer, qtbot)
+    w.method_combo.setCurrentIndex(w.method_combo.findData("mcg"))
+    w.spins["n_steps"].setValue(37)
+    w.spins["zeta"].setValue(0.25)
+    w.seed.setValue(7)
+    w.n_samples.setValue(4)
+    w.set_prior_weight(2.0)
+    assert w.set_prior(str(tiny_priors["ct"]))
+    path = w.save_preset(tmp_path / "p.json")
+    d = json.loads(path.read_text())
+    assert d["settings"]["method"] == "mcg" and d["settings"]["params"]["n_steps"] == 37
+    w2 = main_widget(viewer, restore_last=False)
+    assert w2.current_settings().method != "mcg"
+    assert w2.load_preset(path)
+    s1, s2 = w.current_settings().to_dict(), w2.current_settings().to_dict()
+    assert s2 == s1
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"format": "something else"}')
+    assert w2.load_preset(bad) is False
+    assert w2.current_settings().to_dict() == s1
+    # closing remembers the settings; a new widget (a napari restart) restores them
+    w.close()
+    assert (tmp_path / "config" / "last_settings.json").exists()
+    w3 = main_widget(viewer)
+    assert w3.current_settings().to_dict() == s1
+    for x in (w2, w3):
+        x.deleteLater()
