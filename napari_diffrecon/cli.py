@@ -252,6 +252,19 @@ def _cmd_train(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export_prior(a: argparse.Namespace) -> int:
+    from .priors.training import export_checkpoint
+
+    out = Path(a.output)
+    stem = out.with_suffix("") if out.suffix in (".json", ".safetensors") else out
+    for p in (stem.with_suffix(".json"), stem.with_suffix(".safetensors")):
+        if p.exists() and not a.force:
+            raise FileExistsError(f"{p} exists; pass --force to overwrite it")
+    w, c = export_checkpoint(a.run, stem, half=a.half)
+    print(f"wrote {w} ({w.stat().st_size / 1e6:.1f} MB) and {c}")
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="napari-diffrecon", description="Reconstruct CT/MRI/PET with diffusion priors.")
     p.add_argument("--version", action="version", version=f"napari-diffrecon {__version__}")
@@ -329,6 +342,13 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--device", default="cpu")
     t.add_argument("-o", "--output", required=True, help="output folder (checkpoint, history, weights + card)")
     t.set_defaults(func=_cmd_train)
+
+    e = sub.add_parser("export-prior", help="export a prior (EMA weights + card) from a training run's checkpoint")
+    e.add_argument("run", help="training output folder (holds checkpoint.pt); the run may still be going")
+    e.add_argument("-o", "--output", required=True, help="output stem: writes STEM.safetensors and STEM.json")
+    e.add_argument("--half", action="store_true", help="store float16 weights (half the size)")
+    e.add_argument("--force", action="store_true")
+    e.set_defaults(func=_cmd_export_prior)
 
     i = sub.add_parser("info", help="summarise a measurement bundle")
     i.add_argument("bundle")

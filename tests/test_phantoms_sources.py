@@ -115,6 +115,18 @@ def test_train_cli_on_builtin_source_then_export_a_running_checkpoint(tmp_path):
         torch.testing.assert_close(prior.denoise(x, 0.3), again.denoise(x, 0.3))
 
 
+def test_export_prior_cli_writes_half_weights_and_never_overwrites(tmp_path):
+    from napari_diffrecon.cli import main
+
+    out = tmp_path / "run"
+    assert main(["train", "builtin:ct-phantoms", "--modality", "ct", "--resolution", "32", "--patch", "32",
+                 "--arch", "tiny", "--batch", "2", "--steps", "2", "--val-every", "2", "--pool", "3", "--no-progress",
+                 "-o", str(out)]) == 0
+    assert main(["export-prior", str(out), "-o", str(tmp_path / "shipped"), "--half"]) == 0
+    assert load_prior(tmp_path / "shipped.json").card.training["steps"] == 2
+    assert main(["export-prior", str(out), "-o", str(tmp_path / "shipped")]) == 2  # exists: needs --force
+
+
 def test_train_cli_rejects_mismatched_builtin_source(tmp_path):
     from napari_diffrecon.cli import main
 

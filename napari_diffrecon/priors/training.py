@@ -195,7 +195,7 @@ def _training_record(
     }
 
 
-def export_checkpoint(run_dir: str | Path, out: str | Path | None = None) -> tuple[Path, Path]:
+def export_checkpoint(run_dir: str | Path, out: str | Path | None = None, half: bool = False) -> tuple[Path, Path]:
     """Export the EMA weights of a (possibly still running) training run as a prior.
 
     Parameters
@@ -204,6 +204,8 @@ def export_checkpoint(run_dir: str | Path, out: str | Path | None = None) -> tup
         A ``train`` output folder holding ``checkpoint.pt``.
     out : str or Path, optional
         Output stem (default ``run_dir/<name>``); ``.safetensors`` and ``.json`` are written.
+    half : bool
+        Store the weights as float16 (shipped priors).
 
     Returns
     -------
@@ -227,7 +229,7 @@ def export_checkpoint(run_dir: str | Path, out: str | Path | None = None) -> tup
     final = history[-1] if history else {"loss": float("nan")}
     n_params = count_parameters(net)
     card.training = _training_record(config, int(ck["step"]), float(ck["wall"]), final, n_params, config.device)
-    return save_prior(NetworkPrior(net, card), out if out is not None else run_dir / config.name)
+    return save_prior(NetworkPrior(net, card), out if out is not None else run_dir / config.name, half=half)
 
 
 def _atomic_save(obj: dict[str, Any], path: Path) -> None:
