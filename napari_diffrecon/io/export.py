@@ -161,7 +161,7 @@ def write_tiff(path: str | Path, data: Any, provenance: dict[str, Any] | None = 
     desc = json.dumps({_TAG: json.loads(_json(provenance)), "spacing_mm": sp})
 
     def writer(tmp: str) -> None:
-        tifffile.imwrite(tmp, a, description=desc, metadata=None,
+        tifffile.imwrite(tmp, a, description=desc, metadata=None, photometric="minisblack",
                          resolution=(1.0 / sp[-1], 1.0 / sp[-2]), resolutionunit="MILLIMETER")
 
     _atomic_write(path, writer, overwrite)

@@ -1,0 +1,158 @@
+"""Export (NIfTI / DICOM / TIFF with provenance), the npe2 readers and writers, and the shipped samples."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from napari_diffrecon.io import SAMPLES, export_image, load_sample, read_exported, read_fastmri
+from napari_diffrecon.io._napari import (
+    get_image_reader,
+    get_reader,
+    sample_layers,
+    write_dicom,
+    write_nifti,
+    write_tiff,
+)
+
+PROV = {"software": "napari-diffrecon", "software_version": "0.1.0", "settings": {"method": "dds", "seed": 3,
+        "params": {"n_steps": 10, "gamma": "inf"}}, "prior_card": {"name": "x", "resolution": 128}, "nested": [1, 2.5]}
+
+
+@pytest.mark.parametrize("ext", [".nii.gz", ".nii", ".dcm", ".tif"])
+@pytest.mark.parametrize("shape,spacing", [((40, 56), (0.7, 0.5)), ((3, 24, 32), (2.0, 0.9, 0.8))])
+def test_export_roundtrip(tmp_path, ext, shape, spacing):
+    rng = np.random.default_rng(0)
+    data = (rng.normal(size=shape) * 100 - 20).astype(np.float32)
+    path = export_image(tmp_path / f"img{ext}", data, PROV, spacing=spacing)
+    back, prov, info = read_exported(path)
+    tol = (data.max() - data.min()) / 65535 * 0.51 if ext == ".dcm" else 1e-6
+    assert back.shape == data.shape
+    np.testing.assert_allclose(back, data, rtol=0, atol=tol)
+    assert prov == PROV
+    np.testing.assert_allclose(info["spacing"], spacing, rtol=1e-5)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp files left
+
+
+def test_export_never_overwrites_and_is_atomic(tmp_path):
+    path = tmp_path / "a.tif"
+    export_image(path, np.ones((8, 8)), PROV)
+    before = path.read_bytes()
+    with pytest.raises(FileExistsError, match="exists"):
+        export_image(path, np.zeros((8, 8)), PROV)
+    assert path.read_bytes() == before
+    export_image(path, np.zeros((8, 8)), PROV, overwrite=True)
+    assert read_exported(path)[0].max() == 0
+    with pytest.raises(ValueError, match="2D images or 3D volumes"):  # fails before anything is written
+        export_image(tmp_path / "b.nii", np.zeros((2, 2, 2, 2)), PROV)
+    with pytest.raises(ValueError, match=r"\.nii"):
+        export_image(tmp_path / "c.png", np.zeros((8, 8)), PROV)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.tif"]
+
+
+def test_complex_images_export_magnitude(tmp_path):
+    z = (np.arange(16, dtype=np.float32).reshape(4, 4) * np.exp(1j * 0.3)).astype(np.complex64)
+    back, _, _ = read_exported(export_image(tmp_path / "z.nii", z, PROV))
+    np.testing.assert_allclose(back, np.abs(z), rtol=1e-6)
+
+
+def test_npe2_writers_and_image_reader(tmp_path):
+    data = np.linspace(0, 1, 32 * 48, dtype=np.float32).reshape(32, 48)
+    meta = {"name": "est", "scale": (0.5, 0.25), "metadata": {"provenance": PROV}}
+    for writer, ext in ((write_nifti, ".nii.gz"), (write_dicom, ".dcm"), (write_tiff, ".tif")):
+        (out,) = writer(str(tmp_path / f"est{ext}"), data, meta)
+        reader = get_image_reader(out)
+        assert reader is not None, ext
+        ((back, kw, kind),) = reader(out)
+        assert kind == "image" and kw["name"] == "est" and kw["metadata"]["provenance"] == PROV
+        np.testing.assert_allclose(kw["scale"], (0.5, 0.25), rtol=1e-5)
+        np.testing.assert_allclose(back, data, atol=1.01 / 65535)
+
+
+def test_reader_for_foreign_images(tmp_path):
+    import nibabel as nib
+    import pydicom
+    import tifffile
+    from pydicom.data import get_testdata_file
+
+    ct = get_testdata_file("CT_small.dcm")
+    ((data, kw, _),) = get_image_reader(ct)(ct)
+    ds = pydicom.dcmread(ct)
+    assert data.shape == (128, 128) and "provenance" not in kw["metadata"]
+    np.testing.assert_allclose(kw["scale"], [float(v) for v in ds.PixelSpacing])
+    assert data.min() < -500  # rescaled to HU
+    # a DICOM series folder (two copies of the slice at different positions)
+    series = tmp_path / "series"
+    series.mkdir()
+    for i in range(2):
+        ds.ImagePositionPatient = [0, 0, float(i)]
+        ds.save_as(series / f"im{i}.dcm")
+    ((vol, kw, _),) = get_image_reader(str(series))(str(series))
+    assert vol.shape == (2, 128, 128) and kw["name"] == "series"
+    # NIfTI volume from nibabel's test data
+    anat = Path(nib.__file__).parent / "tests" / "data" / "anatomical.nii"
+    if anat.exists():
+        ((vol, kw, _),) = get_image_reader(str(anat))(str(anat))
+        assert vol.ndim == 3 and kw["name"] == "anatomical"
+    # a TIFF we did not write is left to napari's own reader
+    tifffile.imwrite(tmp_path / "plain.tif", np.zeros((4, 4), np.float32))
+    assert get_image_reader(str(tmp_path / "plain.tif")) is None
+    assert get_image_reader(str(tmp_path / "nothing.png")) is None
+
+
+def test_fastmri_style_h5(tmp_path):
+    import h5py
+
+    m = load_sample("mri_4x_8coils")
+    k = m.data  # (8, 128, 128), zero outside the sampled locations
+    # fastMRI masks are column masks: keep the sampled columns of a fully sampled acquisition
+    from napari_diffrecon.physics import CartesianMRI
+
+    full = CartesianMRI(np.ones((128, 128), np.float32), m.operator["coil_maps"])
+    import torch
+
+    kfull = full.forward(torch.from_numpy(m.ground_truth)).numpy()
+    cols = np.zeros(128, bool)
+    cols[::4] = True
+    cols[56:72] = True
+    path = tmp_path / "file_brain.h5"
+    with h5py.File(path, "w") as f:
+        f.create_dataset("kspace", data=(kfull * cols)[None].repeat(2, 0))
+        f.attrs["acquisition"] = "AXT1"
+    assert get_reader(str(path)) is not None
+    ((gt_or_meas, kw, _),) = get_reader(str(path))(str(path))
+    meas = kw["metadata"]["measurement"]
+    assert meas.operator["coil_maps"].shape == (8, 128, 128)
+    np.testing.assert_array_equal(meas.operator["mask"][0] > 0, cols)
+    assert k.shape == meas.data.shape
+    direct = read_fastmri(path, slice_index=1)
+    assert direct.metadata["slice_index"] == 1 and direct.noise["model"] == "gaussian"
+    with h5py.File(tmp_path / "bad.h5", "w") as f:
+        f.create_dataset("kspace", data=np.ones((2, 4, 4), np.float32))
+    with pytest.raises(ValueError, match="complex"):
+        read_fastmri(tmp_path / "bad.h5")
+
+
+@pytest.mark.parametrize("key", list(SAMPLES))
+def test_samples_are_small_valid_and_ready(key):
+    from napari_diffrecon.io import DATA_DIR
+
+    path = DATA_DIR / f"{key}.npz"
+    assert path.stat().st_size < 1_000_000
+    m = load_sample(key)
+    assert m.ground_truth is not None and tuple(m.operator["image_shape"]) == (128, 128)
+    assert "source" in m.metadata and m.metadata["source"]
+    layers = sample_layers(key)
+    assert len(layers) == 2 and all(np.asarray(d).ndim == 2 for d, _, _ in layers)
+    assert all(kw["metadata"]["measurement"] is not None for _, kw, _ in layers)
+    modality = {"ct_sparse23": "ct", "mri_4x_8coils": "mri", "pet_lowcount": "pet"}[key]
+    assert m.operator["modality"] == modality
+    if key == "mri_4x_8coils":
+        assert m.operator["coil_maps"].shape[0] == 8
+        assert 1 / float(np.mean(m.operator["mask"])) == pytest.approx(4, rel=0.1)
+    if key == "pet_lowcount":
+        assert m.noise["model"] == "poisson"
+        assert json.dumps(m.metadata)  # the derivation is recorded as plain JSON
