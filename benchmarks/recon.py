@@ -381,30 +381,20 @@ def run_extras(a: argparse.Namespace, priors: dict[str, Any]) -> dict[str, Any]:
                     "threads": torch.get_num_threads()}
     print(f"   batch: 8 samples {eight['wall_s']:.1f} s vs 1 sample {one['wall_s']:.1f} s "
           f"(×{out['batch']['ratio']:.2f})", flush=True)
-    # PSNR of x0_hat against NFE for DDS at 100 steps (ct-23).
+    # PSNR of x0_hat against NFE for DDS at 100 steps.
+    from napari_diffrecon.reconstruct import RunSettings, prepare_run
+    from napari_diffrecon.samplers.defaults import recommended_params
+
     for task in a.curve_tasks:
         m = build_task(task, a.size, a.seed)
         modality = m.build_operator().modality
         gt = np.abs(m.ground_truth)
-        curve: list[tuple[int, float]] = []
-        prob_ref: dict[str, Any] = {}
-
-        def cb(it, gt=gt, curve=curve):
-            curve.append((it.nfe, psnr(np.abs(it.x0_hat[0].cpu().numpy()), gt)))
-
-        ov = {**a.overrides, "dds": {**a.overrides.get("dds", {}), "n_steps": 100}}
-        from napari_diffrecon.reconstruct import RunSettings, prepare_run
-        from napari_diffrecon.samplers.defaults import recommended_params
-
-        params = recommended_params("dds", modality, **ov["dds"])
+        params = recommended_params("dds", modality, **{**a.overrides.get("dds", {}), "n_steps": 100})
         _, start, _ = prepare_run(m, RunSettings(method="dds", params=params, seed=a.seed), priors[modality][0])
-        for it in start():
-            if it.step % 1 == 0:
-                cb(it)
+        curve = [(it.nfe, psnr(np.abs(it.x0_hat[0].cpu().numpy()), gt)) for it in start(yield_every=1)]
         best = max(curve, key=lambda c: c[1])
         out["nfe_curve"][task] = {"curve": curve, "best_nfe": best[0], "best_psnr": best[1],
                                   "final_psnr": curve[-1][1]}
-        del prob_ref
         print(f"   DDS-100 on {task}: best PSNR {best[1]:.2f} at NFE {best[0]}, final {curve[-1][1]:.2f}", flush=True)
     return out
 

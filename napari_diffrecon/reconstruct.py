@@ -159,7 +159,8 @@ def prepare_run(
     Returns
     -------
     problem, start, info
-        ``start()`` returns the generator of iterates; ``info`` holds provenance pieces.
+        ``start()`` returns the generator of iterates (``start(yield_every=1)`` yields every step);
+        ``info`` holds provenance pieces.
     """
     from .priors import default_prior_for, load_prior
 
@@ -192,8 +193,9 @@ def prepare_run(
     if settings.hot_start and settings.params.t0 >= 1:
         raise SamplingError("a hot start needs --t0 below 1 (e.g. 0.3): the fraction of the schedule to run")
 
-    def start() -> Iterator[Iterate]:
-        return sampler(problem, settings.params, n_samples=settings.n_samples, seed=settings.seed, x_init=x_init)
+    def start(**kw: Any) -> Iterator[Iterate]:
+        """The sampler's generator; ``kw`` goes to the sampler (e.g. ``yield_every=1``, ``min_interval``)."""
+        return sampler(problem, settings.params, n_samples=settings.n_samples, seed=settings.seed, x_init=x_init, **kw)
 
     info = {
         "prior": card.name if card is not None else type(prior).__name__,
