@@ -15,9 +15,9 @@ Evaluation images (real; never used to train a prior, which train on procedural 
 - MRI: nibabel's ``tests/data/anatomical.nii`` (a real T1 brain, 2 mm voxels), axial slice 12,
   zero-padded to a square and resized to 128 by :func:`simulate_from_image`; magnitude scaled so the
   99.5th percentile = 1 and given a smooth random phase by the simulator.
-- PET: an FDG-like activity map from a different axial slice (14) of the same T1 volume, resized to 128, by
-  :func:`napari_diffrecon.simulate.activity_from_anatomy` (kind "mr": tissue classes from the head's
-  intensity percentiles, uptake CSF 0.1 : GM 4 : WM 1, 1.5-pixel FWHM blur).
+- PET: an FDG-like activity map from a different axial slice (14) of the same T1 volume, made at its native
+  2 mm grid by :func:`napari_diffrecon.simulate.activity_from_anatomy` (kind "mr": tissue classes from the
+  head's intensity percentiles, uptake CSF 0.1 : GM 4 : WM 1, 1.5-pixel (3 mm) FWHM blur), then resized to 128.
 
 Every task is made by :func:`napari_diffrecon.simulate.simulate_from_image` with seed 0.
 
@@ -91,14 +91,15 @@ def mri_t1(index: int = 12) -> np.ndarray:
     return _square(np.clip(np.rot90(vol[:, :, index]), 0, None))
 
 
-def pet_activity(index: int = 14, size: int = 128) -> np.ndarray:
-    """FDG-like activity from a T1 slice: :func:`napari_diffrecon.simulate.activity_from_anatomy` (kind "mr")."""
-    from skimage.transform import resize
+def pet_activity(index: int = 14) -> np.ndarray:
+    """FDG-like activity from a T1 slice at its native 2 mm grid (:func:`simulate.activity_from_anatomy`, "mr").
 
+    Classified at the native resolution (thresholding an upsampled image would give blocky class edges);
+    :func:`simulate_from_image` then resizes it (linear interpolation) to the task size.
+    """
     from napari_diffrecon.simulate import activity_from_anatomy
 
-    t1 = resize(mri_t1(index), (size, size), anti_aliasing=True, preserve_range=True)
-    return activity_from_anatomy(t1, "mr")
+    return activity_from_anatomy(mri_t1(index), "mr")
 
 
 def _ct(**kw: Any) -> Callable[[int, int], Measurement]:
@@ -120,7 +121,7 @@ def _mri(**kw: Any) -> Callable[[int, int], Measurement]:
 
 def _pet(**kw: Any) -> Callable[[int, int], Measurement]:
     def make(size: int, seed: int) -> Measurement:
-        return simulate_from_image(pet_activity(size=size), "pet", size=size, seed=seed,
+        return simulate_from_image(pet_activity(), "pet", size=size, seed=seed,
                                    source="FDG-like map from nibabel anatomical.nii z=14", **kw)
 
     return make
@@ -136,7 +137,7 @@ TASKS: dict[str, tuple[str, Callable[[int, int], Measurement]]] = {
     "mri-4x-8c": ("MRI 4×, 8 coils (SENSE)", _mri(accel=4.0, coils=8)),
     "mri-8x": ("MRI 8×, single coil", _mri(accel=8.0)),
     "mri-8x-8c": ("MRI 8×, 8 coils (SENSE)", _mri(accel=8.0, coils=8)),
-    "pet-low": ("PET low-count, 180 views, 5e4 true counts, 20% background", _pet(counts=5e4)),
+    "pet-low": ("PET low-count, 180 views, 1e5 true counts, 20% background", _pet(counts=1e5)),
 }
 
 
@@ -228,7 +229,12 @@ CLASSICAL = {"ct": ["fbp", "tv"], "mri": ["zero_filled", "cg", "tv"], "pet": ["f
 SAMPLER_RUNS = ["dds", "dds-hot", "dps", "mcg", "song"]
 HOT_START = {"ct": "fbp", "mri": "cg", "pet": "mlem"}
 # Oracle grids for the baselines (chosen on the ground truth, per task, every run).
-TV_GRID = (0.0005, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032)
+TV_GRID = {  # relative TV weight (lam_rel), around each task family's optimum
+    "ct": (0.0005, 0.001, 0.002, 0.004, 0.008),
+    "ct-lowdose": (0.0001, 0.00025, 0.0005, 0.001, 0.002),
+    "mri": (0.004, 0.008, 0.016, 0.032, 0.064),
+    "pet": (0.004, 0.008, 0.016, 0.032, 0.064),
+}
 MLEM_GRID = (5, 10, 20, 40, 80)
 CG_GRID = (5, 10, 20, 40)
 
@@ -240,13 +246,13 @@ def _metrics(x: np.ndarray, gt: np.ndarray) -> tuple[float, float]:
     return psnr(x, gt), ssim(x, gt)
 
 
-def _classical(m: Measurement, method: str, gt: np.ndarray) -> dict[str, Any]:
+def _classical(m: Measurement, method: str, gt: np.ndarray, task: str) -> dict[str, Any]:
     """Run a baseline; TV / MLEM / CG get the best setting of their grid on the ground truth."""
     from napari_diffrecon.reconstruct import RunSettings, reconstruct
 
     grid: list[dict[str, Any]] = [{}]
     if method == "tv":
-        grid = [{"lam_rel": v} for v in TV_GRID]
+        grid = [{"lam_rel": v} for v in TV_GRID.get(task, TV_GRID[task.split("-")[0]])]
     elif method == "mlem":
         grid = [{"iters": v} for v in MLEM_GRID]
     elif method == "cg":
@@ -293,7 +299,10 @@ def _sampler(m: Measurement, label: str, prior, modality: str, gt: np.ndarray, s
 def _load_priors(a: argparse.Namespace) -> dict[str, Any]:
     from napari_diffrecon.priors import load_prior
 
-    needed = {t.split("-")[0] for t in [*a.tasks, *a.uq_tasks, a.batch_task, *a.curve_tasks]}
+    tasks = list(a.tasks) if any(x in SAMPLER_RUNS for x in a.methods) and not a.extras_only else []
+    if not a.no_extras:
+        tasks += [*a.uq_tasks, a.batch_task, *a.curve_tasks]
+    needed = {t.split("-")[0] for t in tasks}
     out = {}
     for mod, name in SHIPPED.items():
         if mod not in needed:
@@ -328,7 +337,7 @@ def run_table(a: argparse.Namespace, priors: dict[str, Any]) -> list[dict[str, A
                 row = _sampler(m, meth, priors[modality][0], modality, gt, a.seed, a.overrides)
                 row.pop("result")
             else:
-                row = _classical(m, meth, gt)
+                row = _classical(m, meth, gt, task)
             row.update(task=task, method=meth, floor=floor)
             rows.append(row)
             print(f"   {meth:12s} PSNR {row['psnr']:6.2f}  SSIM {row['ssim']:.3f}  res {row['residual']:.4f}  "
@@ -347,17 +356,31 @@ def run_extras(a: argparse.Namespace, priors: dict[str, Any]) -> dict[str, Any]:
     """Uncertainty calibration (Spearman ρ), batch cost, DDS PSNR against NFE, sampler overhead."""
     from napari_diffrecon.metrics import psnr
 
-    out: dict[str, Any] = {"uncertainty": [], "batch": [], "nfe_curve": {}}
+    out: dict[str, Any] = {"uncertainty": [], "batch": None, "nfe_curve": {}}
     k = a.uq_samples
-    for task in a.uq_tasks:
+    for task in dict.fromkeys([*a.uq_tasks, a.batch_task]):
         m = build_task(task, a.size, a.seed)
         modality = m.build_operator().modality
         gt = np.abs(m.ground_truth)
         for label in a.uq_methods:
+            one = None
+            if task == a.batch_task and label == a.uq_methods[0]:
+                one = _sampler(m, label, priors[modality][0], modality, gt, a.seed, a.overrides, n_samples=1)
+                one.pop("result")
             row = _sampler(m, label, priors[modality][0], modality, gt, a.seed, a.overrides, n_samples=k)
             r = row.pop("result")
+            if one is not None:
+                out["batch"] = {"task": task, "method": label, "n_samples": k, "wall_1": one["wall_s"],
+                                "wall_k": row["wall_s"], "ratio": row["wall_s"] / one["wall_s"],
+                                "net_share_1": one["net_share"], "net_share_k": row["net_share"],
+                                "peak_mib_1": one["peak_mib"], "peak_mib_k": row["peak_mib"],
+                                "threads": torch.get_num_threads()}
+                print(f"   batch: {k} samples {row['wall_s']:.1f} s vs 1 sample {one['wall_s']:.1f} s "
+                      f"(×{out['batch']['ratio']:.2f})", flush=True)
+            if task not in a.uq_tasks:
+                continue
             err = np.abs(r.mean - gt)
-            per = [psnr(s, gt) for s in r.samples]
+            per = [psnr(x, gt) for x in r.samples]
             rho = _spearman(r.std, err)
             # Within the object only (outside the field of view std and error are both ~0, inflating ρ).
             inside = gt > 0.02 * gt.max()
@@ -365,22 +388,10 @@ def run_extras(a: argparse.Namespace, priors: dict[str, Any]) -> dict[str, Any]:
             cover = float(np.mean((gt >= r.lower) & (gt <= r.upper))) if r.lower is not None else None
             out["uncertainty"].append({"task": task, "method": label, "n_samples": k, "spearman": rho,
                                        "spearman_inside": rho_in, "psnr_mean": row["psnr"],
-                                       "psnr_samples": float(np.mean(per)), "coverage95": cover,
-                                       "wall_s": row["wall_s"], "peak_mib": row["peak_mib"]})
+                                       "ssim_mean": row["ssim"], "psnr_samples": float(np.mean(per)),
+                                       "coverage95": cover, "wall_s": row["wall_s"], "peak_mib": row["peak_mib"]})
             print(f"   UQ {task} {label}: ρ {rho:.3f} (inside {rho_in:.3f}), PSNR mean {row['psnr']:.2f} "
                   f"vs samples {np.mean(per):.2f}, 95% coverage {cover}", flush=True)
-    # Batch cost: n_samples = 1 vs 8 in one batch (DDS, first batch task).
-    m = build_task(a.batch_task, a.size, a.seed)
-    modality = m.build_operator().modality
-    gt = np.abs(m.ground_truth)
-    one = _sampler(m, "dds", priors[modality][0], modality, gt, a.seed, a.overrides, n_samples=1)
-    eight = _sampler(m, "dds", priors[modality][0], modality, gt, a.seed, a.overrides, n_samples=8)
-    out["batch"] = {"task": a.batch_task, "wall_1": one["wall_s"], "wall_8": eight["wall_s"],
-                    "ratio": eight["wall_s"] / one["wall_s"], "net_share_1": one["net_share"],
-                    "net_share_8": eight["net_share"], "peak_mib_1": one["peak_mib"], "peak_mib_8": eight["peak_mib"],
-                    "threads": torch.get_num_threads()}
-    print(f"   batch: 8 samples {eight['wall_s']:.1f} s vs 1 sample {one['wall_s']:.1f} s "
-          f"(×{out['batch']['ratio']:.2f})", flush=True)
     # PSNR of x0_hat against NFE for DDS at 100 steps.
     from napari_diffrecon.reconstruct import RunSettings, prepare_run
     from napari_diffrecon.samplers.defaults import recommended_params
@@ -459,10 +470,10 @@ def markdown(rows: list[dict[str, Any]], extras: dict[str, Any] | None, meta: di
                          f"{_fmt(u['coverage95'], '.1%')} | {u['wall_s']:.1f} |")
         b = extras.get("batch")
         if b:
-            lines += ["", f"Batch cost ({b['task']}, DDS, {b['threads']} thread(s)): 8 samples in one batch "
-                      f"{b['wall_8']:.1f} s vs 1 sample {b['wall_1']:.1f} s = ×{b['ratio']:.2f}; network share "
-                      f"{b['net_share_1']:.0%} (1) / {b['net_share_8']:.0%} (8); peak memory "
-                      f"{b['peak_mib_1']:.0f} / {b['peak_mib_8']:.0f} MiB."]
+            lines += ["", f"Batch cost ({b['task']}, {b['method']}, {b['threads']} thread(s)): {b['n_samples']} "
+                      f"samples in one batch {b['wall_k']:.1f} s vs 1 sample {b['wall_1']:.1f} s = ×{b['ratio']:.2f}; "
+                      f"network share {b['net_share_1']:.0%} (1) / {b['net_share_k']:.0%} ({b['n_samples']}); "
+                      f"peak memory {b['peak_mib_1']:.0f} / {b['peak_mib_k']:.0f} MiB."]
         for task, c in extras.get("nfe_curve", {}).items():
             lines += ["", f"DDS at 100 steps on {task}: best PSNR of x0_hat {c['best_psnr']:.2f} dB at NFE "
                       f"{c['best_nfe']}, final {c['final_psnr']:.2f} dB."]

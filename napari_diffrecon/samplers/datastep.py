@@ -16,6 +16,7 @@ from .base import Problem
 
 __all__ = [
     "normal_norm",
+    "linear_measurement",
     "data_noise_sigma",
     "prior_error",
     "data_weight",
@@ -54,6 +55,20 @@ def _pwls(problem: Problem) -> tuple[torch.Tensor, torch.Tensor]:
         cached = (line, w / w.mean())
         problem._pwls = cached
     return cached
+
+
+def linear_measurement(problem: Problem) -> torch.Tensor:
+    """The measurement in the operator's linear domain, what projections ``x + A⁺(m − A x)`` compare with.
+
+    Gaussian data as they are; transmission counts as the post-log sinogram ``−log((m − b)/I0)``;
+    emission counts minus their mean background (an unbiased estimate of ``A x``).
+    """
+    lik = problem.likelihood
+    if isinstance(lik, TransmissionLikelihood):
+        return _pwls(problem)[0]
+    if isinstance(lik, PoissonLikelihood):
+        return problem.measurement - lik.background
+    return problem.measurement
 
 
 def data_noise_sigma(problem: Problem) -> float:

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from .base import Iterate, Problem, SamplerParams, SamplingError, ddim_step, run_loop
-from .datastep import data_distance, data_step, normal_norm, pseudo_inverse
+from .datastep import data_distance, data_step, linear_measurement, normal_norm, pseudo_inverse
 
 __all__ = ["SAMPLERS", "ddim", "ddpm", "heun", "euler", "dds", "dps", "mcg", "song"]
 
@@ -169,7 +169,7 @@ def _project(
     with torch.no_grad():
         x = problem.to_image(u)
         noise_img = problem.to_image(_randn(u, gen)) - problem.offset  # σ=1 image-unit noise
-        y_sigma = problem.measurement + sigma * op.forward(noise_img)
+        y_sigma = linear_measurement(problem) + sigma * op.forward(noise_img)
         x = x + lam * pseudo_inverse(problem, y_sigma - op.forward(x), int(params.cg_iters))
         return problem.to_model(x)
 
@@ -220,7 +220,7 @@ def _final_projection(problem: Problem, params: SamplerParams, x0: torch.Tensor)
     op = problem.operator
     with torch.no_grad():
         x = problem.to_image(x0)
-        x = x + pseudo_inverse(problem, problem.measurement - op.forward(x), int(params.cg_iters))
+        x = x + pseudo_inverse(problem, linear_measurement(problem) - op.forward(x), int(params.cg_iters))
         return problem.to_model(x)
 
 
