@@ -203,3 +203,34 @@ def test_projections_use_the_post_log_sinogram_for_transmission_counts(name):
     its = _final(get_sampler(name)(prob, SamplerParams(n_steps=20, lam=1.0, zeta=0.1, cg_iters=10), seed=0))
     assert float(its[-1].data_residual) < 0.1
     assert float((its[-1].x0_hat[0] - x).pow(2).mean().sqrt()) < 0.05
+
+
+@pytest.mark.parametrize("model", ["gaussian", "transmission", "poisson"])
+def test_dps_misfit_gradient_has_the_same_scale_for_every_likelihood(model):
+    """ζ must mean the same for Gaussian, transmission and emission data (was ~√counts apart)."""
+    from napari_diffrecon.physics import PoissonLikelihood, TransmissionLikelihood, simulate_measurement
+    from napari_diffrecon.samplers.datastep import data_distance
+
+    op = ParallelBeamCT(24, sparse_view_angles(30))
+    yy, xx = np.mgrid[:24, :24]
+    x = torch.tensor(((yy - 12) ** 2 + (xx - 12) ** 2 < 64) * 0.1, dtype=torch.float32)
+    if model == "gaussian":
+        noise, lik, xs = {"model": "gaussian", "sigma": 0.01}, GaussianLikelihood(0.01), x
+    elif model == "transmission":
+        noise, lik, xs = {"model": "transmission", "I0": 1e4, "background": 0.0}, TransmissionLikelihood(1e4), x
+    else:
+        noise, lik, xs = {"model": "poisson", "background": 1.0}, PoissonLikelihood(1.0), x * 100
+    m = simulate_measurement(op, xs, noise, seed=0)
+    prob = Problem(op, m, GaussianPrior(), lik)
+    ax = op.forward(0.8 * xs)[None].requires_grad_(True)
+
+    class _Fixed:  # data_distance through a stand-in operator that returns the given projections
+        data_shape, image_shape = op.data_shape, op.image_shape
+
+        @staticmethod
+        def forward(_):
+            return ax
+
+    prob.operator = _Fixed
+    (g,) = torch.autograd.grad(data_distance(prob, xs[None]).sum(), ax)
+    assert 0.2 < float(g.norm()) < 5.0

@@ -184,9 +184,12 @@ def poisson_prox_em(
 def data_distance(problem: Problem, x: torch.Tensor) -> torch.Tensor:
     """Per-sample data misfit that DPS/MCG differentiate (the *un-squared* norm, as in DPS's code).
 
-    Gaussian: ``‖A x − m‖``; Poisson and transmission: ``√deviance`` (the count-domain analogue:
-    ``2 Σ [m log(m/ȳ) − (m − ȳ)]``), with the likelihood's input clamped ≥ 0 for PET (clamp the
-    input of the likelihood, never the iterate).
+    Gaussian: ``‖A x − m‖``. Poisson and transmission counts: the deviance
+    ``D = 2 Σ [m log(m/ȳ) − (m − ȳ)]`` rescaled so its gradient with respect to ``A x`` has the
+    size of the Gaussian one (about 1): ``√(c̄ D)`` for emission counts and ``√(D / c̄)`` for
+    transmission counts, ``c̄`` the mean measured count. Without it ζ would need retuning by
+    ``√c̄`` (~100× for low-dose CT). The likelihood's input is clamped ≥ 0 for PET (clamp the input
+    of the likelihood, never the iterate).
     """
     op, lik, m = problem.operator, problem.likelihood, problem.measurement
     if isinstance(lik, PoissonLikelihood):
@@ -197,7 +200,9 @@ def data_distance(problem: Problem, x: torch.Tensor) -> torch.Tensor:
         ybar = lik.mean(ax)
         mlogm = torch.where(m > 0, m * torch.log(torch.clamp(m, min=1e-12) / ybar), torch.zeros_like(m))
         dev = 2 * (mlogm - (m - ybar))
-        return torch.sqrt(torch.clamp(dev.sum(dim=tuple(range(dev.ndim - n_core, dev.ndim))), min=1e-12))
+        c_mean = max(float(m.mean()), 1e-6)
+        factor = c_mean if isinstance(lik, PoissonLikelihood) else 1.0 / c_mean
+        return torch.sqrt(torch.clamp(factor * dev.sum(dim=tuple(range(dev.ndim - n_core, dev.ndim))), min=1e-12))
     r = ax - m
     r2 = r.real**2 + r.imag**2 if r.is_complex() else r**2
     return torch.sqrt(r2.sum(dim=tuple(range(r2.ndim - n_core, r2.ndim))) + 1e-20)
