@@ -35,7 +35,17 @@ DATA_VOLUMES = 5
 
 
 class VolumeMemoryError(MemoryError):
-    """A volume run would not fit its memory budget; the message says what would."""
+    """A volume run would not fit its memory budget; the message says what would.
+
+    Attributes
+    ----------
+    max_slab_slices : int
+        The largest slab (in slices) that fits the budget; 0 when not even a thin slab fits.
+    """
+
+    def __init__(self, message: str, max_slab_slices: int = 0) -> None:
+        super().__init__(message)
+        self.max_slab_slices = int(max_slab_slices)
 
 
 _UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1024, "kib": 1024, "m": 1024**2, "mb": 1024**2, "mib": 1024**2,
@@ -58,7 +68,9 @@ def parse_bytes(value: Any) -> int:
 
 
 def _gib(n: float) -> str:
-    return f"{n / 1024**3:.2f} GiB" if n >= 1024**3 / 10 else f"{n / 1024**2:.0f} MiB"
+    if n >= 1024**3 / 10:
+        return f"{n / 1024**3:.2f} GiB"
+    return f"{n / 1024**2:.0f} MiB" if n >= 1024**2 else f"{n / 1024:.0f} KiB"
 
 
 def detect_budget(device: str | torch.device = "cpu", fraction: float = 0.7) -> int:
@@ -221,7 +233,8 @@ def plan_memory(
                 "(operator, network and one slice's state)"
             )
         raise VolumeMemoryError(
-            f"a {d}×{h}×{w} volume needs {_gib(need)} but the memory budget is {_gib(budget)}: {hint}"
+            f"a {d}×{h}×{w} volume needs {_gib(need)} but the memory budget is {_gib(budget)}: {hint}",
+            int(fit) if fit >= 2 else 0,
         )
     chunk = int(min(d * n_samples, room // per_slice))
     return MemoryPlan(budget=budget, fixed=int(fixed), per_slice=int(per_slice), chunk_slices=chunk, n_slices=d)
