@@ -208,8 +208,10 @@ class VolumeResult:
 
     def arrays(self) -> dict[str, np.ndarray]:
         """Arrays to write (magnitude reconstruction plus the complex one for MRI)."""
-        out = {"reconstruction": np.abs(self.reconstruction).astype(np.float32), "std": self.std}
-        if np.iscomplexobj(self.reconstruction):
+        cplx = np.iscomplexobj(self.reconstruction)
+        mag = np.abs(self.reconstruction) if cplx else self.reconstruction
+        out = {"reconstruction": mag.astype(np.float32), "std": self.std}
+        if cplx:
             out["reconstruction_complex"] = self.reconstruction
         return out
 
