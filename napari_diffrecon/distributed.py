@@ -39,6 +39,7 @@ __all__ = [
     "settings_key",
     "add_volume_arguments",
     "run_from_args",
+    "wants_volume",
     "main",
 ]
 
@@ -481,8 +482,9 @@ def _finish_study(st, out, params, report, seed, n_samples, device, budget, dist
 
 # -- command line (called by 'napari-diffrecon reconstruct --volume', or python -m) ----------------
 def add_volume_arguments(p: argparse.ArgumentParser) -> None:
-    """The volume / scale-out options of ``napari-diffrecon reconstruct``."""
-    g = p.add_argument_group("volumes and scale-out")
+    """The volume / scale-out options of ``napari-diffrecon reconstruct`` (``--volume`` selects this path)."""
+    g = p.add_argument_group("volumes and scale-out (with --volume, or when the input is a folder)")
+    g.add_argument("--volume", action="store_true", help="the input is a volume study (.npz) or a folder of them")
     g.add_argument("--scheduler", default=None, help="Dask scheduler address (default: a local cluster)")
     g.add_argument("--workers", type=int, default=2, help="local cluster workers (default 2)")
     g.add_argument("--threads-per-worker", type=int, default=1)
@@ -491,22 +493,37 @@ def add_volume_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--memory-budget", default=None, help="per-worker memory budget, e.g. 16GB (default: 70%% free)")
     g.add_argument("--slab", default=None, help="slab size in slices, or 'auto' (default: whole volumes)")
     g.add_argument("--halo", type=int, default=None, help="slab overlap per side (default 4 with z-TV)")
-    g.add_argument("--retries", type=int, default=2)
+    g.add_argument("--retries", type=int, default=2, help="extra attempts for a failing slab (default 2)")
     g.add_argument("--spacing", type=float, nargs=3, default=None, metavar=("DZ", "DY", "DX"),
                    help="voxel spacing in mm for studies that lack it")
     g.add_argument("--allow-anisotropic", action="store_true", help="accept thick slices with z-TV")
     g.add_argument("--allow-mixed", action="store_true", help="accept folders mixing modalities/geometries")
 
 
-def run_from_args(args: argparse.Namespace) -> int:
-    """Run a folder (or a single study file) from parsed arguments; exit status 0 only if all studies finished."""
-    from .volume import VolumeParams
+def wants_volume(args: argparse.Namespace) -> bool:
+    """Whether parsed ``reconstruct`` arguments ask for the volume path (``--volume`` or a folder input)."""
+    src = getattr(args, "input", None) or getattr(args, "bundle", None)
+    return bool(getattr(args, "volume", False)) or (src is not None and Path(src).is_dir())
 
-    src = Path(args.input)
-    params = VolumeParams(n_steps=args.steps, ztv=args.ztv, rho=args.rho, eta=args.eta, cg_iters=args.cg_iters)
+
+def run_from_args(args: argparse.Namespace) -> int:
+    """Run a folder (or one study file) from parsed arguments; exit status 0 only if every study finished.
+
+    Works with this module's parser (:func:`main`) and with ``napari-diffrecon reconstruct``'s
+    (``bundle``, ``--steps``/``--eta``/``--cg-iters`` may be None there: the volume defaults apply).
+    """
+    from .volume import VolumeParams, read_volume_study
+
+    src = Path(getattr(args, "input", None) or args.bundle)
+    if not src.exists():
+        raise FileNotFoundError(f"{src} not found")
+    kw = {"n_steps": getattr(args, "steps", None), "eta": getattr(args, "eta", None),
+          "cg_iters": getattr(args, "cg_iters", None), "gamma": getattr(args, "gamma", None)}
+    params = VolumeParams(ztv=args.ztv, rho=args.rho, **{k: v for k, v in kw.items() if v is not None})
+    out = Path(args.output)
     folder = src
-    if src.is_file():  # one study: a folder of one, via a link so that the outputs are the same
-        folder = Path(args.output) / ".input"
+    if src.is_file():  # one study: a folder of one, via a link, so that outputs and resume work the same
+        folder = out / ".input"
         folder.mkdir(parents=True, exist_ok=True)
         link = folder / src.name
         if not link.exists():
@@ -514,19 +531,29 @@ def run_from_args(args: argparse.Namespace) -> int:
                 link.symlink_to(src.resolve())
             except OSError:
                 shutil.copy2(src, link)
+    prior = getattr(args, "prior", None)
+    if prior is None:
+        from .priors import default_prior_for
+        from .volume import find_studies
+
+        first = read_volume_study(find_studies(folder)[0])
+        prior = default_prior_for(first.modality, first.modality == "mri")
+        if prior is None:
+            raise ValueError(f"no shipped prior for {first.modality}; pass --prior PATH to a trained prior")
     check = {"allow_anisotropic": args.allow_anisotropic}
     if args.spacing:
         check["assume_spacing"] = tuple(args.spacing)
+    slab = args.slab if args.slab in (None, "auto") else int(args.slab)
     rep = reconstruct_folder(
-        folder, args.output, args.prior, params, scheduler=args.scheduler, n_workers=args.workers,
-        threads_per_worker=args.threads_per_worker, slab_slices=(args.slab if args.slab in (None, "auto")
-                                                                 else int(args.slab)),
-        halo=args.halo, memory_budget=args.memory_budget, seed=args.seed, device=args.device, retries=args.retries,
-        allow_mixed=args.allow_mixed, check=check, log=print,
+        folder, out, prior, params, scheduler=args.scheduler, n_workers=args.workers,
+        threads_per_worker=args.threads_per_worker, slab_slices=slab, halo=args.halo,
+        memory_budget=args.memory_budget, n_samples=getattr(args, "samples", 1) or 1, seed=args.seed,
+        device=args.device, retries=args.retries, allow_mixed=args.allow_mixed, check=check, log=print,
     )
     for sid, s in rep.studies.items():
         print(f"{sid}: {s['status']}" + (f" — {s['errors'][0]['error']}" if s["status"] == "failed" else ""))
-    print(f"{len(rep.studies)} studies in {rep.wall_time_s:.1f} s on {rep.n_workers} workers ({rep.scheduler})")
+    print(f"{len(rep.studies)} studies in {rep.wall_time_s:.1f} s on {rep.n_workers} workers ({rep.scheduler or '-'}); "
+          f"report: {out / 'report.json'}")
     return 0 if rep.ok else 1
 
 
@@ -536,10 +563,12 @@ def main(argv: list[str] | None = None) -> int:
                                 description=f"napari-diffrecon {__version__}: volumes / folders of studies on Dask")
     p.add_argument("input", help="a volume study (.npz) or a folder of them")
     p.add_argument("-o", "--output", required=True, help="output folder (one result per study)")
-    p.add_argument("--prior", required=True, help="prior name or card path (.json)")
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--eta", type=float, default=0.85)
-    p.add_argument("--cg-iters", type=int, default=5)
+    p.add_argument("--prior", default=None, help="prior name or card path (.json); default: the modality's shipped one")
+    p.add_argument("--steps", type=int, default=None, help="diffusion steps (default 50)")
+    p.add_argument("--eta", type=float, default=None)
+    p.add_argument("--cg-iters", type=int, default=None)
+    p.add_argument("--gamma", type=float, default=None)
+    p.add_argument("--samples", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     add_volume_arguments(p)
