@@ -1,8 +1,8 @@
 """GUI tests of the workbench dock widget (napari's make_napari_viewer + qtbot; run under xvfb-run).
 
 Priors here are tiny untrained U-Nets written by a fixture (never the shipped ones); their
-``denoise`` is slowed to a realistic ~30 ms per call where a test needs several streamed updates,
-because the sampler yields at most ~10 iterates per second.
+``denoise`` is slowed to a realistic ~50 ms per call where a test needs several streamed updates,
+because the widget shows at most 5 updates per second.
 """
 
 from __future__ import annotations
@@ -93,7 +93,7 @@ def _widget(make_napari_viewer, qtbot, show: bool = False):
     return viewer, w
 
 
-def _prepare(w, sample: str, prior: Path, n_steps: int = N_STEPS, slow: float = 0.03) -> None:
+def _prepare(w, sample: str, prior: Path, n_steps: int = N_STEPS, slow: float = 0.05) -> None:
     w.load_sample(sample)
     assert w.measurement is not None
     assert w.set_prior(str(prior))

@@ -83,6 +83,8 @@ _SPINS: dict[str, tuple[str, str, float, float, float, int, str]] = {
     "subsets": ("subsets", "int", 1, 64, 1, 0, "OSEM subsets"),
     "lam_rel": ("TV weight", "float", 0.0, 1.0, 0.0005, 4, "TV weight relative to ‖Aᴴm‖∞"),
 }
+GUI_UPDATES_PER_S = 5.0  # layer updates per second while a run streams ("several times a second")
+PBAR_PERIOD_S = 1.0  # napari's progress bar repaints the whole window on each change
 _WEIGHT_RANGE = 100  # slider ticks each side of 0; weight = 10 ** (tick / _WEIGHT_RANGE)
 NONE_PRIOR = "(default for the modality)"
 
@@ -155,6 +157,26 @@ def prior_mismatch(card: Any, measurement: Measurement) -> str | None:
     return None
 
 
+def card_text(card: Any) -> str:
+    """The model card as the widget shows it: modality, resolution, training data and licence."""
+    tr = card.training or {}
+    data = tr.get("data", {})
+    if isinstance(data, dict):
+        src = data.get("description") or data.get("sources") or data.get("source")
+        lic = data.get("licence") or tr.get("licence") or tr.get("license")
+    else:
+        src, lic = data, tr.get("licence") or tr.get("license")
+    if isinstance(src, (list, tuple)):
+        src = ", ".join(str(v) for v in src)
+    loss = tr.get("final_val_loss")
+    return (
+        f"<b>{card.name}</b>: {card.modality.upper()}, {card.resolution}×{card.resolution}, "
+        f"{'complex' if card.channels == 2 else 'real'}; trained {tr.get('steps', '?')} steps on "
+        f"{src or 'unknown data'}" + (f"; val loss {loss:.3g}" if isinstance(loss, (int, float)) else "")
+        + f"; licence {lic or '?'}"
+    )
+
+
 class DiffReconWidget(QWidget):
     """The napari-diffrecon workbench (one dock widget).
 
@@ -187,6 +209,9 @@ class DiffReconWidget(QWidget):
         self._window: tuple[float, float] | None = None
         self._t_run = 0.0
         self._ended = False
+        self._pbar_t = 0.0
+        self._running_prov: dict[str, Any] = {}
+        self.max_rate = GUI_UPDATES_PER_S
         self._build()
         self._connect_viewer()
         if restore_last:
@@ -201,6 +226,7 @@ class DiffReconWidget(QWidget):
         outer.setContentsMargins(0, 0, 0, 0)
         scroll = QScrollArea()
         scroll.setWidgetResizable(True)
+        scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
         outer.addWidget(scroll)
         body = QWidget()
         scroll.setWidget(body)
@@ -362,7 +388,7 @@ class DiffReconWidget(QWidget):
         gl.addWidget(_row("", self.save_preset_btn, self.load_preset_btn))
         lay.addWidget(g)
         lay.addStretch(1)
-        self.setMinimumWidth(340)
+        self.setMinimumWidth(max(360, body.minimumSizeHint().width() + 24))
 
     def _connect_viewer(self) -> None:
         self.viewer.layers.events.inserted.connect(self._on_layer_inserted)
@@ -560,14 +586,7 @@ class DiffReconWidget(QWidget):
         self.prior_source = str(name_or_path) if name_or_path is not None else getattr(prior.card, "name", None)
         card = getattr(prior, "card", None)
         if card is not None:
-            tr = card.training or {}
-            data = tr.get("data", {})
-            src = data.get("sources") if isinstance(data, dict) else data
-            self.card_label.setText(
-                f"<b>{card.name}</b>: {card.modality.upper()}, {card.resolution}×{card.resolution}, "
-                f"{'complex' if card.channels == 2 else 'real'}; trained {tr.get('steps', '?')} steps on "
-                f"{src or 'unknown data'}; licence {tr.get('licence', tr.get('license', '?'))}"
-            )
+            self.card_label.setText(card_text(card))
             self.card_label.setToolTip(card.summary())
         self._check_prior()
         return True
@@ -776,9 +795,11 @@ class DiffReconWidget(QWidget):
         self._window = None
         self._t_run = time.perf_counter()
         self._ended = False
+        self._pbar_t = 0.0
+        self._running_prov = {"status": "running", "settings": settings.to_dict()}
         baseline = baseline_for(modality) if diffusion and self.compare.isChecked() else None
         worker = create_worker(
-            run_stream, self.measurement, settings, prior, baseline, live_log=self._live_log,
+            run_stream, self.measurement, settings, prior, baseline, max_rate=self.max_rate, live_log=self._live_log,
             _start_thread=False, _ignore_errors=True,
         )
         worker.yielded.connect(self._on_update)
@@ -807,9 +828,12 @@ class DiffReconWidget(QWidget):
         self._last_update = upd
         if upd.kind != "tick":
             self._apply_update(upd)
-        # The progress bar last: napari may process events while it redraws (re-entrancy).
+        # The progress bar last: napari may process events while it redraws (re-entrancy). napari's bar
+        # repaints the window on every change, so it is updated at most PBAR_PERIOD_S apart.
         pbar = self._pbar
-        if pbar is not None and upd.n_steps:
+        now = time.perf_counter()
+        if pbar is not None and upd.n_steps and (now - self._pbar_t >= PBAR_PERIOD_S or upd.kind == "final"):
+            self._pbar_t = now
             if pbar.total != upd.n_steps:
                 pbar.total = upd.n_steps
             eta = upd.elapsed / max(upd.step, 1) * (upd.n_steps - upd.step)
@@ -822,7 +846,7 @@ class DiffReconWidget(QWidget):
             self._show("baseline", upd.baseline, name=f"baseline ({upd.baseline_method})",
                        provenance=upd.provenance)
             return
-        running = {"status": "running", "step": upd.step, "settings": self._run_settings.to_dict()}
+        running = self._running_prov
         if upd.kind == "final" and upd.baseline_method is not None:  # a classical run: the baseline layer
             self._show("baseline", upd.x0_hat, name=f"baseline ({upd.baseline_method})", provenance=upd.provenance)
             if upd.residual_map is not None:
@@ -870,7 +894,8 @@ class DiffReconWidget(QWidget):
             self._fresh.discard(role)
             return
         layer.data = data  # a fresh array: napari redraws
-        layer.metadata = meta
+        if layer.metadata.get("provenance") is not meta["provenance"]:  # metadata events only when it changes
+            layer.metadata = meta
         if name:
             layer.name = name
         if role in self._fresh:  # first update of a new run: new contrast window
@@ -942,6 +967,7 @@ class DiffReconWidget(QWidget):
 
     def _on_grid(self, on: bool) -> None:
         self.viewer.grid.enabled = bool(on)
+        self.viewer.reset_view()
 
     # ------------------------------------------------------------------ export
     def export_layer(self, layer: Any, path: str | Path, overwrite: bool = False) -> Path | None:

@@ -28,6 +28,8 @@ class Update:
 
     Attributes
     ----------
+    cpu_s : float
+        CPU seconds the worker thread has spent on the run so far (streaming cost included).
     kind : str
         ``"baseline"`` (classical comparison ready), ``"iterate"`` (a streamed state),
         ``"tick"`` (progress only, no arrays: lets Stop act between throttled updates) or
@@ -49,6 +51,7 @@ class Update:
     baseline: np.ndarray | None = None
     baseline_method: str | None = None
     provenance: dict[str, Any] = field(default_factory=dict)
+    cpu_s: float = 0.0
 
 
 def _mag(t: torch.Tensor) -> np.ndarray:
@@ -107,6 +110,7 @@ def run_stream(
     from ..uncertainty import summarize
 
     t_start = time.perf_counter()
+    c_start = time.thread_time()
     device = str(settings.device)
     modality = str(measurement.operator.get("modality", ""))
     if settings.method in BASELINES:
@@ -172,7 +176,7 @@ def run_stream(
             x_t=_mag(last.x0_hat[0]), x0_hat=_mag(last.x0_hat[0]), mean=_mag(summary["mean"]),
             std=_mag(summary["std"]), residual=res_mean,
             residual_map=_residual_map(problem.operator, mean_c.to(problem.device), problem.measurement),
-            provenance=provenance(measurement, settings, extra),
+            provenance=provenance(measurement, settings, extra), cpu_s=time.thread_time() - c_start,
         )
     finally:
         del problem
