@@ -190,6 +190,7 @@ class DiffReconWidget(QWidget):
 
     def __init__(self, viewer: Any, restore_last: bool = True) -> None:
         super().__init__()
+        self.setObjectName("Diffusion reconstruction")  # the dock's title when added without a name
         self.viewer = viewer
         self.measurement: Measurement | None = None
         self.measurement_name: str = ""
