@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -59,7 +58,7 @@ def real_volume(first: int = 6, n_slices: int = 12, n: int = 128) -> tuple[np.nd
         raise ValueError(f"example4d has {data.shape[2]} slices; --first + --slices = {first + n_slices}")
     vol = np.moveaxis(data[:, :, first : first + n_slices], 2, 0)  # (D, 128, 96)
     vol = np.transpose(vol, (0, 2, 1))[:, ::-1]  # rows anterior→posterior
-    pad = n - vol.shape[1]
+    pad = vol.shape[2] - vol.shape[1]  # 96 rows → 128: a square field of view
     vol = np.pad(vol, ((0, 0), (pad // 2, pad - pad // 2), (0, 0)))
     if vol.shape[2] != n:
         from skimage.transform import resize
@@ -152,16 +151,24 @@ def workers(args: argparse.Namespace) -> dict[str, Any]:
             "wall_s": out, "speedup": out[1] / out[2], "cpu_count": os.cpu_count(), "loadavg": load}
 
 
+def _vm(key: str) -> int:
+    """A /proc/self/status memory field in bytes (VmHWM: this process image's peak RSS; VmRSS: current)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
 def _measure_child(args: argparse.Namespace) -> None:
     """Run one volume reconstruction and print its peak RSS (in a fresh process)."""
     torch.set_num_threads(1)
     study = read_volume_study(args.study)
     prior = _load_prior(args.prior)
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    base = _vm("VmRSS")  # (ru_maxrss would carry the parent's peak across exec)
     t0 = time.perf_counter()
     res = reconstruct_volume(study, prior, VolumeParams(n_steps=args.steps, ztv=0.05), memory_budget=args.budget,
                              slab_slices=args.slab)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = _vm("VmHWM")
     print(json.dumps({"peak_rss": peak, "rss_before_run": base, "wall_s": time.perf_counter() - t0,
                       "plans": [r["memory_plan"] for r in res.slab_info]}))
 
@@ -178,7 +185,9 @@ def memory(args: argparse.Namespace) -> dict[str, Any]:
     out["plan_256cubed_16GB"] = plan.to_dict()
     print(f"256³, 180 views, 16 GB: chunk {plan.chunk_slices} slices, planned peak {plan.peak / 2**30:.2f} GiB",
           flush=True)
-    vol, spacing = real_volume(0, args.slices, args.size)
+    vol, spacing = real_volume(0, min(args.slices, 24), args.size)
+    if args.slices > len(vol):  # the real volume has 24 slices: repeat them (memory measurement only)
+        vol = np.resize(vol, (args.slices, *vol.shape[1:]))
     tmp = Path(tempfile.mkdtemp(prefix="volmem-"))
     st = simulate_ct_study(vol, args.views, 0.01, spacing_mm=spacing, study_id="mem")
     write_volume_study(st, tmp / "mem.npz")

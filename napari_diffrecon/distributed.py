@@ -242,7 +242,9 @@ def reconstruct_folder(
     n_workers, threads_per_worker, processes
         The LocalCluster's shape when one is started.
     slab_slices, halo, memory_budget
-        As :func:`napari_diffrecon.volume.stream_volume`; each slab is one task.
+        As :func:`napari_diffrecon.volume.stream_volume`; each slab is one task. ``memory_budget`` is per
+        worker; by default a LocalCluster's workers share 70% of this machine's free memory, and the
+        workers of an existing cluster each take 70% of theirs.
     retries : int
         Extra attempts per failing task before it is reported as failed.
     allow_mixed : bool
@@ -280,6 +282,8 @@ def reconstruct_folder(
     out.mkdir(parents=True, exist_ok=True)
     studies = check_folder(folder, allow_mixed=allow_mixed, ztv=ztv, **(check or {}))
     budget = parse_bytes(memory_budget) if memory_budget is not None else None
+    if budget is None and client is None and not scheduler:  # a LocalCluster shares this machine's memory
+        budget = detect_budget(device) // max(int(n_workers), 1)
     faults = dict(inject_faults or {})
     report = FolderReport()
 
@@ -515,6 +519,9 @@ def run_from_args(args: argparse.Namespace) -> int:
     from .volume import VolumeParams, read_volume_study
 
     src = Path(getattr(args, "input", None) or args.bundle)
+    method = getattr(args, "method", None)
+    if method not in (None, "mbir"):
+        raise ValueError(f"volumes are reconstructed by the DiffusionMBIR-style sampler: --method mbir, not {method}")
     if not src.exists():
         raise FileNotFoundError(f"{src} not found")
     kw = {"n_steps": getattr(args, "steps", None), "eta": getattr(args, "eta", None),
