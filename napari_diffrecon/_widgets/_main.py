@@ -84,7 +84,7 @@ _SPINS: dict[str, tuple[str, str, float, float, float, int, str]] = {
     "lam_rel": ("TV weight", "float", 0.0, 1.0, 0.0005, 4, "TV weight relative to ‖Aᴴm‖∞"),
 }
 GUI_UPDATES_PER_S = 5.0  # layer updates per second while a run streams ("several times a second")
-PBAR_PERIOD_S = 1.0  # napari's progress bar repaints the whole window on each change
+PBAR_PERIOD_S = 1.0  # progress bar and status text: each change repaints the window (costly in software GL)
 _WEIGHT_RANGE = 100  # slider ticks each side of 0; weight = 10 ** (tick / _WEIGHT_RANGE)
 NONE_PRIOR = "(default for the modality)"
 
@@ -212,6 +212,7 @@ class DiffReconWidget(QWidget):
         self._ended = False
         self._pbar_t = 0.0
         self._running_prov: dict[str, Any] = {}
+        self._status_pending = ""
         self.max_rate = GUI_UPDATES_PER_S
         self._build()
         self._connect_viewer()
@@ -835,6 +836,9 @@ class DiffReconWidget(QWidget):
         now = time.perf_counter()
         if pbar is not None and upd.n_steps and (now - self._pbar_t >= PBAR_PERIOD_S or upd.kind == "final"):
             self._pbar_t = now
+            if self._status_pending and upd.kind != "final":
+                self.status.setText(self._status_pending)
+                self._status_pending = ""
             if pbar.total != upd.n_steps:
                 pbar.total = upd.n_steps
             eta = upd.elapsed / max(upd.step, 1) * (upd.n_steps - upd.step)
@@ -872,9 +876,9 @@ class DiffReconWidget(QWidget):
             self.status.setText(
                 f"done: {upd.n_steps} steps, NFE {upd.nfe}, {upd.elapsed:.1f} s, data residual {upd.residual:.4f}"
             )
-        else:
-            self.status.setText(f"step {upd.step}/{upd.n_steps} · NFE {upd.nfe} · σ {upd.sigma:.3g} · "
-                                f"residual {upd.residual:.4f} · {upd.elapsed:.1f} s")
+        else:  # shown with the progress bar, at most once per PBAR_PERIOD_S (each change repaints the window)
+            self._status_pending = (f"step {upd.step}/{upd.n_steps} · NFE {upd.nfe} · σ {upd.sigma:.3g} · "
+                                    f"residual {upd.residual:.4f} · {upd.elapsed:.1f} s")
 
     def _show(self, role: str, data: np.ndarray, name: str | None = None,
               provenance: dict[str, Any] | None = None) -> None:
