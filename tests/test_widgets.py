@@ -98,6 +98,7 @@ def _prepare(w, sample: str, prior: Path, n_steps: int = N_STEPS, slow: float = 
     assert w.measurement is not None
     assert w.set_prior(str(prior))
     w.spins["n_steps"].setValue(n_steps)
+    w.n_samples.setValue(1)
     w.seed.setValue(0)
     if slow:
         _slow(w, slow)
@@ -328,3 +329,16 @@ def test_presets_and_last_settings_persist(make_napari_viewer, qtbot, tmp_path, 
     assert w3.current_settings().to_dict() == s1
     for x in (w2, w3):
         x.deleteLater()
+
+
+def test_hot_start_run(make_napari_viewer, qtbot, tiny_priors):
+    viewer, w = _widget(make_napari_viewer, qtbot)
+    _prepare(w, "ct_sparse23", tiny_priors["ct"], n_steps=6, slow=0)
+    w.compare.setChecked(False)
+    w.hot_start.setChecked(True)
+    assert not w.param_rows["t0"].isHidden()
+    w.spins["t0"].setValue(0.3)
+    _run_to_end(w, qtbot)
+    prov = w.layers["estimate"].metadata["provenance"]
+    assert prov["hot_start_method"] == "fbp" and prov["settings"]["params"]["t0"] == pytest.approx(0.3)
+    assert prov["nfe"] == 6

@@ -347,7 +347,7 @@ class DiffReconWidget(QWidget):
         self._weight_row = _row("prior weight", self.weight_slider, self.weight_label)
         gl.addWidget(self._weight_row)
         self.n_samples = _spin("int", 1, 256, 1, 0)
-        self.n_samples.setValue(1)
+        self.n_samples.setValue(4)  # uncertainty (mean, std) needs several posterior samples
         self.seed = _spin("int", 0, 2**31 - 1, 1, 0)
         self.device_combo = QComboBox()
         self.device_combo.addItems(_devices())
@@ -873,8 +873,10 @@ class DiffReconWidget(QWidget):
             self._show("residual", upd.residual_map, provenance=prov)
         if upd.kind == "final":
             self.last_provenance = upd.provenance
+            one = self._run_settings is not None and self._run_settings.n_samples < 2
             self.status.setText(
                 f"done: {upd.n_steps} steps, NFE {upd.nfe}, {upd.elapsed:.1f} s, data residual {upd.residual:.4f}"
+                + (" (one posterior sample: the std is 0; ask for ≥ 2 samples)" if one else "")
             )
         else:  # shown with the progress bar, at most once per PBAR_PERIOD_S (each change repaints the window)
             self._status_pending = (f"step {upd.step}/{upd.n_steps} · NFE {upd.nfe} · σ {upd.sigma:.3g} · "
