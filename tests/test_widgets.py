@@ -120,6 +120,9 @@ def test_dock_widget_opens(make_napari_viewer, qtbot):
     # parameters follow the sampler: DPS shows ζ but not CG steps; a classical method hides the weight slider
     widget.method_combo.setCurrentIndex(widget.method_combo.findData("dps"))
     assert not widget.param_rows["zeta"].isHidden() and widget.param_rows["cg_iters"].isHidden()
+    from napari_diffrecon.samplers.defaults import recommended_params
+
+    assert widget.current_settings().params.n_steps == recommended_params("dps").n_steps  # tuned values
     widget.method_combo.setCurrentIndex(widget.method_combo.findData("tv"))
     assert widget._weight_row.isHidden() and not widget.param_rows["lam_rel"].isHidden()
     # the npe2-built widget (napari hands it a public-only viewer proxy) runs a classical method end to end
@@ -333,10 +336,12 @@ def test_presets_and_last_settings_persist(make_napari_viewer, qtbot, tmp_path, 
 
 def test_hot_start_run(make_napari_viewer, qtbot, tiny_priors):
     viewer, w = _widget(make_napari_viewer, qtbot)
-    _prepare(w, "ct_sparse23", tiny_priors["ct"], n_steps=6, slow=0)
+    _prepare(w, "ct_sparse23", tiny_priors["ct"], n_steps=50, slow=0)
     w.compare.setChecked(False)
-    w.hot_start.setChecked(True)
+    w.hot_start.setChecked(True)  # the tuned hot-start values for DDS come in (samplers.defaults)
     assert not w.param_rows["t0"].isHidden()
+    assert w.spins["n_steps"].value() == 20 and w.spins["t0"].value() == pytest.approx(0.4)
+    w.spins["n_steps"].setValue(6)
     w.spins["t0"].setValue(0.3)
     _run_to_end(w, qtbot)
     prov = w.layers["estimate"].metadata["provenance"]

@@ -213,9 +213,12 @@ class DiffReconWidget(QWidget):
         self._pbar_t = 0.0
         self._running_prov: dict[str, Any] = {}
         self._status_pending = ""
+        self._applying = True  # no recommended values while the widgets are built / settings restored
         self.max_rate = GUI_UPDATES_PER_S
         self._build()
         self._connect_viewer()
+        self._applying = False
+        self.use_recommended()
         if restore_last:
             last = _presets.load_last()
             if last is not None:
@@ -312,6 +315,7 @@ class DiffReconWidget(QWidget):
             self.method_combo.addItem(f"{name} (classical: {', '.join(mods)})", name)
         self.method_combo.setCurrentIndex(self.method_combo.findData("dds"))
         self.method_combo.currentIndexChanged.connect(self._on_method_changed)
+        self.method_combo.currentIndexChanged.connect(self.use_recommended)
         gl.addWidget(_row("method", self.method_combo))
         defaults = SamplerParams()
         self.spins: dict[str, QSpinBox | QDoubleSpinBox] = {}
@@ -331,6 +335,7 @@ class DiffReconWidget(QWidget):
         self.param_rows["filter"] = _row("FBP filter", self.filter_combo)
         self.hot_start = QCheckBox("hot start from the classical reconstruction")
         self.hot_start.toggled.connect(self._on_method_changed)
+        self.hot_start.toggled.connect(self.use_recommended)
         for key in ("n_steps", "eta", "gamma", "lam", "zeta", "cg_iters", "snr"):
             gl.addWidget(self.param_rows[key])
         gl.addWidget(self.hot_start)
@@ -615,6 +620,26 @@ class DiffReconWidget(QWidget):
         for w in (self.hot_start, self._weight_row, self._samples_row, self.compare):
             w.setVisible(diffusion)
 
+    def use_recommended(self, *_: Any) -> None:
+        """Fill the sampler's parameters with the tuned values for the method and modality (``samplers.defaults``).
+
+        Called when the user picks a method or toggles hot start; presets and restored settings are not changed.
+        """
+        if self._applying:
+            return
+        method = self.method_combo.currentData() or "dds"
+        if method not in SAMPLERS:
+            return
+        from ..samplers.defaults import recommended_params
+
+        modality = str(self.measurement.operator.get("modality", "*")) if self.measurement is not None else "*"
+        p = recommended_params(method, modality, hot_start=self.hot_start.isChecked())
+        for key in ("n_steps", "eta", "lam", "gamma", "zeta", "cg_iters", "snr"):
+            v = getattr(p, key)
+            self.spins[key].setValue(self.spins[key].maximum() if isinstance(v, float) and not math.isfinite(v) else v)
+        if p.t0 < 1:
+            self.spins["t0"].setValue(p.t0)
+
     def _on_weight(self, tick: int) -> None:
         w = self.prior_weight()
         self.weight_label.setText(f"{w:.2f}")
@@ -685,6 +710,13 @@ class DiffReconWidget(QWidget):
 
     def apply_settings(self, settings: RunSettings, gui: dict[str, Any] | None = None, quiet: bool = False) -> None:
         """Show ``settings`` in the widgets (a preset or the last used settings)."""
+        self._applying = True
+        try:
+            self._apply_settings(settings, gui, quiet)
+        finally:
+            self._applying = False
+
+    def _apply_settings(self, settings: RunSettings, gui: dict[str, Any] | None, quiet: bool) -> None:
         idx = self.method_combo.findData(settings.method)
         if idx >= 0:
             self.method_combo.setCurrentIndex(idx)
