@@ -136,3 +136,21 @@ def test_stream_runs_the_focus_slab_first_and_refuses_oversized_volumes():
     res = reconstruct_volume(st, GaussianPrior(0.5), params, memory_budget=budget, slab_slices="auto")
     assert len(res.provenance["slabs"]) > 1
     assert all(r["memory_plan"]["peak"] <= budget for r in res.slab_info)
+
+
+def test_cli_glue_selects_the_volume_path_and_checks_the_method(tmp_path):
+    import argparse
+
+    from napari_diffrecon.distributed import add_volume_arguments, run_from_args, wants_volume
+
+    p = argparse.ArgumentParser()
+    p.add_argument("bundle")
+    p.add_argument("--method")
+    p.add_argument("-o", "--output")
+    add_volume_arguments(p)
+    assert wants_volume(p.parse_args([str(tmp_path)]))  # a folder
+    assert wants_volume(p.parse_args(["x.npz", "--volume"]))
+    assert not wants_volume(p.parse_args(["x.npz"]))
+    a = p.parse_args([str(tmp_path), "--method", "dds", "-o", str(tmp_path / "out")])
+    with pytest.raises(ValueError, match="--method mbir"):
+        run_from_args(a)
