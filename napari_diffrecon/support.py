@@ -130,6 +130,7 @@ def support_maps(
     likelihood: Any = None,
     samples: Any = None,
     classical: Any = None,
+    std: Any = None,
     weights: dict[str, float] | None = None,
     threshold: float = 0.1,
     smooth_px: float = 1.0,
@@ -147,6 +148,8 @@ def support_maps(
         Posterior samples ``(S, *image_shape)`` for the std map (S ≥ 2).
     classical : array-like, optional
         A classical reconstruction of the same data (FBP, CG-SENSE, MLEM) for the difference map.
+    std : array-like, optional
+        A posterior std map already computed (instead of ``samples``).
     weights : dict, optional
         Weights of ``std``, ``residual``, ``difference`` in the combination (default std 1, residual 1,
         difference 0.25: classical images carry their own noise and streaks).
@@ -167,7 +170,10 @@ def support_maps(
         lo, hi = np.percentile(mag, [1, 99])
         scale = float(max(hi - lo, 1e-12 * max(float(mag.max()), 1.0)))
     w = dict(DEFAULT_WEIGHTS, **(weights or {}))
-    std = posterior_std(samples) if samples is not None else None
+    if samples is not None:
+        std = posterior_std(samples)
+    elif std is not None:
+        std = _np(std).astype(np.float32)
     res = None
     if operator is not None and measurement is not None:
         res = residual_backprojection(operator, xa, measurement, likelihood)
@@ -180,6 +186,6 @@ def support_maps(
         total += w[name] * (_smooth(arr, smooth_px) / scale) ** 2
         used[name] = w[name]
     if not used:
-        raise ValueError("support_maps needs at least one of: samples (≥2), operator+measurement, classical")
+        raise ValueError("support_maps needs at least one of: samples (≥2) or std, operator+measurement, classical")
     score = np.sqrt(total).astype(np.float32)
     return SupportMaps(std, res, diff, score, score > threshold, float(threshold), float(scale), used)

@@ -31,6 +31,7 @@ __all__ = [
     "DEFAULT_GRIDS",
     "SEARCHABLE",
     "TuneResult",
+    "TuneCancelledError",
     "Split",
     "split_measurement",
     "holdout_deviance",
@@ -381,6 +382,10 @@ def _run_batched(jobs: list[Callable[[Any], Any]], prior: Any) -> list[Any]:
 
 
 # -- the search ------------------------------------------------------------------------------------
+class TuneCancelledError(RuntimeError):
+    """The search was cancelled (``cancel`` event set)."""
+
+
 @dataclass
 class TuneResult:
     """Outcome of :func:`auto_tune`: the chosen values, the score curve and how it was obtained."""
@@ -450,7 +455,8 @@ def auto_tune(
     n_splits: int = 1,
     seed: int = 0,
     batched: bool | None = None,
-    progress: Callable[[int, int, dict[str, float], float], Any] | None = None,
+    progress: Callable[[float, int, str], Any] | None = None,
+    cancel: threading.Event | None = None,
 ) -> TuneResult:
     """Pick sampler parameters from the measurements alone.
 
@@ -479,7 +485,9 @@ def auto_tune(
     batched : bool, optional
         Run all settings as one batch through the denoiser (default: when the sampler allows).
     progress : callable, optional
-        ``progress(done, total, values, score)`` after each setting.
+        ``progress(done, total, message)``: ``done`` runs (fractional while they step) of ``total``.
+    cancel : threading.Event, optional
+        Set it to stop the search (raises :class:`TuneCancelledError` at the runs' next step).
 
     Returns
     -------
@@ -505,18 +513,39 @@ def auto_tune(
         arr = result.complex_reconstruction if result.complex_reconstruction is not None else result.reconstruction
         return torch.from_numpy(np.asarray(arr))
 
+    n_passes = n_splits if criterion == "split" else 2 if criterion == "sure" else 1
+    total = n_passes * len(grid)
+    state = {"done": 0}
+    lock = threading.Lock()
+    steps: dict[int, float] = {}
+
+    def callback(key: int, it: Any) -> None:
+        if cancel is not None and cancel.is_set():
+            raise TuneCancelledError("auto-tune cancelled")
+        if progress is None:
+            return
+        with lock:
+            steps[key] = it.step / max(it.n_steps, 1)
+            done = state["done"] + sum(v for v in steps.values() if v < 1)
+        progress(done, total, f"{criterion}: {int(done)}/{total} runs")
+
     def run_all(meas: Any) -> list[torch.Tensor]:
         """Reconstruct ``meas`` with every setting of the grid (one batch or sequentially)."""
-        jobs = [
-            (lambda p, g=g: image_of(reconstruct(meas, apply_tuning(settings, g), prior=p)))
-            for g in grid
-        ]
+
+        def job(k: int, g: dict[str, float]) -> Callable[[Any], torch.Tensor]:
+            def run(p: Any) -> torch.Tensor:
+                r = reconstruct(meas, apply_tuning(settings, g), prior=p, callback=lambda it: callback(k, it))
+                with lock:
+                    state["done"] += 1
+                    steps.pop(k, None)
+                return image_of(r)
+
+            return run
+
+        jobs = [job(k, g) for k, g in enumerate(grid)]
         if batched:
             return _run_batched(jobs, prior)
-        out = []
-        for j in jobs:
-            out.append(j(prior))
-        return out
+        return [j(prior) for j in jobs]
 
     scores = np.zeros(len(grid))
     details: dict[str, Any] = {"holdout": holdout, "n_splits": n_splits, "batched": bool(batched)}
@@ -547,9 +576,8 @@ def auto_tune(
         perturbed = run_all(pert)
         for i, (x, xp) in enumerate(zip(plain, perturbed, strict=False)):
             scores[i] = sure_score(op, m, sigma, op.forward(x), op.forward(xp), b, eps)
-    for i, g in enumerate(grid):
-        if progress is not None:
-            progress(i + 1, len(grid), g, float(scores[i]))
+    if progress is not None:
+        progress(total, total, "done")
     best = grid[int(np.argmin(scores))]
     return TuneResult(
         best=dict(best),

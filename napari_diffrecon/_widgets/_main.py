@@ -381,6 +381,12 @@ class DiffReconWidget(QWidget):
         gl.addWidget(self.grid)
         lay.addWidget(g)
 
+        # Self-tuning (auto-tune) and the support map
+        from ._tuning import TuningPanel
+
+        self.tuning = TuningPanel(self)
+        lay.addWidget(self.tuning)
+
         # Export & presets
         g = QGroupBox("Export and presets")
         gl = QVBoxLayout(g)
@@ -786,8 +792,8 @@ class DiffReconWidget(QWidget):
 
     def run(self) -> Any:
         """Start a run in a napari thread worker; returns the worker (None when refused with a notification)."""
-        if self.running:
-            show_info("napari-diffrecon: a run is already in progress (press Stop first)")
+        if self.running or self.tuning.running:
+            show_info("napari-diffrecon: a run or auto-tune search is already in progress (press Stop first)")
             return None
         if self.measurement is None:
             show_error("napari-diffrecon: no measurement; load a sample, open a file or use a layer first")
@@ -860,6 +866,10 @@ class DiffReconWidget(QWidget):
         if self._ended:  # an update queued behind Stop: the run is over
             return
         self._last_update = upd
+        if upd.kind == "final" and upd.baseline_method is None:
+            record = self.tuning.provenance_for(self._run_settings)
+            if record is not None:  # the run uses the auto-tuned values: the search goes into its provenance
+                upd.provenance["auto_tune"] = record
         if upd.kind != "tick":
             self._apply_update(upd)
         # The progress bar last: napari may process events while it redraws (re-entrancy). napari's bar

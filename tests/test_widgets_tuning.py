@@ -1,0 +1,115 @@
+"""GUI tests of the Auto-tune button and the support-map layer (run under xvfb-run, tiny untrained priors)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("napari")
+pytest.importorskip("pytestqt")
+
+from napari_diffrecon._widgets import main_widget  # noqa: E402
+from napari_diffrecon._widgets._tuning import FLAG_NAME, SUPPORT_NAME  # noqa: E402
+from napari_diffrecon.priors import ModelCard, NetworkPrior, save_prior  # noqa: E402
+from napari_diffrecon.priors.network import build_network  # noqa: E402
+from napari_diffrecon.priors.sources import normalisation_for  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _config_in_tmp(tmp_path, monkeypatch):
+    monkeypatch.setenv("NAPARI_DIFFRECON_CONFIG_DIR", str(tmp_path / "config"))
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tiny_ct(tmp_path_factory) -> Path:
+    import torch
+
+    torch.manual_seed(0)
+    card = ModelCard(
+        name="tiny-ct", modality="ct", channels=1, resolution=128,
+        architecture={"type": "diffusers.UNet2DModel", "preset": "tiny"},
+        normalisation=normalisation_for("ct", 1),
+        training={"steps": 0, "data": {"sources": ["untrained test network"]}, "licence": "BSD-3-Clause"},
+    )
+    net = build_network({**card.architecture, "channels": 1})
+    return save_prior(NetworkPrior(net, card), tmp_path_factory.mktemp("p") / "tiny-ct")[1]
+
+
+def _widget(make_napari_viewer, tiny_ct, n_steps=3):
+    viewer = make_napari_viewer()
+    w = main_widget(viewer)
+    viewer.window.add_dock_widget(w, name="Diffusion reconstruction")
+    w.load_sample("ct_sparse23")
+    assert w.set_prior(str(tiny_ct))
+    w.method_combo.setCurrentIndex(w.method_combo.findData("dds"))
+    w.spins["n_steps"].setValue(n_steps)
+    w.n_samples.setValue(2)
+    w.seed.setValue(0)
+    return viewer, w
+
+
+def test_auto_tune_sets_gamma_shows_curve_and_goes_into_provenance(make_napari_viewer, qtbot, tiny_ct):
+    viewer, w = _widget(make_napari_viewer, tiny_ct)
+    w.spins["gamma"].setValue(7.0)
+    worker = w.tuning.start(values=[0.3, 3.0])
+    assert worker is not None and w.tuning.running and not w.run_btn.isEnabled()
+    assert w.run() is None  # no run while the search is in flight
+    qtbot.waitUntil(lambda: not w.tuning.running, timeout=60_000)
+    res = w.tuning.result
+    assert res is not None and res.best["gamma"] in (0.3, 3.0) and len(res.scores) == 2
+    assert w.spins["gamma"].value() == pytest.approx(res.best["gamma"])
+    assert "gamma" in w.tuning.curve.text() and "←" in w.tuning.curve.text()
+    assert w.run_btn.isEnabled()
+    w.run()
+    qtbot.waitUntil(lambda: not w.running, timeout=60_000)
+    prov = w.layers["mean"].metadata["provenance"]
+    assert prov["auto_tune"]["best"] == res.best and prov["auto_tune"]["scores"] == res.scores
+    # a hand-changed value is no longer the tuned one: no auto_tune record in the next run
+    w.spins["gamma"].setValue(res.best["gamma"] * 2)
+    assert w.tuning.provenance_for(w.current_settings()) is None
+
+
+def test_support_map_layer_and_threshold_overlay(make_napari_viewer, qtbot, tiny_ct):
+    viewer, w = _widget(make_napari_viewer, tiny_ct)
+    assert w.tuning.show_support() is None  # nothing to map before a run (notified)
+    w.run()
+    qtbot.waitUntil(lambda: not w.running, timeout=60_000)
+    maps = w.tuning.show_support()
+    assert maps is not None
+    names = [layer.name for layer in viewer.layers]
+    assert SUPPORT_NAME in names and FLAG_NAME in names
+    score = w.layers["support"].data
+    assert score.shape == (128, 128) and np.isfinite(score).all() and score.max() > 0
+    assert w.layers["support"].metadata["provenance"]["support_map"]["threshold"] == pytest.approx(0.1)
+    flags = w.layers["flags"]
+    w.tuning.threshold.setValue(float(np.percentile(score, 50)))
+    assert 0.4 < flags.data.mean() < 0.6
+    w.tuning.threshold.setValue(float(score.max()) + 1)
+    assert flags.data.max() == 0
+
+
+def test_stop_tuning_ends_the_search(make_napari_viewer, qtbot, tiny_ct):
+    viewer, w = _widget(make_napari_viewer, tiny_ct, n_steps=40)
+    fast = w.prior.denoise
+
+    def slow(x, s):
+        time.sleep(0.05)
+        return fast(x, s)
+
+    w.prior.denoise = slow
+    w.tuning.start(values=[0.3, 1.0, 3.0])
+    qtbot.wait(500)
+    t = time.perf_counter()
+    w.tuning.stop()
+    qtbot.waitUntil(lambda: not w.tuning.running, timeout=10_000)
+    assert time.perf_counter() - t < 5 and w.tuning.result is None
+    assert w.tuning.tune_btn.isEnabled() and w.run_btn.isEnabled()
