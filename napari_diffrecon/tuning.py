@@ -40,6 +40,7 @@ __all__ = [
     "sure_probe",
     "auto_tune",
     "apply_tuning",
+    "tuned_reconstruct",
     "BatchedPrior",
 ]
 
@@ -600,3 +601,30 @@ def _load_prior_for(measurement: Any, settings: Any) -> Any:
     if name is None:
         raise ValueError(f"no shipped prior for {op.modality}; pass prior= or set settings.prior")
     return load_prior(name, settings.device)
+
+
+def tuned_reconstruct(
+    measurement: Any,
+    settings: Any,
+    prior: Any = None,
+    criterion: str = "split",
+    params: dict[str, Sequence[float]] | str | Sequence[str] | None = None,
+    progress: Callable[[float, int, str], Any] | None = None,
+    **kw: Any,
+) -> tuple[Any, TuneResult]:
+    """:func:`auto_tune`, then :func:`napari_diffrecon.reconstruct.reconstruct` with the chosen values.
+
+    The search (chosen values, grid, score curve, criterion) is stored in the result's provenance under
+    ``"auto_tune"``. ``kw`` goes to :func:`auto_tune` (``holdout``, ``n_splits``, ``seed``, ``batched``).
+    Used by ``napari-diffrecon reconstruct --auto``.
+    """
+    from .reconstruct import reconstruct
+
+    if prior is None:
+        prior = _load_prior_for(measurement, settings)
+    tune_settings = replace(settings, n_samples=1, keep_samples=False)
+    res = auto_tune(measurement, tune_settings, prior=prior, params=params, criterion=criterion, progress=progress,
+                    **kw)
+    result = reconstruct(measurement, apply_tuning(settings, res.best), prior=prior)
+    result.provenance["auto_tune"] = res.to_dict()
+    return result, res

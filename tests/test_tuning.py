@@ -179,3 +179,21 @@ def test_bad_requests_are_refused_clearly():
         tuning.auto_tune(meas, SETTINGS, prior=prior, params="n_steps")
     with pytest.raises(ValueError, match="diffusion samplers"):
         tuning.auto_tune(meas, RunSettings(method="fbp"), prior=prior)
+
+
+def test_tuned_reconstruct_records_the_search_and_progress_and_cancel():
+    import threading
+
+    meas, prior = _ct_problem(n=24, views=16), GaussianPrior(0.5)
+    seen = []
+    settings = RunSettings(method="dds", params=SamplerParams(n_steps=6, cg_iters=3), n_samples=2)
+    result, res = tuning.tuned_reconstruct(meas, settings, prior=prior, params={"gamma": [0.3, 3.0]},
+                                           progress=lambda d, t, msg: seen.append((d, t)))
+    assert result.provenance["auto_tune"]["best"] == res.best
+    assert result.provenance["settings"]["params"]["gamma"] == res.best["gamma"]
+    assert result.provenance["settings"]["n_samples"] == 2  # the final run keeps the requested samples
+    assert seen[-1] == (2, 2) and all(0 <= d <= t for d, t in seen)
+    stop = threading.Event()
+    stop.set()
+    with pytest.raises(tuning.TuneCancelledError):
+        tuning.auto_tune(meas, settings, prior=prior, params={"gamma": [0.3, 3.0]}, cancel=stop)
