@@ -98,6 +98,33 @@ def _quality(result, m) -> str:
     return f"PSNR {psnr(result.reconstruction, gt):.2f} dB, SSIM {ssim(result.reconstruction, gt):.3f}, "
 
 
+def _auto_tuned(a: argparse.Namespace, m, settings):
+    from .tuning import tuned_reconstruct
+
+    if a.method not in ("dds", "dps", "mcg", "song"):
+        raise ValueError("--auto tunes diffusion samplers (dds, dps, mcg, song); drop --auto for classical methods")
+    grid = None
+    if a.auto_params:
+        grid = {}
+        for item in a.auto_params:
+            name, _, vals = item.partition("=")
+            grid[name] = [float(v) for v in vals.split(",")] if vals else None
+        if any(v is None for v in grid.values()):
+            grid = list(grid)  # names only: default grids
+    result, tuned = tuned_reconstruct(
+        m,
+        settings,
+        criterion=a.auto,
+        params=grid,
+        holdout=a.holdout,
+        progress=lambda d, t, msg: print(f"\rauto-tune {msg}", end="", flush=True),
+    )
+    print()
+    print(tuned.curve_text())
+    print(f"auto-tune ({tuned.criterion}) chose {tuned.best} in {tuned.wall_time_s:.1f} s")
+    return result
+
+
 def _cmd_reconstruct(a: argparse.Namespace) -> int:
     from .distributed import run_from_args, wants_volume
 
@@ -115,7 +142,10 @@ def _cmd_reconstruct(a: argparse.Namespace) -> int:
         raise FileExistsError(f"{out} exists; pass --force to overwrite it")
     m = read_measurement(a.bundle)
     settings = _settings_from_args(a, str(m.operator.get("modality", "*")))
-    result = reconstruct(m, settings)
+    if getattr(a, "auto", None):
+        result = _auto_tuned(a, m, settings)
+    else:
+        result = reconstruct(m, settings)
     write_result(out, result.arrays(), result.provenance, overwrite=a.force)
     print(f"{a.method}: {_quality(result, m)}data residual {result.residual:.4g}; wrote {out}")
     return 0
@@ -314,6 +344,22 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--snr", type=float, help="Song corrector SNR")
     r.add_argument("--hot-start", choices=["fbp", "cg", "mlem", "tv", "zero_filled"])
     r.add_argument("--t0", type=float, help="hot start: fraction of the schedule to run")
+    r.add_argument(
+        "--auto",
+        nargs="?",
+        const="split",
+        choices=["split", "discrepancy", "sure"],
+        help="self-tune the prior/likelihood balance from the data (DDS γ, DPS/MCG ζ, Song λ) before the run: "
+        "measurement splitting (default), discrepancy principle or SURE (Gaussian noise)",
+    )
+    r.add_argument(
+        "--auto-params",
+        nargs="+",
+        metavar="NAME[=v1,v2,...]",
+        help="what to search (default: the method's balance parameter on its default grid), e.g. gamma=0.3,1,3 "
+        "cg_iters=3,5 (two names = a 2D search)",
+    )
+    r.add_argument("--holdout", type=float, default=0.2, help="--auto split: fraction of views / lines held out")
     r.add_argument("--keep-samples", action="store_true")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--device", default="cpu")

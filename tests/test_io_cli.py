@@ -248,3 +248,19 @@ def test_poisson_disc_mask_is_variable_density_with_min_distance(acc):
     np.fill_diagonal(d, np.inf)
     assert d.min() > 1.0
     assert not np.array_equal(m, poisson_disc_mask_2d((96, 96), acc, calib=12, seed=1))
+
+
+def test_reconstruct_auto_tunes_and_records_the_search(tmp_path):
+    from pydicom.data import get_testdata_file
+
+    b = tmp_path / "b.npz"
+    assert main(["simulate", get_testdata_file("CT_small.dcm"), "--modality", "ct", "--views", "23", "--size", "64",
+                 "-o", str(b)]) == 0
+    out = tmp_path / "out.npz"
+    rc = main(["reconstruct", str(b), "--method", "dds", "--steps", "4", "--auto", "--auto-params", "gamma=0.3,3",
+               "-o", str(out)])
+    assert rc == 0
+    with np.load(out) as z:
+        prov = json.loads(str(z["provenance"]))
+    assert prov["auto_tune"]["best"]["gamma"] in (0.3, 3.0)
+    assert main(["reconstruct", str(b), "--method", "fbp", "--auto", "-o", str(tmp_path / "x.npz")]) == 2
