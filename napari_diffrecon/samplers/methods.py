@@ -19,8 +19,16 @@ from typing import Any
 
 import torch
 
+from ..physics.likelihoods import PoissonLikelihood
 from .base import Iterate, Problem, SamplerParams, SamplingError, ddim_step, run_loop
-from .datastep import data_distance, data_step, linear_measurement, normal_norm, pseudo_inverse
+from .datastep import (
+    data_distance,
+    data_step,
+    linear_measurement,
+    normal_norm,
+    poisson_prox_em,
+    pseudo_inverse,
+)
 
 __all__ = ["SAMPLERS", "ddim", "ddpm", "heun", "euler", "dds", "dps", "mcg", "song"]
 
@@ -216,10 +224,17 @@ def mcg(
 
 # -- Song et al. 2022 --------------------------------------------------------------------------
 def _final_projection(problem: Problem, params: SamplerParams, x0: torch.Tensor) -> torch.Tensor:
-    """Tweedie estimate followed by a hard (λ = 1) projection onto the measurements (noise-free)."""
+    """Tweedie estimate followed by a hard (λ = 1) projection onto the measurements (noise-free).
+
+    For emission counts a least-squares projection onto Poisson data amplifies the count noise
+    without bound, so the Poisson analogue is used: ``cg_iters`` ML-EM iterations started at the
+    Tweedie estimate (non-negative, monotone in the likelihood).
+    """
     op = problem.operator
     with torch.no_grad():
         x = problem.to_image(x0)
+        if isinstance(problem.likelihood, PoissonLikelihood):
+            return problem.to_model(poisson_prox_em(problem, x, float("inf"), int(params.cg_iters)))
         x = x + pseudo_inverse(problem, linear_measurement(problem) - op.forward(x), int(params.cg_iters))
         return problem.to_model(x)
 
