@@ -24,10 +24,13 @@ Every task is made by :func:`napari_diffrecon.simulate.simulate_from_image` with
 Metrics: PSNR and SSIM against the ground truth over the whole 128² image, data range = ground truth max − min
 (magnitude for MRI); data residual = :func:`napari_diffrecon.metrics.data_residual` in the data's own domain
 (post-log for low-dose CT, expected counts for PET), shown next to the ground truth's own residual (the noise
-floor); NFE = network evaluations (DPS/MCG also backpropagate through each); wall time of the whole
-``reconstruct()`` call; peak memory = the largest increase of the process's resident set size over its value
-before the call (sampled every 2 ms from /proc/self/statm after ``malloc_trim``); network share = time inside
-the network's forward and backward passes (module hooks) over the wall time.
+floor); NFE = network evaluations per sample (DPS/MCG also backpropagate through each; a batch of K samples
+evaluates the network once per step on all K); CPU s = CPU time of the ``reconstruct()`` call (thread time, one
+torch thread: robust to other processes on a shared machine) and wall s its elapsed time; peak memory = the largest
+increase of the process's resident set size over its value before the call (sampled every 2 ms from
+/proc/self/statm after ``malloc_trim``; torch's CPU allocations are invisible to tracemalloc); network share =
+CPU time inside the network's forward and backward passes (module hooks) over the call's CPU time, so
+1 − share is the sampler's overhead (data steps, operators, bookkeeping).
 
 Tuning: the TV weight, the MLEM iteration count and the samplers' parameters
 (:mod:`napari_diffrecon.samplers.defaults`) were chosen on these ground truths (a small grid, recorded in
@@ -197,7 +200,11 @@ class PeakRSS:
 
 
 class NetTimer:
-    """Seconds spent in a module's forward and backward passes (hooks; removed by :meth:`close`)."""
+    """CPU seconds (this thread's) in a module's forward and backward passes (hooks; removed by :meth:`close`).
+
+    Thread CPU time, not wall time, so other processes on a shared machine do not inflate it (torch runs
+    the network in the calling thread with one intra-op thread here).
+    """
 
     def __init__(self, module: torch.nn.Module) -> None:
         self.seconds = 0.0
@@ -205,15 +212,15 @@ class NetTimer:
         self._t: list[float] = []
         self._b: list[float] = []
         self._handles = [
-            module.register_forward_pre_hook(lambda *a: self._t.append(time.perf_counter())),
+            module.register_forward_pre_hook(lambda *a: self._t.append(time.thread_time())),
             module.register_forward_hook(lambda *a: self._end(self._t)),
-            module.register_full_backward_pre_hook(lambda *a: self._b.append(time.perf_counter())),
+            module.register_full_backward_pre_hook(lambda *a: self._b.append(time.thread_time())),
             module.register_full_backward_hook(lambda *a: self._end(self._b)),
         ]
 
     def _end(self, stack: list[float]) -> None:
         if stack:
-            self.seconds += time.perf_counter() - stack.pop()
+            self.seconds += time.thread_time() - stack.pop()
             self.calls += 1
 
     def reset(self) -> None:
@@ -260,11 +267,11 @@ def _classical(m: Measurement, method: str, gt: np.ndarray, task: str) -> dict[s
     best = None
     for bp in grid:
         with PeakRSS() as mem:
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.thread_time()
             r = reconstruct(m, RunSettings(method=method, baseline_params=bp))
-            wall = time.perf_counter() - t
+            wall, cpu = time.perf_counter() - t, time.thread_time() - c
         p, s = _metrics(r.reconstruction, gt)
-        row = {"psnr": p, "ssim": s, "residual": r.residual, "nfe": 0, "wall_s": wall,
+        row = {"psnr": p, "ssim": s, "residual": r.residual, "nfe": 0, "wall_s": wall, "cpu_s": cpu,
                "peak_mib": mem.increase / 2**20, "net_share": None, "setting": bp}
         if best is None or p > best["psnr"]:
             best = row
@@ -284,15 +291,15 @@ def _sampler(m: Measurement, label: str, prior, modality: str, gt: np.ndarray, s
     timer = NetTimer(prior.network) if hasattr(prior, "network") else None
     try:
         with PeakRSS() as mem:
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.thread_time()
             r = reconstruct(m, settings, prior=prior, callback=callback)
-            wall = time.perf_counter() - t
+            wall, cpu = time.perf_counter() - t, time.thread_time() - c
     finally:
         if timer is not None:
             timer.close()
     p, s = _metrics(r.reconstruction, gt)
-    return {"psnr": p, "ssim": s, "residual": r.residual, "nfe": r.provenance["nfe"], "wall_s": wall,
-            "peak_mib": mem.increase / 2**20, "net_share": timer.seconds / wall if timer else None,
+    return {"psnr": p, "ssim": s, "residual": r.residual, "nfe": r.provenance["nfe"], "wall_s": wall, "cpu_s": cpu,
+            "peak_mib": mem.increase / 2**20, "net_share": timer.seconds / cpu if timer and cpu > 0 else None,
             "net_s": timer.seconds if timer else None, "setting": params.to_dict(), "result": r}
 
 
@@ -341,7 +348,8 @@ def run_table(a: argparse.Namespace, priors: dict[str, Any]) -> list[dict[str, A
             row.update(task=task, method=meth, floor=floor)
             rows.append(row)
             print(f"   {meth:12s} PSNR {row['psnr']:6.2f}  SSIM {row['ssim']:.3f}  res {row['residual']:.4f}  "
-                  f"NFE {row['nfe']:4d}  {row['wall_s']:6.1f} s  {row['peak_mib']:6.1f} MiB  {row['setting']}",
+                  f"NFE {row['nfe']:4d}  {row['wall_s']:6.1f} s (CPU {row['cpu_s']:6.1f} s)  "
+                  f"{row['peak_mib']:6.1f} MiB  {row['setting']}",
                   flush=True)
     return rows
 
@@ -371,11 +379,12 @@ def run_extras(a: argparse.Namespace, priors: dict[str, Any]) -> dict[str, Any]:
             r = row.pop("result")
             if one is not None:
                 out["batch"] = {"task": task, "method": label, "n_samples": k, "wall_1": one["wall_s"],
-                                "wall_k": row["wall_s"], "ratio": row["wall_s"] / one["wall_s"],
+                                "wall_k": row["wall_s"], "cpu_1": one["cpu_s"], "cpu_k": row["cpu_s"],
+                                "ratio": row["cpu_s"] / one["cpu_s"],
                                 "net_share_1": one["net_share"], "net_share_k": row["net_share"],
                                 "peak_mib_1": one["peak_mib"], "peak_mib_k": row["peak_mib"],
                                 "threads": torch.get_num_threads()}
-                print(f"   batch: {k} samples {row['wall_s']:.1f} s vs 1 sample {one['wall_s']:.1f} s "
+                print(f"   batch: {k} samples CPU {row['cpu_s']:.1f} s vs 1 sample {one['cpu_s']:.1f} s "
                       f"(×{out['batch']['ratio']:.2f})", flush=True)
             if task not in a.uq_tasks:
                 continue
@@ -395,7 +404,8 @@ def run_extras(a: argparse.Namespace, priors: dict[str, Any]) -> dict[str, Any]:
             out["uncertainty"].append({"task": task, "method": label, "n_samples": k, "spearman": rho,
                                        "spearman_inside": rho_in, "psnr_mean": row["psnr"],
                                        "ssim_mean": row["ssim"], "psnr_samples": float(np.mean(per)),
-                                       "coverage95": cover, "wall_s": row["wall_s"], "peak_mib": row["peak_mib"]})
+                                       "coverage95": cover, "wall_s": row["wall_s"], "cpu_s": row["cpu_s"],
+                                       "peak_mib": row["peak_mib"]})
             print(f"   UQ {task} {label}: ρ {rho:.3f} (inside {rho_in:.3f}), PSNR mean {row['psnr']:.2f} "
                   f"vs samples {np.mean(per):.2f}, 95% coverage {cover}", flush=True)
     # PSNR of x0_hat against NFE for DDS at 100 steps.
@@ -430,8 +440,8 @@ def markdown(rows: list[dict[str, Any]], extras: dict[str, Any] | None, meta: di
     by_task: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
         by_task.setdefault(r["task"], []).append(r)
-    lines.append("| task | method | PSNR dB | SSIM | residual (floor) | NFE | wall s | peak MiB | net share |")
-    lines.append("|---|---|---|---|---|---|---|---|---|")
+    lines.append("| task | method | PSNR dB | SSIM | residual (floor) | NFE | CPU s | wall s | peak MiB | net share |")
+    lines.append("|---|---|---|---|---|---|---|---|---|---|")
     for task, rs in by_task.items():
         best_c = max((r for r in rs if r["nfe"] == 0), key=lambda r: r["psnr"], default=None)
         best_d = max((r for r in rs if r["nfe"] > 0), key=lambda r: r["psnr"], default=None)
@@ -439,7 +449,8 @@ def markdown(rows: list[dict[str, Any]], extras: dict[str, Any] | None, meta: di
             mark = "**" if r is best_c or r is best_d else ""
             lines.append(
                 f"| {task} | {r['method']} | {mark}{r['psnr']:.2f}{mark} | {r['ssim']:.3f} | "
-                f"{r['residual']:.4f} ({r['floor']:.4f}) | {r['nfe']} | {r['wall_s']:.1f} | {r['peak_mib']:.0f} | "
+                f"{r['residual']:.4f} ({r['floor']:.4f}) | {r['nfe']} | {r['cpu_s']:.1f} | {r['wall_s']:.1f} | "
+                f"{r['peak_mib']:.0f} | "
                 f"{_fmt(r['net_share'], '.0%')} |"
             )
     lines += ["", "Targets (best diffusion sampler vs baselines):", ""]
@@ -468,22 +479,47 @@ def markdown(rows: list[dict[str, Any]], extras: dict[str, Any] | None, meta: di
     if extras:
         lines += ["", "Uncertainty (posterior std vs absolute error of the mean, per pixel):", ""]
         lines.append("| task | sampler | samples | Spearman ρ (all) | ρ inside object | PSNR of mean | mean PSNR of "
-                     "samples | 95% interval coverage | wall s |")
+                     "samples | 95% interval coverage | CPU s |")
         lines.append("|---|---|---|---|---|---|---|---|---|")
         for u in extras.get("uncertainty", []):
             lines.append(f"| {u['task']} | {u['method']} | {u['n_samples']} | {u['spearman']:.3f} | "
                          f"{u['spearman_inside']:.3f} | {u['psnr_mean']:.2f} | {u['psnr_samples']:.2f} | "
-                         f"{_fmt(u['coverage95'], '.1%')} | {u['wall_s']:.1f} |")
+                         f"{_fmt(u['coverage95'], '.1%')} | {u['cpu_s']:.1f} |")
         b = extras.get("batch")
         if b:
             lines += ["", f"Batch cost ({b['task']}, {b['method']}, {b['threads']} thread(s)): {b['n_samples']} "
-                      f"samples in one batch {b['wall_k']:.1f} s vs 1 sample {b['wall_1']:.1f} s = ×{b['ratio']:.2f}; "
+                      f"samples in one batch {b['cpu_k']:.1f} s vs 1 sample {b['cpu_1']:.1f} s CPU time = "
+                      f"×{b['ratio']:.2f} (wall {b['wall_k']:.1f} / {b['wall_1']:.1f} s); "
                       f"network share {b['net_share_1']:.0%} (1) / {b['net_share_k']:.0%} ({b['n_samples']}); "
                       f"peak memory {b['peak_mib_1']:.0f} / {b['peak_mib_k']:.0f} MiB."]
         for task, c in extras.get("nfe_curve", {}).items():
             lines += ["", f"DDS at 100 steps on {task}: best PSNR of x0_hat {c['best_psnr']:.2f} dB at NFE "
                       f"{c['best_nfe']}, final {c['final_psnr']:.2f} dB."]
     return "\n".join(lines) + "\n"
+
+
+def combine(paths: list[str], out: Path) -> int:
+    """Merge partial runs' JSON outputs (rows in task order; extras and priors united) and write ``out``.md/.json."""
+    parts = [json.loads(Path(p).read_text()) for p in paths]
+    order = {t: i for i, t in enumerate(TASKS)}
+    rows = sorted((r for d in parts for r in d["rows"]), key=lambda r: order.get(r["task"], len(order)))
+    extras: dict[str, Any] = {"uncertainty": [], "batch": None, "nfe_curve": {}}
+    meta = dict(parts[0]["meta"])
+    meta["priors"], meta["total_wall_s"], meta["argv"] = {}, 0.0, []
+    for d in parts:
+        meta["priors"].update(d["meta"]["priors"])
+        meta["total_wall_s"] += d["meta"].get("total_wall_s", 0.0)
+        meta["argv"].append(d["meta"].get("argv"))
+        e = d.get("extras") or {}
+        extras["uncertainty"] += e.get("uncertainty", [])
+        extras["nfe_curve"].update(e.get("nfe_curve", {}))
+        extras["batch"] = e.get("batch") or extras["batch"]
+    meta["combined_from"] = [str(p) for p in paths]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".md").write_text(markdown(rows, extras, meta), encoding="utf-8")
+    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows, "extras": extras}, indent=1))
+    print(f"wrote {out.with_suffix('.md')} and .json from {len(paths)} runs")
+    return 0
 
 
 def _parse_overrides(items: list[str]) -> dict[str, dict[str, Any]]:
@@ -517,7 +553,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--uq-samples", type=int, default=8)
     p.add_argument("--batch-task", default="ct-23")
     p.add_argument("--curve-tasks", nargs="+", default=["ct-23"])
+    p.add_argument("--combine", nargs="+", metavar="JSON",
+                   help="merge the .json outputs of partial runs (e.g. CT and MRI/PET tasks run apart) into --out")
     a = p.parse_args(argv)
+    if a.combine:
+        return combine(a.combine, Path(a.out))
     a.overrides = _parse_overrides(a.overrides)
     torch.set_num_threads(a.threads)
     bad = [t for t in a.tasks if t not in TASKS]
