@@ -239,7 +239,7 @@ HOT_START = {"ct": "fbp", "mri": "cg", "pet": "mlem"}
 TV_GRID = {  # relative TV weight (lam_rel), around each task family's optimum
     "ct": (0.0005, 0.001, 0.002, 0.004, 0.008),
     "ct-lowdose": (0.0001, 0.00025, 0.0005, 0.001, 0.002),
-    "mri": (0.004, 0.008, 0.016, 0.032, 0.064),
+    "mri": (0.016, 0.032, 0.064, 0.128, 0.256),
     "pet": (0.004, 0.008, 0.016, 0.032, 0.064),
 }
 MLEM_GRID = (5, 10, 20, 40, 80)
@@ -485,8 +485,8 @@ def markdown(rows: list[dict[str, Any]], extras: dict[str, Any] | None, meta: di
             lines.append(f"| {u['task']} | {u['method']} | {u['n_samples']} | {u['spearman']:.3f} | "
                          f"{u['spearman_inside']:.3f} | {u['psnr_mean']:.2f} | {u['psnr_samples']:.2f} | "
                          f"{_fmt(u['coverage95'], '.1%')} | {u['cpu_s']:.1f} |")
-        b = extras.get("batch")
-        if b:
+        batches = extras.get("batch") or []
+        for b in batches if isinstance(batches, list) else [batches]:
             lines += ["", f"Batch cost ({b['task']}, {b['method']}, {b['threads']} thread(s)): {b['n_samples']} "
                       f"samples in one batch {b['cpu_k']:.1f} s vs 1 sample {b['cpu_1']:.1f} s CPU time = "
                       f"×{b['ratio']:.2f} (wall {b['wall_k']:.1f} / {b['wall_1']:.1f} s); "
@@ -503,7 +503,7 @@ def combine(paths: list[str], out: Path) -> int:
     parts = [json.loads(Path(p).read_text()) for p in paths]
     order = {t: i for i, t in enumerate(TASKS)}
     rows = sorted((r for d in parts for r in d["rows"]), key=lambda r: order.get(r["task"], len(order)))
-    extras: dict[str, Any] = {"uncertainty": [], "batch": None, "nfe_curve": {}}
+    extras: dict[str, Any] = {"uncertainty": [], "batch": [], "nfe_curve": {}}
     meta = dict(parts[0]["meta"])
     meta["priors"], meta["total_wall_s"], meta["argv"] = {}, 0.0, []
     for d in parts:
@@ -513,7 +513,8 @@ def combine(paths: list[str], out: Path) -> int:
         e = d.get("extras") or {}
         extras["uncertainty"] += e.get("uncertainty", [])
         extras["nfe_curve"].update(e.get("nfe_curve", {}))
-        extras["batch"] = e.get("batch") or extras["batch"]
+        b = e.get("batch") or []
+        extras["batch"] += b if isinstance(b, list) else [b]
     meta["combined_from"] = [str(p) for p in paths]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".md").write_text(markdown(rows, extras, meta), encoding="utf-8")
@@ -548,11 +549,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--no-extras", action="store_true", help="skip uncertainty / batch / NFE-curve measurements")
     p.add_argument("--extras-only", action="store_true")
-    p.add_argument("--uq-tasks", nargs="+", default=["ct-23", "mri-4x", "pet-low"])
+    p.add_argument("--uq-tasks", nargs="*", default=["ct-23", "mri-4x", "pet-low"])
     p.add_argument("--uq-methods", nargs="+", default=["dds-hot"])
     p.add_argument("--uq-samples", type=int, default=8)
     p.add_argument("--batch-task", default="ct-23")
-    p.add_argument("--curve-tasks", nargs="+", default=["ct-23"])
+    p.add_argument("--curve-tasks", nargs="*", default=["ct-23"])
     p.add_argument("--combine", nargs="+", metavar="JSON",
                    help="merge the .json outputs of partial runs (e.g. CT and MRI/PET tasks run apart) into --out")
     a = p.parse_args(argv)
