@@ -109,7 +109,8 @@ def tune_task(task: str, prior_dir: str | None, gammas: list[float], holdout: fl
     return row
 
 
-def lesion_study(prior_dir: str | None, seed: int, out_png: str | None, hot: bool = True) -> dict[str, Any]:
+def lesion_study(prior_dir: str | None, seed: int, out_png: str | None, hot: bool = True,
+                 center: tuple[float, float] = (0.42, 0.33), weak: tuple[float, float] = (0.1, 0.4)) -> dict[str, Any]:
     """Lesion kept when measured; lesion only in the hot-start image flagged by the support map."""
     from recon import ct_hu
 
@@ -123,7 +124,7 @@ def lesion_study(prior_dir: str | None, seed: int, out_png: str | None, hot: boo
     n0 = hu.shape[0]
     yy, xx = np.mgrid[:n0, :n0]
     # a 5-pixel (≈3.3 mm) radius lesion, +250 HU, in soft tissue left of the spine
-    cy, cx, r = int(0.42 * n0), int(0.33 * n0), max(2, int(round(5 * n0 / 128)))
+    cy, cx, r = int(center[0] * n0), int(center[1] * n0), max(2, int(round(5 * n0 / 128)))
     lesion = ((yy - cy) ** 2 + (xx - cx) ** 2 <= r**2).astype(np.float32)
     prior = _prior("ct", prior_dir)
     out: dict[str, Any] = {"lesion_center": [cy, cx], "lesion_radius_px": r, "lesion_hu": 250}
@@ -176,8 +177,8 @@ def lesion_study(prior_dir: str | None, seed: int, out_png: str | None, hot: boo
     from napari_diffrecon.reconstruct import prepare_run
     from napari_diffrecon.samplers import get_sampler
 
-    for gamma in (1.0, 0.1):  # the recommended data weight, and a prior-dominated one (γ = 0.1)
-        hot = recommended_params("dds", "ct", hot_start=True, gamma=gamma)
+    for gamma, t0 in ((1.0, 0.4), weak):  # the recommended setting, and a prior-dominated one
+        hot = recommended_params("dds", "ct", hot_start=True, gamma=gamma, t0=t0)
         settings = RunSettings(method="dds", params=hot, seed=seed, n_samples=4, keep_samples=True, hot_start="fbp")
         problem, _, info = prepare_run(m_without, settings, prior)
         last = None
@@ -186,9 +187,10 @@ def lesion_study(prior_dir: str | None, seed: int, out_png: str | None, hot: boo
         samples = last.x0_hat.cpu().numpy()
         xb = samples.mean(0)
         sm = support_maps(xb, op, m_t, lik, samples=samples, classical=fbp_b.numpy())
-        key = "prior_only_lesion" if gamma == 1.0 else f"prior_only_lesion_gamma{gamma:g}"
+        key = "prior_only_lesion" if gamma == 1.0 else f"prior_only_lesion_gamma{gamma:g}_t0{t0:g}"
         out[key] = {
             "gamma": gamma,
+            "t0": t0,
             "contrast_truth": contrast(gt_b),
             "contrast_hot_start": contrast(lesion_img.numpy()),
             "contrast_reconstruction": contrast(xb),
@@ -222,7 +224,7 @@ def lesion_study(prior_dir: str | None, seed: int, out_png: str | None, hot: boo
         ax[0].imshow(lesion_img.numpy(), cmap="gray", vmin=vmin, vmax=vmax)
         ax[0].set_title("hot start: FBP + lesion (not in object)")
         ax[1].imshow(xb, cmap="gray", vmin=vmin, vmax=vmax)
-        ax[1].set_title("DDS (γ 0.1, hot start) reconstruction")
+        ax[1].set_title(f"DDS hot start, γ {weak[0]:g}, t0 {weak[1]:g}")
         ax[2].imshow(sm.score, cmap="magma")
         ax[2].set_title("support score (high = unsupported)")
         ax[3].imshow(xb, cmap="gray", vmin=vmin, vmax=vmax)
@@ -259,6 +261,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lesion", action="store_true")
     ap.add_argument("--hot", nargs="*", default=[], help="tasks run with the hot-start DDS setting (cheaper)")
     ap.add_argument("--lesion-cold", action="store_true", help="lesion study (a) from pure noise (slower)")
+    ap.add_argument("--lesion-center", nargs=2, type=float, default=[0.42, 0.33], help="fractions (row, col)")
+    ap.add_argument("--weak", nargs=2, type=float, default=[0.1, 0.4], help="prior-dominated (γ, t0) of case (b)")
     ap.add_argument("--png", default="docs/support_map.png")
     ap.add_argument("--out", default="benchmarks/results/tuning")
     ap.add_argument("--threads", type=int, default=1)
@@ -268,7 +272,8 @@ def main(argv: list[str] | None = None) -> int:
     for t in a.tasks:
         res["rows"].append(tune_task(t, a.prior_dir, a.gammas, a.holdout, a.seed, hot=t in a.hot))
     if a.lesion:
-        res["lesion"] = lesion_study(a.prior_dir, a.seed, a.png, hot=not a.lesion_cold)
+        res["lesion"] = lesion_study(a.prior_dir, a.seed, a.png, hot=not a.lesion_cold,
+                                     center=tuple(a.lesion_center), weak=tuple(a.weak))
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     Path(str(out) + ".json").write_text(json.dumps(res, indent=1, default=str))
