@@ -9,9 +9,11 @@ Three maps, each in image units, and one combined score:
 - ``difference``: ``|x − x_classical|`` (what the prior added or removed relative to a classical
   reconstruction of the same data).
 
-``score`` combines them, each divided by the image's dynamic range (1st–99th percentile) and smoothed a
-little, as ``sqrt(w_s·std² + w_r·residual² + w_d·difference²)``; ``mask = score > threshold``. High score =
-weakly supported by the measurements (look twice); the threshold is a fraction of the dynamic range.
+``score`` combines them after a little smoothing. Default (``normalise="median"``): each map is divided by its own
+median over the voxels where it is non-zero ("times typical"), and ``score = sqrt(Σ w·map² / Σ w)``, so 1 is typical,
+and the default threshold 3 flags voxels three times less supported than typical. ``normalise="range"`` divides by
+the image's 1st–99th percentile range instead (score in fractions of the dynamic range). High score = weakly
+supported by the measurements (look twice); ``mask = score > threshold``.
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ class SupportMaps:
     threshold: float
     scale: float
     weights: dict[str, float] = field(default_factory=dict)
+    norms: dict[str, float] = field(default_factory=dict)
+    normalise: str = "median"
 
     def summary(self) -> dict[str, Any]:
         """Numbers for provenance: threshold, scale, weights and the flagged fraction."""
@@ -46,6 +50,8 @@ class SupportMaps:
             "threshold": self.threshold,
             "scale": self.scale,
             "weights": self.weights,
+            "normalise": self.normalise,
+            "norms": self.norms,
             "flagged_fraction": float(self.mask.mean()),
         }
 
@@ -132,9 +138,10 @@ def support_maps(
     classical: Any = None,
     std: Any = None,
     weights: dict[str, float] | None = None,
-    threshold: float = 0.1,
+    threshold: float | None = None,
     smooth_px: float = 1.0,
     scale: float | None = None,
+    normalise: str = "median",
 ) -> SupportMaps:
     """Combine the available maps into one support score with a threshold mask.
 
@@ -153,12 +160,15 @@ def support_maps(
     weights : dict, optional
         Weights of ``std``, ``residual``, ``difference`` in the combination (default std 1, residual 1,
         difference 0.25: classical images carry their own noise and streaks).
-    threshold : float
-        Flag voxels whose score exceeds this fraction of the dynamic range (default 0.1).
+    threshold : float, optional
+        Flag voxels whose score exceeds it (default 3 for ``normalise="median"``: three times the typical value;
+        0.1 for ``"range"``: a tenth of the dynamic range).
     smooth_px : float
         Gaussian smoothing (pixels) of each map before combining (speckle in the std of few samples).
     scale : float, optional
-        The dynamic range to normalise by (default: 1st–99th percentile range of ``|x|``).
+        The dynamic range for ``normalise="range"`` (default: 1st–99th percentile range of ``|x|``).
+    normalise : {"median", "range"}
+        How each map is made unitless before combining (see the module docstring).
 
     Returns
     -------
@@ -178,14 +188,33 @@ def support_maps(
     if operator is not None and measurement is not None:
         res = residual_backprojection(operator, xa, measurement, likelihood)
     diff = classical_difference(xa, classical) if classical is not None else None
+    if normalise not in ("median", "range"):
+        raise ValueError(f"normalise must be 'median' or 'range', got {normalise!r}")
+    if threshold is None:
+        threshold = 3.0 if normalise == "median" else 0.1
     total = np.zeros(xa.shape, np.float32)
-    used = {}
+    used: dict[str, float] = {}
+    norms: dict[str, float] = {}
     for name, arr in (("std", std), ("residual", res), ("difference", diff)):
         if arr is None or w.get(name, 0) <= 0:
             continue
-        total += w[name] * (_smooth(arr, smooth_px) / scale) ** 2
+        a = _smooth(arr, smooth_px)
+        if normalise == "median":
+            nz = a[a > 1e-12 * max(float(a.max()), 1e-30)]
+            ref = float(np.median(nz)) if nz.size else 0.0
+            if ref <= 0:  # an all-zero map (e.g. a noise-free exact fit): nothing to flag from it
+                continue
+        else:
+            ref = scale
+        total += w[name] * (a / ref) ** 2
         used[name] = w[name]
+        norms[name] = ref
     if not used:
         raise ValueError("support_maps needs at least one of: samples (≥2) or std, operator+measurement, classical")
+    if normalise == "median":
+        total /= sum(used.values())
     score = np.sqrt(total).astype(np.float32)
-    return SupportMaps(std, res, diff, score, score > threshold, float(threshold), float(scale), used)
+    out = SupportMaps(std, res, diff, score, score > threshold, float(threshold), float(scale), used)
+    out.norms = norms
+    out.normalise = normalise
+    return out

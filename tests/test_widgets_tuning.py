@@ -89,7 +89,7 @@ def test_support_map_layer_and_threshold_overlay(make_napari_viewer, qtbot, tiny
     assert SUPPORT_NAME in names and FLAG_NAME in names
     score = w.layers["support"].data
     assert score.shape == (128, 128) and np.isfinite(score).all() and score.max() > 0
-    assert w.layers["support"].metadata["provenance"]["support_map"]["threshold"] == pytest.approx(0.1)
+    assert w.layers["support"].metadata["provenance"]["support_map"]["threshold"] == pytest.approx(3.0)
     flags = w.layers["flags"]
     w.tuning.threshold.setValue(float(np.percentile(score, 50)))
     assert 0.4 < flags.data.mean() < 0.6
