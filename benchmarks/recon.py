@@ -502,7 +502,14 @@ def combine(paths: list[str], out: Path) -> int:
     """Merge partial runs' JSON outputs (rows in task order; extras and priors united) and write ``out``.md/.json."""
     parts = [json.loads(Path(p).read_text()) for p in paths]
     order = {t: i for i, t in enumerate(TASKS)}
-    rows = sorted((r for d in parts for r in d["rows"]), key=lambda r: order.get(r["task"], len(order)))
+    latest: dict[tuple[str, str], dict[str, Any]] = {}  # a later run's row replaces an earlier one's
+    for d in parts:
+        rows_d = list(d["rows"]) + list((d.get("extras") or {}).get("rows", []))
+        if any(r["method"].endswith(" mean") for r in d["rows"]):
+            rows_d = list(d["rows"])
+        for r in rows_d:
+            latest[(r["task"], r["method"])] = r
+    rows = sorted(latest.values(), key=lambda r: order.get(r["task"], len(order)))
     extras: dict[str, Any] = {"uncertainty": [], "batch": [], "nfe_curve": {}}
     meta = dict(parts[0]["meta"])
     meta["priors"], meta["total_wall_s"], meta["argv"] = {}, 0.0, []
@@ -511,6 +518,8 @@ def combine(paths: list[str], out: Path) -> int:
         meta["total_wall_s"] += d["meta"].get("total_wall_s", 0.0)
         meta["argv"].append(d["meta"].get("argv"))
         e = d.get("extras") or {}
+        keys = {(u["task"], u["method"]) for u in e.get("uncertainty", [])}
+        extras["uncertainty"] = [u for u in extras["uncertainty"] if (u["task"], u["method"]) not in keys]
         extras["uncertainty"] += e.get("uncertainty", [])
         extras["nfe_curve"].update(e.get("nfe_curve", {}))
         b = e.get("batch") or []
