@@ -26,7 +26,7 @@ def test_espirit_recovers_the_maps_on_a_real_mr_slice(mr_slice):
     mask = np.zeros((96, 96), np.float32)
     mask[:, ::3] = 1
     mask[:, 36:60] = 1  # undersampled outside a fully sampled centre
-    est = estimate_coil_maps(k * mask, calib=24)
+    est = estimate_coil_maps(k * mask, calib_size=24)
     obj = img > 0.1
     corr = np.abs((est.conj() * true).sum(0)) / np.sqrt((np.abs(est) ** 2).sum(0) * (np.abs(true) ** 2).sum(0) + 1e-12)
     assert corr[obj].mean() > 0.95
@@ -39,6 +39,6 @@ def test_espirit_errors():
         estimate_coil_maps(np.zeros((32, 32)))
     k = np.zeros((4, 32, 32), np.complex64)
     with pytest.raises(ValueError, match="not fully sampled"):
-        estimate_coil_maps(k, calib=16)
+        estimate_coil_maps(k, calib_size=16)
     with pytest.raises(ValueError, match="calib"):
-        estimate_coil_maps(np.ones((4, 32, 32)), calib=4)
+        estimate_coil_maps(np.ones((4, 32, 32)), calib_size=4)
