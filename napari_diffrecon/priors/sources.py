@@ -74,28 +74,29 @@ def _slices(vol: np.ndarray, step: int, min_fraction: float) -> list[np.ndarray]
     return out
 
 
-def mni152_slices(resolution: int = 128, step: int = 2, min_fraction: float = 0.15) -> np.ndarray:
-    """Magnitude slices of the MNI152 T1 template in [0, 1], ``(N, resolution, resolution)``."""
-    vol = _load_nifti("mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz")
+def _normalised_slices(
+    vol: np.ndarray, resolution: int, step: int, min_fraction: float, clip_hi: float, background: float
+) -> np.ndarray:
+    """Slices of ``vol`` scaled so their 99.5th percentile is 1, empty space cropped, resized."""
     out = []
     for sl in _slices(vol, step, min_fraction):
         hi = np.percentile(sl, 99.5)
-        img = _crop(np.clip(sl / max(hi, 1e-6), 0, 1), 0.05)
+        img = _crop(np.clip(sl / max(hi, 1e-6), 0, clip_hi), background)
         out.append(resize(img, (resolution, resolution), anti_aliasing=True, preserve_range=True))
     return np.stack(out).astype(np.float32)
+
+
+def mni152_slices(resolution: int = 128, step: int = 2, min_fraction: float = 0.15) -> np.ndarray:
+    """Magnitude slices of the MNI152 T1 template in [0, 1], ``(N, resolution, resolution)``."""
+    vol = _load_nifti("mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz")
+    return _normalised_slices(vol, resolution, step, min_fraction, clip_hi=1.0, background=0.05)
 
 
 def mni152_pet_slices(resolution: int = 128, step: int = 3, min_fraction: float = 0.15) -> np.ndarray:
     """FDG-like brain uptake maps from the MNI152 grey/white-matter maps (GM 4 : WM 1), [0, 1]."""
     gm = _load_nifti("mni_icbm152_gm_tal_nlin_sym_09a_converted.nii.gz")
     wm = _load_nifti("mni_icbm152_wm_tal_nlin_sym_09a_converted.nii.gz")
-    act = 4.0 * gm + 1.0 * wm
-    out = []
-    for sl in _slices(act, step, min_fraction):
-        hi = np.percentile(sl, 99.5)
-        img = _crop(np.clip(sl / max(hi, 1e-6), 0, 1.2), 0.02)
-        out.append(resize(img, (resolution, resolution), anti_aliasing=True, preserve_range=True))
-    return np.stack(out).astype(np.float32)
+    return _normalised_slices(4.0 * gm + 1.0 * wm, resolution, step, min_fraction, clip_hi=1.2, background=0.02)
 
 
 def random_phase(shape: tuple[int, int], rng: np.random.Generator, max_rad: float = np.pi) -> np.ndarray:
