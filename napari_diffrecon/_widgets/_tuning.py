@@ -173,12 +173,14 @@ class TuningPanel(QGroupBox):
 
     def _on_progress(self, item: tuple[float, int, str]) -> None:
         done, total, msg = item
-        if total <= 0 or self._pbar is None:
+        pbar = self._pbar  # napari's progress bar processes Qt events: the search may finish (and close it) meanwhile
+        if total <= 0 or pbar is None:
             return
         n = int(round(100 * min(done / total, 1.0)))
-        if n > self._pbar.n:
-            self._pbar.update(n - self._pbar.n)
-        self._pbar.set_description(f"diffrecon auto-tune: {msg}")
+        if n > pbar.n:
+            pbar.update(n - pbar.n)
+        if self._pbar is pbar:
+            pbar.set_description(f"diffrecon auto-tune: {msg}")
 
     def _on_returned(self, result: TuneResult) -> None:
         self.result = result
