@@ -1010,9 +1010,9 @@ class DiffReconWidget(QWidget):
         self.stop_btn.setEnabled(False)
 
     def _close_pbar(self) -> None:
-        if self._pbar is not None:
-            self._pbar.close()
-            self._pbar = None
+        pbar, self._pbar = self._pbar, None  # cleared first: close() may process events and re-enter
+        if pbar is not None:
+            pbar.close()
 
     def _on_grid(self, on: bool) -> None:
         self.viewer.grid.enabled = bool(on)

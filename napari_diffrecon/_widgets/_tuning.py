@@ -202,9 +202,9 @@ class TuningPanel(QGroupBox):
         self.owner.status.setText(f"auto-tune failed: {exc}")
 
     def _on_finished(self) -> None:
-        if self._pbar is not None:
-            self._pbar.close()
-            self._pbar = None
+        pbar, self._pbar = self._pbar, None  # cleared first: close() may process events and re-enter
+        if pbar is not None:
+            pbar.close()
         self.worker = None
         self.tune_btn.setEnabled(True)
         self.stop_btn.setEnabled(False)
