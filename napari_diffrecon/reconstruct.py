@@ -24,7 +24,15 @@ from . import __version__
 from .samplers import SAMPLERS, Iterate, Problem, SamplerParams, SamplingError, get_sampler
 from .uncertainty import summarize
 
-__all__ = ["RunSettings", "Result", "prepare_run", "reconstruct", "intensity_mapping", "DIFFUSION_METHODS"]
+__all__ = [
+    "RunSettings",
+    "Result",
+    "prepare_run",
+    "reconstruct",
+    "finish_diffusion_run",
+    "intensity_mapping",
+    "DIFFUSION_METHODS",
+]
 
 DIFFUSION_METHODS = tuple(SAMPLERS)
 
@@ -235,6 +243,34 @@ def provenance(measurement: Any, settings: RunSettings, extra: dict[str, Any]) -
     return json.loads(json.dumps(rec, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
 
 
+def finish_diffusion_run(
+    problem: Problem, last: Iterate, info: dict[str, Any], t_start: float
+) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, Any]]:
+    """The samples (CPU), their summary and the provenance record of a finished diffusion run.
+
+    Shared by :func:`reconstruct` and the GUI's worker.
+
+    Raises
+    ------
+    SamplingError
+        When a sample's final data residual is not finite.
+    """
+    samples = last.x0_hat.detach().cpu()
+    summary = summarize(samples)
+    res_mean = float(problem.residual(samples.mean(0, keepdim=True).to(problem.device))[0])
+    extra = {
+        "kind": "diffusion",
+        **info,
+        "nfe": last.nfe,
+        "wall_time_s": time.perf_counter() - t_start,
+        "data_residual_per_sample": [float(v) for v in last.data_residual.cpu()],
+        "data_residual_of_mean": res_mean,
+    }
+    if not all(math.isfinite(v) for v in extra["data_residual_per_sample"]):
+        raise SamplingError("the run finished with a non-finite data residual")
+    return samples, summary, extra
+
+
 def reconstruct(
     measurement: Any,
     settings: RunSettings,
@@ -286,21 +322,10 @@ def reconstruct(
         if callback is not None:
             callback(it)
     assert last is not None and last.done
-    samples = last.x0_hat.detach().cpu()
-    summary = summarize(samples)
+    samples, summary, extra = finish_diffusion_run(problem, last, info, t0)
+    res_mean = extra["data_residual_of_mean"]
     mean = summary["mean"].numpy().astype(np.float32)
-    res_mean = float(problem.residual(samples.mean(0, keepdim=True).to(problem.device))[0])
-    extra = {
-        "kind": "diffusion",
-        **info,
-        "nfe": last.nfe,
-        "wall_time_s": time.perf_counter() - t0,
-        "data_residual_per_sample": [float(v) for v in last.data_residual.cpu()],
-        "data_residual_of_mean": res_mean,
-    }
     prov = provenance(measurement, settings, extra)
-    if not all(math.isfinite(v) for v in extra["data_residual_per_sample"]):
-        raise SamplingError("the run finished with a non-finite data residual")
     cplx = samples.mean(0).numpy().astype(np.complex64) if samples.is_complex() else None
     return Result(
         reconstruction=mean,

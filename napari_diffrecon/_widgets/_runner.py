@@ -8,7 +8,6 @@ It reads the live ``settings.params`` object that the GUI's sliders write to, ne
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -106,7 +105,7 @@ def run_stream(
         they are copied into the provenance.
     """
     from ..baselines import BASELINES
-    from ..reconstruct import prepare_run, provenance
+    from ..reconstruct import finish_diffusion_run, prepare_run, provenance
     from ..uncertainty import summarize
 
     t_start = time.perf_counter()
@@ -153,24 +152,10 @@ def run_stream(
             yield upd
         if last is None or not last.done:
             return
-        samples = last.x0_hat.detach()
-        summary = summarize(samples)
+        samples, summary, extra = finish_diffusion_run(problem, last, info, t_start)
+        extra.update({"live_parameter_changes": list(live_log or []), "frontend": "napari widget"})
+        res_mean = extra["data_residual_of_mean"]
         mean_c = samples.mean(0)
-        res_mean = float(problem.residual(mean_c[None].to(problem.device))[0])
-        extra = {
-            "kind": "diffusion",
-            **info,
-            "nfe": last.nfe,
-            "wall_time_s": time.perf_counter() - t_start,
-            "data_residual_per_sample": [float(v) for v in last.data_residual.cpu()],
-            "data_residual_of_mean": res_mean,
-            "live_parameter_changes": list(live_log or []),
-            "frontend": "napari widget",
-        }
-        if not all(math.isfinite(v) for v in extra["data_residual_per_sample"]):
-            from ..samplers import SamplingError
-
-            raise SamplingError("the run finished with a non-finite data residual")
         yield Update(
             kind="final", step=last.step, n_steps=last.n_steps, nfe=last.nfe, elapsed=last.elapsed,
             x_t=_mag(last.x0_hat[0]), x0_hat=_mag(last.x0_hat[0]), mean=_mag(summary["mean"]),
