@@ -23,7 +23,17 @@ from ..physics.base import LinearOperator
 from ..physics.likelihoods import GaussianLikelihood, Likelihood
 from ..priors.prior import Prior, channels_to_complex, complex_to_channels
 
-__all__ = ["Problem", "SamplerParams", "Iterate", "SamplingError", "run_loop", "ddim_step", "time_grid"]
+__all__ = [
+    "Problem",
+    "SamplerParams",
+    "Iterate",
+    "SamplingError",
+    "run_loop",
+    "ddim_step",
+    "time_grid",
+    "check_finite",
+    "yield_due",
+]
 
 
 class SamplingError(RuntimeError):
@@ -232,6 +242,20 @@ def ddim_step(
     return x0 + math.sqrt(max(sigma_next**2 - s**2, 0.0)) * eps + s * z
 
 
+def check_finite(u: torch.Tensor, x0: torch.Tensor, i: int, n: int, sigma: float, advice: str) -> None:
+    """Stop a run whose state or estimate holds NaN/Inf, naming the step, σ and what to change (``advice``)."""
+    if not torch.isfinite(u).all() or not torch.isfinite(x0).all():
+        raise SamplingError(f"NaN/Inf appeared at step {i + 1}/{n} (σ = {sigma:.3g}); {advice}")
+
+
+def yield_due(
+    i: int, n: int, now: float, last_yield: float, yield_every: int | None, min_interval: float
+) -> bool:
+    """Whether step ``i`` of ``n`` yields: every ``yield_every`` steps, else ``min_interval`` s apart; first/last."""
+    due = (i + 1) % yield_every == 0 if yield_every else now - last_yield >= min_interval
+    return due or i == n - 1 or i == 0
+
+
 def run_loop(
     problem: Problem,
     params: SamplerParams,
@@ -289,15 +313,14 @@ def run_loop(
         s, s_next = float(sigmas[i]), float(sigmas[i + 1])
         u, x0_model, k = step_fn(u, s, s_next, i, ctx)
         nfe += k
-        if not torch.isfinite(u).all() or not torch.isfinite(x0_model).all():
-            raise SamplingError(
-                f"NaN/Inf appeared at step {i + 1}/{n} (σ = {s:.3g}); the likely cause is a step size or weight "
-                f"too large for this problem (ζ = {params.zeta}, λ = {params.lam}, γ = {params.gamma}): lower it"
-            )
+        check_finite(
+            u, x0_model, i, n, s,
+            f"the likely cause is a step size or weight too large for this problem "
+            f"(ζ = {params.zeta}, λ = {params.lam}, γ = {params.gamma}): lower it",
+        )
         now = time.perf_counter()
         last = i == n - 1
-        due = (i + 1) % yield_every == 0 if yield_every else now - last_yield >= min_interval
-        if due or last or i == 0:
+        if yield_due(i, n, now, last_yield, yield_every, min_interval):
             last_yield = now
             with torch.no_grad():
                 x0_img = problem.to_image(x0_model.detach())

@@ -29,7 +29,16 @@ import torch
 
 from ..physics.likelihoods import PoissonLikelihood, TransmissionLikelihood
 from ..priors.prior import channels_to_complex, complex_to_channels
-from ..samplers.base import Iterate, Problem, SamplerParams, SamplingError, ddim_step, time_grid
+from ..samplers.base import (
+    Iterate,
+    Problem,
+    SamplerParams,
+    SamplingError,
+    check_finite,
+    ddim_step,
+    time_grid,
+    yield_due,
+)
 from ..samplers.datastep import _pwls, data_weight, normal_norm, poisson_prox_em
 from .operators import SliceWiseOperator
 from .ztv import ZTVState, admm_ztv
@@ -245,15 +254,12 @@ def mbir(
             x0 = problem.to_model(x_dc)
             eta = float(params.eta)
             u = torch.stack([ddim_step(u[:, k], x0[:, k], s, s_next, eta, gens[k]) for k in range(d)], dim=1)
-        if not torch.isfinite(u).all() or not torch.isfinite(x0).all():
-            raise SamplingError(
-                f"NaN/Inf appeared at step {i + 1}/{n} (σ = {s:.3g}); lower the z-TV weight ({lam_now}), "
-                f"rho ({live(params, 'rho', 1.0)}) or γ ({params.gamma})"
-            )
+        check_finite(
+            u, x0, i, n, s, f"lower the z-TV weight ({lam_now}), rho ({live(params, 'rho', 1.0)}) or γ ({params.gamma})"
+        )
         now = time.perf_counter()
         last = i == n - 1
-        due = (i + 1) % yield_every == 0 if yield_every else now - last_yield >= min_interval
-        if due or last or i == 0:
+        if yield_due(i, n, now, last_yield, yield_every, min_interval):
             last_yield = now
             with torch.no_grad():
                 x0_img = problem.to_image(x0)
