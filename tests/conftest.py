@@ -38,3 +38,15 @@ def mr_slice() -> np.ndarray:
 
     img = pydicom.dcmread(get_testdata_file("MR_small.dcm")).pixel_array.astype(np.float64)
     return img / img.max()
+
+
+@pytest.fixture
+def gui_config_in_tmp(tmp_path, monkeypatch):
+    """GUI tests: last-used settings go to a temporary folder, never the real home; torch on one thread."""
+    monkeypatch.setenv("NAPARI_DIFFRECON_CONFIG_DIR", str(tmp_path / "config"))
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -17,16 +17,7 @@ from napari_diffrecon.priors import ModelCard, NetworkPrior, save_prior  # noqa:
 from napari_diffrecon.priors.network import build_network  # noqa: E402
 from napari_diffrecon.priors.sources import normalisation_for  # noqa: E402
 
-
-@pytest.fixture(autouse=True)
-def _config_in_tmp(tmp_path, monkeypatch):
-    monkeypatch.setenv("NAPARI_DIFFRECON_CONFIG_DIR", str(tmp_path / "config"))
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("gui_config_in_tmp")
 
 
 @pytest.fixture(scope="module")
