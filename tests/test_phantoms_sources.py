@@ -137,3 +137,29 @@ def test_train_cli_rejects_mismatched_builtin_source(tmp_path):
 def test_export_checkpoint_needs_a_run_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match="checkpoint.pt"):
         export_checkpoint(tmp_path)
+
+
+def test_activity_from_anatomy_refuses_bad_images_with_the_reason():
+    from napari_diffrecon.simulate import activity_from_anatomy
+
+    with pytest.raises(ValueError, match="finite 2D"):
+        activity_from_anatomy(np.full((8, 8), np.nan), "ct")
+    with pytest.raises(ValueError, match="finite 2D"):
+        activity_from_anatomy(np.zeros((2, 8, 8)), "ct")
+    with pytest.raises(ValueError, match="no visible head"):
+        activity_from_anatomy(np.zeros((16, 16)), "mr")
+    with pytest.raises(ValueError, match="kind must be"):
+        activity_from_anatomy(np.zeros((8, 8)), "pet")
+    hu = np.full((32, 32), -1000.0)
+    hu[8:24, 8:24] = 40.0  # soft tissue in air
+    act = activity_from_anatomy(hu, "ct")
+    assert act[16, 16] > 0.9 and act[0, 0] < 1e-3
+
+
+def test_train_cli_names_unknown_sources_and_missing_runs(tmp_path, capsys):
+    from napari_diffrecon.cli import main
+
+    assert main(["train", "builtin:foo", "--modality", "ct", "-o", str(tmp_path / "r")]) == 2
+    assert "unknown built-in source 'foo'" in capsys.readouterr().err
+    assert main(["export-prior", str(tmp_path), "-o", str(tmp_path / "p")]) == 2
+    assert "checkpoint.pt not found" in capsys.readouterr().err
