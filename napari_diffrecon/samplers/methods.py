@@ -8,7 +8,8 @@
 - ``dds``: Chung, Lee & Ye (ICLR 2024), CG steps on the Tweedie estimate x0_hat, then DDIM with η
   (EM steps with a proximity term for PET counts).
 
-Hot starts (CCDF) for any of them: pass ``x_init`` and ``params.t0 < 1``.
+Hot starts (CCDF) for any of them: pass ``x_init`` and ``params.t0 < 1``. DDS and DPS can adapt the prior to
+the scan while sampling (LoRA, ``params.extra["adapt_steps"]`` > 0; :mod:`.adapt`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any
 import torch
 
 from ..physics.likelihoods import PoissonLikelihood
+from .adapt import adapted_problem
 from .base import Iterate, Problem, SamplerParams, SamplingError, ddim_step, run_loop
 from .datastep import (
     data_distance,
@@ -126,15 +128,17 @@ def dds(
 ) -> Iterator[Iterate]:
     """Decomposed diffusion sampling: x0_hat → ``cg_iters`` data steps (weight γ) → DDIM(η) re-noise.
 
-    With ``cg_iters = 0`` (or γ = 0) this is exactly unconditional DDIM.
+    With ``cg_iters = 0`` (or γ = 0) this is exactly unconditional DDIM. With ``params.extra["adapt_steps"]``
+    > 0 the denoiser is adapted to the measurement first (:func:`.adapt.adapted_problem`).
     """
 
     def step(u, s, s_next, i, ctx):
-        x0 = _denoise(problem, u, s)
+        prob, k = adapted_problem(problem, params, ctx, u, s, i)
+        x0 = _denoise(prob, u, s)
         x_img = problem.to_image(x0)
         x_dc = data_step(problem, x_img, float(params.gamma) / float(params.prior_weight), int(params.cg_iters), s)
         x0_dc = problem.to_model(x_dc)
-        return ddim_step(u, x0_dc, s, s_next, float(params.eta), ctx["generator"]), x0_dc, 1
+        return ddim_step(u, x0_dc, s, s_next, float(params.eta), ctx["generator"]), x0_dc, 1 + k
 
     return run_loop(problem, params, step, n_samples, seed, x_init, **kw)
 
@@ -191,11 +195,13 @@ def dps(
     **kw: Any,
 ) -> Iterator[Iterate]:
     """Diffusion posterior sampling (Chung et al. 2023): step ζ on ‖m − A x0_hat(x_t)‖ (Gaussian) or
-    √deviance (Poisson/transmission), gradient through the network each step (2× cost per NFE)."""
+    √deviance (Poisson/transmission), gradient through the network each step (2× cost per NFE).
+    With ``params.extra["adapt_steps"]`` > 0 the denoiser is adapted to the measurement first (:mod:`.adapt`)."""
 
     def step(u, s, s_next, i, ctx):
-        u_next, x0 = _guided_step(problem, params, u, s, s_next, ctx["generator"], project=False)
-        return u_next, x0, 1
+        prob, k = adapted_problem(problem, params, ctx, u, s, i)
+        u_next, x0 = _guided_step(prob, params, u, s, s_next, ctx["generator"], project=False)
+        return u_next, x0, 1 + k
 
     return run_loop(problem, params, step, n_samples, seed, x_init, **kw)
 
