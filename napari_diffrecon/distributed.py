@@ -263,15 +263,8 @@ def reconstruct_folder(
     """
     distributed = _require_distributed()
     from .io.bundle import write_result
-    from .volume import (
-        VolumeMemoryError,
-        VolumeParams,
-        check_folder,
-        intensity_for,
-        plan_memory,
-        plan_slabs,
-    )
-    from .volume.memory import detect_budget, parse_bytes
+    from .volume import VolumeParams, check_folder, intensity_for
+    from .volume.memory import detect_budget, parse_bytes, plan_volume_slabs
     from .volume.run import volume_provenance
 
     t0 = time.perf_counter()
@@ -293,21 +286,9 @@ def reconstruct_folder(
         sid = study.name
         pr = _prior_for(prior, study.modality)
         local_prior = _resolve_prior(pr, "cpu")
-        halo_s = (4 if ztv > 0 else 0) if halo is None else int(halo)
-        ss = slab_slices
-        if ss == "auto":
-            try:
-                plan_memory(study.build_operator("cpu"), local_prior, budget or detect_budget(device), n_samples)
-                ss = None
-            except VolumeMemoryError as e:
-                if not e.max_slab_slices:
-                    raise
-                ss = e.max_slab_slices
-                halo_s = min(halo_s, (ss - 1) // 4)  # keep at least half of each slab as core
-        slabs = plan_slabs(study.n_slices, None if ss is None else int(ss), halo_s)
-        if budget is not None:  # refuse up front what would not fit a worker's budget
-            first = slabs[0]
-            plan_memory(study.build_operator("cpu").slab(first.start, first.stop), local_prior, budget, n_samples)
+        # refuse up front what would not fit a worker's budget (when it is known)
+        slabs, halo_s, _ = plan_volume_slabs(study.build_operator("cpu"), local_prior, budget or detect_budget(device),
+                                             n_samples, slab_slices, halo, ztv, check=budget is not None)
         key = settings_key(pdict, {"prior": _prior_name(pr), "seed": seed, "n_samples": n_samples,
                                    "slabs": [x.to_dict() for x in slabs], "checks": findings})
         sha = _sha256(path)

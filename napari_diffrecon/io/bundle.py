@@ -13,6 +13,7 @@ import os
 import tempfile
 import time
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,18 @@ import torch
 
 from .. import __version__
 
-__all__ = ["BundleError", "Measurement", "read_measurement", "write_measurement", "write_result"]
+__all__ = [
+    "BundleError",
+    "Measurement",
+    "read_measurement",
+    "write_measurement",
+    "write_result",
+    "atomic_write",
+    "json_field",
+    "load_keys",
+    "resolve_arrays",
+    "split_arrays",
+]
 
 ARRAY_FIELDS = ("mask", "coil_maps", "attenuation", "background")
 COUNT_MODELS = ("poisson", "transmission")
@@ -109,7 +121,26 @@ def _validate(m: Measurement) -> None:
         raise BundleError(f"ground_truth: shape {m.ground_truth.shape} does not match image_shape {op.image_shape}")
 
 
-def _json_field(raw: Any, name: str) -> Any:
+def json_field(raw: Any, name: str) -> Any:
+    """Decode a JSON field stored in an ``.npz``/``.h5`` file (a 0-d string array, bytes or str).
+
+    Parameters
+    ----------
+    raw : np.ndarray, bytes, str or None
+        The stored value.
+    name : str
+        The field's name, for messages.
+
+    Returns
+    -------
+    Any
+        The decoded value (None when ``raw`` is None).
+
+    Raises
+    ------
+    BundleError
+        For object arrays (never unpickled) and invalid JSON.
+    """
     if raw is None:
         return None
     if isinstance(raw, np.ndarray):
@@ -124,7 +155,27 @@ def _json_field(raw: Any, name: str) -> Any:
         raise BundleError(f"{name}: not valid JSON ({e}); store json.dumps(...) of a dict") from None
 
 
-def _resolve(spec: dict[str, Any], arrays: dict[str, np.ndarray]) -> dict[str, Any]:
+def resolve_arrays(spec: dict[str, Any], arrays: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Replace ``{"$array": key}`` references in an operator spec by the file's arrays.
+
+    Parameters
+    ----------
+    spec : dict
+        The operator spec as stored (JSON with array references).
+    arrays : dict of np.ndarray
+        The file's arrays by key.
+
+    Returns
+    -------
+    dict
+        A copy of ``spec`` with the arrays in place (arrays stored under a field's own name without a
+        reference are filled in too, except ``background``, which belongs to the noise model).
+
+    Raises
+    ------
+    BundleError
+        When a reference names an array the file lacks.
+    """
     out = dict(spec)
     for k, v in spec.items():
         if isinstance(v, dict) and "$array" in v:
@@ -138,7 +189,24 @@ def _resolve(spec: dict[str, Any], arrays: dict[str, np.ndarray]) -> dict[str, A
     return out
 
 
-def _load_keys(path: Path) -> dict[str, Any]:
+def load_keys(path: Path) -> dict[str, Any]:
+    """Every key of an ``.npz`` (never unpickled) or ``.h5`` file, with the HDF5 attributes as extra keys.
+
+    Parameters
+    ----------
+    path : Path
+        The file.
+
+    Returns
+    -------
+    dict
+        Key → array (or attribute value).
+
+    Raises
+    ------
+    BundleError
+        When the file cannot be read (corrupt, pickled objects, wrong format).
+    """
     if path.suffix in (".h5", ".hdf5"):
         import h5py
 
@@ -174,7 +242,7 @@ def read_measurement(path: str | Path) -> Measurement:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"measurement file {path} not found")
-    keys = _load_keys(path)
+    keys = load_keys(path)
     if "measurement" not in keys:
         raise BundleError(f"{path.name}: lacks the 'measurement' array (keys found: {sorted(keys)})")
     if "operator" not in keys:
@@ -183,11 +251,11 @@ def read_measurement(path: str | Path) -> Measurement:
     for k, v in arrays.items():
         if v.dtype == object:
             raise BundleError(f"{k}: object arrays are refused (untrusted file)")
-    spec = _json_field(keys["operator"], "operator")
+    spec = json_field(keys["operator"], "operator")
     if not isinstance(spec, dict):
         raise BundleError("operator: must be a JSON object")
-    spec = _resolve(spec, arrays)
-    noise = _json_field(keys.get("noise"), "noise") or {}
+    spec = resolve_arrays(spec, arrays)
+    noise = json_field(keys.get("noise"), "noise") or {}
     if "background" in arrays and isinstance(noise.get("background"), dict):
         noise["background"] = arrays["background"]
     data = np.asarray(keys["measurement"])
@@ -195,7 +263,7 @@ def read_measurement(path: str | Path) -> Measurement:
         rms = float(np.sqrt(np.mean(np.abs(data) ** 2))) if data.size and np.issubdtype(data.dtype, np.number) else 1.0
         noise = {"model": "gaussian", "sigma": max(0.01 * rms, 1e-8), "note": "default: 1% of the measurement RMS"}
     gt = keys.get("ground_truth")
-    meta = _json_field(keys.get("metadata"), "metadata") or {}
+    meta = json_field(keys.get("metadata"), "metadata") or {}
     m = Measurement(
         data=data,
         operator=spec,
@@ -208,7 +276,23 @@ def read_measurement(path: str | Path) -> Measurement:
     return m
 
 
-def _atomic_write(path: Path, writer, overwrite: bool) -> None:
+def atomic_write(path: Path, writer: Callable[[str], None], overwrite: bool) -> None:
+    """Write ``path`` atomically: ``writer(tmp)`` fills a temporary file beside it, which is renamed over it.
+
+    Parameters
+    ----------
+    path : Path
+        The destination (its folder is created).
+    writer : callable
+        Writes the content to the temporary path it is given.
+    overwrite : bool
+        Replace an existing file (else :class:`FileExistsError`).
+
+    Raises
+    ------
+    FileExistsError
+        When ``path`` exists and ``overwrite`` is False; nothing is written.
+    """
     path = Path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; choose another name or pass --force to overwrite it")
@@ -227,7 +311,23 @@ def _atomic_write(path: Path, writer, overwrite: bool) -> None:
         raise
 
 
-def _split_arrays(spec: dict[str, Any], noise: dict[str, Any]) -> tuple[dict, dict, dict[str, np.ndarray]]:
+def split_arrays(spec: dict[str, Any], noise: dict[str, Any]) -> tuple[dict, dict, dict[str, np.ndarray]]:
+    """Split an operator spec and noise model into JSON-ready dicts and the arrays they refer to.
+
+    Parameters
+    ----------
+    spec : dict
+        Operator spec (arrays or tensors for masks, coil maps, attenuation ...; None values are dropped).
+    noise : dict
+        Noise model (an array ``background`` is split off too).
+
+    Returns
+    -------
+    spec, noise : dict
+        With ``{"$array": key}`` references in place of the arrays.
+    arrays : dict of np.ndarray
+        The arrays by key (the inverse is :func:`resolve_arrays`).
+    """
     arrays: dict[str, np.ndarray] = {}
     s = {}
     for k, v in spec.items():
@@ -246,7 +346,7 @@ def _split_arrays(spec: dict[str, Any], noise: dict[str, Any]) -> tuple[dict, di
 def write_measurement(m: Measurement, path: str | Path, overwrite: bool = False) -> Path:
     """Write a bundle atomically (temp file + rename); refuses to overwrite unless ``overwrite``."""
     path = Path(path)
-    spec, noise, arrays = _split_arrays(m.operator, m.noise)
+    spec, noise, arrays = split_arrays(m.operator, m.noise)
     meta = {"software_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S"), **(m.metadata or {})}
     keys: dict[str, Any] = {
         "measurement": np.asarray(m.data),
@@ -274,7 +374,7 @@ def write_measurement(m: Measurement, path: str | Path, overwrite: bool = False)
             with open(tmp, "wb") as f:
                 np.savez_compressed(f, **keys)
 
-    _atomic_write(path, writer, overwrite)
+    atomic_write(path, writer, overwrite)
     return path
 
 
@@ -290,5 +390,5 @@ def write_result(
         with open(tmp, "wb") as f:
             np.savez_compressed(f, **keys)
 
-    _atomic_write(path, writer, overwrite)
+    atomic_write(path, writer, overwrite)
     return path

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from .bundle import _atomic_write
+from .bundle import atomic_write
 
 __all__ = ["export_image", "write_nifti", "write_dicom", "write_tiff", "read_exported", "EXPORT_FORMATS",
            "format_for"]
@@ -89,7 +89,7 @@ def write_nifti(path: str | Path, data: Any, provenance: dict[str, Any] | None =
             f.write(raw)
 
     if str(path).lower().endswith(".nii.gz") or path.suffix.lower() == ".nii":
-        _atomic_write(path, writer, overwrite)
+        atomic_write(path, writer, overwrite)
     else:
         raise ValueError(f"{path.name}: a NIfTI file name ends with .nii or .nii.gz")
     return path
@@ -146,7 +146,7 @@ def write_dicom(path: str | Path, data: Any, provenance: dict[str, Any] | None =
     def writer(tmp: str) -> None:
         ds.save_as(tmp, enforce_file_format=True)
 
-    _atomic_write(path, writer, overwrite)
+    atomic_write(path, writer, overwrite)
     return path
 
 
@@ -164,7 +164,7 @@ def write_tiff(path: str | Path, data: Any, provenance: dict[str, Any] | None = 
         tifffile.imwrite(tmp, a, description=desc, metadata=None, photometric="minisblack",
                          resolution=(1.0 / sp[-1], 1.0 / sp[-2]), resolutionunit="MILLIMETER")
 
-    _atomic_write(path, writer, overwrite)
+    atomic_write(path, writer, overwrite)
     return path
 
 

@@ -3,7 +3,16 @@ studies on disk."""
 
 from __future__ import annotations
 
-from .mbir import VolumeIterate, VolumeParams, VolumeProblem, denoise_slices, mbir, slice_seed, volume_data_step
+from .mbir import (
+    VolumeCancelled,
+    VolumeIterate,
+    VolumeParams,
+    VolumeProblem,
+    denoise_slices,
+    mbir,
+    slice_seed,
+    volume_data_step,
+)
 from .memory import MemoryPlan, VolumeMemoryError, detect_budget, parse_bytes, plan_memory
 from .operators import SliceWiseOperator, build_volume_operator, volume_ct, volume_mri, volume_pet
 from .run import (
@@ -25,6 +34,9 @@ from .study import (
     find_studies,
     read_volume_study,
     simulate_ct_study,
+    simulate_mri_study,
+    simulate_pet_study,
+    simulate_study,
     write_volume_study,
 )
 from .ztv import ZTVState, admm_ztv, dz, dz_adjoint, mean_abs_dz, soft_threshold, ztv_objective
@@ -38,6 +50,7 @@ __all__ = [
     "VolumeParams",
     "VolumeProblem",
     "VolumeIterate",
+    "VolumeCancelled",
     "mbir",
     "slice_seed",
     "denoise_slices",
@@ -71,4 +84,7 @@ __all__ = [
     "check_folder",
     "find_studies",
     "simulate_ct_study",
+    "simulate_mri_study",
+    "simulate_pet_study",
+    "simulate_study",
 ]

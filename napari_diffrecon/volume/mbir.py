@@ -43,8 +43,18 @@ from ..samplers.datastep import _pwls, data_weight, normal_norm, poisson_prox_em
 from .operators import SliceWiseOperator
 from .ztv import ZTVState, admm_ztv
 
-__all__ = ["VolumeParams", "VolumeProblem", "VolumeIterate", "mbir", "slice_seed", "denoise_slices",
-           "volume_data_step", "live"]
+__all__ = ["VolumeParams", "VolumeProblem", "VolumeIterate", "VolumeCancelled", "mbir", "slice_seed",
+           "denoise_slices", "volume_data_step", "live", "raise_if_cancelled"]
+
+
+class VolumeCancelled(Exception):  # noqa: N818 - reads as the event, like KeyboardInterrupt
+    """A volume run was cancelled through its ``cancel`` event (raised between denoiser chunks or steps)."""
+
+
+def raise_if_cancelled(cancel: Any) -> None:
+    """Raise :class:`VolumeCancelled` when ``cancel`` (a ``threading.Event`` or None) is set."""
+    if cancel is not None and cancel.is_set():
+        raise VolumeCancelled("the volume run was cancelled")
 
 
 @dataclass
@@ -136,13 +146,21 @@ class VolumeIterate(Iterate):
     ztv: float = 0.0
 
 
-def denoise_slices(prior: Any, u: torch.Tensor, sigma: float, chunk: int | None = None) -> torch.Tensor:
-    """The 2D prior on every slice of ``u`` ``(B, D, C, H, W)``, ``chunk`` slices per network call."""
+def denoise_slices(
+    prior: Any, u: torch.Tensor, sigma: float, chunk: int | None = None, cancel: Any = None
+) -> torch.Tensor:
+    """The 2D prior on every slice of ``u`` ``(B, D, C, H, W)``, ``chunk`` slices per network call.
+
+    ``cancel`` (a ``threading.Event``) is checked before every chunk: :class:`VolumeCancelled` when set.
+    """
     b, d = u.shape[:2]
     flat = u.reshape(b * d, *u.shape[2:])
     step = max(int(chunk), 1) if chunk else flat.shape[0]
+    out = []
     with torch.no_grad():
-        out = [prior.denoise(flat[i : i + step], sigma) for i in range(0, flat.shape[0], step)]
+        for i in range(0, flat.shape[0], step):
+            raise_if_cancelled(cancel)
+            out.append(prior.denoise(flat[i : i + step], sigma))
     return torch.cat(out).reshape(u.shape)
 
 
@@ -200,6 +218,7 @@ def mbir(
     chunk_slices: int | None = None,
     yield_every: int | None = None,
     min_interval: float = 0.1,
+    cancel: Any = None,
 ) -> Iterator[VolumeIterate]:
     """DiffusionMBIR-style volume sampler (a generator of :class:`VolumeIterate`).
 
@@ -222,6 +241,9 @@ def mbir(
         Yield every k steps (default about 10 updates/s); the first and last steps always yield.
     min_interval : float
         Minimum seconds between yields when ``yield_every`` is None.
+    cancel : threading.Event, optional
+        Checked before every denoiser chunk and every data step; when set, :class:`VolumeCancelled`
+        is raised, so a run stops within one chunk instead of one whole step.
     """
     if n_samples < 1:
         raise SamplingError(f"n_samples must be ≥ 1, got {n_samples}")
@@ -247,8 +269,9 @@ def mbir(
     for i in range(n):
         s, s_next = float(sigmas[i]), float(sigmas[i + 1])
         lam_now = float(live(params, "ztv", 0.0))
-        x0 = denoise_slices(problem.prior, u, s, chunk_slices)
+        x0 = denoise_slices(problem.prior, u, s, chunk_slices, cancel)
         nfe += 1
+        raise_if_cancelled(cancel)
         with torch.no_grad():
             x_dc = volume_data_step(problem, problem.to_image(x0), params, s, state)
             x0 = problem.to_model(x_dc)

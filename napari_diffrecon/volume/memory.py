@@ -23,7 +23,11 @@ __all__ = [
     "detect_budget",
     "denoiser_bytes_per_slice",
     "plan_memory",
+    "Slab",
+    "plan_slabs",
+    "plan_volume_slabs",
     "STATE_VOLUMES",
+    "DEFAULT_HALO",
 ]
 
 # Volume-sized arrays alive at once during a step (per posterior sample, per channel):
@@ -32,6 +36,8 @@ __all__ = [
 STATE_VOLUMES = 18
 # Measurement-sized arrays: m, A x and its temporaries in the CG normal operator, PWLS weights.
 DATA_VOLUMES = 5
+# Slab overlap per side with z-TV when none is given (capped so that at least half of a slab is core).
+DEFAULT_HALO = 4
 
 
 class VolumeMemoryError(MemoryError):
@@ -238,3 +244,110 @@ def plan_memory(
         )
     chunk = int(min(d * n_samples, room // per_slice))
     return MemoryPlan(budget=budget, fixed=int(fixed), per_slice=int(per_slice), chunk_slices=chunk, n_slices=d)
+
+
+@dataclass(frozen=True)
+class Slab:
+    """Slices ``start:stop`` are reconstructed; ``core_start:core_stop`` of them are kept."""
+
+    start: int
+    stop: int
+    core_start: int
+    core_stop: int
+
+    def to_dict(self) -> dict[str, int]:
+        """JSON-ready."""
+        return {"start": self.start, "stop": self.stop, "core_start": self.core_start, "core_stop": self.core_stop}
+
+
+def plan_slabs(n_slices: int, slab_slices: int | None, halo: int = 0) -> list[Slab]:
+    """Cover ``n_slices`` with slabs of at most ``slab_slices`` slices overlapping by ``halo`` on each side.
+
+    Every slice is in exactly one core; each slab reaches ``halo`` slices beyond its core where
+    the volume allows (so cores are ``slab_slices − 2·halo`` slices).
+    """
+    if slab_slices is None or slab_slices >= n_slices:
+        return [Slab(0, n_slices, 0, n_slices)]
+    slab_slices, halo = int(slab_slices), max(int(halo), 0)
+    core = slab_slices - 2 * halo
+    if core < 1:
+        raise VolumeMemoryError(
+            f"slabs of {slab_slices} slices leave no core with a halo of {halo} slices on each side: "
+            f"use slabs of at least {2 * halo + 1} slices or a smaller halo"
+        )
+    out = []
+    for c0 in range(0, n_slices, core):
+        c1 = min(c0 + core, n_slices)
+        s0, s1 = max(c0 - halo, 0), min(c1 + halo, n_slices)
+        out.append(Slab(s0, s1, c0, c1))
+    return out
+
+
+def plan_volume_slabs(
+    operator: Any,
+    prior: Any,
+    budget: int | str,
+    n_samples: int = 1,
+    slab_slices: int | str | None = None,
+    halo: int | None = None,
+    ztv: float = 0.0,
+    check: bool = True,
+) -> tuple[list[Slab], int, MemoryPlan | None]:
+    """The slabs a volume runs in under ``budget``, or :class:`VolumeMemoryError` naming the fix.
+
+    The one slab planner of the in-process runner (:func:`~napari_diffrecon.volume.stream_volume`) and the
+    distributed one (:func:`napari_diffrecon.distributed.reconstruct_folder`).
+
+    Parameters
+    ----------
+    operator : SliceWiseOperator
+        The whole volume's operator.
+    prior : Prior
+        The 2D prior (sets the per-slice memory).
+    budget : int or str
+        Memory budget (bytes or e.g. ``"16GB"``).
+    n_samples : int
+        Posterior samples run as one batch.
+    slab_slices : int, "auto" or None
+        None: the whole volume, which must fit (else the error names the slab size that would);
+        ``"auto"``: the whole volume when it fits, else the largest slab that fits; an int: slabs of that
+        many slices.
+    halo : int, optional
+        Overlap slices per side. Default: :data:`DEFAULT_HALO` with z-TV (``ztv > 0``), 0 without; for
+        slabs the default is capped at a quarter of a slab so that at least half of each slab is core
+        (an explicit ``halo`` is kept for an int ``slab_slices``, capped the same way for ``"auto"``).
+    ztv : float
+        The run's z-TV weight (only its sign matters here).
+    check : bool
+        Verify that the (first, largest) slab fits ``budget`` (False: only ``"auto"`` consults the budget,
+        e.g. for an existing cluster whose workers' memory is unknown here).
+
+    Returns
+    -------
+    slabs : list of Slab
+        Every slice in exactly one core.
+    halo : int
+        The overlap used.
+    plan : MemoryPlan or None
+        The whole volume's plan when it is run as one slab and was planned.
+    """
+    d = int(operator.n_slices)
+    given = halo is not None
+    halo = int(halo) if given else (DEFAULT_HALO if ztv > 0 else 0)
+    if slab_slices is None or slab_slices == "auto":
+        if slab_slices is None and not check:
+            return plan_slabs(d, None), halo, None
+        try:
+            return plan_slabs(d, None), halo, plan_memory(operator, prior, budget, n_samples)
+        except VolumeMemoryError as e:  # the message names the slab size that would fit
+            if slab_slices is None or not e.max_slab_slices:
+                raise
+            slab_slices, given = e.max_slab_slices, False
+    size = int(slab_slices)
+    if not given:
+        halo = min(halo, max(size - 1, 0) // 4)  # keep at least half of each slab as core
+    slabs = plan_slabs(d, size, halo)
+    if check:
+        first = max(slabs, key=lambda s: s.stop - s.start)
+        plan_memory(operator.slab(first.start, first.stop), prior, budget, n_samples)  # fits, or says why
+    return slabs, halo, None

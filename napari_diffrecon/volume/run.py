@@ -23,51 +23,14 @@ import torch
 
 from .. import __version__
 from ..samplers.base import SamplerParams, SamplingError
-from .mbir import VolumeParams, VolumeProblem, live, mbir
-from .memory import MemoryPlan, VolumeMemoryError, detect_budget, parse_bytes, plan_memory
+from .mbir import VolumeParams, VolumeProblem, live, mbir, raise_if_cancelled
+from .memory import MemoryPlan, Slab, detect_budget, parse_bytes, plan_memory, plan_slabs, plan_volume_slabs
 from .study import VolumeStudy
 
 __all__ = ["Slab", "plan_slabs", "intensity_for", "iter_slab", "run_slab", "VolumeUpdate", "VolumeResult",
            "stream_volume", "reconstruct_volume", "volume_provenance"]
 
 _REFERENCE = {"ct": "fbp", "pet": "mlem", "mri": "zero_filled"}
-
-
-@dataclass(frozen=True)
-class Slab:
-    """Slices ``start:stop`` are reconstructed; ``core_start:core_stop`` of them are kept."""
-
-    start: int
-    stop: int
-    core_start: int
-    core_stop: int
-
-    def to_dict(self) -> dict[str, int]:
-        """JSON-ready."""
-        return {"start": self.start, "stop": self.stop, "core_start": self.core_start, "core_stop": self.core_stop}
-
-
-def plan_slabs(n_slices: int, slab_slices: int | None, halo: int = 0) -> list[Slab]:
-    """Cover ``n_slices`` with slabs of at most ``slab_slices`` slices overlapping by ``halo`` on each side.
-
-    Every slice is in exactly one core; each slab reaches ``halo`` slices beyond its core where
-    the volume allows (so cores are ``slab_slices − 2·halo`` slices).
-    """
-    if slab_slices is None or slab_slices >= n_slices:
-        return [Slab(0, n_slices, 0, n_slices)]
-    slab_slices, halo = int(slab_slices), max(int(halo), 0)
-    core = slab_slices - 2 * halo
-    if core < 1:
-        raise VolumeMemoryError(
-            f"slabs of {slab_slices} slices leave no core with a halo of {halo} slices on each side: "
-            f"use slabs of at least {2 * halo + 1} slices or a smaller halo"
-        )
-    out = []
-    for c0 in range(0, n_slices, core):
-        c1 = min(c0 + core, n_slices)
-        s0, s1 = max(c0 - halo, 0), min(c1 + halo, n_slices)
-        out.append(Slab(s0, s1, c0, c1))
-    return out
 
 
 def intensity_for(study: VolumeStudy, prior: Any, device: str | torch.device = "cpu") -> tuple[float, float, str]:
@@ -100,11 +63,14 @@ def iter_slab(
     device: str = "cpu",
     memory_budget: int | str | None = None,
     ztv_scale: float = 1.0,
+    cancel: Any = None,
 ) -> Iterator[Any]:
     """Reconstruct one slab: yields its :class:`~napari_diffrecon.volume.VolumeIterate` s, then its result dict.
 
     The result (the last item) holds the slab's core: ``mean``, ``std`` (numpy ``(core, H, W)``)
-    and ``info`` (residual, NFE, wall time, memory plan). Stop iterating to cancel.
+    and ``info`` (residual, NFE, wall time, memory plan). Stop iterating to cancel, or set ``cancel``
+    (a ``threading.Event``, checked between denoiser chunks) to raise
+    :class:`~napari_diffrecon.volume.mbir.VolumeCancelled` from inside a step.
     """
     t0 = time.perf_counter()
     part = study.slab(slab.start, slab.stop)
@@ -120,7 +86,8 @@ def iter_slab(
     )
     run_params = _scaled(params, ztv_scale)
     last = None
-    for it in mbir(problem, run_params, n_samples=n_samples, seed=seed, chunk_slices=plan.chunk_slices):
+    for it in mbir(problem, run_params, n_samples=n_samples, seed=seed, chunk_slices=plan.chunk_slices,
+                   cancel=cancel):
         last = it
         yield it
         if run_params is not params:  # keep following live changes of the caller's params
@@ -236,6 +203,7 @@ def stream_volume(
     intensity: tuple[float, float] | None = None,
     check: dict[str, Any] | None = None,
     out: dict[str, Any] | None = None,
+    cancel: Any = None,
 ) -> Iterator[VolumeUpdate]:
     """Reconstruct a study slab by slab, yielding :class:`VolumeUpdate` as steps and slabs complete.
 
@@ -253,13 +221,18 @@ def stream_volume(
     slab_slices : int or "auto", optional
         Slab size when the volume does not fit the budget (``"auto"``: the largest that fits).
     halo : int, optional
-        Overlap slices per side (default 4 with z-TV, 0 without).
+        Overlap slices per side (default 4 with z-TV, 0 without; see
+        :func:`~napari_diffrecon.volume.memory.plan_volume_slabs`).
     intensity : (scale, offset), optional
         Model→image mapping; default from the study's classical reconstruction.
     check : dict, optional
         Keyword arguments of :func:`check_study` (``assume_spacing``, ``allow_anisotropic`` ...).
     out : dict, optional
         Filled with the :class:`VolumeResult` under ``"result"`` when the run finishes.
+    cancel : threading.Event, optional
+        Set it from another thread to stop the run within one denoiser chunk:
+        :class:`~napari_diffrecon.volume.mbir.VolumeCancelled` is raised (the last yielded
+        ``estimate`` holds what was computed).
     """
     from .study import check_study
 
@@ -271,23 +244,8 @@ def stream_volume(
     op = study.build_operator(device)
     prior = prior.to(device)
     d, h, w = op.image_shape
-    halo = (4 if ztv > 0 else 0) if halo is None else int(halo)
-    plan: MemoryPlan | None = None
-    if slab_slices is None:
-        plan = plan_memory(op, prior, budget, n_samples)  # raises with the slab size that would fit
-        slabs = plan_slabs(d, None)
-    else:
-        if slab_slices == "auto":
-            try:
-                plan = plan_memory(op, prior, budget, n_samples)
-                slab_slices = d
-            except VolumeMemoryError as e:
-                if not e.max_slab_slices:
-                    raise
-                slab_slices = e.max_slab_slices
-                halo = min(halo, (slab_slices - 1) // 4)  # keep at least half of each slab as core
-        slabs = plan_slabs(d, int(slab_slices), halo)
-        plan_memory(op.slab(0, slabs[0].stop - slabs[0].start), prior, budget, n_samples)  # fits, or says why
+    plan: MemoryPlan | None
+    slabs, halo, plan = plan_volume_slabs(op, prior, budget, n_samples, slab_slices, halo, ztv)
     scale, offset, how = (*intensity, "given") if intensity is not None else intensity_for(study, prior, device)
     dtype = np.complex64 if op.is_complex else np.float32
     estimate = np.zeros((d, h, w), dtype=dtype)
@@ -295,13 +253,14 @@ def stream_volume(
     done = np.zeros(d, dtype=bool)
     infos, pending = [], list(slabs)
     while pending:
+        raise_if_cancelled(cancel)
         focus = params.extra.get("focus_slice") if isinstance(params.extra, dict) else None
         slab = _order(pending, None if focus is None else int(focus))[0]
         pending.remove(slab)
         result = None
         k0, k1 = slab.core_start - slab.start, slab.core_stop - slab.start
         for item in iter_slab(study, slab, prior, params, scale, offset, n_samples, seed, device, budget,
-                              findings["ztv_scale"]):
+                              findings["ztv_scale"], cancel):
             if isinstance(item, dict):
                 result = item
                 continue

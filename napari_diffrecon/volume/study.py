@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..io.bundle import BundleError, _atomic_write, _json_field, _load_keys, _resolve, _split_arrays
+from ..io.bundle import BundleError, atomic_write, json_field, load_keys, resolve_arrays, split_arrays
 from .operators import SliceWiseOperator, build_volume_operator
 
 __all__ = [
@@ -33,6 +33,9 @@ __all__ = [
     "check_folder",
     "find_studies",
     "simulate_ct_study",
+    "simulate_mri_study",
+    "simulate_pet_study",
+    "simulate_study",
     "STUDY_FORMAT",
 ]
 
@@ -139,7 +142,7 @@ def write_volume_study(study: VolumeStudy, path: str | Path, overwrite: bool = F
     path = Path(path)
     if path.suffix not in STUDY_SUFFIXES:
         raise ValueError(f"volume studies are written as .npz files, not {path.suffix!r}")
-    spec, noise, arrays = _split_arrays(study.operator, study.noise)
+    spec, noise, arrays = split_arrays(study.operator, study.noise)
     meta = dict(study.metadata)
     meta["spacing_mm"] = None if study.spacing_mm is None else [float(v) for v in study.spacing_mm]
     meta["orientation"] = study.orientation
@@ -160,7 +163,7 @@ def write_volume_study(study: VolumeStudy, path: str | Path, overwrite: bool = F
         with open(tmp, "wb") as f:
             np.savez_compressed(f, **keys)
 
-    _atomic_write(path, writer, overwrite)
+    atomic_write(path, writer, overwrite)
     return path
 
 
@@ -170,7 +173,7 @@ def read_volume_study(path: str | Path) -> VolumeStudy:
     if not path.exists():
         raise FileNotFoundError(f"volume study {path} not found")
     try:
-        keys = _load_keys(path)
+        keys = load_keys(path)
         fmt = keys.get("format")
         if fmt is None or str(np.asarray(fmt).item()) != STUDY_FORMAT:
             raise VolumeInputError(
@@ -181,11 +184,11 @@ def read_volume_study(path: str | Path) -> VolumeStudy:
             if k not in keys:
                 raise VolumeInputError(f"{path.name}: lacks {k!r}")
         arrays = {k: np.asarray(v) for k, v in keys.items() if k in ("mask", "coil_maps", "attenuation", "background")}
-        spec = _resolve(_json_field(keys["operator"], "operator") or {}, arrays)
-        noise = _json_field(keys.get("noise"), "noise") or {}
+        spec = resolve_arrays(json_field(keys["operator"], "operator") or {}, arrays)
+        noise = json_field(keys.get("noise"), "noise") or {}
         if "background" in arrays and isinstance(noise.get("background"), dict):
             noise["background"] = arrays["background"]
-        meta = _json_field(keys.get("metadata"), "metadata") or {}
+        meta = json_field(keys.get("metadata"), "metadata") or {}
     except BundleError as e:
         raise VolumeInputError(str(e)) from None
     for k in ("measurement", "data_weights", "ground_truth"):
@@ -386,3 +389,193 @@ def simulate_ct_study(
         ground_truth=vol,
         metadata={"study_id": study_id} if study_id else {},
     )
+
+
+def _check_volume(volume: np.ndarray, what: str) -> np.ndarray:
+    vol = np.asarray(volume)
+    if vol.ndim != 3 or vol.shape[1] != vol.shape[2]:
+        raise ValueError(f"{what}: the volume must be (D, n, n) with square slices, got {vol.shape}; crop or pad "
+                         "the slices to squares first")
+    if not np.all(np.isfinite(vol)):
+        raise ValueError(f"{what}: the volume contains NaN or Inf")
+    return vol
+
+
+def simulate_mri_study(
+    volume: np.ndarray,
+    acceleration: float = 4.0,
+    n_coils: int = 1,
+    noise_fraction: float = 0.01,
+    spacing_mm: tuple[float, float, float] | None = (1.0, 1.0, 1.0),
+    seed: int = 0,
+    mask_kind: str = "random",
+    phase: bool = True,
+    study_id: str | None = None,
+) -> VolumeStudy:
+    """A 2D multi-slice Cartesian MRI study of a ``(D, n, n)`` volume: each slice has its own mask.
+
+    Every slice is sampled by its own random (or equispaced) column mask of the same acceleration, drawn
+    with seed ``seed + k``, as a multi-slice acquisition would; coil sensitivities (when ``n_coils > 1``)
+    are shared by the slices. Complex Gaussian noise of σ = ``noise_fraction`` × the RMS of the
+    sampled k-space is added where k-space is sampled.
+
+    Parameters
+    ----------
+    volume : np.ndarray
+        ``(D, n, n)`` magnitude (real) or complex image.
+    acceleration : float
+        Undersampling factor of every slice's mask.
+    n_coils : int
+        Receive coils (1 = single coil).
+    noise_fraction : float
+        Noise σ relative to the RMS of the sampled k-space values.
+    spacing_mm : tuple or None
+        ``(dz, dy, dx)``.
+    seed : int
+        Seed of masks, phase, coil maps and noise.
+    mask_kind : str
+        ``"random"``, ``"equispaced"`` or ``"poisson"`` (:func:`napari_diffrecon.physics.masks.make_mask`).
+    phase : bool
+        Give a real volume a smooth phase (the same for every slice), as MR images have.
+    study_id : str, optional
+        Study id (names the outputs).
+
+    Returns
+    -------
+    VolumeStudy
+        Data ``(D, n, n)`` (or ``(D, C, n, n)`` with coils), the per-slice masks as ``data_weights``,
+        the complex ground truth.
+    """
+    from ..physics.coils import simulate_coil_maps
+    from ..physics.masks import make_mask
+    from .operators import volume_mri
+
+    vol = _check_volume(volume, "simulate_mri_study")
+    d, n = vol.shape[0], vol.shape[1]
+    if not np.iscomplexobj(vol) and phase:
+        yy, xx = np.mgrid[:n, :n] / n - 0.5
+        coef = np.random.default_rng(seed + 1).uniform(-1, 1, 3)
+        ph = np.tensordot(coef, np.stack([yy, xx, yy * xx]), 1) * np.pi / 2
+        vol = vol * np.exp(1j * ph)[None]
+    x = vol.astype(np.complex64)
+    masks = np.stack([make_mask(mask_kind, (n, n), float(acceleration), seed=seed + k) for k in range(d)])
+    masks = masks.astype(np.float32)
+    maps = simulate_coil_maps((n, n), int(n_coils), seed=seed) if n_coils and int(n_coils) > 1 else None
+    op = volume_mri(masks, maps)
+    with torch.no_grad():
+        clean = op.forward(torch.from_numpy(x)).numpy()
+    sampled = np.broadcast_to(np.asarray(op.data_weights.cpu().numpy()) != 0, clean.shape)
+    sigma = float(noise_fraction * np.sqrt(np.mean(np.abs(clean[sampled]) ** 2))) if sampled.any() else 0.0
+    rng = np.random.default_rng(seed)
+    noise = (rng.standard_normal(clean.shape) + 1j * rng.standard_normal(clean.shape)) * sampled
+    data = (clean + sigma * noise).astype(np.complex64)
+    meta: dict[str, Any] = {"simulated": {"modality": "mri", "acceleration": float(acceleration),
+                                          "n_coils": int(n_coils or 1), "mask_kind": mask_kind,
+                                          "noise_fraction": float(noise_fraction), "seed": int(seed)}}
+    if study_id:
+        meta["study_id"] = study_id
+    return VolumeStudy(
+        data=data,
+        operator=op.base.spec(),
+        noise={"model": "gaussian", "sigma": max(sigma, 1e-8)},
+        spacing_mm=spacing_mm,
+        orientation="axial",
+        data_weights=masks,
+        ground_truth=x,
+        metadata=meta,
+    )
+
+
+def simulate_pet_study(
+    volume: np.ndarray,
+    n_views: int = 180,
+    counts_per_slice: float = 2e5,
+    background_fraction: float = 0.2,
+    spacing_mm: tuple[float, float, float] | None = (1.0, 1.0, 1.0),
+    seed: int = 0,
+    mu_per_mm: float = 0.0096,
+    study_id: str | None = None,
+) -> VolumeStudy:
+    """A PET study of a ``(D, n, n)`` activity volume, slice by slice, with each slice's own attenuation.
+
+    The attenuation map of slice ``k`` is water (μ = ``mu_per_mm`` per mm at 511 keV) inside that slice's
+    body (activity above 5 % of the volume's maximum), so every slice has its own attenuation factors
+    (``data_weights`` ``(D, n, n_views)``). The sensitivity is set so that the volume yields
+    ``counts_per_slice × D`` expected true counts; a uniform background of ``background_fraction`` × the
+    mean true count per bin is added and the counts are Poisson.
+
+    Parameters
+    ----------
+    volume : np.ndarray
+        ``(D, n, n)`` activity, ≥ 0.
+    n_views : int
+        Views evenly spread over 180°.
+    counts_per_slice : float
+        Expected true counts per slice on average.
+    background_fraction : float
+        Randoms/scatter background relative to the mean true count per bin.
+    spacing_mm : tuple or None
+        ``(dz, dy, dx)``; ``dx`` sets the attenuation per pixel (1 mm when None).
+    seed : int
+        Noise seed.
+    mu_per_mm : float
+        Linear attenuation coefficient of the body (water at 511 keV by default).
+    study_id : str, optional
+        Study id (names the outputs).
+
+    Returns
+    -------
+    VolumeStudy
+        Counts ``(D, n, n_views)``, Poisson noise with the background, per-slice attenuation factors.
+    """
+    from ..physics import attenuation_factors, sparse_view_angles
+    from .operators import volume_pet
+
+    vol = _check_volume(volume, "simulate_pet_study")
+    if np.iscomplexobj(vol) or np.any(vol < 0):
+        raise ValueError("simulate_pet_study: activity must be real and ≥ 0")
+    act = vol.astype(np.float32)
+    d, n = act.shape[0], act.shape[1]
+    if not act.max() > 0:
+        raise ValueError("simulate_pet_study: the volume has no activity")
+    angles = sparse_view_angles(int(n_views))
+    px = float(spacing_mm[2]) if spacing_mm is not None else 1.0
+    body = act > 0.05 * float(act.max())
+    att = np.stack([attenuation_factors(np.where(body[k], mu_per_mm * px, 0.0), angles) for k in range(d)])
+    att = att.astype(np.float32)
+    unit = volume_pet(d, n, angles, att)
+    with torch.no_grad():
+        total = float(unit.forward(torch.from_numpy(act)).sum())
+    scale = float(counts_per_slice) * d / max(total, 1e-12)
+    op = volume_pet(d, n, angles, att, sensitivity_scale=scale)
+    with torch.no_grad():
+        mean = op.forward(torch.from_numpy(act)).numpy()
+    bg = float(background_fraction * mean.mean())
+    rng = np.random.default_rng(seed)
+    data = rng.poisson(np.clip(mean, 0, None) + bg).astype(np.float32)
+    meta: dict[str, Any] = {"simulated": {"modality": "pet", "n_views": int(n_views),
+                                          "counts_per_slice": float(counts_per_slice),
+                                          "background_fraction": float(background_fraction),
+                                          "mu_per_mm": float(mu_per_mm), "seed": int(seed)}}
+    if study_id:
+        meta["study_id"] = study_id
+    return VolumeStudy(
+        data=data,
+        operator=op.base.spec(),
+        noise={"model": "poisson", "background": bg},
+        spacing_mm=spacing_mm,
+        orientation="axial",
+        data_weights=att,
+        ground_truth=act,
+        metadata=meta,
+    )
+
+
+def simulate_study(volume: np.ndarray, modality: str, **options: Any) -> VolumeStudy:
+    """A study of ``volume`` for ``modality``: :func:`simulate_ct_study`, :func:`simulate_mri_study` or
+    :func:`simulate_pet_study` with ``options`` (each function's keyword arguments)."""
+    makers = {"ct": simulate_ct_study, "mri": simulate_mri_study, "pet": simulate_pet_study}
+    key = str(modality).lower()
+    if key not in makers:
+        raise ValueError(f"unknown modality {modality!r}; use ct, mri or pet")
+    return makers[key](volume, **options)
