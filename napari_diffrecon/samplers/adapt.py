@@ -4,9 +4,11 @@ A prior trained on one anatomy or contrast is steered towards the measured objec
 adapters (:mod:`napari_diffrecon.priors.lora`) on the U-Net's conv/linear layers, base weights frozen, take a
 few Adam steps on the measurement-consistency loss of the Tweedie estimate at the current state,
 
-    L(θ) = deviance(m | A x0_hat(x_t; θ)) / N     (Gaussian: ‖A x0_hat − m‖² / (σ² N)),
+    L(θ) = deviance(m | A R(x0_hat(x_t; θ))) / N     (Gaussian: ‖A R(x0_hat) − m‖² / (σ² N)),
 
-then the sampler's own step (DDS data step, DPS gradient) uses the adapted denoiser. The adapters persist
+then the sampler's own step (DDS data step, DPS gradient) uses the adapted denoiser. ``R`` is the identity
+(``adapt_target = "x0_hat"``) or, for DDS, its own data step differentiated through (``"data_step"``, what the
+SCD authors' code does: the loss scores the image DDS will actually keep). The adapters persist
 through the run (each step starts from the previous step's adapters, one Adam state per run) and are shared by
 all posterior samples of the batch. The shipped prior is never modified: the adapters live on a deep copy made
 when adaptation first runs, kept in the run's context and dropped with it.
@@ -23,12 +25,15 @@ Off by default. Switched on through ``SamplerParams.extra`` (read every step, li
     Adapt at every k-th sampling step.
 ``adapt_start`` (float in [0, 1), default 0)
     Fraction of the run before adaptation starts (late steps are where x0_hat carries detail).
+``adapt_target`` ("data_step" or "x0_hat", default "data_step")
+    What the loss scores: the sampler's data-consistent estimate when it has a data step (DDS), else x0_hat.
 """
 
 from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,7 +49,9 @@ ADAPT_DEFAULTS: dict[str, Any] = {
     "lora_rank": 4,
     "adapt_every": 1,
     "adapt_start": 0.0,
+    "adapt_target": "data_step",
 }
+TARGETS = ("data_step", "x0_hat")
 
 
 @dataclass(frozen=True)
@@ -63,6 +70,8 @@ class AdaptConfig:
         Adapt at every ``every``-th sampling step.
     start : float
         Fraction of the run before adaptation starts.
+    target : str
+        "data_step" (score the sampler's data-consistent estimate, when it has one) or "x0_hat".
     """
 
     steps: int = 0
@@ -70,6 +79,7 @@ class AdaptConfig:
     rank: int = 4
     every: int = 1
     start: float = 0.0
+    target: str = "data_step"
 
     @classmethod
     def from_params(cls, params: SamplerParams) -> AdaptConfig:
@@ -78,7 +88,8 @@ class AdaptConfig:
         Raises
         ------
         SamplingError
-            For a value out of range (negative steps, rank < 1, lr ≤ 0, every < 1, start outside [0, 1)).
+            For a value out of range (negative steps, rank < 1, lr ≤ 0, every < 1, start outside [0, 1),
+            unknown target).
         """
         extra = {**ADAPT_DEFAULTS, **{k: v for k, v in (params.extra or {}).items() if k in ADAPT_DEFAULTS}}
         try:
@@ -88,6 +99,7 @@ class AdaptConfig:
                 rank=int(extra["lora_rank"]),
                 every=int(extra["adapt_every"]),
                 start=float(extra["adapt_start"]),
+                target=str(extra["adapt_target"]),
             )
         except (TypeError, ValueError) as e:
             raise SamplingError(f"bad adaptation setting in params.extra: {e}") from None
@@ -101,6 +113,8 @@ class AdaptConfig:
             raise SamplingError(f"adapt_every must be ≥ 1, got {cfg.every}")
         if not 0 <= cfg.start < 1:
             raise SamplingError(f"adapt_start must be in [0, 1), got {cfg.start}")
+        if cfg.target not in TARGETS:
+            raise SamplingError(f"adapt_target must be one of {', '.join(TARGETS)}, got {cfg.target!r}")
         return cfg
 
     def due(self, i: int, n: int) -> bool:
@@ -172,15 +186,30 @@ class Adapter:
         self.parameters = lora_parameters(adapted_net)
         self.optimizer = torch.optim.Adam(self.parameters, lr=float(self.lr))
 
-    def loss(self, u: torch.Tensor, sigma: float) -> torch.Tensor:
-        """Batch-mean consistency loss of the adapted denoiser's estimate at state ``u`` (differentiable)."""
+    def loss(
+        self, u: torch.Tensor, sigma: float, refine: Callable[[torch.Tensor], torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """Batch-mean consistency loss of the adapted denoiser's estimate at state ``u`` (differentiable).
+
+        ``refine`` (image units → image units, differentiable) is applied to the estimate first (DDS's data step).
+        """
         x0 = self.problem.prior.denoise(u, sigma)
+        if refine is not None:
+            x0 = self.problem.to_model(refine(self.problem.to_image(x0)))
         return consistency_loss(self.problem, x0).mean()
 
-    def step(self, u: torch.Tensor, sigma: float, n_steps: int, lr: float | None = None) -> list[float]:
+    def step(
+        self,
+        u: torch.Tensor,
+        sigma: float,
+        n_steps: int,
+        lr: float | None = None,
+        refine: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> list[float]:
         """``n_steps`` Adam steps on the consistency loss at state ``u`` (noise level σ); returns the losses.
 
-        Each loss is measured before its step (so the returned list shows the descent).
+        Each loss is measured before its step (so the returned list shows the descent). ``refine`` as for
+        :meth:`loss`.
         """
         if lr is not None:
             for g in self.optimizer.param_groups:
@@ -190,7 +219,7 @@ class Adapter:
         with torch.enable_grad():
             for _ in range(int(n_steps)):
                 self.optimizer.zero_grad(set_to_none=True)
-                loss = self.loss(u, sigma)
+                loss = self.loss(u, sigma, refine)
                 if not torch.isfinite(loss):
                     raise SamplingError(
                         f"the adaptation loss became {float(loss)} at σ = {sigma:.3g}; lower adapt_lr ({lr})"
@@ -204,9 +233,18 @@ class Adapter:
 
 
 def adapted_problem(
-    problem: Problem, params: SamplerParams, ctx: dict[str, Any], u: torch.Tensor, sigma: float, i: int
+    problem: Problem,
+    params: SamplerParams,
+    ctx: dict[str, Any],
+    u: torch.Tensor,
+    sigma: float,
+    i: int,
+    refine: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[Problem, int]:
     """The samplers' hook: adapt the prior for step ``i`` when due; return the problem to use and extra NFE.
+
+    ``refine`` is the sampler's data step (image units, differentiable), scored by the loss when
+    ``adapt_target`` is "data_step"; samplers without one (DPS) pass None and x0_hat is scored.
 
     With adaptation off (``adapt_steps`` 0 and never on in this run) this returns ``(problem, 0)`` untouched.
     The adapter is created on the first adapted step and kept in ``ctx["adapter"]`` for the rest of the run
@@ -220,5 +258,5 @@ def adapted_problem(
     if adapter is None:
         adapter = Adapter(problem, rank=cfg.rank, lr=cfg.lr)
         ctx["adapter"] = adapter
-    adapter.step(u, sigma, cfg.steps, cfg.lr)
+    adapter.step(u, sigma, cfg.steps, cfg.lr, refine if cfg.target == "data_step" else None)
     return adapter.problem, cfg.steps

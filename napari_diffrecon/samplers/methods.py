@@ -133,11 +133,12 @@ def dds(
     """
 
     def step(u, s, s_next, i, ctx):
-        prob, k = adapted_problem(problem, params, ctx, u, s, i)
+        def dc(x_img):
+            return data_step(problem, x_img, float(params.gamma) / float(params.prior_weight), int(params.cg_iters), s)
+
+        prob, k = adapted_problem(problem, params, ctx, u, s, i, refine=dc)
         x0 = _denoise(prob, u, s)
-        x_img = problem.to_image(x0)
-        x_dc = data_step(problem, x_img, float(params.gamma) / float(params.prior_weight), int(params.cg_iters), s)
-        x0_dc = problem.to_model(x_dc)
+        x0_dc = problem.to_model(dc(problem.to_image(x0)))
         return ddim_step(u, x0_dc, s, s_next, float(params.eta), ctx["generator"]), x0_dc, 1 + k
 
     return run_loop(problem, params, step, n_samples, seed, x_init, **kw)
