@@ -7,6 +7,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -244,10 +245,11 @@ def _cmd_demo(a: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_train(a: argparse.Namespace) -> int:
+def _training_pool(a: argparse.Namespace) -> tuple[Any, dict[str, Any], int]:
+    """The image pool, its provenance record and the channel count, from ``train``/``distill`` arguments."""
     from .priors.data import load_training_images
-    from .priors.sources import BUILTIN_SOURCES, builtin_pool, normalisation_for
-    from .priors.training import ImagePool, TrainConfig, train_prior
+    from .priors.sources import BUILTIN_SOURCES, builtin_pool
+    from .priors.training import ImagePool
 
     if a.threads:
         import torch
@@ -261,13 +263,21 @@ def _cmd_train(a: argparse.Namespace) -> int:
         if source in BUILTIN_SOURCES and BUILTIN_SOURCES[source]["modality"] != a.modality:
             raise ValueError(f"built-in source {source!r} is for --modality {BUILTIN_SOURCES[source]['modality']}")
         pool, data = builtin_pool(source, a.resolution, channels=channels, seed=a.seed, pool_size=a.pool)
-        print(f"train: built-in source {source}, pool of {pool.images.shape[0]} images, refreshed on the fly")
+        print(f"{a.command}: built-in source {source}, pool of {pool.images.shape[0]} images, refreshed on the fly")
     else:
         if a.complex:
             raise ValueError("--complex needs complex training data; folders hold magnitude images (builtin:mni152)")
         images = load_training_images(a.data, a.modality, a.resolution)
-        print(f"train: {images.shape[0]} slices from {a.data}")
+        print(f"{a.command}: {images.shape[0]} slices from {a.data}")
         pool, data = ImagePool(images, seed=a.seed), {"sources": [str(a.data)], "n_slices": int(images.shape[0])}
+    return pool, data, channels
+
+
+def _cmd_train(a: argparse.Namespace) -> int:
+    from .priors.sources import normalisation_for
+    from .priors.training import TrainConfig, train_prior
+
+    pool, data, channels = _training_pool(a)
     cfg = TrainConfig(
         name=a.name,
         modality=a.modality,
@@ -281,6 +291,8 @@ def _cmd_train(a: argparse.Namespace) -> int:
         seed=a.seed,
         device=a.device,
         amp=a.amp,
+        aug_dim=a.aug_dim,
+        init_from=a.init or "",
         val_every=a.val_every,
         ckpt_every=a.val_every,
         normalisation=normalisation_for(a.modality, channels),
@@ -288,6 +300,32 @@ def _cmd_train(a: argparse.Namespace) -> int:
         command="napari-diffrecon " + " ".join(sys.argv[1:]) if sys.argv else "",
     )
     train_prior(cfg, pool, a.output, resume=not a.restart, progress=not a.no_progress)
+    return 0
+
+
+def _cmd_distill(a: argparse.Namespace) -> int:
+    from .priors.consistency import DistillConfig, distill_consistency
+    from .priors.registry import load_prior
+
+    teacher = load_prior(a.teacher, a.device)
+    a.modality, a.complex, a.resolution = teacher.card.modality, teacher.card.channels == 2, teacher.card.resolution
+    pool, data, _ = _training_pool(a)
+    cfg = DistillConfig(
+        name=a.name or f"{teacher.card.name}-consistency",
+        teacher=str(a.teacher),
+        n_grid=a.grid,
+        target_decay=a.target_decay,
+        batch_size=a.batch,
+        patch_size=min(a.patch, teacher.card.resolution),
+        lr=a.lr,
+        steps=a.steps,
+        val_every=a.val_every,
+        seed=a.seed,
+        device=a.device,
+        data=data,
+        command="napari-diffrecon " + " ".join(sys.argv[1:]) if sys.argv else "",
+    )
+    distill_consistency(teacher, cfg, pool, a.output, resume=not a.restart, progress=not a.no_progress)
     return 0
 
 
@@ -396,10 +434,41 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--pool", type=int, default=384, help="built-in sources: images held in the pool")
     t.add_argument("--threads", type=int, help="CPU threads for torch")
     t.add_argument("--no-progress", action="store_true", help="log lines instead of a progress bar")
+    t.add_argument(
+        "--aug-dim",
+        type=float,
+        help="PFGM++: train with the Poisson-flow kernel of augmentation dimension D (e.g. 128; default: diffusion, "
+        "D = ∞); the EDM sampling code is reused through r = σ√D",
+    )
+    t.add_argument("--init", help="start from this prior's weights (shipped name or .json path): fine-tuning")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--device", default="cpu")
     t.add_argument("-o", "--output", required=True, help="output folder (checkpoint, history, weights + card)")
     t.set_defaults(func=_cmd_train)
+
+    c = sub.add_parser(
+        "distill", help="distil a diffusion prior into a consistency model (1–4 network evaluations; resumable)"
+    )
+    c.add_argument("teacher", help="the diffusion prior: shipped name or .json path")
+    c.add_argument(
+        "data", help="the teacher's training data: builtin:ct-phantoms, builtin:pet-phantoms, builtin:mni152, a folder"
+    )
+    c.add_argument("--name", help="name of the consistency model (default TEACHER-consistency)")
+    c.add_argument("--steps", type=int, default=1000)
+    c.add_argument("--batch", type=int, default=16)
+    c.add_argument("--patch", type=int, default=64)
+    c.add_argument("--lr", type=float, default=1e-4)
+    c.add_argument("--grid", type=int, default=18, help="noise levels N of the distillation grid (Karras, ρ = 7)")
+    c.add_argument("--target-decay", type=float, default=0.95, help="EMA μ of the target network")
+    c.add_argument("--val-every", type=int, default=100)
+    c.add_argument("--pool", type=int, default=384, help="built-in sources: images held in the pool")
+    c.add_argument("--threads", type=int, help="CPU threads for torch")
+    c.add_argument("--restart", action="store_true", help="ignore an existing checkpoint")
+    c.add_argument("--no-progress", action="store_true", help="log lines instead of a progress bar")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--device", default="cpu")
+    c.add_argument("-o", "--output", required=True, help="output folder (checkpoint, history, weights + card)")
+    c.set_defaults(func=_cmd_distill)
 
     e = sub.add_parser("export-prior", help="export a prior (EMA weights + card) from a training run's checkpoint")
     e.add_argument("run", help="training output folder (holds checkpoint.pt); the run may still be going")

@@ -183,7 +183,9 @@ def prepare_run(
     m = measurement.to_tensor(device)
     modality = operator.modality
     if prior is None:
-        name = settings.prior or default_prior_for(modality, operator.is_complex)
+        name = settings.prior or default_prior_for(
+            modality, operator.is_complex, consistency=settings.method == "consistency"
+        )
         if name is None:
             raise SamplingError(
                 f"no shipped prior for {modality} ({'complex' if operator.is_complex else 'real'} images); "

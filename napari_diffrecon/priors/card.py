@@ -17,7 +17,7 @@ __all__ = ["ModelCard", "CardError", "NORMALISATIONS"]
 
 NORMALISATIONS = ("affine",)
 _MODALITIES = ("ct", "mri", "pet", "generic")
-_PARAMETRISATIONS = ("edm", "eps")
+_PARAMETRISATIONS = ("edm", "eps", "consistency")
 
 
 class CardError(ValueError):
@@ -41,7 +41,12 @@ class ModelCard:
     architecture : dict
         Network config for :func:`~napari_diffrecon.priors.network.build_network`.
     parametrisation : str
-        ``"edm"`` (preconditioned denoiser, Karras et al. 2022) or ``"eps"`` (VP noise prediction).
+        ``"edm"`` (preconditioned denoiser, Karras et al. 2022), ``"eps"`` (VP noise prediction) or
+        ``"consistency"`` (a consistency model: the map to the ODE's end point, with the boundary
+        condition ``f(x, σ_min) = x``; Song et al. 2023).
+    aug_dim : float or None
+        PFGM++ augmentation dimension D the prior was trained with (Xu et al. 2023; aligned with
+        EDM by ``r = σ√D``); ``None`` for diffusion (D → ∞).
     schedule : dict
         The training noise schedule (see :func:`~napari_diffrecon.priors.schedules.get_schedule`).
     sigma_data : float
@@ -64,6 +69,7 @@ class ModelCard:
     parametrisation: str = "edm"
     schedule: dict[str, Any] = field(default_factory=lambda: {"name": "edm"})
     sigma_data: float = 0.5
+    aug_dim: float | None = None
     normalisation: dict[str, Any] = field(
         default_factory=lambda: {"kind": "affine", "native_units": "arbitrary", "offset": 0.0, "scale": 1.0}
     )
@@ -89,6 +95,8 @@ class ModelCard:
             problems.append("'architecture' must be a dict with a 'type'")
         if not isinstance(self.schedule, dict) or "name" not in self.schedule:
             problems.append("'schedule' must be a dict with a 'name'")
+        if self.aug_dim is not None and not (isinstance(self.aug_dim, (int, float)) and self.aug_dim > 0):
+            problems.append(f"'aug_dim' (PFGM++ D) must be a positive number or null, got {self.aug_dim!r}")
         if not (isinstance(self.sigma_data, (int, float)) and self.sigma_data > 0):
             problems.append(f"'sigma_data' must be positive, got {self.sigma_data!r}")
         norm = self.normalisation if isinstance(self.normalisation, dict) else {}
@@ -139,7 +147,8 @@ class ModelCard:
         src = data.get("sources") if isinstance(data, dict) else data
         return (
             f"{self.name}: {self.modality.upper()} prior, {self.resolution}×{self.resolution}, "
-            f"{'complex' if self.channels == 2 else 'real'}, {self.parametrisation}/{self.schedule.get('name')}; "
+            f"{'complex' if self.channels == 2 else 'real'}, {self.parametrisation}/{self.schedule.get('name')}"
+            f"{f', PFGM++ D={self.aug_dim:g}' if self.aug_dim else ''}; "
             f"trained {tr.get('steps', '?')} steps on {src or 'unknown data'}"
             f"; final val loss {tr.get('final_val_loss', '?')}"
         )

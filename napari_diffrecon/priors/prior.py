@@ -13,7 +13,7 @@ import torch
 
 from .card import CardError, ModelCard
 from .network import build_network
-from .schedules import Schedule, VPSchedule, get_schedule, sigma_to_alpha_bar
+from .schedules import Schedule, VPSchedule, get_schedule, pfgmpp_noise, sigma_to_alpha_bar
 
 __all__ = [
     "Prior",
@@ -63,11 +63,32 @@ class Prior(ABC):
         Provenance and normalisation (None for analytic priors).
     schedule : Schedule
         The schedule the prior was trained with; samplers may use another.
+    aug_dim : float or None
+        PFGM++ augmentation dimension D (None: diffusion). Only the start state of a run
+        depends on it (:meth:`draw_noise`); denoiser and samplers are shared through ``r = σ√D``.
     """
 
     channels: int = 1
     card: ModelCard | None = None
     schedule: Schedule
+    aug_dim: float | None = None
+
+    @property
+    def is_consistency(self) -> bool:
+        """True for a consistency model (``denoise`` maps to the ODE's end point, not to E[x0 | x_t])."""
+        return self.card is not None and self.card.parametrisation == "consistency"
+
+    def draw_noise(
+        self, shape: tuple[int, ...], sigma: float, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """A perturbation at noise level σ from the prior's training kernel (CPU, float32).
+
+        Gaussian ``σ ε`` for diffusion priors; the heavy-tailed PFGM++ kernel for a prior trained
+        with finite D (:func:`~napari_diffrecon.priors.schedules.pfgmpp_noise`).
+        """
+        if self.aug_dim is None:
+            return float(sigma) * torch.randn(shape, generator=generator)
+        return pfgmpp_noise(shape, sigma, self.aug_dim, None, generator)
 
     @abstractmethod
     def denoise(self, x_t: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
@@ -112,7 +133,7 @@ class GaussianPrior(Prior):
 
 
 class NetworkPrior(Prior):
-    """A trained U-Net with EDM preconditioning or VP ε-prediction.
+    """A trained U-Net with EDM preconditioning, VP ε-prediction, or a consistency model's boundary condition.
 
     Parameters
     ----------
@@ -130,6 +151,8 @@ class NetworkPrior(Prior):
         self.sigma_data = float(card.sigma_data)
         self.schedule = get_schedule(card.schedule)
         self.parametrisation = card.parametrisation
+        self.aug_dim = float(card.aug_dim) if card.aug_dim else None
+        self.sigma_min = float(getattr(self.schedule, "sigma_min", 0.002))
         if self.parametrisation == "eps" and not isinstance(self.schedule, VPSchedule):
             raise CardError("an 'eps' (noise-prediction) prior needs a VP schedule in its card")
         if isinstance(self.schedule, VPSchedule):
@@ -158,8 +181,15 @@ class NetworkPrior(Prior):
     def raw(self, x_t: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
         """The network's prediction with preconditioning applied; differentiable."""
         s = _sigma_tensor(sigma, x_t)
+        sd = self.sigma_data
+        if self.parametrisation == "consistency":
+            # Song et al. (2023): c_skip(σ_min) = 1, c_out(σ_min) = 0, so f(x, σ_min) = x exactly.
+            c_skip = sd**2 / ((s - self.sigma_min) ** 2 + sd**2)
+            c_out = (s - self.sigma_min) * sd / torch.sqrt(s**2 + sd**2)
+            c_in = 1.0 / torch.sqrt(s**2 + sd**2)
+            f = self.network(c_in * x_t, edm_noise_label(s.reshape(-1)))
+            return c_skip * x_t + c_out * f
         if self.parametrisation == "edm":
-            sd = self.sigma_data
             c_skip = sd**2 / (s**2 + sd**2)
             c_out = s * sd / torch.sqrt(s**2 + sd**2)
             c_in = 1.0 / torch.sqrt(s**2 + sd**2)

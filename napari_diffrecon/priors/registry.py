@@ -42,10 +42,16 @@ def load_prior(name_or_path: str | Path, device: str | torch.device = "cpu") -> 
     return load_prior_file(WEIGHTS_DIR / f"{name_or_path}.json", device)
 
 
-def default_prior_for(modality: str, complex_: bool = False) -> str | None:
-    """Name of the shipped prior to use for a modality (None when there is none)."""
+def default_prior_for(modality: str, complex_: bool = False, consistency: bool = False) -> str | None:
+    """Name of the shipped prior to use for a modality (None when there is none).
+
+    Diffusion priors (trained with the diffusion kernel) are preferred; ``consistency=True`` asks
+    for a shipped consistency model of the modality first (for the few-step ``consistency`` sampler).
+    """
     want = 2 if complex_ else 1
+    ranked = []
     for name, card in list_priors().items():
         if card.modality == modality and card.channels == want:
-            return name
-    return None
+            is_cm = card.parametrisation == "consistency"
+            ranked.append((is_cm != consistency, card.aug_dim is not None, name))
+    return min(ranked)[2] if ranked else None

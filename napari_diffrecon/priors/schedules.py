@@ -12,6 +12,7 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 __all__ = [
@@ -23,6 +24,7 @@ __all__ = [
     "vp_scale",
     "sigma_to_alpha_bar",
     "alpha_bar_to_sigma",
+    "pfgmpp_noise",
 ]
 
 
@@ -160,6 +162,63 @@ class VESchedule(Schedule):
     @property
     def sigma_max(self) -> float:
         return float(self.sigma_max_)
+
+
+def pfgmpp_noise(
+    shape: tuple[int, ...],
+    sigma: torch.Tensor | float,
+    aug_dim: float | None,
+    data_dim: int | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Perturbation of the PFGM++ kernel (Xu et al. 2023) aligned with EDM noise level σ.
+
+    PFGM++ perturbs an N-dimensional image with ``R·u``: ``u`` uniform on the unit sphere and
+    ``R = r·√(β/(1−β))``, ``β ~ Beta(N/2, D/2)``, where the augmentation dimension D sets how
+    heavy-tailed the perturbation's norm is. With the alignment ``r = σ√D`` the EDM denoiser,
+    schedules and ODE solvers are reused unchanged; ``D → ∞`` gives Gaussian noise ``σ ε``.
+
+    Parameters
+    ----------
+    shape : tuple of int
+        ``(B, C, H, W)``.
+    sigma : float or tensor
+        EDM noise level(s), scalar or ``(B,)``.
+    aug_dim : float or None
+        D; ``None`` or ``inf`` = diffusion (Gaussian).
+    data_dim : int, optional
+        N, the dimension of a *whole* image the prior is applied to. When it exceeds
+        ``C·H·W`` (training on patches), the patch gets the restriction of a whole-image
+        perturbation: ``ε · R/√N``. Default ``C·H·W`` (exact sphere normalisation).
+    generator : torch.Generator, optional
+        Source of randomness (CPU), for determinism.
+
+    Returns
+    -------
+    torch.Tensor
+        float32 perturbation of ``shape`` (on the CPU).
+    """
+    b = shape[0]
+    eps = torch.randn(shape, generator=generator)
+    sig = torch.as_tensor(sigma, dtype=torch.float64).reshape(-1).expand(b).reshape(b, *([1] * (len(shape) - 1)))
+    if aug_dim is None or not math.isfinite(float(aug_dim)):
+        return (sig * eps).float()
+    d = float(aug_dim)
+    if d <= 0:
+        raise ValueError(f"PFGM++ augmentation dimension D must be positive, got {aug_dim}")
+    local = math.prod(shape[1:])
+    n = int(data_dim) if data_dim else local
+    if n < local:
+        raise ValueError(f"data_dim {n} is smaller than one image's {local} values")
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+    rng = np.random.default_rng(seed)
+    g1, g2 = rng.standard_gamma(n / 2.0, size=b), rng.standard_gamma(d / 2.0, size=b)
+    radius = sig.reshape(-1) * math.sqrt(d) * torch.as_tensor(np.sqrt(g1 / g2))
+    if n == local:
+        norm = eps.flatten(1).norm(dim=1).double()
+    else:
+        norm = torch.full((b,), math.sqrt(n), dtype=torch.float64)
+    return (eps * (radius / norm).reshape(b, *([1] * (len(shape) - 1)))).float()
 
 
 _SCHEDULES = {"edm": EDMSchedule, "vp": VPSchedule, "ve": VESchedule}

@@ -27,9 +27,18 @@ from .. import __version__
 from .card import ModelCard
 from .network import build_network, count_parameters
 from .prior import NetworkPrior, save_prior
-from .schedules import VPSchedule, get_schedule
+from .schedules import VPSchedule, get_schedule, pfgmpp_noise
 
-__all__ = ["TrainConfig", "ImagePool", "train_prior", "augment", "VAL_SIGMAS", "export_checkpoint"]
+__all__ = [
+    "TrainConfig",
+    "ImagePool",
+    "train_prior",
+    "augment",
+    "VAL_SIGMAS",
+    "export_checkpoint",
+    "ema_update",
+    "init_from_prior",
+]
 
 VAL_SIGMAS = (0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
 
@@ -47,6 +56,8 @@ class TrainConfig:
     parametrisation: str = "edm"
     schedule: str = "edm"
     sigma_data: float = 0.5
+    aug_dim: float | None = None
+    init_from: str = ""
     batch_size: int = 16
     lr: float = 2e-4
     steps: int = 10_000
@@ -170,6 +181,7 @@ def _base_card(config: TrainConfig, schedule: Any) -> ModelCard:
         parametrisation=config.parametrisation,
         schedule=schedule.to_dict(),
         sigma_data=config.sigma_data,
+        aug_dim=config.aug_dim,
         normalisation=dict(config.normalisation),
         software_version=__version__,
     )
@@ -192,6 +204,8 @@ def _training_record(
         "parameters": n_params,
         "command": config.command,
         "seed": config.seed,
+        **({"pfgmpp_aug_dim": config.aug_dim} if config.aug_dim else {}),
+        **({"fine_tuned_from": config.init_from} if config.init_from else {}),
     }
 
 
@@ -217,6 +231,11 @@ def export_checkpoint(run_dir: str | Path, out: str | Path | None = None, half: 
     if not ck_path.exists():
         raise FileNotFoundError(f"{ck_path} not found: is {run_dir} a training output folder?")
     ck = torch.load(ck_path, map_location="cpu", weights_only=True)
+    if "target" in ck:  # a consistency-distillation run
+        from .consistency import export_distill_checkpoint
+
+        cfg_name = ck["config"].get("name", "consistency")
+        return export_distill_checkpoint(ck, out if out is not None else run_dir / cfg_name, half=half)
     known = set(TrainConfig.__dataclass_fields__)
     config = TrainConfig(**{k: v for k, v in ck["config"].items() if k in known})
     schedule = get_schedule(
@@ -230,6 +249,41 @@ def export_checkpoint(run_dir: str | Path, out: str | Path | None = None, half: 
     n_params = count_parameters(net)
     card.training = _training_record(config, int(ck["step"]), float(ck["wall"]), final, n_params, config.device)
     return save_prior(NetworkPrior(net, card), out if out is not None else run_dir / config.name, half=half)
+
+
+def ema_update(ema: torch.nn.Module, net: torch.nn.Module, decay: float, step: int, warmup: bool = True) -> None:
+    """EMA of ``net``'s weights into ``ema``; with ``warmup`` the decay is ``min(decay, (1+step)/(10+step))``."""
+    with torch.no_grad():
+        d = min(decay, (1 + step) / (10 + step)) if warmup else decay
+        for pe, p in zip(ema.parameters(), net.parameters(), strict=True):
+            pe.lerp_(p, 1 - d)
+        for be, b in zip(ema.buffers(), net.buffers(), strict=True):
+            be.copy_(b)
+
+
+def init_from_prior(net: torch.nn.Module, config: TrainConfig, device: torch.device) -> NetworkPrior:
+    """Copy the weights of the prior ``config.init_from`` (a shipped name or a path) into ``net``.
+
+    The prior must have the same architecture, channels and intensity normalisation (fine-tuning,
+    e.g. to a PFGM++ kernel or a consistency model, keeps the units of the data).
+    """
+    from .registry import load_prior
+
+    src = load_prior(config.init_from, device)
+    card = src.card
+    if card.architecture.get("preset") != config.arch or card.channels != config.channels:
+        raise ValueError(
+            f"cannot start from {config.init_from!r}: it is a {card.architecture.get('preset')!r} U-Net with "
+            f"{card.channels} channel(s), this run is {config.arch!r} with {config.channels}; "
+            f"pass --arch {card.architecture.get('preset')} (and --complex for a 2-channel prior)"
+        )
+    if any(card.normalisation.get(k) != config.normalisation.get(k) for k in ("offset", "scale")):
+        raise ValueError(
+            f"cannot start from {config.init_from!r}: its intensity normalisation {card.normalisation} differs "
+            f"from this run's {config.normalisation} (pick the prior of the same modality)"
+        )
+    net.load_state_dict(src.network.state_dict())
+    return src
 
 
 def _atomic_save(obj: dict[str, Any], path: Path) -> None:
@@ -280,6 +334,8 @@ def train_prior(
     arch = {"type": "diffusers.UNet2DModel", "preset": config.arch}
     card = _base_card(config, schedule)
     net = build_network({**arch, "channels": config.channels}).to(device)
+    if config.init_from:
+        init_from_prior(net, config, device)
     ema = copy.deepcopy(net).requires_grad_(False)
     opt = torch.optim.Adam(net.parameters(), lr=config.lr)
     prior = NetworkPrior(net, card)
@@ -304,10 +360,18 @@ def train_prior(
 
     vgen = torch.Generator().manual_seed(12345)
     val = pool.batch(config.val_size, config.patch_size, vgen).to(device)
-    val_noise = torch.randn((len(VAL_SIGMAS), *val.shape), generator=vgen).to(device)
+    if config.aug_dim:  # validate on the kernel the prior learns
+        n_full = config.channels * config.resolution**2
+        val_noise = torch.stack(
+            [pfgmpp_noise(tuple(val.shape), 1.0, config.aug_dim, n_full, vgen) for _ in VAL_SIGMAS]
+        ).to(device)
+    else:
+        val_noise = torch.randn((len(VAL_SIGMAS), *val.shape), generator=vgen).to(device)
     log(
         f"training {config.name}: {count_parameters(net) / 1e6:.2f}M parameters, {config.arch} U-Net, "
-        f"{config.parametrisation}/{schedule.name}, patches {config.patch_size}², batch {config.batch_size}, "
+        f"{config.parametrisation}/{schedule.name}{f', PFGM++ D={config.aug_dim:g}' if config.aug_dim else ''}"
+        f"{f', from {config.init_from}' if config.init_from else ''}, "
+        f"patches {config.patch_size}², batch {config.batch_size}, "
         f"device {device}, steps {step}→{config.steps}"
     )
 
@@ -344,7 +408,11 @@ def train_prior(
                 x0 = augment(x0, gen)
             x0 = x0.to(device)
             sigma = schedule.sample_training_sigma(x0.shape[0], gen).to(device, torch.float32)
-            noise = torch.randn(x0.shape, generator=gen).to(device)
+            if config.aug_dim:  # PFGM++ kernel at r = σ√D (unit σ here; _loss scales by σ)
+                n_full = config.channels * config.resolution**2
+                noise = pfgmpp_noise(tuple(x0.shape), 1.0, config.aug_dim, n_full, gen).to(device)
+            else:
+                noise = torch.randn(x0.shape, generator=gen).to(device)
             with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
                 loss = _loss(prior, x0, sigma, noise).mean()
             opt.zero_grad(set_to_none=True)
@@ -353,12 +421,7 @@ def train_prior(
             torch.nn.utils.clip_grad_norm_(net.parameters(), config.grad_clip)
             scaler.step(opt)
             scaler.update()
-            with torch.no_grad():
-                decay = min(config.ema_decay, (1 + step) / (10 + step))
-                for pe, p in zip(ema.parameters(), net.parameters(), strict=True):
-                    pe.lerp_(p, 1 - decay)
-                for be, b in zip(ema.buffers(), net.buffers(), strict=True):
-                    be.copy_(b)
+            ema_update(ema, net, config.ema_decay, step)
             step += 1
             loss_val = float(loss.detach())
             now = time.perf_counter()

@@ -265,6 +265,7 @@ def run_loop(
     x_init: torch.Tensor | None = None,
     yield_every: int | None = None,
     min_interval: float = 0.1,
+    sigmas: torch.Tensor | None = None,
 ) -> Iterator[Iterate]:
     """Drive a reverse diffusion: draw the start state, call ``step_fn`` per step, yield iterates.
 
@@ -287,23 +288,27 @@ def run_loop(
         Yield every k steps (default: about 10 updates/s, at least the first and last step).
     min_interval : float
         Minimum seconds between yielded iterates when ``yield_every`` is None.
+    sigmas : torch.Tensor, optional
+        The decreasing noise levels to visit, ending with 0 (default :func:`time_grid`).
     """
     if n_samples < 1:
         raise SamplingError(f"n_samples must be ≥ 1, got {n_samples}")
-    sigmas = time_grid(problem.prior, params)
+    if sigmas is None:
+        sigmas = time_grid(problem.prior, params)
     n = len(sigmas) - 1
     gen = torch.Generator().manual_seed(int(seed))
     dev = problem.device
     shape = (n_samples, *problem.state_shape)
-    z = torch.randn(shape, generator=gen).to(dev)
+    # σ0·ε for diffusion priors; the PFGM++ kernel's heavy-tailed draw for a prior trained with finite D.
+    z = problem.prior.draw_noise(shape, float(sigmas[0]), gen).to(dev)
     if x_init is not None:
         x_init = x_init.to(dev)
         if tuple(x_init.shape[-len(problem.operator.image_shape) :]) != tuple(problem.operator.image_shape):
             raise SamplingError(f"hot-start image shape {tuple(x_init.shape)} ≠ {problem.operator.image_shape}")
         u = problem.to_model(x_init.reshape(1, *problem.operator.image_shape).expand(n_samples, -1, -1))
-        u = u + float(sigmas[0]) * z
+        u = u + z
     else:
-        u = float(sigmas[0]) * z
+        u = z
     ctx: dict[str, Any] = {"generator": gen, "sigmas": sigmas}
     t_start = time.perf_counter()
     last_yield = -1e9

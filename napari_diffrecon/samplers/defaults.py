@@ -29,6 +29,11 @@ RECOMMENDED: dict[str, dict[str, dict[str, Any]]] = {
     # MCG: ζ 0.5 and 2 within 0.05 dB on CT; λ 1 → 0.6 as in the paper's CT setting.
     "mcg": {"*": {"n_steps": 50, "eta": 1.0, "zeta": 1.0, "lam": 1.0, "cg_iters": 5}},
     "song": {"*": {"n_steps": 50, "lam": 1.0, "snr": 0.0, "cg_iters": 5}, "ct": {"lam": 0.84}},
+    # Consistency models: 1–4 network evaluations (Song et al. 2023 use 1–2; the data step needs a few).
+    "consistency": {"*": {"n_steps": 4, "cg_iters": 5, "gamma": 3.0}, "pet": {"gamma": 10.0}},
+    # Hot start (CT 23 views, 2 samples, CM | teacher): t0 0.25 > 0.35 > 0.5 (30.1|30.8, 28.3|29.3, 26.4|27.9 dB at
+    # 4 NFE); γ 3 ≥ 10 (±0.1 dB).
+    "consistency-hot": {"*": {"n_steps": 4, "t0": 0.25, "cg_iters": 5, "gamma": 3.0}, "pet": {"gamma": 10.0}},
 }
 
 

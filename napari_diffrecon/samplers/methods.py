@@ -7,6 +7,8 @@
 - ``dps``: Chung et al. (ICLR 2023), gradient of the un-squared data misfit through the denoiser.
 - ``dds``: Chung, Lee & Ye (ICLR 2024), CG steps on the Tweedie estimate x0_hat, then DDIM with η
   (EM steps with a proximity term for PET counts).
+- ``consistency``: few-step sampling with a consistency model, the consistency map alternated with
+  the DDS data step (:mod:`.consistency`).
 
 Hot starts (CCDF) for any of them: pass ``x_init`` and ``params.t0 < 1``. DDS and DPS can adapt the prior to
 the scan while sampling (LoRA, ``params.extra["adapt_steps"]`` > 0; :mod:`.adapt`).
@@ -23,6 +25,7 @@ import torch
 from ..physics.likelihoods import PoissonLikelihood
 from .adapt import adapted_problem
 from .base import Iterate, Problem, SamplerParams, SamplingError, ddim_step, run_loop
+from .consistency import consistency
 from .datastep import (
     data_distance,
     data_step,
@@ -32,7 +35,7 @@ from .datastep import (
     pseudo_inverse,
 )
 
-__all__ = ["SAMPLERS", "ddim", "ddpm", "heun", "euler", "dds", "dps", "mcg", "song"]
+__all__ = ["SAMPLERS", "ddim", "ddpm", "heun", "euler", "dds", "dps", "mcg", "song", "consistency"]
 
 
 def _randn(u: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -290,7 +293,17 @@ def song(
     return run_loop(problem, params, step, n_samples, seed, x_init, **kw)
 
 
-SAMPLERS = {"ddim": ddim, "ddpm": ddpm, "heun": heun, "euler": euler, "dds": dds, "dps": dps, "mcg": mcg, "song": song}
+SAMPLERS = {
+    "ddim": ddim,
+    "ddpm": ddpm,
+    "heun": heun,
+    "euler": euler,
+    "dds": dds,
+    "dps": dps,
+    "mcg": mcg,
+    "song": song,
+    "consistency": consistency,
+}
 UNCONDITIONAL = ("ddim", "ddpm", "heun", "euler")
 
 
