@@ -56,12 +56,13 @@ SERIES: dict[str, tuple[str, bool, str, tuple[int, ...]]] = {
 }
 
 
-def run_point(m, method: str, hot: bool, prior, modality: str, n_steps: int, seeds: int) -> dict[str, Any]:
+def run_point(m, method: str, hot: bool, prior, modality: str, n_steps: int, seeds: int, **overrides: Any
+              ) -> dict[str, Any]:
     """One (method, NFE) point: ``seeds`` posterior samples as one batch; per-sample mean PSNR/SSIM."""
     from napari_diffrecon.reconstruct import RunSettings, reconstruct
     from napari_diffrecon.samplers.defaults import recommended_params
 
-    params = recommended_params(method, modality, hot_start=hot, n_steps=n_steps)
+    params = recommended_params(method, modality, hot_start=hot, n_steps=n_steps, **overrides)
     settings = RunSettings(method=method, params=params, n_samples=seeds, seed=0, keep_samples=True,
                            hot_start=HOT_START[modality] if hot else None)
     t, c = time.perf_counter(), time.thread_time()
@@ -118,11 +119,13 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
                     print(f"   (missing {path}: skipping PFGM++ D={d})", flush=True)
                     continue
                 prior = load_prior(path)
-                for n in a.pfgm_steps:
-                    pt = run_point(m, "dds", False, prior, modality, n, a.seeds)
-                    series.setdefault(f"pfgm-D{d}", []).append(pt)
-                    print(f"   PFGM++ D={d:5s} DDS NFE {pt['nfe']:4d}  PSNR {pt['psnr']:6.2f} ± {pt['psnr_sd']:.2f}  "
-                          f"SSIM {pt['ssim']:.3f}", flush=True)
+                for eta in a.pfgm_eta:
+                    label = f"pfgm-D{d}" + ("" if eta == 1 else f"-eta{eta:g}")
+                    for n in a.pfgm_steps:
+                        pt = run_point(m, "dds", False, prior, modality, n, a.seeds, eta=eta)
+                        series.setdefault(label, []).append(pt)
+                        print(f"   PFGM++ D={d:5s} DDS η={eta:g} NFE {pt['nfe']:4d}  PSNR {pt['psnr']:6.2f} ± "
+                              f"{pt['psnr_sd']:.2f}  SSIM {pt['ssim']:.3f}", flush=True)
         results["tasks"][task] = {"description": TASKS[task][0], "series": series}
     return results
 
@@ -174,7 +177,7 @@ def plot(results: dict[str, Any], png: Path) -> None:
         for name, pts in series.items():
             pts = sorted(pts, key=lambda p: p["nfe"])
             nfe = [p["nfe"] for p in pts]
-            style = "--" if "teacher" in name or name.endswith("Dinf") else "-"
+            style = "--" if "teacher" in name or "Dinf" in name else ":" if "eta0" in name else "-"
             for i, key in enumerate(("psnr", "ssim")):
                 axes[i, j].plot(nfe, [p[key] for p in pts], style, marker="o", ms=3, label=name)
         for i, key in enumerate(("PSNR (dB)", "SSIM")):
@@ -201,6 +204,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pfgm-dir", default=str(HERE / "weights"))
     p.add_argument("--pfgm-modality", default="mri")
     p.add_argument("--pfgm-steps", nargs="+", type=int, default=[10, 20, 50])
+    p.add_argument("--pfgm-eta", nargs="+", type=float, default=[1.0, 0.0],
+                   help="DDS η for the PFGM++ series (0 = deterministic, the ODE regime PFGM++ targets)")
+    p.add_argument("--merge", action="store_true", help="update the series of an existing <out>.json instead of "
+                   "replacing it (re-run a subset)")
     p.add_argument("--size", type=int, default=128)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=str(HERE / "results" / "nfe"))
@@ -208,6 +215,12 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     results = run(a)
     out = Path(a.out)
+    if a.merge and out.with_suffix(".json").exists():
+        old = json.loads(out.with_suffix(".json").read_text())
+        for task, tr in results["tasks"].items():
+            old["tasks"].setdefault(task, tr)["series"].update(tr["series"])
+        old["meta"]["command"] += f"; python benchmarks/nfe.py {' '.join(sys.argv[1:])}"
+        results = old
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(results, indent=1))
     out.with_suffix(".md").write_text(markdown(results))

@@ -6,6 +6,7 @@ Run (CPU, one thread, ≈ 15–20 min for the full table):
     python benchmarks/recon.py --prior-dir /tmp/snap   # <dir>/{ct-phantom-128,mri-brain-128,pet-phantom-128}.json
     python benchmarks/recon.py --tasks ct-23 mri-4x --methods fbp tv dds      # a subset
     python benchmarks/recon.py --extras-only                     # uncertainty, batch cost, NFE curve
+    python benchmarks/recon.py --nfe-study                       # PSNR/SSIM vs NFE: DDS, DPS, PFGM++, consistency
 
 Writes ``<out>.md`` (markdown tables) and ``<out>.json`` (every number), default ``benchmarks/results/recon``.
 
@@ -545,6 +546,11 @@ def _parse_overrides(items: list[str]) -> dict[str, dict[str, Any]]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--nfe-study" in argv:  # PSNR/SSIM against NFE for DDS, DPS, PFGM++ and consistency models (benchmarks/nfe.py)
+        from nfe import main as nfe_main
+
+        return nfe_main([x for x in argv if x != "--nfe-study"])
     p = argparse.ArgumentParser(description="Reconstruction benchmark (see the module docstring)")
     p.add_argument("--prior-dir", help="folder with ct-phantom-128.json, mri-brain-128.json, pet-phantom-128.json")
     p.add_argument("--ct-prior"), p.add_argument("--mri-prior"), p.add_argument("--pet-prior")

@@ -313,6 +313,7 @@ def _cmd_distill(a: argparse.Namespace) -> int:
     cfg = DistillConfig(
         name=a.name or f"{teacher.card.name}-consistency",
         teacher=str(a.teacher),
+        mode="training" if a.from_scratch else "distillation",
         n_grid=a.grid,
         target_decay=a.target_decay,
         batch_size=a.batch,
@@ -454,6 +455,11 @@ def _parser() -> argparse.ArgumentParser:
         "data", help="the teacher's training data: builtin:ct-phantoms, builtin:pet-phantoms, builtin:mni152, a folder"
     )
     c.add_argument("--name", help="name of the consistency model (default TEACHER-consistency)")
+    c.add_argument(
+        "--from-scratch",
+        action="store_true",
+        help="consistency training (no teacher network; random start); TEACHER only gives architecture and units",
+    )
     c.add_argument("--steps", type=int, default=1000)
     c.add_argument("--batch", type=int, default=16)
     c.add_argument("--patch", type=int, default=64)

@@ -149,6 +149,21 @@ def test_distillation_runs_records_its_teacher_and_resumes(tmp_path):
         distill_consistency(_tiny(parametrisation="consistency"), cfg, _blob_pool(), tmp_path / "x", progress=False)
 
 
+def test_consistency_training_from_scratch_needs_no_teacher_network(tmp_path):
+    template = _tiny()
+    cfg = DistillConfig(name="ct", teacher="t", mode="training", steps=2, batch_size=4, patch_size=16, val_every=2,
+                        n_grid=6)
+    cm = distill_consistency(template, cfg, _blob_pool(), tmp_path, resume=False, progress=False, log=lambda s: None)
+    tr = cm.card.training
+    assert tr["mode"] == "training" and tr["template_prior"] == "t" and "distilled_from" not in tr
+    # Randomly initialised, not the template's weights.
+    x = torch.randn(1, 1, 32, 32)
+    assert not torch.allclose(cm.denoise(x, 1.0), template.denoise(x, 1.0), atol=1e-3)
+    assert torch.allclose(cm.denoise(x, cm.sigma_min), x, atol=1e-6)
+    with pytest.raises(ValueError, match="mode"):
+        distill_consistency(template, DistillConfig(mode="bogus"), _blob_pool(), tmp_path / "y", progress=False)
+
+
 def _inpainting_problem(prior):
     gt = torch.zeros(32, 32)
     gt[8:24, 8:24] = 0.6

@@ -10,6 +10,10 @@ One distillation step: draw a clean patch ``x0`` and an index ``n`` of the Karra
 ``σ_1 < … < σ_N``; noise ``x = x0 + σ_{n+1} z``; one Heun step of the *teacher's* ODE from
 ``σ_{n+1}`` to ``σ_n`` gives ``x̂``; minimise ``d(f_θ(x, σ_{n+1}), f_θ⁻(x̂, σ_n))`` where ``θ⁻`` is a
 slow EMA of θ (the target network). The student starts from the teacher's weights.
+
+Consistency *training* (Algorithm 3; ``mode="training"``) needs no teacher network: the ODE step is
+replaced by the unbiased one-sample estimate ``x̂ = x0 + σ_n z`` (the same ``z``), and the student
+starts from random weights. The "teacher" prior then only supplies the architecture, units and schedule.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ class DistillConfig:
 
     name: str = "consistency"
     teacher: str = ""
+    mode: str = "distillation"
     n_grid: int = 18
     target_decay: float = 0.95
     ema_decay: float = 0.999
@@ -112,10 +117,17 @@ def _distill_record(
     device: str,
 ) -> dict[str, Any]:
     """The card's ``training`` entry: the method, the teacher (with its own provenance) and the run."""
+    method = (
+        "consistency distillation (Song et al. 2023, Alg. 2): Heun teacher step, pseudo-Huber distance, "
+        "1/Δσ weighting, student initialised from the teacher"
+        if config.mode == "distillation"
+        else "consistency training (Song et al. 2023, Alg. 3): x0 + σ_n z target, pseudo-Huber distance, 1/Δσ "
+        "weighting, random initialisation (architecture, units and schedule of the template prior)"
+    )
     return {
-        "method": "consistency distillation (Song et al. 2023, Alg. 2): Heun teacher step, pseudo-Huber distance, "
-        "1/Δσ weighting, student initialised from the teacher",
-        "distilled_from": teacher.card.name,
+        "method": method,
+        "mode": config.mode,
+        ("distilled_from" if config.mode == "distillation" else "template_prior"): teacher.card.name,
         "teacher_training": teacher.card.training,
         "data": config.data or (teacher.card.training or {}).get("data", {}),
         "n_grid": config.n_grid,
@@ -184,6 +196,8 @@ def distill_consistency(
     NetworkPrior
         The distilled consistency model (EMA weights), ``parametrisation == "consistency"``.
     """
+    if config.mode not in ("distillation", "training"):
+        raise ValueError(f"mode must be 'distillation' or 'training' (consistency training), got {config.mode!r}")
     if teacher.parametrisation != "edm":
         raise ValueError(
             f"consistency distillation needs an EDM-parametrised diffusion prior as teacher; "
@@ -199,7 +213,8 @@ def distill_consistency(
     teacher.network.requires_grad_(False).eval()
     card = consistency_card(teacher, config)
     net = build_network({**card.architecture, "channels": card.channels}).to(device)
-    net.load_state_dict(teacher.network.state_dict())
+    if config.mode == "distillation":
+        net.load_state_dict(teacher.network.state_dict())
     target = copy.deepcopy(net).requires_grad_(False)
     ema = copy.deepcopy(net).requires_grad_(False)
     opt = torch.optim.Adam(net.parameters(), lr=config.lr)
@@ -234,7 +249,8 @@ def distill_consistency(
     ).to(device)
     huber_c = config.huber_c * math.sqrt(card.channels * config.patch_size**2)
     log(
-        f"distilling {teacher.card.name} into consistency model {config.name}: {count_parameters(net) / 1e6:.2f}M "
+        f"{'distilling ' + teacher.card.name + ' into' if config.mode == 'distillation' else 'training'} "
+        f"consistency model {config.name}: {count_parameters(net) / 1e6:.2f}M "
         f"parameters, grid N={config.n_grid}, target EMA μ={config.target_decay}, patches {config.patch_size}², "
         f"batch {config.batch_size}, device {device}, steps {step}→{config.steps}"
     )
@@ -274,7 +290,10 @@ def distill_consistency(
             s_lo, s_hi = grid[idx], grid[idx + 1]
             z = pfgmpp_noise(tuple(x0.shape), 1.0, card.aug_dim, n_full, gen).to(device)
             x_hi = x0 + s_hi.reshape(-1, 1, 1, 1) * z
-            x_lo = _teacher_heun(teacher, x_hi, s_hi, s_lo)
+            if config.mode == "distillation":
+                x_lo = _teacher_heun(teacher, x_hi, s_hi, s_lo)
+            else:  # consistency training: the one-sample estimate of the ODE step
+                x_lo = x0 + s_lo.reshape(-1, 1, 1, 1) * z
             with torch.no_grad():
                 y_target = target_prior.raw(x_lo, s_lo)
             weight = 1.0 / (s_hi - s_lo)
