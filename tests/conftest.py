@@ -50,3 +50,19 @@ def gui_config_in_tmp(tmp_path, monkeypatch):
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture
+def notes():
+    """GUI tests: messages of the napari notifications shown during the test."""
+    from napari.utils.notifications import notification_manager
+
+    got: list[str] = []
+
+    def _collect(event):
+        n = getattr(event, "value", event)
+        got.append(str(getattr(n, "message", n)))
+
+    notification_manager.notification_ready.connect(_collect)
+    yield got
+    notification_manager.notification_ready.disconnect(_collect)

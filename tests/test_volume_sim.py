@@ -115,8 +115,12 @@ def test_simulate_study_dispatches_and_refuses_bad_volumes():
     assert simulate_study(vol, "pet", n_views=8).modality == "pet"
     with pytest.raises(ValueError, match="unknown modality"):
         simulate_study(vol, "ultrasound")
-    with pytest.raises(ValueError, match="square slices"):
-        simulate_mri_study(vol[:, :, :30])
+    for modality, opts in (("ct", {"n_views": 8}), ("mri", {}), ("pet", {"n_views": 8})):
+        with pytest.raises(ValueError, match="square slices"):
+            simulate_study(vol[:, :, :30], modality, **opts)
+    assert simulate_study(vol, "ct", n_views=8, study_id="c").metadata == {
+        "simulated": {"modality": "ct", "n_views": 8, "arc": 180.0, "noise_fraction": 0.01, "seed": 0},
+        "study_id": "c"}
     with pytest.raises(ValueError, match="≥ 0"):
         simulate_pet_study(vol - 0.5)
     with pytest.raises(ValueError, match="NaN"):
@@ -128,10 +132,11 @@ class _CountingPrior(GaussianPrior):
 
     def __init__(self, event: threading.Event, at: int) -> None:
         super().__init__(0.5)
-        self.event, self.at, self.calls = event, at, 0
+        self.event, self.at, self.calls, self.batches = event, at, 0, []
 
     def denoise(self, x, sigma):
         self.calls += 1
+        self.batches.append(int(x.shape[0]))
         if self.calls == self.at:
             self.event.set()
         return super().denoise(x, sigma)
@@ -156,6 +161,13 @@ def test_cancel_stops_within_one_denoiser_chunk():
             ups.append(upd.estimate.copy())
             cancel.set()  # Stop pressed at the first update (the first step always yields)
     assert len(ups) == 1 and np.abs(ups[-1]).max() > 0
+    # one slice per network call (what the GUI asks for on the CPU) gives the same volume
+    params = VolumeParams(n_steps=4)
+    spy = _CountingPrior(threading.Event(), at=0)
+    one = reconstruct_volume(st, spy, params, memory_budget="1GB", max_chunk_slices=1)
+    assert max(spy.batches) == 1 and len(spy.batches) > 6
+    whole = reconstruct_volume(st, _CountingPrior(threading.Event(), at=0), params, memory_budget="1GB")
+    np.testing.assert_allclose(one.reconstruction, whole.reconstruction, rtol=1e-5, atol=1e-6)
 
 
 def test_one_slab_planner_for_runs_and_workers():

@@ -49,22 +49,6 @@ def tiny_priors(tmp_path_factory) -> dict[str, Path]:
     return paths
 
 
-@pytest.fixture
-def notes():
-    """Messages of the napari notifications shown during the test."""
-    from napari.utils.notifications import notification_manager
-
-    got: list[str] = []
-
-    def _collect(event):
-        n = getattr(event, "value", event)
-        got.append(str(getattr(n, "message", n)))
-
-    notification_manager.notification_ready.connect(_collect)
-    yield got
-    notification_manager.notification_ready.disconnect(_collect)
-
-
 def _slow(widget, seconds: float = 0.03) -> None:
     """Slow the loaded prior's denoiser (a stand-in for a real network's cost per step)."""
     prior = widget.prior

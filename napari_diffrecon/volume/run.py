@@ -64,13 +64,15 @@ def iter_slab(
     memory_budget: int | str | None = None,
     ztv_scale: float = 1.0,
     cancel: Any = None,
+    max_chunk_slices: int | None = None,
 ) -> Iterator[Any]:
     """Reconstruct one slab: yields its :class:`~napari_diffrecon.volume.VolumeIterate` s, then its result dict.
 
     The result (the last item) holds the slab's core: ``mean``, ``std`` (numpy ``(core, H, W)``)
     and ``info`` (residual, NFE, wall time, memory plan). Stop iterating to cancel, or set ``cancel``
     (a ``threading.Event``, checked between denoiser chunks) to raise
-    :class:`~napari_diffrecon.volume.mbir.VolumeCancelled` from inside a step.
+    :class:`~napari_diffrecon.volume.mbir.VolumeCancelled` from inside a step. ``max_chunk_slices`` caps the
+    memory plan's denoiser chunk (smaller chunks: a cancel acts sooner, results are identical).
     """
     t0 = time.perf_counter()
     part = study.slab(slab.start, slab.stop)
@@ -79,14 +81,15 @@ def iter_slab(
     budget = parse_bytes(memory_budget) if memory_budget is not None else detect_budget(device)
     prior = prior.to(device)
     plan = plan_memory(op, prior, budget, n_samples)
-    op.max_batch = max(plan.chunk_slices // max(n_samples, 1), 1)
+    chunk = min(plan.chunk_slices, int(max_chunk_slices)) if max_chunk_slices else plan.chunk_slices
+    op.max_batch = max(chunk // max(n_samples, 1), 1)
     problem = VolumeProblem(
         op, part.to_tensor(device), prior, part.build_likelihood(device), scale=scale, offset=offset,
         nonneg=op.modality == "pet",
     )
     run_params = _scaled(params, ztv_scale)
     last = None
-    for it in mbir(problem, run_params, n_samples=n_samples, seed=seed, chunk_slices=plan.chunk_slices,
+    for it in mbir(problem, run_params, n_samples=n_samples, seed=seed, chunk_slices=chunk,
                    cancel=cancel):
         last = it
         yield it
@@ -204,6 +207,7 @@ def stream_volume(
     check: dict[str, Any] | None = None,
     out: dict[str, Any] | None = None,
     cancel: Any = None,
+    max_chunk_slices: int | None = None,
 ) -> Iterator[VolumeUpdate]:
     """Reconstruct a study slab by slab, yielding :class:`VolumeUpdate` as steps and slabs complete.
 
@@ -233,6 +237,9 @@ def stream_volume(
         Set it from another thread to stop the run within one denoiser chunk:
         :class:`~napari_diffrecon.volume.mbir.VolumeCancelled` is raised (the last yielded
         ``estimate`` holds what was computed).
+    max_chunk_slices : int, optional
+        At most this many slices per denoiser call (default: as many as the memory plan allows). A GUI on
+        the CPU passes 1 so that a cancel acts within one slice's network call; the results are identical.
     """
     from .study import check_study
 
@@ -260,7 +267,7 @@ def stream_volume(
         result = None
         k0, k1 = slab.core_start - slab.start, slab.core_stop - slab.start
         for item in iter_slab(study, slab, prior, params, scale, offset, n_samples, seed, device, budget,
-                              findings["ztv_scale"], cancel):
+                              findings["ztv_scale"], cancel, max_chunk_slices):
             if isinstance(item, dict):
                 result = item
                 continue

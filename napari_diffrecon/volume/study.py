@@ -371,24 +371,28 @@ def simulate_ct_study(
     from ..physics import sparse_view_angles
     from .operators import volume_ct
 
-    vol = np.asarray(volume, dtype=np.float32)
-    if vol.ndim != 3 or vol.shape[1] != vol.shape[2]:
-        raise ValueError(f"volume must be (D, n, n), got {vol.shape}")
+    vol = _check_volume(volume, "simulate_ct_study").astype(np.float32)
     angles = sparse_view_angles(int(n_views), arc=arc)
     op = volume_ct(vol.shape[0], vol.shape[1], angles)
     clean = op.forward(torch.from_numpy(vol)).numpy()
     sigma = float(noise_fraction * np.sqrt(np.mean(clean**2)))
     rng = np.random.default_rng(seed)
     data = (clean + sigma * rng.standard_normal(clean.shape)).astype(np.float32)
-    return VolumeStudy(
-        data=data,
-        operator=op.base.spec(),
-        noise={"model": "gaussian", "sigma": max(sigma, 1e-8)},
-        spacing_mm=spacing_mm,
-        orientation="axial",
-        ground_truth=vol,
-        metadata={"study_id": study_id} if study_id else {},
-    )
+    return _simulated(data, op, {"model": "gaussian", "sigma": max(sigma, 1e-8)}, spacing_mm, vol, None, study_id,
+                      {"modality": "ct", "n_views": int(n_views), "arc": float(arc),
+                       "noise_fraction": float(noise_fraction), "seed": int(seed)})
+
+
+def _simulated(
+    data: np.ndarray, op: SliceWiseOperator, noise: dict[str, Any], spacing_mm: tuple[float, float, float] | None,
+    ground_truth: np.ndarray, data_weights: np.ndarray | None, study_id: str | None, options: dict[str, Any],
+) -> VolumeStudy:
+    """A simulated axial study; the simulation options are kept in ``metadata["simulated"]``."""
+    meta: dict[str, Any] = {"simulated": options}
+    if study_id:
+        meta["study_id"] = study_id
+    return VolumeStudy(data=data, operator=op.base.spec(), noise=noise, spacing_mm=spacing_mm, orientation="axial",
+                       data_weights=data_weights, ground_truth=ground_truth, metadata=meta)
 
 
 def _check_volume(volume: np.ndarray, what: str) -> np.ndarray:
@@ -469,21 +473,9 @@ def simulate_mri_study(
     rng = np.random.default_rng(seed)
     noise = (rng.standard_normal(clean.shape) + 1j * rng.standard_normal(clean.shape)) * sampled
     data = (clean + sigma * noise).astype(np.complex64)
-    meta: dict[str, Any] = {"simulated": {"modality": "mri", "acceleration": float(acceleration),
-                                          "n_coils": int(n_coils or 1), "mask_kind": mask_kind,
-                                          "noise_fraction": float(noise_fraction), "seed": int(seed)}}
-    if study_id:
-        meta["study_id"] = study_id
-    return VolumeStudy(
-        data=data,
-        operator=op.base.spec(),
-        noise={"model": "gaussian", "sigma": max(sigma, 1e-8)},
-        spacing_mm=spacing_mm,
-        orientation="axial",
-        data_weights=masks,
-        ground_truth=x,
-        metadata=meta,
-    )
+    return _simulated(data, op, {"model": "gaussian", "sigma": max(sigma, 1e-8)}, spacing_mm, x, masks, study_id,
+                      {"modality": "mri", "acceleration": float(acceleration), "n_coils": int(n_coils or 1),
+                       "mask_kind": mask_kind, "noise_fraction": float(noise_fraction), "seed": int(seed)})
 
 
 def simulate_pet_study(
@@ -553,22 +545,10 @@ def simulate_pet_study(
     bg = float(background_fraction * mean.mean())
     rng = np.random.default_rng(seed)
     data = rng.poisson(np.clip(mean, 0, None) + bg).astype(np.float32)
-    meta: dict[str, Any] = {"simulated": {"modality": "pet", "n_views": int(n_views),
-                                          "counts_per_slice": float(counts_per_slice),
-                                          "background_fraction": float(background_fraction),
-                                          "mu_per_mm": float(mu_per_mm), "seed": int(seed)}}
-    if study_id:
-        meta["study_id"] = study_id
-    return VolumeStudy(
-        data=data,
-        operator=op.base.spec(),
-        noise={"model": "poisson", "background": bg},
-        spacing_mm=spacing_mm,
-        orientation="axial",
-        data_weights=att,
-        ground_truth=act,
-        metadata=meta,
-    )
+    return _simulated(data, op, {"model": "poisson", "background": bg}, spacing_mm, act, att, study_id,
+                      {"modality": "pet", "n_views": int(n_views), "counts_per_slice": float(counts_per_slice),
+                       "background_fraction": float(background_fraction), "mu_per_mm": float(mu_per_mm),
+                       "seed": int(seed)})
 
 
 def simulate_study(volume: np.ndarray, modality: str, **options: Any) -> VolumeStudy:
