@@ -387,6 +387,12 @@ class DiffReconWidget(QWidget):
         self.tuning = TuningPanel(self)
         lay.addWidget(self.tuning)
 
+        # Volumes: a 3D layer or a study file, streamed into one 3D layer
+        from ._volume import VolumePanel
+
+        self.volume = VolumePanel(self)
+        lay.addWidget(self.volume)
+
         # Export & presets
         g = QGroupBox("Export and presets")
         gl = QVBoxLayout(g)
@@ -792,7 +798,7 @@ class DiffReconWidget(QWidget):
 
     def run(self) -> Any:
         """Start a run in a napari thread worker; returns the worker (None when refused with a notification)."""
-        if self.running or self.tuning.running:
+        if self.running or self.tuning.running or self.volume.running:
             show_info("napari-diffrecon: a run or auto-tune search is already in progress (press Stop first)")
             return None
         if self.measurement is None:
@@ -1056,6 +1062,7 @@ class DiffReconWidget(QWidget):
     def closeEvent(self, event: Any) -> None:  # noqa: N802 - Qt API
         """Stop a run in flight and remember the settings."""
         self.stop()
+        self.volume.stop()
         _presets.save_last(self.current_settings(), self.gui_state())
         super().closeEvent(event)
 
