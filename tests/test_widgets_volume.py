@@ -27,20 +27,20 @@ pytestmark = pytest.mark.usefixtures("gui_config_in_tmp")
 
 @pytest.fixture(scope="module")
 def tiny_priors(tmp_path_factory) -> dict[str, Path]:
-    """Card paths of tiny untrained priors for CT (real) and PET (real)."""
+    """Card paths of tiny untrained priors: CT (real), PET (real), MRI (complex)."""
     import torch
 
     out = tmp_path_factory.mktemp("priors")
     paths = {}
-    for modality in ("ct", "pet"):
+    for modality, ch in (("ct", 1), ("pet", 1), ("mri", 2)):
         torch.manual_seed(0)
         card = ModelCard(
-            name=f"tiny-{modality}", modality=modality, channels=1, resolution=128,
+            name=f"tiny-{modality}", modality=modality, channels=ch, resolution=128,
             architecture={"type": "diffusers.UNet2DModel", "preset": "tiny"},
-            normalisation=normalisation_for(modality, 1),
+            normalisation=normalisation_for(modality, ch),
             training={"steps": 0, "data": {"sources": ["untrained test network"]}, "licence": "BSD-3-Clause"},
         )
-        net = build_network({**card.architecture, "channels": 1})
+        net = build_network({**card.architecture, "channels": ch})
         paths[modality] = save_prior(NetworkPrior(net, card), out / f"tiny-{modality}")[1]
     return paths
 
@@ -201,6 +201,26 @@ def test_stop_keeps_what_was_computed_and_a_second_run_reuses_the_layer(make_nap
     assert p.layers["estimate"] is est and len(events) >= 1
     assert est.metadata["provenance"]["params"]["n_steps"] == 2 and "status" not in est.metadata["provenance"]
     assert len([ly for ly in viewer.layers if ly.name.startswith("volume")]) == 1
+
+
+def test_mri_volume_from_a_layer_streams_magnitudes(make_napari_viewer, qtbot, tiny_priors, ct_slice):
+    viewer = make_napari_viewer()
+    w = main_widget(viewer)
+    viewer.window.add_dock_widget(w, name="Diffusion reconstruction")
+    vol = _volume(ct_slice, d=4)
+    viewer.add_image(vol, name="brain")
+    assert w.set_prior(str(tiny_priors["mri"]))  # complex (2-channel): used for MRI volumes
+    p = w.volume
+    p.use_layer("brain", "mri")
+    assert p._sim_rows["accel"].isVisibleTo(p) and not p._sim_rows["views"].isVisibleTo(p)
+    p.accel.setValue(2.0)
+    p.steps.setValue(3)
+    assert p.run() is not None
+    qtbot.waitUntil(lambda: not p.running, timeout=120_000)
+    est = p.layers["estimate"]
+    assert est.data.dtype == np.float32 and est.data.shape == vol.shape and (est.data >= 0).all()  # magnitudes
+    prov = est.metadata["provenance"]
+    assert prov["slice_operator"]["modality"] == "mri" and prov["prior"] == "tiny-mri"
 
 
 def test_volume_study_file_pet_and_bad_inputs(make_napari_viewer, qtbot, tiny_priors, ct_slice, tmp_path, notes):
