@@ -47,6 +47,7 @@ PARAMS_FOR: dict[str, tuple[str, ...]] = {
     "dps": ("n_steps", "eta", "zeta"),
     "mcg": ("n_steps", "eta", "zeta", "lam", "cg_iters"),
     "song": ("n_steps", "lam", "cg_iters", "snr"),
+    "consistency": ("n_steps", "gamma", "cg_iters"),
     "ddim": ("n_steps", "eta"),
     "ddpm": ("n_steps",),
     "heun": ("n_steps",),
@@ -560,7 +561,8 @@ class DiffReconWidget(QWidget):
         if self.measurement is None:
             return None
         modality = str(self.measurement.operator.get("modality"))
-        return default_prior_for(modality, modality == "mri")
+        few_step = self.method_combo.currentData() == "consistency"  # a distilled consistency model when shipped
+        return default_prior_for(modality, modality == "mri", consistency=few_step)
 
     def refresh_priors(self) -> None:
         """Fill the prior dropdown with the shipped priors."""
