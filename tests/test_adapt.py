@@ -145,9 +145,28 @@ def test_adapt_config_reads_params_extra_and_refuses_bad_values():
     assert [i for i in range(10) if cfg.due(i, 10)] == [5, 7, 9]
     assert not any(AdaptConfig.from_params(SamplerParams()).due(i, 10) for i in range(10))
     for bad in ({"adapt_steps": -1}, {"lora_rank": 0}, {"adapt_steps": 1, "adapt_lr": 0.0},
-                {"adapt_every": 0}, {"adapt_start": 1.0}, {"adapt_steps": "many"}):
+                {"adapt_every": 0}, {"adapt_start": 1.0}, {"adapt_steps": "many"}, {"adapt_target": "x"},
+                {"adapt_floor": -1.0}):
         with pytest.raises(SamplingError):
             AdaptConfig.from_params(SamplerParams(extra=bad))
+
+
+def test_the_discrepancy_floor_stops_adaptation_at_the_noise_level(mri_prior, mri_measurement):
+    """With the floor above the loss, no Adam step is taken: the adapters stay zero and each adapted step costs
+    one forward pass; with the floor at 0 they train."""
+    problem, _ = _problem(mri_measurement, mri_prior)
+    u = _noisy_truth(problem, mri_measurement, 0.3)
+    adapter = Adapter(problem, rank=2, lr=1e-2)
+    first = adapter.step(u, 0.3, 1)[0]
+    stopped = adapter.step(u, 0.3, 5, floor=10 * first)
+    assert len(stopped) == 1
+    layers = lora_layers(adapter.problem.prior.network)
+    ups = [a.up.weight.detach().clone() for a in layers]
+    adapter.step(u, 0.3, 3, floor=10 * first)
+    assert all(torch.equal(a.up.weight, w) for a, w in zip(layers, ups, strict=True))
+    assert len(adapter.step(u, 0.3, 3, floor=0.0)) == 3
+    high = SamplerParams(n_steps=4, cg_iters=2, extra={"adapt_steps": 3, "adapt_floor": 1e12})
+    assert _run(problem, "dds", high).nfe == 4 + 4  # one loss evaluation per step, no training
 
 
 def test_adaptation_needs_a_network_prior():

@@ -27,6 +27,9 @@ Off by default. Switched on through ``SamplerParams.extra`` (read every step, li
     Fraction of the run before adaptation starts (late steps are where x0_hat carries detail).
 ``adapt_target`` ("data_step" or "x0_hat", default "data_step")
     What the loss scores: the sampler's data-consistent estimate when it has a data step (DDS), else x0_hat.
+``adapt_floor`` (float ≥ 0, default 0 = off)
+    Discrepancy guard: a sampling step's Adam steps stop once the loss is at or below this value (1 = the noise
+    level of Gaussian data: fitting further fits the noise).
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ ADAPT_DEFAULTS: dict[str, Any] = {
     "adapt_every": 1,
     "adapt_start": 0.0,
     "adapt_target": "data_step",
+    "adapt_floor": 0.0,
 }
 TARGETS = ("data_step", "x0_hat")
 
@@ -72,6 +76,8 @@ class AdaptConfig:
         Fraction of the run before adaptation starts.
     target : str
         "data_step" (score the sampler's data-consistent estimate, when it has one) or "x0_hat".
+    floor : float
+        Stop a step's adaptation once the loss is ≤ ``floor`` (0 = never).
     """
 
     steps: int = 0
@@ -80,6 +86,7 @@ class AdaptConfig:
     every: int = 1
     start: float = 0.0
     target: str = "data_step"
+    floor: float = 0.0
 
     @classmethod
     def from_params(cls, params: SamplerParams) -> AdaptConfig:
@@ -89,7 +96,7 @@ class AdaptConfig:
         ------
         SamplingError
             For a value out of range (negative steps, rank < 1, lr ≤ 0, every < 1, start outside [0, 1),
-            unknown target).
+            unknown target, negative floor).
         """
         extra = {**ADAPT_DEFAULTS, **{k: v for k, v in (params.extra or {}).items() if k in ADAPT_DEFAULTS}}
         try:
@@ -100,6 +107,7 @@ class AdaptConfig:
                 every=int(extra["adapt_every"]),
                 start=float(extra["adapt_start"]),
                 target=str(extra["adapt_target"]),
+                floor=float(extra["adapt_floor"]),
             )
         except (TypeError, ValueError) as e:
             raise SamplingError(f"bad adaptation setting in params.extra: {e}") from None
@@ -113,6 +121,8 @@ class AdaptConfig:
             raise SamplingError(f"adapt_every must be ≥ 1, got {cfg.every}")
         if not 0 <= cfg.start < 1:
             raise SamplingError(f"adapt_start must be in [0, 1), got {cfg.start}")
+        if not (math.isfinite(cfg.floor) and cfg.floor >= 0):
+            raise SamplingError(f"adapt_floor must be a number ≥ 0 (0 = off), got {cfg.floor}")
         if cfg.target not in TARGETS:
             raise SamplingError(f"adapt_target must be one of {', '.join(TARGETS)}, got {cfg.target!r}")
         return cfg
@@ -205,11 +215,12 @@ class Adapter:
         n_steps: int,
         lr: float | None = None,
         refine: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        floor: float = 0.0,
     ) -> list[float]:
-        """``n_steps`` Adam steps on the consistency loss at state ``u`` (noise level σ); returns the losses.
+        """Up to ``n_steps`` Adam steps on the consistency loss at state ``u`` (noise level σ); returns the losses.
 
         Each loss is measured before its step (so the returned list shows the descent). ``refine`` as for
-        :meth:`loss`.
+        :meth:`loss`. Stops without stepping once the loss is ≤ ``floor`` (the last loss is then that one).
         """
         if lr is not None:
             for g in self.optimizer.param_groups:
@@ -224,9 +235,11 @@ class Adapter:
                     raise SamplingError(
                         f"the adaptation loss became {float(loss)} at σ = {sigma:.3g}; lower adapt_lr ({lr})"
                     )
+                out.append(float(loss.detach()))
+                if out[-1] <= floor:
+                    break
                 loss.backward()
                 self.optimizer.step()
-                out.append(float(loss.detach()))
         self.losses.extend(out)
         self.n_adapted += 1
         return out
@@ -258,5 +271,5 @@ def adapted_problem(
     if adapter is None:
         adapter = Adapter(problem, rank=cfg.rank, lr=cfg.lr)
         ctx["adapter"] = adapter
-    adapter.step(u, sigma, cfg.steps, cfg.lr, refine if cfg.target == "data_step" else None)
-    return adapter.problem, cfg.steps
+    losses = adapter.step(u, sigma, cfg.steps, cfg.lr, refine if cfg.target == "data_step" else None, cfg.floor)
+    return adapter.problem, len(losses)  # forward passes made (fewer than adapt_steps when the floor stopped it)
