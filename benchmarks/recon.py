@@ -15,7 +15,11 @@ Evaluation images (real; never used to train a prior, which train on procedural 
 - CT: pydicom's ``CT_small.dcm`` (a real 128×128 CT slice of the thoracic spine, 0.66 mm pixels), in HU.
 - MRI: nibabel's ``tests/data/anatomical.nii`` (a real T1 brain, 2 mm voxels), axial slice 12,
   zero-padded to a square and resized to 128 by :func:`simulate_from_image`; magnitude scaled so the
-  99.5th percentile = 1 and given a smooth random phase by the simulator.
+  99.5th percentile = 1 and given a smooth random phase by the simulator (a 33×41 slice: blurred at 128).
+- MRI, sharper: dipy's ``t1_coronal_slice.npy`` (a real T1 brain slice at 1 mm, BSD-3, vendored in ``benchmarks/data``;
+  an individual head, not the MNI152 template the prior trained on), cropped to the 160² square around the head
+  and resized to 128 by :func:`simulate_from_image`; magnitude scaled so the 99.5th percentile = 1 and given a
+  smooth random phase by the simulator: tasks ``mri-4x-t1c`` and ``mri-4x-8c-t1c`` (not in the default table).
 - PET: an FDG-like activity map from a different axial slice (14) of the same T1 volume, made at its native
   2 mm grid by :func:`napari_diffrecon.simulate.activity_from_anatomy` (kind "mr": tissue classes from the
   head's intensity percentiles, uptake CSF 0.1 : GM 4 : WM 1, 1.5-pixel (3 mm) FWHM blur), then resized to 128.
@@ -58,7 +62,7 @@ import torch
 from napari_diffrecon.io.bundle import Measurement
 from napari_diffrecon.simulate import simulate_from_image
 
-__all__ = ["ct_hu", "mri_t1", "pet_activity", "TASKS", "build_task", "task_names", "main"]
+__all__ = ["ct_hu", "mri_t1", "mri_t1_coronal", "pet_activity", "TASKS", "build_task", "task_names", "main"]
 
 SHIPPED = {"ct": "ct-phantom-128", "mri": "mri-brain-128", "pet": "pet-phantom-128"}
 
@@ -95,6 +99,15 @@ def mri_t1(index: int = 12) -> np.ndarray:
     return _square(np.clip(np.rot90(vol[:, :, index]), 0, None))
 
 
+def mri_t1_coronal() -> np.ndarray:
+    """dipy's ``t1_coronal_slice.npy`` (a real 1 mm T1 brain slice, BSD-3, vendored in ``benchmarks/data``), ≥ 0.
+
+    Cropped to the 160² square around the head (rows 26–185, columns 48–207 of 256²): 1.25 mm pixels at 128².
+    """
+    img = np.load(Path(__file__).parent / "data" / "dipy_t1_coronal_slice.npy").astype(np.float64)
+    return np.clip(img[26:186, 48:208], 0, None)
+
+
 def pet_activity(index: int = 14) -> np.ndarray:
     """FDG-like activity from a T1 slice at its native 2 mm grid (:func:`simulate.activity_from_anatomy`, "mr").
 
@@ -123,6 +136,14 @@ def _mri(**kw: Any) -> Callable[[int, int], Measurement]:
     return make
 
 
+def _mri_t1c(**kw: Any) -> Callable[[int, int], Measurement]:
+    def make(size: int, seed: int) -> Measurement:
+        return simulate_from_image(mri_t1_coronal(), "mri", size=size, seed=seed,
+                                   source="dipy t1_coronal_slice.npy (real T1)", **kw)
+
+    return make
+
+
 def _pet(**kw: Any) -> Callable[[int, int], Measurement]:
     def make(size: int, seed: int) -> Measurement:
         return simulate_from_image(pet_activity(), "pet", size=size, seed=seed,
@@ -141,13 +162,18 @@ TASKS: dict[str, tuple[str, Callable[[int, int], Measurement]]] = {
     "mri-4x-8c": ("MRI 4×, 8 coils (SENSE)", _mri(accel=4.0, coils=8)),
     "mri-8x": ("MRI 8×, single coil", _mri(accel=8.0)),
     "mri-8x-8c": ("MRI 8×, 8 coils (SENSE)", _mri(accel=8.0, coils=8)),
+    "mri-4x-t1c": ("MRI 4×, single coil, dipy's real 1 mm T1 (coronal)", _mri_t1c(accel=4.0)),
+    "mri-4x-8c-t1c": ("MRI 4×, 8 coils, dipy's real 1 mm T1 (coronal)", _mri_t1c(accel=4.0, coils=8)),
     "pet-low": ("PET low-count, 180 views, 1e5 true counts, 20% background", _pet(counts=1e5)),
 }
 
 
+EXTRA_TASKS = ("mri-4x-t1c", "mri-4x-8c-t1c")  # run with --tasks; not in the default table
+
+
 def task_names() -> list[str]:
-    """All task names, in table order."""
-    return list(TASKS)
+    """The default table's task names, in table order (:data:`EXTRA_TASKS` on request)."""
+    return [t for t in TASKS if t not in EXTRA_TASKS]
 
 
 def build_task(name: str, size: int = 128, seed: int = 0) -> Measurement:
@@ -524,7 +550,9 @@ def combine(paths: list[str], out: Path) -> int:
         extras["uncertainty"] += e.get("uncertainty", [])
         extras["nfe_curve"].update(e.get("nfe_curve", {}))
         b = e.get("batch") or []
-        extras["batch"] += b if isinstance(b, list) else [b]
+        b = b if isinstance(b, list) else [b]
+        newer = {x["task"] for x in b}
+        extras["batch"] = [x for x in extras["batch"] if x["task"] not in newer] + b
     meta["combined_from"] = [str(p) for p in paths]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".md").write_text(markdown(rows, extras, meta), encoding="utf-8")

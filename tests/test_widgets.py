@@ -315,7 +315,11 @@ def test_hot_start_run(make_napari_viewer, qtbot, tiny_priors):
     w.compare.setChecked(False)
     w.hot_start.setChecked(True)  # the tuned hot-start values for DDS come in (samplers.defaults)
     assert not w.param_rows["t0"].isHidden()
-    assert w.spins["n_steps"].value() == 20 and w.spins["t0"].value() == pytest.approx(0.4)
+    from napari_diffrecon.samplers.defaults import recommended_params
+
+    tuned = recommended_params("dds", "ct", hot_start=True)
+    assert tuned.t0 < 1 and w.spins["n_steps"].value() == tuned.n_steps
+    assert w.spins["t0"].value() == pytest.approx(tuned.t0)
     w.spins["n_steps"].setValue(6)
     w.spins["t0"].setValue(0.3)
     _run_to_end(w, qtbot)
