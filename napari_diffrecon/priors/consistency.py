@@ -21,7 +21,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -34,7 +33,7 @@ from .card import ModelCard
 from .network import build_network, count_parameters
 from .prior import NetworkPrior, save_prior
 from .schedules import pfgmpp_noise
-from .training import VAL_SIGMAS, ImagePool, _atomic_save, augment, ema_update, validation_loss
+from .training import ImagePool, RunState, augment, ema_update, run_steps, validation_loss, validation_noise
 
 __all__ = ["DistillConfig", "distill_consistency", "karras_grid", "consistency_card", "export_distill_checkpoint"]
 
@@ -227,109 +226,66 @@ def distill_consistency(
         float(getattr(sched, "rho", 7.0)),
     ).to(device, torch.float32)
     gen = torch.Generator().manual_seed(config.seed)
-    step, history, wall = 0, [], 0.0
-    ckpt_path = out / "checkpoint.pt"
-    if resume and ckpt_path.exists():
-        ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        if ck["config"].get("teacher") != config.teacher:
-            raise ValueError(f"{ckpt_path} distils {ck['config'].get('teacher')!r}, not {config.teacher!r}")
-        net.load_state_dict(ck["net"])
-        target.load_state_dict(ck["target"])
-        ema.load_state_dict(ck["ema"])
-        opt.load_state_dict(ck["opt"])
-        gen.set_state(ck["generator"])
-        step, history, wall = int(ck["step"]), json.loads(ck["history"]), float(ck["wall"])
-        log(f"resumed from {ckpt_path} at step {step}")
+    state = RunState(out / "checkpoint.pt", {"net": net, "target": target, "ema": ema}, opt, gen, asdict(config))
+
+    def same_teacher(saved: dict[str, Any]) -> None:
+        if saved.get("teacher") != config.teacher:
+            raise ValueError(f"{state.path} distils {saved.get('teacher')!r}, not {config.teacher!r}")
+
+    if resume and state.load(same_teacher):
+        log(f"resumed from {state.path} at step {state.step}")
 
     n_full = card.channels * card.resolution**2
     vgen = torch.Generator().manual_seed(12345)
     val = pool.batch(config.val_size, config.patch_size, vgen).to(device)
-    val_noise = torch.stack(
-        [pfgmpp_noise(tuple(val.shape), 1.0, card.aug_dim, n_full, vgen) for _ in VAL_SIGMAS]
-    ).to(device)
+    val_noise = validation_noise(val, card.aug_dim, n_full, vgen).to(device)
     huber_c = config.huber_c * math.sqrt(card.channels * config.patch_size**2)
     log(
         f"{'distilling ' + teacher.card.name + ' into' if config.mode == 'distillation' else 'training'} "
         f"consistency model {config.name}: {count_parameters(net) / 1e6:.2f}M "
         f"parameters, grid N={config.n_grid}, target EMA μ={config.target_decay}, patches {config.patch_size}², "
-        f"batch {config.batch_size}, device {device}, steps {step}→{config.steps}"
+        f"batch {config.batch_size}, device {device}, steps {state.step}→{config.steps}"
     )
-
-    def checkpoint() -> None:
-        _atomic_save(
-            {
-                "net": net.state_dict(),
-                "target": target.state_dict(),
-                "ema": ema.state_dict(),
-                "opt": opt.state_dict(),
-                "generator": gen.get_state(),
-                "step": step,
-                "history": json.dumps(history),
-                "wall": wall,
-                "config": asdict(config),
-            },
-            ckpt_path,
-        )
-        (out / "history.json").write_text(json.dumps(history, indent=1))
-
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=config.steps, initial=step, desc=config.name, unit="step", dynamic_ncols=True)
     net.train()
-    t_last = time.perf_counter()
-    try:
-        while step < config.steps:
-            x0 = pool.batch(config.batch_size, config.patch_size, gen)
-            if config.augment:
-                x0 = augment(x0, gen)
-            x0 = x0.to(device)
-            b = x0.shape[0]
-            idx = torch.randint(0, config.n_grid - 1, (b,), generator=gen).to(device)
-            s_lo, s_hi = grid[idx], grid[idx + 1]
-            z = pfgmpp_noise(tuple(x0.shape), 1.0, card.aug_dim, n_full, gen).to(device)
-            x_hi = x0 + s_hi.reshape(-1, 1, 1, 1) * z
-            if config.mode == "distillation":
-                x_lo = _teacher_heun(teacher, x_hi, s_hi, s_lo)
-            else:  # consistency training: the one-sample estimate of the ODE step
-                x_lo = x0 + s_lo.reshape(-1, 1, 1, 1) * z
-            with torch.no_grad():
-                y_target = target_prior.raw(x_lo, s_lo)
-            weight = 1.0 / (s_hi - s_lo)
-            loss = (weight * _pseudo_huber(student.raw(x_hi, s_hi) - y_target, huber_c)).mean() / weight.mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(net.parameters(), config.grad_clip)
-            opt.step()
-            ema_update(target, net, config.target_decay, step, warmup=False)
-            ema_update(ema, net, config.ema_decay, step)
-            step += 1
-            loss_val = float(loss.detach())
-            now = time.perf_counter()
-            wall += now - t_last
-            t_last = now
-            if not math.isfinite(loss_val):
-                raise FloatingPointError(f"distillation loss became {loss_val} at step {step}: lower --lr")
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss_val:.4f}")
-            if step % config.val_every == 0 or step == config.steps:
-                v = validation_loss(ema_prior, val, val_noise)
-                history.append({"step": step, "train_loss": loss_val, "wall_s": round(wall, 1), **v})
-                if bar is None:
-                    log(f"step {step}: consistency loss {loss_val:.4f}; one-step PSNR " + ", ".join(
-                        f"{k[5:]}: {v[k]:.2f}" for k in v if k.startswith("psnr@")))
-                checkpoint()
-    except KeyboardInterrupt:
-        checkpoint()
-        log(f"interrupted: checkpoint written at step {step}; run again to resume")
-        raise
-    finally:
-        if bar is not None:
-            bar.close()
-    final = history[-1] if history else validation_loss(ema_prior, val, val_noise)
-    card.training = _distill_record(teacher, config, step, wall, history, final, count_parameters(net), str(device))
+
+    def one_step() -> torch.Tensor:
+        x0 = pool.batch(config.batch_size, config.patch_size, gen)
+        if config.augment:
+            x0 = augment(x0, gen)
+        x0 = x0.to(device)
+        idx = torch.randint(0, config.n_grid - 1, (x0.shape[0],), generator=gen).to(device)
+        s_lo, s_hi = grid[idx], grid[idx + 1]
+        z = pfgmpp_noise(tuple(x0.shape), 1.0, card.aug_dim, n_full, gen).to(device)
+        x_hi = x0 + s_hi.reshape(-1, 1, 1, 1) * z
+        if config.mode == "distillation":
+            x_lo = _teacher_heun(teacher, x_hi, s_hi, s_lo)
+        else:  # consistency training: the one-sample estimate of the ODE step
+            x_lo = x0 + s_lo.reshape(-1, 1, 1, 1) * z
+        with torch.no_grad():
+            y_target = target_prior.raw(x_lo, s_lo)
+        weight = 1.0 / (s_hi - s_lo)
+        loss = (weight * _pseudo_huber(student.raw(x_hi, s_hi) - y_target, huber_c)).mean() / weight.mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), config.grad_clip)
+        opt.step()
+        ema_update(target, net, config.target_decay, state.step, warmup=False)
+        ema_update(ema, net, config.ema_decay, state.step)
+        return loss
+
+    def describe(k: int, loss: float, v: dict[str, float]) -> str:
+        psnrs = ", ".join(f"{key[5:]}: {v[key]:.2f}" for key in v if key.startswith("psnr@"))
+        return f"step {k}: consistency loss {loss:.4f}; one-step PSNR {psnrs}"
+
+    run_steps(
+        state, one_step, config.steps, config.val_every, config.val_every,
+        validate=lambda: validation_loss(ema_prior, val, val_noise), describe=describe,
+        name=config.name, progress=progress, log=log,
+    )
+    final = state.history[-1] if state.history else validation_loss(ema_prior, val, val_noise)
+    card.training = _distill_record(
+        teacher, config, state.step, state.wall, state.history, final, count_parameters(net), str(device)
+    )
     ema_prior.card = card
     save_prior(ema_prior, out / config.name)
     log(f"wrote {out / config.name}.safetensors and .json")

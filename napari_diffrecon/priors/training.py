@@ -38,6 +38,9 @@ __all__ = [
     "export_checkpoint",
     "ema_update",
     "init_from_prior",
+    "RunState",
+    "run_steps",
+    "validation_noise",
 ]
 
 VAL_SIGMAS = (0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
@@ -292,6 +295,127 @@ def _atomic_save(obj: dict[str, Any], path: Path) -> None:
     os.replace(tmp, path)
 
 
+class RunState:
+    """A resumable optimisation run's modules, optimiser, random state and history, saved to one checkpoint.
+
+    Parameters
+    ----------
+    path : Path
+        ``checkpoint.pt`` (written atomically; ``history.json`` beside it).
+    modules : dict of str to torch.nn.Module
+        What is saved and restored by name (``net``, ``ema``, and e.g. a consistency ``target``).
+    opt : torch.optim.Optimizer
+        Its state travels with the checkpoint.
+    generator : torch.Generator
+        The run's random stream (restored on resume, so a resumed run draws what an unbroken one would).
+    config : dict
+        The run's settings, stored for ``export-prior`` and resume checks.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        modules: dict[str, torch.nn.Module],
+        opt: torch.optim.Optimizer,
+        generator: torch.Generator,
+        config: dict[str, Any],
+    ) -> None:
+        self.path, self.modules, self.opt, self.generator, self.config = path, modules, opt, generator, config
+        self.step, self.history, self.wall = 0, [], 0.0
+
+    def load(self, check: Callable[[dict[str, Any]], None] | None = None) -> bool:
+        """Restore from ``path`` when it exists (``check(saved_config)`` may refuse it); True when resumed."""
+        if not self.path.exists():
+            return False
+        ck = torch.load(self.path, map_location="cpu", weights_only=True)
+        if check is not None:
+            check(ck["config"])
+        for name, module in self.modules.items():
+            module.load_state_dict(ck[name])
+        self.opt.load_state_dict(ck["opt"])
+        self.generator.set_state(ck["generator"])
+        self.step, self.history, self.wall = int(ck["step"]), json.loads(ck["history"]), float(ck["wall"])
+        return True
+
+    def save(self) -> None:
+        """Write the checkpoint atomically and the history as JSON."""
+        _atomic_save(
+            {
+                **{name: m.state_dict() for name, m in self.modules.items()},
+                "opt": self.opt.state_dict(),
+                "generator": self.generator.get_state(),
+                "step": self.step,
+                "history": json.dumps(self.history),
+                "wall": self.wall,
+                "config": self.config,
+            },
+            self.path,
+        )
+        (self.path.parent / "history.json").write_text(json.dumps(self.history, indent=1))
+
+
+def run_steps(
+    state: RunState,
+    step_fn: Callable[[], torch.Tensor],
+    total: int,
+    val_every: int,
+    ckpt_every: int,
+    validate: Callable[[], dict[str, float]],
+    describe: Callable[[int, float, dict[str, float]], str],
+    name: str,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> None:
+    """The loop shared by training and distillation: steps, timing, validation, checkpoints, progress, Ctrl-C.
+
+    ``step_fn()`` makes one optimiser step and returns its loss; every ``val_every`` steps ``validate()``
+    is recorded in the history (``describe(step, loss, validation)`` is logged without a progress bar);
+    every ``ckpt_every`` steps, at the end and on KeyboardInterrupt the state is saved (a killed run
+    loses at most one interval). A non-finite loss stops the run with advice.
+    """
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, initial=state.step, desc=name, unit="step", dynamic_ncols=True)
+    t_last = time.perf_counter()
+    try:
+        while state.step < total:
+            loss_val = float(step_fn().detach())
+            state.step += 1
+            now = time.perf_counter()
+            state.wall += now - t_last
+            t_last = now
+            if not math.isfinite(loss_val):
+                raise FloatingPointError(f"training loss became {loss_val} at step {state.step}: lower --lr")
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss_val:.4f}")
+            if state.step % val_every == 0 or state.step == total:
+                v = validate()
+                state.history.append({"step": state.step, "train_loss": loss_val, "wall_s": round(state.wall, 1), **v})
+                if bar is None:
+                    log(describe(state.step, loss_val, v))
+            if state.step % ckpt_every == 0 or state.step == total:
+                state.save()
+    except KeyboardInterrupt:
+        state.save()
+        log(f"interrupted: checkpoint written at step {state.step}; run again to resume")
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def validation_noise(
+    val: torch.Tensor, aug_dim: float | None, data_dim: int, generator: torch.Generator
+) -> torch.Tensor:
+    """Fixed unit-σ noise for :func:`validation_loss`, one draw per level of VAL_SIGMAS, from the training kernel."""
+    if aug_dim:
+        return torch.stack([pfgmpp_noise(tuple(val.shape), 1.0, aug_dim, data_dim, generator) for _ in VAL_SIGMAS])
+    return torch.randn((len(VAL_SIGMAS), *val.shape), generator=generator)
+
+
 def train_prior(
     config: TrainConfig,
     pool: ImagePool,
@@ -341,113 +465,64 @@ def train_prior(
     prior = NetworkPrior(net, card)
     ema_prior = NetworkPrior(ema, card)
     gen = torch.Generator().manual_seed(config.seed)
-    step, history, wall = 0, [], 0.0
+    state = RunState(out / "checkpoint.pt", {"net": net, "ema": ema}, opt, gen, asdict(config))
 
-    ckpt_path = out / "checkpoint.pt"
-    if resume and ckpt_path.exists():
-        ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        if ck["config"]["arch"] != config.arch or ck["config"]["channels"] != config.channels:
+    def same_network(saved: dict[str, Any]) -> None:
+        if saved["arch"] != config.arch or saved["channels"] != config.channels:
             raise ValueError(
-                f"{ckpt_path} was written for arch={ck['config']['arch']!r}, channels={ck['config']['channels']}; "
+                f"{state.path} was written for arch={saved['arch']!r}, channels={saved['channels']}; "
                 "use another output folder or the same settings"
             )
-        net.load_state_dict(ck["net"])
-        ema.load_state_dict(ck["ema"])
-        opt.load_state_dict(ck["opt"])
-        gen.set_state(ck["generator"])
-        step, history, wall = int(ck["step"]), json.loads(ck["history"]), float(ck["wall"])
-        log(f"resumed from {ckpt_path} at step {step}")
+
+    if resume and state.load(same_network):
+        log(f"resumed from {state.path} at step {state.step}")
 
     vgen = torch.Generator().manual_seed(12345)
     val = pool.batch(config.val_size, config.patch_size, vgen).to(device)
-    if config.aug_dim:  # validate on the kernel the prior learns
-        n_full = config.channels * config.resolution**2
-        val_noise = torch.stack(
-            [pfgmpp_noise(tuple(val.shape), 1.0, config.aug_dim, n_full, vgen) for _ in VAL_SIGMAS]
-        ).to(device)
-    else:
-        val_noise = torch.randn((len(VAL_SIGMAS), *val.shape), generator=vgen).to(device)
+    n_full = config.channels * config.resolution**2
+    val_noise = validation_noise(val, config.aug_dim, n_full, vgen).to(device)  # on the kernel the prior learns
     log(
         f"training {config.name}: {count_parameters(net) / 1e6:.2f}M parameters, {config.arch} U-Net, "
         f"{config.parametrisation}/{schedule.name}{f', PFGM++ D={config.aug_dim:g}' if config.aug_dim else ''}"
         f"{f', from {config.init_from}' if config.init_from else ''}, "
         f"patches {config.patch_size}², batch {config.batch_size}, "
-        f"device {device}, steps {step}→{config.steps}"
+        f"device {device}, steps {state.step}→{config.steps}"
     )
 
-    def checkpoint() -> None:
-        _atomic_save(
-            {
-                "net": net.state_dict(),
-                "ema": ema.state_dict(),
-                "opt": opt.state_dict(),
-                "generator": gen.get_state(),
-                "step": step,
-                "history": json.dumps(history),
-                "wall": wall,
-                "config": asdict(config),
-            },
-            ckpt_path,
-        )
-        (out / "history.json").write_text(json.dumps(history, indent=1))
-
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=config.steps, initial=step, desc=config.name, unit="step", dynamic_ncols=True)
     use_amp = bool(config.amp)
     amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
     scaler = torch.amp.GradScaler(device.type, enabled=use_amp and amp_dtype == torch.float16)
     net.train()
-    t_last = time.perf_counter()
-    try:
-        while step < config.steps:
-            x0 = pool.batch(config.batch_size, config.patch_size, gen)
-            if config.augment:
-                x0 = augment(x0, gen)
-            x0 = x0.to(device)
-            sigma = schedule.sample_training_sigma(x0.shape[0], gen).to(device, torch.float32)
-            if config.aug_dim:  # PFGM++ kernel at r = σ√D (unit σ here; _loss scales by σ)
-                n_full = config.channels * config.resolution**2
-                noise = pfgmpp_noise(tuple(x0.shape), 1.0, config.aug_dim, n_full, gen).to(device)
-            else:
-                noise = torch.randn(x0.shape, generator=gen).to(device)
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
-                loss = _loss(prior, x0, sigma, noise).mean()
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.unscale_(opt)
-            torch.nn.utils.clip_grad_norm_(net.parameters(), config.grad_clip)
-            scaler.step(opt)
-            scaler.update()
-            ema_update(ema, net, config.ema_decay, step)
-            step += 1
-            loss_val = float(loss.detach())
-            now = time.perf_counter()
-            wall += now - t_last
-            t_last = now
-            if not math.isfinite(loss_val):
-                raise FloatingPointError(f"training loss became {loss_val} at step {step}: lower --lr")
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss_val:.4f}")
-            if step % config.val_every == 0 or step == config.steps:
-                v = validation_loss(ema_prior, val, val_noise)
-                history.append({"step": step, "train_loss": loss_val, "wall_s": round(wall, 1), **v})
-                if bar is None:
-                    log(f"step {step}: train {loss_val:.4f} val {v['loss']:.4f}")
-            if step % config.ckpt_every == 0 or step == config.steps:
-                checkpoint()
-    except KeyboardInterrupt:
-        checkpoint()
-        log(f"interrupted: checkpoint written at step {step}; run again to resume")
-        raise
-    finally:
-        if bar is not None:
-            bar.close()
-    final = history[-1] if history else validation_loss(ema_prior, val, val_noise)
-    card.training = _training_record(config, step, wall, final, count_parameters(net), str(device))
+
+    def one_step() -> torch.Tensor:
+        x0 = pool.batch(config.batch_size, config.patch_size, gen)
+        if config.augment:
+            x0 = augment(x0, gen)
+        x0 = x0.to(device)
+        sigma = schedule.sample_training_sigma(x0.shape[0], gen).to(device, torch.float32)
+        if config.aug_dim:  # PFGM++ kernel at r = σ√D (unit σ here; _loss scales by σ)
+            noise = pfgmpp_noise(tuple(x0.shape), 1.0, config.aug_dim, n_full, gen).to(device)
+        else:
+            noise = torch.randn(x0.shape, generator=gen).to(device)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
+            loss = _loss(prior, x0, sigma, noise).mean()
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_(net.parameters(), config.grad_clip)
+        scaler.step(opt)
+        scaler.update()
+        ema_update(ema, net, config.ema_decay, state.step)
+        return loss
+
+    run_steps(
+        state, one_step, config.steps, config.val_every, config.ckpt_every,
+        validate=lambda: validation_loss(ema_prior, val, val_noise),
+        describe=lambda k, loss, v: f"step {k}: train {loss:.4f} val {v['loss']:.4f}",
+        name=config.name, progress=progress, log=log,
+    )
+    final = state.history[-1] if state.history else validation_loss(ema_prior, val, val_noise)
+    card.training = _training_record(config, state.step, state.wall, final, count_parameters(net), str(device))
     ema_prior.card = card
     save_prior(ema_prior, out / config.name)
     log(f"wrote {out / config.name}.safetensors and .json")
