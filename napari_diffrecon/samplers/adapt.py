@@ -151,7 +151,7 @@ class Adapter:
 
     Parameters
     ----------
-    problem : Problem
+    base_problem : Problem
         The run's problem; its prior must be a network prior (it has a ``network``). It is not modified:
         :attr:`problem` is a shallow copy whose prior is the adapted copy.
     rank : int
@@ -165,6 +165,10 @@ class Adapter:
     ----------
     problem : Problem
         The problem to sample with: same measurement, operator and caches, adapted prior.
+    parameters : list of torch.nn.Parameter
+        The adapter weights (the only trainable ones of the copy).
+    optimizer : torch.optim.Adam
+        Their optimiser, kept for the whole run.
     losses : list of float
         The consistency loss before every Adam step so far (batch mean).
     n_adapted : int
@@ -176,7 +180,9 @@ class Adapter:
     lr: float = 1e-3
     seed: int = 0
     problem: Problem = field(init=False)
-    losses: list[float] = field(default_factory=list, init=False)
+    parameters: list[torch.nn.Parameter] = field(init=False, repr=False)
+    optimizer: torch.optim.Optimizer = field(init=False, repr=False)
+    losses: list[float] = field(default_factory=list, init=False, repr=False)
     n_adapted: int = field(default=0, init=False)
 
     def __post_init__(self) -> None:
