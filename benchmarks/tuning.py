@@ -151,7 +151,8 @@ def lesion_study(prior_dir: str | None, seed: int, out_png: str | None, hot: boo
     def contrast(img):
         return float(img[les].mean() - img[ring].mean())
 
-    params = recommended_params("dds", "ct", hot_start=hot)
+    # The study's DDS setting is pinned (the recommended CT hot start was t0 0.4 with 20 steps when it was made).
+    params = recommended_params("dds", "ct", hot_start=hot, **({"t0": 0.4, "n_steps": 20} if hot else {}))
     # (a) lesion in the measured object
     ra = reconstruct(m_with, RunSettings(method="dds", params=params, seed=seed, n_samples=4, keep_samples=True,
                                          hot_start="fbp" if hot else None), prior=prior)
@@ -178,7 +179,7 @@ def lesion_study(prior_dir: str | None, seed: int, out_png: str | None, hot: boo
     from napari_diffrecon.samplers import get_sampler
 
     for gamma, t0 in ((1.0, 0.4), weak):  # the recommended setting, and a prior-dominated one
-        hot = recommended_params("dds", "ct", hot_start=True, gamma=gamma, t0=t0)
+        hot = recommended_params("dds", "ct", hot_start=True, gamma=gamma, t0=t0, n_steps=20)
         settings = RunSettings(method="dds", params=hot, seed=seed, n_samples=4, keep_samples=True, hot_start="fbp")
         problem, _, info = prepare_run(m_without, settings, prior)
         last = None
