@@ -72,6 +72,11 @@ def _settings_from_args(a: argparse.Namespace, modality: str = "*"):
             setattr(params, name, v)
     if a.lam is not None:
         params.lam = a.lam
+    # Test-time adaptation (LoRA on the prior, samplers/adapt.py): only the keys given on the command line.
+    for key in ("adapt_steps", "adapt_lr", "lora_rank", "adapt_every", "adapt_start", "adapt_target", "adapt_floor"):
+        v = getattr(a, key, None)
+        if v is not None:
+            params.extra[key] = v
     baseline = {}
     for key, attr in (("iters", "iters"), ("lam", "lam"), ("filter", "filter"), ("subsets", "subsets")):
         v = getattr(a, attr)
@@ -399,6 +404,27 @@ def _parser() -> argparse.ArgumentParser:
         "cg_iters=3,5 (two names = a 2D search)",
     )
     r.add_argument("--holdout", type=float, default=0.2, help="--auto split: fraction of views / lines held out")
+    r.add_argument(
+        "--adapt-steps",
+        type=int,
+        help="DDS/DPS, experimental: adapt the prior to this scan while sampling (LoRA, steerable conditional "
+        "diffusion): Adam steps per sampling step (0 = off, the default). Helps DPS; with DDS it can over-fit "
+        "noisy data",
+    )
+    r.add_argument("--adapt-lr", type=float, help="adaptation learning rate (default 1e-3)")
+    r.add_argument("--lora-rank", type=int, help="adaptation: LoRA rank (default 4)")
+    r.add_argument("--adapt-every", type=int, help="adaptation: adapt at every k-th step (default 1)")
+    r.add_argument("--adapt-start", type=float, help="adaptation: fraction of the run before it starts (default 0)")
+    r.add_argument(
+        "--adapt-target",
+        choices=["data_step", "x0_hat"],
+        help="adaptation loss on DDS's data-consistent image (default) or on the Tweedie estimate",
+    )
+    r.add_argument(
+        "--adapt-floor",
+        type=float,
+        help="adaptation: stop once the deviance per datum is at or below this (1 = the noise level; default off)",
+    )
     r.add_argument("--keep-samples", action="store_true")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--device", default="cpu")

@@ -505,6 +505,14 @@ def auto_tune(
     grid = _grid(params, settings.method)
     if prior is None:
         prior = _load_prior_for(measurement, settings)
+    # The search runs without test-time adaptation (samplers/adapt.py): the balance γ/ζ is a property of the data
+    # and the prior, batched runs share one network, and adapting every grid point would multiply the cost.
+    adapt_keys = [k for k in settings.params.extra if k.startswith("adapt_") or k == "lora_rank"]
+    if adapt_keys:
+        from dataclasses import replace
+
+        extra = {k: v for k, v in settings.params.extra.items() if k not in adapt_keys}
+        settings = replace(settings, params=replace(settings.params, extra=extra))
     if batched is None:
         batched = settings.method in BATCHABLE and len(grid) > 1
     if batched and settings.method not in BATCHABLE:
@@ -549,7 +557,8 @@ def auto_tune(
         return [j(prior) for j in jobs]
 
     scores = np.zeros(len(grid))
-    details: dict[str, Any] = {"holdout": holdout, "n_splits": n_splits, "batched": bool(batched)}
+    details: dict[str, Any] = {"holdout": holdout, "n_splits": n_splits, "batched": bool(batched),
+                               "adaptation_off_during_search": bool(adapt_keys)}
     if criterion == "split":
         splits = [split_measurement(measurement, holdout, seed + k) for k in range(n_splits)]
         details["split"] = [s.description for s in splits]
