@@ -73,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prior", default=None, help="prior card path (default: shipped CT prior or a tiny one)")
     ap.add_argument("--screenshot", default=None, help="instead: save a mid-run screenshot of the window here")
     ap.add_argument("--json", default=None, help="also write the numbers to this JSON file")
+    ap.add_argument("--rate", type=float, default=None, help="the widget's layer updates per second (default: its own)")
     a = ap.parse_args(argv)
     if not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
         print("gui_stream: needs a display; run it under xvfb-run -a", file=sys.stderr)
@@ -91,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     prior, prior_path = _prior(a.prior)
     viewer = napari.Viewer(show=True, title="napari-diffrecon workbench")
     widget = main_widget(viewer, restore_last=False)
+    if a.rate:
+        widget.max_rate = float(a.rate)
     viewer.window.add_dock_widget(widget, name="Diffusion reconstruction", area="right")
     app = QApplication.instance()
     widget.load_sample("ct_sparse23")
