@@ -39,3 +39,31 @@ def test_consistency_sampler_runs_in_the_workbench_with_the_shipped_consistency_
     assert gt is not None
     x = np.asarray(w.layers["estimate"].data)
     assert psnr(x, gt) > 27.0  # FBP of this sample: 24.9 dB
+
+
+def test_adaptation_options_for_dds_and_dps_reach_the_run(make_napari_viewer, qtbot):
+    viewer = make_napari_viewer()
+    w = main_widget(viewer)
+    viewer.window.add_dock_widget(w, name="Diffusion reconstruction")
+    w.load_sample("ct_sparse23")
+    for method, shown in (("dds", True), ("dps", True), ("consistency", False), ("fbp", False)):
+        w.method_combo.setCurrentIndex(w.method_combo.findData(method))
+        assert w.param_rows["adapt_steps"].isHidden() is not shown, method
+    w.method_combo.setCurrentIndex(w.method_combo.findData("dds"))
+    assert w.current_settings().params.extra == {}  # off by default: no adaptation keys
+    w.spins["n_steps"].setValue(3)
+    w.spins["adapt_steps"].setValue(1)
+    w.spins["adapt_start"].setValue(0.0)
+    extra = w.current_settings().params.extra
+    assert extra["adapt_steps"] == 1 and extra["adapt_lr"] == pytest.approx(3e-3) and extra["adapt_start"] == 0.0
+    w.n_samples.setValue(1)
+    w.compare.setChecked(False)
+    assert w.run() is not None
+    qtbot.waitUntil(lambda: not w.running, timeout=120_000)
+    prov = w.layers["estimate"].metadata["provenance"]
+    assert prov["settings"]["params"]["extra"]["adapt_steps"] == 1
+    assert prov["nfe"] > 3  # the adaptation's network passes are counted
+    # a preset round trip keeps the options
+    w.spins["adapt_steps"].setValue(0)
+    w.apply_settings(w._run_settings)
+    assert w.spins["adapt_steps"].value() == 1

@@ -43,8 +43,8 @@ __all__ = ["DiffReconWidget", "WorkbenchWidget", "PARAMS_FOR", "LAYER_NAMES", "p
 
 # Which live parameters each method reads (the others are hidden).
 PARAMS_FOR: dict[str, tuple[str, ...]] = {
-    "dds": ("n_steps", "eta", "gamma", "cg_iters"),
-    "dps": ("n_steps", "eta", "zeta"),
+    "dds": ("n_steps", "eta", "gamma", "cg_iters", "adapt_steps", "adapt_lr", "adapt_start"),
+    "dps": ("n_steps", "eta", "zeta", "adapt_steps", "adapt_lr", "adapt_start"),
     "mcg": ("n_steps", "eta", "zeta", "lam", "cg_iters"),
     "song": ("n_steps", "lam", "cg_iters", "snr"),
     "consistency": ("n_steps", "gamma", "cg_iters"),
@@ -62,6 +62,9 @@ BASELINE_PARAMS: dict[str, tuple[str, ...]] = {
     "osem": ("iters", "subsets"),
 }
 LIVE = ("eta", "lam", "gamma", "zeta", "cg_iters", "snr")  # changed mid-run: acts on the run in flight
+# Test-time adaptation of the prior (samplers/adapt.py; DDS and DPS): SamplerParams.extra keys, read every step.
+ADAPT = ("adapt_steps", "adapt_lr", "adapt_start")
+ADAPT_DEFAULTS = {"adapt_steps": 0, "adapt_lr": 3e-3, "adapt_start": 0.5}
 LAYER_NAMES = {
     "iterate": "x_t (iterate)",
     "estimate": "x̂0 (estimate)",
@@ -80,6 +83,12 @@ _SPINS: dict[str, tuple[str, str, float, float, float, int, str]] = {
     "cg_iters": ("CG steps", "int", 0, 200, 1, 0, "conjugate-gradient iterations per data step (acts live)"),
     "snr": ("corrector SNR", "float", 0.0, 1.0, 0.01, 3, "Langevin corrector signal-to-noise, 0 = off (acts live)"),
     "t0": ("t0", "float", 0.01, 1.0, 0.05, 2, "hot start: fraction of the schedule to run"),
+    "adapt_steps": ("adapt steps", "int", 0, 20, 1, 0, "experimental test-time adaptation of the prior to this scan "
+                    "(LoRA): Adam steps per sampling step, 0 = off (acts live). Helps DPS; with DDS it can over-fit "
+                    "noisy data. Each step costs one network forward + backward pass"),
+    "adapt_lr": ("adapt lr", "float", 1e-5, 0.1, 5e-4, 5, "adaptation learning rate (acts live)"),
+    "adapt_start": ("adapt from", "float", 0.0, 0.95, 0.05, 2, "fraction of the run before adaptation starts "
+                    "(acts live)"),
     "iters": ("iterations", "int", 1, 5000, 1, 0, "classical method iterations"),
     "subsets": ("subsets", "int", 1, 64, 1, 0, "OSEM subsets"),
     "lam_rel": ("TV weight", "float", 0.0, 1.0, 0.0005, 4, "TV weight relative to ‖Aᴴm‖∞"),
@@ -337,8 +346,10 @@ class DiffReconWidget(QWidget):
         self.hot_start = QCheckBox("hot start from the classical reconstruction")
         self.hot_start.toggled.connect(self._on_method_changed)
         self.hot_start.toggled.connect(self.use_recommended)
-        for key in ("n_steps", "eta", "gamma", "lam", "zeta", "cg_iters", "snr"):
+        for key in ("n_steps", "eta", "gamma", "lam", "zeta", "cg_iters", "snr", *ADAPT):
             gl.addWidget(self.param_rows[key])
+        for key, v in ADAPT_DEFAULTS.items():
+            self.spins[key].setValue(v)
         gl.addWidget(self.hot_start)
         gl.addWidget(self.param_rows["t0"])
         self.spins["t0"].setValue(0.3)
@@ -668,16 +679,19 @@ class DiffReconWidget(QWidget):
         self.weight_slider.setValue(int(round(math.log10(max(float(w), 1e-6)) * _WEIGHT_RANGE)))
 
     def _on_live_param(self, key: str) -> None:
-        if key in LIVE:
+        if key in LIVE or key in ADAPT:
             v = self.spins[key].value()
-            self._apply_live(key, int(v) if key == "cg_iters" else float(v))
+            self._apply_live(key, int(v) if key in ("cg_iters", "adapt_steps") else float(v))
 
     def _apply_live(self, key: str, value: float) -> None:
         """Write a parameter into the run in flight (the sampler reads it at its next step)."""
         p = self._live_params
         if p is None or self.worker is None:
             return
-        setattr(p, key, value)
+        if key in ADAPT:
+            p.extra[key] = value
+        else:
+            setattr(p, key, value)
         step = self._last_update.step if self._last_update is not None else 0
         self._live_log.append({"after_step": step, key: value, "t": round(time.perf_counter() - self._t_run, 3)})
 
@@ -695,6 +709,8 @@ class DiffReconWidget(QWidget):
             t0=float(self.spins["t0"].value()) if self.hot_start.isChecked() else 1.0,
             prior_weight=self.prior_weight(),
         )
+        if method in ("dds", "dps") and int(self.spins["adapt_steps"].value()) > 0:
+            params.extra.update({k: (int if k == "adapt_steps" else float)(self.spins[k].value()) for k in ADAPT})
         baseline_params: dict[str, Any] = {}
         if method in BASELINES:
             for key in BASELINE_PARAMS.get(method, ()):
@@ -742,6 +758,8 @@ class DiffReconWidget(QWidget):
             self.spins[key].setValue(v)
         if p.t0 < 1:
             self.spins["t0"].setValue(p.t0)
+        for key in ADAPT:
+            self.spins[key].setValue((p.extra or {}).get(key, ADAPT_DEFAULTS[key]))
         self.hot_start.setChecked(bool(settings.hot_start) or bool((gui or {}).get("hot_start")))
         self.set_prior_weight(p.prior_weight)
         self.n_samples.setValue(int(settings.n_samples))
