@@ -148,6 +148,9 @@ def _cmd_reconstruct(a: argparse.Namespace) -> int:
         raise FileExistsError(f"{out} exists; pass --force to overwrite it")
     m = read_measurement(a.bundle)
     settings = _settings_from_args(a, str(m.operator.get("modality", "*")))
+    if a.method == "consistency" and not a.hot_start and settings.params.n_steps <= 8:
+        print("note: few-step consistency sampling from pure noise is far below a hot start on our benchmarks "
+              "(CT 23 views: 24.5 vs 30.2 dB at 4 NFE); add --hot-start fbp|cg|mlem (t0 0.25 is the tuned entry)")
     if getattr(a, "auto", None):
         result = _auto_tuned(a, m, settings)
     else:
