@@ -338,6 +338,8 @@ def poisson_disc_mask_2d(
         On a malformed shape, acceleration < 1, a calibration box that does not fit or alone
         exceeds the sampling budget, or a negative falloff.
     """
+    if int(max_iter) < 1:
+        raise ValueError(f"max_iter must be ≥ 1, got {max_iter!r}")
     h, w = _check_shape(shape, _MIN_SIDE_2D)
     acc = _check_acceleration(acceleration)
     if not math.isfinite(falloff) or falloff < 0:
