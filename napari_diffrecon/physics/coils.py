@@ -218,8 +218,21 @@ def _image_space_operator(proj: np.ndarray, kernel: tuple[int, int], c: int, sha
     grid[:, :, y0 : y0 + 2 * ky - 1, x0 : x0 + 2 * kx - 1] = auto.transpose(2, 3, 0, 1)
     # centred inverse FFT = Σ_d A(d) e^{+2πi d·r} / sqrt(HW)
     m = centered_ifft2(torch.from_numpy(grid)).numpy() * (math.sqrt(h * w) / (ky * kx))
-    m = m.transpose(2, 3, 0, 1).reshape(h * w, c, c)
-    return 0.5 * (m + m.conj().transpose(0, 2, 1))
+    # Hermitian up to rounding: eigh reads the lower triangle, so no symmetrised copy is made (fastMRI-size grids
+    # with 16 coils hold ~1 GB per copy).
+    return m.transpose(2, 3, 0, 1).reshape(h * w, c, c)
+
+
+def _top_eigenpairs(m: np.ndarray, chunk: int = 65536) -> tuple[np.ndarray, np.ndarray]:
+    """Largest eigenvalue and its eigenvector of each Hermitian ``(C, C)`` matrix, in pixel chunks (bounded memory)."""
+    n, c = m.shape[0], m.shape[1]
+    top = np.empty(n, np.float64)
+    vec = np.empty((n, c), np.complex128)
+    for i in range(0, n, chunk):
+        evals, evecs = np.linalg.eigh(m[i : i + chunk])  # ascending eigenvalues
+        top[i : i + chunk] = evals[:, -1].real
+        vec[i : i + chunk] = evecs[:, :, -1]
+    return top, vec
 
 
 def estimate_coil_maps(
@@ -352,9 +365,7 @@ def estimate_coil_maps(
 
     proj, _ = _calibration_kernel(acs, (ky, kx), threshold)
     m = _image_space_operator(proj, (ky, kx), c, (h, w))
-    evals, evecs = np.linalg.eigh(m)  # ascending eigenvalues
-    top = evals[:, -1].real
-    maps = evecs[:, :, -1]  # (H·W, C), unit norm
+    top, maps = _top_eigenpairs(m)  # (H·W,), (H·W, C) unit norm
     if phase_reference is None:
         # Virtual body coil: the dominant coil combination of the calibration data.
         _, _, vh = np.linalg.svd(acs.reshape(c, -1).T, full_matrices=False)
