@@ -20,6 +20,10 @@ def test_simulated_maps_are_normalised_and_distinct():
     assert np.array_equal(simulate_coil_maps((8, 8), 1), np.ones((1, 8, 8), np.complex64))
     assert np.array_equal(simulate_coil_maps((40, 48), 6, seed=2), s)  # reproducible under a seed
     assert not np.array_equal(simulate_coil_maps((40, 48), 6, seed=3), s)
+    for bad in (dict(shape=(40.5, 48), n_coils=6), dict(shape=(40, 48), n_coils=None),
+                dict(shape=(40, 48), n_coils=6, phase_scale=float("nan"))):
+        with pytest.raises(ValueError):
+            simulate_coil_maps(**bad)
 
 
 def test_espirit_recovers_the_maps_on_a_real_mr_slice(mr_slice):

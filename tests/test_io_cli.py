@@ -168,12 +168,24 @@ def test_simulation_is_deterministic_and_matches_the_forward_model(ct_slice):
 @pytest.mark.parametrize("acc", [4, 8])
 def test_masks_hit_the_acceleration_with_a_full_centre(kind, acc):
     m = make_mask(kind, (64, 128), acc, seed=1)
-    assert abs(acceleration_of(m) - acc) / acc < 0.25
+    if kind == "equispaced":  # exact by construction
+        assert abs(acceleration_of(m) - acc) / acc < 0.05
+    else:  # random: one draw varies a lot (8× on 128 columns: 5.8×–16×); the mean over seeds is on target
+        mean_fraction = np.mean([make_mask(kind, (64, 128), acc, seed=s)[0].mean() for s in range(20)])
+        assert abs(1 / mean_fraction - acc) / acc < 0.1
     assert np.all(m == m[0:1])  # whole columns
     assert m[:, 62:66].all()
     assert np.array_equal(m, make_mask(kind, (64, 128), acc, seed=1))
-    with pytest.raises(ValueError, match="acceleration"):
-        make_mask(kind, (64, 128), 0.5)
+    if kind == "random":
+        assert not np.array_equal(m, make_mask(kind, (64, 128), acc, seed=2))
+    for bad in (0.5, True, "4", float("nan")):
+        with pytest.raises(ValueError, match="acceleration"):
+            make_mask(kind, (64, 128), bad)
+    for cf in (1.5, -0.1, "a"):
+        with pytest.raises(ValueError, match="center_fraction"):
+            make_mask(kind, (64, 128), acc, center_fraction=cf)
+    with pytest.raises(ValueError, match="alone exceeds"):  # a centre larger than the sampling budget
+        make_mask(kind, (64, 128), acc, center_fraction=0.5)
 
 
 def test_cli_simulate_reconstruct_and_errors(tmp_path, capsys):
@@ -246,8 +258,10 @@ def test_poisson_disc_mask_is_variable_density_with_min_distance(acc):
     pts = np.argwhere((m > 0) & (r > 30))  # outside the calibration box no two samples touch
     d = np.hypot(*(pts[:, None, :] - pts[None, :, :]).transpose(2, 0, 1))
     np.fill_diagonal(d, np.inf)
-    assert d.min() > 1.0
+    assert d.min() >= 2.0
     assert not np.array_equal(m, poisson_disc_mask_2d((96, 96), acc, calib=12, seed=1))
+    with pytest.raises(ValueError, match="max_iter"):
+        poisson_disc_mask_2d((96, 96), acc, max_iter=0)
 
 
 def test_reconstruct_auto_tunes_and_records_the_search(tmp_path):

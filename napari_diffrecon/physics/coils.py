@@ -26,13 +26,10 @@ def _as_numpy(a: Any) -> np.ndarray:
 
 
 def _check_image_shape(shape: Sequence[int]) -> tuple[int, int]:
-    try:
-        h, w = (int(s) for s in shape)
-    except (TypeError, ValueError):
-        raise ValueError(f"shape must be two integers (H, W), e.g. (256, 256); got {shape!r}") from None
-    if h < 1 or w < 1:
-        raise ValueError(f"shape must be positive (H, W), got {(h, w)}")
-    return h, w
+    """Two positive integers ``(H, W)`` (the masks' shape check: a float side is refused, not truncated)."""
+    from .masks import _check_shape
+
+    return _check_shape(shape, 1)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -81,8 +78,14 @@ def simulate_coil_maps(
         On a malformed shape, ``n_coils < 1`` or non-positive geometry parameters.
     """
     h, w = _check_image_shape(shape)
-    if isinstance(n_coils, bool) or int(n_coils) != n_coils or n_coils < 1:
+    try:
+        ok = not isinstance(n_coils, bool) and int(n_coils) == n_coils and n_coils >= 1
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
         raise ValueError(f"n_coils must be an integer ≥ 1 (e.g. 8), got {n_coils!r}")
+    if not math.isfinite(phase_scale):
+        raise ValueError(f"phase_scale must be a finite number, got {phase_scale!r}")
     n_coils = int(n_coils)
     if not (coil_distance > 0 and loop_radius > 0 and math.isfinite(coil_distance) and math.isfinite(loop_radius)):
         raise ValueError(

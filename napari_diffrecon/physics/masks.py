@@ -56,6 +56,8 @@ def _check_shape(shape: Sequence[int], min_side: int) -> tuple[int, int]:
 
 
 def _check_acceleration(acceleration: float) -> float:
+    if isinstance(acceleration, (bool, str, bytes)):  # float("4") and float(True) would pass silently
+        raise ValueError(f"acceleration must be a number ≥ 1 (e.g. 4 or 8), got {acceleration!r}")
     try:
         acc = float(acceleration)
     except (TypeError, ValueError):
@@ -76,7 +78,10 @@ def _center_fraction(acceleration: float, center_fraction: float | None) -> floa
         if math.isclose(acceleration, 8.0):
             return 0.04
         return 0.32 / acceleration
-    cf = float(center_fraction)
+    try:
+        cf = float(center_fraction) if not isinstance(center_fraction, (bool, str, bytes)) else float("nan")
+    except (TypeError, ValueError):
+        cf = float("nan")
     if not math.isfinite(cf) or not 0.0 <= cf <= 1.0:
         raise ValueError(
             f"center_fraction is the fraction of columns sampled fully at the k-space centre and must be in "
