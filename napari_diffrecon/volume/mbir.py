@@ -254,14 +254,16 @@ def mbir(
     dev = problem.device
     c, h, w = problem.state_shape[1:]
     gens = [torch.Generator().manual_seed(slice_seed(seed, op.z_offset + k)) for k in range(d)]
-    z = torch.stack([torch.randn((n_samples, c, h, w), generator=g) for g in gens], dim=1).to(dev)
+    # σ0·ε per slice for diffusion priors; the PFGM++ kernel's draw (per slice image) for a prior trained with finite D.
+    s0 = float(sigmas[0])
+    z = torch.stack([problem.prior.draw_noise((n_samples, c, h, w), s0, g) for g in gens], dim=1).to(dev)
     if x_init is not None:
         x_init = torch.as_tensor(x_init).to(dev)
         if tuple(x_init.shape) != tuple(op.image_shape):
             raise SamplingError(f"hot-start volume shape {tuple(x_init.shape)} ≠ {op.image_shape}")
-        u = problem.to_model(x_init[None].expand(n_samples, -1, -1, -1)) + float(sigmas[0]) * z
+        u = problem.to_model(x_init[None].expand(n_samples, -1, -1, -1)) + z
     else:
-        u = float(sigmas[0]) * z
+        u = z
     state = ZTVState()
     t_start = time.perf_counter()
     last_yield = -1e9
