@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from .base import Iterate, Problem, SamplerParams, SamplingError, run_loop, time_grid
-from .datastep import data_step
+from .datastep import params_data_step
 
 __all__ = ["consistency", "consistency_grid"]
 
@@ -73,9 +73,7 @@ def consistency(
     def step(u, s, s_next, i, ctx):
         with torch.no_grad():
             x0 = prior.denoise(u, s)
-        x_dc = data_step(problem, problem.to_image(x0), float(params.gamma) / float(params.prior_weight),
-                         int(params.cg_iters), s)
-        x0_dc = problem.to_model(x_dc)
+        x0_dc = problem.to_model(params_data_step(problem, params, problem.to_image(x0), s))
         if s_next <= 0:
             return x0_dc, x0_dc, 1
         level = math.sqrt(max(s_next**2 - sigma_min**2, 0.0))

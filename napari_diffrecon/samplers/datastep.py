@@ -12,7 +12,7 @@ import torch
 from ..baselines.cg import conjugate_gradient
 from ..physics.likelihoods import PoissonLikelihood, TransmissionLikelihood
 from ..physics.noise import post_log
-from .base import Problem
+from .base import Problem, SamplerParams
 
 __all__ = [
     "normal_norm",
@@ -25,6 +25,7 @@ __all__ = [
     "poisson_prox_em",
     "data_distance",
     "data_step",
+    "params_data_step",
 ]
 
 
@@ -214,3 +215,12 @@ def data_step(problem: Problem, x0_hat: torch.Tensor, gamma: float, n_iter: int,
         return poisson_prox_em(problem, x0_hat, gamma, n_iter, sigma)
     x = proximal_cg(problem, x0_hat, gamma, n_iter, sigma)
     return torch.clamp(x, min=0) if problem.nonneg else x
+
+
+def params_data_step(problem: Problem, params: SamplerParams, x0_hat: torch.Tensor, sigma: float) -> torch.Tensor:
+    """:func:`data_step` with the run's live parameters: weight ``γ / prior_weight``, ``cg_iters`` iterations.
+
+    The one place where the samplers that take the DDS data step (``dds``, ``consistency``) read γ, the
+    prior/likelihood weight and the iteration count, so the GUI's sliders mean the same in each.
+    """
+    return data_step(problem, x0_hat, float(params.gamma) / float(params.prior_weight), int(params.cg_iters), sigma)

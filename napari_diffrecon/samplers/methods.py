@@ -28,9 +28,9 @@ from .base import Iterate, Problem, SamplerParams, SamplingError, ddim_step, run
 from .consistency import consistency
 from .datastep import (
     data_distance,
-    data_step,
     linear_measurement,
     normal_norm,
+    params_data_step,
     poisson_prox_em,
     pseudo_inverse,
 )
@@ -137,7 +137,7 @@ def dds(
 
     def step(u, s, s_next, i, ctx):
         def dc(x_img):
-            return data_step(problem, x_img, float(params.gamma) / float(params.prior_weight), int(params.cg_iters), s)
+            return params_data_step(problem, params, x_img, s)
 
         prob, k = adapted_problem(problem, params, ctx, u, s, i, refine=dc)
         x0 = _denoise(prob, u, s)
