@@ -73,7 +73,9 @@ def _settings_from_args(a: argparse.Namespace, modality: str = "*"):
     if a.lam is not None:
         params.lam = a.lam
     # Test-time adaptation (LoRA on the prior, samplers/adapt.py): only the keys given on the command line.
-    for key in ("adapt_steps", "adapt_lr", "lora_rank", "adapt_every", "adapt_start", "adapt_target", "adapt_floor"):
+    from .samplers.adapt import ADAPT_DEFAULTS
+
+    for key in ADAPT_DEFAULTS:  # the --adapt-* / --lora-rank options have these names as dests
         v = getattr(a, key, None)
         if v is not None:
             params.extra[key] = v

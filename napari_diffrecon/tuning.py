@@ -507,7 +507,9 @@ def auto_tune(
         prior = _load_prior_for(measurement, settings)
     # The search runs without test-time adaptation (samplers/adapt.py): the balance γ/ζ is a property of the data
     # and the prior, batched runs share one network, and adapting every grid point would multiply the cost.
-    adapt_keys = [k for k in settings.params.extra if k.startswith("adapt_") or k == "lora_rank"]
+    from .samplers.adapt import ADAPT_DEFAULTS
+
+    adapt_keys = [k for k in settings.params.extra if k in ADAPT_DEFAULTS]
     if adapt_keys:
         from dataclasses import replace
 

@@ -63,8 +63,9 @@ BASELINE_PARAMS: dict[str, tuple[str, ...]] = {
 }
 LIVE = ("eta", "lam", "gamma", "zeta", "cg_iters", "snr")  # changed mid-run: acts on the run in flight
 # Test-time adaptation of the prior (samplers/adapt.py; DDS and DPS): SamplerParams.extra keys, read every step.
+# The rows start at the setting that measured well with DPS (benchmarks/results/adapt.md), not the core's defaults.
 ADAPT = ("adapt_steps", "adapt_lr", "adapt_start")
-ADAPT_DEFAULTS = {"adapt_steps": 0, "adapt_lr": 3e-3, "adapt_start": 0.5}
+ADAPT_START_VALUES = {"adapt_steps": 0, "adapt_lr": 3e-3, "adapt_start": 0.5}
 LAYER_NAMES = {
     "iterate": "x_t (iterate)",
     "estimate": "x̂0 (estimate)",
@@ -348,7 +349,7 @@ class DiffReconWidget(QWidget):
         self.hot_start.toggled.connect(self.use_recommended)
         for key in ("n_steps", "eta", "gamma", "lam", "zeta", "cg_iters", "snr", *ADAPT):
             gl.addWidget(self.param_rows[key])
-        for key, v in ADAPT_DEFAULTS.items():
+        for key, v in ADAPT_START_VALUES.items():
             self.spins[key].setValue(v)
         gl.addWidget(self.hot_start)
         gl.addWidget(self.param_rows["t0"])
@@ -759,7 +760,7 @@ class DiffReconWidget(QWidget):
         if p.t0 < 1:
             self.spins["t0"].setValue(p.t0)
         for key in ADAPT:
-            self.spins[key].setValue((p.extra or {}).get(key, ADAPT_DEFAULTS[key]))
+            self.spins[key].setValue((p.extra or {}).get(key, ADAPT_START_VALUES[key]))
         self.hot_start.setChecked(bool(settings.hot_start) or bool((gui or {}).get("hot_start")))
         self.set_prior_weight(p.prior_weight)
         self.n_samples.setValue(int(settings.n_samples))
