@@ -41,15 +41,45 @@ def mr_slice() -> np.ndarray:
 
 
 @pytest.fixture
-def gui_config_in_tmp(tmp_path, monkeypatch):
-    """GUI tests: last-used settings go to a temporary folder, never the real home; torch on one thread."""
-    monkeypatch.setenv("NAPARI_DIFFRECON_CONFIG_DIR", str(tmp_path / "config"))
+def one_torch_thread():
+    """torch on one thread for the test (timing-sensitive tests on a shared machine), restored afterwards."""
     import torch
 
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture
+def gui_config_in_tmp(tmp_path, monkeypatch, one_torch_thread):
+    """GUI tests: last-used settings go to a temporary folder, never the real home; torch on one thread."""
+    monkeypatch.setenv("NAPARI_DIFFRECON_CONFIG_DIR", str(tmp_path / "config"))
+    yield
+
+
+@pytest.fixture(scope="session")
+def tiny_priors(tmp_path_factory):
+    """Card paths of tiny untrained priors (never the shipped ones), 128²: CT (real), PET (real), MRI (complex)."""
+    import torch
+
+    from napari_diffrecon.priors import ModelCard, NetworkPrior, save_prior
+    from napari_diffrecon.priors.network import build_network
+    from napari_diffrecon.priors.sources import normalisation_for
+
+    out = tmp_path_factory.mktemp("priors")
+    paths = {}
+    for modality, ch in (("ct", 1), ("mri", 2), ("pet", 1)):
+        torch.manual_seed(0)
+        card = ModelCard(
+            name=f"tiny-{modality}", modality=modality, channels=ch, resolution=128,
+            architecture={"type": "diffusers.UNet2DModel", "preset": "tiny"},
+            normalisation=normalisation_for(modality, ch),
+            training={"steps": 0, "data": {"sources": ["untrained test network"]}, "licence": "BSD-3-Clause"},
+        )
+        net = build_network({**card.architecture, "channels": ch})
+        paths[modality] = save_prior(NetworkPrior(net, card), out / f"tiny-{modality}")[1]
+    return paths
 
 
 @pytest.fixture

@@ -14,13 +14,7 @@ from napari_diffrecon.reconstruct import RunSettings, reconstruct
 from napari_diffrecon.samplers import SamplerParams
 from napari_diffrecon.support import classical_difference, posterior_std, residual_backprojection, support_maps
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # timing-sensitive batched runs
 
 
 def _disk(n, cy, cx, r):

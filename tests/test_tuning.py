@@ -16,12 +16,7 @@ from napari_diffrecon.samplers import SamplerParams
 GRID = [0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # timing-sensitive batched runs
 
 
 def _ct_problem(n=32, views=24, rel_noise=0.1, seed=0):

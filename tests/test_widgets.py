@@ -19,34 +19,11 @@ pytest.importorskip("pytestqt")
 
 from napari_diffrecon._widgets import main_widget  # noqa: E402
 from napari_diffrecon._widgets._main import LAYER_NAMES  # noqa: E402
-from napari_diffrecon.priors import ModelCard, NetworkPrior, save_prior  # noqa: E402
-from napari_diffrecon.priors.network import build_network  # noqa: E402
-from napari_diffrecon.priors.sources import normalisation_for  # noqa: E402
 
 N_STEPS = 10
 
 
 pytestmark = pytest.mark.usefixtures("gui_config_in_tmp")
-
-
-@pytest.fixture(scope="module")
-def tiny_priors(tmp_path_factory) -> dict[str, Path]:
-    """Card paths of tiny untrained priors: CT (real), MRI (complex), PET (real), all 128²."""
-    import torch
-
-    out = tmp_path_factory.mktemp("priors")
-    paths = {}
-    for modality, ch in (("ct", 1), ("mri", 2), ("pet", 1)):
-        torch.manual_seed(0)
-        card = ModelCard(
-            name=f"tiny-{modality}", modality=modality, channels=ch, resolution=128,
-            architecture={"type": "diffusers.UNet2DModel", "preset": "tiny"},
-            normalisation=normalisation_for(modality, ch),
-            training={"steps": 0, "data": {"sources": ["untrained test network"]}, "licence": "BSD-3-Clause"},
-        )
-        net = build_network({**card.architecture, "channels": ch})
-        paths[modality] = save_prior(NetworkPrior(net, card), out / f"tiny-{modality}")[1]
-    return paths
 
 
 def _slow(widget, seconds: float = 0.03) -> None:
