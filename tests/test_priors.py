@@ -232,3 +232,58 @@ def test_train_cli_on_a_folder_and_bad_folders(tmp_path, capsys):
     (data / "bad.npy").unlink()
     with pytest.raises(ValueError, match="Hounsfield"):
         load_training_images(empty.parent / "imgs", "ct", 32)
+
+
+@pytest.mark.parametrize("parametrisation,schedule", [("edm", None), ("eps", {"name": "vp", "kind": "linear"})])
+def test_traced_inference_equals_the_eager_network(parametrisation, schedule, monkeypatch):
+    from napari_diffrecon.priors.lora import add_lora
+
+    prior = _tiny_prior(parametrisation, schedule)
+    calls = []  # eager forward passes (a traced graph runs no Python); not a hook: hooks switch tracing off
+    cls = type(prior.network)
+    eager = cls.forward
+    monkeypatch.setattr(cls, "forward", lambda self, *a: calls.append(1) or eager(self, *a))
+    gen = torch.Generator().manual_seed(0)
+    for shape in [(1, 1, 32, 32), (3, 1, 32, 32), (2, 1, 48, 64)]:
+        x = torch.randn(*shape, generator=gen)
+        sigma = torch.rand(shape[0], generator=gen) + 0.05
+        with torch.no_grad():
+            prior.denoise(x, sigma)  # traces on the first call only
+            n_before = len(calls)
+            traced = prior.denoise(x, sigma)
+            assert len(calls) == n_before  # the eager forward did not run: the traced graph did
+            prior.trace = False
+            ref = prior.denoise(x, sigma)
+            prior.trace = True
+        assert torch.equal(traced, ref), (traced - ref).abs().max()
+    # with autograd (DPS, training) the eager network runs and the gradient reaches the input
+    x = torch.randn(1, 1, 32, 32, requires_grad=True)
+    n_before = len(calls)
+    prior.denoise(x, 0.5).sum().backward()
+    assert len(calls) == n_before + 1 and x.grad is not None and torch.isfinite(x.grad).all()
+    x = torch.randn(2, 1, 32, 32, generator=gen)
+    with torch.no_grad():
+        # weights changed in place are seen by the traced graph (it shares them)
+        before = prior.denoise(x, 0.3)
+        for p in prior.network.parameters():
+            p.mul_(1.01)
+        after = prior.denoise(x, 0.3)
+        prior.trace = False
+        assert torch.equal(after, prior.denoise(x, 0.3)) and not torch.equal(before, after)
+        prior.trace = True
+        # LoRA layers (test-time adaptation) switch tracing off: a stale graph would ignore the adapters
+        for layer in add_lora(prior.network, rank=2):
+            torch.nn.init.normal_(layer.up.weight, std=0.1)
+        prior.network.eval()
+        n_before = len(calls)
+        adapted = prior.denoise(x, 0.3)
+        assert len(calls) == n_before + 1 and not torch.equal(adapted, after)
+    # module hooks (benchmark timers, the volume memory probe) see every call: tracing is off while they exist
+    plain = _tiny_prior(parametrisation, schedule)
+    seen = []
+    handle = plain.network.register_forward_hook(lambda *a: seen.append(1))
+    with torch.no_grad():
+        for _ in range(3):
+            plain.denoise(x, 0.3)
+    assert len(seen) == 3 and plain._traced is None
+    handle.remove()

@@ -2,7 +2,7 @@
 
 Priors here are tiny untrained U-Nets written by a fixture (never the shipped ones); their
 ``denoise`` is slowed to a realistic ~50 ms per call where a test needs several streamed updates,
-because the widget shows at most 5 updates per second.
+because the widget shows at most 2 updates per second.
 """
 
 from __future__ import annotations
@@ -16,6 +16,9 @@ import pytest
 
 pytest.importorskip("napari")
 pytest.importorskip("pytestqt")
+
+from qtpy.QtGui import QMovie  # noqa: E402
+from qtpy.QtWidgets import QLabel  # noqa: E402
 
 from napari_diffrecon._widgets import main_widget  # noqa: E402
 from napari_diffrecon._widgets._main import LAYER_NAMES  # noqa: E402
@@ -90,7 +93,7 @@ def test_dock_widget_opens(make_napari_viewer, qtbot):
                                              ("pet_lowcount", "pet")])
 def test_run_on_each_sample_streams_layers(make_napari_viewer, qtbot, tiny_priors, sample, modality):
     viewer, w = _widget(make_napari_viewer, qtbot)
-    _prepare(w, sample, tiny_priors[modality])
+    _prepare(w, sample, tiny_priors[modality], slow=0.15)  # 1.5 s: the widget streams ≤ 2 updates/s
     n_before = len(viewer.layers)
     w.n_samples.setValue(2)
     updates = []
@@ -154,6 +157,10 @@ def test_stop_ends_worker_quickly_and_keeps_layers(make_napari_viewer, qtbot, ti
     w.compare.setChecked(False)
     worker = w.run()
     qtbot.waitUntil(lambda: "estimate" in w.layers, timeout=30_000)
+    # napari's "in progress" spinner is shown but not animated during the run (its frames cost the sampler)
+    spinners = [lb.movie() for lb in viewer.window._qt_window.findChildren(QLabel)
+                if lb.movie() is not None and "loading" in lb.movie().fileName()]
+    assert spinners and all(m.state() != QMovie.MovieState.Running for m in spinners)
     t0 = time.perf_counter()
     w.stop_btn.click()
     qtbot.waitUntil(lambda: not w.running, timeout=1000)
@@ -171,6 +178,19 @@ def test_stop_ends_worker_quickly_and_keeps_layers(make_napari_viewer, qtbot, ti
     w.method_combo.setCurrentIndex(w.method_combo.findData("fbp"))
     _run_to_end(w, qtbot)
     assert "baseline (fbp)" in [layer.name for layer in viewer.layers]
+
+
+def test_worker_memory_settings_apply_once():
+    import sys
+
+    from napari_diffrecon._widgets._perf import keep_worker_memory
+
+    first = keep_worker_memory()
+    assert keep_worker_memory() is first  # idempotent: the allocator is configured once per process
+    if sys.platform.startswith("linux"):
+        import platform
+
+        assert first is (platform.libc_ver()[0] == "glibc")
 
 
 def test_export_and_reread_roundtrip(make_napari_viewer, qtbot, tiny_priors, tmp_path, notes):

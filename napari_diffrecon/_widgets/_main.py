@@ -37,6 +37,7 @@ from ..io import SAMPLES, BundleError, Measurement
 from ..reconstruct import RunSettings
 from ..samplers import SAMPLERS, UNCONDITIONAL, SamplerParams
 from . import _presets
+from ._perf import keep_worker_memory, pause_activity_spinner
 from ._runner import Update, baseline_for, run_stream
 
 __all__ = ["DiffReconWidget", "WorkbenchWidget", "PARAMS_FOR", "LAYER_NAMES", "prior_mismatch"]
@@ -94,7 +95,7 @@ _SPINS: dict[str, tuple[str, str, float, float, float, int, str]] = {
     "subsets": ("subsets", "int", 1, 64, 1, 0, "OSEM subsets"),
     "lam_rel": ("TV weight", "float", 0.0, 1.0, 0.0005, 4, "TV weight relative to ‖Aᴴm‖∞"),
 }
-GUI_UPDATES_PER_S = 5.0  # layer updates per second while a run streams ("several times a second")
+GUI_UPDATES_PER_S = 2.0  # layer updates per second while a run streams (each costs the sampler ~40 ms: _perf)
 PBAR_PERIOD_S = 1.0  # progress bar and status text: each change repaints the window (costly in software GL)
 _WEIGHT_RANGE = 100  # slider ticks each side of 0; weight = 10 ** (tick / _WEIGHT_RANGE)
 NONE_PRIOR = "(default for the modality)"
@@ -852,6 +853,7 @@ class DiffReconWidget(QWidget):
         _presets.save_last(settings, self.gui_state())
         from napari.qt.threading import create_worker
 
+        keep_worker_memory()  # torch buffers stay on the heap in the worker thread (see _perf)
         self._run_settings = settings
         self._run_measurement = self.measurement
         self._live_params = settings.params
@@ -876,6 +878,7 @@ class DiffReconWidget(QWidget):
         self.worker = worker
         self._pbar = progress(total=settings.params.n_steps if diffusion else 0,
                               desc=f"diffrecon {settings.method}")
+        pause_activity_spinner(self)  # its animation costs the sampler ~20 % on software GL
         self.run_btn.setEnabled(False)
         self.stop_btn.setEnabled(True)
         self.status.setText(f"running {settings.method}…")

@@ -23,6 +23,7 @@ from qtpy.QtGui import QFont
 from qtpy.QtWidgets import QComboBox, QDoubleSpinBox, QGroupBox, QLabel, QPushButton, QVBoxLayout
 
 from ..tuning import BALANCE_PARAM, TuneCancelledError, TuneResult, auto_tune
+from ._perf import keep_worker_memory, pause_activity_spinner
 
 __all__ = ["TuningPanel", "tune_stream", "SUPPORT_NAME", "FLAG_NAME"]
 
@@ -150,6 +151,7 @@ class TuningPanel(QGroupBox):
         from napari.qt.threading import create_worker
 
         self._cancel = threading.Event()
+        keep_worker_memory()
         worker = create_worker(tune_stream, o.measurement, settings, prior, params, criterion, self._cancel,
                                _start_thread=False, _ignore_errors=True)
         worker.yielded.connect(self._on_progress)
@@ -158,6 +160,7 @@ class TuningPanel(QGroupBox):
         worker.finished.connect(self._on_finished)
         self.worker = worker
         self._pbar = progress(total=100, desc="diffrecon auto-tune")
+        pause_activity_spinner(o)
         self.tune_btn.setEnabled(False)
         self.stop_btn.setEnabled(True)
         o.run_btn.setEnabled(False)

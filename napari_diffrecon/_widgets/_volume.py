@@ -41,6 +41,8 @@ from qtpy.QtWidgets import (
     QVBoxLayout,
 )
 
+from ._perf import keep_worker_memory, pause_activity_spinner
+
 __all__ = ["VolumePanel", "VolumeStreamUpdate", "volume_stream", "VOLUME_LAYER_NAMES"]
 
 VOLUME_LAYER_NAMES = {"estimate": "volume x̂0 (estimate)", "std": "volume posterior std"}
@@ -449,6 +451,7 @@ class VolumePanel(QGroupBox):
         self._pbar_t = 0.0
         if shape is not None:
             self._prepare_layer(tuple(shape))
+        keep_worker_memory()
         worker = create_worker(volume_stream, make_study, prior, self.params, self._cancel, max_rate=self.max_rate,
                                _start_thread=False, _ignore_errors=True, **kw)
         worker.yielded.connect(self._on_update)
@@ -456,6 +459,7 @@ class VolumePanel(QGroupBox):
         worker.finished.connect(self._on_finished)
         self.worker = worker
         self._pbar = progress(total=100, desc="diffrecon volume")
+        pause_activity_spinner(self)
         self.run_btn.setEnabled(False)
         self.stop_btn.setEnabled(True)
         o.run_btn.setEnabled(False)

@@ -6,6 +6,8 @@ with: ``x_σ = x0 + σ ε`` (variance-exploding form; see :mod:`.schedules` for 
 
 from __future__ import annotations
 
+import os
+import warnings
 from abc import ABC, abstractmethod
 from pathlib import Path
 
@@ -45,6 +47,17 @@ def _sigma_tensor(sigma: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
     if s.shape[0] != x.shape[0]:
         raise ValueError(f"sigma has {s.shape[0]} values for a batch of {x.shape[0]} images")
     return s.reshape(-1, *([1] * (x.ndim - 1)))
+
+
+def _has_hooks(m: torch.nn.Module) -> bool:
+    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks)
+
+
+def _global_hooks() -> bool:
+    from torch.nn.modules import module as _m
+
+    return bool(_m._global_forward_hooks or _m._global_forward_pre_hooks or _m._global_backward_hooks
+                or _m._global_backward_pre_hooks)
 
 
 def edm_noise_label(sigma: torch.Tensor) -> torch.Tensor:
@@ -158,6 +171,42 @@ class NetworkPrior(Prior):
         if isinstance(self.schedule, VPSchedule):
             self._log_ab = torch.log(self.schedule.alpha_bars())
         self.network.eval()
+        self.trace = os.environ.get("NAPARI_DIFFRECON_TRACE", "1") != "0"
+        self._traced: tuple[tuple, torch.nn.Module] | None = None
+        self._trace_failed = False
+
+    def _call_network(self, x: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        """``network(x, label)``; without autograd through a traced copy of the network (see :attr:`trace`).
+
+        Why: an eager network dispatches each of its ~hundreds of operations from Python, so in a worker thread
+        it waits for the GIL whenever another thread runs Python; in the napari workbench the GUI thread holds
+        the GIL while it repaints, which cost the sampler ~5 % per 2 updates/s on a 2-core CPU
+        (benchmarks/gui_stream.py). The traced graph runs the whole forward pass in C++ and gives the same
+        numbers (tested bit for bit). It is used only where nothing differs: no autograd, eval mode, no LoRA
+        layers, no module hooks, batches and sizes below diffusers' large-tensor branches. It shares the
+        network's weights; a change of device, dtype, channels or modules traces again. If tracing fails, the
+        eager network is used. ``NAPARI_DIFFRECON_TRACE=0`` or ``prior.trace = False`` switches it off.
+        """
+        net = self.network
+        if not self.trace or self._trace_failed or torch.is_grad_enabled() or net.training:
+            return net(x, label)
+        b, c, h, w = x.shape
+        if b >= 64 or b * h * w > 2**21:  # diffusers' U-Net takes other code paths for such tensors
+            return net(x, label)
+        modules = list(net.modules())
+        if any(type(m).__name__.startswith("LoRA") or _has_hooks(m) for m in modules) or _global_hooks():
+            return net(x, label)  # LoRA (test-time adaptation) or hooks (timers, memory probes) need the modules
+        key = (id(net), len(modules), c, x.dtype, x.device, label.dtype)
+        if self._traced is None or self._traced[0] != key:
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # TracerWarnings and the deprecation notice of torch.jit
+                    traced = torch.jit.trace(net, (x[:1], label.reshape(-1)[:1]), check_trace=False)
+            except Exception:  # noqa: BLE001 - any tracing problem: the eager network is always right
+                self._trace_failed = True
+                return net(x, label)
+            self._traced = (key, traced)
+        return self._traced[1](x, label)
 
     @property
     def device(self) -> torch.device:
@@ -187,17 +236,17 @@ class NetworkPrior(Prior):
             c_skip = sd**2 / ((s - self.sigma_min) ** 2 + sd**2)
             c_out = (s - self.sigma_min) * sd / torch.sqrt(s**2 + sd**2)
             c_in = 1.0 / torch.sqrt(s**2 + sd**2)
-            f = self.network(c_in * x_t, edm_noise_label(s.reshape(-1)))
+            f = self._call_network(c_in * x_t, edm_noise_label(s.reshape(-1)))
             return c_skip * x_t + c_out * f
         if self.parametrisation == "edm":
             c_skip = sd**2 / (s**2 + sd**2)
             c_out = s * sd / torch.sqrt(s**2 + sd**2)
             c_in = 1.0 / torch.sqrt(s**2 + sd**2)
-            f = self.network(c_in * x_t, edm_noise_label(s.reshape(-1)))
+            f = self._call_network(c_in * x_t, edm_noise_label(s.reshape(-1)))
             return c_skip * x_t + c_out * f
         # VP ε-prediction: x_vp = √ᾱ x_t, ε = net(x_vp, t), x0 = x_t − σ ε.
         x_vp = x_t / torch.sqrt(1 + s**2)
-        eps = self.network(x_vp, self._vp_timestep(s.reshape(-1)))
+        eps = self._call_network(x_vp, self._vp_timestep(s.reshape(-1)))
         return x_t - s * eps
 
     def denoise(self, x_t: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
