@@ -7,7 +7,7 @@ Run under a (virtual) display, e.g.::
 
 Both paths use the same measurement (the shipped CT sample), prior, settings and seed. "headless"
 is :func:`napari_diffrecon.reconstruct.reconstruct`; "widget" is the dock widget's Run button in a
-shown napari window (thread worker, ≤ 10 layer updates/s, progress bar), timed from Run to the
+shown napari window (thread worker, the widget's ≤ 2 layer updates/s, progress bar), timed from Run to the
 worker's ``finished`` signal. Runs alternate (headless, widget, headless, …) and the medians are
 compared (and the best runs, less sensitive to other load on the machine); the CPU time of the run in the
 worker thread (sampling + streaming conversions) against the headless run's CPU time, and the CPU
@@ -74,6 +74,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--screenshot", default=None, help="instead: save a mid-run screenshot of the window here")
     ap.add_argument("--json", default=None, help="also write the numbers to this JSON file")
     ap.add_argument("--rate", type=float, default=None, help="the widget's layer updates per second (default: its own)")
+    ap.add_argument("--trace", choices=["on", "off", "auto"], default="on",
+                    help="the prior's traced inference network: on/off in both paths (default on: the same "
+                         "network code headless and in the widget), auto = the package default (only off the "
+                         "main thread, i.e. only in the widget)")
     a = ap.parse_args(argv)
     if not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
         print("gui_stream: needs a display; run it under xvfb-run -a", file=sys.stderr)
@@ -90,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     from napari_diffrecon.samplers import SamplerParams
 
     prior, prior_path = _prior(a.prior)
+    prior.trace = {"on": True, "off": False, "auto": None}[a.trace]
     viewer = napari.Viewer(show=True, title="napari-diffrecon workbench")
     widget = main_widget(viewer, restore_last=False)
     if a.rate:
@@ -127,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         worker_cpu.append(widget._last_update.cpu_s)  # CPU of the run in the worker, streaming included
     h, g = statistics.median(head), statistics.median(gui)
     res = {
-        "method": a.method, "n_steps": a.steps, "n_samples": a.samples, "threads": a.threads,
+        "method": a.method, "n_steps": a.steps, "n_samples": a.samples, "threads": a.threads, "trace": a.trace,
         "prior": getattr(prior.card, "name", "?"), "repeats": a.repeats, "cpu_cores": os.cpu_count(),
         "load_average": [round(v, 2) for v in os.getloadavg()],
         "headless_s": [round(v, 3) for v in head], "widget_s": [round(v, 3) for v in gui],

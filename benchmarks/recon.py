@@ -227,23 +227,35 @@ class PeakRSS:
 
 
 class NetTimer:
-    """CPU seconds (this thread's) in a module's forward and backward passes (hooks; removed by :meth:`close`).
+    """CPU seconds (this thread's) in the prior's network: forward passes and their backward passes.
 
-    Thread CPU time, not wall time, so other processes on a shared machine do not inflate it (torch runs
-    the network in the calling thread with one intra-op thread here).
+    Forward: around ``prior._call_network`` (the traced graph or the eager network, whichever runs); backward
+    (``backward=True`` for DPS/MCG): the network's full-backward hooks. Removed by :meth:`close`. Thread CPU
+    time, not wall time, so other processes on a shared machine do not inflate it (torch runs the network in
+    the calling thread with one intra-op thread here).
     """
 
-    def __init__(self, module: torch.nn.Module) -> None:
+    def __init__(self, prior: Any, backward: bool = False) -> None:
         self.seconds = 0.0
         self.calls = 0
-        self._t: list[float] = []
         self._b: list[float] = []
-        self._handles = [
-            module.register_forward_pre_hook(lambda *a: self._t.append(time.thread_time())),
-            module.register_forward_hook(lambda *a: self._end(self._t)),
+        self._prior = prior
+        call = prior._call_network
+
+        def timed(x: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+            t = time.thread_time()
+            try:
+                return call(x, label)
+            finally:
+                self.seconds += time.thread_time() - t
+                self.calls += 1
+
+        prior._call_network = timed
+        module = prior.network
+        self._handles = [  # backward hooks switch the traced network off: only for samplers that backpropagate
             module.register_full_backward_pre_hook(lambda *a: self._b.append(time.thread_time())),
             module.register_full_backward_hook(lambda *a: self._end(self._b)),
-        ]
+        ] if backward else []
 
     def _end(self, stack: list[float]) -> None:
         if stack:
@@ -256,6 +268,7 @@ class NetTimer:
     def close(self) -> None:
         for h in self._handles:
             h.remove()
+        self._prior.__dict__.pop("_call_network", None)
 
 
 # -- methods ------------------------------------------------------------------------------------------------
@@ -315,7 +328,7 @@ def _sampler(m: Measurement, label: str, prior, modality: str, gt: np.ndarray, s
     params = recommended_params(method, modality, hot_start=hot, **overrides.get(label, {}))
     settings = RunSettings(method=method, params=params, n_samples=n_samples, seed=seed,
                            hot_start=HOT_START[modality] if hot else None, keep_samples=n_samples > 1)
-    timer = NetTimer(prior.network) if hasattr(prior, "network") else None
+    timer = NetTimer(prior, backward=method in ("dps", "mcg")) if hasattr(prior, "_call_network") else None
     try:
         with PeakRSS() as mem:
             t, c = time.perf_counter(), time.thread_time()

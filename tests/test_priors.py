@@ -239,6 +239,8 @@ def test_traced_inference_equals_the_eager_network(parametrisation, schedule, mo
     from napari_diffrecon.priors.lora import add_lora
 
     prior = _tiny_prior(parametrisation, schedule)
+    assert prior.trace is None  # default: traced only off the main thread (checked at the end)
+    prior.trace = True
     calls = []  # eager forward passes (a traced graph runs no Python); not a hook: hooks switch tracing off
     cls = type(prior.network)
     eager = cls.forward
@@ -287,3 +289,19 @@ def test_traced_inference_equals_the_eager_network(parametrisation, schedule, mo
             plain.denoise(x, 0.3)
     assert len(seen) == 3 and plain._traced is None
     handle.remove()
+    # the default (trace None): eager in the main thread, traced in a worker thread, the same numbers
+    import threading
+
+    with torch.no_grad():
+        main = plain.denoise(x, 0.3)
+        assert plain._traced is None
+        out = []
+
+        def work() -> None:
+            with torch.no_grad():  # grad mode is per thread
+                out.append(plain.denoise(x, 0.3))
+
+        worker = threading.Thread(target=work)
+        worker.start()
+        worker.join()
+    assert plain._traced is not None and torch.equal(out[0], main)

@@ -167,7 +167,8 @@ def test_cancel_stops_within_one_denoiser_chunk():
     one = reconstruct_volume(st, spy, params, memory_budget="1GB", max_chunk_slices=1)
     assert max(spy.batches) == 1 and len(spy.batches) > 6
     whole = reconstruct_volume(st, _CountingPrior(threading.Event(), at=0), params, memory_budget="1GB")
-    np.testing.assert_allclose(one.reconstruction, whole.reconstruction, rtol=1e-5, atol=1e-6)
+    # equal up to float32 summation order (one slice takes the CT matrix-vector path, a chunk the matrix product)
+    np.testing.assert_allclose(one.reconstruction, whole.reconstruction, rtol=1e-4, atol=1e-5)
 
 
 def test_one_slab_planner_for_runs_and_workers():

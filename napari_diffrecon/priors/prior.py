@@ -7,6 +7,7 @@ with: ``x_σ = x0 + σ ε`` (variance-exploding form; see :mod:`.schedules` for 
 from __future__ import annotations
 
 import os
+import threading
 import warnings
 from abc import ABC, abstractmethod
 from pathlib import Path
@@ -171,9 +172,11 @@ class NetworkPrior(Prior):
         if isinstance(self.schedule, VPSchedule):
             self._log_ab = torch.log(self.schedule.alpha_bars())
         self.network.eval()
-        self.trace = os.environ.get("NAPARI_DIFFRECON_TRACE", "1") != "0"
+        env = os.environ.get("NAPARI_DIFFRECON_TRACE", "auto").lower()
+        #: Traced inference network: True, False, or None = only off the main thread (see _call_network).
+        self.trace: bool | None = {"0": False, "false": False, "1": True, "true": True}.get(env)
         self._traced: tuple[tuple, torch.nn.Module] | None = None
-        self._trace_failed = False
+        self._trace_failed: tuple | None = None  # the key whose tracing failed (tried again when it changes)
 
     def _call_network(self, x: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
         """``network(x, label)``; without autograd through a traced copy of the network (see :attr:`trace`).
@@ -185,10 +188,16 @@ class NetworkPrior(Prior):
         numbers (tested bit for bit). It is used only where nothing differs: no autograd, eval mode, no LoRA
         layers, no module hooks, batches and sizes below diffusers' large-tensor branches. It shares the
         network's weights; a change of device, dtype, channels or modules traces again. If tracing fails, the
-        eager network is used. ``NAPARI_DIFFRECON_TRACE=0`` or ``prior.trace = False`` switches it off.
+        eager network is used.
+
+        When: ``trace = None`` (the default) traces only in threads other than the main one (GUI and Dask
+        workers, where other Python threads compete for the GIL); in a one-shot CLI run in the main thread the
+        tracing itself (0.2–0.7 s once per prior) would cost more than the ~3 % it saves. ``prior.trace = True``
+        / ``False`` or ``NAPARI_DIFFRECON_TRACE=1`` / ``0`` decide it everywhere.
         """
         net = self.network
-        if not self.trace or self._trace_failed or torch.is_grad_enabled() or net.training:
+        trace = self.trace if self.trace is not None else threading.current_thread() is not threading.main_thread()
+        if not trace or torch.is_grad_enabled() or net.training:
             return net(x, label)
         b, c, h, w = x.shape
         if b >= 64 or b * h * w > 2**21:  # diffusers' U-Net takes other code paths for such tensors
@@ -197,13 +206,15 @@ class NetworkPrior(Prior):
         if any(type(m).__name__.startswith("LoRA") or _has_hooks(m) for m in modules) or _global_hooks():
             return net(x, label)  # LoRA (test-time adaptation) or hooks (timers, memory probes) need the modules
         key = (id(net), len(modules), c, x.dtype, x.device, label.dtype)
+        if key == self._trace_failed:
+            return net(x, label)
         if self._traced is None or self._traced[0] != key:
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")  # TracerWarnings and the deprecation notice of torch.jit
                     traced = torch.jit.trace(net, (x[:1], label.reshape(-1)[:1]), check_trace=False)
             except Exception:  # noqa: BLE001 - any tracing problem: the eager network is always right
-                self._trace_failed = True
+                self._trace_failed = key
                 return net(x, label)
             self._traced = (key, traced)
         return self._traced[1](x, label)
