@@ -79,6 +79,8 @@ def _settings_from_args(a: argparse.Namespace, modality: str = "*"):
         v = getattr(a, key, None)
         if v is not None:
             params.extra[key] = v
+    if getattr(a, "subsets", None) is not None:  # PET: ordered subsets in the samplers' EM data step too
+        params.extra["em_subsets"] = int(a.subsets)
     baseline = {}
     for key, attr in (("iters", "iters"), ("lam", "lam"), ("filter", "filter"), ("subsets", "subsets")):
         v = getattr(a, attr)
@@ -386,7 +388,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--iters", type=int, help="classical: iterations")
     r.add_argument("--lam", type=float, help="TV weight (classical) / Song-MCG λ (diffusion)")
     r.add_argument("--filter", help="FBP filter: ramp, shepp-logan, cosine, hamming, hann")
-    r.add_argument("--subsets", type=int, help="OSEM subsets")
+    r.add_argument("--subsets", type=int, help="OSEM subsets; with a diffusion sampler on PET: ordered subsets "
+                   "of its EM data step (default 1 = exact EM)")
     r.add_argument("--prior", help="shipped prior name or path to a .json card")
     r.add_argument("--steps", type=int, help="diffusion steps")
     r.add_argument("--samples", type=int, default=1, help="posterior samples (one batch)")

@@ -236,3 +236,19 @@ def test_ct_sparse_products_one_column_and_batch_agree_with_dense():
         w = torch.randn(a.shape[0], cols, generator=torch.Generator().manual_seed(1))
         (sparse_matmul(a, at, xg) * w).sum().backward()
         torch.testing.assert_close(xg.grad, dense.T @ w, rtol=1e-5, atol=1e-5)
+
+
+def test_ct_subset_cut_from_the_built_matrix_equals_a_fresh_build():
+    from napari_diffrecon.physics import ParallelBeamCT
+
+    op = ParallelBeamCT(20, np.linspace(0, 180, 9, endpoint=False))
+    idx = np.arange(1, 9, 3)
+    fresh = op.subset(idx)  # matrix not built yet: a fresh build
+    assert fresh._matrices is None
+    assert op.matrices[0].shape == (20 * 9, 400)  # builds the parent's matrix; the next subset is cut from it
+    cut = op.subset(idx)
+    assert cut._matrices is not None
+    for m_cut, m_fresh in zip(cut._matrices, fresh.matrices, strict=True):
+        torch.testing.assert_close(m_cut.to_dense(), m_fresh.to_dense())
+    x = torch.randn(2, 20, 20, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(cut.forward(x), op.forward(x)[..., idx])

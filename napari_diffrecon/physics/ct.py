@@ -192,6 +192,17 @@ def radon_matrix(
     return a, at
 
 
+def _csr_rows(a: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """The rows ``rows`` of the CSR matrix ``a``, in that order (64-bit indices)."""
+    crow = a.crow_indices().to(torch.long)
+    start, count = crow[rows], crow[rows + 1] - crow[rows]
+    new_crow = torch.zeros(rows.numel() + 1, dtype=torch.long)
+    new_crow[1:] = torch.cumsum(count, 0)
+    take = torch.repeat_interleave(start - new_crow[:-1], count) + torch.arange(int(new_crow[-1]))
+    return torch.sparse_csr_tensor(new_crow, a.col_indices().to(torch.long)[take], a.values()[take],
+                                   (rows.numel(), a.shape[1]))
+
+
 def _int32_indices(a: torch.Tensor) -> torch.Tensor:
     """The CSR matrix with 32-bit indices where they fit: a third less memory traffic per product."""
     if a._nnz() >= 2**31 - 1 or max(a.shape) >= 2**31 - 1:
@@ -282,8 +293,21 @@ class ParallelBeamCT(LinearOperator):
         return self
 
     def subset(self, index: Any) -> ParallelBeamCT:
-        """The operator restricted to the views ``angles_deg[index]`` (for ordered subsets)."""
-        return ParallelBeamCT(self.n, self.angles_deg[index], device=self.device, dtype=self.dtype)
+        """The operator restricted to the views ``angles_deg[index]`` (for ordered subsets).
+
+        When this operator's matrix is built, the subset's is cut from its rows (each view's rows depend on that
+        view's angle only, so they are the rows a fresh build would give) instead of being built again.
+        """
+        sub = ParallelBeamCT(self.n, self.angles_deg[index], device=self.device, dtype=self.dtype)
+        if self._matrices is not None and self._matrices[0].device == self.device:
+            views = torch.as_tensor(np.arange(self.n_angles)[index], dtype=torch.long).reshape(-1)
+            a = _csr_rows(self._matrices[0], (views[:, None] * self.n + torch.arange(self.n)).reshape(-1))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"
+                csc = a.to_sparse_csc()
+            at = torch.sparse_csr_tensor(csc.ccol_indices(), csc.row_indices(), csc.values(), (a.shape[1], a.shape[0]))
+            sub._matrices = (_int32_indices(a), _int32_indices(at))
+        return sub
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         a, at = self.matrices

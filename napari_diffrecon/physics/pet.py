@@ -111,9 +111,11 @@ class PETOperator(LinearOperator):
     def subset(self, index: Any) -> PETOperator:
         """The operator restricted to the views ``angles_deg[index]`` (for OSEM)."""
         att = None if self.attenuation is None else self.attenuation[:, index].cpu().numpy()
-        return PETOperator(
+        sub = PETOperator(
             self.n, self.angles_deg[index], att, self.sensitivity_scale, device=self.device, dtype=self.dtype
         )
+        sub.radon = self.radon.subset(index)  # rows cut from this projector's matrix when it is built
+        return sub
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.radon._forward(x) * self._weights()
