@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from napari.utils import progress
 from napari.utils.notifications import show_error, show_info, show_warning
 from qtpy.QtCore import Qt
 from qtpy.QtWidgets import (
@@ -37,7 +36,7 @@ from ..io import SAMPLES, BundleError, Measurement
 from ..reconstruct import RunSettings
 from ..samplers import SAMPLERS, UNCONDITIONAL, SamplerParams
 from . import _presets
-from ._perf import keep_worker_memory, pause_activity_spinner
+from ._perf import new_worker, run_progress
 from ._runner import Update, baseline_for, run_stream
 
 __all__ = ["DiffReconWidget", "WorkbenchWidget", "PARAMS_FOR", "LAYER_NAMES", "prior_mismatch"]
@@ -851,9 +850,6 @@ class DiffReconWidget(QWidget):
                 show_error(f"napari-diffrecon: {msg}")
                 return None
         _presets.save_last(settings, self.gui_state())
-        from napari.qt.threading import create_worker
-
-        keep_worker_memory()  # torch buffers stay on the heap in the worker thread (see _perf)
         self._run_settings = settings
         self._run_measurement = self.measurement
         self._live_params = settings.params
@@ -867,18 +863,15 @@ class DiffReconWidget(QWidget):
         self._pbar_t = 0.0
         self._running_prov = {"status": "running", "settings": settings.to_dict()}
         baseline = baseline_for(modality) if diffusion and self.compare.isChecked() else None
-        worker = create_worker(
-            run_stream, self.measurement, settings, prior, baseline, max_rate=self.max_rate, live_log=self._live_log,
-            _start_thread=False, _ignore_errors=True,
+        worker = new_worker(
+            run_stream, self.measurement, settings, prior, baseline, max_rate=self.max_rate, live_log=self._live_log
         )
         worker.yielded.connect(self._on_update)
         worker.errored.connect(self._on_error)
         worker.aborted.connect(self._on_aborted)
         worker.finished.connect(self._on_finished)
         self.worker = worker
-        self._pbar = progress(total=settings.params.n_steps if diffusion else 0,
-                              desc=f"diffrecon {settings.method}")
-        pause_activity_spinner(self)  # its animation costs the sampler ~20 % on software GL
+        self._pbar = run_progress(self, settings.params.n_steps if diffusion else 0, f"diffrecon {settings.method}")
         self.run_btn.setEnabled(False)
         self.stop_btn.setEnabled(True)
         self.status.setText(f"running {settings.method}…")

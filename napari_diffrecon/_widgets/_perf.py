@@ -20,7 +20,7 @@ import ctypes.util
 import sys
 from typing import Any
 
-__all__ = ["keep_worker_memory", "pause_activity_spinner"]
+__all__ = ["keep_worker_memory", "pause_activity_spinner", "new_worker", "run_progress"]
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
@@ -83,3 +83,21 @@ def pause_activity_spinner(widget: Any) -> int:
             movie.setPaused(True)
             n += 1
     return n
+
+
+def new_worker(fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """napari's ``create_worker`` as every panel here uses it: not started yet (the caller connects its slots
+    first), errors delivered to ``errored`` instead of raised, and the allocator set for worker threads."""
+    from napari.qt.threading import create_worker
+
+    keep_worker_memory()  # torch buffers stay on the heap in the worker thread
+    return create_worker(fn, *args, _start_thread=False, _ignore_errors=True, **kwargs)
+
+
+def run_progress(widget: Any, total: int, desc: str) -> Any:
+    """A napari progress bar for a run started from ``widget``, with the window's spinner paused."""
+    from napari.utils import progress
+
+    pbar = progress(total=total, desc=desc)
+    pause_activity_spinner(widget)  # its animation costs the sampler ~20 % on software GL
+    return pbar

@@ -17,13 +17,12 @@ from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
-from napari.utils import progress
 from napari.utils.notifications import show_error, show_info
 from qtpy.QtGui import QFont
 from qtpy.QtWidgets import QComboBox, QDoubleSpinBox, QGroupBox, QLabel, QPushButton, QVBoxLayout
 
 from ..tuning import BALANCE_PARAM, TuneCancelledError, TuneResult, auto_tune
-from ._perf import keep_worker_memory, pause_activity_spinner
+from ._perf import new_worker, run_progress
 
 __all__ = ["TuningPanel", "tune_stream", "SUPPORT_NAME", "FLAG_NAME"]
 
@@ -148,19 +147,14 @@ class TuningPanel(QGroupBox):
         key = self.tuned_param(settings.method)
         params = {key: values} if values else key
         criterion = self.criterion.currentData() or "split"
-        from napari.qt.threading import create_worker
-
         self._cancel = threading.Event()
-        keep_worker_memory()
-        worker = create_worker(tune_stream, o.measurement, settings, prior, params, criterion, self._cancel,
-                               _start_thread=False, _ignore_errors=True)
+        worker = new_worker(tune_stream, o.measurement, settings, prior, params, criterion, self._cancel)
         worker.yielded.connect(self._on_progress)
         worker.returned.connect(self._on_returned)
         worker.errored.connect(self._on_error)
         worker.finished.connect(self._on_finished)
         self.worker = worker
-        self._pbar = progress(total=100, desc="diffrecon auto-tune")
-        pause_activity_spinner(o)
+        self._pbar = run_progress(o, 100, "diffrecon auto-tune")
         self.tune_btn.setEnabled(False)
         self.stop_btn.setEnabled(True)
         o.run_btn.setEnabled(False)

@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from napari.utils import progress
 from napari.utils.notifications import show_error, show_info
 from qtpy.QtWidgets import (
     QComboBox,
@@ -41,7 +40,7 @@ from qtpy.QtWidgets import (
     QVBoxLayout,
 )
 
-from ._perf import keep_worker_memory, pause_activity_spinner
+from ._perf import new_worker, run_progress
 
 __all__ = ["VolumePanel", "VolumeStreamUpdate", "volume_stream", "VOLUME_LAYER_NAMES"]
 
@@ -431,7 +430,6 @@ class VolumePanel(QGroupBox):
             show_error(f"napari-diffrecon: no {modality.upper()} prior is installed or loaded; load one in the "
                        "Prior group (Load file…)")
             return None
-        from napari.qt.threading import create_worker
 
         from ..volume import VolumeParams
 
@@ -451,15 +449,12 @@ class VolumePanel(QGroupBox):
         self._pbar_t = 0.0
         if shape is not None:
             self._prepare_layer(tuple(shape))
-        keep_worker_memory()
-        worker = create_worker(volume_stream, make_study, prior, self.params, self._cancel, max_rate=self.max_rate,
-                               _start_thread=False, _ignore_errors=True, **kw)
+        worker = new_worker(volume_stream, make_study, prior, self.params, self._cancel, max_rate=self.max_rate, **kw)
         worker.yielded.connect(self._on_update)
         worker.errored.connect(self._on_error)
         worker.finished.connect(self._on_finished)
         self.worker = worker
-        self._pbar = progress(total=100, desc="diffrecon volume")
-        pause_activity_spinner(self)
+        self._pbar = run_progress(self, 100, "diffrecon volume")
         self.run_btn.setEnabled(False)
         self.stop_btn.setEnabled(True)
         o.run_btn.setEnabled(False)
