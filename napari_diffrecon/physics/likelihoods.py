@@ -111,6 +111,16 @@ class PoissonLikelihood(Likelihood):
         """Expected counts ``ȳ`` (floored at ``eps``)."""
         return torch.clamp(ax + self.background, min=self.eps)
 
+    def subset(self, index: Any) -> PoissonLikelihood:
+        """The likelihood of the views ``index`` (the data's last axis), as ``operator.subset`` is the operator's:
+        a background that varies along the views is restricted to them (ordered subsets)."""
+        b = self.background
+        if isinstance(b, torch.Tensor) and b.ndim >= 1 and b.shape[-1] > 1:
+            b = b[..., torch.as_tensor(index, device=b.device)]
+        out = PoissonLikelihood(eps=self.eps)
+        out.background = b
+        return out
+
     def nll_forward(self, ax: torch.Tensor, m: torch.Tensor, n_core: int) -> torch.Tensor:
         ybar = self.mean(ax)
         return _per_item_sum(ybar - m * torch.log(ybar), n_core)

@@ -152,8 +152,8 @@ def pseudo_inverse(problem: Problem, r: torch.Tensor, n_iter: int) -> torch.Tens
     )
 
 
-def _em_subsets(problem: Problem, n_subsets: int) -> list[tuple[Any, torch.Tensor, Any]] | None:
-    """Interleaved view subsets ``(operator_j, Aⱼᵀ1, views)`` of a CT/PET operator, cached on the problem."""
+def _em_subsets(problem: Problem, n_subsets: int) -> list[tuple[Any, Any, torch.Tensor, torch.Tensor]] | None:
+    """Interleaved view subsets ``(operator_j, likelihood_j, m_j, Aⱼᵀ1)`` of a CT/PET problem, cached on it."""
     op = problem.operator
     if n_subsets <= 1 or not hasattr(op, "subset"):
         return None
@@ -165,18 +165,10 @@ def _em_subsets(problem: Problem, n_subsets: int) -> list[tuple[Any, torch.Tenso
         for start in range(n_subsets):
             idx = np.arange(start, n_views, n_subsets)
             op_j = op.subset(idx)
-            out.append((op_j, op_j.adjoint(torch.ones(op_j.data_shape, device=op.device, dtype=op.dtype)),
-                        torch.as_tensor(idx, device=op.device)))
+            ones = torch.ones(op_j.data_shape, device=op.device, dtype=op.dtype)
+            out.append((op_j, problem.likelihood.subset(idx), problem.measurement[..., idx], op_j.adjoint(ones)))
         cache[n_subsets] = out
     return cache[n_subsets]
-
-
-def _subset_mean(lik: PoissonLikelihood, ax: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """Expected counts on the views ``idx`` (the background restricted to them when it varies per view)."""
-    b = lik.background
-    if isinstance(b, torch.Tensor) and b.ndim >= 1 and b.shape[-1] > 1:
-        b = b.index_select(-1, idx)
-    return torch.clamp(ax + b, min=lik.eps)
 
 
 def poisson_prox_em(
@@ -210,9 +202,8 @@ def poisson_prox_em(
             s, ybar = sens, lik.mean(op.forward(x))
             x_em = x * op.adjoint(problem.measurement / ybar) / torch.clamp(s, min=1e-12)
         else:
-            op_j, s_j, idx = parts[k % len(parts)]
-            ybar = _subset_mean(lik, op_j.forward(x), idx)
-            x_em = x * op_j.adjoint(problem.measurement.index_select(-1, idx) / ybar) / torch.clamp(s_j, min=1e-12)
+            op_j, lik_j, m_j, s_j = parts[k % len(parts)]
+            x_em = x * op_j.adjoint(m_j / lik_j.mean(op_j.forward(x))) / torch.clamp(s_j, min=1e-12)
             s = len(parts) * s_j
         if beta == 0:
             x = x_em
