@@ -264,7 +264,7 @@ def params_data_step(problem: Problem, params: SamplerParams, x0_hat: torch.Tens
     """
     n_iter = int(params.cg_iters)
     # Ordered subsets for the PET EM step: opt-in (CLI ``--subsets 5``); on pet-low, S = 5 with 5 iterations ran
-    # DDS 18 % faster for −0.13 dB (docs/dev/perf.md), so the exact EM stays the default.
+    # DDS 17–20 % faster for −0.13 dB (benchmarks/pet_subsets.py), so the exact EM stays the default.
     subsets = int(params.extra.get("em_subsets", 1))
     return data_step(problem, x0_hat, float(params.gamma) / float(params.prior_weight), n_iter, sigma,
                      em_subsets=subsets)
