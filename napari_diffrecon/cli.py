@@ -80,6 +80,8 @@ def _settings_from_args(a: argparse.Namespace, modality: str = "*"):
         if v is not None:
             params.extra[key] = v
     if getattr(a, "subsets", None) is not None:  # PET: ordered subsets in the samplers' EM data step too
+        if a.subsets < 1:
+            raise ValueError(f"--subsets must be ≥ 1 (1 = no subsets), got {a.subsets}")
         params.extra["em_subsets"] = int(a.subsets)
     baseline = {}
     for key, attr in (("iters", "iters"), ("lam", "lam"), ("filter", "filter"), ("subsets", "subsets")):

@@ -223,6 +223,9 @@ def test_cli_simulate_reconstruct_and_errors(tmp_path, capsys):
     assert err.startswith("error:") and "Traceback" not in err
     assert main(["reconstruct", str(b), "--method", "mlem", "-o", str(tmp_path / "y.npz")]) == 2
     assert main(["reconstruct", str(b), "--method", "magic", "-o", str(tmp_path / "y.npz")]) == 2
+    capsys.readouterr()
+    assert main(["reconstruct", str(b), "--method", "dds", "--subsets", "0", "-o", str(tmp_path / "z.npz")]) == 2
+    assert "--subsets must be ≥ 1" in capsys.readouterr().err and not (tmp_path / "z.npz").exists()
 
 
 def test_demo_headless_writes_png_and_npz(tmp_path):
