@@ -98,7 +98,18 @@ def _settings_from_args(a: argparse.Namespace, modality: str = "*"):
         hot_start=a.hot_start,
         baseline_params=baseline,
         keep_samples=a.keep_samples,
+        std_pool=_std_pool(getattr(a, "std_pool", None)),
     )
+
+
+def _std_pool(v: float | None) -> float:
+    from .uncertainty import DEFAULT_STD_POOL
+
+    if v is None:
+        return DEFAULT_STD_POOL
+    if not (v >= 0 and np.isfinite(v)):
+        raise ValueError(f"--std-pool must be a number of pixels ≥ 0 (0 = raw per-voxel std), got {v}")
+    return float(v)
 
 
 def _quality(result, m) -> str:
@@ -440,6 +451,9 @@ def _parser() -> argparse.ArgumentParser:
         help="adaptation: stop once the deviance per datum is at or below this (1 = the noise level; default off)",
     )
     r.add_argument("--keep-samples", action="store_true")
+    r.add_argument("--std-pool", type=float, default=None, metavar="PX",
+                   help="pool the per-voxel variance of the samples over a Gaussian of PX pixels before the std "
+                        "(default 1: a steadier std from few samples; 0 = raw per voxel)")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--device", default="cpu")
     r.add_argument("-o", "--output", required=True)

@@ -22,7 +22,7 @@ import torch
 
 from . import __version__
 from .samplers import SAMPLERS, Iterate, Problem, SamplerParams, SamplingError, get_sampler
-from .uncertainty import summarize
+from .uncertainty import DEFAULT_STD_POOL, summarize
 
 __all__ = [
     "RunSettings",
@@ -50,6 +50,7 @@ class RunSettings:
     hot_start: str | None = None
     baseline_params: dict[str, Any] = field(default_factory=dict)
     keep_samples: bool = False
+    std_pool: float = DEFAULT_STD_POOL  # pixels: Gaussian pooling of the per-voxel variance (0 = raw per voxel)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable settings."""
@@ -246,11 +247,12 @@ def provenance(measurement: Any, settings: RunSettings, extra: dict[str, Any]) -
 
 
 def finish_diffusion_run(
-    problem: Problem, last: Iterate, info: dict[str, Any], t_start: float
+    problem: Problem, last: Iterate, info: dict[str, Any], t_start: float, std_pool: float = DEFAULT_STD_POOL
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, Any]]:
     """The samples (CPU), their summary and the provenance record of a finished diffusion run.
 
-    Shared by :func:`reconstruct` and the GUI's worker.
+    Shared by :func:`reconstruct` and the GUI's worker; ``std_pool`` is passed to
+    :func:`~napari_diffrecon.uncertainty.summarize`.
 
     Raises
     ------
@@ -258,7 +260,7 @@ def finish_diffusion_run(
         When a sample's final data residual is not finite.
     """
     samples = last.x0_hat.detach().cpu()
-    summary = summarize(samples)
+    summary = summarize(samples, std_pool=std_pool)
     res_mean = float(problem.residual(samples.mean(0, keepdim=True).to(problem.device))[0])
     extra = {
         "kind": "diffusion",
@@ -324,7 +326,7 @@ def reconstruct(
         if callback is not None:
             callback(it)
     assert last is not None and last.done
-    samples, summary, extra = finish_diffusion_run(problem, last, info, t0)
+    samples, summary, extra = finish_diffusion_run(problem, last, info, t0, settings.std_pool)
     res_mean = extra["data_residual_of_mean"]
     mean = summary["mean"].numpy().astype(np.float32)
     prov = provenance(measurement, settings, extra)

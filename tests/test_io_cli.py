@@ -226,6 +226,8 @@ def test_cli_simulate_reconstruct_and_errors(tmp_path, capsys):
     capsys.readouterr()
     assert main(["reconstruct", str(b), "--method", "dds", "--subsets", "0", "-o", str(tmp_path / "z.npz")]) == 2
     assert "--subsets must be ≥ 1" in capsys.readouterr().err and not (tmp_path / "z.npz").exists()
+    assert main(["reconstruct", str(b), "--method", "dds", "--std-pool", "-1", "-o", str(tmp_path / "z.npz")]) == 2
+    assert "--std-pool must be" in capsys.readouterr().err and not (tmp_path / "z.npz").exists()
 
 
 def test_demo_headless_writes_png_and_npz(tmp_path):

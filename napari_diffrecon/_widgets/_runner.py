@@ -147,12 +147,12 @@ def run_stream(
                          sigma=float(it.sigma), x_t=_mag(it.x_t[0]), x0_hat=_mag(x0[0]),
                          residual=float(it.data_residual.mean()))
             if x0.shape[0] > 1:  # streamed uncertainty: spread of the current estimates across samples
-                s = summarize(x0.detach())
+                s = summarize(x0.detach(), std_pool=settings.std_pool)
                 upd.mean, upd.std = _mag(s["mean"]), _mag(s["std"])
             yield upd
         if last is None or not last.done:
             return
-        samples, summary, extra = finish_diffusion_run(problem, last, info, t_start)
+        samples, summary, extra = finish_diffusion_run(problem, last, info, t_start, settings.std_pool)
         extra.update({"live_parameter_changes": list(live_log or []), "frontend": "napari widget"})
         res_mean = extra["data_residual_of_mean"]
         mean_c = samples.mean(0)
