@@ -283,11 +283,13 @@ def test_presets_and_last_settings_persist(make_napari_viewer, qtbot, tmp_path, 
     w.spins["zeta"].setValue(0.25)
     w.seed.setValue(7)
     w.n_samples.setValue(4)
+    w.std_pool.setValue(0.0)  # raw per-voxel std instead of the default pooling
     w.set_prior_weight(2.0)
     assert w.set_prior(str(tiny_priors["ct"]))
     path = w.save_preset(tmp_path / "p.json")
     d = json.loads(path.read_text())
     assert d["settings"]["method"] == "mcg" and d["settings"]["params"]["n_steps"] == 37
+    assert d["settings"]["std_pool"] == 0.0
     w2 = main_widget(viewer, restore_last=False)
     assert w2.current_settings().method != "mcg"
     assert w2.load_preset(path)

@@ -35,6 +35,7 @@ from ..baselines import BASELINES
 from ..io import SAMPLES, BundleError, Measurement
 from ..reconstruct import RunSettings
 from ..samplers import SAMPLERS, UNCONDITIONAL, SamplerParams
+from ..uncertainty import DEFAULT_STD_POOL
 from . import _presets
 from ._perf import new_worker, run_progress
 from ._runner import Update, baseline_for, run_stream
@@ -369,7 +370,12 @@ class DiffReconWidget(QWidget):
         self.seed = _spin("int", 0, 2**31 - 1, 1, 0)
         self.device_combo = QComboBox()
         self.device_combo.addItems(_devices())
-        self._samples_row = _row("posterior samples", self.n_samples)
+        self.std_pool = _spin("float", 0.0, 5.0, 0.5, 1)
+        self.std_pool.setValue(DEFAULT_STD_POOL)
+        self.std_pool.setSuffix(" px")
+        self.std_pool.setToolTip("the std layer pools the samples' variance over a Gaussian of this width: a steadier "
+                                 "uncertainty map from few samples (0 = raw per-voxel std)")
+        self._samples_row = _row("posterior samples", self.n_samples, QLabel("std pooling"), self.std_pool)
         gl.addWidget(self._samples_row)
         gl.addWidget(_row("seed", self.seed, QLabel("device"), self.device_combo))
         self.compare = QCheckBox("also compute the classical baseline")
@@ -732,6 +738,7 @@ class DiffReconWidget(QWidget):
             device=self.device_combo.currentText(),
             hot_start=hot,
             baseline_params=baseline_params,
+            std_pool=float(self.std_pool.value()),
         )
 
     def gui_state(self) -> dict[str, Any]:
@@ -764,6 +771,7 @@ class DiffReconWidget(QWidget):
         self.hot_start.setChecked(bool(settings.hot_start) or bool((gui or {}).get("hot_start")))
         self.set_prior_weight(p.prior_weight)
         self.n_samples.setValue(int(settings.n_samples))
+        self.std_pool.setValue(float(settings.std_pool))
         self.seed.setValue(int(settings.seed))
         if self.device_combo.findText(settings.device) >= 0:
             self.device_combo.setCurrentText(settings.device)
