@@ -61,7 +61,7 @@ import torch
 
 from napari_diffrecon.io.bundle import Measurement
 from napari_diffrecon.simulate import simulate_from_image
-from napari_diffrecon.uncertainty import DEFAULT_STD_POOL, summarize
+from napari_diffrecon.uncertainty import summarize
 
 __all__ = ["ct_hu", "mri_t1", "mri_t1_coronal", "pet_activity", "TASKS", "build_task", "task_names", "main"]
 
@@ -437,14 +437,15 @@ def run_extras(a: argparse.Namespace, priors: dict[str, Any]) -> dict[str, Any]:
                                                "method": f"{label} ×{k} mean", "floor": floor})
             err = np.abs(r.mean - gt)
             per = [psnr(x, gt) for x in r.samples]
-            rho = _spearman(r.std, err)  # the run's std: variance pooled over DEFAULT_STD_POOL pixels
+            rho = _spearman(r.std, err)  # the run's std: variance pooled over RunSettings.std_pool pixels
             rho_raw = _spearman(summarize(r.samples)["std"], err)  # the raw per-voxel std of the same samples
             # Within the object only (outside the field of view std and error are both ~0, inflating ρ).
             inside = gt > 0.02 * gt.max()
             rho_in = _spearman(r.std[inside], err[inside])
             cover = float(np.mean((gt >= r.lower) & (gt <= r.upper))) if r.lower is not None else None
             out["uncertainty"].append({"task": task, "method": label, "n_samples": k, "spearman": rho,
-                                       "spearman_raw": rho_raw, "std_pool": DEFAULT_STD_POOL,
+                                       "spearman_raw": rho_raw,
+                                       "std_pool": r.provenance["settings"]["std_pool"],
                                        "spearman_inside": rho_in, "psnr_mean": row["psnr"],
                                        "ssim_mean": row["ssim"], "psnr_samples": float(np.mean(per)),
                                        "coverage95": cover, "wall_s": row["wall_s"], "cpu_s": row["cpu_s"],

@@ -98,18 +98,14 @@ def _settings_from_args(a: argparse.Namespace, modality: str = "*"):
         hot_start=a.hot_start,
         baseline_params=baseline,
         keep_samples=a.keep_samples,
-        std_pool=_std_pool(getattr(a, "std_pool", None)),
+        std_pool=_std_pool(getattr(a, "std_pool", None)),  # RunSettings checks the value
     )
 
 
 def _std_pool(v: float | None) -> float:
     from .uncertainty import DEFAULT_STD_POOL
 
-    if v is None:
-        return DEFAULT_STD_POOL
-    if not (v >= 0 and np.isfinite(v)):
-        raise ValueError(f"--std-pool must be a number of pixels ≥ 0 (0 = raw per-voxel std), got {v}")
-    return float(v)
+    return DEFAULT_STD_POOL if v is None else float(v)
 
 
 def _quality(result, m) -> str:
@@ -152,6 +148,8 @@ def _cmd_reconstruct(a: argparse.Namespace) -> int:
     from .distributed import run_from_args, wants_volume
 
     if wants_volume(a):  # --volume, or the input is a folder of studies
+        if getattr(a, "std_pool", None):
+            raise ValueError("--std-pool applies to 2D runs; volume runs report the raw per-voxel std (drop it)")
         return run_from_args(a)
     from .io import read_measurement, write_result
     from .reconstruct import reconstruct
@@ -453,7 +451,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--keep-samples", action="store_true")
     r.add_argument("--std-pool", type=float, default=None, metavar="PX",
                    help="pool the per-voxel variance of the samples over a Gaussian of PX pixels before the std "
-                        "(default 1: a steadier std from few samples; 0 = raw per voxel)")
+                        "(default 1: a steadier std from few samples; 0 = raw per voxel; 2D runs only)")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--device", default="cpu")
     r.add_argument("-o", "--output", required=True)

@@ -52,6 +52,15 @@ class RunSettings:
     keep_samples: bool = False
     std_pool: float = DEFAULT_STD_POOL  # pixels: Gaussian pooling of the per-voxel variance (0 = raw per voxel)
 
+    def __post_init__(self) -> None:
+        try:
+            self.std_pool = float(self.std_pool)
+        except (TypeError, ValueError):
+            raise ValueError(f"std_pool (--std-pool) must be a number of pixels ≥ 0, got {self.std_pool!r}") from None
+        if not (self.std_pool >= 0 and math.isfinite(self.std_pool)):
+            raise ValueError(f"std_pool (--std-pool) must be a finite number of pixels ≥ 0 (0 = raw per-voxel std), "
+                             f"got {self.std_pool}")
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable settings."""
         d = asdict(self)

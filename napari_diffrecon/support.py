@@ -142,6 +142,7 @@ def support_maps(
     smooth_px: float = 1.0,
     scale: float | None = None,
     normalise: str = "median",
+    std_pooled_px: float = 0.0,
 ) -> SupportMaps:
     """Combine the available maps into one support score with a threshold mask.
 
@@ -169,6 +170,9 @@ def support_maps(
         The dynamic range for ``normalise="range"`` (default: 1st–99th percentile range of ``|x|``).
     normalise : {"median", "range"}
         How each map is made unitless before combining (see the module docstring).
+    std_pooled_px : float
+        How far a given ``std`` was already pooled (a run's ``RunSettings.std_pool``): the std map is then only
+        smoothed by the rest, √(smooth_px² − std_pooled_px²), not twice.
 
     Returns
     -------
@@ -198,7 +202,10 @@ def support_maps(
     for name, arr in (("std", std), ("residual", res), ("difference", diff)):
         if arr is None or w.get(name, 0) <= 0:
             continue
-        a = _smooth(arr, smooth_px)
+        px = smooth_px
+        if name == "std" and samples is None and std_pooled_px > 0:
+            px = float(np.sqrt(max(smooth_px**2 - std_pooled_px**2, 0.0)))
+        a = _smooth(arr, px)
         if normalise == "median":
             nz = a[a > 1e-12 * max(float(a.max()), 1e-30)]
             ref = float(np.median(nz)) if nz.size else 0.0

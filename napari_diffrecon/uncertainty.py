@@ -1,4 +1,5 @@
-"""Per-voxel summaries of posterior samples: mean, standard deviation, 95% interval."""
+"""Summaries of posterior samples: per-voxel mean, standard deviation (raw, or its variance pooled over a small
+neighbourhood: :func:`pool_variance`) and 95% interval."""
 
 from __future__ import annotations
 
@@ -45,16 +46,18 @@ def pool_variance(var: torch.Tensor, sigma: float) -> torch.Tensor:
         return var
     shape = var.shape
     h, w = shape[-2:]
-    k = _gaussian_kernel(sigma, var.dtype, var.device)
-    r = (k.numel() - 1) // 2
-    if r >= min(h, w):  # reflection needs the image to be wider than the kernel's radius
-        r = min(h, w) - 1
-        k = k[(k.numel() - 1) // 2 - r : (k.numel() - 1) // 2 + r + 1]
-        k = k / k.sum()
+    full = _gaussian_kernel(sigma, var.dtype, var.device)
     x = var.reshape(-1, 1, h, w)
-    x = torch.nn.functional.pad(x, (r, r, r, r), mode="reflect")
-    x = torch.nn.functional.conv2d(x, k.view(1, 1, 1, -1))
-    x = torch.nn.functional.conv2d(x, k.view(1, 1, -1, 1))
+    for axis, size in ((3, w), (2, h)):  # separable; each axis' kernel cut to what reflection allows there
+        r = min((full.numel() - 1) // 2, size - 1)
+        if r == 0:
+            continue
+        mid = (full.numel() - 1) // 2
+        k = full[mid - r : mid + r + 1]
+        k = k / k.sum()
+        pad = (r, r, 0, 0) if axis == 3 else (0, 0, r, r)
+        x = torch.nn.functional.pad(x, pad, mode="reflect")
+        x = torch.nn.functional.conv2d(x, k.view(1, 1, 1, -1) if axis == 3 else k.view(1, 1, -1, 1))
     return x.reshape(shape)
 
 

@@ -227,7 +227,7 @@ def test_cli_simulate_reconstruct_and_errors(tmp_path, capsys):
     assert main(["reconstruct", str(b), "--method", "dds", "--subsets", "0", "-o", str(tmp_path / "z.npz")]) == 2
     assert "--subsets must be ≥ 1" in capsys.readouterr().err and not (tmp_path / "z.npz").exists()
     assert main(["reconstruct", str(b), "--method", "dds", "--std-pool", "-1", "-o", str(tmp_path / "z.npz")]) == 2
-    assert "--std-pool must be" in capsys.readouterr().err and not (tmp_path / "z.npz").exists()
+    assert "(--std-pool) must be" in capsys.readouterr().err and not (tmp_path / "z.npz").exists()
 
 
 def test_demo_headless_writes_png_and_npz(tmp_path):
@@ -283,3 +283,13 @@ def test_reconstruct_auto_tunes_and_records_the_search(tmp_path):
         prov = json.loads(str(z["provenance"]))
     assert prov["auto_tune"]["best"]["gamma"] in (0.3, 3.0)
     assert main(["reconstruct", str(b), "--method", "fbp", "--auto", "-o", str(tmp_path / "x.npz")]) == 2
+
+
+def test_run_settings_refuse_a_bad_std_pool():
+    from napari_diffrecon.reconstruct import RunSettings
+
+    assert RunSettings().std_pool == 1.0 and RunSettings.from_dict({"method": "dds"}).std_pool == 1.0
+    assert RunSettings.from_dict(RunSettings(std_pool=0).to_dict()).std_pool == 0.0
+    for bad in (-1, float("nan"), None, "wide"):
+        with pytest.raises(ValueError, match="std_pool"):
+            RunSettings.from_dict({"method": "dds", "std_pool": bad})

@@ -241,6 +241,7 @@ class TuningPanel(QGroupBox):
             std=std_arr,
             classical=cl if cl is not None and cl.shape == x.shape else None,
             threshold=float(self.threshold.value()),
+            std_pooled_px=float(getattr(o._run_settings, "std_pool", 0.0) or 0.0),
         )
 
     def show_support(self) -> Any:

@@ -23,7 +23,6 @@ import torch
 
 from .. import __version__
 from ..samplers.base import SamplerParams, SamplingError
-from ..uncertainty import DEFAULT_STD_POOL, summarize
 from .mbir import VolumeParams, VolumeProblem, live, mbir, raise_if_cancelled
 from .memory import MemoryPlan, Slab, detect_budget, parse_bytes, plan_memory, plan_slabs, plan_volume_slabs
 from .study import VolumeStudy
@@ -66,7 +65,6 @@ def iter_slab(
     ztv_scale: float = 1.0,
     cancel: Any = None,
     max_chunk_slices: int | None = None,
-    std_pool: float = DEFAULT_STD_POOL,
 ) -> Iterator[Any]:
     """Reconstruct one slab: yields its :class:`~napari_diffrecon.volume.VolumeIterate` s, then its result dict.
 
@@ -74,8 +72,8 @@ def iter_slab(
     and ``info`` (residual, NFE, wall time, memory plan). Stop iterating to cancel, or set ``cancel``
     (a ``threading.Event``, checked between denoiser chunks) to raise
     :class:`~napari_diffrecon.volume.mbir.VolumeCancelled` from inside a step. ``max_chunk_slices`` caps the
-    memory plan's denoiser chunk (smaller chunks: a cancel acts sooner, results are identical). ``std_pool``
-    pools the variance in-plane before the std (:func:`~napari_diffrecon.uncertainty.summarize`).
+    memory plan's denoiser chunk (smaller chunks: a cancel acts sooner, results are identical). The std is the raw
+    per-voxel std of the magnitudes (2D runs pool it: ``RunSettings.std_pool``; volumes do not).
     """
     t0 = time.perf_counter()
     part = study.slab(slab.start, slab.stop)
@@ -102,7 +100,7 @@ def iter_slab(
     k0, k1 = slab.core_start - slab.start, slab.core_stop - slab.start
     x = last.x0_hat[:, k0:k1].detach().cpu()
     mean = x.mean(0)
-    std = summarize(x, std_pool=std_pool)["std"]
+    std = x.abs().std(0) if n_samples > 1 else torch.zeros(mean.shape)
     res = float(problem.residual(last.x0_hat.mean(0, keepdim=True))[0])
     yield {
         "mean": mean.numpy().astype(np.complex64 if mean.is_complex() else np.float32),
