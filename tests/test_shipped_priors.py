@@ -67,3 +67,54 @@ def test_shipped_ct_prior_denoises_a_real_ct_it_never_saw():
             den = prior.denoise(noisy, sigma)
         gain = 10 * torch.log10(((noisy - clean) ** 2).mean() / ((den - clean) ** 2).mean())
         assert gain > min_gain_db, f"σ={sigma}: only {float(gain):.1f} dB better than the noisy input"
+
+
+def _real_mr_unit(n: int = 128, fdg: bool = False) -> np.ndarray:
+    """pydicom's MR_small (a real MR slice; evaluation material, never trained on) or an FDG-like map made from it at
+    its native grid (as in benchmarks/priors.py), resized to ``n`` and scaled to its 99.5th percentile."""
+    import pydicom
+    from pydicom.data import get_testdata_file
+    from skimage.transform import resize
+
+    from napari_diffrecon.simulate import activity_from_anatomy
+
+    img = pydicom.dcmread(get_testdata_file("MR_small.dcm")).pixel_array.astype(np.float64)
+    if fdg:
+        img = activity_from_anatomy(img, "mr")
+    img = resize(img, (n, n), anti_aliasing=True, preserve_range=True)
+    return np.clip(img / np.percentile(img, 99.5), 0, 1.2)
+
+
+def _gain_and_tv(prior, clean: np.ndarray, sigma: float) -> tuple[float, float, float]:
+    """(prior PSNR, best-of-grid TV PSNR, noisy PSNR) of denoising ``clean`` (model units, (C, H, W)) at ``sigma``."""
+    from skimage.restoration import denoise_tv_chambolle
+
+    def psnr(x: np.ndarray) -> float:
+        return float(10 * np.log10((clean.max() - clean.min()) ** 2 / np.mean((x - clean) ** 2)))
+
+    noisy = clean + sigma * np.random.default_rng(0).standard_normal(clean.shape)
+    with torch.no_grad():
+        den = prior.denoise(torch.tensor(noisy[None], dtype=torch.float32), sigma)[0].numpy()
+    span = float(clean.max() - clean.min())
+    tv = max(psnr(denoise_tv_chambolle(noisy, weight=w * span * sigma / 0.1, channel_axis=0))
+             for w in (0.02, 0.04, 0.07, 0.1, 0.15, 0.2, 0.3))
+    return psnr(den), tv, psnr(noisy)
+
+
+def test_shipped_mri_and_pet_priors_denoise_real_images_they_never_saw():
+    # The first 0.64M-parameter MRI/PET priors were below oracle TV; the shipped 5M ones are not (benchmarks/priors.py
+    # has the full comparison with NLM on more images). Real MR: within 0.6 dB of the best TV weight (above it on the
+    # abdominal MR, below on this one; the first prior was 1.9–2.1 dB below); an FDG-like map made from it: > 3.3 dB
+    # above the best TV weight (first PET prior: +3.0, this one +3.6).
+    mr = _real_mr_unit()
+    mri = load_prior("mri-brain-128")
+    u = mri.to_model(torch.tensor(mr, dtype=torch.float32)).numpy()
+    for sigma, min_gain in ((0.1, 12.0), (0.2, 14.0)):
+        p, tv, noisy = _gain_and_tv(mri, np.stack([u, np.zeros_like(u)]), sigma)
+        assert p - noisy > min_gain and p > tv - 0.6, (sigma, p, tv, noisy)
+    pet = load_prior("pet-phantom-128")
+    fdg = _real_mr_unit(fdg=True)
+    u = pet.to_model(torch.tensor(fdg, dtype=torch.float32)).numpy()[None]
+    for sigma in (0.1, 0.2):
+        p, tv, noisy = _gain_and_tv(pet, u, sigma)
+        assert p > tv + 3.3, (sigma, p, tv, noisy)
