@@ -47,13 +47,13 @@ def pool_variance(var: torch.Tensor, sigma: float) -> torch.Tensor:
     shape = var.shape
     h, w = shape[-2:]
     full = _gaussian_kernel(sigma, var.dtype, var.device)
+    radius = (full.numel() - 1) // 2
     x = var.reshape(-1, 1, h, w)
     for axis, size in ((3, w), (2, h)):  # separable; each axis' kernel cut to what reflection allows there
-        r = min((full.numel() - 1) // 2, size - 1)
+        r = min(radius, size - 1)
         if r == 0:
             continue
-        mid = (full.numel() - 1) // 2
-        k = full[mid - r : mid + r + 1]
+        k = full[radius - r : radius + r + 1]
         k = k / k.sum()
         pad = (r, r, 0, 0) if axis == 3 else (0, 0, r, r)
         x = torch.nn.functional.pad(x, pad, mode="reflect")

@@ -10,7 +10,7 @@ import torch
 
 from ..physics.base import LinearOperator
 
-__all__ = ["mlem", "osem", "poisson_loglik"]
+__all__ = ["mlem", "osem", "poisson_loglik", "view_subsets"]
 
 
 def _bg(background: Any, like: torch.Tensor, index: Any = None) -> torch.Tensor | float:
@@ -67,6 +67,22 @@ def mlem(
     return x
 
 
+def view_subsets(operator: Any, n_subsets: int) -> list[tuple[np.ndarray, Any, torch.Tensor]]:
+    """Interleaved view subsets of a CT/PET operator (views ``s, s+S, s+2S, …``): ``[(views, Aⱼ, Aⱼᵀ1), …]``.
+
+    ``S`` is ``n_subsets`` clipped to 1 … number of views. Shared by :func:`osem` and the samplers' ordered-subsets
+    EM data step.
+    """
+    n_views = int(operator.data_shape[-1])
+    n_subsets = max(1, min(int(n_subsets), n_views))
+    out = []
+    for start in range(n_subsets):
+        idx = np.arange(start, n_views, n_subsets)
+        op = operator.subset(idx)
+        out.append((idx, op, op.adjoint(torch.ones(op.data_shape, device=op.device, dtype=op.dtype))))
+    return out
+
+
 def osem(
     operator: LinearOperator,
     counts: torch.Tensor,
@@ -84,16 +100,12 @@ def osem(
         raise ValueError(f"OSEM needs an operator with view subsets (CT/PET), not {operator.modality}")
     counts = counts.to(operator.device, operator.dtype)
     _check(operator, counts)
-    n_views = operator.data_shape[-1]
-    n_subsets = max(1, min(int(n_subsets), n_views))
-    subsets = [np.arange(s, n_views, n_subsets) for s in range(n_subsets)]
-    ops = [operator.subset(idx) for idx in subsets]
-    sens = [op.adjoint(torch.ones(op.data_shape, device=op.device, dtype=op.dtype)) for op in ops]
+    parts = view_subsets(operator, n_subsets)
     full_sens = operator.adjoint(torch.ones(operator.data_shape, device=operator.device, dtype=operator.dtype))
     x = torch.ones_like(operator.adjoint(counts)) if x0 is None else torch.clamp(x0.clone(), min=0)
     x = torch.where(full_sens > 0, x, torch.zeros_like(x))
     for k in range(int(n_iter)):
-        for op, s, idx in zip(ops, sens, subsets, strict=True):
+        for idx, op, s in parts:
             ybar = torch.clamp(op.forward(x) + _bg(background, counts, torch.as_tensor(idx)), min=1e-12)
             x = x * op.adjoint(counts[..., idx] / ybar) / torch.clamp(s, min=1e-12)
             x = torch.where(s > 0, x, torch.zeros_like(x))

@@ -181,10 +181,8 @@ def radon_matrix(
             return _CACHE[key]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"
-        a = _build_matrix(int(n), angles, dtype)
-        csc = a.to_sparse_csc()  # CSC of A is CSR of Aᵀ
-        at = torch.sparse_csr_tensor(csc.ccol_indices(), csc.row_indices(), csc.values(), (a.shape[1], a.shape[0]))
-        a, at = _int32_indices(a).to(device), _int32_indices(at).to(device)
+        a, at = _with_transpose(_build_matrix(int(n), angles, dtype))
+    a, at = a.to(device), at.to(device)
     with _CACHE_LOCK:
         _CACHE[key] = (a, at)
         while len(_CACHE) > _CACHE_SIZE:
@@ -209,6 +207,15 @@ def _int32_indices(a: torch.Tensor) -> torch.Tensor:
         return a
     return torch.sparse_csr_tensor(a.crow_indices().to(torch.int32), a.col_indices().to(torch.int32), a.values(),
                                    a.shape)
+
+
+def _with_transpose(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(A, Aᵀ)`` as CSR matrices with 32-bit indices where they fit, from the CSR matrix ``a``."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"
+        csc = a.to_sparse_csc()  # CSC of A is CSR of Aᵀ
+        at = torch.sparse_csr_tensor(csc.ccol_indices(), csc.row_indices(), csc.values(), (a.shape[1], a.shape[0]))
+        return _int32_indices(a), _int32_indices(at)
 
 
 def _spmm(a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -301,12 +308,9 @@ class ParallelBeamCT(LinearOperator):
         sub = ParallelBeamCT(self.n, self.angles_deg[index], device=self.device, dtype=self.dtype)
         if self._matrices is not None and self._matrices[0].device == self.device:
             views = torch.as_tensor(np.arange(self.n_angles)[index], dtype=torch.long).reshape(-1)
-            a = _csr_rows(self._matrices[0], (views[:, None] * self.n + torch.arange(self.n)).reshape(-1))
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"
-                csc = a.to_sparse_csc()
-            at = torch.sparse_csr_tensor(csc.ccol_indices(), csc.row_indices(), csc.values(), (a.shape[1], a.shape[0]))
-            sub._matrices = (_int32_indices(a), _int32_indices(at))
+            sub._matrices = _with_transpose(
+                _csr_rows(self._matrices[0], (views[:, None] * self.n + torch.arange(self.n)).reshape(-1))
+            )
         return sub
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 import torch
 
 from ..baselines.cg import conjugate_gradient
+from ..baselines.em import view_subsets
 from ..physics.likelihoods import PoissonLikelihood, TransmissionLikelihood
 from ..physics.noise import post_log
 from .base import Problem, SamplerParams
@@ -157,17 +157,11 @@ def _em_subsets(problem: Problem, n_subsets: int) -> list[tuple[Any, Any, torch.
     op = problem.operator
     if n_subsets <= 1 or not hasattr(op, "subset"):
         return None
-    n_views = int(op.data_shape[-1])
-    n_subsets = min(int(n_subsets), n_views)
+    n_subsets = min(int(n_subsets), int(op.data_shape[-1]))
     cache = problem.__dict__.setdefault("_em_subset_cache", {})
     if n_subsets not in cache:
-        out = []
-        for start in range(n_subsets):
-            idx = np.arange(start, n_views, n_subsets)
-            op_j = op.subset(idx)
-            ones = torch.ones(op_j.data_shape, device=op.device, dtype=op.dtype)
-            out.append((op_j, problem.likelihood.subset(idx), problem.measurement[..., idx], op_j.adjoint(ones)))
-        cache[n_subsets] = out
+        cache[n_subsets] = [(op_j, problem.likelihood.subset(idx), problem.measurement[..., idx], sens_j)
+                            for idx, op_j, sens_j in view_subsets(op, n_subsets)]
     return cache[n_subsets]
 
 
