@@ -293,3 +293,10 @@ def test_run_settings_refuse_a_bad_std_pool():
     for bad in (-1, float("nan"), None, "wide"):
         with pytest.raises(ValueError, match="std_pool"):
             RunSettings.from_dict({"method": "dds", "std_pool": bad})
+
+
+def test_std_pool_is_refused_for_volume_runs(tmp_path, capsys):
+    # volumes report the raw per-voxel std: the flag would be silently ignored, so it is an error naming the fix
+    out = tmp_path / "vol"
+    assert main(["reconstruct", str(tmp_path), "--volume", "--method", "mbir", "--std-pool", "2", "-o", str(out)]) == 2
+    assert "--std-pool applies to 2D runs" in capsys.readouterr().err and not out.exists()
