@@ -10,7 +10,14 @@ import torch
 
 from napari_diffrecon.priors import load_prior
 from napari_diffrecon.priors.phantoms import TISSUES, anatomy, ct_phantom, pet_phantom, phantom_batch
-from napari_diffrecon.priors.sources import builtin_pool, mni152_slices, normalisation_for, random_phase
+from napari_diffrecon.priors.sources import (
+    _mri_augment,
+    builtin_pool,
+    coarser_voxels,
+    mni152_slices,
+    normalisation_for,
+    random_phase,
+)
 from napari_diffrecon.priors.training import export_checkpoint
 
 
@@ -64,6 +71,35 @@ def test_mni152_slices_are_real_brain_slices():
     assert sl.ndim == 3 and sl.shape[1:] == (64, 64) and sl.shape[0] >= 20
     assert sl.min() >= 0 and sl.max() <= 1.0 + 1e-6
     assert all(s.std() > 0.1 for s in sl)  # none constant
+
+
+def _high_freq_share(img: np.ndarray) -> float:
+    f = np.abs(np.fft.fftshift(np.fft.fft2(img))) ** 2
+    n = img.shape[0]
+    yy, xx = np.mgrid[:n, :n] - n // 2
+    return float(f[np.hypot(yy, xx) > n / 8].sum() / f.sum())
+
+
+def test_coarser_voxels_removes_detail_finer_than_the_voxel_and_keeps_the_mean():
+    sl = mni152_slices(128, step=16)[3]
+    coarse = coarser_voxels(sl, 3.0)
+    assert coarse.shape == sl.shape and coarse.dtype == np.float32
+    assert abs(coarse.mean() - sl.mean()) < 0.02 * sl.mean()
+    assert _high_freq_share(coarse) < 0.5 * _high_freq_share(sl)
+    np.testing.assert_allclose(coarser_voxels(sl, 1.0), sl, atol=1e-5)  # factor 1: unchanged
+
+
+def test_mri_augmentation_draws_coarse_acquisitions_about_as_often_as_asked():
+    sl = mni152_slices(64, step=16)[3]
+    thr = 0.5 * _high_freq_share(sl)
+
+    def smooth_fraction(p: float, seed: int) -> float:
+        rng = np.random.default_rng(seed)
+        return float(np.mean([_high_freq_share(_mri_augment(sl, rng, p_coarse=p)) < thr for _ in range(40)]))
+
+    never, default, always = smooth_fraction(0.0, 1), smooth_fraction(0.5, 2), smooth_fraction(1.0, 3)
+    assert never <= 0.1 and always >= 0.4  # contrast changes alone keep the detail; coarse voxels remove it
+    assert never < default < always
 
 
 def test_random_phase_is_smooth():

@@ -19,7 +19,7 @@ from .data import _crop
 from .phantoms import ct_phantom, pet_phantom
 from .training import ImagePool
 
-__all__ = ["BUILTIN_SOURCES", "mni152_slices", "random_phase", "builtin_pool", "normalisation_for"]
+__all__ = ["BUILTIN_SOURCES", "coarser_voxels", "mni152_slices", "random_phase", "builtin_pool", "normalisation_for"]
 
 MNI_LICENCE = (
     "ICBM 2009a nonlinear symmetric template (MNI152), Copyright (C) 1993-2009 Louis Collins, McConnell Brain "
@@ -33,7 +33,8 @@ BUILTIN_SOURCES: dict[str, dict[str, str]] = {
     "pet-phantoms": {"modality": "pet", "description": "procedural FDG-like PET phantoms (body) + MNI152 brain "
                      "uptake maps (grey/white matter)", "licence": "BSD-3-Clause (generated); " + MNI_LICENCE},
     "mni152": {"modality": "mri", "description": "nilearn's bundled MNI152 T1 template (1 mm), axial, coronal and "
-               "sagittal slices, random contrast (gamma), bias field and smooth phase", "licence": MNI_LICENCE},
+               "sagittal slices, random contrast (gamma), bias field, 1-4x coarser voxels (half the draws) and smooth "
+               "phase", "licence": MNI_LICENCE},
 }
 
 
@@ -110,11 +111,32 @@ def random_phase(shape: tuple[int, int], rng: np.random.Generator, max_rad: floa
     return np.clip(ph, -np.pi - max_rad, np.pi + max_rad).astype(np.float32)
 
 
-def _mri_augment(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Random contrast (gamma), smooth bias field, contrast inversion (T2-like) now and then."""
+def coarser_voxels(img: np.ndarray, factor: float, order: int = 1) -> np.ndarray:
+    """``img`` as acquired with ``factor``× coarser voxels, interpolated back onto its own grid.
+
+    Area-averaging (anti-aliased) downsampling to ``round(n / factor)`` pixels per side, then spline
+    interpolation of ``order`` (1 linear, 3 cubic) back to the original shape: what a scanner's
+    lower-resolution image looks like once a viewer or a resampling step puts it on a finer matrix.
+    """
+    h, w = img.shape
+    small = resize(img, (max(4, round(h / factor)), max(4, round(w / factor))), anti_aliasing=True,
+                   preserve_range=True)
+    return resize(small, (h, w), order=order, preserve_range=True).astype(np.float32)
+
+
+def _mri_augment(img: np.ndarray, rng: np.random.Generator, p_coarse: float = 0.5) -> np.ndarray:
+    """Random contrast (gamma), smooth bias field, contrast inversion (T2-like) now and then, and with
+    probability ``p_coarse`` an acquisition at 1–4× coarser voxels (log-uniform), interpolated back.
+
+    The template's slices are 1.5 mm pixels at 128²; clinical and research scans are often acquired at
+    2–5 mm and resampled, which is smoother than anything in the template (see ``docs/dev/priors.md``).
+    """
     g = float(np.exp(rng.normal(0, 0.3)))
     out = np.clip(img, 0, 1) ** g
     h, w = img.shape
+    if rng.random() < p_coarse:
+        factor = float(np.exp(rng.uniform(0.0, np.log(4.0))))
+        out = np.clip(coarser_voxels(out, factor, order=int(rng.choice([1, 3]))), 0, None)
     y, x = np.mgrid[-1 : 1 : h * 1j, -1 : 1 : w * 1j]
     bias = 1 + rng.normal(0, 0.12) * x + rng.normal(0, 0.12) * y + rng.normal(0, 0.06) * (x**2 + y**2)
     out = out * np.clip(bias, 0.6, 1.4)
