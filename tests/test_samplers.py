@@ -71,6 +71,25 @@ def test_dds_without_data_steps_equals_unconditional_ddim():
     torch.testing.assert_close(a[-1].x0_hat, b[-1].x0_hat)
 
 
+def test_each_iterate_carries_its_residual_computed_only_when_read(monkeypatch):
+    prob, _, m = _inpainting_problem()
+    calls = []
+    real = Problem.residual
+
+    def counted(self, x):
+        calls.append(1)
+        return real(self, x)
+
+    monkeypatch.setattr(Problem, "residual", counted)
+    its = _final(get_sampler("dds")(prob, SamplerParams(n_steps=10, cg_iters=2), n_samples=2, seed=1, yield_every=1))
+    assert len(its) == 10 and not calls  # nothing read yet: no forward products spent on residuals
+    r = its[4].data_residual
+    assert len(calls) == 1 and r.shape == (2,)
+    expected = torch.linalg.vector_norm((prob.operator.forward(its[4].x0_hat) - m).reshape(2, -1), dim=1)
+    torch.testing.assert_close(r, expected / torch.linalg.vector_norm(m))  # of that iterate's x0_hat, not a later one
+    assert its[4].data_residual is r and len(calls) == 1  # cached
+
+
 def test_determinism_and_live_parameter_change():
     prob, _, _ = _inpainting_problem()
     p1 = SamplerParams(n_steps=20, eta=0.85, gamma=1.0, cg_iters=2)

@@ -11,6 +11,7 @@ in *image units* ``x`` (what the operator takes), ``x = a·u + b`` (complex when
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -86,6 +87,28 @@ class SamplerParams:
         return {k: (v if not isinstance(v, float) or math.isfinite(v) else str(v)) for k, v in asdict(self).items()}
 
 
+class _OnFirstRead:
+    """Dataclass field descriptor: set to a value or to a zero-argument function, read as the (cached) value.
+
+    Without a default (reading it from the class raises ``AttributeError``), so the field stays required.
+    """
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self._slot = "_lazy_" + name
+
+    def __get__(self, obj: Any, objtype: type | None = None) -> Any:
+        if obj is None:
+            raise AttributeError(self._slot)
+        value = obj.__dict__[self._slot]
+        if callable(value):
+            value = value()
+            obj.__dict__[self._slot] = value
+        return value
+
+    def __set__(self, obj: Any, value: Any) -> None:
+        obj.__dict__[self._slot] = value
+
+
 @dataclass
 class Iterate:
     """One streamed state of a run (tensors detached, on the run's device).
@@ -99,7 +122,8 @@ class Iterate:
     x0_hat : torch.Tensor
         The current estimate of the clean image (after the data step), image units.
     data_residual : torch.Tensor
-        ``‖A x0_hat − m‖ / ‖m‖`` per sample, shape ``(B,)``.
+        ``‖A x0_hat − m‖ / ‖m‖`` per sample, shape ``(B,)``. Computed on first read (one forward product):
+        a headless run that reads only the final iterate's does not pay for it at every step.
     elapsed : float
         Seconds since the run started.
     nfe : int
@@ -114,7 +138,7 @@ class Iterate:
     n_steps: int
     x_t: torch.Tensor
     x0_hat: torch.Tensor
-    data_residual: torch.Tensor
+    data_residual: _OnFirstRead = _OnFirstRead()
     elapsed: float
     nfe: int
     sigma: float
@@ -206,7 +230,8 @@ class Problem:
         """
         from ..metrics import data_residual
 
-        return data_residual(self.operator, x, self.measurement, self.likelihood).reshape(-1)
+        with torch.no_grad():
+            return data_residual(self.operator, x, self.measurement, self.likelihood).reshape(-1)
 
 
 def time_grid(prior: Prior, params: SamplerParams) -> torch.Tensor:
@@ -334,7 +359,7 @@ def run_loop(
                     n_steps=n,
                     x_t=problem.to_image(u.detach()) if not last else x0_img,
                     x0_hat=x0_img,
-                    data_residual=problem.residual(x0_img),
+                    data_residual=functools.partial(problem.residual, x0_img),
                     elapsed=now - t_start,
                     nfe=nfe,
                     sigma=s_next,

@@ -20,6 +20,7 @@ volume draws exactly the noise the whole volume would, and with λ = 0 slice ``k
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -293,7 +294,7 @@ def mbir(
                     n_steps=n,
                     x_t=x0_img if last else problem.to_image(u),
                     x0_hat=x0_img,
-                    data_residual=problem.residual(x0_img),
+                    data_residual=functools.partial(problem.residual, x0_img),
                     elapsed=now - t_start,
                     nfe=nfe,
                     sigma=s_next,
