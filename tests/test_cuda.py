@@ -1,4 +1,6 @@
-"""GPU checks: the samplers, likelihoods and training on a CUDA device (skipped without one).
+"""GPU checks: the conditional 2D samplers, likelihoods and training on a CUDA device (skipped without one).
+
+Not covered here: the consistency, unconditional and volume (z-TV) samplers.
 
 CI has no GPU; these run on a lent GPU machine (``python -m pytest tests/test_cuda.py``). Each sampler run on the
 GPU must be deterministic under its seed on that device, reach the quality the same run reaches on the CPU (the
@@ -51,7 +53,7 @@ def priors():
     return {k: load_prior(v) for k, v in names.items()}
 
 
-CASES = [  # (task, method, hot start): every sampler once, and each modality's data step
+CASES = [  # (task, method, hot start): each conditional 2D sampler, and each modality's data step
     ("ct", "dds", "fbp"), ("ct", "dps", "fbp"), ("ct", "mcg", None), ("ct", "song", None),
     ("ct-lowdose", "dds", "fbp"), ("mri-8c", "dds", "cg"), ("mri-8c", "dps", "cg"), ("pet", "dds", "mlem"),
 ]

@@ -71,23 +71,30 @@ def test_dds_without_data_steps_equals_unconditional_ddim():
     torch.testing.assert_close(a[-1].x0_hat, b[-1].x0_hat)
 
 
-def test_each_iterate_carries_its_residual_computed_only_when_read(monkeypatch):
+def test_each_iterate_carries_its_residual_computed_only_when_read():
     prob, _, m = _inpainting_problem()
+    its, at_yield = [], []
+    for it in get_sampler("dds")(prob, SamplerParams(n_steps=10, cg_iters=2), n_samples=2, seed=1, yield_every=1):
+        its.append(it)
+        at_yield.append(prob.residual(it.x0_hat.clone()))  # the residual as it was when the iterate was yielded
+    assert len(its) == 10 and its[-1].done
+    r = its[4].data_residual  # read after the run: still that iterate's own x0_hat
+    assert r.shape == (2,)
+    expected = torch.linalg.vector_norm((prob.operator.forward(its[4].x0_hat) - m).reshape(2, -1), dim=1)
+    torch.testing.assert_close(r, expected / torch.linalg.vector_norm(m))
+    assert its[4].data_residual is r  # cached
+    for it, ref in zip(its, at_yield, strict=True):
+        torch.testing.assert_close(it.data_residual, ref, rtol=0, atol=0)
+
+
+def test_a_run_spends_no_forward_products_on_residuals_nobody_reads(monkeypatch):
+    prob, _, _ = _inpainting_problem()
     calls = []
     real = Problem.residual
-
-    def counted(self, x):
-        calls.append(1)
-        return real(self, x)
-
-    monkeypatch.setattr(Problem, "residual", counted)
+    monkeypatch.setattr(Problem, "residual", lambda self, x: calls.append(1) or real(self, x))
     its = _final(get_sampler("dds")(prob, SamplerParams(n_steps=10, cg_iters=2), n_samples=2, seed=1, yield_every=1))
-    assert len(its) == 10 and not calls  # nothing read yet: no forward products spent on residuals
-    r = its[4].data_residual
-    assert len(calls) == 1 and r.shape == (2,)
-    expected = torch.linalg.vector_norm((prob.operator.forward(its[4].x0_hat) - m).reshape(2, -1), dim=1)
-    torch.testing.assert_close(r, expected / torch.linalg.vector_norm(m))  # of that iterate's x0_hat, not a later one
-    assert its[4].data_residual is r and len(calls) == 1  # cached
+    assert len(its) == 10 and not calls
+    assert its[-1].data_residual.shape == (2,) and len(calls) == 1
 
 
 def test_determinism_and_live_parameter_change():

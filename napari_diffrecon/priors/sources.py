@@ -114,7 +114,7 @@ def random_phase(shape: tuple[int, int], rng: np.random.Generator, max_rad: floa
 def coarser_voxels(img: np.ndarray, factor: float, order: int = 1) -> np.ndarray:
     """``img`` as acquired with ``factor``× coarser voxels, interpolated back onto its own grid.
 
-    Area-averaging (anti-aliased) downsampling to ``round(n / factor)`` pixels per side, then spline
+    Gaussian-prefiltered (anti-aliased) downsampling to ``round(n / factor)`` pixels per side, then spline
     interpolation of ``order`` (1 linear, 3 cubic) back to the original shape: what a scanner's
     lower-resolution image looks like once a viewer or a resampling step puts it on a finer matrix.
     """
@@ -130,19 +130,21 @@ def _mri_augment(img: np.ndarray, rng: np.random.Generator, p_coarse: float = 0.
 
     The template's slices are 1.5 mm pixels at 128²; clinical and research scans are often acquired at
     2–5 mm and resampled, which is smoother than anything in the template (see ``docs/dev/priors.md``).
+    The coarse step comes last (the shipped MRI prior's second stage ran it before the T2-like inversion,
+    whose full-resolution head mask gave about a quarter of those draws sharp outer edges again).
     """
     g = float(np.exp(rng.normal(0, 0.3)))
     out = np.clip(img, 0, 1) ** g
     h, w = img.shape
-    if rng.random() < p_coarse:
-        factor = float(np.exp(rng.uniform(0.0, np.log(4.0))))
-        out = np.clip(coarser_voxels(out, factor, order=int(rng.choice([1, 3]))), 0, None)
     y, x = np.mgrid[-1 : 1 : h * 1j, -1 : 1 : w * 1j]
     bias = 1 + rng.normal(0, 0.12) * x + rng.normal(0, 0.12) * y + rng.normal(0, 0.06) * (x**2 + y**2)
     out = out * np.clip(bias, 0.6, 1.4)
     if rng.random() < 0.25:  # crude T2-like contrast: dark WM, bright CSF inside the head
         head = ndimage.binary_fill_holes(img > 0.08)
         out = np.where(head, np.clip(1.05 - out, 0, 1) * (img > 0.03), out)
+    if rng.random() < p_coarse:  # last, so no full-resolution mask brings sharp edges back
+        factor = float(np.exp(rng.uniform(0.0, np.log(4.0))))
+        out = np.clip(coarser_voxels(out, factor, order=int(rng.choice([1, 3]))), 0, None)
     hi = np.percentile(out, 99.5)
     return np.clip(out / max(hi, 1e-6), 0, 1.2).astype(np.float32)
 

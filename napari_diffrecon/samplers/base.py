@@ -11,7 +11,6 @@ in *image units* ``x`` (what the operator takes), ``x = a·u + b`` (complex when
 
 from __future__ import annotations
 
-import functools
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -25,6 +24,7 @@ from ..physics.likelihoods import GaussianLikelihood, Likelihood
 from ..priors.prior import Prior, channels_to_complex, complex_to_channels
 
 __all__ = [
+    "Deferred",
     "Problem",
     "SamplerParams",
     "Iterate",
@@ -87,8 +87,20 @@ class SamplerParams:
         return {k: (v if not isinstance(v, float) or math.isfinite(v) else str(v)) for k, v in asdict(self).items()}
 
 
+class Deferred:
+    """A value computed on first use: ``Deferred(fn, *args)`` holds ``fn(*args)`` until it is needed."""
+
+    __slots__ = ("fn", "args")
+
+    def __init__(self, fn: Callable[..., Any], *args: Any) -> None:
+        self.fn, self.args = fn, args
+
+    def __call__(self) -> Any:
+        return self.fn(*self.args)
+
+
 class _OnFirstRead:
-    """Dataclass field descriptor: set to a value or to a zero-argument function, read as the (cached) value.
+    """Dataclass field descriptor: set to a value or to a :class:`Deferred`, read as the (cached) value.
 
     Without a default (reading it from the class raises ``AttributeError``), so the field stays required.
     """
@@ -100,7 +112,7 @@ class _OnFirstRead:
         if obj is None:
             raise AttributeError(self._slot)
         value = obj.__dict__[self._slot]
-        if callable(value):
+        if isinstance(value, Deferred):
             value = value()
             obj.__dict__[self._slot] = value
         return value
@@ -138,7 +150,7 @@ class Iterate:
     n_steps: int
     x_t: torch.Tensor
     x0_hat: torch.Tensor
-    data_residual: _OnFirstRead = _OnFirstRead()
+    data_residual: torch.Tensor = _OnFirstRead()  # type: ignore[assignment]  # a Tensor or a Deferred one
     elapsed: float
     nfe: int
     sigma: float
@@ -359,7 +371,7 @@ def run_loop(
                     n_steps=n,
                     x_t=problem.to_image(u.detach()) if not last else x0_img,
                     x0_hat=x0_img,
-                    data_residual=functools.partial(problem.residual, x0_img),
+                    data_residual=Deferred(problem.residual, x0_img),
                     elapsed=now - t_start,
                     nfe=nfe,
                     sigma=s_next,

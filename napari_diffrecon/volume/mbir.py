@@ -20,7 +20,6 @@ volume draws exactly the noise the whole volume would, and with λ = 0 slice ``k
 
 from __future__ import annotations
 
-import functools
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ import torch
 from ..physics.likelihoods import PoissonLikelihood, TransmissionLikelihood
 from ..priors.prior import channels_to_complex, complex_to_channels
 from ..samplers.base import (
+    Deferred,
     Iterate,
     Problem,
     SamplerParams,
@@ -294,7 +294,7 @@ def mbir(
                     n_steps=n,
                     x_t=x0_img if last else problem.to_image(u),
                     x0_hat=x0_img,
-                    data_residual=functools.partial(problem.residual, x0_img),
+                    data_residual=Deferred(problem.residual, x0_img),
                     elapsed=now - t_start,
                     nfe=nfe,
                     sigma=s_next,
