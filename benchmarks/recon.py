@@ -320,14 +320,15 @@ def _classical(m: Measurement, method: str, gt: np.ndarray, task: str) -> dict[s
 
 
 def _sampler(m: Measurement, label: str, prior, modality: str, gt: np.ndarray, seed: int,
-             overrides: dict[str, Any], n_samples: int = 1, callback: Callable | None = None) -> dict[str, Any]:
+             overrides: dict[str, Any], n_samples: int = 1, callback: Callable | None = None,
+             device: str = "cpu") -> dict[str, Any]:
     from napari_diffrecon.reconstruct import RunSettings, reconstruct
     from napari_diffrecon.samplers.defaults import recommended_params
 
     hot = label.endswith("-hot")
     method = label.removesuffix("-hot")
     params = recommended_params(method, modality, hot_start=hot, **overrides.get(label, {}))
-    settings = RunSettings(method=method, params=params, n_samples=n_samples, seed=seed,
+    settings = RunSettings(method=method, params=params, n_samples=n_samples, seed=seed, device=device,
                            hot_start=HOT_START[modality] if hot else None, keep_samples=n_samples > 1)
     timer = NetTimer(prior, backward=method in ("dps", "mcg")) if hasattr(prior, "_call_network") else None
     try:
