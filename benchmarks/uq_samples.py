@@ -4,6 +4,7 @@ figure of one MRI run (ground truth, mean, |error|, std, one sample − mean).
     python benchmarks/uq_samples.py                       # ρ at 8/16/32 samples, DDS-hot, ct-23 and pet-low
     python benchmarks/uq_samples.py --figure mri-4x-t1c --out docs/dev/mri_uq_t1c.png
     python benchmarks/uq_samples.py --pool-study ct-23      # 8-sample std, raw vs pooled, against a 32-sample std
+    python benchmarks/uq_samples.py --self-check mri-4x     # ρ the model's own posterior predicts (held-out samples)
 
 Every run's std is the variance pooled over ``DEFAULT_STD_POOL`` pixels (``--std-pool``); ρ of the raw per-voxel
 std of the same samples is printed beside it.
@@ -25,12 +26,46 @@ from napari_diffrecon.priors import default_prior_for, load_prior  # noqa: E402
 from napari_diffrecon.uncertainty import pool_variance, summarize  # noqa: E402
 
 
-def _run(task: str, modality: str, k: int):
+def _run(task: str, modality: str, k: int, label: str = "dds-hot"):
     m = recon.build_task(task)
     gt = np.abs(m.ground_truth)
     prior = load_prior(default_prior_for(modality, complex_=modality == "mri"))
-    row = recon._sampler(m, "dds-hot", prior, modality, gt, 0, {}, n_samples=k)
+    row = recon._sampler(m, label, prior, modality, gt, 0, {}, n_samples=k)
     return row, row["result"], gt
+
+
+def self_check(task: str, label: str, k: int = 8, n_ref: int = 32) -> dict[str, float]:
+    """How informative the std could be if the sampler's posterior were the truth.
+
+    ``k + n_ref`` samples in one run; the std (pooled as in every run) and mean of the first ``k`` are scored
+    against the ground truth (the benchmark's ρ, coverage and RMS error) and against each held-out sample taken
+    as a stand-in truth (what the same numbers would be if the ground truth were a draw from this posterior:
+    the ceiling a perfectly calibrated sampler of this spread reaches). The RMS ratio real / self says how much
+    larger the real error is than the spread predicts (1 = calibrated, > 1 = overconfident).
+    """
+    from napari_diffrecon.uncertainty import DEFAULT_STD_POOL
+
+    row, r, gt = _run(task, task.split("-")[0], k + n_ref, label)
+    s = np.abs(r.samples).astype(np.float64)
+    mean = s[:k].mean(0)
+    std = pool_variance(torch.from_numpy(s[:k].var(0, ddof=1)), DEFAULT_STD_POOL).sqrt().numpy()
+    half = 1.96 * std  # the Gaussian 95 % interval of the mean ± std (summarize's interval is empirical)
+
+    def scores(truth: np.ndarray) -> tuple[float, float, float]:
+        err = np.abs(mean - truth)
+        return recon._spearman(std, err), float(np.mean(err <= half)), float(np.sqrt(np.mean(err**2)))
+
+    real = scores(gt)
+    held = np.array([scores(x) for x in s[k:]])
+    # Note the held-out sample also carries its own spread about the mean: err² ≈ var·(1 + 1/k) either way.
+    out = {"task": task, "method": label, "k": k, "n_ref": n_ref, "psnr_mean": row["psnr"],
+           "rho_real": real[0], "rho_self": float(held[:, 0].mean()), "rho_self_sd": float(held[:, 0].std()),
+           "cover_real": real[1], "cover_self": float(held[:, 1].mean()),
+           "rms_ratio": real[2] / float(np.sqrt(np.mean(held[:, 2] ** 2)))}
+    print(f"{task} {label}: ρ real {out['rho_real']:.3f} vs self {out['rho_self']:.3f} ± {out['rho_self_sd']:.3f}; "
+          f"±1.96 std coverage real {out['cover_real']:.1%} vs self {out['cover_self']:.1%}; "
+          f"RMS error real / self {out['rms_ratio']:.2f}", flush=True)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,8 +77,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pool-study", default=None, metavar="TASK",
                     help="instead: 40 samples of TASK; the std of the first 8 (raw and pooled over 0.5–2 px) against "
                          "the std of the other 32")
+    ap.add_argument("--self-check", nargs="+", default=None, metavar="TASK",
+                    help="instead: ρ, coverage and RMS error against the ground truth and against held-out samples "
+                         "of the same run (the model's own prediction of them)")
+    ap.add_argument("--method", default="dds-hot", help="sampler label for --self-check (dds, dds-hot, dps, ...)")
+    ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args(argv)
-    torch.set_num_threads(2)
+    torch.set_num_threads(a.threads)
+    if a.self_check:
+        for task in a.self_check:
+            self_check(task, a.method)
+        return 0
     if a.pool_study:
         row, r, gt = _run(a.pool_study, a.pool_study.split("-")[0], 40)
         s = torch.from_numpy(np.abs(r.samples)).double()
