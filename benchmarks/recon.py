@@ -321,7 +321,7 @@ def _classical(m: Measurement, method: str, gt: np.ndarray, task: str) -> dict[s
 
 def _sampler(m: Measurement, label: str, prior, modality: str, gt: np.ndarray, seed: int,
              overrides: dict[str, Any], n_samples: int = 1, callback: Callable | None = None,
-             device: str = "cpu") -> dict[str, Any]:
+             device: str = "cpu", precision: str = "float32") -> dict[str, Any]:
     from napari_diffrecon.reconstruct import RunSettings, reconstruct
     from napari_diffrecon.samplers.defaults import recommended_params
 
@@ -329,7 +329,8 @@ def _sampler(m: Measurement, label: str, prior, modality: str, gt: np.ndarray, s
     method = label.removesuffix("-hot")
     params = recommended_params(method, modality, hot_start=hot, **overrides.get(label, {}))
     settings = RunSettings(method=method, params=params, n_samples=n_samples, seed=seed, device=device,
-                           hot_start=HOT_START[modality] if hot else None, keep_samples=n_samples > 1)
+                           hot_start=HOT_START[modality] if hot else None, keep_samples=n_samples > 1,
+                           precision=precision)
     timer = NetTimer(prior, backward=method in ("dps", "mcg")) if hasattr(prior, "_call_network") else None
     try:
         with PeakRSS() as mem:
@@ -383,7 +384,7 @@ def run_table(a: argparse.Namespace, priors: dict[str, Any]) -> list[dict[str, A
         print(f"== {task}: {TASKS[task][0]} (noise-floor residual {floor:.4f})", flush=True)
         for meth in methods:
             if meth in SAMPLER_RUNS:
-                row = _sampler(m, meth, priors[modality][0], modality, gt, a.seed, a.overrides)
+                row = _sampler(m, meth, priors[modality][0], modality, gt, a.seed, a.overrides, precision=a.precision)
                 row.pop("result")
             else:
                 row = _classical(m, meth, gt, task)
@@ -415,9 +416,11 @@ def run_extras(a: argparse.Namespace, priors: dict[str, Any]) -> dict[str, Any]:
         for label in a.uq_methods:
             one = None
             if task == a.batch_task and label == a.uq_methods[0]:
-                one = _sampler(m, label, priors[modality][0], modality, gt, a.seed, a.overrides, n_samples=1)
+                one = _sampler(m, label, priors[modality][0], modality, gt, a.seed, a.overrides, n_samples=1,
+                               precision=a.precision)
                 one.pop("result")
-            row = _sampler(m, label, priors[modality][0], modality, gt, a.seed, a.overrides, n_samples=k)
+            row = _sampler(m, label, priors[modality][0], modality, gt, a.seed, a.overrides, n_samples=k,
+                           precision=a.precision)
             r = row.pop("result")
             if one is not None:
                 out["batch"] = {"task": task, "method": label, "n_samples": k, "wall_1": one["wall_s"],
@@ -478,7 +481,8 @@ def _fmt(v: Any, f: str) -> str:
 
 def markdown(rows: list[dict[str, Any]], extras: dict[str, Any] | None, meta: dict[str, Any]) -> str:
     lines = [f"Reconstruction benchmark ({meta['date']}, {meta['machine']}, torch {meta['torch']}, "
-             f"{meta['threads']} thread(s), seed {meta['seed']}, {meta['size']}² images).", ""]
+             f"{meta['threads']} thread(s), seed {meta['seed']}, {meta['size']}² images"
+             f"{'' if meta.get('precision', 'float32') == 'float32' else ', network in ' + meta['precision']}).", ""]
     lines.append("Priors: " + "; ".join(f"{k}: `{v['source']}` ({v['train_steps']} training steps)"
                                          for k, v in meta["priors"].items()))
     lines.append("")
@@ -610,6 +614,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--size", type=int, default=128)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--precision", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="the prior network's arithmetic for every sampler run (RunSettings.precision)")
     p.add_argument("--no-extras", action="store_true", help="skip uncertainty / batch / NFE-curve measurements")
     p.add_argument("--extras-only", action="store_true")
     p.add_argument("--uq-tasks", nargs="*", default=["ct-23", "mri-4x", "pet-low"])
@@ -633,7 +639,8 @@ def main(argv: list[str] | None = None) -> int:
             pr.network.requires_grad_(False)  # DPS/MCG differentiate w.r.t. the input only
     meta = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.processor() or platform.machine()} CPU",
             "torch": torch.__version__, "threads": torch.get_num_threads(), "seed": a.seed, "size": a.size,
-            "priors": {k: _prior_info(pr, src) for k, (pr, src) in priors.items()}, "overrides": a.overrides,
+            "precision": a.precision, "priors": {k: _prior_info(pr, src) for k, (pr, src) in priors.items()},
+            "overrides": a.overrides,
             "argv": sys.argv[1:] if argv is None else argv}
     t0 = time.perf_counter()
     rows = [] if a.extras_only else run_table(a, priors)

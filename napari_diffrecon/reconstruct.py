@@ -51,8 +51,12 @@ class RunSettings:
     baseline_params: dict[str, Any] = field(default_factory=dict)
     keep_samples: bool = False
     std_pool: float = DEFAULT_STD_POOL  # pixels: Gaussian pooling of the per-voxel variance (0 = raw per voxel)
+    precision: str = "float32"  # the prior network's evaluation: float32, bfloat16 or float16 (autocast)
 
     def __post_init__(self) -> None:
+        from .priors.prior import check_precision
+
+        check_precision(self.precision)
         try:
             self.std_pool = float(self.std_pool)
         except (TypeError, ValueError):
@@ -204,6 +208,8 @@ def prepare_run(
         prior = load_prior(name, device)
     else:
         prior = prior.to(device)
+    if hasattr(prior, "network"):  # every run states its own precision (a cached prior keeps no earlier run's)
+        prior.precision = settings.precision
     card = getattr(prior, "card", None)
     hs_method = settings.hot_start or (
         _default_hot_start_method(modality) if modality in ("ct", "pet", "mri") else None

@@ -300,3 +300,17 @@ def test_std_pool_is_refused_for_volume_runs(tmp_path, capsys):
     out = tmp_path / "vol"
     assert main(["reconstruct", str(tmp_path), "--volume", "--method", "mbir", "--std-pool", "2", "-o", str(out)]) == 2
     assert "--std-pool applies to 2D runs" in capsys.readouterr().err and not out.exists()
+
+
+def test_precision_is_checked_and_refused_for_volume_runs(tmp_path, capsys):
+    from napari_diffrecon.cli import main
+    from napari_diffrecon.reconstruct import RunSettings
+
+    assert RunSettings().precision == "float32"
+    assert RunSettings.from_dict(RunSettings(precision="bfloat16").to_dict()).precision == "bfloat16"
+    with pytest.raises(ValueError, match="unknown network precision 'fp8'"):
+        RunSettings.from_dict({"method": "dds", "precision": "fp8"})
+    out = tmp_path / "vol"
+    assert main(["reconstruct", str(tmp_path), "--volume", "--method", "mbir", "--precision", "bfloat16",
+                 "-o", str(out)]) == 2
+    assert "--precision applies to 2D runs" in capsys.readouterr().err and not out.exists()

@@ -305,3 +305,39 @@ def test_traced_inference_equals_the_eager_network(parametrisation, schedule, mo
         worker.start()
         worker.join()
     assert plain._traced is not None and torch.equal(out[0], main)
+
+
+def test_reduced_precision_network_evaluation():
+    """precision="bfloat16": the network runs under autocast, its output comes back float32, close to full precision;
+    float32 is the network itself; the traced graph (traced under autocast) gives the eager autocast numbers."""
+    from napari_diffrecon.priors.prior import check_precision
+
+    prior = _tiny_prior("edm", None)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 1, 32, 32, generator=gen)
+    sigma = torch.tensor([0.1, 0.5, 2.0])
+    with torch.no_grad():
+        full = prior.denoise(x, sigma)
+        prior.precision = "bfloat16"
+        prior.trace = False
+        low = prior.denoise(x, sigma)
+        prior.trace = True
+        prior.denoise(x, sigma)  # traces
+        traced = prior.denoise(x, sigma)
+    assert low.dtype == torch.float32 and traced.dtype == torch.float32
+    assert not torch.equal(low, full)  # the reduced type really ran
+    rel = float((low - full).norm() / full.norm())
+    assert rel < 2e-2, rel  # bfloat16 keeps 8 bits of mantissa: ~0.5 % in the output
+    assert torch.equal(traced, low)
+    # with autograd (DPS) the gradient reaches the float32 input through the autocast network
+    xg = x.clone().requires_grad_(True)
+    prior.denoise(xg, sigma).sum().backward()
+    assert xg.grad is not None and xg.grad.dtype == torch.float32 and torch.isfinite(xg.grad).all()
+    prior.precision = "float32"
+    with torch.no_grad():
+        assert torch.equal(prior.denoise(x, sigma), full)  # a later float32 run re-traces: the same numbers
+    with pytest.raises(ValueError, match="bfloat16"):
+        check_precision("fp8")
+    prior.precision = "half"
+    with pytest.raises(ValueError, match="unknown network precision 'half'"):
+        prior.denoise(x, sigma)

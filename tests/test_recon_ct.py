@@ -140,3 +140,17 @@ def test_shipped_consistency_model_beats_fbp_in_four_network_evaluations(sparse_
     assert r.provenance["nfe"] == 4
     assert r.residual < 0.05
     assert psnr(r.reconstruction, sparse_ct.ground_truth) > references["fbp_psnr"] + 1.0
+
+
+def test_bfloat16_network_gives_the_float32_reconstruction(sparse_ct, ct_prior):
+    """--precision bfloat16 (autocast network, float32 data step) stays within 0.1 dB of float32 and says so."""
+    full = _run(sparse_ct, ct_prior, "dds", hot_start="fbp", n_steps=8, t0=0.3)
+    low = reconstruct(sparse_ct, RunSettings(method="dds", params=SamplerParams(n_steps=8, t0=0.3), hot_start="fbp",
+                                             precision="bfloat16"), prior=ct_prior)
+    gt = sparse_ct.ground_truth
+    assert not np.array_equal(low.reconstruction, full.reconstruction)
+    assert abs(psnr(low.reconstruction, gt) - psnr(full.reconstruction, gt)) < 0.1
+    assert low.reconstruction.dtype == np.float32 and low.provenance["settings"]["precision"] == "bfloat16"
+    # the prior is shared (GUI cache): the next run states its own precision and gets the float32 numbers back
+    again = _run(sparse_ct, ct_prior, "dds", hot_start="fbp", n_steps=8, t0=0.3)
+    assert np.array_equal(again.reconstruction, full.reconstruction) and ct_prior.precision == "float32"

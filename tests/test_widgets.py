@@ -284,13 +284,15 @@ def test_presets_and_last_settings_persist(make_napari_viewer, qtbot, tmp_path, 
     w.seed.setValue(7)
     w.n_samples.setValue(4)
     w.std_pool.setValue(0.0)  # raw per-voxel std instead of the default pooling
+    w.precision_combo.setCurrentText("bfloat16")
     w.set_prior_weight(2.0)
     assert w.set_prior(str(tiny_priors["ct"]))
     path = w.save_preset(tmp_path / "p.json")
     d = json.loads(path.read_text())
     assert d["settings"]["method"] == "mcg" and d["settings"]["params"]["n_steps"] == 37
-    assert d["settings"]["std_pool"] == 0.0
+    assert d["settings"]["std_pool"] == 0.0 and d["settings"]["precision"] == "bfloat16"
     w2 = main_widget(viewer, restore_last=False)
+    assert w2.current_settings().precision == "float32"
     assert w2.current_settings().method != "mcg"
     assert w2.load_preset(path)
     s1, s2 = w.current_settings().to_dict(), w2.current_settings().to_dict()

@@ -377,7 +377,13 @@ class DiffReconWidget(QWidget):
                                  "uncertainty map from few samples (0 = raw per-voxel std)")
         self._samples_row = _row("posterior samples", self.n_samples, QLabel("std pooling"), self.std_pool)
         gl.addWidget(self._samples_row)
-        gl.addWidget(_row("seed", self.seed, QLabel("device"), self.device_combo))
+        self.precision_combo = QComboBox()
+        self.precision_combo.addItems(["float32", "bfloat16", "float16"])
+        self.precision_combo.setToolTip("arithmetic of the prior network (2D runs; the data step stays float32): "
+                                        "bfloat16 is ~1.6× faster on CPUs with AVX512-BF16/AMX at ≤ 0.1 dB; "
+                                        "float16 is for GPUs")
+        gl.addWidget(_row("seed", self.seed, QLabel("device"), self.device_combo, QLabel("network"),
+                          self.precision_combo))
         self.compare = QCheckBox("also compute the classical baseline")
         self.compare.setChecked(True)
         gl.addWidget(self.compare)
@@ -739,6 +745,7 @@ class DiffReconWidget(QWidget):
             hot_start=hot,
             baseline_params=baseline_params,
             std_pool=float(self.std_pool.value()),
+            precision=self.precision_combo.currentText(),
         )
 
     def gui_state(self) -> dict[str, Any]:
@@ -775,6 +782,7 @@ class DiffReconWidget(QWidget):
         self.seed.setValue(int(settings.seed))
         if self.device_combo.findText(settings.device) >= 0:
             self.device_combo.setCurrentText(settings.device)
+        self.precision_combo.setCurrentText(settings.precision)
         for key, v in (settings.baseline_params or {}).items():
             if key == "filter":
                 self.filter_combo.setCurrentText(str(v))

@@ -6,6 +6,7 @@ with: ``x_σ = x0 + σ ε`` (variance-exploding form; see :mod:`.schedules` for 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import warnings
@@ -27,7 +28,22 @@ __all__ = [
     "complex_to_channels",
     "channels_to_complex",
     "edm_noise_label",
+    "PRECISIONS",
+    "check_precision",
 ]
+
+#: Network evaluation precisions: name -> autocast dtype (None = full float32).
+PRECISIONS: dict[str, torch.dtype | None] = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def check_precision(precision: str) -> str:
+    """Validate a network-evaluation precision name (see :data:`PRECISIONS`) and return it."""
+    if precision not in PRECISIONS:
+        raise ValueError(
+            f"unknown network precision {precision!r}; use one of {', '.join(PRECISIONS)} (bfloat16: ~1.6× faster on "
+            "CPUs with AVX512-BF16/AMX and on GPUs; float16: GPUs only)"
+        )
+    return precision
 
 
 def complex_to_channels(x: torch.Tensor) -> torch.Tensor:
@@ -86,6 +102,8 @@ class Prior(ABC):
     card: ModelCard | None = None
     schedule: Schedule
     aug_dim: float | None = None
+    #: Precision of the network's evaluation (:data:`PRECISIONS`); analytic priors ignore it.
+    precision: str = "float32"
 
     @property
     def is_consistency(self) -> bool:
@@ -194,30 +212,45 @@ class NetworkPrior(Prior):
         workers, where other Python threads compete for the GIL); in a one-shot CLI run in the main thread the
         tracing itself (0.2–0.7 s once per prior) would cost more than the ~3 % it saves. ``prior.trace = True``
         / ``False`` or ``NAPARI_DIFFRECON_TRACE=1`` / ``0`` decide it everywhere.
+
+        Precision: with :attr:`precision` ``"bfloat16"`` or ``"float16"`` the network runs under
+        ``torch.autocast`` (weights stay float32; convolutions and matrix products in the reduced type, norms in
+        float32) and its output is cast back to the input's dtype, so everything outside the network (the data
+        step, the schedule, the samples) stays in full precision.
         """
         net = self.network
+        reduced = PRECISIONS[check_precision(self.precision)]
+
+        def eager() -> torch.Tensor:
+            if reduced is None:
+                return net(x, label)
+            with torch.autocast(x.device.type, dtype=reduced):
+                return net(x, label).to(x.dtype)
+
         trace = self.trace if self.trace is not None else threading.current_thread() is not threading.main_thread()
         if not trace or torch.is_grad_enabled() or net.training:
-            return net(x, label)
+            return eager()
         b, c, h, w = x.shape
         if b >= 64 or b * h * w > 2**21:  # diffusers' U-Net takes other code paths for such tensors
-            return net(x, label)
+            return eager()
         modules = list(net.modules())
         if any(type(m).__name__.startswith("LoRA") or _has_hooks(m) for m in modules) or _global_hooks():
-            return net(x, label)  # LoRA (test-time adaptation) or hooks (timers, memory probes) need the modules
-        key = (id(net), len(modules), c, x.dtype, x.device, label.dtype)
+            return eager()  # LoRA (test-time adaptation) or hooks (timers, memory probes) need the modules
+        key = (id(net), len(modules), c, x.dtype, x.device, label.dtype, self.precision)
         if key == self._trace_failed:
-            return net(x, label)
+            return eager()
         if self._traced is None or self._traced[0] != key:
             try:
-                with warnings.catch_warnings():
+                # Traced under autocast, the graph holds the casts: it is then called outside autocast.
+                amp = torch.autocast(x.device.type, dtype=reduced) if reduced is not None else contextlib.nullcontext()
+                with warnings.catch_warnings(), amp:
                     warnings.simplefilter("ignore")  # TracerWarnings and the deprecation notice of torch.jit
                     traced = torch.jit.trace(net, (x[:1], label.reshape(-1)[:1]), check_trace=False)
             except Exception:  # noqa: BLE001 - any tracing problem: the eager network is always right
                 self._trace_failed = key
-                return net(x, label)
+                return eager()
             self._traced = (key, traced)
-        return self._traced[1](x, label)
+        return self._traced[1](x, label).to(x.dtype)
 
     @property
     def device(self) -> torch.device:
