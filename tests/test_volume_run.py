@@ -154,3 +154,22 @@ def test_cli_glue_selects_the_volume_path_and_checks_the_method(tmp_path):
     a = p.parse_args([str(tmp_path), "--method", "dds", "-o", str(tmp_path / "out")])
     with pytest.raises(ValueError, match="--method mbir"):
         run_from_args(a)
+
+
+def test_volume_runs_evaluate_the_prior_in_float32():
+    """A prior object shared with 2D runs (the GUI's cache) may carry precision "bfloat16" from one of them;
+    a volume run resets it: its memory plan and README promise float32."""
+    from napari_diffrecon.priors import ModelCard, NetworkPrior
+    from napari_diffrecon.priors.network import build_network
+
+    torch.manual_seed(0)
+    card = ModelCard(name="tiny-vol", modality="ct", channels=1, resolution=32,
+                     architecture={"type": "diffusers.UNet2DModel", "preset": "tiny"})
+    prior = NetworkPrior(build_network({**card.architecture, "channels": 1}), card)
+    st = simulate_ct_study(_vol(d=3), 8, 0.02)
+    params = VolumeParams(n_steps=2, ztv=0.0)
+    ref = reconstruct_volume(st, prior, params, memory_budget="1GB")
+    prior.precision = "bfloat16"
+    again = reconstruct_volume(st, prior, params, memory_budget="1GB")
+    assert prior.precision == "float32"
+    np.testing.assert_array_equal(again.reconstruction, ref.reconstruction)

@@ -81,6 +81,8 @@ def iter_slab(
     op.z_offset = slab.start
     budget = parse_bytes(memory_budget) if memory_budget is not None else detect_budget(device)
     prior = prior.to(device)
+    if hasattr(prior, "network"):  # volumes run the network in float32 (the memory plan assumes it)
+        prior.precision = "float32"
     plan = plan_memory(op, prior, budget, n_samples)
     chunk = min(plan.chunk_slices, int(max_chunk_slices)) if max_chunk_slices else plan.chunk_slices
     op.max_batch = max(chunk // max(n_samples, 1), 1)
@@ -251,6 +253,8 @@ def stream_volume(
     budget = parse_bytes(memory_budget) if memory_budget is not None else detect_budget(device)
     op = study.build_operator(device)
     prior = prior.to(device)
+    if hasattr(prior, "network"):  # volumes run the network in float32 (the memory plan assumes it)
+        prior.precision = "float32"
     d, h, w = op.image_shape
     plan: MemoryPlan | None
     slabs, halo, plan = plan_volume_slabs(op, prior, budget, n_samples, slab_slices, halo, ztv)
