@@ -382,8 +382,8 @@ class DiffReconWidget(QWidget):
         self.precision_combo.setToolTip("arithmetic of the prior network (2D runs; the data step stays float32): "
                                         "bfloat16 is ~1.6× faster on CPUs with AVX512-BF16/AMX at ≤ 0.1 dB; "
                                         "float16 is for GPUs")
-        gl.addWidget(_row("seed", self.seed, QLabel("device"), self.device_combo, QLabel("network"),
-                          self.precision_combo))
+        gl.addWidget(_row("seed", self.seed, QLabel("device"), self.device_combo))
+        gl.addWidget(_row("network in", self.precision_combo))
         self.compare = QCheckBox("also compute the classical baseline")
         self.compare.setChecked(True)
         gl.addWidget(self.compare)
