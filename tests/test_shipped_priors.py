@@ -118,3 +118,26 @@ def test_shipped_mri_and_pet_priors_denoise_real_images_they_never_saw():
     for sigma in (0.1, 0.2):
         p, tv, noisy = _gain_and_tv(pet, u, sigma)
         assert p > tv + 3.3, (sigma, p, tv, noisy)
+
+
+def test_shipped_mri_consistency_model_improves_on_its_start_in_four_evaluations():
+    """The shipped MRI consistency model (distilled from the shipped 5M MRI prior) on a real MR slice it never saw:
+    4× single-coil k-space at 128 px, hot start from CG at t0 0.25, 4 network evaluations. Measured: 25.70 dB vs CG
+    24.56 and TV 25.18 (the model it replaced, distilled from the first MRI prior: 24.29, below its start)."""
+    from napari_diffrecon.metrics import psnr
+    from napari_diffrecon.reconstruct import RunSettings, reconstruct
+    from napari_diffrecon.samplers.defaults import recommended_params
+    from napari_diffrecon.simulate import simulate_from_image
+
+    name = default_prior_for("mri", complex_=True, consistency=True)
+    cm = load_prior(name)
+    assert cm.is_consistency and cm.card.training["parameters"] > 4e6, name  # not the first, 0.64M-parameter one
+    m = simulate_from_image(_real_mr_unit(128), "mri", size=128, accel=4.0, seed=0)
+    gt = np.abs(m.ground_truth)
+    start = psnr(reconstruct(m, RunSettings(method="cg")).reconstruction, gt)
+    tv = psnr(reconstruct(m, RunSettings(method="tv")).reconstruction, gt)
+    params = recommended_params("consistency", "mri", hot_start=True, n_steps=4)
+    r = reconstruct(m, RunSettings(method="consistency", params=params, hot_start="cg", seed=0), prior=cm)
+    assert r.provenance["nfe"] == 4 and r.provenance["prior"] == name
+    got = psnr(r.reconstruction, gt)
+    assert got > start + 0.8 and got > tv, (got, start, tv)
