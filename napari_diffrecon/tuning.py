@@ -308,6 +308,16 @@ class BatchedPrior:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._prior, name)
 
+    @property
+    def precision(self) -> str:
+        """The wrapped prior's network precision (setting it here sets it there: the wrapper has no network)."""
+        return getattr(self._prior, "precision", "float32")
+
+    @precision.setter
+    def precision(self, value: str) -> None:
+        if hasattr(self._prior, "network"):
+            self._prior.precision = value
+
     def to(self, device: Any) -> BatchedPrior:
         self._prior = self._prior.to(device)
         return self

@@ -303,10 +303,14 @@ def test_std_pool_is_refused_for_volume_runs(tmp_path, capsys):
 
 
 def test_precision_is_checked_and_refused_for_volume_runs(tmp_path, capsys):
-    from napari_diffrecon.cli import main
+    import argparse
+
+    from napari_diffrecon.cli import _parser, _settings_from_args, main
     from napari_diffrecon.reconstruct import RunSettings
 
     assert RunSettings().precision == "float32"
+    a = _parser().parse_args(["reconstruct", "b.npz", "--method", "dds", "--precision", "bfloat16", "-o", "o.npz"])
+    assert isinstance(a, argparse.Namespace) and _settings_from_args(a, "ct").precision == "bfloat16"
     assert RunSettings.from_dict(RunSettings(precision="bfloat16").to_dict()).precision == "bfloat16"
     with pytest.raises(ValueError, match="unknown network precision 'fp8'"):
         RunSettings.from_dict({"method": "dds", "precision": "fp8"})

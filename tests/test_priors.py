@@ -328,7 +328,16 @@ def test_reduced_precision_network_evaluation():
     assert not torch.equal(low, full)  # the reduced type really ran
     rel = float((low - full).norm() / full.norm())
     assert rel < 2e-2, rel  # bfloat16 keeps 8 bits of mantissa: ~0.5 % in the output
+    assert prior._traced is not None and prior._traced[0][-1] == "bfloat16"  # the graph really was traced
     assert torch.equal(traced, low)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # the caller's own autocast: eager, no 2nd cast
+        assert torch.equal(prior.denoise(x, sigma), low)
+    prior.precision = "float16"  # eager only (a traced float16 graph rounds differently)
+    with torch.no_grad():
+        half = prior.denoise(x, sigma)
+    assert prior._traced[0][-1] == "bfloat16" and half.dtype == torch.float32
+    assert float((half - full).norm() / full.norm()) < 5e-3
+    prior.precision = "bfloat16"
     # with autograd (DPS) the gradient reaches the float32 input through the autocast network
     xg = x.clone().requires_grad_(True)
     prior.denoise(xg, sigma).sum().backward()

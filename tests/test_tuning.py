@@ -192,3 +192,27 @@ def test_tuned_reconstruct_records_the_search_and_progress_and_cancel():
     stop.set()
     with pytest.raises(tuning.TuneCancelledError):
         tuning.auto_tune(meas, settings, prior=prior, params={"gamma": [0.3, 3.0]}, cancel=stop)
+
+
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+def test_batched_search_runs_the_network_in_the_runs_precision(precision):
+    """The batched search wraps the prior in a BatchedPrior; the run's precision must reach the wrapped network, not
+    stay on the wrapper (a cached prior left at another precision by an earlier run would otherwise be used as is)."""
+    from napari_diffrecon.priors import ModelCard, NetworkPrior
+    from napari_diffrecon.priors.network import build_network
+
+    torch.manual_seed(0)
+    card = ModelCard(name="tiny-tune", modality="ct", channels=1, resolution=32,
+                     architecture={"type": "diffusers.UNet2DModel", "preset": "tiny"})
+    prior = NetworkPrior(build_network({**card.architecture, "channels": 1}), card)
+    prior.precision = "float16" if precision == "float32" else "float32"  # left behind by an earlier run
+    seen = []
+    call = prior._call_network
+    prior._call_network = lambda x, label: seen.append(prior.precision) or call(x, label)
+    settings = RunSettings(method="dds", params=SamplerParams(n_steps=3, cg_iters=2), seed=1, precision=precision)
+    res = tuning.auto_tune(_ct_problem(n=32, views=16), settings, prior=prior, params={"gamma": [0.3, 3.0]},
+                           batched=True)
+    assert res.details["batched"] and seen and set(seen) == {precision}
+    bp = tuning.BatchedPrior(prior, 1)
+    bp.precision = "bfloat16"
+    assert prior.precision == "bfloat16" == bp.precision
