@@ -284,6 +284,8 @@ def finish_diffusion_run(
         "wall_time_s": time.perf_counter() - t_start,
         "data_residual_per_sample": [float(v) for v in last.data_residual.cpu()],
         "data_residual_of_mean": res_mean,
+        "interval": (f"{summary['interval_method']}: holds one more posterior draw with probability 0.95"
+                     if "interval_method" in summary else None),
     }
     if not all(math.isfinite(v) for v in extra["data_residual_per_sample"]):
         raise SamplingError("the run finished with a non-finite data residual")

@@ -1,5 +1,6 @@
 """Summaries of posterior samples: per-voxel mean, standard deviation (raw, or its variance pooled over a small
-neighbourhood: :func:`pool_variance`) and 95% interval."""
+neighbourhood: :func:`pool_variance`) and a 95% interval that would hold the truth 95% of the time if the truth
+were one more draw from the sampled posterior (:func:`prediction_interval`)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["summarize", "pool_variance", "DEFAULT_STD_POOL"]
+__all__ = ["summarize", "pool_variance", "prediction_interval", "DEFAULT_STD_POOL"]
 
 # Pooling width (pixels) of the reported std. With 8 samples a per-voxel std has a χ²(7) sampling error of ~27 %;
 # pooling the variance over a 1-pixel Gaussian neighbourhood brought the 8-sample std of CT 23 views 18 % closer
@@ -61,6 +62,47 @@ def pool_variance(var: torch.Tensor, sigma: float) -> torch.Tensor:
     return x.reshape(shape)
 
 
+def prediction_interval(t: torch.Tensor, interval: float = 0.95) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """Per-voxel ``(lower, upper, how)``: a prediction interval for one more draw of the sampled distribution.
+
+    K samples cannot give a 95 % interval by their own 2.5/97.5 % quantiles: a new draw falls outside the range of
+    8 samples 2/9 of the time (the empirical quantile interval of 8 samples holds it ~76 %). With enough samples
+    (K ≥ (1 + interval)/(1 − interval), 39 for 95 %) the interval is the order statistics ``x_(r), x_(K+1−r)``,
+    ``r = ⌊(K + 1)(1 − interval)/2⌋``, which hold a new draw with probability (K + 1 − 2r)/(K + 1) ≥ ``interval``
+    whatever the distribution; with fewer it is the Gaussian prediction interval ``mean ± t_{K−1} · s · √(1 + 1/K)``
+    (Student t quantile, raw per-voxel std ``s``).
+
+    Parameters
+    ----------
+    t : torch.Tensor
+        Real samples ``(K, ...)``, K ≥ 2.
+    interval : float
+        The probability, in (0, 1).
+
+    Returns
+    -------
+    lower, upper : torch.Tensor
+        Shape ``t.shape[1:]``.
+    how : str
+        ``"order statistics r, K+1-r"`` or ``"Student t, K-1 dof"``.
+    """
+    if not 0 < interval < 1:
+        raise ValueError(f"the interval's probability must lie in (0, 1), got {interval}")
+    k = t.shape[0]
+    if k < 2:
+        raise ValueError(f"a prediction interval needs at least 2 samples, got {k}")
+    if k >= (1 + interval) / (1 - interval) - 1e-9:
+        r = max(1, int(math.floor((k + 1) * (1 - interval) / 2 + 1e-9)))
+        ordered = torch.sort(t, dim=0).values
+        return ordered[r - 1], ordered[k - r], f"order statistics {r}, {k + 1 - r} of {k}"
+    from scipy.stats import t as student_t
+
+    q = float(student_t.ppf((1 + interval) / 2, k - 1))
+    half = q * t.std(0, unbiased=True) * math.sqrt(1 + 1 / k)
+    mean = t.mean(0)
+    return mean - half, mean + half, f"Student t, {k - 1} dof"
+
+
 def summarize(samples: Any, interval: float = 0.95, std_pool: float = 0.0) -> dict[str, Any]:
     """Summarise posterior samples stacked on the first axis.
 
@@ -69,7 +111,8 @@ def summarize(samples: Any, interval: float = 0.95, std_pool: float = 0.0) -> di
     samples : array-like or torch.Tensor
         Shape ``(K, *image_shape)``; complex samples are summarised by magnitude.
     interval : float
-        Central credible-interval mass, reported when there are at least 8 samples.
+        Probability of the per-voxel interval (:func:`prediction_interval`: it holds one more posterior draw, i.e.
+        the truth if the sampler's posterior is right, with this probability), reported for ≥ 8 samples.
     std_pool : float
         Pool the per-voxel variance over a Gaussian neighbourhood of this many pixels before the square
         root (:func:`pool_variance`): a less noisy std from few samples, at the cost of in-plane
@@ -80,7 +123,8 @@ def summarize(samples: Any, interval: float = 0.95, std_pool: float = 0.0) -> di
     -------
     dict
         ``mean``, ``std`` (unbiased, 0 for one sample) and, for K ≥ 8, ``lower`` and ``upper``
-        (per-voxel quantiles); same type as the input (numpy or torch).
+        (per voxel, from the raw samples whatever ``std_pool``) and ``interval_method``; same type as the input
+        (numpy or torch).
     """
     is_torch = isinstance(samples, torch.Tensor)
     t = samples if is_torch else torch.as_tensor(np.asarray(samples))
@@ -93,9 +137,7 @@ def summarize(samples: Any, interval: float = 0.95, std_pool: float = 0.0) -> di
     std = pool_variance(t.var(0, unbiased=True), float(std_pool)).sqrt() if k > 1 else torch.zeros_like(t[0])
     out = {"mean": t.mean(0), "std": std, "n_samples": k}
     if k >= 8:
-        q = torch.tensor([(1 - interval) / 2, (1 + interval) / 2], dtype=t.dtype, device=t.device)
-        lo, hi = torch.quantile(t, q, dim=0)
-        out["lower"], out["upper"] = lo, hi
+        out["lower"], out["upper"], out["interval_method"] = prediction_interval(t, interval)
     if not is_torch:
         out = {key: (v.cpu().numpy() if isinstance(v, torch.Tensor) else v) for key, v in out.items()}
     return out
