@@ -60,6 +60,7 @@ import numpy as np
 import torch
 
 from napari_diffrecon.io.bundle import Measurement
+from napari_diffrecon.priors.prior import PRECISIONS
 from napari_diffrecon.simulate import simulate_from_image
 from napari_diffrecon.uncertainty import summarize
 
@@ -614,7 +615,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--size", type=int, default=128)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--precision", default="float32", choices=["float32", "bfloat16", "float16"],
+    p.add_argument("--precision", default="float32", choices=list(PRECISIONS),
                    help="the prior network's arithmetic for every sampler run (RunSettings.precision)")
     p.add_argument("--no-extras", action="store_true", help="skip uncertainty / batch / NFE-curve measurements")
     p.add_argument("--extras-only", action="store_true")

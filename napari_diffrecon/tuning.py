@@ -315,8 +315,7 @@ class BatchedPrior:
 
     @precision.setter
     def precision(self, value: str) -> None:
-        if hasattr(self._prior, "network"):
-            self._prior.precision = value
+        self._prior.precision = value
 
     def to(self, device: Any) -> BatchedPrior:
         self._prior = self._prior.to(device)

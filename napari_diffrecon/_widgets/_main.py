@@ -33,6 +33,7 @@ from qtpy.QtWidgets import (
 
 from ..baselines import BASELINES
 from ..io import SAMPLES, BundleError, Measurement
+from ..priors.prior import PRECISIONS
 from ..reconstruct import RunSettings
 from ..samplers import SAMPLERS, UNCONDITIONAL, SamplerParams
 from ..uncertainty import DEFAULT_STD_POOL
@@ -378,7 +379,7 @@ class DiffReconWidget(QWidget):
         self._samples_row = _row("posterior samples", self.n_samples, QLabel("std pooling"), self.std_pool)
         gl.addWidget(self._samples_row)
         self.precision_combo = QComboBox()
-        self.precision_combo.addItems(["float32", "bfloat16", "float16"])
+        self.precision_combo.addItems(list(PRECISIONS))
         self.precision_combo.setToolTip("arithmetic of the prior network (2D runs; the data step stays float32): "
                                         "bfloat16 takes 1.2–1.6× less CPU time on CPUs with AVX512-BF16/AMX at "
                                         "≤ 0.01 dB; float16 is for GPUs")
