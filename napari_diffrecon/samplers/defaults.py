@@ -20,8 +20,9 @@ RECOMMENDED: dict[str, dict[str, dict[str, Any]]] = {
     # PET (EM data step): γ 10 > 3 > 1 (17.1 / 16.5 / 14.9 dB from noise; 17.9 / 17.7 hot-started); 5 EM
     # iterations per step beat 1–3 (−0.2 to −0.6 dB).
     # MRI: γ = 1 (the Bayesian weight) instead of 3 — PSNR within ±0.35 dB on the four MRI tasks (4× +0.05, 4× 8 coils
-    # +0.35, 8× −0.07, 8× 8 coils −0.12), SSIM higher on three, residuals at the noise floor instead of below it, and an
-    # informative posterior std: Spearman ρ(std, error) 0.42 vs 0.34 on MRI 4× (benchmarks/results/uq_selfcheck.md).
+    # +0.35, 8× −0.07, 8× 8 coils −0.12), SSIM higher on all four, residuals at the noise floor instead of below it,
+    # and an informative posterior std: Spearman ρ(std, error) 0.42 vs 0.34 on MRI 4× (benchmarks/results/
+    # uq_selfcheck.md, recon_mri_gamma1.md).
     "dds": {"*": {"n_steps": 50, "eta": 1.0, "cg_iters": 5, "gamma": 3.0}, "pet": {"gamma": 10.0},
             "mri": {"gamma": 1.0}},
     # CT hot start: entering later and with fewer steps (t0 0.3, 10 steps) beat t0 0.4 with 20 steps on every CT task
