@@ -28,8 +28,12 @@ RECOMMENDED: dict[str, dict[str, dict[str, Any]]] = {
     # CT hot start: entering later and with fewer steps (t0 0.3, 10 steps) beat t0 0.4 with 20 steps on every CT task
     # for single samples (+1.6 / +1.4 / +0.5 / +0.9 dB on 23 views / 8 views / limited angle / low dose) and for the
     # mean of 8 on 23 views and low dose (+1.2, +0.9; −0.2 and −0.4 on 8 views and limited angle), at half the cost.
+    # MRI hot start: γ = 1 as from noise, and t0 0.4 (the "*" value) instead of 0.3 — single samples +0.52 / +1.10 /
+    # +0.29 / +0.66 dB on MRI 4× / 4× 8 coils / 8× / 8× 8 coils, level with or above DDS from noise at 40 % of its
+    # network evaluations (t0 0.3 / 0.5 / 0.6 with γ 1 were lower on three of the four; 2026-11-25 grid in
+    # docs/dev/recon.md).
     "dds-hot": {"*": {"n_steps": 20, "t0": 0.4, "eta": 1.0, "cg_iters": 5, "gamma": 3.0},
-                "ct": {"n_steps": 10, "t0": 0.3}, "mri": {"t0": 0.3}, "pet": {"gamma": 10.0}},
+                "ct": {"n_steps": 10, "t0": 0.3}, "mri": {"gamma": 1.0}, "pet": {"gamma": 10.0}},
     # DPS: 100 ancestral steps (the paper's 1000 are ~10 min per image on one CPU core). With 100 steps
     # the best ζ depends on the operator: CT 23 views 6 > 3 > 1; MRI 4× 1 > 3.
     "dps": {"*": {"n_steps": 100, "eta": 1.0, "zeta": 1.0}, "ct": {"zeta": 6.0}},
@@ -38,10 +42,14 @@ RECOMMENDED: dict[str, dict[str, dict[str, Any]]] = {
     "mcg": {"*": {"n_steps": 50, "eta": 1.0, "zeta": 1.0, "lam": 1.0, "cg_iters": 5}},
     "song": {"*": {"n_steps": 50, "lam": 1.0, "snr": 0.0, "cg_iters": 5}, "ct": {"lam": 0.84}},
     # Consistency models: 1–4 network evaluations (Song et al. 2023 use 1–2; the data step needs a few).
-    "consistency": {"*": {"n_steps": 4, "cg_iters": 5, "gamma": 3.0}, "pet": {"gamma": 10.0}},
+    # MRI: γ = 1 here too (4 samples, 4 NFE, MRI 4× | 4× 8 coils: from noise 18.74 → 19.04 | 21.26 → 22.22 dB).
+    "consistency": {"*": {"n_steps": 4, "cg_iters": 5, "gamma": 3.0}, "pet": {"gamma": 10.0}, "mri": {"gamma": 1.0}},
     # Hot start (CT 23 views, 2 samples, CM | teacher): t0 0.25 > 0.35 > 0.5 (30.1|30.8, 28.3|29.3, 26.4|27.9 dB at
-    # 4 NFE); γ 3 ≥ 10 (±0.1 dB).
-    "consistency-hot": {"*": {"n_steps": 4, "t0": 0.25, "cg_iters": 5, "gamma": 3.0}, "pet": {"gamma": 10.0}},
+    # 4 NFE); γ 3 ≥ 10 (±0.1 dB). MRI (4 samples, MRI 4× | 4× 8 coils): γ 1 and t0 0.3 (σ 0.32) 21.52 | 25.61 dB
+    # against γ 3, t0 0.25 21.11 | 22.35; at t0 0.25 (σ 0.17) and below the data steps fit the k-space noise
+    # (t0 0.15: 20.76 | 15.14), t0 0.4 / 0.5: 20.98 | 25.08, 20.08 | 24.13.
+    "consistency-hot": {"*": {"n_steps": 4, "t0": 0.25, "cg_iters": 5, "gamma": 3.0}, "pet": {"gamma": 10.0},
+                        "mri": {"gamma": 1.0, "t0": 0.3}},
 }
 
 
