@@ -169,7 +169,8 @@ def _cmd_reconstruct(a: argparse.Namespace) -> int:
     settings = _settings_from_args(a, str(m.operator.get("modality", "*")))
     if a.method == "consistency" and not a.hot_start and settings.params.n_steps <= 8:
         print("note: few-step consistency sampling from pure noise is far below a hot start on our benchmarks "
-              "(CT 23 views: 24.5 vs 30.2 dB at 4 NFE); add --hot-start fbp|cg|mlem (t0 0.25 is the tuned entry)")
+              "(CT 23 views: 24.5 vs 30.2 dB at 4 NFE); add --hot-start fbp|cg|mlem (its tuned t0 is used "
+              "unless you pass --t0)")
     if getattr(a, "auto", None):
         result = _auto_tuned(a, m, settings)
     else:
