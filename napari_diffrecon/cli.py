@@ -177,6 +177,8 @@ def _cmd_reconstruct(a: argparse.Namespace) -> int:
         result = reconstruct(m, settings)
     write_result(out, result.arrays(), result.provenance, overwrite=a.force)
     print(f"{a.method}: {_quality(result, m)}data residual {result.residual:.4g}; wrote {out}")
+    for w in result.provenance.get("warnings") or []:
+        print(f"warning: {w}")
     return 0
 
 

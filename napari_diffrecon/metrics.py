@@ -9,7 +9,7 @@ import torch
 
 from .physics.base import LinearOperator
 
-__all__ = ["psnr", "ssim", "nrmse", "data_residual"]
+__all__ = ["psnr", "ssim", "nrmse", "data_residual", "noise_floor"]
 
 
 def _np(a: Any) -> np.ndarray:
@@ -73,3 +73,49 @@ def data_residual(operator: LinearOperator, x: torch.Tensor, m: torch.Tensor, li
     num = (r.abs() ** 2).flatten(-n).sum(-1).sqrt()
     den = (m.abs() ** 2).flatten(-n).sum(-1).sqrt().clamp(min=1e-30)
     return num / den.to(num.device)
+
+
+def noise_floor(operator: LinearOperator, m: torch.Tensor, likelihood: Any = None) -> float | None:
+    """The :func:`data_residual` the measurement noise alone leaves: what the true image is expected to score.
+
+    Estimated from the likelihood and the measurement, without a ground truth. A reconstruction whose residual is
+    far below it reproduces the noise (which the inverse then amplifies into the image).
+
+    - Gaussian with standard deviation ``σ`` (per real component): ``σ √(c·k) / ‖m‖`` over the ``k`` measured
+      entries (non-zero ones: undersampled k-space stores zeros where nothing was measured), ``c`` = 2 for
+      complex data, 1 for real.
+    - Poisson emission counts: the variance equals the mean, so ``√(Σ m) / ‖m‖``.
+    - Transmission counts: the post-log sinogram's variance is ``≈ m / (m − b)²`` per bin, over ``‖ℓ‖``.
+
+    Parameters
+    ----------
+    operator : LinearOperator
+        The forward operator (its device and data dimensions).
+    m : torch.Tensor
+        The measurement, in the data's own units (counts for Poisson and transmission data).
+    likelihood : Likelihood, optional
+        The noise model; without one there is no floor to estimate.
+
+    Returns
+    -------
+    float or None
+        The expected normalised residual; None without a likelihood or for one of unknown form.
+    """
+    from .physics.likelihoods import GaussianLikelihood, PoissonLikelihood, TransmissionLikelihood
+    from .physics.noise import post_log
+
+    m = m.to(operator.device)
+    if isinstance(likelihood, TransmissionLikelihood):
+        ell = post_log(m, likelihood.I0, likelihood.background).to(torch.float64)
+        net = torch.clamp(m.to(torch.float64) - likelihood.background, min=0.5)
+        var = m.to(torch.float64).clamp(min=0.5) / net**2
+        return float(var.sum().sqrt() / ell.norm().clamp(min=1e-30))
+    if isinstance(likelihood, PoissonLikelihood):
+        mm = m.to(torch.float64)
+        return float(mm.clamp(min=0).sum().sqrt() / mm.norm().clamp(min=1e-30))
+    if isinstance(likelihood, GaussianLikelihood):
+        k = int(torch.count_nonzero(m))
+        c = 2 if m.is_complex() else 1
+        return float(likelihood.sigma * (c * k) ** 0.5 / float(m.abs().to(torch.float64).norm().clamp(min=1e-30)))
+    return None
+

@@ -335,3 +335,47 @@ def test_pet_em_data_step_with_ordered_subsets_fits_the_counts_like_exact_em():
     gain = nll(x0_hat) - nll(exact)
     assert nll(os_) < nll(exact2) < nll(x0_hat)
     assert abs(nll(os_) - nll(exact)) < 0.05 * gain
+
+
+def _phantom(n: int = 48) -> np.ndarray:
+    yy, xx = np.mgrid[:n, :n] - n / 2
+    return (((yy / 18) ** 2 + (xx / 14) ** 2 < 1) * 0.8 + ((yy - 4) ** 2 + (xx + 3) ** 2 < 30) * 0.4).astype(np.float32)
+
+
+@pytest.mark.parametrize("kw", [
+    {"modality": "ct", "views": 30},  # Gaussian, real
+    {"modality": "ct", "views": 30, "photons": 1e4},  # transmission counts
+    {"modality": "mri", "accel": 4.0},  # Gaussian, complex, undersampled (zeros where nothing was measured)
+    {"modality": "mri", "accel": 4.0, "coils": 4},
+    {"modality": "pet", "views": 30, "counts": 1e5},  # Poisson with background
+])
+def test_noise_floor_is_what_the_true_image_leaves(kw):
+    """The floor is estimated from the likelihood alone; the truth's own residual is what it must predict."""
+    from napari_diffrecon.metrics import data_residual, noise_floor
+    from napari_diffrecon.simulate import simulate_from_image
+
+    m = simulate_from_image(_phantom(), size=48, seed=1, **kw)
+    op, lik, y = m.build_operator(), m.build_likelihood(), m.to_tensor()
+    truth = float(data_residual(op, torch.as_tensor(m.ground_truth), y, lik))
+    assert noise_floor(op, y, lik) == pytest.approx(truth, rel=0.1)
+    assert noise_floor(op, y, None) is None
+
+
+def test_hard_projection_on_noisy_data_and_fitting_the_noise_are_flagged():
+    from napari_diffrecon.reconstruct import RunSettings, reconstruct
+    from napari_diffrecon.simulate import simulate_from_image
+
+    mri = simulate_from_image(_phantom(), "mri", size=48, accel=4.0, noise_sigma=0.05, seed=0)
+    prior = GaussianPrior(0.5, channels=2)
+    song = reconstruct(mri, RunSettings(method="song", params=SamplerParams(n_steps=5, lam=1.0)), prior=prior)
+    warnings = song.provenance["warnings"]
+    assert song.provenance["noise_floor"] > 0.01
+    assert any("hard projection" in w for w in warnings) and any("below half the noise floor" in w for w in warnings)
+    dds = reconstruct(mri, RunSettings(method="dds", params=SamplerParams(n_steps=5, gamma=1.0)), prior=prior)
+    assert dds.residual > 0.5 * dds.provenance["noise_floor"] and not dds.provenance["warnings"]
+    # nearly noise-free CT: the hard projection is what the method is for; no warning before the run
+    ct = simulate_from_image(_phantom(), "ct", size=48, views=30, noise_sigma=1e-4, seed=0)
+    song_ct = reconstruct(ct, RunSettings(method="song", params=SamplerParams(n_steps=5, lam=1.0)),
+                          prior=GaussianPrior(0.5))
+    assert song_ct.provenance["noise_floor"] < 0.01
+    assert not any("hard projection" in w for w in song_ct.provenance["warnings"])

@@ -327,3 +327,15 @@ def test_hot_start_run(make_napari_viewer, qtbot, tiny_priors):
     prov = w.layers["estimate"].metadata["provenance"]
     assert prov["hot_start_method"] == "fbp" and prov["settings"]["params"]["t0"] == pytest.approx(0.3)
     assert prov["nfe"] == 6
+
+
+def test_song_on_noisy_mri_warns_in_a_notification_and_the_provenance(make_napari_viewer, qtbot, tiny_priors, notes):
+    viewer, w = _widget(make_napari_viewer, qtbot)
+    _prepare(w, "mri_4x_8coils", tiny_priors["mri"], slow=0)
+    w.compare.setChecked(False)
+    w.method_combo.setCurrentIndex(w.method_combo.findData("song"))
+    w.spins["n_steps"].setValue(4)
+    _run_to_end(w, qtbot)
+    prov = w.layers["estimate"].metadata["provenance"]
+    assert prov["noise_floor"] > 0.01 and any("hard projection" in x for x in prov["warnings"])
+    assert any("hard projection" in m for m in notes) and "warning" in w.status.text()

@@ -956,10 +956,14 @@ class DiffReconWidget(QWidget):
         if upd.kind == "final":
             self.last_provenance = upd.provenance
             one = self._run_settings is not None and self._run_settings.n_samples < 2
+            warnings = list((upd.provenance or {}).get("warnings") or [])
             self.status.setText(
                 f"done: {upd.n_steps} steps, NFE {upd.nfe}, {upd.elapsed:.1f} s, data residual {upd.residual:.4f}"
                 + (" (one posterior sample: the std is 0; ask for ≥ 2 samples)" if one else "")
+                + (f" — {len(warnings)} warning(s), see the notifications and the provenance" if warnings else "")
             )
+            for w in warnings:
+                show_warning(f"napari-diffrecon: {w}")
         else:  # shown with the progress bar, at most once per PBAR_PERIOD_S (each change repaints the window)
             self._status_pending = (f"step {upd.step}/{upd.n_steps} · NFE {upd.nfe} · σ {upd.sigma:.3g} · "
                                     f"residual {upd.residual:.4f} · {upd.elapsed:.1f} s")
