@@ -35,10 +35,10 @@ import torch
 
 from napari_diffrecon.metrics import psnr
 from napari_diffrecon.volume import (
-    VolumeParams,
     dz,
     plan_memory,
     read_volume_study,
+    recommended_volume_params,
     reconstruct_volume,
     simulate_ct_study,
     volume_ct,
@@ -97,7 +97,7 @@ def quality(args: argparse.Namespace) -> dict[str, Any]:
     rows.append({"method": "FBP", "ztv": None, "psnr": psnr(x_fbp, vol, rng),
                  "mean_abs_dz_err": float(np.abs(np.diff(x_fbp - vol, axis=0)).mean()), "wall_s": 0.0})
     for lam in args.ztv:
-        params = VolumeParams(n_steps=args.steps, ztv=lam, cg_iters=args.cg_iters, eta=args.eta)
+        params = recommended_volume_params("ct", n_steps=args.steps, ztv=lam, cg_iters=args.cg_iters, eta=args.eta)
         t0 = time.perf_counter()
         res = reconstruct_volume(study, prior, params, seed=args.seed, memory_budget=args.budget)
         wall = time.perf_counter() - t0
@@ -135,7 +135,7 @@ def workers(args: argparse.Namespace) -> dict[str, Any]:
         part = vol[(i * k) % (24 - k + 1) :][:k]
         st = simulate_ct_study(part, args.views, args.noise, spacing_mm=spacing, seed=i, study_id=f"s{i}")
         write_volume_study(st, src / f"s{i}.npz")
-    params = VolumeParams(n_steps=args.steps, ztv=0.05)
+    params = recommended_volume_params("ct", n_steps=args.steps, ztv=0.05)
     out = {}
     for nw in (1, 2):
         with distributed.LocalCluster(n_workers=nw, threads_per_worker=1, processes=True,
@@ -166,7 +166,8 @@ def _measure_child(args: argparse.Namespace) -> None:
     prior = _load_prior(args.prior)
     base = _vm("VmRSS")  # (ru_maxrss would carry the parent's peak across exec)
     t0 = time.perf_counter()
-    res = reconstruct_volume(study, prior, VolumeParams(n_steps=args.steps, ztv=0.05), memory_budget=args.budget,
+    res = reconstruct_volume(study, prior, recommended_volume_params(study.modality, n_steps=args.steps, ztv=0.05),
+                             memory_budget=args.budget,
                              slab_slices=args.slab)
     peak = _vm("VmHWM")
     print(json.dumps({"peak_rss": peak, "rss_before_run": base, "wall_s": time.perf_counter() - t0,
@@ -213,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     q.add_argument("--noise", type=float, default=0.01)
     q.add_argument("--steps", type=int, default=30)
     q.add_argument("--cg-iters", type=int, default=5)
-    q.add_argument("--eta", type=float, default=0.85)
+    q.add_argument("--eta", type=float, default=None, help="default: the CT DDS setting (samplers.defaults)")
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--budget", default="4GB")
     q.add_argument("--ztv", type=float, nargs="+", default=[0.0, 0.05])

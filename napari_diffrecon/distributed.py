@@ -263,17 +263,20 @@ def reconstruct_folder(
     """
     distributed = _require_distributed()
     from .io.bundle import write_result
-    from .volume import VolumeParams, check_folder, intensity_for
+    from .volume import VolumeParams, check_folder, intensity_for, recommended_volume_params
     from .volume.memory import detect_budget, parse_bytes, plan_volume_slabs
     from .volume.run import volume_provenance
 
     t0 = time.perf_counter()
+    given = params
     params = params if params is not None else VolumeParams()
-    pdict = params.to_dict()
     ztv = float(getattr(params, "ztv", params.extra.get("ztv", 0.0)))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     studies = check_folder(folder, allow_mixed=allow_mixed, ztv=ztv, **(check or {}))
+    if given is None and studies:  # the first study's modality picks the defaults, as in the CLI
+        params = recommended_volume_params(studies[0][1].modality)
+    pdict = params.to_dict()
     budget = parse_bytes(memory_budget) if memory_budget is not None else None
     if budget is None and client is None and not scheduler:  # a LocalCluster shares this machine's memory
         budget = detect_budget(device) // max(int(n_workers), 1)
@@ -497,7 +500,7 @@ def run_from_args(args: argparse.Namespace) -> int:
     Works with this module's parser (:func:`main`) and with ``napari-diffrecon reconstruct``'s
     (``bundle``, ``--steps``/``--eta``/``--cg-iters`` may be None there: the volume defaults apply).
     """
-    from .volume import VolumeParams, read_volume_study
+    from .volume import find_studies, read_volume_study, recommended_volume_params
 
     src = Path(getattr(args, "input", None) or args.bundle)
     method = getattr(args, "method", None)
@@ -505,9 +508,6 @@ def run_from_args(args: argparse.Namespace) -> int:
         raise ValueError(f"volumes are reconstructed by the DiffusionMBIR-style sampler: --method mbir, not {method}")
     if not src.exists():
         raise FileNotFoundError(f"{src} not found")
-    kw = {"n_steps": getattr(args, "steps", None), "eta": getattr(args, "eta", None),
-          "cg_iters": getattr(args, "cg_iters", None), "gamma": getattr(args, "gamma", None)}
-    params = VolumeParams(ztv=args.ztv, rho=args.rho, **{k: v for k, v in kw.items() if v is not None})
     out = Path(args.output)
     folder = src
     if src.is_file():  # one study: a folder of one, via a link, so that outputs and resume work the same
@@ -519,12 +519,15 @@ def run_from_args(args: argparse.Namespace) -> int:
                 link.symlink_to(src.resolve())
             except OSError:
                 shutil.copy2(src, link)
+    # The first study's modality picks the defaults (the 2D DDS settings of that modality) and the shipped prior.
+    first = read_volume_study(find_studies(folder)[0])
+    params = recommended_volume_params(
+        first.modality, ztv=args.ztv, rho=args.rho, n_steps=getattr(args, "steps", None),
+        eta=getattr(args, "eta", None), cg_iters=getattr(args, "cg_iters", None), gamma=getattr(args, "gamma", None))
     prior = getattr(args, "prior", None)
     if prior is None:
         from .priors import default_prior_for
-        from .volume import find_studies
 
-        first = read_volume_study(find_studies(folder)[0])
         prior = default_prior_for(first.modality, first.modality == "mri")
         if prior is None:
             raise ValueError(f"no shipped prior for {first.modality}; pass --prior PATH to a trained prior")

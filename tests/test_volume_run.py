@@ -173,3 +173,31 @@ def test_volume_runs_evaluate_the_prior_in_float32():
     again = reconstruct_volume(st, prior, params, memory_budget="1GB")
     assert prior.precision == "float32"
     np.testing.assert_array_equal(again.reconstruction, ref.reconstruction)
+
+
+def test_volume_defaults_are_the_modalitys_2d_dds_step_for_cli_gui_and_api(tmp_path, monkeypatch):
+    from napari_diffrecon import distributed
+    from napari_diffrecon.samplers.defaults import recommended_params
+    from napari_diffrecon.volume import recommended_volume_params, simulate_mri_study, write_volume_study
+
+    for modality in ("ct", "mri", "pet"):
+        v, d = recommended_volume_params(modality), recommended_params("dds", modality)
+        assert (v.gamma, v.eta, v.cg_iters, v.n_steps) == (d.gamma, d.eta, d.cg_iters, d.n_steps) and v.ztv == 0.05
+    assert recommended_volume_params("mri").gamma == 1.0 and recommended_volume_params("pet").gamma == 10.0
+    assert recommended_volume_params("mri", gamma=None, n_steps=7).n_steps == 7  # unset CLI options are ignored
+    # the CLI's folder path: an MRI study without --gamma gets MRI's γ; an explicit option wins (run replaced by a spy)
+    vol = np.random.default_rng(0).random((3, 16, 16)).astype(np.float32)
+    write_volume_study(simulate_mri_study(vol, acceleration=2.0, seed=0, study_id="s"), tmp_path / "s.npz")
+    seen = []
+
+    def spy(folder, out, prior, params, **kw):
+        seen.append(params)
+        raise KeyboardInterrupt  # stop before any work
+
+    monkeypatch.setattr(distributed, "reconstruct_folder", spy)
+    argv = [str(tmp_path / "s.npz"), "-o", str(tmp_path / "out"), "--prior", "unused.json", "--ztv", "0.02"]
+    for extra in ([], ["--gamma", "3"]):
+        with pytest.raises(KeyboardInterrupt):
+            distributed.main(argv + extra)
+    assert seen[0].to_dict() == recommended_volume_params("mri", ztv=0.02).to_dict()
+    assert seen[1].gamma == 3.0 and seen[1].eta == seen[0].eta

@@ -47,8 +47,6 @@ __all__ = ["VolumePanel", "VolumeStreamUpdate", "volume_stream", "VOLUME_LAYER_N
 VOLUME_LAYER_NAMES = {"estimate": "volume x̂0 (estimate)", "std": "volume posterior std"}
 MODALITIES = {"ct": "CT (parallel beam per slice)", "mri": "MRI (2D multi-slice)", "pet": "PET (per slice)"}
 STUDY_ITEM = "study"
-# The sampler settings of the volume benchmark (docs/dev/volume.md: z-TV vs slice by slice on a real volume).
-SAMPLER_SETTINGS = {"eta": 0.85, "gamma": 1.0, "cg_iters": 5}
 
 
 @dataclass
@@ -431,9 +429,10 @@ class VolumePanel(QGroupBox):
                        "Prior group (Load file…)")
             return None
 
-        from ..volume import VolumeParams
+        from ..volume import recommended_volume_params
 
-        self.params = VolumeParams(n_steps=int(self.steps.value()), ztv=float(self.ztv.value()), **SAMPLER_SETTINGS)
+        # the same defaults as the CLI: the modality's tuned 2D DDS step, coupled by z-TV
+        self.params = recommended_volume_params(modality, n_steps=int(self.steps.value()), ztv=float(self.ztv.value()))
         self._on_slider()
         device = o.device_combo.currentText()
         kw: dict[str, Any] = {"n_samples": int(self.samples.value()), "seed": int(o.seed.value()), "device": device,

@@ -10,6 +10,7 @@ from .mbir import (
     VolumeProblem,
     denoise_slices,
     mbir,
+    recommended_volume_params,
     slice_seed,
     volume_data_step,
 )
@@ -52,6 +53,7 @@ __all__ = [
     "VolumeIterate",
     "VolumeCancelled",
     "mbir",
+    "recommended_volume_params",
     "slice_seed",
     "denoise_slices",
     "volume_data_step",

@@ -44,8 +44,8 @@ from ..samplers.datastep import _pwls, data_weight, normal_norm, poisson_prox_em
 from .operators import SliceWiseOperator
 from .ztv import ZTVState, admm_ztv
 
-__all__ = ["VolumeParams", "VolumeProblem", "VolumeIterate", "VolumeCancelled", "mbir", "slice_seed",
-           "denoise_slices", "volume_data_step", "live", "raise_if_cancelled"]
+__all__ = ["VolumeParams", "recommended_volume_params", "VolumeProblem", "VolumeIterate", "VolumeCancelled", "mbir",
+           "slice_seed", "denoise_slices", "volume_data_step", "live", "raise_if_cancelled"]
 
 
 class VolumeCancelled(Exception):  # noqa: N818 - reads as the event, like KeyboardInterrupt
@@ -75,6 +75,27 @@ class VolumeParams(SamplerParams):
     ztv: float = 0.05
     rho: float = 1.0
     admm_iters: int = 1
+
+
+def recommended_volume_params(modality: str = "*", **overrides: Any) -> VolumeParams:
+    """The volume sampler's defaults: DDS's tuned 2D settings for ``modality``, plus the z-coupling.
+
+    One source for the CLI, the napari volume panel and the benchmarks: each slice's data step is
+    the 2D DDS step (:func:`~napari_diffrecon.samplers.defaults.recommended_params`, e.g. γ = 1 for
+    MRI, 10 for PET), coupled along z by the ADMM z-TV term.
+
+    Parameters
+    ----------
+    modality : str
+        "ct", "mri" or "pet" ("*": the modality-free defaults).
+    **overrides
+        Any :class:`VolumeParams` field; None values are ignored (unset command-line options).
+    """
+    from ..samplers.defaults import recommended_params
+
+    values = recommended_params("dds", modality).to_dict()
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return VolumeParams(**values)
 
 
 def live(params: SamplerParams, name: str, default: Any) -> Any:

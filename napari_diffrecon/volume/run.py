@@ -23,7 +23,7 @@ import torch
 
 from .. import __version__
 from ..samplers.base import SamplerParams, SamplingError
-from .mbir import VolumeParams, VolumeProblem, live, mbir, raise_if_cancelled
+from .mbir import VolumeParams, VolumeProblem, live, mbir, raise_if_cancelled, recommended_volume_params
 from .memory import MemoryPlan, Slab, detect_budget, parse_bytes, plan_memory, plan_slabs, plan_volume_slabs
 from .study import VolumeStudy
 
@@ -221,7 +221,8 @@ def stream_volume(
     prior : Prior
         The 2D prior.
     params : VolumeParams, optional
-        Live parameters (``ztv`` read every step; ``extra["focus_slice"]`` — the viewer's current
+        Live parameters (default :func:`~napari_diffrecon.volume.recommended_volume_params` of the study's
+        modality; ``ztv`` read every step; ``extra["focus_slice"]`` — the viewer's current
         slice — read before each slab, so the slab holding it runs next).
     memory_budget : int or str, optional
         Bytes or e.g. ``"16GB"``; default: 70% of the device's free memory.
@@ -246,7 +247,7 @@ def stream_volume(
     """
     from .study import check_study
 
-    params = params if params is not None else VolumeParams()
+    params = params if params is not None else recommended_volume_params(study.modality)
     t0 = time.perf_counter()
     ztv = float(live(params, "ztv", 0.0))
     findings = check_study(study, ztv=ztv, **(check or {}))
