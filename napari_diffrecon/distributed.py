@@ -500,7 +500,7 @@ def run_from_args(args: argparse.Namespace) -> int:
     Works with this module's parser (:func:`main`) and with ``napari-diffrecon reconstruct``'s
     (``bundle``, ``--steps``/``--eta``/``--cg-iters`` may be None there: the volume defaults apply).
     """
-    from .volume import find_studies, read_volume_study, recommended_volume_params
+    from .volume import VolumeInputError, check_folder, find_studies, read_volume_study, recommended_volume_params
 
     src = Path(getattr(args, "input", None) or args.bundle)
     method = getattr(args, "method", None)
@@ -519,18 +519,27 @@ def run_from_args(args: argparse.Namespace) -> int:
                 link.symlink_to(src.resolve())
             except OSError:
                 shutil.copy2(src, link)
-    # The first study's modality picks the defaults (the 2D DDS settings of that modality) and the shipped prior.
-    first = read_volume_study(find_studies(folder)[0])
+    # The first readable study's modality picks the defaults (that modality's 2D DDS step) and the shipped prior;
+    # unreadable studies are left to check_folder, which lists every problem of the folder at once.
+    modality = None
+    for path in find_studies(folder):
+        try:
+            modality = read_volume_study(path).modality
+            break
+        except (VolumeInputError, FileNotFoundError):
+            continue
+    if modality is None:
+        check_folder(folder, allow_mixed=args.allow_mixed)  # raises, naming every study that cannot be run
     params = recommended_volume_params(
-        first.modality, ztv=args.ztv, rho=args.rho, n_steps=getattr(args, "steps", None),
+        modality or "*", ztv=args.ztv, rho=args.rho, n_steps=getattr(args, "steps", None),
         eta=getattr(args, "eta", None), cg_iters=getattr(args, "cg_iters", None), gamma=getattr(args, "gamma", None))
     prior = getattr(args, "prior", None)
     if prior is None:
         from .priors import default_prior_for
 
-        prior = default_prior_for(first.modality, first.modality == "mri")
+        prior = default_prior_for(modality, modality == "mri")
         if prior is None:
-            raise ValueError(f"no shipped prior for {first.modality}; pass --prior PATH to a trained prior")
+            raise ValueError(f"no shipped prior for {modality}; pass --prior PATH to a trained prior")
     check = {"allow_anisotropic": args.allow_anisotropic}
     if args.spacing:
         check["assume_spacing"] = tuple(args.spacing)

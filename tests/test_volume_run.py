@@ -201,3 +201,14 @@ def test_volume_defaults_are_the_modalitys_2d_dds_step_for_cli_gui_and_api(tmp_p
             distributed.main(argv + extra)
     assert seen[0].to_dict() == recommended_volume_params("mri", ztv=0.02).to_dict()
     assert seen[1].gamma == 3.0 and seen[1].eta == seen[0].eta
+
+
+def test_cli_folder_of_unreadable_studies_lists_every_one(tmp_path):
+    from napari_diffrecon import distributed
+    from napari_diffrecon.volume import VolumeInputError
+
+    for name in ("a.npz", "b.npz"):
+        (tmp_path / name).write_bytes(b"not a study")
+    with pytest.raises(VolumeInputError, match=r"2 of the studies") as e:
+        distributed.main([str(tmp_path), "-o", str(tmp_path / "out")])
+    assert "a.npz" in str(e.value) and "b.npz" in str(e.value)
