@@ -176,7 +176,9 @@ def _cmd_reconstruct(a: argparse.Namespace) -> int:
     else:
         result = reconstruct(m, settings)
     write_result(out, result.arrays(), result.provenance, overwrite=a.force)
-    print(f"{a.method}: {_quality(result, m)}data residual {result.residual:.4g}; wrote {out}")
+    floor = result.provenance.get("noise_floor")
+    print(f"{a.method}: {_quality(result, m)}data residual {result.residual:.4g}"
+          + (f" (noise floor {floor:.4g})" if floor else "") + f"; wrote {out}")
     for w in result.provenance.get("warnings") or []:
         print(f"warning: {w}")
     return 0

@@ -354,12 +354,16 @@ def reconstruct(
             measurement.build_likelihood(device),
             dict(settings.baseline_params),
         )
-        from .metrics import data_residual
+        from .metrics import data_residual, noise_floor
 
-        res = float(data_residual(op, x, measurement.to_tensor(device), measurement.build_likelihood(device)))
+        m_t, lik = measurement.to_tensor(device), measurement.build_likelihood(device)
+        res = float(data_residual(op, x, m_t, lik))
         xc = x.detach().cpu()
         prov = provenance(
-            measurement, settings, {"kind": "classical", "wall_time_s": time.perf_counter() - t0, "data_residual": res}
+            measurement,
+            settings,
+            {"kind": "classical", "wall_time_s": time.perf_counter() - t0, "data_residual": res,
+             "noise_floor": noise_floor(op, m_t, lik)},
         )
         return Result(
             reconstruction=(xc.abs() if xc.is_complex() else xc).numpy().astype(np.float32),

@@ -371,6 +371,8 @@ def test_hard_projection_on_noisy_data_and_fitting_the_noise_are_flagged():
     warnings = song.provenance["warnings"]
     assert song.provenance["noise_floor"] > 0.01
     assert any("hard projection" in w for w in warnings) and any("below half the noise floor" in w for w in warnings)
+    cg = reconstruct(mri, RunSettings(method="cg"))  # classical runs record the floor too
+    assert cg.provenance["noise_floor"] == pytest.approx(song.provenance["noise_floor"])
     dds = reconstruct(mri, RunSettings(method="dds", params=SamplerParams(n_steps=5, gamma=1.0)), prior=prior)
     assert dds.residual > 0.5 * dds.provenance["noise_floor"] and not dds.provenance["warnings"]
     # nearly noise-free CT: the hard projection is what the method is for; no warning before the run

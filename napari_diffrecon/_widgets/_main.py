@@ -939,7 +939,9 @@ class DiffReconWidget(QWidget):
             if upd.residual_map is not None:
                 self._show("residual", upd.residual_map, provenance=upd.provenance)
             self.last_provenance = upd.provenance
-            self.status.setText(f"{upd.baseline_method}: data residual {upd.residual:.4f} ({upd.elapsed:.2f} s)")
+            floor = (upd.provenance or {}).get("noise_floor")
+            self.status.setText(f"{upd.baseline_method}: data residual {upd.residual:.4f}"
+                                + (f" (noise floor {floor:.4f})" if floor else "") + f" ({upd.elapsed:.2f} s)")
             return
         prov = upd.provenance if upd.kind == "final" else running
         if upd.x_t is not None:
@@ -957,8 +959,10 @@ class DiffReconWidget(QWidget):
             self.last_provenance = upd.provenance
             one = self._run_settings is not None and self._run_settings.n_samples < 2
             warnings = list((upd.provenance or {}).get("warnings") or [])
+            floor = (upd.provenance or {}).get("noise_floor")
             self.status.setText(
                 f"done: {upd.n_steps} steps, NFE {upd.nfe}, {upd.elapsed:.1f} s, data residual {upd.residual:.4f}"
+                + (f" (noise floor {floor:.4f})" if floor else "")
                 + (" (one posterior sample: the std is 0; ask for ≥ 2 samples)" if one else "")
                 + (f" — {len(warnings)} warning(s), see the notifications and the provenance" if warnings else "")
             )
