@@ -178,7 +178,8 @@ def _cmd_reconstruct(a: argparse.Namespace) -> int:
     write_result(out, result.arrays(), result.provenance, overwrite=a.force)
     floor = result.provenance.get("noise_floor")
     print(f"{a.method}: {_quality(result, m)}data residual {result.residual:.4g}"
-          + (f" (noise floor {floor:.4g})" if floor else "") + f"; wrote {out}")
+          + (f" (noise floor {floor:.4g}{', assumed' if result.provenance.get('noise_floor_assumed') else ''})"
+             if floor else "") + f"; wrote {out}")
     for w in result.provenance.get("warnings") or []:
         print(f"warning: {w}")
     return 0

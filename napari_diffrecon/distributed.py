@@ -233,8 +233,9 @@ def reconstruct_folder(
     prior : Prior, str or dict
         A prior object (sent to the workers), a shipped name / card path (loaded on each worker), or
         ``{modality: prior}`` for mixed folders.
-    params : VolumeParams, optional
-        Sampler parameters (z-TV weight ``ztv`` ...).
+    params : VolumeParams or dict, optional
+        Sampler parameters (z-TV weight ``ztv`` ...), or ``{modality: VolumeParams}`` for mixed folders; default
+        :func:`~napari_diffrecon.volume.recommended_volume_params` of each study's modality.
     scheduler : str, optional
         Address of an existing scheduler (``tcp://host:8786``); default: a LocalCluster.
     client : distributed.Client, optional
@@ -268,15 +269,18 @@ def reconstruct_folder(
     from .volume.run import volume_provenance
 
     t0 = time.perf_counter()
-    given = params
-    params = params if params is not None else VolumeParams()
-    ztv = float(getattr(params, "ztv", params.extra.get("ztv", 0.0)))
+
+    def params_for(modality: str) -> Any:  # one study's parameters: given, per modality, or that modality's defaults
+        if isinstance(params, dict):
+            return params[modality] if modality in params else recommended_volume_params(modality)
+        return params if params is not None else recommended_volume_params(modality)
+
+    first = next(iter(params.values())) if isinstance(params, dict) and params else params
+    first = first if first is not None else VolumeParams()
+    ztv = float(getattr(first, "ztv", first.extra.get("ztv", 0.0)))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     studies = check_folder(folder, allow_mixed=allow_mixed, ztv=ztv, **(check or {}))
-    if given is None and studies:  # the first study's modality picks the defaults, as in the CLI
-        params = recommended_volume_params(studies[0][1].modality)
-    pdict = params.to_dict()
     budget = parse_bytes(memory_budget) if memory_budget is not None else None
     if budget is None and client is None and not scheduler:  # a LocalCluster shares this machine's memory
         budget = detect_budget(device) // max(int(n_workers), 1)
@@ -292,6 +296,7 @@ def reconstruct_folder(
         # refuse up front what would not fit a worker's budget (when it is known)
         slabs, halo_s, _ = plan_volume_slabs(study.build_operator("cpu"), local_prior, budget or detect_budget(device),
                                              n_samples, slab_slices, halo, ztv, check=budget is not None)
+        pdict = params_for(study.modality).to_dict()
         key = settings_key(pdict, {"prior": _prior_name(pr), "seed": seed, "n_samples": n_samples,
                                    "slabs": [x.to_dict() for x in slabs], "checks": findings})
         sha = _sha256(path)
@@ -309,7 +314,7 @@ def reconstruct_folder(
             )
         scale, offset, how = intensity_for(study, local_prior, "cpu")
         jobs.append(dict(sid=sid, path=path, study=study, findings=findings, prior=pr, key=key, sha=sha,
-                         prior_name=_prior_name(local_prior),
+                         prior_name=_prior_name(local_prior), pdict=pdict,
                          scale=scale, offset=offset, how=how, slabs=slabs, halo=halo_s))
 
     if not jobs:
@@ -353,7 +358,7 @@ def reconstruct_folder(
                 if attempts.exists():
                     attempts.unlink()  # count this run's attempts only
                 fut = client.submit(
-                    _chunk_task, str(job["path"]), slab.to_dict(), pr_arg, pdict, job["scale"], job["offset"],
+                    _chunk_task, str(job["path"]), slab.to_dict(), pr_arg, job["pdict"], job["scale"], job["offset"],
                     n_samples, seed, device, budget, job["findings"]["ztv_scale"], str(part),
                     str(attempts), int(faults.get(f"{sid}:{i}", 0)), threads_per_worker,
                     retries=int(retries), pure=False, key=f"slab-{sid}-{i}-{job['key']}-{time.time_ns()}",
@@ -430,9 +435,10 @@ def _finish_study(st, out, params, report, seed, n_samples, device, budget, dist
     import torch
 
     from .metrics import data_residual
+    from .volume import VolumeParams
 
     res = float(data_residual(op, torch.from_numpy(recon)[None], study.to_tensor(), study.build_likelihood())[0])
-    prov = volume_provenance(study, params, {
+    prov = volume_provenance(study, VolumeParams(**job["pdict"]), {  # this study's parameters (per modality)
         "kind": "diffusion-volume",
         "sampler": "mbir",
         "prior": job["prior_name"],
@@ -519,8 +525,8 @@ def run_from_args(args: argparse.Namespace) -> int:
                 link.symlink_to(src.resolve())
             except OSError:
                 shutil.copy2(src, link)
-    # The first readable study's modality picks the defaults (that modality's 2D DDS step) and the shipped prior;
-    # unreadable studies are left to check_folder, which lists every problem of the folder at once.
+    # The first readable study's modality picks the shipped prior; unreadable studies are left to check_folder,
+    # which lists every problem of the folder at once.
     modality = None
     for path in find_studies(folder):
         try:
@@ -530,9 +536,10 @@ def run_from_args(args: argparse.Namespace) -> int:
             continue
     if modality is None:
         check_folder(folder, allow_mixed=args.allow_mixed)  # raises, naming every study that cannot be run
-    params = recommended_volume_params(
-        modality or "*", ztv=args.ztv, rho=args.rho, n_steps=getattr(args, "steps", None),
-        eta=getattr(args, "eta", None), cg_iters=getattr(args, "cg_iters", None), gamma=getattr(args, "gamma", None))
+    # each study runs with its modality's defaults (mixed folders too); the options given on the command line win
+    given = {"ztv": args.ztv, "rho": args.rho, **{k: getattr(args, a, None) for k, a in (
+        ("n_steps", "steps"), ("eta", "eta"), ("cg_iters", "cg_iters"), ("gamma", "gamma"))}}
+    params = {mod: recommended_volume_params(mod, **given) for mod in ("ct", "mri", "pet")}
     prior = getattr(args, "prior", None)
     if prior is None:
         from .priors import default_prior_for

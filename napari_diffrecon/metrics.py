@@ -75,26 +75,32 @@ def data_residual(operator: LinearOperator, x: torch.Tensor, m: torch.Tensor, li
     return num / den.to(num.device)
 
 
-def noise_floor(operator: LinearOperator, m: torch.Tensor, likelihood: Any = None) -> float | None:
+def noise_floor(operator: LinearOperator, m: torch.Tensor, likelihood: Any = None, seed: int = 0) -> float | None:
     """The :func:`data_residual` the measurement noise alone leaves: what the true image is expected to score.
 
     Estimated from the likelihood and the measurement, without a ground truth. A reconstruction whose residual is
-    far below it reproduces the noise (which the inverse then amplifies into the image).
+    far below it reproduces the noise (which the inverse then amplifies into the image). Computed on the CPU in
+    float64 for one measurement (a batch is pooled into one value).
 
-    - Gaussian with standard deviation ``σ`` (per real component): ``σ √(c·k) / ‖m‖`` over the ``k`` measured
-      entries (non-zero ones: undersampled k-space stores zeros where nothing was measured), ``c`` = 2 for
-      complex data, 1 for real.
+    - Gaussian with standard deviation ``σ`` (per real component): ``σ √(c·k) / ‖m‖`` over the ``k`` non-zero
+      entries of ``m`` (undersampled k-space stores zeros where nothing was measured; those entries add nothing to
+      the residual either), ``c`` = 2 for complex data, 1 for real.
     - Poisson emission counts: the variance equals the mean, so ``√(Σ m) / ‖m‖``.
-    - Transmission counts: the post-log sinogram's variance is ``≈ m / (m − b)²`` per bin, over ``‖ℓ‖``.
+    - Transmission counts: a parametric bootstrap of the post-log sinogram, four Poisson redraws of ``m`` (at least
+      1 count per bin; fixed ``seed``) taken through the same clamped logarithm as the data, so photon-starved bins
+      (counts near the background) count with the spread they have rather than a linearised one. Within 1 % on the
+      benchmark's low-dose CT; with heavy starvation (many zero-count bins) it errs low (−15 % to −45 %).
 
     Parameters
     ----------
     operator : LinearOperator
-        The forward operator (its device and data dimensions).
+        The forward operator (unused beyond the signature shared with :func:`data_residual`).
     m : torch.Tensor
         The measurement, in the data's own units (counts for Poisson and transmission data).
     likelihood : Likelihood, optional
         The noise model; without one there is no floor to estimate.
+    seed : int
+        Seed of the transmission bootstrap (the result is deterministic).
 
     Returns
     -------
@@ -104,12 +110,15 @@ def noise_floor(operator: LinearOperator, m: torch.Tensor, likelihood: Any = Non
     from .physics.likelihoods import GaussianLikelihood, PoissonLikelihood, TransmissionLikelihood
     from .physics.noise import post_log
 
-    m = m.to(operator.device)
+    m = m.detach().cpu()  # float64 everywhere (MPS has none); a few reductions, cheap
     if isinstance(likelihood, TransmissionLikelihood):
-        ell = post_log(m, likelihood.I0, likelihood.background).to(torch.float64)
-        net = torch.clamp(m.to(torch.float64) - likelihood.background, min=0.5)
-        var = m.to(torch.float64).clamp(min=0.5) / net**2
-        return float(var.sum().sqrt() / ell.norm().clamp(min=1e-30))
+        b = torch.as_tensor(likelihood.background).detach().cpu().to(torch.float64)
+        mm = m.to(torch.float64).clamp(min=0)
+        mu = mm.clamp(min=1.0)  # a zero-count bin's mean is not zero: give it spread to redraw
+        ell_mu = post_log(mu, likelihood.I0, b)
+        gen = torch.Generator().manual_seed(int(seed))
+        sq = [((post_log(torch.poisson(mu, generator=gen), likelihood.I0, b) - ell_mu) ** 2).sum() for _ in range(4)]
+        return float(torch.stack(sq).mean().sqrt() / post_log(mm, likelihood.I0, b).norm().clamp(min=1e-30))
     if isinstance(likelihood, PoissonLikelihood):
         mm = m.to(torch.float64)
         return float(mm.clamp(min=0).sum().sqrt() / mm.norm().clamp(min=1e-30))
@@ -118,4 +127,3 @@ def noise_floor(operator: LinearOperator, m: torch.Tensor, likelihood: Any = Non
         c = 2 if m.is_complex() else 1
         return float(likelihood.sigma * (c * k) ** 0.5 / float(m.abs().to(torch.float64).norm().clamp(min=1e-30)))
     return None
-

@@ -125,3 +125,19 @@ def test_command_line_entry_point(tmp_path, client, capsys):
     prov = json.loads((tmp_path / "out" / "a.json").read_text())
     assert prov["prior"] == "tiny-cli" and prov["params"]["n_steps"] == 2
     assert main(argv) == 0 and "a: skipped" in capsys.readouterr().out
+
+
+def test_mixed_folder_runs_each_study_with_its_modalitys_defaults(tmp_path, client):
+    from napari_diffrecon.volume import recommended_volume_params, simulate_mri_study
+
+    src = _folder(tmp_path / "in", names="c")
+    v = np.zeros((3, 32, 32), np.float32)
+    v[:, 8:24, 10:22] = 1.0
+    write_volume_study(simulate_mri_study(v, acceleration=2.0, seed=0, study_id="m"), src / "m.npz")
+    priors = {"ct": GaussianPrior(0.5), "mri": GaussianPrior(0.5, channels=2)}
+    rep = reconstruct_folder(src, tmp_path / "out", priors, client=client, allow_mixed=True)
+    assert rep.ok
+    for sid, modality in (("c", "ct"), ("m", "mri")):
+        got = json.loads((tmp_path / "out" / f"{sid}.json").read_text())["params"]
+        assert got["gamma"] == recommended_volume_params(modality).gamma  # CT 3, MRI 1
+    assert recommended_volume_params("ct").gamma != recommended_volume_params("mri").gamma

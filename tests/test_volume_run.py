@@ -199,8 +199,9 @@ def test_volume_defaults_are_the_modalitys_2d_dds_step_for_cli_gui_and_api(tmp_p
     for extra in ([], ["--gamma", "3"]):
         with pytest.raises(KeyboardInterrupt):
             distributed.main(argv + extra)
-    assert seen[0].to_dict() == recommended_volume_params("mri", ztv=0.02).to_dict()
-    assert seen[1].gamma == 3.0 and seen[1].eta == seen[0].eta
+    for modality in ("ct", "mri", "pet"):  # per modality (mixed folders run each study with its own)
+        assert seen[0][modality].to_dict() == recommended_volume_params(modality, ztv=0.02).to_dict()
+        assert seen[1][modality].gamma == 3.0 and seen[1][modality].eta == seen[0][modality].eta
 
 
 def test_cli_folder_of_unreadable_studies_lists_every_one(tmp_path):

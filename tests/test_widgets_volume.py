@@ -201,7 +201,7 @@ def test_mri_volume_from_a_layer_streams_magnitudes(make_napari_viewer, qtbot, t
     # the same defaults as the CLI: MRI's tuned 2D DDS step (γ = 1), coupled along z
     from napari_diffrecon.volume import recommended_volume_params
 
-    expected = recommended_volume_params("mri", n_steps=3, ztv=p.params.ztv).to_dict()
+    expected = recommended_volume_params("mri", n_steps=3, ztv=float(p.ztv.value())).to_dict()
     got = p.params.to_dict()
     assert got.pop("extra").keys() <= {"focus_slice"}  # the slider's live slice, nothing else
     assert got == {k: v for k, v in expected.items() if k != "extra"} and p.params.gamma == 1.0

@@ -190,6 +190,15 @@ def card_text(card: Any) -> str:
     )
 
 
+
+def _floor_text(provenance: dict[str, Any] | None) -> str:
+    """`` (noise floor 0.0123)`` for the status line: what the measurement noise alone leaves as data residual."""
+    prov = provenance or {}
+    floor = prov.get("noise_floor")
+    if not floor:
+        return ""
+    return f" (noise floor {floor:.4f}{', assumed' if prov.get('noise_floor_assumed') else ''})"
+
 class DiffReconWidget(QWidget):
     """The napari-diffrecon workbench (one dock widget).
 
@@ -939,9 +948,8 @@ class DiffReconWidget(QWidget):
             if upd.residual_map is not None:
                 self._show("residual", upd.residual_map, provenance=upd.provenance)
             self.last_provenance = upd.provenance
-            floor = (upd.provenance or {}).get("noise_floor")
             self.status.setText(f"{upd.baseline_method}: data residual {upd.residual:.4f}"
-                                + (f" (noise floor {floor:.4f})" if floor else "") + f" ({upd.elapsed:.2f} s)")
+                                f"{_floor_text(upd.provenance)} ({upd.elapsed:.2f} s)")
             return
         prov = upd.provenance if upd.kind == "final" else running
         if upd.x_t is not None:
@@ -959,10 +967,9 @@ class DiffReconWidget(QWidget):
             self.last_provenance = upd.provenance
             one = self._run_settings is not None and self._run_settings.n_samples < 2
             warnings = list((upd.provenance or {}).get("warnings") or [])
-            floor = (upd.provenance or {}).get("noise_floor")
             self.status.setText(
                 f"done: {upd.n_steps} steps, NFE {upd.nfe}, {upd.elapsed:.1f} s, data residual {upd.residual:.4f}"
-                + (f" (noise floor {floor:.4f})" if floor else "")
+                + _floor_text(upd.provenance)
                 + (" (one posterior sample: the std is 0; ask for ≥ 2 samples)" if one else "")
                 + (f" — {len(warnings)} warning(s), see the notifications and the provenance" if warnings else "")
             )

@@ -261,7 +261,8 @@ def read_measurement(path: str | Path) -> Measurement:
     data = np.asarray(keys["measurement"])
     if not noise:
         rms = float(np.sqrt(np.mean(np.abs(data) ** 2))) if data.size and np.issubdtype(data.dtype, np.number) else 1.0
-        noise = {"model": "gaussian", "sigma": max(0.01 * rms, 1e-8), "note": "default: 1% of the measurement RMS"}
+        noise = {"model": "gaussian", "sigma": max(0.01 * rms, 1e-8), "note": "default: 1% of the measurement RMS",
+                 "assumed": True}
     gt = keys.get("ground_truth")
     meta = json_field(keys.get("metadata"), "metadata") or {}
     m = Measurement(
