@@ -347,11 +347,13 @@ def reconstruct(
     settings: RunSettings,
     prior: Any = None,
     callback: Callable[[Iterate], Any] | None = None,
+    notify: Callable[[str], Any] | None = None,
 ) -> Result:
     """Run a reconstruction to the end (CLI and tests); the GUI drives :func:`prepare_run` itself.
 
     ``settings.method`` may be a diffusion sampler (``dds``, ``dps``, ...) or a classical
-    baseline (``fbp``, ``cg``, ``tv``, ``mlem``, ...).
+    baseline (``fbp``, ``cg``, ``tv``, ``mlem``, ...). ``notify`` receives each warning known before
+    the first step (all of them are in the result's ``provenance["warnings"]`` as well).
     """
     t0 = time.perf_counter()
     if settings.method not in SAMPLERS:
@@ -389,6 +391,9 @@ def reconstruct(
             residual=res,
         )
     problem, start, info = prepare_run(measurement, settings, prior)
+    if notify is not None:
+        for w in info.get("warnings", []):
+            notify(w)
     last = None
     n_yields = 0
     for it in start():

@@ -318,3 +318,22 @@ def test_precision_is_checked_and_refused_for_volume_runs(tmp_path, capsys):
     assert main(["reconstruct", str(tmp_path), "--volume", "--method", "mbir", "--precision", "bfloat16",
                  "-o", str(out)]) == 2
     assert "--precision applies to 2D runs" in capsys.readouterr().err and not out.exists()
+
+
+def test_cli_warns_before_the_run_when_the_sampler_does_not_suit_the_noise(tmp_path, capsys):
+    from pydicom.data import get_testdata_file
+
+    b = tmp_path / "lowdose.npz"
+    assert main(["simulate", get_testdata_file("CT_small.dcm"), "--modality", "ct", "--views", "60", "--photons",
+                 "1e4", "-o", str(b)]) == 0
+    capsys.readouterr()
+    assert main(["reconstruct", str(b), "--method", "song", "--steps", "2", "-o", str(tmp_path / "s.npz")]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    warned = [i for i, line in enumerate(lines) if line.startswith("warning:") and "hard projection" in line]
+    done = [i for i, line in enumerate(lines) if line.startswith("song:")]
+    assert len(warned) == 1 and done and warned[0] < done[0]  # once, and before the run's result line
+    assert "noise floor" in lines[done[0]]
+    with np.load(tmp_path / "s.npz") as z:
+        prov = json.loads(str(z["provenance"]))
+    assert any("hard projection" in w for w in prov["warnings"]) and prov["noise_floor"] > 0

@@ -338,4 +338,9 @@ def test_song_on_noisy_mri_warns_in_a_notification_and_the_provenance(make_napar
     _run_to_end(w, qtbot)
     prov = w.layers["estimate"].metadata["provenance"]
     assert prov["noise_floor"] > 0.01 and any("hard projection" in x for x in prov["warnings"])
-    assert any("hard projection" in m for m in notes) and "warning" in w.status.text()
+    assert sum("hard projection" in m for m in notes) == 1 and "warning" in w.status.text()  # shown once
+    # the worker says it before the first step (the user need not wait for the run to learn it)
+    from napari_diffrecon._widgets._runner import run_stream
+
+    kinds = [u.kind for u in run_stream(w.measurement, w._run_settings, prior=None, max_rate=1e6)]
+    assert kinds[0] == "warnings" and "iterate" in kinds and kinds[-1] == "final"

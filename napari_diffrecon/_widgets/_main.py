@@ -233,6 +233,7 @@ class DiffReconWidget(QWidget):
         self._t_run = 0.0
         self._ended = False
         self._pbar_t = 0.0
+        self._warned: set[str] = set()  # warnings of the current run already shown
         self._running_prov: dict[str, Any] = {}
         self._status_pending = ""
         self._applying = True  # no recommended values while the widgets are built / settings restored
@@ -886,6 +887,7 @@ class DiffReconWidget(QWidget):
         self._window = None
         self._t_run = time.perf_counter()
         self._ended = False
+        self._warned = set()
         self._pbar_t = 0.0
         self._running_prov = {"status": "running", "settings": settings.to_dict()}
         baseline = baseline_for(modality) if diffusion and self.compare.isChecked() else None
@@ -938,6 +940,12 @@ class DiffReconWidget(QWidget):
                 pbar.update(upd.step - pbar.n)
 
     def _apply_update(self, upd: Update) -> None:
+        if upd.kind == "warnings":  # before the first step
+            for w in upd.provenance.get("warnings", []):
+                if w not in self._warned:
+                    self._warned.add(w)
+                    show_warning(f"napari-diffrecon: {w}")
+            return
         if upd.kind == "baseline":
             self._show("baseline", upd.baseline, name=f"baseline ({upd.baseline_method})",
                        provenance=upd.provenance)
@@ -974,7 +982,9 @@ class DiffReconWidget(QWidget):
                 + (f" — {len(warnings)} warning(s), see the notifications and the provenance" if warnings else "")
             )
             for w in warnings:
-                show_warning(f"napari-diffrecon: {w}")
+                if w not in self._warned:  # the ones known before the run were shown then
+                    self._warned.add(w)
+                    show_warning(f"napari-diffrecon: {w}")
         else:  # shown with the progress bar, at most once per PBAR_PERIOD_S (each change repaints the window)
             self._status_pending = (f"step {upd.step}/{upd.n_steps} · NFE {upd.nfe} · σ {upd.sigma:.3g} · "
                                     f"residual {upd.residual:.4f} · {upd.elapsed:.1f} s")

@@ -31,7 +31,8 @@ class Update:
         CPU seconds the worker thread has spent on the run so far (streaming cost included).
     kind : str
         ``"baseline"`` (classical comparison ready), ``"iterate"`` (a streamed state),
-        ``"tick"`` (progress only, no arrays: lets Stop act between throttled updates) or
+        ``"tick"`` (progress only, no arrays: lets Stop act between throttled updates),
+        ``"warnings"`` (known before the first step: ``provenance["warnings"]``) or
         ``"final"`` (the finished run with its summary and provenance).
     """
 
@@ -129,6 +130,8 @@ def run_stream(
         yield Update(kind="baseline", baseline=res.reconstruction, baseline_method=baseline,
                      elapsed=time.perf_counter() - t_start, provenance=res.provenance)
     problem, start, info = prepare_run(measurement, settings, prior)
+    if info.get("warnings"):  # e.g. song/mcg on noisy data: say so before the user waits for the run
+        yield Update(kind="warnings", elapsed=time.perf_counter() - t_start, provenance={"warnings": info["warnings"]})
     period = 1.0 / max(float(max_rate), 1e-3)
     last_sent = -1e9
     last = None
