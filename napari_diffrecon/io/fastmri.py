@@ -42,8 +42,8 @@ def read_fastmri(path: str | Path, slice_index: int | None = None, noise_fractio
     slice_index : int, optional
         Slice to read (default: the middle one).
     noise_fraction : float
-        Gaussian noise σ as a fraction of the RMS of the sampled k-space (the files carry no noise
-        scan); the GUI shows it as a free setting.
+        Gaussian noise σ (of each real and imaginary part, as every Gaussian likelihood here) as a fraction of
+        the RMS of the sampled k-space (the files carry no noise scan); the GUI shows it as a free setting.
 
     Raises
     ------
@@ -99,7 +99,8 @@ def read_fastmri(path: str | Path, slice_index: int | None = None, noise_fractio
             ) from None
     rms = float(np.sqrt(np.mean(np.abs(data[..., cols]) ** 2)))
     noise = {"model": "gaussian", "sigma": max(noise_fraction * rms, 1e-12),
-             "note": f"no noise scan in the file: {noise_fraction:.0%} of the sampled k-space RMS", "assumed": True}
+             "note": f"no noise scan in the file: σ per real and imaginary part {noise_fraction:.0%} of the sampled "
+                     "k-space RMS", "assumed": True}
     meta = {"source": str(path), "format": "fastmri", "slice_index": k, "n_slices": n,
             "description": f"fastMRI-style k-space, slice {k}/{n}, {w / cols.sum():.1f}× undersampled, "
                            f"{data.shape[0] if data.ndim == 3 else 1} coil(s)",
