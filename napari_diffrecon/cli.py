@@ -156,7 +156,7 @@ def _cmd_reconstruct(a: argparse.Namespace) -> int:
                              "plan assumes it): drop --precision")
         return run_from_args(a)
     from .io import read_measurement, write_result
-    from .reconstruct import reconstruct
+    from .reconstruct import noise_floor_text, reconstruct
 
     if not a.method:
         raise ValueError("--method is required for a measurement bundle (e.g. --method dds)")
@@ -182,10 +182,8 @@ def _cmd_reconstruct(a: argparse.Namespace) -> int:
     else:
         result = reconstruct(m, settings, notify=tell)
     write_result(out, result.arrays(), result.provenance, overwrite=a.force)
-    floor = result.provenance.get("noise_floor")
     print(f"{a.method}: {_quality(result, m)}data residual {result.residual:.4g}"
-          + (f" (noise floor {floor:.4g}{', assumed' if result.provenance.get('noise_floor_assumed') else ''})"
-             if floor else "") + f"; wrote {out}")
+          f"{noise_floor_text(result.provenance)}; wrote {out}")
     for w in result.provenance.get("warnings") or []:
         if w not in told:
             print(f"warning: {w}")

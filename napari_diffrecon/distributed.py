@@ -265,6 +265,7 @@ def reconstruct_folder(
     distributed = _require_distributed()
     from .io.bundle import write_result
     from .volume import VolumeParams, check_folder, intensity_for, recommended_volume_params
+    from .volume.mbir import live
     from .volume.memory import detect_budget, parse_bytes, plan_volume_slabs
     from .volume.run import volume_provenance
 
@@ -275,9 +276,8 @@ def reconstruct_folder(
             return params[modality] if modality in params else recommended_volume_params(modality)
         return params if params is not None else recommended_volume_params(modality)
 
-    first = next(iter(params.values())) if isinstance(params, dict) and params else params
-    first = first if first is not None else VolumeParams()
-    ztv = float(getattr(first, "ztv", first.extra.get("ztv", 0.0)))
+    first = next(iter(params.values()), None) if isinstance(params, dict) else params
+    ztv = float(live(first if first is not None else VolumeParams(), "ztv", 0.0))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     studies = check_folder(folder, allow_mixed=allow_mixed, ztv=ztv, **(check or {}))
@@ -367,7 +367,7 @@ def reconstruct_folder(
                 st["pending"] += 1
         for st in state.values():
             if st["pending"] == 0:
-                _finish_study(st, out, params, report, seed, n_samples, device, budget, distributed, write_result,
+                _finish_study(st, out, report, seed, n_samples, device, budget, distributed, write_result,
                               volume_provenance, log)
         for fut in distributed.as_completed(list(futures)):
             sid, i, part = futures[fut]
@@ -390,7 +390,7 @@ def reconstruct_folder(
                 st["errors"].append(err)
                 log(f"{sid}: slab {i + 1} FAILED after {n_att} attempts: {err['error']}")
             if st["pending"] == 0:
-                _finish_study(st, out, params, report, seed, n_samples, device, budget, distributed, write_result,
+                _finish_study(st, out, report, seed, n_samples, device, budget, distributed, write_result,
                               volume_provenance, log)
     finally:
         if own_client is not None:
@@ -402,7 +402,7 @@ def reconstruct_folder(
     return report
 
 
-def _finish_study(st, out, params, report, seed, n_samples, device, budget, distributed, write_result,
+def _finish_study(st, out, report, seed, n_samples, device, budget, distributed, write_result,
                   volume_provenance, log) -> None:
     """Stitch a study's slabs and write its outputs, or write its failure report."""
     job = st["job"]
@@ -525,17 +525,6 @@ def run_from_args(args: argparse.Namespace) -> int:
                 link.symlink_to(src.resolve())
             except OSError:
                 shutil.copy2(src, link)
-    # The first readable study's modality picks the shipped prior; unreadable studies are left to check_folder,
-    # which lists every problem of the folder at once.
-    modality = None
-    for path in find_studies(folder):
-        try:
-            modality = read_volume_study(path).modality
-            break
-        except (VolumeInputError, FileNotFoundError):
-            continue
-    if modality is None:
-        check_folder(folder, allow_mixed=args.allow_mixed)  # raises, naming every study that cannot be run
     # each study runs with its modality's defaults (mixed folders too); the options given on the command line win
     given = {"ztv": args.ztv, "rho": args.rho, **{k: getattr(args, a, None) for k, a in (
         ("n_steps", "steps"), ("eta", "eta"), ("cg_iters", "cg_iters"), ("gamma", "gamma"))}}
@@ -544,6 +533,17 @@ def run_from_args(args: argparse.Namespace) -> int:
     if prior is None:
         from .priors import default_prior_for
 
+        # The first readable study's modality picks the shipped prior; unreadable studies are left to
+        # check_folder, which lists every problem of the folder at once.
+        modality = None
+        for path in find_studies(folder):
+            try:
+                modality = read_volume_study(path).modality
+                break
+            except (VolumeInputError, FileNotFoundError):
+                continue
+        if modality is None:
+            check_folder(folder, allow_mixed=args.allow_mixed)  # raises, naming every study that cannot be run
         prior = default_prior_for(modality, modality == "mri")
         if prior is None:
             raise ValueError(f"no shipped prior for {modality}; pass --prior PATH to a trained prior")

@@ -27,6 +27,7 @@ from .uncertainty import DEFAULT_STD_POOL, summarize
 __all__ = [
     "RunSettings",
     "Result",
+    "noise_floor_text",
     "noise_is_assumed",
     "prepare_run",
     "reconstruct",
@@ -179,6 +180,16 @@ def noise_is_assumed(noise: dict[str, Any] | None) -> bool:
     noise = noise or {}
     note = str(noise.get("note", ""))
     return bool(noise.get("assumed")) or note.startswith("default") or note.startswith("no noise scan")
+
+
+def noise_floor_text(provenance: dict[str, Any] | None, fmt: str = ".4g") -> str:
+    """`` (noise floor 0.0123)`` (``, assumed`` when the noise level is a reader's default) for a status line that
+    shows a data residual; empty when the provenance has no floor."""
+    prov = provenance or {}
+    floor = prov.get("noise_floor")
+    if not floor:
+        return ""
+    return f" (noise floor {floor:{fmt}}{', assumed' if prov.get('noise_floor_assumed') else ''})"
 
 
 def _noise_notes(method: str, likelihood: Any, floor: float | None, assumed: bool) -> list[str]:

@@ -34,7 +34,7 @@ from qtpy.QtWidgets import (
 from ..baselines import BASELINES
 from ..io import SAMPLES, BundleError, Measurement
 from ..priors.prior import PRECISIONS
-from ..reconstruct import RunSettings
+from ..reconstruct import RunSettings, noise_floor_text
 from ..samplers import SAMPLERS, UNCONDITIONAL, SamplerParams
 from ..uncertainty import DEFAULT_STD_POOL
 from . import _presets
@@ -189,15 +189,6 @@ def card_text(card: Any) -> str:
         + f"; licence {lic or '?'}"
     )
 
-
-
-def _floor_text(provenance: dict[str, Any] | None) -> str:
-    """`` (noise floor 0.0123)`` for the status line: what the measurement noise alone leaves as data residual."""
-    prov = provenance or {}
-    floor = prov.get("noise_floor")
-    if not floor:
-        return ""
-    return f" (noise floor {floor:.4f}{', assumed' if prov.get('noise_floor_assumed') else ''})"
 
 class DiffReconWidget(QWidget):
     """The napari-diffrecon workbench (one dock widget).
@@ -939,12 +930,16 @@ class DiffReconWidget(QWidget):
             if upd.step > pbar.n:
                 pbar.update(upd.step - pbar.n)
 
+    def _warn_once(self, warnings: list[str]) -> None:
+        """A notification for each of this run's warnings not shown yet."""
+        for w in warnings:
+            if w not in self._warned:
+                self._warned.add(w)
+                show_warning(f"napari-diffrecon: {w}")
+
     def _apply_update(self, upd: Update) -> None:
         if upd.kind == "warnings":  # before the first step
-            for w in upd.provenance.get("warnings", []):
-                if w not in self._warned:
-                    self._warned.add(w)
-                    show_warning(f"napari-diffrecon: {w}")
+            self._warn_once(upd.provenance.get("warnings", []))
             return
         if upd.kind == "baseline":
             self._show("baseline", upd.baseline, name=f"baseline ({upd.baseline_method})",
@@ -957,7 +952,7 @@ class DiffReconWidget(QWidget):
                 self._show("residual", upd.residual_map, provenance=upd.provenance)
             self.last_provenance = upd.provenance
             self.status.setText(f"{upd.baseline_method}: data residual {upd.residual:.4f}"
-                                f"{_floor_text(upd.provenance)} ({upd.elapsed:.2f} s)")
+                                f"{noise_floor_text(upd.provenance, '.4f')} ({upd.elapsed:.2f} s)")
             return
         prov = upd.provenance if upd.kind == "final" else running
         if upd.x_t is not None:
@@ -977,14 +972,11 @@ class DiffReconWidget(QWidget):
             warnings = list((upd.provenance or {}).get("warnings") or [])
             self.status.setText(
                 f"done: {upd.n_steps} steps, NFE {upd.nfe}, {upd.elapsed:.1f} s, data residual {upd.residual:.4f}"
-                + _floor_text(upd.provenance)
+                + noise_floor_text(upd.provenance, ".4f")
                 + (" (one posterior sample: the std is 0; ask for ≥ 2 samples)" if one else "")
                 + (f" — {len(warnings)} warning(s), see the notifications and the provenance" if warnings else "")
             )
-            for w in warnings:
-                if w not in self._warned:  # the ones known before the run were shown then
-                    self._warned.add(w)
-                    show_warning(f"napari-diffrecon: {w}")
+            self._warn_once(warnings)  # the ones known before the run were shown then
         else:  # shown with the progress bar, at most once per PBAR_PERIOD_S (each change repaints the window)
             self._status_pending = (f"step {upd.step}/{upd.n_steps} · NFE {upd.nfe} · σ {upd.sigma:.3g} · "
                                     f"residual {upd.residual:.4f} · {upd.elapsed:.1f} s")
