@@ -586,15 +586,23 @@ def combine(paths: list[str], out: Path) -> int:
     return 0
 
 
+def add_override(params: dict[str, Any], field: str, value: Any) -> None:
+    """Set ``field`` in a SamplerParams override dict; ``extra.KEY`` goes into its ``extra`` dict."""
+    if field.startswith("extra."):
+        params.setdefault("extra", {})[field[len("extra."):]] = value
+    else:
+        params[field] = value
+
+
 def _parse_overrides(items: list[str]) -> dict[str, dict[str, Any]]:
-    """``dds.gamma=2`` → ``{"dds": {"gamma": 2.0}}``."""
+    """``dds.gamma=2`` → ``{"dds": {"gamma": 2.0}}``; ``dds.extra.posterior_draw=1`` → ``extra["posterior_draw"]``."""
     out: dict[str, dict[str, Any]] = {}
     for it in items or []:
         key, _, val = it.partition("=")
         label, _, field = key.partition(".")
         if not field or not val:
             raise SystemExit(f"--set wants LABEL.FIELD=VALUE (e.g. dds.gamma=2), got {it!r}")
-        out.setdefault(label, {})[field] = int(val) if val.lstrip("-").isdigit() else float(val)
+        add_override(out.setdefault(label, {}), field, int(val) if val.lstrip("-").isdigit() else float(val))
     return out
 
 

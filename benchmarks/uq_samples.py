@@ -100,13 +100,16 @@ def main(argv: list[str] | None = None) -> int:
                          "of the same run (the model's own prediction of them)")
     ap.add_argument("--method", default="dds-hot", help="sampler label for --self-check (dds, dds-hot, dps, ...)")
     ap.add_argument("--set", dest="overrides", nargs="*", default=[], metavar="FIELD=VALUE",
-                    help="--self-check: sampler parameter overrides, e.g. gamma=1")
+                    help="--self-check: sampler parameter overrides, e.g. gamma=1 or extra.posterior_draw=1")
     ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     if a.self_check:
         for task in a.self_check:
-            self_check(task, a.method, overrides={k: _value(v) for k, v in (x.split("=", 1) for x in a.overrides)})
+            overrides: dict = {}
+            for k, v in (x.split("=", 1) for x in a.overrides):
+                recon.add_override(overrides, k, _value(v))
+            self_check(task, a.method, overrides=overrides)
         return 0
     if a.pool_study:
         row, r, gt = _run(a.pool_study, a.pool_study.split("-")[0], 40)

@@ -87,6 +87,25 @@ def test_gaussian_prior_denoiser_is_exact_posterior_mean():
     torch.testing.assert_close(p.score(x_t, sigma), (p.denoise(x_t, sigma) - x_t) / sigma**2)
 
 
+def test_gaussian_prior_closed_form_posterior():
+    from napari_diffrecon.physics import CartesianMRI, Identity
+
+    # Denoising: independent pixels, posterior N((σy² μp + σp² m)/(σp² + σy²), σp²σy²/(σp² + σy²)).
+    p = GaussianPrior(sigma_p=2.0, mean=0.5)
+    m = torch.randn(3, 4, generator=torch.Generator().manual_seed(1))
+    mean, cov = p.posterior(Identity((3, 4)), m, 1.0)
+    torch.testing.assert_close(mean, (0.5 + 4.0 * m.flatten().double()) / 5.0)
+    torch.testing.assert_close(cov, torch.eye(12, dtype=torch.float64) * 0.8)
+    # Fully sampled single-coil MRI (a unitary FFT): the same per real and imaginary part, in image space.
+    op = CartesianMRI(np.ones((4, 4), np.float32))
+    x = torch.complex(torch.randn(4, 4), torch.randn(4, 4))
+    mean, cov = GaussianPrior(2.0).posterior(op, op.forward(x), 1.0)
+    torch.testing.assert_close(mean, 0.8 * torch.cat([x.real.flatten(), x.imag.flatten()]).double(), atol=1e-5, rtol=0)
+    torch.testing.assert_close(cov, torch.eye(32, dtype=torch.float64) * 0.8, atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="at most"):
+        p.posterior(Identity((70, 70)), torch.zeros(70, 70), 1.0)
+
+
 @pytest.mark.parametrize("parametrisation,schedule", [("edm", {"name": "edm"}), ("eps", {"name": "vp"})])
 def test_network_denoiser_is_identity_at_small_sigma(parametrisation, schedule):
     p = _tiny_prior(parametrisation, schedule)

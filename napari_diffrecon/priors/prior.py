@@ -163,6 +163,57 @@ class GaussianPrior(Prior):
         s = _sigma_tensor(sigma, x_t)
         return self.mean + (x_t - self.mean) * self.sigma_p**2 / (self.sigma_p**2 + s**2)
 
+    @staticmethod
+    def real_coordinates(x: torch.Tensor, n_core: int = 2) -> torch.Tensor:
+        """Flatten a batch of images ``(*batch, *core)`` to real vectors ``(*batch, N)``; complex → ``[Re, Im]``."""
+        flat = x.reshape(*x.shape[: x.ndim - n_core], -1)
+        return torch.cat([flat.real, flat.imag], -1) if flat.is_complex() else flat
+
+    def posterior(
+        self, operator: object, measurement: torch.Tensor, sigma_y: float, max_pixels: int = 4096
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The closed-form posterior ``N(μ, C)`` of ``x`` given ``m = A x + N(0, σ_y²)`` under this prior.
+
+        ``C = (I/σp² + AᵀA/σ_y²)⁻¹`` and ``μ = C (Aᵀm/σ_y² + mean/σp²)``, in the real coordinates of
+        :meth:`real_coordinates` (complex images and data: real and imaginary parts each with variance σp² / σ_y²).
+        ``A`` is built column by column from ``operator.forward``, so this is for small test problems only.
+
+        Parameters
+        ----------
+        operator : LinearOperator
+            The forward operator (real or complex).
+        measurement : torch.Tensor
+            One measurement with the operator's data shape.
+        sigma_y : float
+            Standard deviation of the Gaussian data noise (per real and imaginary part).
+        max_pixels : int
+            Refuse images larger than this (the dense matrix grows as pixels²).
+
+        Returns
+        -------
+        mean, cov : torch.Tensor
+            float64, shapes ``(N,)`` and ``(N, N)``; ``N`` = pixels (×2 for complex images).
+        """
+        shape = tuple(operator.image_shape)
+        n_pix = int(torch.tensor(shape).prod())
+        if n_pix > max_pixels:
+            raise ValueError(f"the closed-form posterior builds a dense {n_pix}²-entry matrix: use an image of at "
+                             f"most {max_pixels} pixels")
+        eye = torch.eye(n_pix, dtype=torch.float64)
+        basis = list(eye)
+        if getattr(operator, "is_complex", False):
+            basis = [e.to(torch.complex128) for e in eye] + [1j * e.to(torch.complex128) for e in eye]
+
+        def column(v: torch.Tensor) -> torch.Tensor:
+            x = v.reshape(shape).to(operator.image_dtype).to(operator.device)
+            return self.real_coordinates(operator.forward(x), len(operator.data_shape)).double().cpu()
+
+        a = torch.stack([column(b) for b in basis], 1)
+        m = self.real_coordinates(torch.as_tensor(measurement), len(operator.data_shape)).double().cpu()
+        cov = torch.linalg.inv(torch.eye(a.shape[1], dtype=torch.float64) / self.sigma_p**2 + a.T @ a / sigma_y**2)
+        mean = cov @ (a.T @ m / sigma_y**2 + self.mean / self.sigma_p**2)
+        return mean, cov
+
 
 class NetworkPrior(Prior):
     """A trained U-Net with EDM preconditioning, VP ε-prediction, or a consistency model's boundary condition.

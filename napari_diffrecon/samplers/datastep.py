@@ -110,13 +110,35 @@ def data_weight(problem: Problem, gamma: float, sigma: float) -> float:
     return float(gamma) * prior_error(problem, sigma) ** 2 / max(data_noise_sigma(problem), 1e-30) ** 2
 
 
-def proximal_cg(problem: Problem, x0_hat: torch.Tensor, gamma: float, n_iter: int, sigma: float = 1.0) -> torch.Tensor:
+def _gauss(shape: tuple[int, ...], like: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Standard normal noise shaped ``shape`` with ``like``'s dtype and device; complex: N(0, 1) per part."""
+    if like.is_complex():
+        parts = torch.randn((*shape, 2), generator=generator, dtype=like.real.dtype)
+        return torch.view_as_complex(parts).to(like.device)
+    return torch.randn(shape, generator=generator, dtype=like.dtype).to(like.device)
+
+
+def proximal_cg(
+    problem: Problem,
+    x0_hat: torch.Tensor,
+    gamma: float,
+    n_iter: int,
+    sigma: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """DDS data step: ``M`` CG iterations on ``(I + γ̃ AᴴWA) x = x0_hat + γ̃ AᴴW m``, started at x0_hat.
 
     ``γ̃ = γ r(σ)²/σ_y²`` (:func:`data_weight`); ``γ = inf`` solves the noise-free normal equations
     ``AᴴA x = Aᴴm`` from x0_hat (M iterations of early-stopped CG, as in the DDS paper).
     For transmission counts the data term is the penalised-weighted-least-squares form on the
     post-log sinogram with weights ∝ counts.
+
+    With a ``generator`` (finite γ) the step returns a *draw* from that Gaussian instead of its mean
+    (perturb-then-optimise): the same system with ``x0_hat + r ξ₁`` and ``m + σ_y/√(γ w) ξ₂`` on the right,
+    ``ξ`` standard normal per sample, solves to ``N(mean, (I/r² + γ AᴴWA/σ_y²)⁻¹)`` — the posterior of x0 given
+    x_t and m under the Gaussian error model. Fed to the DDIM/DDPM bridge in place of the mean, this samples
+    ``p(x_σ' | x_σ, m)`` exactly for a Gaussian prior at any step size (the mean alone loses the variance of
+    x0 | x_σ, m at every step: 20 % of the posterior variance with 50 steps; ``benchmarks/exactness.py``).
     """
     if n_iter <= 0 or gamma <= 0:
         return x0_hat
@@ -130,6 +152,12 @@ def proximal_cg(problem: Problem, x0_hat: torch.Tensor, gamma: float, n_iter: in
         return op.adjoint(r if w is None else r * w)
 
     g = data_weight(problem, gamma, sigma)
+    if generator is not None and g != float("inf") and g > 0:
+        batch = tuple(x0_hat.shape[: x0_hat.ndim - len(op.image_shape)])
+        x0_hat = x0_hat + prior_error(problem, sigma) * _gauss(tuple(x0_hat.shape), x0_hat, generator)
+        scale = data_noise_sigma(problem) / float(gamma) ** 0.5
+        noise = scale * _gauss(batch + tuple(m.shape), m, generator)
+        m = m + (noise if w is None else noise / torch.sqrt(w))
     if g == float("inf"):
         return conjugate_gradient(
             lambda v: a_h_w(op.forward(v)),
@@ -237,28 +265,44 @@ def data_distance(problem: Problem, x: torch.Tensor) -> torch.Tensor:
 
 
 def data_step(
-    problem: Problem, x0_hat: torch.Tensor, gamma: float, n_iter: int, sigma: float = 1.0, em_subsets: int = 1
+    problem: Problem,
+    x0_hat: torch.Tensor,
+    gamma: float,
+    n_iter: int,
+    sigma: float = 1.0,
+    em_subsets: int = 1,
+    generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """The modality's data step on a Tweedie estimate at noise level σ: EM for Poisson counts, CG otherwise.
 
-    ``em_subsets`` > 1 makes the EM iterations ordered-subsets ones (:func:`poisson_prox_em`).
+    ``em_subsets`` > 1 makes the EM iterations ordered-subsets ones (:func:`poisson_prox_em`). A ``generator``
+    makes the CG step a posterior draw (:func:`proximal_cg`); the EM step has no Gaussian form and ignores it.
     """
     if isinstance(problem.likelihood, PoissonLikelihood):
         return poisson_prox_em(problem, x0_hat, gamma, n_iter, sigma, subsets=em_subsets)
-    x = proximal_cg(problem, x0_hat, gamma, n_iter, sigma)
+    x = proximal_cg(problem, x0_hat, gamma, n_iter, sigma, generator=generator)
     return torch.clamp(x, min=0) if problem.nonneg else x
 
 
-def params_data_step(problem: Problem, params: SamplerParams, x0_hat: torch.Tensor, sigma: float) -> torch.Tensor:
+def params_data_step(
+    problem: Problem,
+    params: SamplerParams,
+    x0_hat: torch.Tensor,
+    sigma: float,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """:func:`data_step` with the run's live parameters: weight ``γ / prior_weight``, ``cg_iters`` iterations.
 
     The one place where the samplers that take the DDS data step (``dds``, ``consistency``) read γ, the
     prior/likelihood weight, the iteration count and ``extra["em_subsets"]`` (ordered subsets of the PET EM
-    step, default 1 = exact EM), so the GUI's sliders mean the same in each.
+    step, default 1 = exact EM) and ``extra["posterior_draw"]`` (with the run's ``generator``: the CG step draws
+    from the Gaussian posterior of x0 instead of returning its mean, :func:`proximal_cg`), so the GUI's sliders
+    mean the same in each.
     """
     n_iter = int(params.cg_iters)
     # Ordered subsets for the PET EM step: opt-in (CLI ``--subsets 5``); on pet-low, S = 5 with 5 iterations ran
     # DDS 17–20 % faster for −0.13 dB (benchmarks/pet_subsets.py), so the exact EM stays the default.
     subsets = int(params.extra.get("em_subsets", 1))
+    draw = generator if params.extra.get("posterior_draw") else None
     return data_step(problem, x0_hat, float(params.gamma) / float(params.prior_weight), n_iter, sigma,
-                     em_subsets=subsets)
+                     em_subsets=subsets, generator=draw)

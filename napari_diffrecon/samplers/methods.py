@@ -137,7 +137,7 @@ def dds(
 
     def step(u, s, s_next, i, ctx):
         def dc(x_img):
-            return params_data_step(problem, params, x_img, s)
+            return params_data_step(problem, params, x_img, s, generator=ctx["generator"])
 
         prob, k = adapted_problem(problem, params, ctx, u, s, i, refine=dc)
         x0 = _denoise(prob, u, s)
