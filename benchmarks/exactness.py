@@ -39,18 +39,20 @@ SETTINGS: dict[str, tuple[str, dict, str | None]] = {
     "dds γ 3": ("dds", {"n_steps": 300, "eta": 1.0, "gamma": 3.0, "cg_iters": 12}, None),
     "dds η 0.85, γ 1": ("dds", {"n_steps": 300, "eta": 0.85, "gamma": 1.0, "cg_iters": 12}, None),
     "dds γ 1, 50 steps": ("dds", {"n_steps": 50, "eta": 1.0, "gamma": 1.0, "cg_iters": 5}, None),
-    "dds γ 1, 10 steps": ("dds", {"n_steps": 10, "eta": 1.0, "gamma": 1.0, "cg_iters": 12}, None),
-    "dds γ 1, posterior draw": ("dds", {"n_steps": 300, "eta": 1.0, "gamma": 1.0, "cg_iters": 12,
-                                         "extra": {"posterior_draw": True}}, None),
-    "dds γ 1, posterior draw, 50 steps": ("dds", {"n_steps": 50, "eta": 1.0, "gamma": 1.0, "cg_iters": 5,
-                                                  "extra": {"posterior_draw": True}}, None),
-    "dds γ 1, posterior draw, 10 steps": ("dds", {"n_steps": 10, "eta": 1.0, "gamma": 1.0, "cg_iters": 12,
-                                                  "extra": {"posterior_draw": True}}, None),
-    "dds-hot γ 1, t0 0.4, 20 steps, posterior draw (from CG)": (
-        "dds", {"n_steps": 20, "t0": 0.4, "eta": 1.0, "gamma": 1.0, "cg_iters": 5, "extra": {"posterior_draw": True}},
-        "cg"),
-    "dds-hot γ 1, t0 0.4, 20 steps (from CG)": (
-        "dds", {"n_steps": 20, "t0": 0.4, "eta": 1.0, "gamma": 1.0, "cg_iters": 5}, "cg"),
+    "dds γ 1, 15 steps": ("dds", {"n_steps": 15, "eta": 1.0, "gamma": 1.0, "cg_iters": 12}, None),
+}
+for _mode in ("gaussian", "jacobian"):
+    SETTINGS |= {
+        f"dds γ 1, 50 steps, {_mode} draw": (
+            "dds", {"n_steps": 50, "eta": 1.0, "gamma": 1.0, "cg_iters": 5, "extra": {"posterior_draw": _mode}}, None),
+        f"dds γ 1, 15 steps, {_mode} draw": (
+            "dds", {"n_steps": 15, "eta": 1.0, "gamma": 1.0, "cg_iters": 12, "extra": {"posterior_draw": _mode}}, None),
+    }
+for _mode in (None, "gaussian", "jacobian"):
+    SETTINGS[f"dds-hot γ 1, t0 0.4, 20 steps (from CG){', ' + _mode + ' draw' if _mode else ''}"] = (
+        "dds", {"n_steps": 20, "t0": 0.4, "eta": 1.0, "gamma": 1.0, "cg_iters": 5,
+                "extra": {"posterior_draw": _mode} if _mode else {}}, "cg")
+SETTINGS |= {
     "dps ζ 1": ("dps", {"n_steps": 300, "eta": 1.0, "zeta": 1.0}, None),
     "dps ζ 0.3": ("dps", {"n_steps": 300, "eta": 1.0, "zeta": 0.3}, None),
     "mcg": ("mcg", {"n_steps": 300, "eta": 1.0, "zeta": 1.0, "lam": 1.0, "cg_iters": 5}, None),

@@ -78,12 +78,14 @@ def self_check(task: str, label: str, k: int = 8, n_ref: int = 32, overrides: di
     return out
 
 
-def _value(v: str) -> float | int:
-    """A --set value: an int when it is one (``n_steps=20``), else a float."""
-    try:
-        return int(v)
-    except ValueError:
-        return float(v)
+def _value(v: str) -> float | int | str:
+    """A --set value: an int when it is one (``n_steps=20``), else a float, else the string (``jacobian``)."""
+    for kind in (int, float):
+        try:
+            return kind(v)
+        except ValueError:
+            pass
+    return v
 
 
 def main(argv: list[str] | None = None) -> int:

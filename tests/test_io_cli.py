@@ -337,3 +337,27 @@ def test_cli_warns_before_the_run_when_the_sampler_does_not_suit_the_noise(tmp_p
     with np.load(tmp_path / "s.npz") as z:
         prov = json.loads(str(z["provenance"]))
     assert any("hard projection" in w for w in prov["warnings"]) and prov["noise_floor"] > 0
+
+
+def test_cli_posterior_draw_reaches_the_sampler_and_the_provenance(tmp_path, capsys):
+    from pydicom.data import get_testdata_file
+
+    b = tmp_path / "ct.npz"
+    assert main(["simulate", get_testdata_file("CT_small.dcm"), "--modality", "ct", "--views", "23", "--size", "64",
+                 "-o", str(b)]) == 0
+    runs = {}
+    for draw in (None, "jacobian"):
+        out = tmp_path / f"{draw}.npz"
+        extra = ["--posterior-draw", draw] if draw else []
+        assert main(["reconstruct", str(b), "--method", "dds", "--steps", "3", "--samples", "2", *extra,
+                     "-o", str(out)]) == 0
+        with np.load(out) as z:
+            runs[draw] = (json.loads(str(z["provenance"])), z["mean"].copy())
+    prov, mean = runs["jacobian"]
+    assert prov["settings"]["params"]["extra"]["posterior_draw"] == "jacobian"
+    assert "posterior_draw" not in runs[None][0]["settings"]["params"]["extra"]
+    assert not np.allclose(mean, runs[None][1])  # the draw changed the run
+    capsys.readouterr()
+    assert main(["reconstruct", str(b), "--method", "dps", "--posterior-draw", "gaussian",
+                 "-o", str(tmp_path / "d.npz")]) == 2
+    assert "DDS option" in capsys.readouterr().err and not (tmp_path / "d.npz").exists()

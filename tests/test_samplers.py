@@ -71,7 +71,8 @@ def test_inpainting_keeps_measured_pixels_and_fills_the_rest_from_the_prior(name
     assert float(its[-1].data_residual.mean()) < float(its[0].data_residual.mean()) + 1e-6
 
 
-@pytest.mark.parametrize("modality,draw", [("ct", False), ("mri-2coil", False), ("ct", True), ("mri-2coil", True)])
+@pytest.mark.parametrize("draw", [None, "gaussian", "jacobian"])
+@pytest.mark.parametrize("modality", ["ct", "mri-2coil"])
 def test_dds_with_the_bayesian_weight_samples_the_noisy_gaussian_posterior(modality, draw):
     """Noisy data (σ_y = 0.5, not a near-noiseless projection): with the Gaussian prior's exact denoiser, DDS's data
     step at γ = 1 is the exact conditional denoiser E[x0 | x_t, m], so its samples must have the closed-form posterior
@@ -80,7 +81,8 @@ def test_dds_with_the_bayesian_weight_samples_the_noisy_gaussian_posterior(modal
     pixel; the variance is ~5 % low from 300 steps' discretisation. γ = 3 (the old MRI default) over-weights the data:
     its mean misses by ~4× and ~11× the sampling error (CT / MRI), so this test fails for it.
 
-    ``extra["posterior_draw"]``: the data step draws x0 from its Gaussian posterior instead of returning the mean,
+    ``extra["posterior_draw"]``: the data step draws x0 from its Gaussian posterior instead of returning the mean
+    (``"gaussian"``: the isotropic error model's perturbation; ``"jacobian"``: a probe of the denoiser's Jacobian),
     which makes the DDPM bridge exact at any step size — 15 steps give the posterior variance (without the draw
     they give ~50 % of it: the mean-only step drops Var(x0 | x_σ, m) at every step)."""
     n, k, sigma_y = 6, 1000, 0.5
@@ -108,7 +110,7 @@ def test_dds_with_the_bayesian_weight_samples_the_noisy_gaussian_posterior(modal
         params = SamplerParams(n_steps=n_steps, eta=1.0, gamma=1.0, cg_iters=12, extra=extra)
         return prior.real_coordinates(_final(get_sampler("dds")(prob, params, n_samples=k, seed=3))[-1].x0_hat).double()
 
-    x = run(15, posterior_draw=True) if draw else run(300)
+    x = run(15, posterior_draw=draw) if draw else run(300)
     z = (x.mean(0) - mean) / cov.diag().sqrt()
     assert float(z.pow(2).mean().sqrt()) < 1.5 / k**0.5, float(z.pow(2).mean().sqrt())
     ratio = x.var(0) / cov.diag()
@@ -116,6 +118,15 @@ def test_dds_with_the_bayesian_weight_samples_the_noisy_gaussian_posterior(modal
     assert 0.75 < float(ratio.min()) and float(ratio.max()) < 1.25, (float(ratio.min()), float(ratio.max()))
     if draw:  # the same 15 steps without the draw: overconfident
         assert float((run(15).var(0) / cov.diag()).mean()) < 0.6
+
+
+def test_posterior_draw_is_seeded_and_checked():
+    prob, _, _ = _inpainting_problem()
+    p = SamplerParams(n_steps=8, gamma=1.0, cg_iters=2, extra={"posterior_draw": "jacobian"})
+    a, b = (_final(get_sampler("dds")(prob, p, n_samples=2, seed=4))[-1].x0_hat for _ in range(2))
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    with pytest.raises(SamplingError, match="posterior_draw must be one of"):
+        list(get_sampler("dds")(prob, SamplerParams(n_steps=4, extra={"posterior_draw": "yes"})))
 
 
 def test_dds_without_data_steps_equals_unconditional_ddim():

@@ -15,13 +15,14 @@ from ..baselines.cg import conjugate_gradient
 from ..baselines.em import view_subsets
 from ..physics.likelihoods import PoissonLikelihood, TransmissionLikelihood
 from ..physics.noise import post_log
-from .base import Problem, SamplerParams
+from .base import Problem, SamplerParams, SamplingError
 
 __all__ = [
     "normal_norm",
     "linear_measurement",
     "data_noise_sigma",
     "prior_error",
+    "prior_shrinkage",
     "data_weight",
     "proximal_cg",
     "pseudo_inverse",
@@ -29,6 +30,7 @@ __all__ = [
     "data_distance",
     "data_step",
     "params_data_step",
+    "DRAW_MODES",
 ]
 
 
@@ -98,6 +100,12 @@ def prior_error(problem: Problem, sigma: float) -> float:
     return abs(problem.scale) * sigma * sd / (sigma**2 + sd**2) ** 0.5
 
 
+def prior_shrinkage(problem: Problem, sigma: float) -> float:
+    """``σ_d² / (σ_d² + σ²)``: the Gaussian error model's denoiser gain ∂x0_hat/∂x_σ (its Jacobian, a scalar)."""
+    sd = float(getattr(problem.prior, "sigma_data", None) or getattr(problem.prior, "sigma_p", 0.5))
+    return sd**2 / (sd**2 + sigma**2)
+
+
 def data_weight(problem: Problem, gamma: float, sigma: float) -> float:
     """The DDS weight ``γ̃ = γ · r(σ)² / σ_y²`` of ``AᴴA`` in ``(I + γ̃ AᴴA) x = x0_hat + γ̃ Aᴴm``.
 
@@ -125,6 +133,7 @@ def proximal_cg(
     n_iter: int,
     sigma: float = 1.0,
     generator: torch.Generator | None = None,
+    draw_prior: bool = True,
 ) -> torch.Tensor:
     """DDS data step: ``M`` CG iterations on ``(I + γ̃ AᴴWA) x = x0_hat + γ̃ AᴴW m``, started at x0_hat.
 
@@ -139,6 +148,8 @@ def proximal_cg(
     x_t and m under the Gaussian error model. Fed to the DDIM/DDPM bridge in place of the mean, this samples
     ``p(x_σ' | x_σ, m)`` exactly for a Gaussian prior at any step size (the mean alone loses the variance of
     x0 | x_σ, m at every step: 20 % of the posterior variance with 50 steps; ``benchmarks/exactness.py``).
+    ``draw_prior=False`` perturbs only ``m`` (x0_hat is already a draw: the ``"jacobian"`` mode of
+    :func:`params_data_step`).
     """
     if n_iter <= 0 or gamma <= 0:
         return x0_hat
@@ -154,7 +165,8 @@ def proximal_cg(
     g = data_weight(problem, gamma, sigma)
     if generator is not None and g != float("inf") and g > 0:
         batch = tuple(x0_hat.shape[: x0_hat.ndim - len(op.image_shape)])
-        x0_hat = x0_hat + prior_error(problem, sigma) * _gauss(tuple(x0_hat.shape), x0_hat, generator)
+        if draw_prior:
+            x0_hat = x0_hat + prior_error(problem, sigma) * _gauss(tuple(x0_hat.shape), x0_hat, generator)
         scale = data_noise_sigma(problem) / float(gamma) ** 0.5
         noise = scale * _gauss(batch + tuple(m.shape), m, generator)
         m = m + (noise if w is None else noise / torch.sqrt(w))
@@ -272,6 +284,7 @@ def data_step(
     sigma: float = 1.0,
     em_subsets: int = 1,
     generator: torch.Generator | None = None,
+    draw_prior: bool = True,
 ) -> torch.Tensor:
     """The modality's data step on a Tweedie estimate at noise level σ: EM for Poisson counts, CG otherwise.
 
@@ -280,8 +293,12 @@ def data_step(
     """
     if isinstance(problem.likelihood, PoissonLikelihood):
         return poisson_prox_em(problem, x0_hat, gamma, n_iter, sigma, subsets=em_subsets)
-    x = proximal_cg(problem, x0_hat, gamma, n_iter, sigma, generator=generator)
+    x = proximal_cg(problem, x0_hat, gamma, n_iter, sigma, generator=generator, draw_prior=draw_prior)
     return torch.clamp(x, min=0) if problem.nonneg else x
+
+
+#: Values of ``params.extra["posterior_draw"]`` (see :func:`params_data_step`).
+DRAW_MODES: tuple = (None, False, True, 0, 1, "gaussian", "jacobian")
 
 
 def params_data_step(
@@ -295,14 +312,21 @@ def params_data_step(
 
     The one place where the samplers that take the DDS data step (``dds``, ``consistency``) read γ, the
     prior/likelihood weight, the iteration count and ``extra["em_subsets"]`` (ordered subsets of the PET EM
-    step, default 1 = exact EM) and ``extra["posterior_draw"]`` (with the run's ``generator``: the CG step draws
-    from the Gaussian posterior of x0 instead of returning its mean, :func:`proximal_cg`), so the GUI's sliders
-    mean the same in each.
+    step, default 1 = exact EM) and ``extra["posterior_draw"]``, so the GUI's sliders mean the same in each.
+
+    ``posterior_draw`` (needs the run's ``generator``; CG data steps only, PET's EM step ignores it):
+    ``None``/``False`` the DDS paper's step (the posterior mean); ``"gaussian"`` (or ``True``) a draw from the
+    Gaussian posterior of x0 with the isotropic error model (:func:`proximal_cg`); ``"jacobian"`` the same with the
+    prior's part drawn by the sampler from a probe of the denoiser's Jacobian (structured; one more network
+    evaluation per step) — here only ``m`` is perturbed.
     """
     n_iter = int(params.cg_iters)
     # Ordered subsets for the PET EM step: opt-in (CLI ``--subsets 5``); on pet-low, S = 5 with 5 iterations ran
     # DDS 17–20 % faster for −0.13 dB (benchmarks/pet_subsets.py), so the exact EM stays the default.
     subsets = int(params.extra.get("em_subsets", 1))
-    draw = generator if params.extra.get("posterior_draw") else None
+    mode = params.extra.get("posterior_draw")
+    if mode not in DRAW_MODES:
+        raise SamplingError(f"posterior_draw must be one of {DRAW_MODES}, got {mode!r}")
+    draw = generator if mode else None
     return data_step(problem, x0_hat, float(params.gamma) / float(params.prior_weight), n_iter, sigma,
-                     em_subsets=subsets, generator=draw)
+                     em_subsets=subsets, generator=draw, draw_prior=mode != "jacobian")
