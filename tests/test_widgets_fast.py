@@ -67,3 +67,32 @@ def test_adaptation_options_for_dds_and_dps_reach_the_run(make_napari_viewer, qt
     w.spins["adapt_steps"].setValue(0)
     w.apply_settings(w._run_settings)
     assert w.spins["adapt_steps"].value() == 1
+
+
+def test_posterior_draw_choice_for_dds_reaches_the_run_and_acts_live(make_napari_viewer, qtbot):
+    viewer = make_napari_viewer()
+    w = main_widget(viewer)
+    viewer.window.add_dock_widget(w, name="Diffusion reconstruction")
+    w.load_sample("ct_sparse23")
+    for method, shown in (("dds", True), ("dps", False), ("consistency", False), ("fbp", False)):
+        w.method_combo.setCurrentIndex(w.method_combo.findData(method))
+        assert w.param_rows["posterior_draw"].isHidden() is not shown, method
+    w.method_combo.setCurrentIndex(w.method_combo.findData("dds"))
+    assert "posterior_draw" not in w.current_settings().params.extra  # the paper's mean step by default
+    w.draw_combo.setCurrentIndex(w.draw_combo.findData("jacobian"))
+    assert w.current_settings().params.extra["posterior_draw"] == "jacobian"
+    w.spins["n_steps"].setValue(4)
+    w.n_samples.setValue(2)
+    w.compare.setChecked(False)
+    assert w.run() is not None
+    w.draw_combo.setCurrentIndex(0)  # back to the mean while the run is in flight: written into its parameters
+    assert w._live_params.extra["posterior_draw"] is None
+    qtbot.waitUntil(lambda: not w.running, timeout=120_000)
+    prov = w.layers["estimate"].metadata["provenance"]
+    assert prov["settings"]["params"]["extra"]["posterior_draw"] is None  # the value the run ended with
+    assert any(c.get("posterior_draw", "") is None for c in prov["live_parameter_changes"])
+    w.draw_combo.setCurrentIndex(w.draw_combo.findData("gaussian"))
+    settings = w.current_settings()
+    w.draw_combo.setCurrentIndex(0)
+    w.apply_settings(settings)  # a preset round trip restores the choice
+    assert w.draw_combo.currentData() == "gaussian"

@@ -45,7 +45,7 @@ __all__ = ["DiffReconWidget", "WorkbenchWidget", "PARAMS_FOR", "LAYER_NAMES", "p
 
 # Which live parameters each method reads (the others are hidden).
 PARAMS_FOR: dict[str, tuple[str, ...]] = {
-    "dds": ("n_steps", "eta", "gamma", "cg_iters", "adapt_steps", "adapt_lr", "adapt_start"),
+    "dds": ("n_steps", "eta", "gamma", "cg_iters", "posterior_draw", "adapt_steps", "adapt_lr", "adapt_start"),
     "dps": ("n_steps", "eta", "zeta", "adapt_steps", "adapt_lr", "adapt_start"),
     "mcg": ("n_steps", "eta", "zeta", "lam", "cg_iters"),
     "song": ("n_steps", "lam", "cg_iters", "snr"),
@@ -68,6 +68,9 @@ LIVE = ("eta", "lam", "gamma", "zeta", "cg_iters", "snr")  # changed mid-run: ac
 # The rows start at the setting that measured well with DPS (benchmarks/results/adapt.md), not the core's defaults.
 ADAPT = ("adapt_steps", "adapt_lr", "adapt_start")
 ADAPT_START_VALUES = {"adapt_steps": 0, "adapt_lr": 3e-3, "adapt_start": 0.5}
+# DDS's x0 step (SamplerParams.extra["posterior_draw"], samplers/datastep.py): label -> value, read every step.
+DRAW_CHOICES = {"posterior mean (DDS paper)": None, "draw, structured (calibrated spread, 2 NFE/step)": "jacobian",
+                "draw, isotropic (calibrated spread)": "gaussian"}
 LAYER_NAMES = {
     "iterate": "x_t (iterate)",
     "estimate": "x̂0 (estimate)",
@@ -347,10 +350,19 @@ class DiffReconWidget(QWidget):
         self.filter_combo = QComboBox()
         self.filter_combo.addItems(["ramp", "shepp-logan", "cosine", "hamming", "hann"])
         self.param_rows["filter"] = _row("FBP filter", self.filter_combo)
+        self.draw_combo = QComboBox()
+        for label, value in DRAW_CHOICES.items():
+            self.draw_combo.addItem(label, value)
+        self.draw_combo.currentIndexChanged.connect(lambda _i: self._apply_live("posterior_draw",
+                                                                                 self.draw_combo.currentData()))
+        self.param_rows["posterior_draw"] = _row(
+            "x0 step", self.draw_combo, tooltip="DDS: take the posterior mean of x0 at each data step (the paper), or "
+            "a draw from it: the posterior std then matches the error better (exact for a Gaussian prior; on real "
+            "scans wider intervals that hold the truth more often, slightly lower PSNR of the mean). Acts live")
         self.hot_start = QCheckBox("hot start from the classical reconstruction")
         self.hot_start.toggled.connect(self._on_method_changed)
         self.hot_start.toggled.connect(self.use_recommended)
-        for key in ("n_steps", "eta", "gamma", "lam", "zeta", "cg_iters", "snr", *ADAPT):
+        for key in ("n_steps", "eta", "gamma", "lam", "zeta", "cg_iters", "snr", "posterior_draw", *ADAPT):
             gl.addWidget(self.param_rows[key])
         for key, v in ADAPT_START_VALUES.items():
             self.spins[key].setValue(v)
@@ -698,12 +710,12 @@ class DiffReconWidget(QWidget):
             v = self.spins[key].value()
             self._apply_live(key, int(v) if key in ("cg_iters", "adapt_steps") else float(v))
 
-    def _apply_live(self, key: str, value: float) -> None:
+    def _apply_live(self, key: str, value: Any) -> None:
         """Write a parameter into the run in flight (the sampler reads it at its next step)."""
         p = self._live_params
         if p is None or self.worker is None:
             return
-        if key in ADAPT:
+        if key in ADAPT or key == "posterior_draw":
             p.extra[key] = value
         else:
             setattr(p, key, value)
@@ -724,6 +736,8 @@ class DiffReconWidget(QWidget):
             t0=float(self.spins["t0"].value()) if self.hot_start.isChecked() else 1.0,
             prior_weight=self.prior_weight(),
         )
+        if method == "dds" and self.draw_combo.currentData():
+            params.extra["posterior_draw"] = self.draw_combo.currentData()
         if method in ("dds", "dps") and int(self.spins["adapt_steps"].value()) > 0:
             params.extra.update({k: (int if k == "adapt_steps" else float)(self.spins[k].value()) for k in ADAPT})
         baseline_params: dict[str, Any] = {}
@@ -777,6 +791,7 @@ class DiffReconWidget(QWidget):
             self.spins["t0"].setValue(p.t0)
         for key in ADAPT:
             self.spins[key].setValue((p.extra or {}).get(key, ADAPT_START_VALUES[key]))
+        self.draw_combo.setCurrentIndex(max(self.draw_combo.findData((p.extra or {}).get("posterior_draw")), 0))
         self.hot_start.setChecked(bool(settings.hot_start) or bool((gui or {}).get("hot_start")))
         self.set_prior_weight(p.prior_weight)
         self.n_samples.setValue(int(settings.n_samples))
