@@ -127,6 +127,14 @@ def test_posterior_draw_is_seeded_and_checked():
     torch.testing.assert_close(a, b, rtol=0, atol=0)
     with pytest.raises(SamplingError, match="posterior_draw must be one of"):
         list(get_sampler("dds")(prob, SamplerParams(n_steps=4, extra={"posterior_draw": "yes"})))
+    # Counts: the EM data step has no Gaussian form to draw from; the Jacobian (prior) draw still runs.
+    from napari_diffrecon.physics import PoissonLikelihood
+
+    counts = Problem(Identity((4, 4)), torch.full((4, 4), 5.0), GaussianPrior(1.0), PoissonLikelihood())
+    with pytest.raises(SamplingError, match="use posterior_draw='jacobian'"):
+        list(get_sampler("dds")(counts, SamplerParams(n_steps=3, extra={"posterior_draw": "gaussian"})))
+    x = _final(get_sampler("dds")(counts, SamplerParams(n_steps=3, extra={"posterior_draw": "jacobian"})))[-1].x0_hat
+    assert torch.isfinite(x).all() and (x >= 0).all()
 
 
 def test_dds_without_data_steps_equals_unconditional_ddim():

@@ -314,7 +314,8 @@ def params_data_step(
     prior/likelihood weight, the iteration count and ``extra["em_subsets"]`` (ordered subsets of the PET EM
     step, default 1 = exact EM) and ``extra["posterior_draw"]``, so the GUI's sliders mean the same in each.
 
-    ``posterior_draw`` (needs the run's ``generator``; CG data steps only, PET's EM step ignores it):
+    ``posterior_draw`` (needs the run's ``generator``; ``"gaussian"`` is refused for PET's EM step, whose
+    ``"jacobian"`` draw is the prior's part only):
     ``None``/``False`` the DDS paper's step (the posterior mean); ``"gaussian"`` (or ``True``) a draw from the
     Gaussian posterior of x0 with the isotropic error model (:func:`proximal_cg`); ``"jacobian"`` the same with the
     prior's part drawn by the sampler from a probe of the denoiser's Jacobian (structured; one more network
@@ -327,6 +328,9 @@ def params_data_step(
     mode = params.extra.get("posterior_draw")
     if mode not in DRAW_MODES:
         raise SamplingError(f"posterior_draw must be one of {DRAW_MODES}, got {mode!r}")
+    if mode and mode != "jacobian" and isinstance(problem.likelihood, PoissonLikelihood):
+        raise SamplingError("posterior_draw='gaussian' needs a Gaussian data step; PET's EM step has none: use "
+                            "posterior_draw='jacobian' (the prior's part of the draw) or no draw")
     draw = generator if mode else None
     return data_step(problem, x0_hat, float(params.gamma) / float(params.prior_weight), n_iter, sigma,
                      em_subsets=subsets, generator=draw, draw_prior=mode != "jacobian")
