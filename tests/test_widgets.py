@@ -344,3 +344,17 @@ def test_song_on_noisy_mri_warns_in_a_notification_and_the_provenance(make_napar
 
     kinds = [u.kind for u in run_stream(w.measurement, w._run_settings, prior=None, max_rate=1e6)]
     assert kinds[0] == "warnings" and "iterate" in kinds and kinds[-1] == "final"
+
+
+def test_a_shipped_prior_of_another_modality_gives_way_a_file_prior_stays(make_napari_viewer, qtbot, tiny_priors,
+                                                                         notes):
+    viewer, w = _widget(make_napari_viewer, qtbot)
+    w.load_sample("mri_4x_8coils")
+    assert w.set_prior("mri-brain-128") and w.prior_source == "mri-brain-128"  # e.g. restored from the last session
+    w.load_sample("ct_sparse23")
+    assert w.prior is None and w.prior_combo.currentIndex() == 0 and w.mismatch_label.text() == ""
+    assert any("'mri-brain-128' is for MRI" in m for m in notes)
+    # a prior the user loaded from a file is theirs: kept, with its mismatch explained
+    assert w.set_prior(str(tiny_priors["ct"]))
+    w.load_sample("mri_4x_8coils")
+    assert w.prior is not None and "complex" in w.mismatch_label.text()

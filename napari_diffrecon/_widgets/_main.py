@@ -500,10 +500,26 @@ class DiffReconWidget(QWidget):
             self.noise_sigma.setValue(float(noise.get("sigma", 0.0)))
             self.noise_sigma.blockSignals(False)
         self._select_method_for_modality(modality)
+        self._leave_a_shipped_prior_of_another_modality(modality)
         self._check_prior()
         if self.prior is None and self._default_prior_name() is None:
             show_warning(f"napari-diffrecon: no prior for {modality.upper()} is installed; load a prior file "
                          f"(Prior ▸ Load file…) or run a classical method ({', '.join(self._classical_for())})")
+
+    def _leave_a_shipped_prior_of_another_modality(self, modality: str) -> None:
+        """A *shipped* prior picked for another modality (e.g. last session's MRI prior, then a CT scan is loaded)
+        gives way to the modality's default, with a notice; a prior loaded from a file is kept (its mismatch shown)."""
+        card = getattr(self.prior, "card", None)
+        idx = self.prior_combo.findData(self.prior_source) if self.prior_source else -1
+        if card is None or idx < 0 or card.modality in (modality, "generic"):
+            return
+        self.prior_combo.blockSignals(True)
+        self.prior_combo.setCurrentIndex(0)  # NONE_PRIOR: the modality's default is used at run time
+        self.prior_combo.blockSignals(False)
+        self.prior, self.prior_source = None, None
+        self.card_label.setText("")
+        show_info(f"napari-diffrecon: prior {card.name!r} is for {card.modality.upper()}; using the default "
+                  f"{modality.upper()} prior for this measurement")
 
     def _select_method_for_modality(self, modality: str) -> None:
         method = self.method_combo.currentData()
