@@ -586,6 +586,16 @@ def combine(paths: list[str], out: Path) -> int:
     return 0
 
 
+def _number_or_text(val: str) -> int | float | str:
+    """An override value: int, else float, else the text itself (``jacobian``)."""
+    for kind in (int, float):
+        try:
+            return kind(val)
+        except ValueError:
+            pass
+    return val
+
+
 def add_override(params: dict[str, Any], field: str, value: Any) -> None:
     """Set ``field`` in a SamplerParams override dict; ``extra.KEY`` goes into its ``extra`` dict."""
     if field.startswith("extra."):
@@ -602,7 +612,7 @@ def _parse_overrides(items: list[str]) -> dict[str, dict[str, Any]]:
         label, _, field = key.partition(".")
         if not field or not val:
             raise SystemExit(f"--set wants LABEL.FIELD=VALUE (e.g. dds.gamma=2), got {it!r}")
-        add_override(out.setdefault(label, {}), field, int(val) if val.lstrip("-").isdigit() else float(val))
+        add_override(out.setdefault(label, {}), field, _number_or_text(val))
     return out
 
 

@@ -78,16 +78,6 @@ def self_check(task: str, label: str, k: int = 8, n_ref: int = 32, overrides: di
     return out
 
 
-def _value(v: str) -> float | int | str:
-    """A --set value: an int when it is one (``n_steps=20``), else a float, else the string (``jacobian``)."""
-    for kind in (int, float):
-        try:
-            return kind(v)
-        except ValueError:
-            pass
-    return v
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tasks", nargs="+", default=["ct-23", "pet-low"])
@@ -110,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         for task in a.self_check:
             overrides: dict = {}
             for k, v in (x.split("=", 1) for x in a.overrides):
-                recon.add_override(overrides, k, _value(v))
+                recon.add_override(overrides, k, recon._number_or_text(v))
             self_check(task, a.method, overrides=overrides)
         return 0
     if a.pool_study:

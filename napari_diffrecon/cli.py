@@ -82,6 +82,12 @@ def _settings_from_args(a: argparse.Namespace, modality: str = "*"):
     if getattr(a, "posterior_draw", None):
         if a.method not in ("dds",):
             raise ValueError(f"--posterior-draw is a DDS option; --method {a.method} does not take it")
+        if a.posterior_draw == "gaussian" and modality == "pet":
+            raise ValueError("--posterior-draw gaussian needs a Gaussian data step; PET's EM step has none: use "
+                             "--posterior-draw jacobian or no draw")
+        if a.posterior_draw == "jacobian" and getattr(a, "precision", "float32") != "float32":
+            raise ValueError("--posterior-draw jacobian needs the network in float32 (its finite-difference probe "
+                             "is below the rounding of --precision): drop one of them")
         params.extra["posterior_draw"] = a.posterior_draw
     if getattr(a, "subsets", None) is not None:  # PET: ordered subsets in the samplers' EM data step too
         if a.subsets < 1:
@@ -158,6 +164,9 @@ def _cmd_reconstruct(a: argparse.Namespace) -> int:
         if getattr(a, "precision", "float32") != "float32":
             raise ValueError("--precision applies to 2D runs; volume runs evaluate the prior in float32 (their memory "
                              "plan assumes it): drop --precision")
+        if getattr(a, "posterior_draw", None):
+            raise ValueError("--posterior-draw applies to 2D DDS runs; the volume sampler takes the mean data step "
+                             "(drop it)")
         return run_from_args(a)
     from .io import read_measurement, write_result
     from .reconstruct import noise_floor_text, reconstruct

@@ -353,11 +353,14 @@ def test_cli_posterior_draw_reaches_the_sampler_and_the_provenance(tmp_path, cap
                      "-o", str(out)]) == 0
         with np.load(out) as z:
             runs[draw] = (json.loads(str(z["provenance"])), z["mean"].copy())
-    prov, mean = runs["jacobian"]
+    prov, _ = runs["jacobian"]
     assert prov["settings"]["params"]["extra"]["posterior_draw"] == "jacobian"
     assert "posterior_draw" not in runs[None][0]["settings"]["params"]["extra"]
-    assert not np.allclose(mean, runs[None][1])  # the draw changed the run
+    assert prov["nfe"] == 2 * runs[None][0]["nfe"] == 6  # the Jacobian probe: one more evaluation per step
     capsys.readouterr()
     assert main(["reconstruct", str(b), "--method", "dps", "--posterior-draw", "gaussian",
                  "-o", str(tmp_path / "d.npz")]) == 2
     assert "DDS option" in capsys.readouterr().err and not (tmp_path / "d.npz").exists()
+    assert main(["reconstruct", str(b), "--method", "dds", "--posterior-draw", "jacobian", "--precision", "bfloat16",
+                 "-o", str(tmp_path / "d.npz")]) == 2
+    assert "float32" in capsys.readouterr().err and not (tmp_path / "d.npz").exists()

@@ -120,6 +120,39 @@ def test_dds_with_the_bayesian_weight_samples_the_noisy_gaussian_posterior(modal
         assert float((run(15).var(0) / cov.diag()).mean()) < 0.6
 
 
+@pytest.mark.parametrize("modality", ["ct", "mri"])
+def test_cg_data_step_draw_has_the_gaussian_posterior_covariance(modality):
+    """One data step with a generator: 4000 draws for a fixed x0_hat must have mean ``C (x0_hat/r² + γ Aᴴm/σ_y²)``
+    and covariance ``C = (I/r² + γ AᴴA/σ_y²)⁻¹`` (r = the Gaussian model's error of x0_hat at σ, in image units) —
+    with γ ≠ 1 and image units ≠ model units (scale 2, offset 0.3), so a wrong scale of either perturbation shows."""
+    from napari_diffrecon.samplers.datastep import prior_error, proximal_cg
+
+    n, k, sigma, sigma_y, gamma = 4, 4000, 0.7, 0.4, 2.0
+    g = torch.Generator().manual_seed(1)
+    if modality == "ct":
+        op, prior = ParallelBeamCT(n, sparse_view_angles(2)), GaussianPrior(1.0)
+        x0_hat = torch.randn(n, n, generator=g)
+    else:
+        op = CartesianMRI(np.array([1, 0, 1, 1], np.float32), coil_maps=np.ones((1, n, n), np.complex64))
+        prior, x0_hat = GaussianPrior(1.0, channels=2), torch.complex(torch.randn(n, n, generator=g),
+                                                                      torch.randn(n, n, generator=g))
+    m = op.forward(torch.zeros_like(x0_hat)) + 1.0
+    prob = Problem(op, m, prior, GaussianLikelihood(sigma_y), scale=2.0, offset=0.3)
+    r = prior_error(prob, sigma)
+    draws = proximal_cg(prob, x0_hat.expand(k, n, n), gamma, 40, sigma, generator=torch.Generator().manual_seed(2))
+    x = prior.real_coordinates(draws).double()
+    # the closed form: prior N(x0_hat, r² I), likelihood N(A x, σ_y²/γ) — a zero-mean prior's posterior plus C x0_hat/r²
+    data_mean, cov = GaussianPrior(r).posterior(op, m, sigma_y / gamma**0.5)
+    mean = data_mean + cov @ prior.real_coordinates(x0_hat).double() / r**2
+    z = (x.mean(0) - mean) / cov.diag().sqrt()
+    assert float(z.abs().max()) < 4.5 / k**0.5, float(z.abs().max())
+    # whitened by C: the draws' covariance must be the identity (entries' sampling error ≈ √(2/k) on the diagonal)
+    evals, evecs = torch.linalg.eigh(cov)
+    white = (x - mean) @ evecs / evals.sqrt()
+    dev = (white.T @ white / k - torch.eye(mean.numel(), dtype=torch.float64)).abs().max()
+    assert float(dev) < 5 * (2 / k) ** 0.5, float(dev)
+
+
 def test_posterior_draw_is_seeded_and_checked():
     prob, _, _ = _inpainting_problem()
     p = SamplerParams(n_steps=8, gamma=1.0, cg_iters=2, extra={"posterior_draw": "jacobian"})
@@ -133,8 +166,8 @@ def test_posterior_draw_is_seeded_and_checked():
     counts = Problem(Identity((4, 4)), torch.full((4, 4), 5.0), GaussianPrior(1.0), PoissonLikelihood())
     with pytest.raises(SamplingError, match="use posterior_draw='jacobian'"):
         list(get_sampler("dds")(counts, SamplerParams(n_steps=3, extra={"posterior_draw": "gaussian"})))
-    x = _final(get_sampler("dds")(counts, SamplerParams(n_steps=3, extra={"posterior_draw": "jacobian"})))[-1].x0_hat
-    assert torch.isfinite(x).all() and (x >= 0).all()
+    its = _final(get_sampler("dds")(counts, SamplerParams(n_steps=3, extra={"posterior_draw": "jacobian"})))
+    assert torch.isfinite(its[-1].x0_hat).all() and its[-1].nfe == 6  # the probe is one more evaluation per step
 
 
 def test_dds_without_data_steps_equals_unconditional_ddim():

@@ -350,10 +350,16 @@ def test_a_shipped_prior_of_another_modality_gives_way_a_file_prior_stays(make_n
                                                                          notes):
     viewer, w = _widget(make_napari_viewer, qtbot)
     w.load_sample("mri_4x_8coils")
-    assert w.set_prior("mri-brain-128") and w.prior_source == "mri-brain-128"  # e.g. restored from the last session
+    w.prior_combo.setCurrentIndex(w.prior_combo.findData("mri-brain-128"))  # picked (or restored from last session)
+    assert w.prior_source == "mri-brain-128"
     w.load_sample("ct_sparse23")
     assert w.prior is None and w.prior_combo.currentIndex() == 0 and w.mismatch_label.text() == ""
     assert any("'mri-brain-128' is for MRI" in m for m in notes)
+    # the last run's *default* prior (combo left at "default for the modality") gives way silently
+    assert w.set_prior("ct-phantom-128") and w.prior_combo.currentIndex() == 0
+    n = len(notes)
+    w.load_sample("mri_4x_8coils")
+    assert w.prior is None and w.mismatch_label.text() == "" and len(notes) == n
     # a prior the user loaded from a file is theirs: kept, with its mismatch explained
     assert w.set_prior(str(tiny_priors["ct"]))
     w.load_sample("mri_4x_8coils")

@@ -96,3 +96,13 @@ def test_posterior_draw_choice_for_dds_reaches_the_run_and_acts_live(make_napari
     w.draw_combo.setCurrentIndex(0)
     w.apply_settings(settings)  # a preset round trip restores the choice
     assert w.draw_combo.currentData() == "gaussian"
+    settings.params.extra["posterior_draw"] = True  # the core's legacy spelling of the isotropic draw
+    w.draw_combo.setCurrentIndex(0)
+    w.apply_settings(settings)
+    assert w.draw_combo.currentData() == "gaussian"
+    # PET's EM data step has no Gaussian form: the isotropic draw is not offered, the structured one takes its place
+    w.load_sample("pet_lowcount")
+    gauss = w.draw_combo.findData("gaussian")
+    assert not w.draw_combo.model().item(gauss).isEnabled() and w.draw_combo.currentData() == "jacobian"
+    w.load_sample("ct_sparse23")
+    assert w.draw_combo.model().item(gauss).isEnabled()

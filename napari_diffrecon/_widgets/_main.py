@@ -500,11 +500,20 @@ class DiffReconWidget(QWidget):
             self.noise_sigma.setValue(float(noise.get("sigma", 0.0)))
             self.noise_sigma.blockSignals(False)
         self._select_method_for_modality(modality)
+        self._offer_draws_for(modality)
         self._leave_a_shipped_prior_of_another_modality(modality)
         self._check_prior()
         if self.prior is None and self._default_prior_name() is None:
             show_warning(f"napari-diffrecon: no prior for {modality.upper()} is installed; load a prior file "
                          f"(Prior ▸ Load file…) or run a classical method ({', '.join(self._classical_for())})")
+
+    def _offer_draws_for(self, modality: str) -> None:
+        """PET's EM data step has no Gaussian form: its isotropic draw is disabled (the structured one stays)."""
+        idx = self.draw_combo.findData("gaussian")
+        item = self.draw_combo.model().item(idx)
+        item.setEnabled(modality != "pet")
+        if modality == "pet" and self.draw_combo.currentIndex() == idx:
+            self.draw_combo.setCurrentIndex(self.draw_combo.findData("jacobian"))
 
     def _leave_a_shipped_prior_of_another_modality(self, modality: str) -> None:
         """A *shipped* prior picked for another modality (e.g. last session's MRI prior, then a CT scan is loaded)
@@ -513,13 +522,15 @@ class DiffReconWidget(QWidget):
         idx = self.prior_combo.findData(self.prior_source) if self.prior_source else -1
         if card is None or idx < 0 or card.modality in (modality, "generic"):
             return
+        picked = self.prior_combo.currentIndex() != 0  # chosen by the user, not the last run's default
         self.prior_combo.blockSignals(True)
         self.prior_combo.setCurrentIndex(0)  # NONE_PRIOR: the modality's default is used at run time
         self.prior_combo.blockSignals(False)
         self.prior, self.prior_source = None, None
         self.card_label.setText("")
-        show_info(f"napari-diffrecon: prior {card.name!r} is for {card.modality.upper()}; using the default "
-                  f"{modality.upper()} prior for this measurement")
+        if picked and self._default_prior_name() is not None:
+            show_info(f"napari-diffrecon: prior {card.name!r} is for {card.modality.upper()}; using the default "
+                      f"{modality.upper()} prior for this measurement")
 
     def _select_method_for_modality(self, modality: str) -> None:
         method = self.method_combo.currentData()
@@ -807,7 +818,10 @@ class DiffReconWidget(QWidget):
             self.spins["t0"].setValue(p.t0)
         for key in ADAPT:
             self.spins[key].setValue((p.extra or {}).get(key, ADAPT_START_VALUES[key]))
-        self.draw_combo.setCurrentIndex(max(self.draw_combo.findData((p.extra or {}).get("posterior_draw")), 0))
+        from ..samplers.datastep import draw_mode
+
+        self.draw_combo.setCurrentIndex(max(self.draw_combo.findData(draw_mode((p.extra or {}).get("posterior_draw"))),
+                                            0))
         self.hot_start.setChecked(bool(settings.hot_start) or bool((gui or {}).get("hot_start")))
         self.set_prior_weight(p.prior_weight)
         self.n_samples.setValue(int(settings.n_samples))

@@ -28,6 +28,7 @@ from .base import Iterate, Problem, SamplerParams, SamplingError, ddim_step, run
 from .consistency import consistency
 from .datastep import (
     data_distance,
+    draw_mode,
     linear_measurement,
     normal_norm,
     params_data_step,
@@ -121,17 +122,39 @@ def euler(
 
 
 # -- DDS ---------------------------------------------------------------------------------------
+#: The Jacobian draw's per-sample RMS is capped at this multiple of the Gaussian model's error r(σ) (see below).
+JACOBIAN_DRAW_CAP = 1.5
+
+
 def _jacobian_draw(problem: Problem, u: torch.Tensor, x0: torch.Tensor, sigma: float, gen: torch.Generator,
                    eps: float = 0.05) -> torch.Tensor:
-    """A structured draw of x0 | x_σ: ``x0_hat + σ J ξ / √a`` with ``J ξ`` a finite-difference probe of the
-    denoiser's Jacobian (one more network evaluation) and ``a`` the Gaussian model's scalar gain
-    (:func:`.datastep.prior_shrinkage`). Tweedie: Cov(x0 | x_σ) = σ² J; for a Gaussian prior ``J = a I`` and the
-    draw has exactly that covariance; for a trained prior it follows where the denoiser is unsure (edges)."""
+    """A structured (heuristic) draw of x0 | x_σ: ``x0_hat + σ J ξ / √a``, one more network evaluation.
+
+    ``J ξ`` is a finite-difference probe of the denoiser's Jacobian and ``a`` the Gaussian model's scalar gain
+    (:func:`.datastep.prior_shrinkage`). Its covariance is ``σ² J² / a``: Tweedie's ``Cov(x0 | x_σ) = σ² J``
+    exactly when ``J = a I`` (a Gaussian prior: the tests), otherwise larger where ``J > a`` (edges the denoiser
+    passes through) and smaller where ``J < a``. At high σ a trained network's J is far from that (not even
+    positive: the raw draw was ~90× the real x0_hat error at σ = 80 on the CT prior), so each sample's draw is
+    capped at :data:`JACOBIAN_DRAW_CAP` × ``r(σ)``, the Gaussian model's expected error (in model units ``σ√a``);
+    an isotropic Gaussian draw exceeds that cap with negligible probability. The probe needs the network in
+    float32: the difference of two reduced-precision evaluations is mostly rounding.
+    """
     from .datastep import prior_shrinkage
 
+    precision = getattr(problem.prior, "precision", "float32")
+    if precision != "float32":
+        raise SamplingError(f"posterior_draw='jacobian' needs the network in float32 (its finite-difference probe "
+                            f"is below {precision}'s rounding): run without --precision {precision}, or use "
+                            "posterior_draw='gaussian'")
+    a = prior_shrinkage(problem, sigma)
     xi = _randn(u, gen)
     probe = _denoise(problem, u + eps * sigma * xi, sigma)
-    return x0 + (probe - x0) / (eps * prior_shrinkage(problem, sigma) ** 0.5)
+    delta = (probe - x0) / (eps * a**0.5)
+    rms = delta.pow(2).mean(dim=tuple(range(1, delta.ndim)), keepdim=True).sqrt()
+    cap = JACOBIAN_DRAW_CAP * sigma * a**0.5
+    return x0 + delta * torch.clamp(cap / torch.clamp(rms, min=1e-30), max=1.0)
+
+
 def dds(
     problem: Problem,
     params: SamplerParams,
@@ -142,17 +165,20 @@ def dds(
 ) -> Iterator[Iterate]:
     """Decomposed diffusion sampling: x0_hat → ``cg_iters`` data steps (weight γ) → DDIM(η) re-noise.
 
-    With ``cg_iters = 0`` (or γ = 0) this is exactly unconditional DDIM. With ``params.extra["adapt_steps"]``
-    > 0 the denoiser is adapted to the measurement first (:func:`.adapt.adapted_problem`).
+    With ``cg_iters = 0`` (or γ = 0) this is exactly unconditional DDIM (with ``extra["posterior_draw"] =
+    "jacobian"`` the prior's part is still drawn). With ``params.extra["adapt_steps"]`` > 0 the denoiser is adapted
+    to the measurement first (:func:`.adapt.adapted_problem`). ``extra["posterior_draw"]``: see
+    :func:`.datastep.params_data_step`; the yielded x0_hat (and its residual) are then the draws'.
     """
 
     def step(u, s, s_next, i, ctx):
-        def dc(x_img):
-            return params_data_step(problem, params, x_img, s, generator=ctx["generator"])
+        def dc(x_img, generator=ctx["generator"]):
+            return params_data_step(problem, params, x_img, s, generator=generator)
 
-        prob, k = adapted_problem(problem, params, ctx, u, s, i, refine=dc)
+        # adaptation fits the prior to the data step's *mean* (a deterministic target), never to a draw
+        prob, k = adapted_problem(problem, params, ctx, u, s, i, refine=lambda x_img: dc(x_img, None))
         x0 = _denoise(prob, u, s)
-        if params.extra.get("posterior_draw") == "jacobian":
+        if draw_mode(params.extra.get("posterior_draw")) == "jacobian":
             x0, k = _jacobian_draw(prob, u, x0, s, ctx["generator"]), k + 1
         x0_dc = problem.to_model(dc(problem.to_image(x0)))
         return ddim_step(u, x0_dc, s, s_next, float(params.eta), ctx["generator"]), x0_dc, 1 + k
