@@ -106,3 +106,9 @@ def test_posterior_draw_choice_for_dds_reaches_the_run_and_acts_live(make_napari
     assert not w.draw_combo.model().item(gauss).isEnabled() and w.draw_combo.currentData() == "jacobian"
     w.load_sample("ct_sparse23")
     assert w.draw_combo.model().item(gauss).isEnabled()
+    # the structured draw's probe needs a float32 network
+    jac = w.draw_combo.findData("jacobian")
+    w.precision_combo.setCurrentText("bfloat16")
+    assert not w.draw_combo.model().item(jac).isEnabled() and w.draw_combo.currentData() is None
+    w.precision_combo.setCurrentText("float32")
+    assert w.draw_combo.model().item(jac).isEnabled()

@@ -398,6 +398,7 @@ class DiffReconWidget(QWidget):
                                         "≤ 0.01 dB; float16 is for GPUs")
         gl.addWidget(_row("seed", self.seed, QLabel("device"), self.device_combo))
         gl.addWidget(_row("network in", self.precision_combo))
+        self.precision_combo.currentTextChanged.connect(lambda _t: self._offer_draws())
         self.compare = QCheckBox("also compute the classical baseline")
         self.compare.setChecked(True)
         gl.addWidget(self.compare)
@@ -500,20 +501,23 @@ class DiffReconWidget(QWidget):
             self.noise_sigma.setValue(float(noise.get("sigma", 0.0)))
             self.noise_sigma.blockSignals(False)
         self._select_method_for_modality(modality)
-        self._offer_draws_for(modality)
+        self._offer_draws()
         self._leave_a_shipped_prior_of_another_modality(modality)
         self._check_prior()
         if self.prior is None and self._default_prior_name() is None:
             show_warning(f"napari-diffrecon: no prior for {modality.upper()} is installed; load a prior file "
                          f"(Prior ▸ Load file…) or run a classical method ({', '.join(self._classical_for())})")
 
-    def _offer_draws_for(self, modality: str) -> None:
-        """PET's EM data step has no Gaussian form: its isotropic draw is disabled (the structured one stays)."""
-        idx = self.draw_combo.findData("gaussian")
-        item = self.draw_combo.model().item(idx)
-        item.setEnabled(modality != "pet")
-        if modality == "pet" and self.draw_combo.currentIndex() == idx:
-            self.draw_combo.setCurrentIndex(self.draw_combo.findData("jacobian"))
+    def _offer_draws(self) -> None:
+        """Offer only the x0 draws that can run: PET's EM data step has no Gaussian form (no isotropic draw), and the
+        structured draw's finite-difference probe needs the network in float32 (none with bfloat16/float16)."""
+        pet = self.measurement is not None and str(self.measurement.operator.get("modality")) == "pet"
+        reduced = self.precision_combo.currentText() != "float32"
+        allowed = {None: True, "gaussian": not pet, "jacobian": not reduced}
+        for value, ok in allowed.items():
+            self.draw_combo.model().item(self.draw_combo.findData(value)).setEnabled(ok)
+        if not allowed[self.draw_combo.currentData()]:
+            self.draw_combo.setCurrentIndex(self.draw_combo.findData("jacobian" if not reduced else None))
 
     def _leave_a_shipped_prior_of_another_modality(self, modality: str) -> None:
         """A *shipped* prior picked for another modality (e.g. last session's MRI prior, then a CT scan is loaded)
