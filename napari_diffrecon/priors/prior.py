@@ -176,7 +176,9 @@ class GaussianPrior(Prior):
 
         ``C = (I/σp² + AᵀA/σ_y²)⁻¹`` and ``μ = C (Aᵀm/σ_y² + mean/σp²)``, in the real coordinates of
         :meth:`real_coordinates` (complex images and data: real and imaginary parts each with variance σp² / σ_y²).
-        ``A`` is built column by column from ``operator.forward``, so this is for small test problems only.
+        ``A`` is built column by column from ``operator.forward``, so this is for small test problems only. The
+        prior is taken in image units (a sampler's ``Problem`` with scale 1 and offset 0; otherwise build the
+        prior's image-unit mean and σ yourself).
 
         Parameters
         ----------

@@ -147,8 +147,10 @@ def proximal_cg(
     (perturb-then-optimise): the same system with ``x0_hat + r ξ₁`` and ``m + σ_y/√(γ w) ξ₂`` on the right,
     ``ξ`` standard normal per sample, solves to ``N(mean, (I/r² + γ AᴴWA/σ_y²)⁻¹)`` — the posterior of x0 given
     x_t and m under the Gaussian error model. Fed to the DDIM/DDPM bridge in place of the mean, this samples
-    ``p(x_σ' | x_σ, m)`` exactly for a Gaussian prior at any step size (the mean alone loses the variance of
-    x0 | x_σ, m at every step: 20 % of the posterior variance with 50 steps; ``benchmarks/exactness.py``).
+    ``p(x_σ' | x_σ, m)`` exactly for an isotropic Gaussian prior whose σ is the one :func:`prior_error` uses, with
+    a converged CG, at any step size, from pure noise (a hot start is not a draw of x_σ | m). The mean alone loses
+    the variance of x0 | x_σ, m at every step: 20 % of the posterior variance with 50 steps
+    (``benchmarks/exactness.py``).
     ``draw_prior=False`` perturbs only ``m`` (x0_hat is already a draw: the ``"jacobian"`` mode of
     :func:`params_data_step`).
     """
