@@ -82,12 +82,12 @@ def _settings_from_args(a: argparse.Namespace, modality: str = "*"):
     if getattr(a, "posterior_draw", None):
         if a.method not in ("dds",):
             raise ValueError(f"--posterior-draw is a DDS option; --method {a.method} does not take it")
-        if a.posterior_draw == "gaussian" and modality == "pet":
-            raise ValueError("--posterior-draw gaussian needs a Gaussian data step; PET's EM step has none: use "
-                             "--posterior-draw jacobian or no draw")
-        if a.posterior_draw == "jacobian" and getattr(a, "precision", "float32") != "float32":
-            raise ValueError("--posterior-draw jacobian needs the network in float32 (its finite-difference probe "
-                             "is below the rounding of --precision): drop one of them")
+        from .samplers.datastep import draw_refusal
+
+        refusal = draw_refusal(a.posterior_draw, counts=modality == "pet",
+                               precision=getattr(a, "precision", "float32"))
+        if refusal:
+            raise ValueError(f"--posterior-draw {a.posterior_draw}: {refusal}")
         params.extra["posterior_draw"] = a.posterior_draw
     if getattr(a, "subsets", None) is not None:  # PET: ordered subsets in the samplers' EM data step too
         if a.subsets < 1:

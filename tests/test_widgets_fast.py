@@ -41,15 +41,21 @@ def test_consistency_sampler_runs_in_the_workbench_with_the_shipped_consistency_
     assert psnr(x, gt) > 27.0  # FBP of this sample: 24.9 dB
 
 
-def test_adaptation_options_for_dds_and_dps_reach_the_run(make_napari_viewer, qtbot):
+def _ct_workbench_showing(make_napari_viewer, row, shown_for):
+    """The workbench on the CT sample; ``row`` must be shown for the methods in ``shown_for`` only. Ends on DDS."""
     viewer = make_napari_viewer()
     w = main_widget(viewer)
     viewer.window.add_dock_widget(w, name="Diffusion reconstruction")
     w.load_sample("ct_sparse23")
-    for method, shown in (("dds", True), ("dps", True), ("consistency", False), ("fbp", False)):
+    for method in ("dds", "dps", "consistency", "fbp"):
         w.method_combo.setCurrentIndex(w.method_combo.findData(method))
-        assert w.param_rows["adapt_steps"].isHidden() is not shown, method
+        assert w.param_rows[row].isHidden() is (method not in shown_for), method
     w.method_combo.setCurrentIndex(w.method_combo.findData("dds"))
+    return w
+
+
+def test_adaptation_options_for_dds_and_dps_reach_the_run(make_napari_viewer, qtbot):
+    w = _ct_workbench_showing(make_napari_viewer, "adapt_steps", ("dds", "dps"))
     assert w.current_settings().params.extra == {}  # off by default: no adaptation keys
     w.spins["n_steps"].setValue(3)
     w.spins["adapt_steps"].setValue(1)
@@ -70,14 +76,7 @@ def test_adaptation_options_for_dds_and_dps_reach_the_run(make_napari_viewer, qt
 
 
 def test_posterior_draw_choice_for_dds_reaches_the_run_and_acts_live(make_napari_viewer, qtbot):
-    viewer = make_napari_viewer()
-    w = main_widget(viewer)
-    viewer.window.add_dock_widget(w, name="Diffusion reconstruction")
-    w.load_sample("ct_sparse23")
-    for method, shown in (("dds", True), ("dps", False), ("consistency", False), ("fbp", False)):
-        w.method_combo.setCurrentIndex(w.method_combo.findData(method))
-        assert w.param_rows["posterior_draw"].isHidden() is not shown, method
-    w.method_combo.setCurrentIndex(w.method_combo.findData("dds"))
+    w = _ct_workbench_showing(make_napari_viewer, "posterior_draw", ("dds",))
     assert "posterior_draw" not in w.current_settings().params.extra  # the paper's mean step by default
     w.draw_combo.setCurrentIndex(w.draw_combo.findData("jacobian"))
     assert w.current_settings().params.extra["posterior_draw"] == "jacobian"

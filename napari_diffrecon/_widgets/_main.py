@@ -511,13 +511,15 @@ class DiffReconWidget(QWidget):
     def _offer_draws(self) -> None:
         """Offer only the x0 draws that can run: PET's EM data step has no Gaussian form (no isotropic draw), and the
         structured draw's finite-difference probe needs the network in float32 (none with bfloat16/float16)."""
+        from ..samplers.datastep import draw_refusal
+
         pet = self.measurement is not None and str(self.measurement.operator.get("modality")) == "pet"
-        reduced = self.precision_combo.currentText() != "float32"
-        allowed = {None: True, "gaussian": not pet, "jacobian": not reduced}
+        precision = self.precision_combo.currentText()
+        allowed = {v: draw_refusal(v, counts=pet, precision=precision) is None for v in DRAW_CHOICES.values()}
         for value, ok in allowed.items():
             self.draw_combo.model().item(self.draw_combo.findData(value)).setEnabled(ok)
         if not allowed[self.draw_combo.currentData()]:
-            self.draw_combo.setCurrentIndex(self.draw_combo.findData("jacobian" if not reduced else None))
+            self.draw_combo.setCurrentIndex(self.draw_combo.findData("jacobian" if allowed["jacobian"] else None))
 
     def _leave_a_shipped_prior_of_another_modality(self, modality: str) -> None:
         """A *shipped* prior picked for another modality (e.g. last session's MRI prior, then a CT scan is loaded)

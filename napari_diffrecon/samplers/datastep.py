@@ -32,6 +32,7 @@ __all__ = [
     "params_data_step",
     "DRAW_MODES",
     "draw_mode",
+    "draw_refusal",
 ]
 
 
@@ -97,13 +98,18 @@ def prior_error(problem: Problem, sigma: float) -> float:
     ``σ σ_d / √(σ² + σ_d²)`` (the MMSE error of a Gaussian prior with the network's σ_data),
     times the image scale: ≈ σ at low noise, ≈ σ_d at high noise.
     """
-    sd = float(getattr(problem.prior, "sigma_data", None) or getattr(problem.prior, "sigma_p", 0.5))
+    sd = _sigma_data(problem)
     return abs(problem.scale) * sigma * sd / (sigma**2 + sd**2) ** 0.5
+
+
+def _sigma_data(problem: Problem) -> float:
+    """The Gaussian error model's σ_d: the network's σ_data, or a Gaussian prior's σp (model units)."""
+    return float(getattr(problem.prior, "sigma_data", None) or getattr(problem.prior, "sigma_p", 0.5))
 
 
 def prior_shrinkage(problem: Problem, sigma: float) -> float:
     """``σ_d² / (σ_d² + σ²)``: the Gaussian error model's denoiser gain ∂x0_hat/∂x_σ (its Jacobian, a scalar)."""
-    sd = float(getattr(problem.prior, "sigma_data", None) or getattr(problem.prior, "sigma_p", 0.5))
+    sd = _sigma_data(problem)
     return sd**2 / (sd**2 + sigma**2)
 
 
@@ -313,6 +319,24 @@ def draw_mode(value: Any) -> str | None:
     return "gaussian" if value else None
 
 
+def draw_refusal(value: Any, counts: bool, precision: str = "float32") -> str | None:
+    """Why the x0 draw ``value`` cannot run (``None`` when it can): the one statement of these rules, for the core,
+    the CLI and the GUI.
+
+    ``counts``: the data step is PET's EM step (Poisson counts), which has no Gaussian form to draw from.
+    ``precision``: the network's; the structured draw's finite-difference probe needs float32.
+    """
+    mode = draw_mode(value)
+    if mode == "gaussian" and counts:
+        return ("the isotropic posterior draw ('gaussian') needs a Gaussian data step; PET's EM step has none: "
+                "use posterior_draw='jacobian' (the prior's part of the draw) or no draw")
+    if mode == "jacobian" and precision != "float32":
+        return (f"the structured posterior draw ('jacobian') needs the network in float32 (its finite-difference "
+                f"probe is below {precision}'s rounding): run the network in float32, or use "
+                "posterior_draw='gaussian'")
+    return None
+
+
 def params_data_step(
     problem: Problem,
     params: SamplerParams,
@@ -338,9 +362,9 @@ def params_data_step(
     # DDS 17–20 % faster for −0.13 dB (benchmarks/pet_subsets.py), so the exact EM stays the default.
     subsets = int(params.extra.get("em_subsets", 1))
     mode = draw_mode(params.extra.get("posterior_draw"))
-    if mode and mode != "jacobian" and isinstance(problem.likelihood, PoissonLikelihood):
-        raise SamplingError("posterior_draw='gaussian' needs a Gaussian data step; PET's EM step has none: use "
-                            "posterior_draw='jacobian' (the prior's part of the draw) or no draw")
+    refusal = draw_refusal(mode, counts=isinstance(problem.likelihood, PoissonLikelihood))
+    if refusal:
+        raise SamplingError(refusal)
     draw = generator if mode else None
     return data_step(problem, x0_hat, float(params.gamma) / float(params.prior_weight), n_iter, sigma,
                      em_subsets=subsets, generator=draw, draw_prior=mode != "jacobian")

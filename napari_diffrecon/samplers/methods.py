@@ -29,10 +29,12 @@ from .consistency import consistency
 from .datastep import (
     data_distance,
     draw_mode,
+    draw_refusal,
     linear_measurement,
     normal_norm,
     params_data_step,
     poisson_prox_em,
+    prior_shrinkage,
     pseudo_inverse,
 )
 
@@ -139,13 +141,9 @@ def _jacobian_draw(problem: Problem, u: torch.Tensor, x0: torch.Tensor, sigma: f
     an isotropic Gaussian draw exceeds that cap with negligible probability. The probe needs the network in
     float32: the difference of two reduced-precision evaluations is mostly rounding.
     """
-    from .datastep import prior_shrinkage
-
-    precision = getattr(problem.prior, "precision", "float32")
-    if precision != "float32":
-        raise SamplingError(f"posterior_draw='jacobian' needs the network in float32 (its finite-difference probe "
-                            f"is below {precision}'s rounding): run without --precision {precision}, or use "
-                            "posterior_draw='gaussian'")
+    refusal = draw_refusal("jacobian", counts=False, precision=getattr(problem.prior, "precision", "float32"))
+    if refusal:
+        raise SamplingError(refusal)
     a = prior_shrinkage(problem, sigma)
     xi = _randn(u, gen)
     probe = _denoise(problem, u + eps * sigma * xi, sigma)
