@@ -116,7 +116,7 @@ def test_network_denoiser_is_identity_at_small_sigma(parametrisation, schedule):
 
 
 def test_save_load_round_trip_is_identical(tmp_path):
-    p = _tiny_prior()
+    p = _tiny_prior().to("cpu")  # the weight layout a loaded prior has on this device (channels-last on a CPU)
     w, c = save_prior(p, tmp_path / "myprior")
     assert w.suffix == ".safetensors" and c.suffix == ".json"
     q = load_prior_file(c)
@@ -124,6 +124,19 @@ def test_save_load_round_trip_is_identical(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(q.denoise(x, 0.3), p.denoise(x, 0.3), rtol=0, atol=0)
     assert q.card == p.card
+
+
+def test_a_prior_on_a_cpu_stores_its_convolutions_channels_last_with_the_same_numbers():
+    p = _tiny_prior()
+    x = torch.randn(2, 1, 32, 32)
+    with torch.no_grad():
+        before = p.denoise(x, 0.3)
+    p.to("cpu")
+    weights = [m.weight for m in p.network.modules() if isinstance(m, torch.nn.Conv2d) and m.weight.shape[1] > 1]
+    assert weights and all(w.is_contiguous(memory_format=torch.channels_last) for w in weights)
+    assert not all(w.is_contiguous() for w in weights)
+    with torch.no_grad():
+        torch.testing.assert_close(p.denoise(x, 0.3), before, rtol=1e-4, atol=1e-5)
 
 
 def test_half_precision_weights_halve_the_file_and_barely_change_the_denoiser(tmp_path):

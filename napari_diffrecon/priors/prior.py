@@ -317,7 +317,16 @@ class NetworkPrior(Prior):
         return next(self.network.parameters()).device
 
     def to(self, device: str | torch.device) -> NetworkPrior:
-        self.network.to(device)
+        """Move the network to ``device``; on a CPU its convolution weights are stored channels-last.
+
+        oneDNN's CPU convolutions run on channels-last weights without reordering them at every call: the
+        shipped 5M-parameter U-Nets at 128² run 13–18 % faster in float32 and ~22 % in bfloat16, one thread,
+        batches of 1 and 8 (`python benchmarks/network_speed.py --memory-format`). The numbers differ from the
+        contiguous layout's only by float rounding. Other devices keep the contiguous layout.
+        """
+        device = torch.device(device)
+        layout = torch.channels_last if device.type == "cpu" else torch.contiguous_format
+        self.network.to(device, memory_format=layout)
         return self
 
     def _vp_timestep(self, sigma: torch.Tensor) -> torch.Tensor:
