@@ -24,12 +24,10 @@ def _methods() -> list[str]:
 
 
 def _cmd_simulate(a: argparse.Namespace) -> int:
-    from .io import read_image, write_measurement
+    from .io import check_output_path, read_image, write_measurement
     from .simulate import simulate_from_image
 
-    out = Path(a.output)
-    if out.exists() and not a.force:
-        raise FileExistsError(f"{out} exists; pass --force to overwrite it")
+    out = check_output_path(a.output, a.force)
     img, info = read_image(a.image, a.slice)
     m = simulate_from_image(
         img,
@@ -168,16 +166,14 @@ def _cmd_reconstruct(a: argparse.Namespace) -> int:
             raise ValueError("--posterior-draw applies to 2D DDS runs; the volume sampler takes the mean data step "
                              "(drop it)")
         return run_from_args(a)
-    from .io import read_measurement, write_result
+    from .io import check_output_path, read_measurement, write_result
     from .reconstruct import noise_floor_text, reconstruct
 
     if not a.method:
         raise ValueError("--method is required for a measurement bundle (e.g. --method dds)")
     if a.method not in _methods():
         raise ValueError(f"unknown method {a.method!r}; choose from {', '.join(_methods())}")
-    out = Path(a.output)
-    if out.exists() and not a.force:
-        raise FileExistsError(f"{out} exists; pass --force to overwrite it")
+    out = check_output_path(a.output, a.force)
     m = read_measurement(a.bundle)
     settings = _settings_from_args(a, str(m.operator.get("modality", "*")))
     if a.method == "consistency" and not a.hot_start and settings.params.n_steps <= 8:
@@ -225,6 +221,23 @@ def _cmd_info(a: argparse.Namespace) -> int:
         )
     )
     return 0
+
+
+DEMO_FILES = ("demo_reconstruction.npz", "demo_comparison.png")
+
+
+def _free_demo_folder(outdir: Path, force: bool) -> Path:
+    """``outdir``, or, when it already holds a demo's files (and not ``force``), the first ``outdir-N`` that
+    does not: rerunning the README's demo command never overwrites earlier results."""
+    if force:
+        return outdir
+    candidate, n = outdir, 1
+    while any((candidate / f).exists() for f in DEMO_FILES):
+        n += 1
+        candidate = outdir.with_name(f"{outdir.name}-{n}")
+    if candidate != outdir:
+        print(f"demo: {outdir} already holds a demo's results; writing to {candidate} (--force overwrites)")
+    return candidate
 
 
 def _run_demo_headless(outdir: Path) -> int:
@@ -281,6 +294,8 @@ def _run_demo_headless(outdir: Path) -> int:
 
 def _cmd_demo(a: argparse.Namespace) -> int:
     outdir = Path(a.output)
+    if outdir.exists() and not outdir.is_dir():
+        raise ValueError(f"demo output {outdir} is a file, not a folder; pass -o FOLDER")
     has_display = bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
     widget = None
     if has_display and not a.headless:
@@ -291,7 +306,7 @@ def _cmd_demo(a: argparse.Namespace) -> int:
     if widget is None:
         if has_display and not a.headless:
             print("demo: the napari widget is not available yet; running the headless demo")
-        return _run_demo_headless(outdir)
+        return _run_demo_headless(_free_demo_folder(outdir, a.force))
     import napari  # pragma: no cover - GUI path
 
     viewer = napari.Viewer()
@@ -386,13 +401,13 @@ def _cmd_distill(a: argparse.Namespace) -> int:
 
 
 def _cmd_export_prior(a: argparse.Namespace) -> int:
+    from .io import check_output_path
     from .priors.training import export_checkpoint
 
     out = Path(a.output)
     stem = out.with_suffix("") if out.suffix in (".json", ".safetensors") else out
     for p in (stem.with_suffix(".json"), stem.with_suffix(".safetensors")):
-        if p.exists() and not a.force:
-            raise FileExistsError(f"{p} exists; pass --force to overwrite it")
+        check_output_path(p, a.force)
     w, c = export_checkpoint(a.run, stem, half=a.half)
     print(f"wrote {w} ({w.stat().st_size / 1e6:.1f} MB) and {c}")
     return 0
@@ -489,7 +504,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="pool the per-voxel variance of the samples over a Gaussian of PX pixels before the std "
                         "(default 1: a steadier std from few samples; 0 = raw per voxel; 2D runs only)")
     r.add_argument("--seed", type=int, default=0)
-    r.add_argument("--device", default="cpu")
+    r.add_argument("--device", default="cpu", type=_device)
     r.add_argument("-o", "--output", required=True)
     r.add_argument("--force", action="store_true")
     from .distributed import add_volume_arguments  # no dask import at module level: cheap
@@ -499,7 +514,9 @@ def _parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="the main job on the shipped sample (napari when available, else headless)")
     d.add_argument("--headless", action="store_true")
-    d.add_argument("-o", "--output", default="diffrecon-demo")
+    d.add_argument("-o", "--output", default="diffrecon-demo",
+                   help="folder for the headless demo's files (when it holds earlier ones: FOLDER-2, -3, ...)")
+    d.add_argument("--force", action="store_true", help="overwrite the headless demo's earlier files in --output")
     d.set_defaults(func=_cmd_demo)
 
     t = sub.add_parser("train", help="train a diffusion prior on a folder of images (resumable)")
@@ -531,7 +548,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     t.add_argument("--init", help="start from this prior's weights (shipped name or .json path): fine-tuning")
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--device", default="cpu")
+    t.add_argument("--device", default="cpu", type=_device)
     t.add_argument("-o", "--output", required=True, help="output folder (checkpoint, history, weights + card)")
     t.set_defaults(func=_cmd_train)
 
@@ -560,7 +577,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--restart", action="store_true", help="ignore an existing checkpoint")
     c.add_argument("--no-progress", action="store_true", help="log lines instead of a progress bar")
     c.add_argument("--seed", type=int, default=0)
-    c.add_argument("--device", default="cpu")
+    c.add_argument("--device", default="cpu", type=_device)
     c.add_argument("-o", "--output", required=True, help="output folder (checkpoint, history, weights + card)")
     c.set_defaults(func=_cmd_distill)
 
@@ -575,6 +592,17 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("bundle")
     i.set_defaults(func=_cmd_info)
     return p
+
+
+def _device(name: str) -> str:
+    """argparse type of ``--device``: refuse a device this machine does not have before any work starts."""
+    from .reconstruct import check_device
+
+    try:
+        check_device(name)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return name
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -364,3 +364,78 @@ def test_cli_posterior_draw_reaches_the_sampler_and_the_provenance(tmp_path, cap
     assert main(["reconstruct", str(b), "--method", "dds", "--posterior-draw", "jacobian", "--precision", "bfloat16",
                  "-o", str(tmp_path / "d.npz")]) == 2
     assert "float32" in capsys.readouterr().err and not (tmp_path / "d.npz").exists()
+
+
+def test_cli_refuses_runs_that_cannot_be_what_was_asked(tmp_path, capsys):
+    """t0 without a start image, a step count below 1, a prior of another modality, a device this machine lacks:
+    each is refused before any work, with what to change; nothing is written."""
+    from pydicom.data import get_testdata_file
+
+    b = tmp_path / "ct.npz"
+    assert main(["simulate", get_testdata_file("CT_small.dcm"), "--modality", "ct", "--views", "23", "--size", "64",
+                 "-o", str(b)]) == 0
+    out = tmp_path / "o.npz"
+    cases = [
+        (["--method", "dds", "--steps", "3", "--t0", "0.3"], "needs a start image"),
+        (["--method", "dds", "--steps", "0"], "n_steps = 0 is outside"),
+        (["--method", "dds", "--steps", "2", "--gamma", "nan"], "gamma = nan is outside"),
+        (["--method", "dds", "--steps", "2", "--prior", "pet-phantom-128"], "trained on PET images"),
+    ]
+    for extra, message in cases:
+        capsys.readouterr()
+        assert main(["reconstruct", str(b), *extra, "-o", str(out)]) == 2, extra
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err and not out.exists(), (extra, err)
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit):
+            main(["reconstruct", str(b), "--method", "fbp", "--device", "cuda", "-o", str(out)])
+        assert "device 'cuda' is not available" in capsys.readouterr().err and not out.exists()
+
+
+def test_cli_warns_when_the_samples_ignore_or_do_not_fit_the_measurement(tmp_path, capsys):
+    from pydicom.data import get_testdata_file
+
+    b = tmp_path / "ct.npz"
+    assert main(["simulate", get_testdata_file("CT_small.dcm"), "--modality", "ct", "--views", "23", "--size", "64",
+                 "-o", str(b)]) == 0
+    capsys.readouterr()
+    assert main(["reconstruct", str(b), "--method", "ddim", "--steps", "3", "-o", str(tmp_path / "u.npz")]) == 0
+    assert "warning: ddim is an unconditional sampler" in capsys.readouterr().out
+    # DPS with far too few steps for its step size leaves a residual many times the noise floor.
+    assert main(["reconstruct", str(b), "--method", "dps", "--steps", "4", "-o", str(tmp_path / "d.npz")]) == 0
+    assert "do not fit the measurements" in capsys.readouterr().out
+    # A well-posed DDS hot start fits the data to the floor: no warning.
+    assert main(["reconstruct", str(b), "--method", "dds", "--hot-start", "fbp", "-o", str(tmp_path / "h.npz")]) == 0
+    assert "warning" not in capsys.readouterr().out
+    with np.load(tmp_path / "d.npz") as z:
+        assert any("do not fit" in w for w in json.loads(str(z["provenance"]))["warnings"])
+
+
+def test_the_demo_never_overwrites_earlier_results(tmp_path):
+    from napari_diffrecon.cli import DEMO_FILES, _free_demo_folder
+
+    out = tmp_path / "diffrecon-demo"
+    assert _free_demo_folder(out, force=False) == out  # nothing there yet
+    out.mkdir()
+    (out / DEMO_FILES[1]).write_bytes(b"earlier")
+    second = _free_demo_folder(out, force=False)
+    assert second == tmp_path / "diffrecon-demo-2"
+    second.mkdir()
+    (second / DEMO_FILES[0]).write_bytes(b"earlier")
+    assert _free_demo_folder(out, force=False) == tmp_path / "diffrecon-demo-3"
+    assert _free_demo_folder(out, force=True) == out
+
+
+def test_an_image_size_the_unet_cannot_halve_three_times_still_reconstructs(tmp_path, capsys):
+    """60² is not a multiple of the shipped U-Net's 8: the network pads and crops, the run beats FBP."""
+    from pydicom.data import get_testdata_file
+
+    b = tmp_path / "ct60.npz"
+    assert main(["simulate", get_testdata_file("CT_small.dcm"), "--modality", "ct", "--views", "23", "--size", "60",
+                 "-o", str(b)]) == 0
+    assert main(["reconstruct", str(b), "--method", "fbp", "-o", str(tmp_path / "f.npz")]) == 0
+    assert main(["reconstruct", str(b), "--method", "dds", "--hot-start", "fbp", "-o", str(tmp_path / "d.npz")]) == 0
+    with np.load(tmp_path / "f.npz") as f, np.load(tmp_path / "d.npz") as d, np.load(b) as m:
+        gt = m["ground_truth"]
+        assert d["reconstruction"].shape == gt.shape == (60, 60)
+        assert psnr(d["reconstruction"], gt) > psnr(f["reconstruction"], gt) + 1

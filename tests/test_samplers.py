@@ -228,8 +228,47 @@ def test_nan_is_reported_with_step_and_cause():
 
     op = Identity((4, 4))
     prob = Problem(op, torch.zeros(4, 4), Broken(1.0))
-    with pytest.raises(SamplingError, match=r"step \d+/\d+.*lower it"):
+    with pytest.raises(SamplingError, match=r"step \d+/\d+.*the prior network itself"):
         list(get_sampler("ddim")(prob, SamplerParams(n_steps=10)))
+
+
+def test_a_diverging_run_stops_naming_the_step_and_the_samplers_own_weight():
+    """|x0_hat| far beyond the prior's images is divergence, not a reconstruction; the message names ζ for DPS."""
+    op = Identity((8, 8))
+    prob = Problem(op, torch.randn(8, 8, generator=torch.Generator().manual_seed(0)) * 0.5, GaussianPrior(1.0))
+    its = list(get_sampler("dps")(prob, SamplerParams(n_steps=20, zeta=1.0)))
+    assert its[-1].x0_hat.abs().max() < 3  # a sane step size runs to the end
+    with pytest.raises(SamplingError, match=r"diverged at step \d+/20.*ζ = 10000.0\): lower it") as e:
+        list(get_sampler("dps")(prob, SamplerParams(n_steps=20, zeta=1e4)))
+    assert "λ" not in str(e.value) and "γ" not in str(e.value)  # DPS has no λ or γ
+    # Images of a wider prior (values ~300, beyond 100 × the trained priors' range) are not divergence.
+    wide = Problem(op, prob.measurement * 300, GaussianPrior(100.0))
+    its = list(get_sampler("dds")(wide, SamplerParams(n_steps=20)))
+    assert its[-1].done and its[-1].x0_hat.abs().max() > 100
+
+
+@pytest.mark.parametrize(
+    "name,value",
+    [("n_steps", 0), ("n_steps", -5), ("n_steps", 2.5), ("eta", -1.0), ("eta", 5.0), ("gamma", -2.0),
+     ("gamma", float("nan")), ("cg_iters", -3), ("zeta", -50.0), ("lam", 1e6), ("snr", float("inf")), ("t0", 0.0),
+     ("prior_weight", 0.0)],
+)
+def test_parameters_no_sampler_can_use_are_refused_before_the_first_step(name, value):
+    prob = Problem(Identity((4, 4)), torch.zeros(4, 4), GaussianPrior())
+    params = SamplerParams(n_steps=3)
+    setattr(params, name, value)
+    with pytest.raises(SamplingError, match=f"^{name} = "):
+        next(get_sampler("dds")(prob, params))
+
+
+def test_a_parameter_set_out_of_range_mid_run_stops_the_run():
+    prob = Problem(Identity((4, 4)), torch.zeros(4, 4), GaussianPrior())
+    params = SamplerParams(n_steps=6, gamma=float("inf"))  # inf is valid: the noise-free normal equations
+    run = get_sampler("dds")(prob, params, yield_every=1)
+    assert next(run).step == 1
+    params.gamma = float("nan")
+    with pytest.raises(SamplingError, match="gamma = nan"):
+        next(run)
 
 
 def test_problem_rejects_mismatched_prior_and_measurement():

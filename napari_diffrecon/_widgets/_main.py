@@ -34,7 +34,7 @@ from qtpy.QtWidgets import (
 from ..baselines import BASELINES
 from ..io import SAMPLES, BundleError, Measurement
 from ..priors.prior import PRECISIONS
-from ..reconstruct import RunSettings, noise_floor_text
+from ..reconstruct import RunSettings, noise_floor_text, prior_mismatch
 from ..samplers import SAMPLERS, UNCONDITIONAL, SamplerParams
 from ..uncertainty import DEFAULT_STD_POOL
 from . import _presets
@@ -151,26 +151,6 @@ def _devices() -> list[str]:
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
         out.append("mps")
     return out
-
-
-def prior_mismatch(card: Any, measurement: Measurement) -> str | None:
-    """Why a prior cannot serve a measurement (None when it fits): modality, complex/real, resolution."""
-    if card is None or measurement is None:
-        return None
-    modality = str(measurement.operator.get("modality", ""))
-    complex_ = modality == "mri"
-    if card.channels != (2 if complex_ else 1):
-        kind = "complex (2-channel)" if complex_ else "real (1-channel)"
-        return (f"prior {card.name!r} is {'complex' if card.channels == 2 else 'real'} but {modality.upper()} "
-                f"needs a {kind} prior: pick a {modality.upper()} prior or load one from file")
-    if card.modality not in (modality, "generic"):
-        return (f"prior {card.name!r} was trained on {card.modality.upper()} images, the measurement is "
-                f"{modality.upper()}: pick a {modality.upper()} prior or load one from file")
-    shape = measurement.operator.get("image_shape") or []
-    if len(shape) == 2 and card.resolution and max(shape) > 4 * card.resolution:
-        return (f"image {tuple(shape)} is far from prior {card.name!r}'s {card.resolution}² training resolution: "
-                "resample the measurement or pick a matching prior")
-    return None
 
 
 def card_text(card: Any) -> str:

@@ -4,14 +4,24 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .bundle import BundleError, Measurement, read_measurement, write_measurement, write_result
+from .bundle import (
+    BundleError,
+    Measurement,
+    OutputPathError,
+    check_output_path,
+    read_measurement,
+    write_measurement,
+    write_result,
+)
 from .export import export_image, read_exported
 from .fastmri import read_fastmri
 from .images import read_image
 
 __all__ = [
     "BundleError",
+    "OutputPathError",
     "Measurement",
+    "check_output_path",
     "read_measurement",
     "write_measurement",
     "write_result",

@@ -25,7 +25,9 @@ from .. import __version__
 
 __all__ = [
     "BundleError",
+    "OutputPathError",
     "Measurement",
+    "check_output_path",
     "read_measurement",
     "write_measurement",
     "write_result",
@@ -38,10 +40,26 @@ __all__ = [
 
 ARRAY_FIELDS = ("mask", "coil_maps", "attenuation", "background")
 COUNT_MODELS = ("poisson", "transmission")
+# Share of the k-space energy allowed where the MRI mask is 0. Data are stored on the full grid with zeros where
+# nothing was sampled (and simulated noise is added only where sampled), so this share is exactly 0 for consistent
+# bundles; 1 % leaves room for rounding and stray samples while catching a mask that belongs to other data.
+MASK_MISMATCH_FRACTION = 0.01
+BUNDLE_HELP = (
+    "a measurement bundle is an .npz holding the 'measurement' array together with 'operator', its JSON operator "
+    "spec (modality, image_shape, geometry); see README \"Measurement bundles\", or make one from an image with "
+    "'napari-diffrecon simulate'"
+)
 
 
 class BundleError(ValueError):
     """A bundle file is unreadable or inconsistent; the message names the field and the fix."""
+
+
+class OutputPathError(FileExistsError):
+    """An output path that cannot be written: a directory, or inside a file (``--force`` cannot help).
+
+    A :class:`FileExistsError` so that callers handling "output exists" report it the same way.
+    """
 
 
 @dataclass
@@ -97,6 +115,11 @@ def _validate(m: Measurement) -> None:
     modality = str(spec.get("modality")).lower()
     if np.iscomplexobj(data) and modality != "mri":
         raise BundleError(f"measurement: complex data for the real {modality} modality; store the real sinogram")
+    if modality == "mri" and not np.iscomplexobj(data):
+        raise BundleError(
+            f"measurement: MRI k-space must be complex (e.g. complex64), got {data.dtype}; a magnitude or the real "
+            "part is not k-space: store the complex samples as acquired (zeros where nothing was sampled)"
+        )
     op = m.build_operator("cpu")
     if modality in ("ct", "pet") and data.ndim == 2 and data.shape != tuple(op.data_shape):
         n, na = op.data_shape
@@ -111,6 +134,13 @@ def _validate(m: Measurement) -> None:
             )
     if tuple(data.shape) != tuple(op.data_shape):
         raise BundleError(f"measurement: shape {data.shape} does not match the operator's data shape {op.data_shape}")
+    if modality == "mri":
+        _check_mri_mask(data, op.mask.detach().cpu().numpy())
+    if not np.any(data):
+        raise BundleError(
+            "measurement: all entries are zero, so there is nothing to reconstruct from; store the measured data "
+            "(check that the right array was saved, not an empty buffer)"
+        )
     model = str((m.noise or {}).get("model", "gaussian")).lower()
     if model in COUNT_MODELS and np.any(data < 0):
         raise BundleError(
@@ -119,6 +149,28 @@ def _validate(m: Measurement) -> None:
     m.build_likelihood("cpu")
     if m.ground_truth is not None and tuple(m.ground_truth.shape) != tuple(op.image_shape):
         raise BundleError(f"ground_truth: shape {m.ground_truth.shape} does not match image_shape {op.image_shape}")
+
+
+def _check_mri_mask(data: np.ndarray, mask: np.ndarray) -> None:
+    """Refuse an all-zero mask and one that leaves more than ``MASK_MISMATCH_FRACTION`` of the energy outside it."""
+    outside = mask == 0
+    if outside.all():
+        raise BundleError(
+            "operator.mask: all zeros, so nothing is sampled; the mask is 1 where k-space was acquired "
+            "(e.g. the measured phase-encoding lines)"
+        )
+    energy = np.abs(data) ** 2
+    total = float(energy.sum(dtype=np.float64))
+    if total == 0.0:
+        return  # all-zero data: refused by the caller with its own message
+    frac = float(energy[..., outside].sum(dtype=np.float64)) / total
+    if frac > MASK_MISMATCH_FRACTION:
+        raise BundleError(
+            f"operator.mask: does not match the data: {frac:.1%} of the k-space energy lies where the mask is 0 "
+            f"(more than {MASK_MISMATCH_FRACTION:.0%}), and those samples would be ignored; store the mask the data "
+            "were acquired with (same orientation and centring as the k-space), or, to undersample fully sampled "
+            "k-space retrospectively, multiply the k-space by the mask"
+        )
 
 
 def json_field(raw: Any, name: str) -> Any:
@@ -218,15 +270,43 @@ def load_keys(path: Path) -> dict[str, Any]:
             return out
         except OSError as e:
             raise BundleError(f"cannot read {path.name} as HDF5: {e}") from None
+    _check_npz_signature(path)
     try:
         with np.load(path, allow_pickle=False) as z:
             return {k: z[k] for k in z.files}
     except ValueError as e:
-        if "pickle" in str(e).lower():
-            raise BundleError(f"{path.name}: holds pickled objects; refused (untrusted file)") from None
+        if "pickle" in str(e).lower():  # only an .npz reaches np.load: this is an object array inside it
+            raise BundleError(
+                f"{path.name}: holds object arrays (pickled Python objects); refused (untrusted file): "
+                "store plain numeric arrays and JSON strings"
+            ) from None
         raise BundleError(f"cannot read {path.name}: {e}") from None
     except (OSError, EOFError, zipfile.BadZipFile) as e:
         raise BundleError(f"cannot read {path.name} as a .npz bundle (corrupt or not a bundle): {e}") from None
+
+
+def _check_npz_signature(path: Path) -> None:
+    """Refuse, by its first bytes, a file that is not an .npz (zip) archive, before ``np.load`` guesses."""
+    if path.is_dir():
+        raise BundleError(f"{path} is a directory; pass the bundle file itself (.npz or .h5)")
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except OSError as e:
+        raise BundleError(f"cannot read {path.name}: {e}") from None
+    if head.startswith((b"PK\x03\x04", b"PK\x05\x06")):  # a zip archive (the latter: an empty one)
+        return
+    if not head:
+        raise BundleError(f"{path.name}: the file is empty (0 bytes); {BUNDLE_HELP}")
+    if head.startswith(b"\x93NUMPY"):
+        raise BundleError(
+            f"{path.name}: a .npy file holding one bare array, not a measurement bundle; {BUNDLE_HELP}"
+        )
+    if head.startswith(b"\x89HDF\r\n\x1a\n"):
+        raise BundleError(f"{path.name}: an HDF5 file with the suffix {path.suffix!r}; rename it to .h5")
+    raise BundleError(
+        f"cannot read {path.name}: not an .npz archive (no zip header: text or another format); {BUNDLE_HELP}"
+    )
 
 
 def read_measurement(path: str | Path) -> Measurement:
@@ -277,6 +357,43 @@ def read_measurement(path: str | Path) -> Measurement:
     return m
 
 
+def check_output_path(path: str | Path, overwrite: bool = False) -> Path:
+    """Check, before any work, that a file can be written at ``path``.
+
+    Parameters
+    ----------
+    path : str or Path
+        The output file.
+    overwrite : bool
+        Whether an existing file may be replaced (``--force``).
+
+    Returns
+    -------
+    Path
+        ``path`` as a :class:`~pathlib.Path`.
+
+    Raises
+    ------
+    OutputPathError
+        When ``path`` is a directory, or lies inside something that is a file (whatever ``overwrite`` says).
+    FileExistsError
+        When a file exists at ``path`` and ``overwrite`` is False.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise OutputPathError(
+            f"{path} is a directory, not an output file; give a file name, e.g. {path / 'result.npz'}"
+        )
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise OutputPathError(f"{parent} is a file, so {path} cannot be created inside it; choose another path")
+            break
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; choose another name or pass --force to overwrite it")
+    return path
+
+
 def atomic_write(path: Path, writer: Callable[[str], None], overwrite: bool) -> None:
     """Write ``path`` atomically: ``writer(tmp)`` fills a temporary file beside it, which is renamed over it.
 
@@ -292,11 +409,10 @@ def atomic_write(path: Path, writer: Callable[[str], None], overwrite: bool) -> 
     Raises
     ------
     FileExistsError
-        When ``path`` exists and ``overwrite`` is False; nothing is written.
+        When ``path`` exists and ``overwrite`` is False, or is a directory (:class:`OutputPathError`, see
+        :func:`check_output_path`); nothing is written.
     """
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} exists; choose another name or pass --force to overwrite it")
+    path = check_output_path(path, overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp" + path.suffix)
     os.close(fd)

@@ -82,6 +82,11 @@ class _UNetWrapper(torch.nn.Module):
         super().__init__()
         self.unet = unet
 
+    @property
+    def size_multiple(self) -> int:
+        """Image height and width must be multiples of this (2 per down-sampling level of the U-Net)."""
+        return 2 ** max(len(self.unet.config.down_block_types) - 1, 0)
+
     def forward(self, x: torch.Tensor, noise_label: torch.Tensor) -> torch.Tensor:
         return self.unet(x, noise_label.reshape(-1).to(x.dtype).expand(x.shape[0])).sample
 

@@ -104,6 +104,9 @@ class Prior(ABC):
     aug_dim: float | None = None
     #: Precision of the network's evaluation (:data:`PRECISIONS`); analytic priors ignore it.
     precision: str = "float32"
+    #: How far from 0 a typical image reaches, in model units (trained priors: images mapped to about [−1, 1]);
+    #: a sampler's estimate far beyond it has diverged (:func:`~napari_diffrecon.samplers.base.check_finite`).
+    image_range: float = 1.0
 
     @property
     def is_consistency(self) -> bool:
@@ -157,6 +160,7 @@ class GaussianPrior(Prior):
         self.sigma_p = float(sigma_p)
         self.mean = float(mean)
         self.channels = channels
+        self.image_range = abs(self.mean) + 3 * self.sigma_p
         self.schedule = get_schedule("edm")
 
     def denoise(self, x_t: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
@@ -261,6 +265,9 @@ class NetworkPrior(Prior):
         network's weights; a change of device, dtype, channels or modules traces again. If tracing fails, the
         eager network is used.
 
+        Size: an image whose height or width is not a multiple of the U-Net's :attr:`size_multiple` (8 for the
+        shipped 4-level networks) is reflect-padded to one and the output cropped back.
+
         When: ``trace = None`` (the default) traces only in threads other than the main one (GUI and Dask
         workers, where other Python threads compete for the GIL); in a one-shot CLI run in the main thread the
         tracing itself (0.2–0.7 s once per prior) would cost more than the ~3 % it saves. ``prior.trace = True``
@@ -274,6 +281,12 @@ class NetworkPrior(Prior):
         float16, and any call made inside the caller's own autocast, run eagerly.
         """
         net = self.network
+        k = int(getattr(net, "size_multiple", 1))
+        h, w = x.shape[-2:]
+        if h % k or w % k:  # a U-Net halves the image at every level: reflect-pad to a multiple, crop the output
+            ph, pw = -h % k, -w % k
+            x = torch.nn.functional.pad(x, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2), mode="reflect")
+            return self._call_network(x, label)[..., ph // 2 : ph // 2 + h, pw // 2 : pw // 2 + w]
         precision = check_precision(self.precision)  # read once: a run in another thread may set the next one
         reduced = PRECISIONS[precision]
 

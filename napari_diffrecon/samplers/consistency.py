@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from .base import Iterate, Problem, SamplerParams, SamplingError, run_loop, time_grid
+from .base import Iterate, Problem, SamplerParams, run_loop, time_grid
 from .datastep import params_data_step
 
 __all__ = ["consistency", "consistency_grid"]
@@ -41,11 +41,10 @@ def consistency_grid(problem: Problem, params: SamplerParams) -> torch.Tensor:
 
     from ..priors.schedules import EDMSchedule
 
-    n = max(int(params.n_steps), 1)
+    params.check()
+    n = int(params.n_steps)
     fine = time_grid(problem.prior, replace(params, n_steps=1000, t0=1.0))[:-1]
     t0 = float(params.t0)
-    if not 0 < t0 <= 1:
-        raise SamplingError(f"t0 must be in (0, 1], got {t0}")
     start = float(fine[int(round((1.0 - t0) * (len(fine) - 1)))])
     sigma_min = float(fine[-1])
     grid = EDMSchedule(sigma_min=sigma_min, sigma_max_=start).sigmas(n + 1)
@@ -80,4 +79,5 @@ def consistency(
         z = prior.draw_noise(tuple(u.shape), level, ctx["generator"]).to(u.device, u.dtype)
         return x0_dc + z, x0_dc, 1
 
-    return run_loop(problem, params, step, n_samples, seed, x_init, sigmas=consistency_grid(problem, params), **kw)
+    return run_loop(problem, params, step, n_samples, seed, x_init, sigmas=consistency_grid(problem, params),
+                    weights=("gamma",), **kw)

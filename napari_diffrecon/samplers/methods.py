@@ -65,7 +65,7 @@ def ddim(
         x0 = _denoise(problem, u, s)
         return ddim_step(u, x0, s, s_next, float(params.eta), ctx["generator"]), x0, 1
 
-    return run_loop(problem, params, step, n_samples, seed, x_init, **kw)
+    return run_loop(problem, params, step, n_samples, seed, x_init, weights=(), **kw)
 
 
 def ddpm(
@@ -82,7 +82,7 @@ def ddpm(
         x0 = _denoise(problem, u, s)
         return ddim_step(u, x0, s, s_next, 1.0, ctx["generator"]), x0, 1
 
-    return run_loop(problem, params, step, n_samples, seed, x_init, **kw)
+    return run_loop(problem, params, step, n_samples, seed, x_init, weights=(), **kw)
 
 
 def _edm_ode(problem, params, n_samples, seed, x_init, heun: bool, **kw):
@@ -96,7 +96,7 @@ def _edm_ode(problem, params, n_samples, seed, x_init, heun: bool, **kw):
             return u + (s_next - s) * 0.5 * (d + d2), x0_next, 2
         return u_next, x0 if s_next > 0 else u_next, 1
 
-    return run_loop(problem, params, step, n_samples, seed, x_init, **kw)
+    return run_loop(problem, params, step, n_samples, seed, x_init, weights=(), **kw)
 
 
 def heun(
@@ -181,7 +181,7 @@ def dds(
         x0_dc = problem.to_model(dc(problem.to_image(x0)))
         return ddim_step(u, x0_dc, s, s_next, float(params.eta), ctx["generator"]), x0_dc, 1 + k
 
-    return run_loop(problem, params, step, n_samples, seed, x_init, **kw)
+    return run_loop(problem, params, step, n_samples, seed, x_init, weights=("gamma",), **kw)
 
 
 # -- DPS / MCG ---------------------------------------------------------------------------------
@@ -244,7 +244,7 @@ def dps(
         u_next, x0 = _guided_step(prob, params, u, s, s_next, ctx["generator"], project=False)
         return u_next, x0, 1 + k
 
-    return run_loop(problem, params, step, n_samples, seed, x_init, **kw)
+    return run_loop(problem, params, step, n_samples, seed, x_init, weights=("zeta",), **kw)
 
 
 def mcg(
@@ -266,7 +266,7 @@ def mcg(
             u_next = _final_projection(problem, params, x0)
         return u_next, (u_next if s_next == 0 else x0), 1
 
-    return run_loop(problem, params, step, n_samples, seed, x_init, **kw)
+    return run_loop(problem, params, step, n_samples, seed, x_init, weights=("zeta", "lam"), **kw)
 
 
 # -- Song et al. 2022 --------------------------------------------------------------------------
@@ -327,7 +327,7 @@ def song(
             u = u + eps * score + torch.sqrt(2 * eps) * z
         return u, x0, nfe
 
-    return run_loop(problem, params, step, n_samples, seed, x_init, **kw)
+    return run_loop(problem, params, step, n_samples, seed, x_init, weights=("lam", "snr"), **kw)
 
 
 SAMPLERS = {

@@ -36,6 +36,7 @@ from ..samplers.base import (
     SamplerParams,
     SamplingError,
     check_finite,
+    check_start,
     ddim_step,
     time_grid,
     yield_due,
@@ -269,6 +270,7 @@ def mbir(
     """
     if n_samples < 1:
         raise SamplingError(f"n_samples must be ≥ 1, got {n_samples}")
+    check_start(params, x_init)
     sigmas = time_grid(problem.prior, params)
     n = len(sigmas) - 1
     op = problem.operator
@@ -292,6 +294,7 @@ def mbir(
     nfe = 0
     for i in range(n):
         s, s_next = float(sigmas[i]), float(sigmas[i + 1])
+        params.check()  # live values set mid-run
         lam_now = float(live(params, "ztv", 0.0))
         x0 = denoise_slices(problem.prior, u, s, chunk_slices, cancel)
         nfe += 1
@@ -302,7 +305,9 @@ def mbir(
             eta = float(params.eta)
             u = torch.stack([ddim_step(u[:, k], x0[:, k], s, s_next, eta, gens[k]) for k in range(d)], dim=1)
         check_finite(
-            u, x0, i, n, s, f"lower the z-TV weight ({lam_now}), rho ({live(params, 'rho', 1.0)}) or γ ({params.gamma})"
+            u, x0, i, n, s,
+            f"lower the z-TV weight ({lam_now}), rho ({live(params, 'rho', 1.0)}) or γ ({params.gamma})",
+            problem.prior.image_range,
         )
         now = time.perf_counter()
         last = i == n - 1

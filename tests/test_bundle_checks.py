@@ -1,0 +1,143 @@
+"""Bundle checks: degenerate measurements, MRI k-space and mask consistency, wrong file kinds, output paths."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from napari_diffrecon.io import (
+    BundleError,
+    OutputPathError,
+    check_output_path,
+    read_measurement,
+    write_measurement,
+    write_result,
+)
+from napari_diffrecon.simulate import simulate_from_image
+
+N = 16
+
+
+def _save(path: Path, **keys) -> Path:
+    """Write an .npz bundle, JSON-encoding dict values (operator, noise)."""
+    np.savez(path, **{k: (np.array(json.dumps(v)) if isinstance(v, dict) else v) for k, v in keys.items()})
+    return path
+
+
+def _kspace(mask: np.ndarray, seed: int = 0) -> np.ndarray:
+    """Random complex k-space, zero where ``mask`` is 0 (as measured data are stored)."""
+    rng = np.random.default_rng(seed)
+    k = rng.normal(size=(N, N)) + 1j * rng.normal(size=(N, N))
+    return (k * mask).astype(np.complex64)
+
+
+def _column_mask(cols: slice = slice(4, 12)) -> np.ndarray:
+    mask = np.zeros((N, N), np.float32)
+    mask[:, cols] = 1.0
+    return mask
+
+
+def _mri(path: Path, data: np.ndarray, mask: np.ndarray) -> Path:
+    op = {"modality": "mri", "image_shape": [N, N], "mask": {"$array": "mask"}}
+    return _save(path, measurement=data, mask=mask, operator=op, noise={"model": "gaussian", "sigma": 0.01})
+
+
+def _sinogram_bundle(path: Path, modality: str, data: np.ndarray) -> Path:
+    op = {"modality": modality, "image_shape": [N, N], "angles_deg": [0, 45, 90, 135]}
+    noise = {"model": "poisson"} if modality == "pet" else {"model": "gaussian", "sigma": 0.01}
+    return _save(path, measurement=data, operator=op, noise=noise)
+
+
+@pytest.mark.parametrize("modality", ["ct", "pet", "mri"])
+def test_all_zero_measurement_is_refused(tmp_path, modality):
+    if modality == "mri":
+        mask = _column_mask()
+        ok, zero = _mri(tmp_path / "ok.npz", _kspace(mask), mask), _mri(tmp_path / "z.npz", 0 * _kspace(mask), mask)
+    else:
+        counts = np.random.default_rng(0).poisson(5.0, size=(N, 4)).astype(np.float32)
+        ok = _sinogram_bundle(tmp_path / "ok.npz", modality, counts)
+        zero = _sinogram_bundle(tmp_path / "z.npz", modality, np.zeros((N, 4), np.float32))
+    read_measurement(ok)
+    with pytest.raises(BundleError, match="measurement: all entries are zero"):
+        read_measurement(zero)
+
+
+def test_real_valued_mri_kspace_is_refused(tmp_path):
+    mask = _column_mask()
+    k = _kspace(mask)
+    read_measurement(_mri(tmp_path / "ok.npz", k, mask))
+    for name, real in (("re", k.real.copy()), ("mag", np.abs(k))):
+        with pytest.raises(BundleError, match=r"k-space must be complex \(e\.g\. complex64\).*not k-space"):
+            read_measurement(_mri(tmp_path / f"{name}.npz", real, mask))
+
+
+def test_all_zero_mri_mask_is_refused(tmp_path):
+    mask = _column_mask()
+    with pytest.raises(BundleError, match="operator.mask: all zeros"):
+        read_measurement(_mri(tmp_path / "m0.npz", _kspace(mask), np.zeros_like(mask)))
+
+
+def test_mri_mask_that_does_not_match_the_data_is_refused(tmp_path):
+    mask = _column_mask()
+    k = _kspace(mask)
+    # the audit's case: the mask shifted by a few columns against the data
+    with pytest.raises(BundleError, match="operator.mask: does not match the data"):
+        read_measurement(_mri(tmp_path / "shift.npz", k, np.roll(mask, 5, axis=-1)))
+    # fully sampled k-space with a retrospective mask: the fix is named
+    full = _kspace(np.ones_like(mask))
+    with pytest.raises(BundleError, match="multiply the k-space by the mask"):
+        read_measurement(_mri(tmp_path / "full.npz", full, mask))
+    # stray samples holding well under 1 % of the energy, and a mask with extra (empty) lines, are accepted
+    stray = k.copy()
+    stray[0, 0] = 0.05 * np.abs(k).max()
+    read_measurement(_mri(tmp_path / "stray.npz", stray, mask))
+    read_measurement(_mri(tmp_path / "extra.npz", k, _column_mask(slice(2, 14))))
+
+
+def test_simulated_mri_bundles_still_pass(tmp_path):
+    img = np.outer(np.hanning(N), np.hanning(N))
+    for coils in (1, 2):
+        m = simulate_from_image(img, "mri", size=N, accel=2.0, coils=coils, seed=0)
+        r = read_measurement(write_measurement(m, tmp_path / f"c{coils}.npz"))
+        np.testing.assert_array_equal(r.data, m.data)
+
+
+def test_npy_file_gets_a_clear_error(tmp_path):
+    np.save(tmp_path / "a.npy", np.ones((N, 4), np.float32))
+    with pytest.raises(BundleError, match=r"\.npy file holding one bare array.*Measurement bundles.*simulate"):
+        read_measurement(tmp_path / "a.npy")
+
+
+def test_non_npz_file_is_not_called_pickled(tmp_path):
+    (tmp_path / "text.npz").write_text("hello world this is not a zip\n")
+    with pytest.raises(BundleError, match="not an .npz archive") as e:
+        read_measurement(tmp_path / "text.npz")
+    assert "pickle" not in str(e.value)
+    (tmp_path / "empty.npz").write_bytes(b"")
+    with pytest.raises(BundleError, match="empty"):
+        read_measurement(tmp_path / "empty.npz")
+    # an .npz that really holds object arrays is still reported as such
+    np.savez(tmp_path / "obj.npz", measurement=np.array([{"a": 1}], dtype=object), operator=np.array("{}"))
+    with pytest.raises(BundleError, match="object arrays .*pickled"):
+        read_measurement(tmp_path / "obj.npz")
+
+
+def test_output_path_that_is_a_directory_is_refused_up_front(tmp_path):
+    out = tmp_path / "results"
+    out.mkdir()
+    for overwrite in (False, True):
+        with pytest.raises(OutputPathError, match="is a directory.*give a file name"):
+            check_output_path(out, overwrite)
+    assert issubclass(OutputPathError, FileExistsError)  # the CLI reports FileExistsError as a one-line error
+    with pytest.raises(OutputPathError, match="is a directory"):
+        write_result(out, {"reconstruction": np.zeros((2, 2))}, {}, overwrite=True)
+    (tmp_path / "f.npz").write_bytes(b"x")
+    with pytest.raises(OutputPathError, match="is a file"):
+        check_output_path(tmp_path / "f.npz" / "o.npz", True)
+    with pytest.raises(FileExistsError, match="--force"):
+        check_output_path(tmp_path / "f.npz")
+    assert check_output_path(tmp_path / "f.npz", True) == tmp_path / "f.npz"
+    assert check_output_path(str(tmp_path / "new" / "o.npz")) == tmp_path / "new" / "o.npz"
