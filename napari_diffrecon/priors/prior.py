@@ -332,10 +332,11 @@ class NetworkPrior(Prior):
     def to(self, device: str | torch.device) -> NetworkPrior:
         """Move the network to ``device``; on a CPU its convolution weights are stored channels-last.
 
-        oneDNN's CPU convolutions run on channels-last weights without reordering them at every call: the
-        shipped 5M-parameter U-Nets at 128² run 13–18 % faster in float32 and ~22 % in bfloat16, one thread,
-        batches of 1 and 8 (`python benchmarks/network_speed.py --memory-format`). The numbers differ from the
-        contiguous layout's only by float rounding. Other devices keep the contiguous layout.
+        oneDNN's CPU convolutions run on channels-last weights without reordering them at every call: for the
+        shipped 5M-parameter U-Nets at 128² on one thread, bfloat16 calls take 16–22 % less time, float32 batches
+        of 8 13–14 % less, a float32 batch of 1 the same (`python benchmarks/network_speed.py --memory-format`,
+        benchmarks/results/memory_format.md). The numbers differ from the contiguous layout's only by float
+        rounding. Other devices keep the contiguous layout.
         """
         device = torch.device(device)
         layout = torch.channels_last if device.type == "cpu" else torch.contiguous_format
