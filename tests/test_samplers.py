@@ -544,3 +544,13 @@ def test_hard_projection_on_noisy_data_and_fitting_the_noise_are_flagged():
                           prior=GaussianPrior(0.5))
     assert song_ct.provenance["noise_floor"] < 0.01
     assert not any("hard projection" in w for w in song_ct.provenance["warnings"])
+
+
+def test_a_non_negative_problem_ends_on_a_non_negative_image_whatever_the_sampler():
+    """PET activity cannot be negative: DPS's x0_hat can be (its iterate is not clamped, as the papers warn), so the
+    result is; the clamp moves each pixel towards any non-negative truth."""
+    m = torch.linspace(-1, 1, 36).reshape(6, 6)
+    for nonneg in (False, True):
+        prob = Problem(Identity((6, 6)), m, GaussianPrior(1.0), nonneg=nonneg)
+        last = list(get_sampler("dps")(prob, SamplerParams(n_steps=10, zeta=1.0), n_samples=2))[-1]
+        assert (float(last.x0_hat.min()) >= 0) == nonneg

@@ -443,6 +443,8 @@ def run_loop(
             last_yield = now
             with torch.no_grad():
                 x0_img = problem.to_image(x0_model.detach())
+                if last and problem.nonneg:  # the result, not the iterate: activity cannot be negative (PET)
+                    x0_img = x0_img.clamp(min=0)
                 yield Iterate(
                     step=i + 1,
                     n_steps=n,
