@@ -248,6 +248,17 @@ def prior_mismatch(card: Any, measurement: Any) -> str | None:
     return None
 
 
+def _prior_notes(method: str, prior: Any) -> list[str]:
+    """Warnings about the prior a run will use: the few-step consistency sampler on a diffusion prior."""
+    if method != "consistency" or getattr(prior, "is_consistency", True):
+        return []
+    card = getattr(prior, "card", None)
+    name = card.name if card is not None else type(prior).__name__
+    return [f"the consistency sampler runs on {name!r}, a diffusion prior, not a consistency model (none ships for "
+            "this modality, or another prior was chosen): each jump is the denoiser's estimate, which blurs at 1–4 "
+            "steps; use dds, or distil a consistency model (napari-diffrecon distill)"]
+
+
 def _noise_notes(method: str, likelihood: Any, floor: float | None, assumed: bool) -> list[str]:
     """Warnings known before a run: an unconditional sampler; a hard-projection sampler on noisy or count data."""
     from .physics.likelihoods import PoissonLikelihood, TransmissionLikelihood
@@ -351,7 +362,7 @@ def prepare_run(
         "noise_floor": floor,
         "noise_floor_assumed": assumed,
         "conditional": settings.method not in UNCONDITIONAL,
-        "warnings": _noise_notes(settings.method, likelihood, floor, assumed),
+        "warnings": _noise_notes(settings.method, likelihood, floor, assumed) + _prior_notes(settings.method, prior),
     }
     return problem, start, info
 

@@ -409,6 +409,17 @@ def test_cli_warns_when_the_samples_ignore_or_do_not_fit_the_measurement(tmp_pat
     assert "warning" not in capsys.readouterr().out
     with np.load(tmp_path / "d.npz") as z:
         assert any("do not fit" in w for w in json.loads(str(z["provenance"]))["warnings"])
+    # No PET consistency model ships: the consistency sampler says it runs on the diffusion prior.
+    pet = tmp_path / "pet.npz"
+    assert main(["simulate", get_testdata_file("CT_small.dcm"), "--modality", "pet", "--size", "64",
+                 "-o", str(pet)]) == 0
+    capsys.readouterr()
+    assert main(["reconstruct", str(pet), "--method", "consistency", "--hot-start", "mlem", "-o",
+                 str(tmp_path / "c.npz")]) == 0
+    assert "'pet-phantom-128', a diffusion prior, not a consistency model" in capsys.readouterr().out
+    assert main(["reconstruct", str(b), "--method", "consistency", "--hot-start", "fbp", "-o",
+                 str(tmp_path / "c2.npz")]) == 0
+    assert "not a consistency model" not in capsys.readouterr().out  # CT ships one
 
 
 def test_the_demo_never_overwrites_earlier_results(tmp_path):
