@@ -71,7 +71,9 @@ class SamplerParams:
     t0 : float
         Hot start: fraction of the noise schedule to run (1 = from pure noise).
     prior_weight : float
-        Multiplies the prior's pull in the data step (DDS proximal weight 1/γ; MCG/Song λ scaling).
+        The prior's weight against the data, read live by every conditional sampler: DDS's data weight is
+        ``γ / prior_weight``, Song/MCG's projection ``λ / prior_weight``, DPS/MCG's gradient step
+        ``ζ / prior_weight`` (the consistency sampler's data step as DDS's).
     """
 
     n_steps: int = 50

@@ -38,7 +38,8 @@ from .datastep import (
     pseudo_inverse,
 )
 
-__all__ = ["SAMPLERS", "ddim", "ddpm", "heun", "euler", "dds", "dps", "mcg", "song", "consistency"]
+__all__ = ["SAMPLERS", "ddim", "ddpm", "heun", "euler", "dds", "dps", "mcg", "song", "consistency",
+           "langevin_corrector"]
 
 
 def _randn(u: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -197,9 +198,10 @@ def _guided_step(problem: Problem, params: SamplerParams, u, s, s_next, gen, pro
     if s_next > 0:
         # The VP-coordinate DPS step −ζ∇_{x_t}‖·‖ written for u_σ = x_t/√ᾱ: divide by √(ᾱ_t ᾱ_{t−1}).
         # ζ is made dimensionless by the operator norm and the image scale.
+        # A larger prior weight takes a smaller data step: ζ / prior_weight (as DDS's γ and Song's λ).
         norm = math.sqrt(normal_norm(problem)) * abs(problem.scale)
         vp = math.sqrt((1 + s**2) * (1 + s_next**2))
-        u_next = u_next - float(params.zeta) * vp / norm * grad
+        u_next = u_next - float(params.zeta) / float(params.prior_weight) * vp / norm * grad
     if project and s_next > 0:
         u_next = _project(problem, params, u_next, s_next, gen, lam_factor)
     return u_next, x0
@@ -286,6 +288,35 @@ def _final_projection(problem: Problem, params: SamplerParams, x0: torch.Tensor)
         return problem.to_model(x)
 
 
+def langevin_corrector(u: torch.Tensor, score: torch.Tensor, z: torch.Tensor, snr: float) -> torch.Tensor:
+    """One Langevin corrector step ``u + ε·score + √(2ε)·z`` with Song et al.'s step ``ε = 2 (snr ‖z‖/‖score‖)²``.
+
+    The norms are taken per sample: the reference code averages them over the batch, which makes one posterior
+    sample's step size depend on the others (and on how many were asked for).
+
+    Parameters
+    ----------
+    u : torch.Tensor
+        The iterates, ``(B, ...)``.
+    score : torch.Tensor
+        ∇ log p(u) at the current noise level, same shape.
+    z : torch.Tensor
+        Standard normal noise, same shape.
+    snr : float
+        The corrector's signal-to-noise ratio.
+
+    Returns
+    -------
+    torch.Tensor
+        The corrected iterates.
+    """
+    shape = (-1,) + (1,) * (u.ndim - 1)
+    g_norm = score.flatten(1).norm(dim=1).reshape(shape)
+    z_norm = z.flatten(1).norm(dim=1).reshape(shape)
+    eps = 2 * (snr * z_norm / torch.clamp(g_norm, min=1e-12)) ** 2
+    return u + eps * score + torch.sqrt(2 * eps) * z
+
+
 def song(
     problem: Problem,
     params: SamplerParams,
@@ -319,12 +350,7 @@ def song(
         if snr > 0:
             x0c = _denoise(problem, u, s_next)
             nfe += 1
-            score = (x0c - u) / s_next**2
-            z = _randn(u, gen)
-            g_norm = score.flatten(1).norm(dim=1).mean()
-            z_norm = z.flatten(1).norm(dim=1).mean()
-            eps = 2 * (snr * z_norm / torch.clamp(g_norm, min=1e-12)) ** 2
-            u = u + eps * score + torch.sqrt(2 * eps) * z
+            u = langevin_corrector(u, (x0c - u) / s_next**2, _randn(u, gen), snr)
         return u, x0, nfe
 
     return run_loop(problem, params, step, n_samples, seed, x_init, weights=("lam", "snr"), **kw)
