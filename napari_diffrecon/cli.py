@@ -51,7 +51,7 @@ def _cmd_simulate(a: argparse.Namespace) -> int:
 
 
 def _settings_from_args(a: argparse.Namespace, modality: str = "*"):
-    from .reconstruct import RunSettings
+    from .reconstruct import DIFFUSION_METHODS, RunSettings
     from .samplers.defaults import recommended_params
 
     # the benchmark-tuned values for this method and modality; explicit flags override them
@@ -64,6 +64,7 @@ def _settings_from_args(a: argparse.Namespace, modality: str = "*"):
         ("cg_iters", "cg_iters"),
         ("t0", "t0"),
         ("snr", "snr"),
+        ("prior_weight", "prior_weight"),
     ):
         v = getattr(a, attr)
         if v is not None:
@@ -92,7 +93,10 @@ def _settings_from_args(a: argparse.Namespace, modality: str = "*"):
             raise ValueError(f"--subsets must be ≥ 1 (1 = no subsets), got {a.subsets}")
         params.extra["em_subsets"] = int(a.subsets)
     baseline = {}
-    for key, attr in (("iters", "iters"), ("lam", "lam"), ("filter", "filter"), ("subsets", "subsets")):
+    # With a diffusion sampler the baseline is the hot start: --iters and --filter describe it, while --lam (Song/MCG
+    # λ) and --subsets (the EM data step's) belong to the sampler, not to a TV or OSEM hot start.
+    keys = ("iters", "filter") if a.method in DIFFUSION_METHODS else ("iters", "lam", "filter", "subsets")
+    for key, attr in ((k, k) for k in keys):
         v = getattr(a, attr)
         if v is not None:
             baseline[key] = v
@@ -452,6 +456,9 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--zeta", type=float, help="DPS/MCG step")
     r.add_argument("--cg-iters", type=int)
     r.add_argument("--snr", type=float, help="Song corrector SNR")
+    r.add_argument("--prior-weight", type=float,
+                   help="the prior's weight against the data (default 1): every sampler's data weight is divided by "
+                   "it (DDS γ, DPS/MCG ζ, Song/MCG λ)")
     r.add_argument("--posterior-draw", choices=["gaussian", "jacobian"],
                    help="DDS: draw x0 from its posterior at each data step instead of taking its mean (calibrated "
                    "spread: exact for a Gaussian prior at any step count; on real scans wider intervals that hold "

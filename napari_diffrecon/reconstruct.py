@@ -103,13 +103,21 @@ class Result:
     samples: np.ndarray | None = None
     residual: float | None = None
     complex_reconstruction: np.ndarray | None = None
+    residual_per_sample: np.ndarray | None = None
 
     def arrays(self) -> dict[str, np.ndarray]:
-        """The arrays to write to an output file (skipping absent ones)."""
-        names = ("reconstruction", "mean", "std", "lower", "upper", "samples", "complex_reconstruction")
+        """The arrays to write to an output file (skipping absent ones).
+
+        ``residual`` is the normalised data residual of the reconstruction (a 0-d array) and ``residual_per_sample``
+        each posterior sample's (diffusion runs), both in the data's own domain (:func:`metrics.data_residual`).
+        """
+        names = ("reconstruction", "mean", "std", "lower", "upper", "samples", "complex_reconstruction",
+                 "residual_per_sample")
         out = {k: getattr(self, k) for k in names if getattr(self, k) is not None}
         if "complex_reconstruction" in out:
             out["reconstruction_complex"] = out.pop("complex_reconstruction")
+        if self.residual is not None:
+            out["residual"] = np.asarray(self.residual, dtype=np.float64)
         return out
 
 
@@ -509,5 +517,6 @@ def reconstruct(
         else None,
         residual=res_mean,
         complex_reconstruction=cplx,
+        residual_per_sample=np.asarray(extra["data_residual_per_sample"], dtype=np.float64),
         provenance=prov,
     )

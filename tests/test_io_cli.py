@@ -450,3 +450,38 @@ def test_an_image_size_the_unet_cannot_halve_three_times_still_reconstructs(tmp_
         gt = m["ground_truth"]
         assert d["reconstruction"].shape == gt.shape == (60, 60)
         assert psnr(d["reconstruction"], gt) > psnr(f["reconstruction"], gt) + 1
+
+
+def test_cli_sampler_flags_and_the_arrays_a_run_writes(tmp_path, capsys):
+    """--prior PATH, --prior-weight, --keep-samples and the residual arrays; --lam is the sampler's λ, not the TV
+    hot start's weight (it used to reach both)."""
+    from pathlib import Path
+
+    from pydicom.data import get_testdata_file
+
+    import napari_diffrecon
+
+    b = tmp_path / "ct.npz"
+    assert main(["simulate", get_testdata_file("CT_small.dcm"), "--modality", "ct", "--views", "23", "--size", "64",
+                 "-o", str(b)]) == 0
+    card = Path(napari_diffrecon.__file__).parent / "priors" / "weights" / "ct-phantom-128.json"
+    out = tmp_path / "song.npz"
+    assert main(["reconstruct", str(b), "--method", "song", "--prior", str(card), "--hot-start", "tv", "--t0", "0.3",
+                 "--steps", "3", "--lam", "0.5", "--prior-weight", "2", "--samples", "2", "--keep-samples",
+                 "-o", str(out)]) == 0
+    with np.load(out) as z:
+        prov = json.loads(str(z["provenance"]))
+        assert z["samples"].shape == (2, 64, 64) and z["mean"].shape == (64, 64)
+        assert z["residual"].shape == () and float(z["residual"]) == pytest.approx(prov["data_residual_of_mean"])
+        np.testing.assert_allclose(z["residual_per_sample"], prov["data_residual_per_sample"])
+        np.testing.assert_allclose(z["mean"], z["samples"].mean(0), rtol=1e-5, atol=1e-5)
+    params = prov["settings"]["params"]
+    assert params["lam"] == 0.5 and params["prior_weight"] == 2.0
+    assert "lam" not in prov["settings"]["baseline_params"]  # the TV hot start keeps its own weight
+    assert prov["prior"] == "ct-phantom-128"
+    # Without --keep-samples there are no samples; a classical run writes its residual too.
+    tv = tmp_path / "tv.npz"
+    assert main(["reconstruct", str(b), "--method", "tv", "--lam", "0.01", "-o", str(tv)]) == 0
+    with np.load(tv) as z:
+        assert "samples" not in z and z["residual"].shape == () and np.isfinite(z["residual"])
+        assert "lam" in json.loads(str(z["provenance"]))["settings"]["baseline_params"]
