@@ -22,6 +22,7 @@ import torch
 
 from . import __version__
 from .samplers import SAMPLERS, UNCONDITIONAL, Iterate, Problem, SamplerParams, SamplingError, get_sampler
+from .samplers.base import resolution_mismatch
 from .uncertainty import DEFAULT_STD_POOL, summarize
 
 __all__ = [
@@ -249,11 +250,7 @@ def prior_mismatch(card: Any, measurement: Any) -> str | None:
     if card.modality not in (modality, "generic"):
         return (f"prior {card.name!r} was trained on {card.modality.upper()} images, the measurement is "
                 f"{modality.upper()}: pick a {modality.upper()} prior or load one from file")
-    shape = measurement.operator.get("image_shape") or []
-    if len(shape) == 2 and card.resolution and max(shape) > 4 * card.resolution:
-        return (f"image {tuple(shape)} is far from prior {card.name!r}'s {card.resolution}² training resolution: "
-                "resample the measurement or pick a matching prior")
-    return None
+    return resolution_mismatch(measurement.operator.get("image_shape") or [], card)
 
 
 def _prior_notes(method: str, prior: Any) -> list[str]:

@@ -485,3 +485,29 @@ def test_cli_sampler_flags_and_the_arrays_a_run_writes(tmp_path, capsys):
     with np.load(tv) as z:
         assert "samples" not in z and z["residual"].shape == () and np.isfinite(z["residual"])
         assert "lam" in json.loads(str(z["provenance"]))["settings"]["baseline_params"]
+
+
+def test_a_prior_far_from_the_image_size_is_refused_with_both_sizes(tmp_path, capsys):
+    """Below 16 px or beyond 4× the prior's training size the run stops before it starts (CLI, core, workbench)."""
+    from types import SimpleNamespace
+
+    from pydicom.data import get_testdata_file
+
+    from napari_diffrecon.physics import Identity
+    from napari_diffrecon.priors import load_prior
+    from napari_diffrecon.reconstruct import prior_mismatch
+    from napari_diffrecon.samplers import Problem, SamplingError
+
+    b = tmp_path / "big.npz"
+    assert main(["simulate", get_testdata_file("MR_small.dcm"), "--modality", "mri", "--size", "520",
+                 "-o", str(b)]) == 0
+    out = tmp_path / "r.npz"
+    assert main(["reconstruct", str(b), "--method", "dds", "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "520×520" in err and "128² training resolution" in err and not out.exists()
+    prior = load_prior("ct-phantom-128")
+    with pytest.raises(SamplingError, match="600×600 is far from prior 'ct-phantom-128'"):
+        Problem(Identity((600, 600)), torch.zeros(600, 600), prior)
+    Problem(Identity((512, 256)), torch.zeros(512, 256), prior)  # up to 4× runs
+    big = SimpleNamespace(operator={"modality": "ct", "image_shape": [513, 513]})
+    assert "513×513" in prior_mismatch(prior.card, big)

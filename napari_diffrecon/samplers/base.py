@@ -37,8 +37,39 @@ __all__ = [
     "weight_advice",
     "PARAM_RANGES",
     "DIVERGED",
+    "resolution_mismatch",
     "yield_due",
 ]
+
+
+def resolution_mismatch(image_shape: Any, card: Any) -> str | None:
+    """Why a prior's training resolution cannot serve images of ``image_shape`` (None when it can).
+
+    The priors are fully convolutional (trained on patches), so any 2D size from 16 px to 4× the training
+    resolution runs; beyond that the network sees structures at scales it never learned, and below 16 px the
+    U-Net has nothing left to downsample. One rule for :class:`Problem` and :func:`reconstruct.prior_mismatch`.
+
+    Parameters
+    ----------
+    image_shape : sequence of int
+        The operator's image shape.
+    card : ModelCard or None
+        The prior's model card (None for an analytic prior: nothing to check).
+
+    Returns
+    -------
+    str or None
+        The message naming both sizes and what to do.
+    """
+    resolution = getattr(card, "resolution", None)
+    if not resolution or len(image_shape) != 2:
+        return None
+    h, w = (int(v) for v in image_shape)
+    if max(h, w) <= 4 * resolution and min(h, w) >= 16:
+        return None
+    name = getattr(card, "name", "this prior")
+    return (f"image {h}×{w} is far from prior {name!r}'s {resolution}² training resolution (it runs from 16 px to "
+            f"{4 * resolution} px): resample the measurement geometry or pick a prior of matching resolution")
 
 
 class SamplingError(RuntimeError):
@@ -244,14 +275,9 @@ class Problem:
                 f"the {op.modality} operator needs a {kind} prior but this prior has {self.prior.channels} channel(s); "
                 "pick a prior trained for this modality"
             )
-        card = getattr(self.prior, "card", None)
-        if card is not None and getattr(card, "resolution", None) and len(op.image_shape) == 2:
-            h, w = op.image_shape
-            if max(h, w) > 4 * card.resolution or min(h, w) < 16:
-                raise SamplingError(
-                    f"image shape {op.image_shape} is far from the prior's training resolution {card.resolution}²; "
-                    "resample the measurement geometry or pick a prior of matching resolution"
-                )
+        why = resolution_mismatch(op.image_shape, getattr(self.prior, "card", None))
+        if why:
+            raise SamplingError(why)
         if not torch.isfinite(
             torch.view_as_real(self.measurement) if self.measurement.is_complex() else self.measurement
         ).all():
