@@ -547,11 +547,16 @@ def markdown(rows: list[dict[str, Any]], extras: dict[str, Any] | None, meta: di
         for task, c in extras.get("nfe_curve", {}).items():
             lines += ["", f"DDS at 100 steps on {task}: best PSNR of x0_hat {c['best_psnr']:.2f} dB at NFE "
                       f"{c['best_nfe']}, final {c['final_psnr']:.2f} dB."]
+    for note in meta.get("notes", []):
+        lines += ["", note]
     return "\n".join(lines) + "\n"
 
 
-def combine(paths: list[str], out: Path) -> int:
-    """Merge partial runs' JSON outputs (rows in task order; extras and priors united) and write ``out``.md/.json."""
+def combine(paths: list[str], out: Path, notes: list[str] | None = None) -> int:
+    """Merge partial runs' JSON outputs (rows in task order; extras and priors united) and write ``out``.md/.json.
+
+    ``notes`` (paragraphs on what was re-run and how) are added to the merged files' own, in order, without repeats.
+    """
     parts = [json.loads(Path(p).read_text()) for p in paths]
     order = {t: i for i, t in enumerate(TASKS)}
     latest: dict[tuple[str, str], dict[str, Any]] = {}  # a later run's row replaces an earlier one's
@@ -579,6 +584,7 @@ def combine(paths: list[str], out: Path) -> int:
         newer = {x["task"] for x in b}
         extras["batch"] = [x for x in extras["batch"] if x["task"] not in newer] + b
     meta["combined_from"] = [str(p) for p in paths]
+    meta["notes"] = list(dict.fromkeys([n for d in parts for n in d["meta"].get("notes", [])] + list(notes or [])))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".md").write_text(markdown(rows, extras, meta), encoding="utf-8")
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows, "extras": extras}, indent=1))
@@ -645,9 +651,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--curve-tasks", nargs="*", default=["ct-23"])
     p.add_argument("--combine", nargs="+", metavar="JSON",
                    help="merge the .json outputs of partial runs (e.g. CT and MRI/PET tasks run apart) into --out")
+    p.add_argument("--note", action="append", default=[],
+                   help="with --combine: a paragraph saying which rows were re-run and how (kept in the JSON, printed "
+                   "under the tables; the notes of the merged files are kept)")
     a = p.parse_args(argv)
     if a.combine:
-        return combine(a.combine, Path(a.out))
+        return combine(a.combine, Path(a.out), a.note)
     a.overrides = _parse_overrides(a.overrides)
     torch.set_num_threads(a.threads)
     bad = [t for t in a.tasks if t not in TASKS]

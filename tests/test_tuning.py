@@ -216,3 +216,16 @@ def test_batched_search_runs_the_network_in_the_runs_precision(precision):
     bp = tuning.BatchedPrior(prior, 1)
     bp.precision = "bfloat16"
     assert prior.precision == "bfloat16" == bp.precision
+
+
+def test_the_default_zeta_grid_follows_a_run_value_outside_it():
+    """DPS's tuned ζ is 6 on CT and 40 on PET, beyond the default 0.1–3: the search is moved to the run's scale."""
+    from napari_diffrecon.samplers import SamplerParams
+
+    def values(zeta):
+        return [g["zeta"] for g in tuning._grid(None, "dps", SamplerParams(zeta=zeta))]
+
+    assert values(1.0) == values(0.5) == tuning.DEFAULT_GRIDS["zeta"]  # inside: the grid as it is
+    assert values(40.0) == [4.0, 12.0, 40.0, 120.0]
+    assert values(6.0) == [0.6, 1.8, 6.0, 18.0]
+    assert [g["gamma"] for g in tuning._grid(None, "dds", SamplerParams(gamma=30.0))] == tuning.DEFAULT_GRIDS["gamma"]
