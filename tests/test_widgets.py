@@ -122,8 +122,11 @@ def test_run_on_each_sample_streams_layers(make_napari_viewer, qtbot, tiny_prior
     assert len(updates) >= 3
 
 
-def test_weight_slider_moved_mid_run_changes_result(make_napari_viewer, qtbot, tiny_priors):
+@pytest.mark.parametrize("method,weight", [("dds", 0.1), ("dps", 10.0)])
+def test_weight_slider_moved_mid_run_changes_result(make_napari_viewer, qtbot, tiny_priors, method, weight):
+    """The prior-weight slider acts on the run in flight, for DDS (γ / w) and DPS (ζ / w; it used to do nothing)."""
     viewer, w = _widget(make_napari_viewer, qtbot)
+    w.method_combo.setCurrentIndex(w.method_combo.findData(method))
     _prepare(w, "ct_sparse23", tiny_priors["ct"], n_steps=12)
     w.compare.setChecked(False)
     _run_to_end(w, qtbot)
@@ -136,15 +139,16 @@ def test_weight_slider_moved_mid_run_changes_result(make_napari_viewer, qtbot, t
 
     def on_update(upd):
         if upd.kind == "iterate" and not moved:
-            w.set_prior_weight(0.1)  # the user drags the slider while the run is in flight
+            w.set_prior_weight(weight)  # the user drags the slider while the run is in flight
             moved.append(upd.step)
 
     worker.yielded.connect(on_update)
     qtbot.waitUntil(lambda: not w.running, timeout=60_000)
     assert moved and moved[0] < 12
     log = w.last_provenance["live_parameter_changes"]
-    assert log and log[0]["prior_weight"] == pytest.approx(0.1) and log[0]["after_step"] < 12
-    assert w.last_provenance["settings"]["params"]["prior_weight"] == pytest.approx(0.1)
+    assert log and log[0]["prior_weight"] == pytest.approx(weight) and log[0]["after_step"] < 12
+    assert w.last_provenance["settings"]["params"]["prior_weight"] == pytest.approx(weight)
+    assert w.last_provenance["settings"]["method"] == method
     assert not np.allclose(w.layers["mean"].data, unmoved, atol=1e-4)
     # moving the slider with no run in flight only changes the next run's settings
     w.set_prior_weight(1.0)
