@@ -50,12 +50,12 @@ def _cmd_simulate(a: argparse.Namespace) -> int:
     return 0
 
 
-def _settings_from_args(a: argparse.Namespace, modality: str = "*"):
+def _settings_from_args(a: argparse.Namespace, modality: str = "*", coils: int | None = None):
     from .reconstruct import DIFFUSION_METHODS, RunSettings
     from .samplers.defaults import recommended_params
 
     # the benchmark-tuned values for this method and modality; explicit flags override them
-    params = recommended_params(a.method, modality, hot_start=bool(a.hot_start))
+    params = recommended_params(a.method, modality, hot_start=bool(a.hot_start), coils=coils)
     for name, attr in (
         ("n_steps", "steps"),
         ("eta", "eta"),
@@ -179,7 +179,9 @@ def _cmd_reconstruct(a: argparse.Namespace) -> int:
         raise ValueError(f"unknown method {a.method!r}; choose from {', '.join(_methods())}")
     out = check_output_path(a.output, a.force)
     m = read_measurement(a.bundle)
-    settings = _settings_from_args(a, str(m.operator.get("modality", "*")))
+    from .samplers.defaults import coil_count
+
+    settings = _settings_from_args(a, str(m.operator.get("modality", "*")), coil_count(m.operator))
     if a.method == "consistency" and not a.hot_start and settings.params.n_steps <= 8:
         print("note: few-step consistency sampling from pure noise is far below a hot start on our benchmarks "
               "(CT 23 views: 24.5 vs 30.2 dB at 4 NFE); add --hot-start fbp|cg|mlem (its tuned t0 is used "

@@ -511,3 +511,26 @@ def test_a_prior_far_from_the_image_size_is_refused_with_both_sizes(tmp_path, ca
     Problem(Identity((512, 256)), torch.zeros(512, 256), prior)  # up to 4× runs
     big = SimpleNamespace(operator={"modality": "ct", "image_shape": [513, 513]})
     assert "513×513" in prior_mismatch(prior.card, big)
+
+
+def test_single_coil_mri_gets_its_own_dps_step(tmp_path):
+    """DPS's hot-start step tuned with 8 coils fits single-coil k-space noise: one coil gets ζ 0.5 (CLI and core)."""
+    from pydicom.data import get_testdata_file
+
+    from napari_diffrecon.samplers.defaults import coil_count, recommended_params
+
+    assert recommended_params("dps", "mri", hot_start=True, coils=1).zeta == 0.5
+    assert recommended_params("dps", "mri", hot_start=True, coils=8).zeta == 2.0
+    assert recommended_params("dps", "mri", hot_start=True).zeta == 2.0  # coils unknown
+    assert recommended_params("dds", "mri", hot_start=True, coils=1) == recommended_params("dds", "mri", True)
+    assert coil_count({"modality": "ct"}) is None
+    for coils, zeta in ((1, 0.5), (4, 2.0)):
+        b = tmp_path / f"mri{coils}.npz"
+        assert main(["simulate", get_testdata_file("MR_small.dcm"), "--modality", "mri", "--coils", str(coils),
+                     "--size", "32", "-o", str(b)]) == 0
+        assert coil_count(read_measurement(b).operator) == coils
+        out = tmp_path / f"r{coils}.npz"
+        assert main(["reconstruct", str(b), "--method", "dps", "--hot-start", "cg", "--steps", "2",
+                     "-o", str(out)]) == 0
+        with np.load(out) as z:
+            assert json.loads(str(z["provenance"]))["settings"]["params"]["zeta"] == zeta

@@ -695,10 +695,11 @@ class DiffReconWidget(QWidget):
         method = self.method_combo.currentData() or "dds"
         if method not in SAMPLERS:
             return
-        from ..samplers.defaults import recommended_params
+        from ..samplers.defaults import coil_count, recommended_params
 
-        modality = str(self.measurement.operator.get("modality", "*")) if self.measurement is not None else "*"
-        p = recommended_params(method, modality, hot_start=self.hot_start.isChecked())
+        spec = self.measurement.operator if self.measurement is not None else {}
+        p = recommended_params(method, str(spec.get("modality", "*")), hot_start=self.hot_start.isChecked(),
+                               coils=coil_count(spec))
         for key in ("n_steps", "eta", "lam", "gamma", "zeta", "cg_iters", "snr"):
             v = getattr(p, key)
             self.spins[key].setValue(self.spins[key].maximum() if isinstance(v, float) and not math.isfinite(v) else v)
