@@ -522,6 +522,7 @@ def test_single_coil_mri_gets_its_own_dps_step(tmp_path):
     assert recommended_params("dps", "mri", hot_start=True, coils=1).zeta == 0.5
     assert recommended_params("dps", "mri", hot_start=True, coils=8).zeta == 2.0
     assert recommended_params("dps", "mri", hot_start=True).zeta == 2.0  # coils unknown
+    assert [recommended_params("dps", "mri", coils=c).zeta for c in (None, 1, 8)] == [1.0, 1.0, 4.0]  # from noise
     assert recommended_params("dds", "mri", hot_start=True, coils=1) == recommended_params("dds", "mri", True)
     assert coil_count({"modality": "ct"}) is None
     for coils, zeta in ((1, 0.5), (4, 2.0)):

@@ -40,10 +40,15 @@ RECOMMENDED: dict[str, dict[str, dict[str, Any]]] = {
     # 0.44 → 0.371 (floor 0.375); hot start 2 / 6 / 20 / 40 → 17.36 / 17.53 / 17.82 / 17.79. The DPS step follows
     # the un-squared residual's direction, which on low-count PET is mostly Poisson noise (floor 37 %), so it
     # needs a far larger ζ to pull as hard as on CT or MRI.
-    "dps": {"*": {"n_steps": 100, "eta": 1.0, "zeta": 1.0}, "ct": {"zeta": 6.0}, "pet": {"zeta": 40.0}},
+    # Multi-coil MRI from noise (2026-12-03): ζ 1 / 2 / 4 / 8 → 4× 8 coils 23.18 / 25.13 / 26.02 / 25.30, 8× 8 coils
+    # 19.44 / 21.73 / 22.83 / 22.47 dB; single coil keeps 1 (0.5 / 2: 18.66 / 20.78 against 21.52 on MRI 4×). Low-dose
+    # CT keeps CT's 6 (3 / 12: 26.54 / 25.17 against 27.78).
+    "dps": {"*": {"n_steps": 100, "eta": 1.0, "zeta": 1.0}, "ct": {"zeta": 6.0}, "pet": {"zeta": 40.0},
+            "mri-multicoil": {"zeta": 4.0}},
     # Single-coil MRI ("mri-1coil", refining "mri"): ζ 2 fits the k-space noise (residual 0.0097 against a floor of
     # 0.145 on MRI 4×) — ζ 0.5 / 1 / 2: 4× 21.99 / 21.90 / 20.06, 8× 17.22 / 17.14 / 16.49 dB — while 8 coils want 2
-    # (4× 25.14 / 26.18 / 26.91, 8× 21.82 / 22.44 / 23.00).
+    # (4× 25.14 / 26.18 / 26.91 and 26.45 at 4; 8× 21.82 / 22.44 / 23.00 and 23.06 at 4). Low-dose CT: ζ 6 30.19 vs 3
+    # 30.02, within a seed's spread: kept.
     "dps-hot": {"*": {"n_steps": 30, "t0": 0.3, "eta": 1.0, "zeta": 2.0}, "ct": {"zeta": 3.0}, "pet": {"zeta": 20.0},
                 "mri-1coil": {"zeta": 0.5}},
     # MCG: ζ 0.5 and 2 within 0.05 dB on CT; λ 1 → 0.6 as in the paper's CT setting.
@@ -82,13 +87,16 @@ def recommended_params(method: str, modality: str = "*", hot_start: bool = False
     hot_start : bool
         Use the hot-start (CCDF) setting: fewer steps entered at ``t0`` from a classical image.
     coils : int, optional
-        MRI receive coils (:func:`coil_count`): one coil applies the ``"mri-1coil"`` refinements, where the data
-        can be fitted exactly and a data weight tuned with 8 coils fits the noise. None: not known (``"mri"`` only).
+        MRI receive coils (:func:`coil_count`): one coil applies the ``"mri-1coil"`` refinements (the data can be
+        fitted exactly, so a weight tuned with 8 coils fits the noise), several the ``"mri-multicoil"`` ones.
+        None: not known (``"mri"`` only).
     **overrides
         Any :class:`SamplerParams` field, applied last.
     """
     key = f"{method}-hot" if hot_start and f"{method}-hot" in RECOMMENDED else method
-    kinds = [modality] + (["mri-1coil"] if modality == "mri" and coils is not None and coils <= 1 else [])
+    kinds = [modality]
+    if modality == "mri" and coils is not None:
+        kinds.append("mri-1coil" if coils <= 1 else "mri-multicoil")
     values: dict[str, Any] = {}
     if key != method:  # a hot-start entry refines the method's own
         values.update(RECOMMENDED.get(method, {}).get("*", {}))
