@@ -111,3 +111,22 @@ def test_posterior_draw_choice_for_dds_reaches_the_run_and_acts_live(make_napari
     assert not w.draw_combo.model().item(jac).isEnabled() and w.draw_combo.currentData() is None
     w.precision_combo.setCurrentText("float32")
     assert w.draw_combo.model().item(jac).isEnabled()
+
+
+def test_the_workbench_starts_dps_from_the_coil_aware_tuned_step(make_napari_viewer):
+    """The 8-coil MRI sample gets DPS's multi-coil step (ζ 4 from noise, 2 hot-started); CT keeps its 6."""
+    from napari_diffrecon.samplers.defaults import recommended_params
+
+    viewer = make_napari_viewer()
+    w = main_widget(viewer)
+    viewer.window.add_dock_widget(w, name="Diffusion reconstruction")
+    w.load_sample("mri_4x_8coils")
+    w.method_combo.setCurrentIndex(w.method_combo.findData("dps"))
+    assert w.current_settings().params.zeta == recommended_params("dps", "mri", coils=8).zeta == 4.0
+    w.hot_start.setChecked(True)
+    assert w.current_settings().params.zeta == 2.0
+    w.hot_start.setChecked(False)
+    w.load_sample("ct_sparse23")
+    w.method_combo.setCurrentIndex(w.method_combo.findData("dds"))
+    w.method_combo.setCurrentIndex(w.method_combo.findData("dps"))
+    assert w.current_settings().params.zeta == 6.0
