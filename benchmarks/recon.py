@@ -644,8 +644,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="the prior network's arithmetic for every sampler run (RunSettings.precision)")
     p.add_argument("--no-extras", action="store_true", help="skip uncertainty / batch / NFE-curve measurements")
     p.add_argument("--extras-only", action="store_true")
-    p.add_argument("--uq-tasks", nargs="*", default=task_names(), help="tasks whose uncertainty (ρ) is measured: "
-                   "every task of the table by default (the issue's ρ target is on the benchmark tasks)")
+    p.add_argument("--uq-tasks", nargs="*", default=None, help="tasks whose uncertainty (ρ) is measured: "
+                   "those of --tasks by default (the issue's ρ target is on every benchmark task)")
     p.add_argument("--uq-methods", nargs="+", default=["dds-hot"])
     p.add_argument("--uq-samples", type=int, default=8)
     p.add_argument("--batch-task", default="ct-23")
@@ -658,6 +658,10 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     if a.combine:
         return combine(a.combine, Path(a.out), a.note)
+    if a.note:
+        p.error("--note goes with --combine (it annotates the merged table)")
+    if a.uq_tasks is None:
+        a.uq_tasks = list(a.tasks)
     a.overrides = _parse_overrides(a.overrides)
     torch.set_num_threads(a.threads)
     bad = [t for t in a.tasks if t not in TASKS]

@@ -93,9 +93,13 @@ def _settings_from_args(a: argparse.Namespace, modality: str = "*", coils: int |
             raise ValueError(f"--subsets must be ≥ 1 (1 = no subsets), got {a.subsets}")
         params.extra["em_subsets"] = int(a.subsets)
     baseline = {}
-    # With a diffusion sampler the baseline is the hot start: --iters and --filter describe it, while --lam (Song/MCG
-    # λ) and --subsets (the EM data step's) belong to the sampler, not to a TV or OSEM hot start.
-    keys = ("iters", "filter") if a.method in DIFFUSION_METHODS else ("iters", "lam", "filter", "subsets")
+    # With a diffusion sampler the baseline is the hot start: --iters and --filter describe it; --subsets belongs to
+    # the sampler's EM data step, and --lam to Song/MCG's projection where they run (for the other samplers, which
+    # have no λ, it stays the TV hot start's weight).
+    if a.method in DIFFUSION_METHODS:
+        keys = ("iters", "filter") + (() if a.method in ("song", "mcg") else ("lam",))
+    else:
+        keys = ("iters", "lam", "filter", "subsets")
     for key, attr in ((k, k) for k in keys):
         v = getattr(a, attr)
         if v is not None:
@@ -446,7 +450,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("bundle")
     r.add_argument("--method", help="fbp, zero_filled, cg, tv, mlem, osem, dds, dps, mcg, song, ...; mbir for volumes")
     r.add_argument("--iters", type=int, help="classical: iterations")
-    r.add_argument("--lam", type=float, help="TV weight (classical) / Song-MCG λ (diffusion)")
+    r.add_argument("--lam", type=float, help="TV weight (classical, and a TV hot start of dds/dps/consistency) / "
+                   "Song-MCG λ (with --method song or mcg)")
     r.add_argument("--filter", help="FBP filter: ramp, shepp-logan, cosine, hamming, hann")
     r.add_argument("--subsets", type=int, help="OSEM subsets; with a diffusion sampler on PET: ordered subsets "
                    "of its EM data step (default 1 = exact EM)")

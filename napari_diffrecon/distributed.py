@@ -527,7 +527,8 @@ def run_from_args(args: argparse.Namespace) -> int:
                 shutil.copy2(src, link)
     # each study runs with its modality's defaults (mixed folders too); the options given on the command line win
     given = {"ztv": args.ztv, "rho": args.rho, **{k: getattr(args, a, None) for k, a in (
-        ("n_steps", "steps"), ("eta", "eta"), ("cg_iters", "cg_iters"), ("gamma", "gamma"))}}
+        ("n_steps", "steps"), ("eta", "eta"), ("cg_iters", "cg_iters"), ("gamma", "gamma"),
+        ("prior_weight", "prior_weight"))}}
     params = {mod: recommended_volume_params(mod, **given) for mod in ("ct", "mri", "pet")}
     prior = getattr(args, "prior", None)
     if prior is None:
@@ -575,6 +576,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eta", type=float, default=None)
     p.add_argument("--cg-iters", type=int, default=None)
     p.add_argument("--gamma", type=float, default=None)
+    p.add_argument("--prior-weight", type=float, default=None,
+                   help="the prior's weight against the data (default 1): the data weight γ is divided by it")
     p.add_argument("--samples", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")

@@ -42,6 +42,7 @@ __all__ = [
     "apply_tuning",
     "tuned_reconstruct",
     "BatchedPrior",
+    "FOLLOWS_THE_RUN",
 ]
 
 #: Default search grids (geometric for weights, a few values for counts and fractions).

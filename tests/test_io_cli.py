@@ -477,7 +477,12 @@ def test_cli_sampler_flags_and_the_arrays_a_run_writes(tmp_path, capsys):
         np.testing.assert_allclose(z["mean"], z["samples"].mean(0), rtol=1e-5, atol=1e-5)
     params = prov["settings"]["params"]
     assert params["lam"] == 0.5 and params["prior_weight"] == 2.0
-    assert "lam" not in prov["settings"]["baseline_params"]  # the TV hot start keeps its own weight
+    assert "lam" not in prov["settings"]["baseline_params"]  # Song's λ: the TV hot start keeps its own weight
+    dds = tmp_path / "dds.npz"  # DDS has no λ: --lam stays the TV hot start's weight
+    assert main(["reconstruct", str(b), "--method", "dds", "--hot-start", "tv", "--t0", "0.3", "--steps", "2",
+                 "--lam", "0.002", "-o", str(dds)]) == 0
+    with np.load(dds) as z:
+        assert json.loads(str(z["provenance"]))["settings"]["baseline_params"]["lam"] == 0.002
     assert prov["prior"] == "ct-phantom-128"
     # Without --keep-samples there are no samples; a classical run writes its residual too.
     tv = tmp_path / "tv.npz"
@@ -505,8 +510,10 @@ def test_a_prior_far_from_the_image_size_is_refused_with_both_sizes(tmp_path, ca
     assert main(["reconstruct", str(b), "--method", "dds", "-o", str(out)]) == 2
     err = capsys.readouterr().err
     assert "520×520" in err and "128² training resolution" in err and not out.exists()
+    with pytest.raises(SamplingError, match="8×8 is far from the 128²"):  # too small for the U-Net's levels
+        Problem(Identity((8, 8)), torch.zeros(8, 8), load_prior("ct-phantom-128"))
     prior = load_prior("ct-phantom-128")
-    with pytest.raises(SamplingError, match="600×600 is far from prior 'ct-phantom-128'"):
+    with pytest.raises(SamplingError, match="600×600 is far from the 128² training resolution of prior 'ct-phantom"):
         Problem(Identity((600, 600)), torch.zeros(600, 600), prior)
     Problem(Identity((512, 256)), torch.zeros(512, 256), prior)  # up to 4× runs
     big = SimpleNamespace(operator={"modality": "ct", "image_shape": [513, 513]})
@@ -525,7 +532,7 @@ def test_single_coil_mri_gets_its_own_dps_step(tmp_path):
     assert [recommended_params("dps", "mri", coils=c).zeta for c in (None, 1, 8)] == [1.0, 1.0, 4.0]  # from noise
     assert recommended_params("dds", "mri", hot_start=True, coils=1) == recommended_params("dds", "mri", True)
     assert coil_count({"modality": "ct"}) is None
-    for coils, zeta in ((1, 0.5), (4, 2.0)):
+    for coils, zeta in ((1, 0.5), (4, 2.0)):  # hot-started; from noise: 1 and 4 (checked below)
         b = tmp_path / f"mri{coils}.npz"
         assert main(["simulate", get_testdata_file("MR_small.dcm"), "--modality", "mri", "--coils", str(coils),
                      "--size", "32", "-o", str(b)]) == 0
@@ -535,3 +542,7 @@ def test_single_coil_mri_gets_its_own_dps_step(tmp_path):
                      "-o", str(out)]) == 0
         with np.load(out) as z:
             assert json.loads(str(z["provenance"]))["settings"]["params"]["zeta"] == zeta
+        cold = tmp_path / f"c{coils}.npz"
+        assert main(["reconstruct", str(b), "--method", "dps", "--steps", "2", "-o", str(cold)]) == 0
+        with np.load(cold) as z:
+            assert json.loads(str(z["provenance"]))["settings"]["params"]["zeta"] == (1.0 if coils == 1 else 4.0)

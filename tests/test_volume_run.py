@@ -196,12 +196,13 @@ def test_volume_defaults_are_the_modalitys_2d_dds_step_for_cli_gui_and_api(tmp_p
 
     monkeypatch.setattr(distributed, "reconstruct_folder", spy)
     argv = [str(tmp_path / "s.npz"), "-o", str(tmp_path / "out"), "--prior", "unused.json", "--ztv", "0.02"]
-    for extra in ([], ["--gamma", "3"]):
+    for extra in ([], ["--gamma", "3"], ["--prior-weight", "2"]):
         with pytest.raises(KeyboardInterrupt):
             distributed.main(argv + extra)
     for modality in ("ct", "mri", "pet"):  # per modality (mixed folders run each study with its own)
         assert seen[0][modality].to_dict() == recommended_volume_params(modality, ztv=0.02).to_dict()
         assert seen[1][modality].gamma == 3.0 and seen[1][modality].eta == seen[0][modality].eta
+        assert seen[2][modality].prior_weight == 2.0 and seen[0][modality].prior_weight == 1.0
 
 
 def test_cli_folder_of_unreadable_studies_lists_every_one(tmp_path):

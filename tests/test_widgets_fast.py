@@ -126,7 +126,11 @@ def test_the_workbench_starts_dps_from_the_coil_aware_tuned_step(make_napari_vie
     w.hot_start.setChecked(True)
     assert w.current_settings().params.zeta == 2.0
     w.hot_start.setChecked(False)
+    # Loading data of another kind brings its tuned values in without touching the method (they were stale before).
     w.load_sample("ct_sparse23")
-    w.method_combo.setCurrentIndex(w.method_combo.findData("dds"))
-    w.method_combo.setCurrentIndex(w.method_combo.findData("dps"))
     assert w.current_settings().params.zeta == 6.0
+    w.load_sample("pet_lowcount")
+    assert w.current_settings().params.zeta == 40.0
+    w.spins["zeta"].setValue(25.0)  # the user's own value for this kind of data stays with the next PET scan
+    w.load_sample("pet_lowcount")
+    assert w.current_settings().params.zeta == 25.0

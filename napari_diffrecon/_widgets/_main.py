@@ -85,7 +85,7 @@ _SPINS: dict[str, tuple[str, str, float, float, float, int, str]] = {
     "eta": ("η", "float", 0.0, 1.0, 0.05, 2, "DDIM stochasticity: 0 deterministic, 1 ancestral (acts live)"),
     "gamma": ("γ", "float", 0.0, 1e6, 0.1, 3, "DDS likelihood weight (acts live)"),
     "lam": ("λ", "float", 0.0, 1.0, 0.05, 2, "Song/MCG projection weight, 1 = hard (acts live)"),
-    "zeta": ("ζ", "float", 0.0, 100.0, 0.05, 3, "DPS/MCG step size (acts live)"),
+    "zeta": ("ζ", "float", 0.0, 1000.0, 0.05, 3, "DPS/MCG step size (acts live)"),
     "cg_iters": ("CG steps", "int", 0, 200, 1, 0, "conjugate-gradient iterations per data step (acts live)"),
     "snr": ("corrector SNR", "float", 0.0, 1.0, 0.01, 3, "Langevin corrector signal-to-noise, 0 = off (acts live)"),
     "t0": ("t0", "float", 0.01, 1.0, 0.05, 2, "hot start: fraction of the schedule to run"),
@@ -211,6 +211,7 @@ class DiffReconWidget(QWidget):
         self._running_prov: dict[str, Any] = {}
         self._status_pending = ""
         self._applying = True  # no recommended values while the widgets are built / settings restored
+        self._tuned_for: tuple[str, str] | str | None = None  # the data kind the shown values were tuned for
         self.max_rate = GUI_UPDATES_PER_S
         self._build()
         self._connect_viewer()
@@ -481,6 +482,10 @@ class DiffReconWidget(QWidget):
             self.noise_sigma.setValue(float(noise.get("sigma", 0.0)))
             self.noise_sigma.blockSignals(False)
         self._select_method_for_modality(modality)
+        # Values tuned for another kind of data (a CT ζ of 6 on PET, whose tuned ζ is 40) are replaced by this data's;
+        # values the user set or a preset restored for data of this kind are kept.
+        if self._tuned_for not in (self._data_kind(), "preset"):
+            self.use_recommended()
         self._offer_draws()
         self._leave_a_shipped_prior_of_another_modality(modality)
         self._check_prior()
@@ -685,10 +690,19 @@ class DiffReconWidget(QWidget):
         for w in (self.hot_start, self._weight_row, self._samples_row, self.compare):
             w.setVisible(diffusion)
 
+    def _data_kind(self) -> tuple[str, str]:
+        """What the tuned values depend on besides the method: the modality and, for MRI, one coil or several."""
+        from ..samplers.defaults import coil_count
+
+        spec = self.measurement.operator if self.measurement is not None else {}
+        coils = coil_count(spec)
+        return str(spec.get("modality", "*")), "" if coils is None else ("1coil" if coils <= 1 else "multicoil")
+
     def use_recommended(self, *_: Any) -> None:
         """Fill the sampler's parameters with the tuned values for the method and modality (``samplers.defaults``).
 
-        Called when the user picks a method or toggles hot start; presets and restored settings are not changed.
+        Called when the user picks a method or toggles hot start, and when a measurement of another kind (modality,
+        MRI coil count) is loaded; presets and restored settings are not changed.
         """
         if self._applying:
             return
@@ -698,6 +712,7 @@ class DiffReconWidget(QWidget):
         from ..samplers.defaults import coil_count, recommended_params
 
         spec = self.measurement.operator if self.measurement is not None else {}
+        self._tuned_for = self._data_kind()
         p = recommended_params(method, str(spec.get("modality", "*")), hot_start=self.hot_start.isChecked(),
                                coils=coil_count(spec))
         for key in ("n_steps", "eta", "lam", "gamma", "zeta", "cg_iters", "snr"):
@@ -785,6 +800,7 @@ class DiffReconWidget(QWidget):
 
     def apply_settings(self, settings: RunSettings, gui: dict[str, Any] | None = None, quiet: bool = False) -> None:
         """Show ``settings`` in the widgets (a preset or the last used settings)."""
+        self._tuned_for = "preset"  # the user's values: a new measurement does not replace them
         self._applying = True
         try:
             self._apply_settings(settings, gui, quiet)

@@ -68,8 +68,8 @@ def resolution_mismatch(image_shape: Any, card: Any) -> str | None:
     if max(h, w) <= 4 * resolution and min(h, w) >= 16:
         return None
     name = getattr(card, "name", "this prior")
-    return (f"image {h}×{w} is far from prior {name!r}'s {resolution}² training resolution (it runs from 16 px to "
-            f"{4 * resolution} px): resample the measurement geometry or pick a prior of matching resolution")
+    return (f"image {h}×{w} is far from the {resolution}² training resolution of prior {name!r} (it runs from 16 px "
+            f"to {4 * resolution} px): resample the measurement geometry or pick a prior of matching resolution")
 
 
 class SamplingError(RuntimeError):

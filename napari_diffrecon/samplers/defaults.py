@@ -67,7 +67,18 @@ RECOMMENDED: dict[str, dict[str, dict[str, Any]]] = {
 
 
 def coil_count(operator_spec: Any) -> int | None:
-    """The number of receive coils of an MRI measurement's operator spec (1 without coil maps); None otherwise."""
+    """The number of receive coils of an MRI measurement (1 without coil maps).
+
+    Parameters
+    ----------
+    operator_spec : dict
+        A measurement's operator spec (``Measurement.operator``); ``coil_maps`` may be an array, a tensor or a list.
+
+    Returns
+    -------
+    int or None
+        The coil count for MRI, None for other modalities (or no spec).
+    """
     if not isinstance(operator_spec, dict) or operator_spec.get("modality") != "mri":
         return None
     maps = operator_spec.get("coil_maps")
@@ -92,6 +103,11 @@ def recommended_params(method: str, modality: str = "*", hot_start: bool = False
         None: not known (``"mri"`` only).
     **overrides
         Any :class:`SamplerParams` field, applied last.
+
+    Returns
+    -------
+    SamplerParams
+        The tuned values (a new object: the caller may change it).
     """
     key = f"{method}-hot" if hot_start and f"{method}-hot" in RECOMMENDED else method
     kinds = [modality]
