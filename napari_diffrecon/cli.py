@@ -100,8 +100,8 @@ def _settings_from_args(a: argparse.Namespace, modality: str = "*", coils: int |
         keys = ("iters", "filter") + (() if a.method in ("song", "mcg") else ("lam",))
     else:
         keys = ("iters", "lam", "filter", "subsets")
-    for key, attr in ((k, k) for k in keys):
-        v = getattr(a, attr)
+    for key in keys:
+        v = getattr(a, key)
         if v is not None:
             baseline[key] = v
     return RunSettings(

@@ -211,7 +211,7 @@ class DiffReconWidget(QWidget):
         self._running_prov: dict[str, Any] = {}
         self._status_pending = ""
         self._applying = True  # no recommended values while the widgets are built / settings restored
-        self._tuned_for: tuple[str, str] | str | None = None  # the data kind the shown values were tuned for
+        self._tuned_for: tuple[str, ...] | str | None = None  # the tuning keys the shown values came from
         self.max_rate = GUI_UPDATES_PER_S
         self._build()
         self._connect_viewer()
@@ -484,7 +484,7 @@ class DiffReconWidget(QWidget):
         self._select_method_for_modality(modality)
         # Values tuned for another kind of data (a CT ζ of 6 on PET, whose tuned ζ is 40) are replaced by this data's;
         # values the user set or a preset restored for data of this kind are kept.
-        if self._tuned_for not in (self._data_kind(), "preset"):
+        if self._tuned_for not in (self._tuning_keys(), "preset"):
             self.use_recommended()
         self._offer_draws()
         self._leave_a_shipped_prior_of_another_modality(modality)
@@ -690,13 +690,17 @@ class DiffReconWidget(QWidget):
         for w in (self.hot_start, self._weight_row, self._samples_row, self.compare):
             w.setVisible(diffusion)
 
-    def _data_kind(self) -> tuple[str, str]:
-        """What the tuned values depend on besides the method: the modality and, for MRI, one coil or several."""
+    def _data_kind(self) -> tuple[str, int | None]:
+        """What the tuned values depend on besides the method: the modality and, for MRI, the coil count."""
         from ..samplers.defaults import coil_count
 
         spec = self.measurement.operator if self.measurement is not None else {}
-        coils = coil_count(spec)
-        return str(spec.get("modality", "*")), "" if coils is None else ("1coil" if coils <= 1 else "multicoil")
+        return str(spec.get("modality", "*")), coil_count(spec)
+
+    def _tuning_keys(self) -> tuple[str, ...]:
+        from ..samplers.defaults import tuning_keys
+
+        return tuning_keys(*self._data_kind())
 
     def use_recommended(self, *_: Any) -> None:
         """Fill the sampler's parameters with the tuned values for the method and modality (``samplers.defaults``).
@@ -709,12 +713,11 @@ class DiffReconWidget(QWidget):
         method = self.method_combo.currentData() or "dds"
         if method not in SAMPLERS:
             return
-        from ..samplers.defaults import coil_count, recommended_params
+        from ..samplers.defaults import recommended_params
 
-        spec = self.measurement.operator if self.measurement is not None else {}
-        self._tuned_for = self._data_kind()
-        p = recommended_params(method, str(spec.get("modality", "*")), hot_start=self.hot_start.isChecked(),
-                               coils=coil_count(spec))
+        modality, coils = self._data_kind()
+        self._tuned_for = self._tuning_keys()
+        p = recommended_params(method, modality, hot_start=self.hot_start.isChecked(), coils=coils)
         for key in ("n_steps", "eta", "lam", "gamma", "zeta", "cg_iters", "snr"):
             v = getattr(p, key)
             self.spins[key].setValue(self.spins[key].maximum() if isinstance(v, float) and not math.isfinite(v) else v)

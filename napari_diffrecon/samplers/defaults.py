@@ -10,7 +10,7 @@ from typing import Any
 
 from .base import SamplerParams
 
-__all__ = ["RECOMMENDED", "recommended_params", "coil_count"]
+__all__ = ["RECOMMENDED", "recommended_params", "coil_count", "tuning_keys"]
 
 # method -> modality ("*" = any) -> parameter overrides of SamplerParams' defaults.
 # Tuned on benchmarks/recon.py's tasks (ground truth known; see /work/notes/recon.md for the grids).
@@ -85,6 +85,26 @@ def coil_count(operator_spec: Any) -> int | None:
     return 1 if maps is None else int(getattr(maps, "shape", [len(maps)])[0])
 
 
+def tuning_keys(modality: str, coils: int | None = None) -> tuple[str, ...]:
+    """The keys of :data:`RECOMMENDED`'s per-data entries that apply, in the order they refine each other.
+
+    Parameters
+    ----------
+    modality : str
+        The operator's modality ("*" when unknown).
+    coils : int, optional
+        MRI receive coils (:func:`coil_count`); None when not known.
+
+    Returns
+    -------
+    tuple of str
+        ``(modality,)``, plus ``"mri-1coil"`` or ``"mri-multicoil"`` for MRI with a known coil count.
+    """
+    if modality == "mri" and coils is not None:
+        return (modality, "mri-1coil" if coils <= 1 else "mri-multicoil")
+    return (modality,)
+
+
 def recommended_params(method: str, modality: str = "*", hot_start: bool = False, coils: int | None = None,
                        **overrides: Any) -> SamplerParams:
     """Tuned :class:`SamplerParams` for ``method`` on ``modality`` ("ct", "mri", "pet").
@@ -110,9 +130,7 @@ def recommended_params(method: str, modality: str = "*", hot_start: bool = False
         The tuned values (a new object: the caller may change it).
     """
     key = f"{method}-hot" if hot_start and f"{method}-hot" in RECOMMENDED else method
-    kinds = [modality]
-    if modality == "mri" and coils is not None:
-        kinds.append("mri-1coil" if coils <= 1 else "mri-multicoil")
+    kinds = tuning_keys(modality, coils)
     values: dict[str, Any] = {}
     if key != method:  # a hot-start entry refines the method's own
         values.update(RECOMMENDED.get(method, {}).get("*", {}))
