@@ -323,13 +323,13 @@ def _classical(m: Measurement, method: str, gt: np.ndarray, task: str) -> dict[s
 def _sampler(m: Measurement, label: str, prior, modality: str, gt: np.ndarray, seed: int,
              overrides: dict[str, Any], n_samples: int = 1, callback: Callable | None = None,
              device: str = "cpu", precision: str = "float32") -> dict[str, Any]:
-    from napari_diffrecon.reconstruct import RunSettings, reconstruct
-    from napari_diffrecon.samplers.defaults import coil_count, recommended_params
+    from napari_diffrecon.reconstruct import RunSettings, data_kind, reconstruct
+    from napari_diffrecon.samplers.defaults import recommended_params
 
     hot = label.endswith("-hot")
     method = label.removesuffix("-hot")
-    params = recommended_params(method, modality, hot_start=hot, coils=coil_count(m.operator),
-                                **overrides.get(label, {}))
+    _, coils, noisy = data_kind(m)
+    params = recommended_params(method, modality, hot_start=hot, coils=coils, noisy=noisy, **overrides.get(label, {}))
     settings = RunSettings(method=method, params=params, n_samples=n_samples, seed=seed, device=device,
                            hot_start=HOT_START[modality] if hot else None, keep_samples=n_samples > 1,
                            precision=precision)

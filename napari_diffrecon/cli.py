@@ -50,12 +50,12 @@ def _cmd_simulate(a: argparse.Namespace) -> int:
     return 0
 
 
-def _settings_from_args(a: argparse.Namespace, modality: str = "*", coils: int | None = None):
+def _settings_from_args(a: argparse.Namespace, modality: str = "*", coils: int | None = None, noisy: bool = False):
     from .reconstruct import DIFFUSION_METHODS, RunSettings
     from .samplers.defaults import recommended_params
 
-    # the benchmark-tuned values for this method and modality; explicit flags override them
-    params = recommended_params(a.method, modality, hot_start=bool(a.hot_start), coils=coils)
+    # the benchmark-tuned values for this method and the data's kind (reconstruct.data_kind); explicit flags override
+    params = recommended_params(a.method, modality, hot_start=bool(a.hot_start), coils=coils, noisy=noisy)
     for name, attr in (
         ("n_steps", "steps"),
         ("eta", "eta"),
@@ -183,9 +183,9 @@ def _cmd_reconstruct(a: argparse.Namespace) -> int:
         raise ValueError(f"unknown method {a.method!r}; choose from {', '.join(_methods())}")
     out = check_output_path(a.output, a.force)
     m = read_measurement(a.bundle)
-    from .samplers.defaults import coil_count
+    from .reconstruct import data_kind
 
-    settings = _settings_from_args(a, str(m.operator.get("modality", "*")), coil_count(m.operator))
+    settings = _settings_from_args(a, *data_kind(m))
     if a.method == "consistency" and not a.hot_start and settings.params.n_steps <= 8:
         print("note: few-step consistency sampling from pure noise is far below a hot start on our benchmarks "
               "(CT 23 views: 24.5 vs 30.2 dB at 4 NFE); add --hot-start fbp|cg|mlem (its tuned t0 is used "

@@ -337,6 +337,13 @@ def test_cli_warns_before_the_run_when_the_sampler_does_not_suit_the_noise(tmp_p
     with np.load(tmp_path / "s.npz") as z:
         prov = json.loads(str(z["provenance"]))
     assert any("hard projection" in w for w in prov["warnings"]) and prov["noise_floor"] > 0
+    # counts are noisy data: the tuned pseudo-inverse takes one CG step; a user's 5 steps run, with a word on it
+    assert prov["settings"]["params"]["cg_iters"] == 1 and not any("--cg-iters 1" in w for w in prov["warnings"])
+    assert main(["reconstruct", str(b), "--method", "song", "--steps", "2", "--cg-iters", "5",
+                 "-o", str(tmp_path / "s5.npz")]) == 0
+    assert "--cg-iters 1" in capsys.readouterr().out
+    with np.load(tmp_path / "s5.npz") as z:
+        assert json.loads(str(z["provenance"]))["settings"]["params"]["cg_iters"] == 5
 
 
 def test_cli_posterior_draw_reaches_the_sampler_and_the_provenance(tmp_path, capsys):

@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 
 from napari_diffrecon.metrics import psnr
-from napari_diffrecon.reconstruct import RunSettings, reconstruct
-from napari_diffrecon.samplers.defaults import coil_count, recommended_params
+from napari_diffrecon.reconstruct import RunSettings, data_kind, reconstruct
+from napari_diffrecon.samplers.defaults import recommended_params
 
 SIZE, STEPS = 64, 15
 
@@ -65,7 +65,8 @@ CASES = [  # (modality, method, hot start): hot starts from the modality's class
 @pytest.mark.parametrize("modality,method,hot", CASES)
 def test_conditional_sampler_fits_the_data_and_beats_the_classical_image(tasks, modality, method, hot):
     t = tasks[modality]
-    params = recommended_params(method, modality, hot_start=hot is not None, coils=coil_count(t["m"].operator))
+    _, coils, noisy = data_kind(t["m"])
+    params = recommended_params(method, modality, hot_start=hot is not None, coils=coils, noisy=noisy)
     params.n_steps = min(params.n_steps, STEPS)
     r = reconstruct(t["m"], RunSettings(method=method, params=params, hot_start=hot, seed=0), prior=t["prior"])
     gt = np.abs(t["m"].ground_truth)

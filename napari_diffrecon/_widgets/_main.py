@@ -690,12 +690,23 @@ class DiffReconWidget(QWidget):
         for w in (self.hot_start, self._weight_row, self._samples_row, self.compare):
             w.setVisible(diffusion)
 
-    def _data_kind(self) -> tuple[str, int | None]:
-        """What the tuned values depend on besides the method: the modality and, for MRI, the coil count."""
-        from ..samplers.defaults import coil_count
+    def _data_kind(self) -> tuple[str, int | None, bool]:
+        """What the tuned values depend on besides the method (``reconstruct.data_kind``: modality, MRI coil count,
+        noisy data), worked out once per measurement."""
+        from ..reconstruct import data_kind
 
-        spec = self.measurement.operator if self.measurement is not None else {}
-        return str(spec.get("modality", "*")), coil_count(spec)
+        m = self.measurement
+        if m is None:
+            return "*", None, False
+        cached = getattr(self, "_kind_cache", None)
+        if cached is None or cached[0] is not m:
+            try:
+                kind = data_kind(m)
+            except Exception:  # a noise spec the core will refuse with its own message at run time
+                spec = m.operator or {}
+                kind = (str(spec.get("modality", "*")), None, False)
+            self._kind_cache = cached = (m, kind)
+        return cached[1]
 
     def _tuning_keys(self) -> tuple[str, ...]:
         from ..samplers.defaults import tuning_keys
@@ -715,9 +726,9 @@ class DiffReconWidget(QWidget):
             return
         from ..samplers.defaults import recommended_params
 
-        modality, coils = self._data_kind()
+        modality, coils, noisy = self._data_kind()
         self._tuned_for = self._tuning_keys()
-        p = recommended_params(method, modality, hot_start=self.hot_start.isChecked(), coils=coils)
+        p = recommended_params(method, modality, hot_start=self.hot_start.isChecked(), coils=coils, noisy=noisy)
         for key in ("n_steps", "eta", "lam", "gamma", "zeta", "cg_iters", "snr"):
             v = getattr(p, key)
             self.spins[key].setValue(self.spins[key].maximum() if isinstance(v, float) and not math.isfinite(v) else v)

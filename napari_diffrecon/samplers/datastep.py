@@ -20,6 +20,7 @@ from .base import Problem, SamplerParams, SamplingError
 __all__ = [
     "normal_norm",
     "linear_measurement",
+    "back_projected_data",
     "data_noise_sigma",
     "prior_error",
     "prior_shrinkage",
@@ -63,6 +64,25 @@ def _pwls(problem: Problem) -> tuple[torch.Tensor, torch.Tensor]:
         cached = (line, w / w.mean())
         problem._pwls = cached
     return cached
+
+
+def back_projected_data(problem: Problem) -> torch.Tensor:
+    """``Aᴴ W m``: the data step's back-projected measurement (``W`` the PWLS weights for transmission counts,
+    else ``I``), cached on the problem — it is the same at every step, and one adjoint of a 180-view CT or a
+    multi-coil MRI operator is not free. Recomputed if the measurement tensor is replaced or changed in place.
+    """
+    m = problem.measurement
+    key = (id(m), m._version)
+    cached = getattr(problem, "_back_projected", None)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    if isinstance(problem.likelihood, TransmissionLikelihood):
+        line, w = _pwls(problem)
+        out = problem.operator.adjoint(line * w)
+    else:
+        out = problem.operator.adjoint(m)
+    problem._back_projected = (key, out)
+    return out
 
 
 def linear_measurement(problem: Problem) -> torch.Tensor:
@@ -172,22 +192,23 @@ def proximal_cg(
         return op.adjoint(r if w is None else r * w)
 
     g = data_weight(problem, gamma, sigma)
+    a_h_w_m = back_projected_data(problem)
     if generator is not None and g != float("inf") and g > 0:
         batch = tuple(x0_hat.shape[: x0_hat.ndim - len(op.image_shape)])
         if draw_prior:
             x0_hat = x0_hat + prior_error(problem, sigma) * _gauss(tuple(x0_hat.shape), x0_hat, generator)
         scale = data_noise_sigma(problem) / float(gamma) ** 0.5
         noise = scale * _gauss(batch + tuple(m.shape), m, generator)
-        m = m + (noise if w is None else noise / torch.sqrt(w))
+        a_h_w_m = a_h_w_m + op.adjoint(noise if w is None else noise * torch.sqrt(w))  # Aᴴ W (m + noise/√w)
     if g == float("inf"):
         return conjugate_gradient(
             lambda v: a_h_w(op.forward(v)),
-            a_h_w(m).expand_as(x0_hat),
+            a_h_w_m.expand_as(x0_hat),
             x0=x0_hat,
             n_iter=n_iter,
             n_core_dims=len(op.image_shape),
         )
-    rhs = x0_hat + g * a_h_w(m)
+    rhs = x0_hat + g * a_h_w_m
     return conjugate_gradient(
         lambda v: v + g * a_h_w(op.forward(v)), rhs, x0=x0_hat, n_iter=n_iter, n_core_dims=len(op.image_shape)
     )

@@ -224,8 +224,9 @@ def _project(
     with torch.no_grad():
         x = problem.to_image(u)
         noise_img = problem.to_image(_randn(u, gen)) - problem.offset  # σ=1 image-unit noise
-        y_sigma = linear_measurement(problem) + sigma * op.forward(noise_img)
-        x = x + lam * pseudo_inverse(problem, y_sigma - op.forward(x), int(params.cg_iters))
+        # ŷ_σ − A x with ŷ_σ = m + σ A ξ, as one product: m − A(x − σ ξ)
+        residual = linear_measurement(problem) - op.forward(x - sigma * noise_img)
+        x = x + lam * pseudo_inverse(problem, residual, int(params.cg_iters))
         return problem.to_model(x)
 
 
