@@ -178,7 +178,7 @@ def _default_hot_start_method(modality: str) -> str:
 # On noisy data (samplers.defaults.noisy_data: counts, or a noise floor above NOISY_FLOOR = 2 %) their tuned
 # pseudo-inverse takes one CG step instead of 5, which keeps them near FBP / MLEM / DDS instead of 6–14 dB below, but
 # DDS stays ahead (benchmarks/recon.py, docs/dev/recon.md): low-dose CT −2.5 dB, PET −1.4 (against DDS from noise),
-# MRI 4× with 8 coils −3.5; with the noise scaled, MRI 8 coils −0.05 / −0.8 dB at floors 3 / 6 %.
+# MRI 4× with 8 coils −3.5; with the noise scaled, MRI 8 coils −0.05 / −0.9 dB at floors 3 / 6 %.
 HARD_PROJECTION_METHODS = ("song", "mcg")
 # A finished sample whose data residual is below this fraction of the noise floor reproduces the noise.
 NOISE_FIT_RATIO = 0.5
@@ -284,7 +284,7 @@ def _noise_notes(method: str, likelihood: Any, floor: float | None, assumed: boo
                 f"{steps}: use dds (or dps)"]
     return [f"{head}; this measurement's noise alone leaves a data residual of {floor:.3g}, and above "
             f"{NOISY_FLOOR:g} song fell behind dds in our benchmark, by more the noisier the data (MRI 4× with 8 "
-            f"coils: −0.05 dB at 0.03, −0.8 at 0.06, −3.5 at 0.12){steps}: use dds (or dps)"]
+            f"coils: −0.05 dB at 0.03, −0.9 at 0.06, −3.5 at 0.12){steps}: use dds (or dps)"]
 
 
 def data_kind(measurement: Any) -> tuple[str, int | None, bool]:

@@ -12,11 +12,13 @@ from .base import SamplerParams
 
 __all__ = ["RECOMMENDED", "NOISY_FLOOR", "recommended_params", "coil_count", "noisy_data", "tuning_keys"]
 
-#: Data count as *noisy* when they are counts (PET, low-dose CT) or Gaussian with a noise floor (the data residual the
-#: noise alone leaves, :func:`napari_diffrecon.metrics.noise_floor`) above this. Evidence (2026-12-06, MRI 4× 8 coils
-#: and CT 23 views with the noise scaled; Song's 5-step pseudo-inverse against 1 step): MRI floors 0.1 / 1.2 / 1.8 /
-#: 3.0 / 6.1 % → 35.78 / 33.05 / 30.58 / 26.31 / 19.57 dB with 5 steps, 30.83 / 30.72 / 30.57 / 30.07 / 28.04 with 1;
-#: CT floors 0.8 / 2.0 / 4.0 % → 28.08 / 23.31 / 17.93 against 26.96 / 24.68 / 21.28. Also where song and mcg warn.
+#: Data count as *noisy* when they are counts (PET, low-dose CT) or Gaussian with a noise floor (the data residual
+#: the noise alone leaves, :func:`napari_diffrecon.metrics.noise_floor`) above this. Evidence:
+#: `python benchmarks/mri_more.py song-noise` (benchmarks/results/song_noise.md), MRI 4× 8 coils and CT 23 views with
+#: the noise scaled, Song's 5-step pseudo-inverse against 1 step: MRI floors 0.95 / 1.59 / 2.22 / 3.17 / 6.34 % →
+#: 34.05 / 31.54 / 29.06 / 25.91 / 19.14 dB with 5 steps, 30.76 / 30.64 / 30.43 / 30.00 / 27.84 with 1; CT floors
+#: 0.79 / 1.99 / 3.97 % → 28.08 / 23.31 / 17.93 against 26.96 / 24.68 / 21.28. Also where song and mcg warn
+#: (reconstruct._noise_notes).
 NOISY_FLOOR = 0.02
 
 # method -> modality ("*" = any) -> parameter overrides of SamplerParams' defaults.
