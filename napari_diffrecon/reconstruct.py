@@ -175,7 +175,7 @@ def _default_hot_start_method(modality: str) -> str:
 
 
 # Song 2022 and MCG end on a hard projection onto the measurements, which assumes (nearly) noise-free linear data.
-# On noisy data (samplers.defaults.noisy_data: counts, or a noise floor above NOISY_FLOOR = 2 %) their tuned
+# On noisy data (samplers.defaults.noisy_data: counts, or a noise floor above NOISY_FLOOR = 1.8 %) their tuned
 # pseudo-inverse takes one CG step instead of 5, which keeps them near FBP / MLEM / DDS instead of 6–14 dB below, but
 # DDS stays ahead (benchmarks/recon.py, docs/dev/recon.md): low-dose CT −2.5 dB, PET −1.4 (against DDS from noise),
 # MRI 4× with 8 coils −3.5; with the noise scaled, MRI 8 coils −0.05 / −0.9 dB at floors 3 / 6 %.
@@ -278,7 +278,7 @@ def _noise_notes(method: str, likelihood: Any, floor: float | None, assumed: boo
     head = f"{method} ends on a hard projection onto the measurements, which assumes nearly noise-free linear data"
     steps = ("" if cg_iters is None or cg_iters <= 1 else
              f"; with {cg_iters} CG steps per projection it also puts the noise back into the image (the tuned value "
-             "for noisy data is 1: --cg-iters 1)")
+             "for noisy data is 1: CG steps 1, --cg-iters 1)")
     if isinstance(likelihood, (PoissonLikelihood, TransmissionLikelihood)):
         return [f"{head}; on count data song and mcg stay 1.4–2.8 dB below dds in our benchmark (low-dose CT, PET)"
                 f"{steps}: use dds (or dps)"]
@@ -292,7 +292,7 @@ def data_kind(measurement: Any) -> tuple[str, int | None, bool]:
 
     The arguments of :func:`napari_diffrecon.samplers.defaults.recommended_params` after the method and the hot start
     (the CLI, the workbench and the benchmark all take them from here). ``coils``: MRI receive coils, else None;
-    ``noisy``: counts, or a noise floor above 2 % (:func:`napari_diffrecon.samplers.defaults.noisy_data`).
+    ``noisy``: counts, or a noise floor above 1.8 % (:func:`napari_diffrecon.samplers.defaults.noisy_data`).
 
     Parameters
     ----------

@@ -696,3 +696,24 @@ def test_a_non_negative_problem_ends_on_a_non_negative_image_whatever_the_sample
         prob = Problem(Identity((6, 6)), m, GaussianPrior(1.0), nonneg=nonneg)
         last = list(get_sampler("dps")(prob, SamplerParams(n_steps=10, zeta=1.0), n_samples=2))[-1]
         assert (float(last.x0_hat.min()) >= 0) == nonneg
+
+
+def test_noisy_data_rule_counts_and_the_floor_but_not_an_assumed_noise_level():
+    """``noisy_data``: counts always; Gaussian data above NOISY_FLOOR only when their noise level is known."""
+    from napari_diffrecon.physics.likelihoods import GaussianLikelihood, PoissonLikelihood, TransmissionLikelihood
+    from napari_diffrecon.samplers.defaults import NOISY_FLOOR, noisy_data, recommended_params, tuning_keys
+
+    gauss = GaussianLikelihood(0.1)
+    assert noisy_data(PoissonLikelihood(0.0), None) and noisy_data(TransmissionLikelihood(1e4, 0.0), 0.001)
+    assert noisy_data(gauss, 1.01 * NOISY_FLOOR) and not noisy_data(gauss, NOISY_FLOOR)
+    assert not noisy_data(gauss, 0.5, assumed=True) and not noisy_data(gauss, None)
+    assert tuning_keys("mri", 8, True) == ("mri", "mri-multicoil", "noisy") and tuning_keys("ct") == ("ct",)
+    for method in ("song", "mcg"):
+        assert recommended_params(method, "ct", noisy=True).cg_iters == 1
+        assert recommended_params(method, "ct").cg_iters == 5
+    # the noisy key refines only Song/MCG: DDS, DPS and the consistency sampler are the same on noisy data
+    for method in ("dds", "dps", "consistency"):
+        for hot in (False, True):
+            assert recommended_params(method, "ct", hot, noisy=True) == recommended_params(method, "ct", hot)
+    with pytest.raises(TypeError):
+        recommended_params("dds", "mri", False, 8)  # coils and noisy are keyword-only

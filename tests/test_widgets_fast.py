@@ -151,3 +151,27 @@ def test_the_workbench_takes_song_s_pseudo_inverse_steps_from_the_data_s_noise(m
     assert w.current_settings().params.cg_iters == 5
     w.load_sample("pet_lowcount")
     assert w.current_settings().params.cg_iters == 1
+
+
+def test_the_workbench_follows_the_noise_sigma_and_keeps_values_the_data_do_not_change(make_napari_viewer):
+    """Raising the sparse-view CT sample's σ five-fold (floor 0.8 % → 4 %) makes it noisy data: Song's tuned CG steps
+    follow (5 → 1). The user's DDS γ stays when data whose tuned DDS values are the same are loaded (sparse and noisy
+    CT), and the noise level the user typed is no longer an assumption."""
+    viewer = make_napari_viewer()
+    w = main_widget(viewer)
+    viewer.window.add_dock_widget(w, name="Diffusion reconstruction")
+    w.load_sample("ct_sparse23")
+    w.method_combo.setCurrentIndex(w.method_combo.findData("song"))
+    assert w.current_settings().params.cg_iters == 5
+    sigma = float(w.measurement.noise["sigma"])
+    w.measurement.noise = {**w.measurement.noise, "note": "default σ (assumed)"}
+    w.noise_sigma.setValue(5 * sigma)
+    assert w._data_kind() == ("ct", None, True) and w.current_settings().params.cg_iters == 1
+    assert "note" not in w.measurement.noise and "assumed" not in w.measurement.noise
+    w.noise_sigma.setValue(sigma)
+    assert w.current_settings().params.cg_iters == 5
+    # DDS: the same tuned values on noisy and nearly noise-free CT, so the user's γ survives the switch
+    w.method_combo.setCurrentIndex(w.method_combo.findData("dds"))
+    w.spins["gamma"].setValue(7.0)
+    w.noise_sigma.setValue(5 * sigma)
+    assert w._data_kind()[2] and w.current_settings().params.gamma == 7.0

@@ -211,7 +211,8 @@ class DiffReconWidget(QWidget):
         self._running_prov: dict[str, Any] = {}
         self._status_pending = ""
         self._applying = True  # no recommended values while the widgets are built / settings restored
-        self._tuned_for: tuple[str, ...] | str | None = None  # the tuning keys the shown values came from
+        # the tuned values on show (``SamplerParams.to_dict()``), or "preset" for a preset's / the user's restored ones
+        self._tuned_for: dict[str, Any] | str | None = None
         self.max_rate = GUI_UPDATES_PER_S
         self._build()
         self._connect_viewer()
@@ -483,9 +484,8 @@ class DiffReconWidget(QWidget):
             self.noise_sigma.blockSignals(False)
         self._select_method_for_modality(modality)
         # Values tuned for another kind of data (a CT ζ of 6 on PET, whose tuned ζ is 40) are replaced by this data's;
-        # values the user set or a preset restored for data of this kind are kept.
-        if self._tuned_for not in (self._tuning_keys(), "preset"):
-            self.use_recommended()
+        # values the user set or a preset restored for data whose tuned values are the same are kept.
+        self._follow_the_data()
         self._offer_draws()
         self._leave_a_shipped_prior_of_another_modality(modality)
         self._check_prior()
@@ -535,7 +535,11 @@ class DiffReconWidget(QWidget):
     def _on_noise_sigma(self, value: float) -> None:
         if self.measurement is not None and str(self.measurement.noise.get("model", "gaussian")) == "gaussian":
             if value > 0:
-                self.measurement.noise = {**self.measurement.noise, "sigma": float(value), "model": "gaussian"}
+                # the user's σ is a statement about the data, no longer a reader's assumption
+                noise = {k: v for k, v in self.measurement.noise.items() if k not in ("assumed", "note")}
+                self.measurement.noise = {**noise, "sigma": float(value), "model": "gaussian"}
+                self._kind_cache = None  # the noise floor, hence "noisy data", may have changed
+                self._follow_the_data()
 
     def _add_layer_data(self, layer_data: list[tuple[Any, dict[str, Any], str]]) -> None:
         for data, kwargs, kind in layer_data:
@@ -693,7 +697,9 @@ class DiffReconWidget(QWidget):
     def _data_kind(self) -> tuple[str, int | None, bool]:
         """What the tuned values depend on besides the method (``reconstruct.data_kind``: modality, MRI coil count,
         noisy data), worked out once per measurement."""
+        from ..io.bundle import BundleError
         from ..reconstruct import data_kind
+        from ..samplers.defaults import coil_count
 
         m = self.measurement
         if m is None:
@@ -702,11 +708,30 @@ class DiffReconWidget(QWidget):
         if cached is None or cached[0] is not m:
             try:
                 kind = data_kind(m)
-            except Exception:  # a noise spec the core will refuse with its own message at run time
+            except (BundleError, ValueError):  # a noise spec the core refuses with its own message at run time
                 spec = m.operator or {}
-                kind = (str(spec.get("modality", "*")), None, False)
+                kind = (str(spec.get("modality", "*")), coil_count(spec), False)
             self._kind_cache = cached = (m, kind)
         return cached[1]
+
+    def _recommended(self) -> Any:
+        """The tuned :class:`SamplerParams` for the chosen method, hot start and data (None for a classical method)."""
+        method = self.method_combo.currentData() or "dds"
+        if method not in SAMPLERS:
+            return None
+        from ..samplers.defaults import recommended_params
+
+        modality, coils, noisy = self._data_kind()
+        return recommended_params(method, modality, hot_start=self.hot_start.isChecked(), coils=coils, noisy=noisy)
+
+    def _follow_the_data(self) -> None:
+        """Show the tuned values when the data's differ from those on show; keep a preset's and the user's otherwise
+        (data of another kind whose tuned values for this method are the same, e.g. DDS on low-dose and sparse CT)."""
+        if self._tuned_for == "preset":
+            return
+        p = self._recommended()
+        if p is not None and p.to_dict() != self._tuned_for:
+            self.use_recommended()
 
     def _tuning_keys(self) -> tuple[str, ...]:
         from ..samplers.defaults import tuning_keys
@@ -716,19 +741,16 @@ class DiffReconWidget(QWidget):
     def use_recommended(self, *_: Any) -> None:
         """Fill the sampler's parameters with the tuned values for the method and modality (``samplers.defaults``).
 
-        Called when the user picks a method or toggles hot start, and when a measurement of another kind (modality,
-        MRI coil count) is loaded; presets and restored settings are not changed.
+        Called when the user picks a method or toggles hot start, and when data whose tuned values differ are loaded
+        (another modality, MRI coil count, noisy or not) or the noise σ is changed across that line; presets and
+        restored settings are not changed then.
         """
         if self._applying:
             return
-        method = self.method_combo.currentData() or "dds"
-        if method not in SAMPLERS:
+        p = self._recommended()
+        if p is None:
             return
-        from ..samplers.defaults import recommended_params
-
-        modality, coils, noisy = self._data_kind()
-        self._tuned_for = self._tuning_keys()
-        p = recommended_params(method, modality, hot_start=self.hot_start.isChecked(), coils=coils, noisy=noisy)
+        self._tuned_for = p.to_dict()
         for key in ("n_steps", "eta", "lam", "gamma", "zeta", "cg_iters", "snr"):
             v = getattr(p, key)
             self.spins[key].setValue(self.spins[key].maximum() if isinstance(v, float) and not math.isfinite(v) else v)

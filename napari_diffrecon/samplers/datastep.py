@@ -54,35 +54,47 @@ def normal_norm(problem: Problem, n_iter: int = 20) -> float:
     return lam
 
 
+def _cached(problem: Problem, name: str, make: Any) -> Any:
+    """``make()`` cached on the problem under ``name`` for its current measurement tensor: recomputed when
+    ``problem.measurement`` is another tensor or was changed in place (its version counter moved)."""
+    m = problem.measurement
+    try:
+        version = m._version
+    except RuntimeError:  # an inference-mode tensor has no version counter: trust the identity alone
+        version = None
+    cached = getattr(problem, name, None)
+    if cached is not None and cached[0] is m and cached[1] == version:
+        return cached[2]
+    value = make()
+    setattr(problem, name, (m, version, value))
+    return value
+
+
 def _pwls(problem: Problem) -> tuple[torch.Tensor, torch.Tensor]:
     """Post-log sinogram and normalised statistical weights for transmission data (cached)."""
-    cached = getattr(problem, "_pwls", None)
-    if cached is None:
+
+    def make() -> tuple[torch.Tensor, torch.Tensor]:
         lik = problem.likelihood
         line = post_log(problem.measurement, lik.I0, lik.background)
         w = torch.clamp(problem.measurement - lik.background, min=0.5)
-        cached = (line, w / w.mean())
-        problem._pwls = cached
-    return cached
+        return line, w / w.mean()
+
+    return _cached(problem, "_pwls", make)
 
 
 def back_projected_data(problem: Problem) -> torch.Tensor:
     """``Aᴴ W m``: the data step's back-projected measurement (``W`` the PWLS weights for transmission counts,
     else ``I``), cached on the problem — it is the same at every step, and one adjoint of a 180-view CT or a
-    multi-coil MRI operator is not free. Recomputed if the measurement tensor is replaced or changed in place.
+    multi-coil MRI operator is not free. Recomputed if ``problem.measurement`` is replaced or changed in place.
     """
-    m = problem.measurement
-    key = (id(m), m._version)
-    cached = getattr(problem, "_back_projected", None)
-    if cached is not None and cached[0] == key:
-        return cached[1]
-    if isinstance(problem.likelihood, TransmissionLikelihood):
-        line, w = _pwls(problem)
-        out = problem.operator.adjoint(line * w)
-    else:
-        out = problem.operator.adjoint(m)
-    problem._back_projected = (key, out)
-    return out
+
+    def make() -> torch.Tensor:
+        if isinstance(problem.likelihood, TransmissionLikelihood):
+            line, w = _pwls(problem)
+            return problem.operator.adjoint(line * w)
+        return problem.operator.adjoint(problem.measurement)
+
+    return _cached(problem, "_back_projected", make)
 
 
 def linear_measurement(problem: Problem) -> torch.Tensor:

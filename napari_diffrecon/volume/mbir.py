@@ -41,7 +41,7 @@ from ..samplers.base import (
     time_grid,
     yield_due,
 )
-from ..samplers.datastep import _pwls, data_weight, normal_norm, poisson_prox_em
+from ..samplers.datastep import _pwls, back_projected_data, data_weight, normal_norm, poisson_prox_em
 from .operators import SliceWiseOperator
 from .ztv import ZTVState, admm_ztv
 
@@ -206,10 +206,7 @@ def volume_data_step(
         return torch.clamp(x, min=0)
     if cg_iters <= 0 or gamma <= 0:
         return torch.clamp(x0_hat, min=0) if problem.nonneg else x0_hat
-    if isinstance(lik, TransmissionLikelihood):
-        m, wts = _pwls(problem)
-    else:
-        m, wts = problem.measurement, None
+    wts = _pwls(problem)[1] if isinstance(lik, TransmissionLikelihood) else None
 
     def a_h_w(r: torch.Tensor) -> torch.Tensor:
         return op.adjoint(r if wts is None else r * wts)
@@ -221,13 +218,13 @@ def volume_data_step(
         def normal(v: torch.Tensor) -> torch.Tensor:
             return scale * a_h_w(op.forward(v))
 
-        rhs = (scale * a_h_w(m)).expand_as(x0_hat)
+        rhs = (scale * back_projected_data(problem)).expand_as(x0_hat)  # Aᴴ W m: once per run
     else:
 
         def normal(v: torch.Tensor) -> torch.Tensor:
             return v + g * a_h_w(op.forward(v))
 
-        rhs = x0_hat + g * a_h_w(m)
+        rhs = x0_hat + g * back_projected_data(problem)
     x = admm_ztv(normal, rhs, x0_hat, lam, rho, cg_iters, n_admm, state)
     return torch.clamp(x, min=0) if problem.nonneg else x
 
