@@ -25,7 +25,7 @@ from napari_diffrecon.metrics import noise_floor  # noqa: E402
 from napari_diffrecon.priors import load_prior  # noqa: E402
 from napari_diffrecon.simulate import simulate_from_image  # noqa: E402
 
-NOISE = {8: (3e-4, 3e-3, 5e-3, 7e-3, 1e-2, 2e-2), 1: (1e-2, 3e-2, 6e-2)}  # noise_sigma per coil count
+NOISE = {8: (3e-4, 3e-3, 5e-3, 5.7e-3, 7e-3, 1e-2, 2e-2), 1: (1e-2, 3e-2, 6e-2)}  # noise_sigma per coil count
 CT_NOISE = (1.0, 2.5, 5.0)  # CT 23 views: multiples of the benchmark's noise (0.5 % of the sinogram's maximum)
 
 

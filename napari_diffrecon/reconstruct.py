@@ -312,7 +312,8 @@ def data_kind(measurement: Any) -> tuple[str, int | None, bool]:
     noisy = False
     if getattr(measurement, "data", None) is not None:
         likelihood = measurement.build_likelihood("cpu")
-        floor = noise_floor(None, measurement.to_tensor(), likelihood)
+        # counts are noisy whatever their floor (and the transmission floor's bootstrap is the costly one)
+        floor = None if noisy_data(likelihood, None) else noise_floor(None, measurement.to_tensor(), likelihood)
         noisy = noisy_data(likelihood, floor, noise_is_assumed(measurement.noise))
     return modality, coil_count(spec), noisy
 
