@@ -17,9 +17,9 @@ __all__ = ["RECOMMENDED", "NOISY_FLOOR", "recommended_params", "coil_count", "no
 #: `python benchmarks/mri_more.py song-noise` (benchmarks/results/song_noise.md), MRI 4× 8 coils and CT 23 views with
 #: the noise scaled, Song's 5-step pseudo-inverse against 1 step: MRI floors 0.95 / 1.59 / 2.22 / 3.17 / 6.34 % →
 #: 34.05 / 31.54 / 29.06 / 25.91 / 19.14 dB with 5 steps, 30.76 / 30.64 / 30.43 / 30.00 / 27.84 with 1; CT floors
-#: 0.79 / 1.99 / 3.97 % → 28.08 / 23.31 / 17.93 against 26.96 / 24.68 / 21.28. 1.8 % lies inside both crossovers (an
-#: earlier run at an 8-coil floor of 1.82 %: 30.58 against 30.57 dB; Song with 5 steps already 0.26 dB behind DDS
-#: there). Also where song and mcg warn (reconstruct._noise_notes).
+#: 0.79 / 1.99 / 3.97 % → 28.08 / 23.31 / 17.93 against 26.96 / 24.68 / 21.28. 1.8 % lies inside both crossovers (MRI
+#: at 1.81 %: 30.65 with 5 steps, 30.57 with 1, DDS 30.85 ahead of both). Also where song and mcg warn
+#: (reconstruct._noise_notes).
 NOISY_FLOOR = 0.018
 
 # method -> modality ("*" = any) -> parameter overrides of SamplerParams' defaults.
