@@ -717,3 +717,32 @@ def test_noisy_data_rule_counts_and_the_floor_but_not_an_assumed_noise_level():
             assert recommended_params(method, "ct", hot, noisy=True) == recommended_params(method, "ct", hot)
     with pytest.raises(TypeError):
         recommended_params("dds", "mri", False, 8)  # coils and noisy are keyword-only
+
+
+def test_the_back_projected_measurement_is_cached_per_measurement_tensor():
+    """``back_projected_data`` (the data step's constant Aᴴ W m) is computed once, and again when the measurement
+    changes in place or is replaced; for transmission counts it is Aᴴ W ℓ with the post-log sinogram ℓ."""
+    from napari_diffrecon.physics import ParallelBeamCT
+    from napari_diffrecon.physics.likelihoods import TransmissionLikelihood
+    from napari_diffrecon.physics.noise import post_log
+    from napari_diffrecon.samplers.datastep import back_projected_data
+
+    op = ParallelBeamCT(16, np.linspace(0, 180, 12, endpoint=False))
+    m = op.forward(torch.rand(16, 16))
+    prob = Problem(op, m, GaussianPrior(1.0), GaussianLikelihood(0.01))
+    first = back_projected_data(prob)
+    assert torch.allclose(first, op.adjoint(m)) and back_projected_data(prob) is first  # cached
+    m.mul_(2.0)  # changed in place: recomputed
+    assert torch.allclose(back_projected_data(prob), 2 * first, rtol=1e-5)
+    prob.measurement = m.clone() * 0.5  # replaced
+    assert torch.allclose(back_projected_data(prob), first, rtol=1e-5)
+    counts = 1e4 * torch.exp(-0.02 * m)
+    lik = TransmissionLikelihood(1e4, 0.0)
+    tprob = Problem(op, counts, GaussianPrior(1.0), lik)
+    w = torch.clamp(counts, min=0.5)
+    expected = op.adjoint(post_log(counts, 1e4, 0.0) * w / w.mean())
+    assert torch.allclose(back_projected_data(tprob), expected, rtol=1e-5)
+    counts.mul_(0.5)  # fewer photons: the post-log sinogram and the weights follow
+    w = torch.clamp(counts, min=0.5)
+    assert torch.allclose(back_projected_data(tprob), op.adjoint(post_log(counts, 1e4, 0.0) * w / w.mean()),
+                          rtol=1e-5)
