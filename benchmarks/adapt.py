@@ -93,6 +93,8 @@ def run_one(m, prior, method: str, modality: str, extra: dict[str, Any], n_steps
     from napari_diffrecon.samplers.defaults import recommended_params
 
     before = {k: v.detach().clone() for k, v in prior.network.state_dict().items()}
+    # The modality's values only (no coils=/noisy=, unlike recon.py's reconstruct.data_kind): the recorded results
+    # in benchmarks/results were made that way, and this command must reproduce them.
     params = recommended_params(method, modality, n_steps=n_steps, extra=dict(extra))
     t, c = time.perf_counter(), time.thread_time()
     r = reconstruct(m, RunSettings(method=method, params=params, seed=seed), prior=prior)

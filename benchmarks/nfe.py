@@ -62,6 +62,8 @@ def run_point(m, method: str, hot: bool, prior, modality: str, n_steps: int, see
     from napari_diffrecon.reconstruct import RunSettings, reconstruct
     from napari_diffrecon.samplers.defaults import recommended_params
 
+    # The modality's values only (no coils=/noisy=, unlike recon.py's reconstruct.data_kind): the recorded results
+    # in benchmarks/results were made that way, and this command must reproduce them.
     params = recommended_params(method, modality, hot_start=hot, n_steps=n_steps, **overrides)
     settings = RunSettings(method=method, params=params, n_samples=seeds, seed=0, keep_samples=True,
                            hot_start=HOT_START[modality] if hot else None)
