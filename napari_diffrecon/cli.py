@@ -461,7 +461,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--eta", type=float)
     r.add_argument("--gamma", type=float, help="DDS data weight")
     r.add_argument("--zeta", type=float, help="DPS/MCG step")
-    r.add_argument("--cg-iters", type=int)
+    r.add_argument("--cg-iters", type=int, help="CG iterations per data step (dds, consistency) or pseudo-inverse "
+                   "(song, mcg; tuned: 1 on noisy data — counts, or a noise floor above 1.8 %% — else 5)")
     r.add_argument("--snr", type=float, help="Song corrector SNR")
     r.add_argument("--prior-weight", type=float,
                    help="the prior's weight against the data (default 1): every sampler's data weight is divided by "

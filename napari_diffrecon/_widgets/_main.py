@@ -86,7 +86,8 @@ _SPINS: dict[str, tuple[str, str, float, float, float, int, str]] = {
     "gamma": ("γ", "float", 0.0, 1e6, 0.1, 3, "DDS likelihood weight (acts live)"),
     "lam": ("λ", "float", 0.0, 1.0, 0.05, 2, "Song/MCG projection weight, 1 = hard (acts live)"),
     "zeta": ("ζ", "float", 0.0, 1000.0, 0.05, 3, "DPS/MCG step size (acts live)"),
-    "cg_iters": ("CG steps", "int", 0, 200, 1, 0, "conjugate-gradient iterations per data step (acts live)"),
+    "cg_iters": ("CG steps", "int", 0, 200, 1, 0, "conjugate-gradient iterations per data step or pseudo-inverse "
+                 "(acts live; Song/MCG take 1 on noisy data: counts, or a noise floor above 1.8 %)"),
     "snr": ("corrector SNR", "float", 0.0, 1.0, 0.01, 3, "Langevin corrector signal-to-noise, 0 = off (acts live)"),
     "t0": ("t0", "float", 0.01, 1.0, 0.05, 2, "hot start: fraction of the schedule to run"),
     "adapt_steps": ("adapt steps", "int", 0, 20, 1, 0, "experimental test-time adaptation of the prior to this scan "
