@@ -177,8 +177,9 @@ def _default_hot_start_method(modality: str) -> str:
 # Song 2022 and MCG end on a hard projection onto the measurements, which assumes (nearly) noise-free linear data.
 # On noisy data (samplers.defaults.noisy_data: counts, or a noise floor above NOISY_FLOOR = 1.8 %) their tuned
 # pseudo-inverse takes one CG step instead of 5, which keeps them near FBP / MLEM / DDS instead of 6–14 dB below, but
-# DDS stays ahead (benchmarks/recon.py, docs/dev/recon.md): low-dose CT −2.5 dB, PET −1.4 (against DDS from noise),
-# MRI 4× with 8 coils −3.5; with the noise scaled, MRI 8 coils −0.05 / −0.9 dB at floors 3 / 6 %.
+# DDS stays ahead (benchmarks/recon.py, docs/dev/recon.md): low-dose CT −2.5 / −2.8 dB (song / mcg), PET −1.4 / +0.4
+# (against DDS from noise; DDS-hot 18.0 dB beats both), MRI 4× with 8 coils −3.5 / −3.1; with the noise scaled, MRI
+# 8 coils −0.05 / −0.9 dB at floors 3 / 6 %.
 HARD_PROJECTION_METHODS = ("song", "mcg")
 # A finished sample whose data residual is below this fraction of the noise floor reproduces the noise.
 NOISE_FIT_RATIO = 0.5
@@ -280,8 +281,8 @@ def _noise_notes(method: str, likelihood: Any, floor: float | None, assumed: boo
              f"; with {cg_iters} CG steps per projection it also puts the noise back into the image (the tuned value "
              "for noisy data is 1: CG steps 1, --cg-iters 1)")
     if isinstance(likelihood, (PoissonLikelihood, TransmissionLikelihood)):
-        return [f"{head}; on count data song and mcg stay 1.4–2.8 dB below dds in our benchmark (low-dose CT, PET)"
-                f"{steps}: use dds (or dps)"]
+        return [f"{head}; on count data song and mcg were up to 2.8 dB below dds in our benchmark (low-dose CT; on "
+                f"PET song −1.4 dB, mcg level with dds from noise and below its hot start){steps}: use dds (or dps)"]
     return [f"{head}; this measurement's noise alone leaves a data residual of {floor:.3g}, and above "
             f"{NOISY_FLOOR:g} song fell behind dds in our benchmark, by more the noisier the data (MRI 4× with 8 "
             f"coils: −0.05 dB at 0.03, −0.9 at 0.06, −3.5 at 0.12){steps}: use dds (or dps)"]
