@@ -540,7 +540,8 @@ class DiffReconWidget(QWidget):
                 noise = {k: v for k, v in self.measurement.noise.items() if k not in ("assumed", "note")}
                 self.measurement.noise = {**noise, "sigma": float(value), "model": "gaussian"}
                 self._kind_cache = None  # the noise floor, hence "noisy data", may have changed
-                self._follow_the_data()
+                if not self.running:  # the spin boxes act live: a σ typed during a run must not retune it
+                    self._follow_the_data()
 
     def _add_layer_data(self, layer_data: list[tuple[Any, dict[str, Any], str]]) -> None:
         for data, kwargs, kind in layer_data:
