@@ -63,12 +63,11 @@ def song_noise() -> None:
                   flush=True)
     prior = load_prior("ct-phantom-128")
     base = recon.build_task("ct-23")
+    hu, px = recon.ct_hu()
     for f in CT_NOISE:
-        m = recon.build_task("ct-23") if f == 1 else None
-        if m is None:
-            hu, px = recon.ct_hu()
-            m = simulate_from_image(hu, "ct", size=128, units="HU", pixel_size_mm=px * hu.shape[0] / 128, seed=0,
-                                    views=23, noise_sigma=f * float(base.noise["sigma"]), source="pydicom CT_small.dcm")
+        m = base if f == 1 else simulate_from_image(
+            hu, "ct", size=128, units="HU", pixel_size_mm=px * hu.shape[0] / 128, seed=0, views=23,
+            noise_sigma=f * float(base.noise["sigma"]), source="pydicom CT_small.dcm")
         print(f"CT 23 views, noise ×{f:g}, " + _song_rows(m, prior, "ct", "ct-23", ("fbp", "tv")), flush=True)
 
 

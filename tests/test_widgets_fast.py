@@ -139,14 +139,17 @@ def test_the_workbench_starts_dps_from_the_coil_aware_tuned_step(make_napari_vie
 def test_the_workbench_takes_song_s_pseudo_inverse_steps_from_the_data_s_noise(make_napari_viewer):
     """Song on noisy data (the 8-coil MRI sample's floor is 13 %, PET counts) gets one CG step per pseudo-inverse;
     the nearly noise-free sparse-view CT sample (floor 0.8 %) keeps 5."""
+    from napari_diffrecon.samplers.defaults import tuning_keys
+
     viewer = make_napari_viewer()
     w = main_widget(viewer)
     viewer.window.add_dock_widget(w, name="Diffusion reconstruction")
     w.load_sample("ct_sparse23")
     w.method_combo.setCurrentIndex(w.method_combo.findData("song"))
-    assert w.current_settings().params.cg_iters == 5 and w._tuning_keys() == ("ct",)
+    assert w.current_settings().params.cg_iters == 5 and tuning_keys(*w._data_kind()) == ("ct",)
     w.load_sample("mri_4x_8coils")
-    assert w.current_settings().params.cg_iters == 1 and w._tuning_keys() == ("mri", "mri-multicoil", "noisy")
+    assert w.current_settings().params.cg_iters == 1
+    assert tuning_keys(*w._data_kind()) == ("mri", "mri-multicoil", "noisy")
     w.load_sample("ct_sparse23")
     assert w.current_settings().params.cg_iters == 5
     w.load_sample("pet_lowcount")

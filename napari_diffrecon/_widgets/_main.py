@@ -735,11 +735,6 @@ class DiffReconWidget(QWidget):
         if p is not None and p.to_dict() != self._tuned_for:
             self.use_recommended()
 
-    def _tuning_keys(self) -> tuple[str, ...]:
-        from ..samplers.defaults import tuning_keys
-
-        return tuning_keys(*self._data_kind())
-
     def use_recommended(self, *_: Any) -> None:
         """Fill the sampler's parameters with the tuned values for the method and modality (``samplers.defaults``).
 
