@@ -553,6 +553,15 @@ def markdown(rows: list[dict[str, Any]], extras: dict[str, Any] | None, meta: di
     return "\n".join(lines) + "\n"
 
 
+def _argvs(argv: Any) -> list[list[str]]:
+    """The command lines in a run's ``meta["argv"]``: one list of strings, or (merged runs) nested lists of them."""
+    if not argv:
+        return []
+    if all(isinstance(x, str) for x in argv):
+        return [list(argv)]
+    return [a for x in argv for a in _argvs(x)]
+
+
 def combine(paths: list[str], out: Path, notes: list[str] | None = None) -> int:
     """Merge partial runs' JSON outputs (rows in task order; extras and priors united) and write ``out``.md/.json.
 
@@ -574,7 +583,7 @@ def combine(paths: list[str], out: Path, notes: list[str] | None = None) -> int:
     for d in parts:
         meta["priors"].update(d["meta"]["priors"])
         meta["total_wall_s"] += d["meta"].get("total_wall_s", 0.0)
-        meta["argv"].append(d["meta"].get("argv"))
+        meta["argv"] += _argvs(d["meta"].get("argv"))
         e = d.get("extras") or {}
         keys = {(u["task"], u["method"]) for u in e.get("uncertainty", [])}
         extras["uncertainty"] = [u for u in extras["uncertainty"] if (u["task"], u["method"]) not in keys]
