@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +26,10 @@ def _methods() -> list[str]:
 
 def _cmd_simulate(a: argparse.Namespace) -> int:
     from .io import check_output_path, read_image, write_measurement
+    from .io.bundle import MEASUREMENT_SUFFIXES
     from .simulate import simulate_from_image
 
-    out = check_output_path(a.output, a.force)
+    out = check_output_path(a.output, a.force, MEASUREMENT_SUFFIXES)
     img, info = read_image(a.image, a.slice)
     m = simulate_from_image(
         img,
@@ -42,6 +44,7 @@ def _cmd_simulate(a: argparse.Namespace) -> int:
         counts=a.counts,
         noise_sigma=a.noise_sigma,
         units=info.get("units", "auto"),
+        pixel_spacing_mm=info.get("pixel_spacing_mm"),
         seed=a.seed,
         source=str(a.image),
     )
@@ -69,7 +72,7 @@ def _settings_from_args(a: argparse.Namespace, modality: str = "*", coils: int |
         v = getattr(a, attr)
         if v is not None:
             setattr(params, name, v)
-    if a.lam is not None:
+    if a.lam is not None and a.method in ("song", "mcg"):  # elsewhere --lam is the TV weight (below)
         params.lam = a.lam
     # Test-time adaptation (LoRA on the prior, samplers/adapt.py): only the keys given on the command line.
     from .samplers.adapt import ADAPT_DEFAULTS
@@ -147,15 +150,20 @@ def _auto_tuned(a: argparse.Namespace, m, settings):
             grid[name] = [float(v) for v in vals.split(",")] if vals else None
         if any(v is None for v in grid.values()):
             grid = list(grid)  # names only: default grids
+    shown = {"runs": -1}
+
+    def progress(done: float, total: int, msg: str) -> None:
+        if sys.stdout.isatty():  # one line, rewritten in place
+            print(f"\rauto-tune {msg}", end="", flush=True)
+        elif int(done) != shown["runs"]:  # a log or a pipe: a line per finished run
+            shown["runs"] = int(done)
+            print(f"auto-tune {msg}", flush=True)
+
     result, tuned = tuned_reconstruct(
-        m,
-        settings,
-        criterion=a.auto,
-        params=grid,
-        holdout=a.holdout,
-        progress=lambda d, t, msg: print(f"\rauto-tune {msg}", end="", flush=True),
+        m, settings, criterion=a.auto, params=grid, holdout=a.holdout, progress=progress
     )
-    print()
+    if sys.stdout.isatty():
+        print()
     print(tuned.curve_text())
     print(f"auto-tune ({tuned.criterion}) chose {tuned.best} in {tuned.wall_time_s:.1f} s")
     return result
@@ -175,13 +183,14 @@ def _cmd_reconstruct(a: argparse.Namespace) -> int:
                              "(drop it)")
         return run_from_args(a)
     from .io import check_output_path, read_measurement, write_result
+    from .io.bundle import RESULT_SUFFIXES
     from .reconstruct import noise_floor_text, reconstruct
 
     if not a.method:
         raise ValueError("--method is required for a measurement bundle (e.g. --method dds)")
     if a.method not in _methods():
         raise ValueError(f"unknown method {a.method!r}; choose from {', '.join(_methods())}")
-    out = check_output_path(a.output, a.force)
+    out = check_output_path(a.output, a.force, RESULT_SUFFIXES)
     m = read_measurement(a.bundle)
     from .reconstruct import data_kind
 
@@ -199,7 +208,7 @@ def _cmd_reconstruct(a: argparse.Namespace) -> int:
     if getattr(a, "auto", None):
         result = _auto_tuned(a, m, settings)
     else:
-        result = reconstruct(m, settings, notify=tell)
+        result = reconstruct(m, settings, notify=tell, callback=_step_printer())
     write_result(out, result.arrays(), result.provenance, overwrite=a.force)
     print(f"{a.method}: {_quality(result, m)}data residual {result.residual:.4g}"
           f"{noise_floor_text(result.provenance)}; wrote {out}")
@@ -207,6 +216,26 @@ def _cmd_reconstruct(a: argparse.Namespace) -> int:
         if w not in told:
             print(f"warning: {w}")
     return 0
+
+
+def _step_printer(every: float = 0.1) -> Callable[[Any], None]:
+    """A reconstruct callback printing the run's progress (Ctrl-C stops the run).
+
+    On a terminal one line is rewritten at every step; in a log or a pipe a line is printed every ``every`` of the
+    run. Only the step counter and the clock are read (the data residual would cost a forward product per step).
+    """
+    state = {"next": 0.0, "tty": sys.stdout.isatty()}
+
+    def show(it: Any) -> None:
+        frac = it.step / max(it.n_steps, 1)
+        text = f"step {it.step}/{it.n_steps}, {it.nfe} network evaluations, {it.elapsed:.1f} s"
+        if state["tty"]:
+            print(f"\r{text}", end="\n" if it.done else "", flush=True)
+        elif frac >= state["next"] or it.done:
+            state["next"] = frac + every
+            print(text, flush=True)
+
+    return show
 
 
 def _cmd_info(a: argparse.Namespace) -> int:

@@ -515,6 +515,12 @@ def run_from_args(args: argparse.Namespace) -> int:
     if not src.exists():
         raise FileNotFoundError(f"{src} not found")
     out = Path(args.output)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out} is a file; volume runs write a folder (one result per study and report.json): "
+                         "pass -o FOLDER")
+    if not out.exists() and out.suffix.lower() in (".npz", ".h5", ".hdf5", ".nii", ".gz", ".tif", ".tiff", ".dcm"):
+        raise ValueError(f"volume runs write a folder (one result per study and report.json), not a {out.suffix} "
+                         f"file: pass -o {out.parent / out.name.split('.')[0]} (a folder name)")
     folder = src
     if src.is_file():  # one study: a folder of one, via a link, so that outputs and resume work the same
         folder = out / ".input"

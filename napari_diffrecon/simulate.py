@@ -85,6 +85,42 @@ def activity_from_anatomy(image: np.ndarray, kind: str, fwhm_px: float = 1.5) ->
     return (act / max(float(np.percentile(act, 99.5)), 1e-12)).clip(0, None).astype(np.float32)
 
 
+def _positive(name: str, value: Any, integer: bool = False) -> None:
+    if value is None:
+        return
+    ok = isinstance(value, (int, float, np.integer, np.floating)) and np.isfinite(value) and value > 0
+    if not ok or (integer and int(value) != value):
+        kind = "a whole number" if integer else "a finite number"
+        raise ValueError(f"{name} must be {kind} above 0, got {value!r}")
+
+
+def _check_options(views, limited_angle, photons, accel, coils, counts, noise_sigma, pixel_size_mm) -> None:
+    """Refuse zero, negative or non-finite simulation options (they used to fall back to defaults silently)."""
+    _positive("views", views, integer=True)
+    _positive("limited_angle (degrees)", limited_angle)
+    _positive("photons", photons)
+    _positive("counts", counts)
+    _positive("pixel_size_mm", pixel_size_mm)
+    _positive("coils", coils, integer=True)
+    if accel is not None and not (np.isfinite(accel) and accel >= 1):
+        raise ValueError(f"accel (the MRI acceleration) must be a number ≥ 1, got {accel!r}")
+    if noise_sigma is not None and not (np.isfinite(noise_sigma) and noise_sigma >= 0):
+        raise ValueError(f"noise_sigma must be a finite number ≥ 0, got {noise_sigma!r}")
+
+
+def _pixel_size(shape: tuple[int, ...], size: int, pixel_size_mm: float | None, spacing: Any) -> float:
+    """Pixel size in mm after resizing to ``size``²: given, from the input's spacing, or a 350 mm field of view."""
+    if pixel_size_mm is not None:
+        return float(pixel_size_mm)
+    sp = np.atleast_1d(np.asarray(spacing if spacing is not None else [], dtype=np.float64)).ravel()
+    if sp.size == 0:
+        return 350.0 / size
+    sp = np.resize(sp[-2:], 2)  # one value: square pixels
+    if not (np.all(np.isfinite(sp)) and np.all(sp > 0)):
+        raise ValueError(f"the image's pixel spacing must be positive numbers (mm), got {list(sp)}")
+    return float(max(shape[0] * sp[0], shape[1] * sp[1]) / size)
+
+
 def simulate_from_image(
     image: np.ndarray,
     modality: str,
@@ -100,6 +136,7 @@ def simulate_from_image(
     noise_sigma: float | None = None,
     units: str = "auto",
     pixel_size_mm: float | None = None,
+    pixel_spacing_mm: Any = None,
     seed: int = 0,
     source: str | None = None,
 ) -> Measurement:
@@ -123,9 +160,13 @@ def simulate_from_image(
     counts : float, optional
         PET: expected total true counts (default 2e5).
     noise_sigma : float, optional
-        Gaussian noise σ (CT post-log default 0.5% of the sinogram max; MRI default 0.5% of k-space max).
+        Gaussian noise σ (CT post-log default 0.5% of the sinogram max; MRI default 0.2% of k-space max).
     pixel_size_mm : float, optional
-        CT pixel size after resizing (default 350 mm field of view / size).
+        CT / PET pixel size after resizing, in mm: it sets the attenuation per pixel (and so the photon
+        starvation of low-dose CT). Default: from ``pixel_spacing_mm``, else a 350 mm field of view / size.
+    pixel_spacing_mm : float or (row, column) floats, optional
+        The input image's own pixel spacing (a DICOM's PixelSpacing, a NIfTI's zooms): the pixel size after
+        resizing is then the image's larger extent / ``size``. Ignored when ``pixel_size_mm`` is given.
     seed : int
         Noise seed.
     source : str, optional
@@ -138,6 +179,8 @@ def simulate_from_image(
         raise ValueError("the image contains NaN or Inf")
     if size < 16:
         raise ValueError(f"size must be ≥ 16, got {size}")
+    _check_options(views, limited_angle, photons, accel, coils, counts, noise_sigma, pixel_size_mm)
+    px = _pixel_size(img.shape, size, pixel_size_mm, pixel_spacing_mm)
     modality = modality.lower()
     is_hu = units.upper() == "HU" or (units == "auto" and img.min() < -500)
     img = resize(img, (size, size), anti_aliasing=True, preserve_range=True)
@@ -163,9 +206,8 @@ def simulate_from_image(
         if limited_angle is not None:
             angles = limited_angle_angles(limited_angle, views)
         else:
-            angles = sparse_view_angles(views or 180)
+            angles = sparse_view_angles(180 if views is None else views)
     if modality == "ct":
-        px = float(pixel_size_mm or 350.0 / size)
         w = MU_WATER_PER_MM * px
         hu = img if is_hu else _unit(img) * 2000.0 - 1000.0  # other units: [0, 1] mapped to air..bone
         hu = np.where(disk, hu, -1000.0)
@@ -186,8 +228,8 @@ def simulate_from_image(
             np.tensordot(np.random.default_rng(seed + 1).uniform(-1, 1, 3), np.stack([yy, xx, yy * xx]), 1) * np.pi / 2
         )
         x = (mag * np.exp(1j * phase)).astype(np.complex64)
-        mask = make_mask(mask_kind, (size, size), float(accel or 4), seed=seed)
-        maps = simulate_coil_maps((size, size), int(coils), seed=seed) if coils and coils > 1 else None
+        mask = make_mask(mask_kind, (size, size), float(4 if accel is None else accel), seed=seed)
+        maps = simulate_coil_maps((size, size), int(coils), seed=seed) if coils is not None and coils > 1 else None
         op = CartesianMRI(mask, maps)
         xt = torch.tensor(x)
         sigma = noise_sigma if noise_sigma is not None else 0.002 * float(op.forward(xt).abs().max())
@@ -197,18 +239,19 @@ def simulate_from_image(
     elif modality == "pet":
         body = np.where(disk, _unit(img), 0.0)
         activity = body * (body > 0.05)
-        mu = np.where(body > 0.05, MU_WATER_511_PER_MM * 350.0 / size, 0.0)
+        mu = np.where(body > 0.05, MU_WATER_511_PER_MM * px, 0.0)
         att = attenuation_factors(mu, angles)
         unit_op = PETOperator(size, angles, att)
         total = float(unit_op.forward(torch.tensor(activity, dtype=torch.float32)).sum())
-        scale = float(counts or 2e5) / max(total, 1e-12)
+        counts = 2e5 if counts is None else float(counts)
+        scale = counts / max(total, 1e-12)
         op = PETOperator(size, angles, att, sensitivity_scale=scale)
         x = activity
         xt = torch.tensor(x, dtype=torch.float32)
         mean_true = float(op.forward(xt).mean())
         noise = {"model": "poisson", "background": 0.2 * mean_true}
-        meta["intensity"] = {"native_units": "activity", "scale": 1.0, "offset": 0.0}
-        meta["description"] = f"PET, {len(angles)} views, {counts or 2e5:g} true counts"
+        meta["intensity"] = {"native_units": "activity", "scale": 1.0, "offset": 0.0, "pixel_size_mm": px}
+        meta["description"] = f"PET, {len(angles)} views, {counts:g} true counts"
     else:
         raise ValueError(f"unknown modality {modality!r}; use ct, mri or pet")
     m = simulate_measurement(op, xt, noise, seed=seed)

@@ -418,17 +418,36 @@ class TuneResult:
             "criterion": self.criterion,
             "method": self.method,
             "wall_time_s": self.wall_time_s,
+            "edge_note": self.edge_note(),
             **self.details,
         }
 
     def curve_text(self) -> str:
-        """The score curve as a small text table (best row marked)."""
+        """The score curve as a small text table (best row marked), and :meth:`edge_note` when there is one."""
         keys = list(self.grid[0]) if self.grid else []
         lines = ["  ".join(f"{k:>9}" for k in keys) + f"  {self.criterion:>12}"]
         for g, s in zip(self.grid, self.scores, strict=False):
             mark = "  ←" if g == self.best else ""
             lines.append("  ".join(f"{g[k]:>9.4g}" for k in keys) + f"  {s:>12.5g}{mark}")
-        return "\n".join(lines)
+        note = self.edge_note()
+        return "\n".join(lines + ([note] if note else []))
+
+    def edge_note(self) -> str | None:
+        """A warning when the chosen value is the grid's lowest or highest (of ≥ 3): the optimum may lie beyond it.
+
+        Returns
+        -------
+        str or None
+            The note naming the parameter and the end of the grid, or None when every chosen value is inside.
+        """
+        for k, v in self.best.items():
+            values = sorted({float(g[k]) for g in self.grid if k in g})
+            if len(values) < 3 or float(v) not in (values[0], values[-1]):
+                continue
+            end = "lowest" if float(v) == values[0] else "highest"
+            return (f"note: the chosen {k} ({float(v):g}) is the grid's {end} value, so the best may lie beyond it; "
+                    f"widen the grid (e.g. --auto-params {k}=…) or check the curve")
+        return None
 
 
 #: Default grids that follow the run's own value when it lies outside them (the tuned DPS step is ζ 6 on CT and 40 on
@@ -563,7 +582,8 @@ def auto_tune(
             return
         with lock:
             steps[key] = it.step / max(it.n_steps, 1)
-            done = state["done"] + sum(v for v in steps.values() if v < 1)
+            # a run at its last step counts as almost done until it returns (dropping it made the count go back)
+            done = state["done"] + sum(min(v, 0.999) for v in steps.values())
         progress(done, total, f"{criterion}: {int(done)}/{total} runs")
 
     def run_all(meas: Any) -> list[torch.Tensor]:

@@ -553,3 +553,98 @@ def test_single_coil_mri_gets_its_own_dps_step(tmp_path):
         assert main(["reconstruct", str(b), "--method", "dps", "--steps", "2", "-o", str(cold)]) == 0
         with np.load(cold) as z:
             assert json.loads(str(z["provenance"]))["settings"]["params"]["zeta"] == (1.0 if coils == 1 else 4.0)
+
+
+def test_simulate_takes_the_images_own_pixel_spacing(tmp_path, ct_slice):
+    from pydicom.data import get_testdata_file
+
+    # CT_small: 128 pixels of 0.66 mm; the pixel size after resizing sets the attenuation per pixel (and so how
+    # starved low-dose CT is): it was 350 mm / size whatever the image said (a 4x too thick body)
+    b = tmp_path / "b.npz"
+    assert main(["simulate", get_testdata_file("CT_small.dcm"), "--modality", "ct", "--size", "64", "-o", str(b)]) == 0
+    px = read_measurement(b).metadata["intensity"]["pixel_size_mm"]
+    assert px == pytest.approx(0.661468 * 128 / 64, rel=1e-4)
+    thick = simulate_from_image(ct_slice, "ct", size=64, units="HU", views=12)
+    thin = simulate_from_image(ct_slice, "ct", size=64, units="HU", views=12, pixel_spacing_mm=[0.5, 0.5])
+    assert thick.metadata["intensity"]["pixel_size_mm"] == pytest.approx(350 / 64)
+    assert thin.metadata["intensity"]["pixel_size_mm"] == pytest.approx(0.5 * ct_slice.shape[0] / 64)
+    # the line integrals scale with the pixel size: same image, same geometry
+    ratio = float(np.abs(thick.ground_truth).sum() / np.abs(thin.ground_truth).sum())
+    assert ratio == pytest.approx((350 / 64) / (0.5 * ct_slice.shape[0] / 64), rel=1e-3)
+    pet = simulate_from_image(ct_slice, "pet", size=48, views=12, pixel_spacing_mm=0.5)
+    assert pet.metadata["intensity"]["pixel_size_mm"] == pytest.approx(0.5 * ct_slice.shape[0] / 48)
+    with pytest.raises(ValueError, match="pixel spacing"):
+        simulate_from_image(ct_slice, "ct", size=48, pixel_spacing_mm=[0.0, 1.0])
+
+
+@pytest.mark.parametrize(
+    "option,value,match",
+    [("views", 0, "views"), ("coils", 0, "coils"), ("coils", -2, "coils"), ("accel", 0, "accel"),
+     ("counts", 0, "counts"), ("counts", -1, "counts"), ("photons", float("nan"), "photons"),
+     ("noise_sigma", -0.1, "noise_sigma")],
+)
+def test_simulate_refuses_zero_or_negative_options(ct_slice, option, value, match):
+    # they used to fall back to the defaults silently (0 views → 180, 0 counts → 2e5, 0 coils → 1)
+    modality = {"coils": "mri", "accel": "mri", "counts": "pet"}.get(option, "ct")
+    with pytest.raises(ValueError, match=match):
+        simulate_from_image(ct_slice, modality, size=32, **{option: value})
+
+
+def test_outputs_are_refused_under_a_name_of_another_format(tmp_path, capsys):
+    from pydicom.data import get_testdata_file
+
+    from napari_diffrecon.io import OutputPathError, write_result
+
+    ct = get_testdata_file("CT_small.dcm")
+    sim = ["simulate", ct, "--modality", "ct", "--size", "32", "--views", "8", "-o"]
+    assert main([*sim, str(tmp_path / "s.nii")]) == 2
+    assert ".npz" in capsys.readouterr().err and not (tmp_path / "s.nii").exists()
+    b = tmp_path / "b.npz"
+    assert main([*sim, str(b)]) == 0
+    for name in ("r.nii.gz", "r.tif", "r.h5"):
+        assert main(["reconstruct", str(b), "--method", "fbp", "-o", str(tmp_path / name)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error:") and "r.npz" in err and not (tmp_path / name).exists()
+    with pytest.raises(OutputPathError, match=".npz"):
+        write_result(tmp_path / "x.dcm", {"mean": np.zeros((2, 2))}, {})
+    # volume runs write a folder: a file name is refused instead of becoming a folder called vol.npz
+    assert main(["reconstruct", str(b), "--volume", "-o", str(tmp_path / "vol.npz")]) == 2
+    assert "folder" in capsys.readouterr().err and not (tmp_path / "vol.npz").exists()
+
+
+def test_classical_parameters_are_range_checked(tmp_path, capsys):
+    from pydicom.data import get_testdata_file
+
+    b, p = tmp_path / "ct.npz", tmp_path / "pet.npz"
+    ct = get_testdata_file("CT_small.dcm")
+    assert main(["simulate", ct, "--modality", "ct", "--size", "32", "--views", "8", "-o", str(b)]) == 0
+    assert main(["simulate", ct, "--modality", "pet", "--size", "32", "--views", "12", "-o", str(p)]) == 0
+    for bundle, args, match in [
+        (b, ["--method", "tv", "--lam", "nan"], "lam must be"),
+        (b, ["--method", "tv", "--iters", "0"], "iters must be"),
+        (b, ["--method", "cg", "--iters", "-1"], "iters must be"),
+        (p, ["--method", "mlem", "--iters", "0"], "iters must be"),
+        (p, ["--method", "osem", "--subsets", "100"], "at most 12"),
+    ]:
+        capsys.readouterr()
+        assert main(["reconstruct", str(bundle), *args, "-o", str(tmp_path / "o.npz")]) == 2, args
+        assert match in capsys.readouterr().err and not (tmp_path / "o.npz").exists()
+    # --lam with a sampler that has no λ is the TV hot start's weight, not Song's projection weight (≤ 1)
+    assert main(["reconstruct", str(b), "--method", "dds", "--hot-start", "tv", "--lam", "2", "--steps", "2",
+                 "-o", str(tmp_path / "d.npz")]) == 0
+    out = capsys.readouterr().out
+    assert "step 2/2" in out  # progress lines while the sampler runs
+    with np.load(tmp_path / "d.npz") as z:
+        assert json.loads(str(z["provenance"]))["settings"]["baseline_params"]["lam"] == 2.0
+
+
+def test_auto_tune_says_when_it_chose_the_end_of_its_grid():
+    from napari_diffrecon.tuning import TuneResult
+
+    grid = [{"gamma": g} for g in (0.1, 1.0, 10.0)]
+    top = TuneResult(best={"gamma": 10.0}, grid=grid, scores=[3.0, 2.0, 1.0], criterion="split", method="dds")
+    assert "highest" in top.edge_note() and "highest" in top.curve_text() and top.to_dict()["edge_note"]
+    inside = TuneResult(best={"gamma": 1.0}, grid=grid, scores=[3.0, 1.0, 2.0], criterion="split", method="dds")
+    assert inside.edge_note() is None and "note" not in inside.curve_text()
+    two = TuneResult(best={"gamma": 1.0}, grid=grid[:2], scores=[1.0, 2.0], criterion="split", method="dds")
+    assert two.edge_note() is None  # two points are no curve

@@ -84,6 +84,7 @@ def reconstruct_baseline(
     if isinstance(likelihood, TransmissionLikelihood) and method in ("fbp", "cg", "tv"):
         m = post_log(m, likelihood.I0, likelihood.background).to(operator.dtype)
     p = dict(params)
+    _check_params(method, p, operator)
     if method == "fbp":
         return fbp(operator, m, p.pop("filter", p.pop("filter_name", "ramp")))
     if method == "zero_filled":
@@ -105,3 +106,31 @@ def reconstruct_baseline(
     if method == "mlem":
         return mlem(operator, m, bg, n_iter=int(p.pop("iters", 50)))
     return osem(operator, m, bg, n_subsets=int(p.pop("subsets", 6)), n_iter=int(p.pop("iters", 5)))
+
+
+def _check_params(method: str, params: dict[str, Any], operator: LinearOperator) -> None:
+    """Refuse parameter values that would return garbage (NaN weights, no iterations) with a message saying why."""
+    import math
+
+    def number(name: str, minimum: float, integer: bool = False) -> None:
+        if params.get(name) is None:
+            return
+        v = params[name]
+        try:
+            f = float(v)
+        except (TypeError, ValueError):
+            raise ValueError(f"{method}: {name} must be a number, got {v!r}") from None
+        if not math.isfinite(f) or f < minimum or (integer and f != int(f)):
+            what = "a whole number" if integer else "a finite number"
+            raise ValueError(f"{method}: {name} must be {what} ≥ {minimum:g}, got {v!r}")
+
+    number("iters", 1, integer=True)
+    number("damp", 0)
+    number("lam", 0)
+    number("lam_rel", 0)
+    number("subsets", 1, integer=True)
+    if method == "osem" and params.get("subsets") is not None:
+        n_views = int(operator.data_shape[-1])
+        if int(params["subsets"]) > n_views:
+            raise ValueError(f"osem: {params['subsets']} subsets of {n_views} views; use at most {n_views}")
+

@@ -357,7 +357,12 @@ def read_measurement(path: str | Path) -> Measurement:
     return m
 
 
-def check_output_path(path: str | Path, overwrite: bool = False) -> Path:
+#: What :func:`write_measurement` and :func:`write_result` write (their output names must end so).
+MEASUREMENT_SUFFIXES = (".npz", ".h5", ".hdf5")
+RESULT_SUFFIXES = (".npz",)
+
+
+def check_output_path(path: str | Path, overwrite: bool = False, suffixes: tuple[str, ...] | None = None) -> Path:
     """Check, before any work, that a file can be written at ``path``.
 
     Parameters
@@ -366,6 +371,9 @@ def check_output_path(path: str | Path, overwrite: bool = False) -> Path:
         The output file.
     overwrite : bool
         Whether an existing file may be replaced (``--force``).
+    suffixes : tuple of str, optional
+        The file types the writer produces (e.g. ``(".npz",)``): another ending is refused, so that a bundle is
+        never written under a ``.nii.gz`` or ``.tif`` name that other programs would then fail to read.
 
     Returns
     -------
@@ -375,7 +383,8 @@ def check_output_path(path: str | Path, overwrite: bool = False) -> Path:
     Raises
     ------
     OutputPathError
-        When ``path`` is a directory, or lies inside something that is a file (whatever ``overwrite`` says).
+        When ``path`` is a directory, lies inside something that is a file (whatever ``overwrite`` says), or does
+        not end in one of ``suffixes``.
     FileExistsError
         When a file exists at ``path`` and ``overwrite`` is False.
     """
@@ -383,6 +392,13 @@ def check_output_path(path: str | Path, overwrite: bool = False) -> Path:
     if path.is_dir():
         raise OutputPathError(
             f"{path} is a directory, not an output file; give a file name, e.g. {path / 'result.npz'}"
+        )
+    if suffixes and path.suffix.lower() not in suffixes:
+        stem = path.name[: -len("".join(path.suffixes))] if path.suffixes else path.name
+        raise OutputPathError(
+            f"{path.name}: this writes a {' / '.join(suffixes)} file, so the name must end in it (e.g. "
+            f"{path.with_name(stem + suffixes[0])}); NIfTI, DICOM and TIFF images of a result are exported from the "
+            "workbench (File > Save Selected Layers) or with napari_diffrecon.io.export_image"
         )
     for parent in path.parents:
         if parent.exists():
@@ -461,8 +477,9 @@ def split_arrays(spec: dict[str, Any], noise: dict[str, Any]) -> tuple[dict, dic
 
 
 def write_measurement(m: Measurement, path: str | Path, overwrite: bool = False) -> Path:
-    """Write a bundle atomically (temp file + rename); refuses to overwrite unless ``overwrite``."""
-    path = Path(path)
+    """Write a bundle (``.npz``, or ``.h5`` / ``.hdf5``) atomically (temp file + rename); refuses to overwrite
+    unless ``overwrite``, and refuses other file endings."""
+    path = check_output_path(path, overwrite, MEASUREMENT_SUFFIXES)
     spec, noise, arrays = split_arrays(m.operator, m.noise)
     meta = {"software_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S"), **(m.metadata or {})}
     keys: dict[str, Any] = {
@@ -498,8 +515,9 @@ def write_measurement(m: Measurement, path: str | Path, overwrite: bool = False)
 def write_result(
     path: str | Path, arrays: dict[str, np.ndarray], provenance: dict[str, Any], overwrite: bool = False
 ) -> Path:
-    """Write reconstruction arrays + a ``provenance`` JSON string to ``.npz``, atomically, no silent overwrite."""
-    path = Path(path)
+    """Write reconstruction arrays + a ``provenance`` JSON string to ``.npz``, atomically, no silent overwrite
+    (another file ending is refused)."""
+    path = check_output_path(path, overwrite, RESULT_SUFFIXES)
     keys = {k: np.asarray(v) for k, v in arrays.items()}
     keys["provenance"] = np.array(json.dumps(provenance, default=str))
 
