@@ -304,7 +304,17 @@ class BatchedPrior:
         self._results: dict[int, torch.Tensor] = {}
         self._error: BaseException | None = None
         self._timeout = timeout
+        self._local = threading.local()
         self.n_calls = 0
+
+    def bind(self, index: int) -> None:
+        """Give the calling thread's run its place in the shared batch (its index in the grid).
+
+        Without it the batch is ordered by thread identities, which change from one search to the next: the float
+        rounding of a batched network call depends on where an image sits, so the same search could give different
+        last bits (and, with an untrained network in bfloat16, NaN in one order and not in another).
+        """
+        self._local.index = int(index)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._prior, name)
@@ -345,7 +355,9 @@ class BatchedPrior:
         self._cv.notify_all()
 
     def denoise(self, x_t: torch.Tensor, sigma: Any) -> torch.Tensor:
-        key = threading.get_ident()
+        key = getattr(self._local, "index", None)
+        if key is None:  # a run that did not :meth:`bind`: keyed by its thread (identities are far above indices)
+            key = threading.get_ident()
         with self._cv:
             if self._error is not None:
                 raise RuntimeError("another run in the batch failed") from self._error
@@ -374,6 +386,7 @@ def _run_batched(jobs: list[Callable[[Any], Any]], prior: Any) -> list[Any]:
     errors: list[BaseException | None] = [None] * len(jobs)
 
     def work(i: int) -> None:
+        bp.bind(i)
         try:
             results[i] = jobs[i](bp)
         except BaseException as e:  # noqa: BLE001

@@ -229,3 +229,35 @@ def test_the_default_zeta_grid_follows_a_run_value_outside_it():
     assert values(40.0) == [4.0, 12.0, 40.0, 120.0]
     assert values(6.0) == [0.6, 1.8, 6.0, 18.0]
     assert [g["gamma"] for g in tuning._grid(None, "dds", SamplerParams(gamma=30.0))] == tuning.DEFAULT_GRIDS["gamma"]
+
+
+def test_the_shared_batch_is_ordered_by_run_not_by_thread():
+    """Runs join the batched denoiser call in grid order whatever order their threads arrive in (the float rounding
+    of a batched call depends on an image's place, so the order must not change between searches)."""
+    import threading
+    import time
+
+    class Recorder:
+        def __init__(self):
+            self.batches = []
+
+        def denoise(self, x, sigma):
+            self.batches.append(x[:, 0].tolist())
+            return x
+
+    rec = Recorder()
+    bp = tuning.BatchedPrior(rec, 2)
+    out = {}
+
+    def run(i, delay):
+        bp.bind(i)
+        time.sleep(delay)
+        out[i] = bp.denoise(torch.full((1, 1), float(i)), 1.0)
+        bp.leave()
+
+    threads = [threading.Thread(target=run, args=(1, 0.0)), threading.Thread(target=run, args=(0, 0.2))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert rec.batches == [[0.0, 1.0]] and float(out[0]) == 0.0 and float(out[1]) == 1.0

@@ -280,6 +280,42 @@ def test_simulate_from_image_layer(make_napari_viewer, qtbot, mr_slice):
     assert "4 coil(s)" in w.meas_label.text()
 
 
+def test_use_selected_ground_truth_layer_simulates_as_asked(make_napari_viewer, qtbot, notes):
+    """A sample's ground-truth layer is an image: "Use selected layer" simulates from it with the "simulate as"
+    options (it re-adopted the CT sample's own measurement before); options that describe the layer's own
+    measurement adopt it, with a notice; a measurement layer is adopted as it is."""
+    viewer, w = _widget(make_napari_viewer, qtbot)
+    w.load_sample("ct_sparse23")
+    ct = w.measurement
+    gt = viewer.layers["CT 23 views ground truth"]
+    viewer.layers.selection.active = gt
+    w.sim_modality.setCurrentText("mri")
+    w.sim_size.setValue(64)
+    w.sim_coils.setValue(4)
+    w.use_selected_layer()
+    assert w.measurement is not ct and w.measurement.operator["modality"] == "mri"
+    assert w.measurement.operator["coil_maps"].shape == (4, 64, 64)
+    assert w.measurement_name == "CT 23 views ground truth (mri simulated)"
+    # the options of the sample's own measurement: that one is adopted, and the user is told
+    viewer.layers.selection.active = gt
+    w.sim_modality.setCurrentText("ct")
+    w.sim_size.setValue(128)
+    w.sim_views.setValue(23)
+    n = len(viewer.layers)
+    w.use_selected_layer()
+    assert w.measurement is ct and w.measurement_name == "CT 23 views" and len(viewer.layers) == n
+    assert "using the measurement that came with 'CT 23 views ground truth'" in notes[-1]
+    w.sim_views.setValue(60)  # another geometry: simulated
+    w.use_selected_layer()
+    assert w.measurement is not ct and len(w.measurement.operator["angles_deg"]) == 60
+    # a measurement layer is the measurement, whatever the options say
+    viewer.layers.selection.active = viewer.layers["CT 23 views measurement (ct)"]
+    w.sim_modality.setCurrentText("pet")
+    n = len(notes)
+    w.use_selected_layer()
+    assert w.measurement is ct and len(notes) == n
+
+
 def test_presets_and_last_settings_persist(make_napari_viewer, qtbot, tmp_path, tiny_priors):
     viewer, w = _widget(make_napari_viewer, qtbot)
     w.method_combo.setCurrentIndex(w.method_combo.findData("mcg"))

@@ -178,3 +178,86 @@ def test_the_workbench_follows_the_noise_sigma_and_keeps_values_the_data_do_not_
     w.spins["gamma"].setValue(7.0)
     w.noise_sigma.setValue(5 * sigma)
     assert w._data_kind()[2] and w.current_settings().params.gamma == 7.0
+
+
+def _session(make_napari_viewer):
+    """A fresh viewer and workbench (a napari restart: the last settings are restored)."""
+    viewer = make_napari_viewer()
+    w = main_widget(viewer)
+    viewer.window.add_dock_widget(w, name="Diffusion reconstruction")
+    return w
+
+
+def test_restored_settings_stay_for_the_last_run_s_kind_of_data_only(make_napari_viewer, tmp_path, notes):
+    """The last run's values (the user's own among them) stay for data of the kind it ran on; data of another kind
+    bring in their tuned values with a notice, as within a session (restored CT γ 3 was kept for MRI and PET)."""
+    import json
+
+    from napari_diffrecon.samplers.defaults import recommended_params
+
+    w = _session(make_napari_viewer)
+    w.load_sample("ct_sparse23")
+    w.spins["n_steps"].setValue(7)  # the user's own values
+    w.spins["gamma"].setValue(5.0)
+    w.close()  # remembers the settings and the kind of data they were for
+
+    w = _session(make_napari_viewer)
+    assert w.spins["n_steps"].value() == 7 and w.spins["gamma"].value() == 5.0
+    w.load_sample("ct_sparse23")  # the same kind of data: the user's values stay, silently
+    assert w.spins["n_steps"].value() == 7 and w.spins["gamma"].value() == 5.0
+    assert not any("last session" in m for m in notes)
+    w.load_sample("mri_4x_8coils")  # another kind: its tuned values, and the user is told
+    tuned = recommended_params("dds", "mri", coils=8, noisy=True)
+    assert w.spins["gamma"].value() == tuned.gamma == 1.0 and w.spins["n_steps"].value() == tuned.n_steps
+    assert sum("last session's dds values were for CT data" in m for m in notes) == 1
+    assert "noisy 8-coil MRI" in notes[-1]
+    w.load_sample("pet_lowcount")  # from here on as within a session (no further notice)
+    assert w.spins["gamma"].value() == 10.0
+    w.load_sample("ct_sparse23")
+    assert w.spins["gamma"].value() == 3.0
+    assert sum("last session" in m for m in notes) == 1
+
+    # The restart straight into data of another kind (the reported case: MRI, then PET kept CT's γ 3).
+    w.spins["n_steps"].setValue(2)
+    w.close()
+    last = json.loads((tmp_path / "config" / "last_settings.json").read_text())
+    assert last["gui"]["data_kind"] == ["ct", None, False]
+    w = _session(make_napari_viewer)
+    w.load_sample("mri_4x_8coils")
+    assert w.spins["gamma"].value() == 1.0 and w.spins["n_steps"].value() == 50
+    w.load_sample("pet_lowcount")
+    assert w.spins["gamma"].value() == 10.0
+
+    # A settings file without the data kind (an older version's): the values stay for the first data, then follow.
+    from napari_diffrecon._widgets import _presets
+
+    w.spins["gamma"].setValue(4.0)
+    _presets.save_last(w.current_settings(), w.gui_state())
+    w = _session(make_napari_viewer)
+    w.load_sample("mri_4x_8coils")
+    assert w.spins["gamma"].value() == 4.0
+    w.load_sample("pet_lowcount")
+    assert w.spins["gamma"].value() == 10.0 and "were for noisy 8-coil MRI data" in notes[-1]
+    # a preset the user loads is theirs for any data
+    path = w.save_preset(tmp_path / "mine.json")
+    w.load_sample("ct_sparse23")
+    assert w.load_preset(path) and w.spins["gamma"].value() == 10.0
+    w.load_sample("mri_4x_8coils")
+    assert w.spins["gamma"].value() == 10.0
+
+
+def test_grid_view_fits_the_tiles_again_when_layers_are_added(make_napari_viewer):
+    """With "side by side" on (restored from the last session), loaded data are shown whole, not cropped."""
+    w = _session(make_napari_viewer)
+    w.grid.setChecked(True)
+    w.load_sample("mri_4x_8coils")
+    w.load_sample("ct_sparse23")
+    viewer = w.viewer
+    camera = getattr(viewer, "scene", viewer).camera  # viewer.camera before napari 0.9
+
+    def view():
+        return (camera.zoom, *camera.center)
+
+    seen = view()
+    viewer.reset_view()
+    assert seen == pytest.approx(view())

@@ -104,6 +104,7 @@ GUI_UPDATES_PER_S = 2.0  # layer updates per second while a run streams (each co
 PBAR_PERIOD_S = 1.0  # progress bar and status text: each change repaints the window (costly in software GL)
 _WEIGHT_RANGE = 100  # slider ticks each side of 0; weight = 10 ** (tick / _WEIGHT_RANGE)
 NONE_PRIOR = "(default for the modality)"
+DataKind = tuple[str, int | None, bool]  # ``reconstruct.data_kind``: modality, MRI coil count, noisy data
 
 
 def _spin(kind: str, lo: float, hi: float, step: float, decimals: int) -> QSpinBox | QDoubleSpinBox:
@@ -152,6 +153,40 @@ def _devices() -> list[str]:
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
         out.append("mps")
     return out
+
+
+def _kind_text(kind: DataKind) -> str:
+    """A kind of data in words: "CT", "noisy 8-coil MRI", "noisy PET"."""
+    modality, coils, noisy = kind
+    return f"{'noisy ' if noisy else ''}{f'{coils}-coil ' if coils is not None else ''}{modality.upper()}"
+
+
+def _kind_from_json(value: Any) -> DataKind | None:
+    """A data kind as stored in the last settings (``[modality, coils, noisy]``); None when absent or malformed."""
+    if not isinstance(value, (list, tuple)) or len(value) != 3:
+        return None
+    modality, coils, noisy = value
+    if not isinstance(modality, str) or not isinstance(noisy, bool):
+        return None
+    if coils is not None and (isinstance(coils, bool) or not isinstance(coils, int)):
+        return None
+    return modality, coils, noisy
+
+
+def _measurement_name(layer_name: str) -> str:
+    """The measurement's name in a layer name from ``io._napari`` ("CT 23 views measurement (ct)" -> "CT 23 views";
+    "… ground truth (mri simulated) ground truth" -> "… ground truth (mri simulated)")."""
+    for suffix in (" measurement (", " ground truth"):
+        head, sep, _ = layer_name.rpartition(suffix)
+        if sep:
+            return head
+    return layer_name
+
+
+def _grid(viewer: Any) -> Any:
+    """The viewer's grid settings: ``viewer.canvas.grid`` from napari 0.9 (``viewer.grid`` is deprecated there)."""
+    canvas = getattr(viewer, "canvas", None)
+    return canvas.grid if hasattr(canvas, "grid") else viewer.grid
 
 
 def card_text(card: Any) -> str:
@@ -212,17 +247,19 @@ class DiffReconWidget(QWidget):
         self._running_prov: dict[str, Any] = {}
         self._status_pending = ""
         self._applying = True  # no recommended values while the widgets are built / settings restored
-        # the tuned values on show (``SamplerParams.to_dict()``), or "preset" for a preset's / the user's restored ones
+        # the tuned values on show (``SamplerParams.to_dict()``), "preset" for a preset's (kept for any data), or
+        # "restored" for the last run's settings when the kind of data they ran on is not known (an older file)
         self._tuned_for: dict[str, Any] | str | None = None
+        # the kind of data the restored last-run values were for, while they are on show (for the notice when data of
+        # another kind bring in their tuned values)
+        self._restored_kind: DataKind | None = None
         self.max_rate = GUI_UPDATES_PER_S
         self._build()
         self._connect_viewer()
         self._applying = False
         self.use_recommended()
         if restore_last:
-            last = _presets.load_last()
-            if last is not None:
-                self.apply_settings(*last, quiet=True)
+            self._restore_last()
         self._on_method_changed()
 
     # ------------------------------------------------------------------ construction
@@ -447,7 +484,9 @@ class DiffReconWidget(QWidget):
         layer = event.value
         m = (layer.metadata or {}).get("measurement") if hasattr(layer, "metadata") else None
         if isinstance(m, Measurement) and m is not self.measurement:
-            self.set_measurement(m, name=layer.name.split(" measurement")[0].split(" ground truth")[0])
+            self.set_measurement(m, name=_measurement_name(layer.name))
+        if _grid(self.viewer).enabled:  # a new tile: fit the grid again (napari leaves the camera where it was)
+            self.viewer.reset_view()
 
     def _on_layer_removed(self, event: Any) -> None:
         for role, layer in list(self.layers.items()):
@@ -594,15 +633,27 @@ class DiffReconWidget(QWidget):
         return opts
 
     def use_selected_layer(self) -> None:
-        """Adopt the selected layer's measurement, or simulate one from the selected 2D image layer."""
+        """Adopt the selected layer's measurement, or simulate one from the selected 2D image layer.
+
+        A measurement layer's measurement is adopted. A ground-truth layer is an image: it is simulated from with the
+        "simulate as" options, unless they describe the measurement it came with (:meth:`_simulated_as`), which is
+        then adopted, with a notice.
+        """
         layer = self.viewer.layers.selection.active
         if layer is None:
             show_warning("napari-diffrecon: select an image layer first")
             return
-        m = (layer.metadata or {}).get("measurement")
+        meta = layer.metadata or {}
+        m = meta.get("measurement")
         if isinstance(m, Measurement):
-            self.set_measurement(m, layer.name)
-            return
+            if meta.get("role") != "ground truth":
+                self.set_measurement(m, _measurement_name(layer.name))
+                return
+            if self._simulated_as(m):
+                self.set_measurement(m, _measurement_name(layer.name))
+                show_info(f"napari-diffrecon: using the measurement that came with {layer.name!r} (the \"simulate "
+                          "as\" options describe it); change them to simulate another from the image")
+                return
         data = np.asarray(layer.data)
         if data.ndim == 3:
             data = data[int(self.viewer.dims.current_step[0]) % data.shape[0]]
@@ -611,10 +662,35 @@ class DiffReconWidget(QWidget):
             return
         from ..io._napari import simulated_layers
 
+        opts = self.simulate_options()
+        scale = [float(v) for v in np.asarray(layer.scale)[-2:]]
+        if any(v != 1.0 for v in scale):  # a layer with a pixel size (mm): CT / PET attenuation per pixel follows it
+            opts["pixel_spacing_mm"] = scale
         try:
-            self._add_layer_data(simulated_layers(data, layer.name, **self.simulate_options()))
+            self._add_layer_data(simulated_layers(data, layer.name, **opts))
         except ValueError as e:
             show_error(f"napari-diffrecon: cannot simulate from {layer.name!r}: {e}")
+
+    def _simulated_as(self, m: Measurement) -> bool:
+        """Whether the "simulate as" options (:meth:`simulate_options`) describe ``m``: its modality and size, the
+        views (CT, PET), the acceleration and coils (MRI), and the true counts (PET, when recorded)."""
+        opts = self.simulate_options()
+        spec = m.operator or {}
+        made = m.metadata.get("options") if isinstance(m.metadata, dict) else None
+        made = made if isinstance(made, dict) else {}
+        shape = tuple(spec.get("image_shape", ()))
+        if str(spec.get("modality")) != opts["modality"] or shape != (opts["size"], opts["size"]):
+            return False
+        if "views" in opts and len(spec.get("angles_deg", ())) != opts["views"]:
+            return False
+        if "coils" in opts:
+            maps, mask = spec.get("coil_maps"), spec.get("mask")
+            accel = made.get("accel") or (1 / max(float(np.mean(mask)), 1e-9) if mask is not None else 1.0)
+            coils = int(np.shape(maps)[0]) if maps is not None else 1
+            if coils != opts["coils"] or not math.isclose(float(accel), opts["accel"], rel_tol=0.05):
+                return False
+        counts = made.get("counts")
+        return "counts" not in opts or counts is None or math.isclose(float(counts), opts["counts"], rel_tol=1e-6)
 
     # ------------------------------------------------------------------ prior
     def _default_prior_name(self) -> str | None:
@@ -696,7 +772,7 @@ class DiffReconWidget(QWidget):
         for w in (self.hot_start, self._weight_row, self._samples_row, self.compare):
             w.setVisible(diffusion)
 
-    def _data_kind(self) -> tuple[str, int | None, bool]:
+    def _data_kind(self) -> DataKind:
         """What the tuned values depend on besides the method (``reconstruct.data_kind``: modality, MRI coil count,
         noisy data), worked out once per measurement."""
         from ..io.bundle import BundleError
@@ -716,38 +792,61 @@ class DiffReconWidget(QWidget):
             self._kind_cache = cached = (m, kind)
         return cached[1]
 
-    def _recommended(self) -> Any:
-        """The tuned :class:`SamplerParams` for the chosen method, hot start and data (None for a classical method)."""
+    def _recommended(self, kind: DataKind | None = None) -> Any:
+        """The tuned :class:`SamplerParams` for the chosen method, hot start and data (None for a classical method).
+
+        Parameters
+        ----------
+        kind : tuple, optional
+            ``(modality, coils, noisy)`` of the data to tune for; default the measurement's (:meth:`_data_kind`).
+
+        Returns
+        -------
+        SamplerParams or None
+            The tuned values; None for a classical method.
+        """
         method = self.method_combo.currentData() or "dds"
         if method not in SAMPLERS:
             return None
         from ..samplers.defaults import recommended_params
 
-        modality, coils, noisy = self._data_kind()
+        modality, coils, noisy = kind if kind is not None else self._data_kind()
         return recommended_params(method, modality, hot_start=self.hot_start.isChecked(), coils=coils, noisy=noisy)
 
     def _follow_the_data(self) -> None:
         """Show the tuned values when the data's differ from those on show; keep a preset's and the user's otherwise
-        (data of another kind whose tuned values for this method are the same, e.g. DDS on low-dose and sparse CT)."""
+        (data of another kind whose tuned values for this method are the same, e.g. DDS on low-dose and sparse CT).
+
+        The last run's restored values count as tuned for the kind of data that run was on: kept for data of that
+        kind, replaced (with a notice) by another kind's tuned values.
+        """
         if self._tuned_for == "preset":
             return
         p = self._recommended()
-        if p is not None and p.to_dict() != self._tuned_for:
+        if p is None:
+            return
+        if self._tuned_for == "restored":  # the last run's data kind is not known: taken to be the first data's
+            self._tuned_for, self._restored_kind = p.to_dict(), self._data_kind()
+        elif p.to_dict() != self._tuned_for:
+            old = self._restored_kind
             self.use_recommended()
+            if old is not None and old[0] != "*":
+                show_info(f"napari-diffrecon: the last session's {self.method_combo.currentData()} values were for "
+                          f"{_kind_text(old)} data; using the tuned values for {_kind_text(self._data_kind())} data")
 
     def use_recommended(self, *_: Any) -> None:
         """Fill the sampler's parameters with the tuned values for the method and modality (``samplers.defaults``).
 
         Called when the user picks a method or toggles hot start, and when data whose tuned values differ are loaded
-        (another modality, MRI coil count, noisy or not) or the noise σ is changed across that line; presets and
-        restored settings are not changed then.
+        (another modality, MRI coil count, noisy or not) or the noise σ is changed across that line; a preset's
+        values are not changed then, nor the last run's restored ones while the data are of that run's kind.
         """
         if self._applying:
             return
         p = self._recommended()
         if p is None:
             return
-        self._tuned_for = p.to_dict()
+        self._tuned_for, self._restored_kind = p.to_dict(), None
         for key in ("n_steps", "eta", "lam", "gamma", "zeta", "cg_iters", "snr"):
             v = getattr(p, key)
             self.spins[key].setValue(self.spins[key].maximum() if isinstance(v, float) and not math.isfinite(v) else v)
@@ -833,7 +932,7 @@ class DiffReconWidget(QWidget):
 
     def apply_settings(self, settings: RunSettings, gui: dict[str, Any] | None = None, quiet: bool = False) -> None:
         """Show ``settings`` in the widgets (a preset or the last used settings)."""
-        self._tuned_for = "preset"  # the user's values: a new measurement does not replace them
+        self._tuned_for, self._restored_kind = "preset", None  # the user's values: a new measurement keeps them
         self._applying = True
         try:
             self._apply_settings(settings, gui, quiet)
@@ -885,6 +984,37 @@ class DiffReconWidget(QWidget):
         if "grid" in gui:
             self.grid.setChecked(bool(gui["grid"]))
         self._on_method_changed()
+
+    def _restore_last(self) -> None:
+        """Show the last run's settings (:func:`._presets.load_last`).
+
+        Its sampler values, the user's own among them, count as tuned for the kind of data that run was on (stored
+        beside them by :meth:`_last_state`): data of that kind, or of a kind with the same tuned values, keep them;
+        data of another kind bring in their tuned values, as within a session.
+        """
+        last = _presets.load_last()
+        if last is None:
+            return
+        settings, gui = last
+        self.apply_settings(settings, gui, quiet=True)
+        kind = _kind_from_json(gui.get("data_kind"))
+        if kind is None:
+            self._tuned_for = "restored"
+        else:
+            p = self._recommended(kind)
+            self._tuned_for, self._restored_kind = (p.to_dict() if p is not None else None), kind
+
+    def _last_state(self) -> dict[str, Any]:
+        """:meth:`gui_state` plus ``"data_kind"``: the kind of data the sampler values on show are for (the
+        measurement's, else the restored settings'), which the next session's :meth:`_restore_last` reads."""
+        kind: DataKind | None
+        if self.measurement is not None:
+            kind = self._data_kind()
+        elif self._restored_kind is not None:
+            kind = self._restored_kind
+        else:  # no data: tuned for none ("*"), unless a preset's values or an unknown kind's are on show
+            kind = None if self._tuned_for in ("preset", "restored") else self._data_kind()
+        return {**self.gui_state(), **({"data_kind": list(kind)} if kind is not None else {})}
 
     def save_preset(self, path: str | Path) -> Path:
         """Save the current settings as a JSON preset."""
@@ -948,7 +1078,7 @@ class DiffReconWidget(QWidget):
             if msg:
                 show_error(f"napari-diffrecon: {msg}")
                 return None
-        _presets.save_last(settings, self.gui_state())
+        _presets.save_last(settings, self._last_state())
         self._run_settings = settings
         self._run_measurement = self.measurement
         self._live_params = settings.params
@@ -1153,7 +1283,7 @@ class DiffReconWidget(QWidget):
             pbar.close()
 
     def _on_grid(self, on: bool) -> None:
-        self.viewer.grid.enabled = bool(on)
+        _grid(self.viewer).enabled = bool(on)
         self.viewer.reset_view()
 
     # ------------------------------------------------------------------ export
@@ -1195,7 +1325,7 @@ class DiffReconWidget(QWidget):
         """Stop a run in flight and remember the settings."""
         self.stop()
         self.volume.stop()
-        _presets.save_last(self.current_settings(), self.gui_state())
+        _presets.save_last(self.current_settings(), self._last_state())
         super().closeEvent(event)
 
 

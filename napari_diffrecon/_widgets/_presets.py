@@ -3,7 +3,9 @@
 A preset is ``{"format": "napari-diffrecon preset", "version": 1, "settings": RunSettings.to_dict(),
 "gui": {...}}``; ``gui`` holds widget-only choices (comparison baseline, grid view). The last used
 settings live in ``last_settings.json`` under :func:`config_dir` — the user config directory, or
-``$NAPARI_DIFFRECON_CONFIG_DIR`` when set (tests point it at a temporary folder).
+``$NAPARI_DIFFRECON_CONFIG_DIR`` when set (tests point it at a temporary folder); their ``gui`` also
+holds ``data_kind``, the ``[modality, coils, noisy]`` of the data they ran on (``reconstruct.data_kind``):
+the workbench keeps the restored sampler values for data of that kind (or with the same tuned values).
 """
 
 from __future__ import annotations

@@ -2,8 +2,9 @@
 
 Readers: our measurement bundles (``.npz`` / ``.h5``) and fastMRI-style ``.h5`` k-space open as
 ground-truth + measurement layers whose metadata carries the :class:`Measurement` (the workbench
-picks it up, ready to Run); NIfTI volumes, DICOM files and series folders, and TIFFs we exported
-open as image layers with their pixel spacing as scale and the provenance in their metadata.
+picks it up, ready to Run) and what the layer shows (``role``: "measurement" or "ground truth");
+NIfTI volumes, DICOM files and series folders, and TIFFs we exported open as image layers with
+their pixel spacing as scale and the provenance in their metadata.
 Writers: image layers to NIfTI, DICOM secondary capture and TIFF with provenance (napari's save
 dialog asks before replacing a file; the writers themselves are atomic).
 """
@@ -41,10 +42,12 @@ def _layers(m: Measurement, name: str) -> list[LayerData]:
     meta = {"measurement": m, "operator": _json_safe(m.operator), "noise": _json_safe(m.noise), "source": m.path,
             "description": (m.metadata or {}).get("description")}
     modality = m.operator.get("modality")
-    layers: list[LayerData] = [(data, {"name": f"{name} measurement ({modality})", "metadata": meta}, "image")]
+    layers: list[LayerData] = [
+        (data, {"name": f"{name} measurement ({modality})", "metadata": {**meta, "role": "measurement"}}, "image")
+    ]
     if m.ground_truth is not None:
         gt = np.abs(m.ground_truth) if np.iscomplexobj(m.ground_truth) else m.ground_truth
-        kw: dict[str, Any] = {"name": f"{name} ground truth", "metadata": meta}
+        kw: dict[str, Any] = {"name": f"{name} ground truth", "metadata": {**meta, "role": "ground truth"}}
         scale = _pixel_scale(m)
         if scale is not None:
             kw["scale"] = scale
@@ -204,6 +207,8 @@ def read_any(path: str | Path, simulate: dict[str, Any] | None = None) -> list[L
     img, info = read_image(p)
     if info.get("units") == "HU":
         opts.setdefault("units", "HU")
+    if info.get("pixel_spacing_mm"):  # the attenuation per pixel (CT, PET) follows the image's own pixel size
+        opts.setdefault("pixel_spacing_mm", info["pixel_spacing_mm"])
     return simulated_layers(img, _stem(p), source=str(p), **opts)
 
 
