@@ -325,8 +325,9 @@ def _run_demo_headless(outdir: Path) -> int:
     png = outdir / "demo_comparison.png"
     fig.savefig(png, dpi=110)
     plt.close(fig)
+    width = max(len(label) for label in results)
     for label, r in results.items():
-        print(f"  {label:16s} PSNR {psnr(r.reconstruction, gt):6.2f} dB  SSIM {ssim(r.reconstruction, gt):.3f}")
+        print(f"  {label:{width}s}  PSNR {psnr(r.reconstruction, gt):6.2f} dB  SSIM {ssim(r.reconstruction, gt):.3f}")
     print(f"wrote {npz} and {png}")
     return 0
 
