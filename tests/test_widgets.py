@@ -404,3 +404,49 @@ def test_a_shipped_prior_of_another_modality_gives_way_a_file_prior_stays(make_n
     assert w.set_prior(str(tiny_priors["ct"]))
     w.load_sample("mri_4x_8coils")
     assert w.prior is not None and "complex" in w.mismatch_label.text()
+
+
+def test_a_classical_run_after_a_diffusion_run_marks_the_earlier_run_s_layers(make_napari_viewer, qtbot, tiny_priors):
+    """A TV run after DDS used to replace the baseline and residual and leave the DDS mean, std and support map
+    looking like its own: their names now say which run they hold, until a run writes them again. A result layer the
+    user renamed is theirs: never renamed nor written to again."""
+    from napari_diffrecon._widgets._tuning import FLAG_NAME, SUPPORT_NAME
+
+    viewer, w = _widget(make_napari_viewer, qtbot)
+    _prepare(w, "ct_sparse23", tiny_priors["ct"], n_steps=3, slow=0)
+    w.n_samples.setValue(2)
+    _run_to_end(w, qtbot)
+    assert w.tuning.show_support() is not None
+    iterate = w.layers["iterate"]
+    iterate.name = "my DDS iterate"  # the user keeps this one
+    kept = np.array(iterate.data)
+    w.method_combo.setCurrentIndex(w.method_combo.findData("tv"))
+    w.spins["iters"].setValue(5)
+    _run_to_end(w, qtbot)
+    names = {layer.name for layer in viewer.layers}
+    assert {"baseline (tv)", LAYER_NAMES["residual"], "my DDS iterate"} <= names  # this run's, and the user's
+    for role in ("estimate", "mean", "std"):
+        assert f"{LAYER_NAMES[role]} [earlier dds run]" in names, role
+        assert not w.layers[role].visible, role  # hidden: the earlier std must not cover the new baseline
+    assert w.layers["residual"].visible
+    assert f"{SUPPORT_NAME} [earlier dds run]" in names and f"{FLAG_NAME} [earlier dds run]" in names
+    assert not any(n.startswith(LAYER_NAMES["mean"]) and "earlier" not in n for n in names)
+    assert w.tuning.show_support() is None  # no posterior of the last run to map (the earlier one's is not used)
+    n_layers = len(viewer.layers)
+    w.method_combo.setCurrentIndex(w.method_combo.findData("dds"))
+    w.compare.setChecked(False)
+    _run_to_end(w, qtbot)
+    names = {layer.name for layer in viewer.layers}
+    for role in ("iterate", "estimate", "mean", "std", "residual"):
+        assert LAYER_NAMES[role] in names, role  # written again: this run's
+        assert w.layers[role].visible, role
+    assert "baseline (tv) [earlier tv run]" in names  # not computed this time
+    assert len(viewer.layers) == n_layers + 1  # a new iterate layer beside the user's
+    assert w.layers["iterate"] is not iterate and iterate.name == "my DDS iterate"
+    np.testing.assert_array_equal(iterate.data, kept)
+    std = w.layers["std"]
+    std.name = "my std"  # renamed while a run streams into it: the name stays, the next run leaves the layer alone
+    w._show("std", np.zeros_like(std.data))
+    assert std.name == "my std"
+    w._mark_earlier_results()  # what the next run does first
+    assert std.name == "my std" and "std" not in w.layers

@@ -261,3 +261,69 @@ def test_grid_view_fits_the_tiles_again_when_layers_are_added(make_napari_viewer
     seen = view()
     viewer.reset_view()
     assert seen == pytest.approx(view())
+
+
+def test_the_prior_card_shows_the_default_prior_a_run_will_use(make_napari_viewer):
+    """With "(default for the modality)" the card is that of the prior a run will load for the data (it was blank)."""
+    from napari_diffrecon._widgets._main import NONE_PRIOR
+    from napari_diffrecon.priors import default_prior_for
+
+    w = _session(make_napari_viewer)
+    assert w.prior_combo.currentText() == NONE_PRIOR and w.prior is None
+    assert "load data to see which" in w.card_label.text()
+    w.load_sample("ct_sparse23")
+    assert w.prior is None and w.card_label.text().startswith(f"default for CT: <b>{default_prior_for('ct')}</b>")
+    w.method_combo.setCurrentIndex(w.method_combo.findData("consistency"))  # its default is a consistency model
+    assert f"<b>{default_prior_for('ct', consistency=True)}</b>" in w.card_label.text()
+    w.method_combo.setCurrentIndex(w.method_combo.findData("dds"))
+    w.load_sample("mri_4x_8coils")
+    assert w.card_label.text().startswith(f"default for MRI: <b>{default_prior_for('mri', True)}</b>")
+    w.prior_combo.setCurrentIndex(w.prior_combo.findData("pet-phantom-128"))  # a chosen prior: its own card
+    assert w.card_label.text().startswith("<b>pet-phantom-128</b>")
+    w.prior_combo.setCurrentIndex(0)
+    assert w.card_label.text().startswith(f"default for MRI: <b>{default_prior_for('mri', True)}</b>")
+
+
+def test_an_export_over_an_existing_file_says_what_to_do_in_the_gui(make_napari_viewer, tmp_path, notes):
+    """The message names the GUI's ways out, not the command line's "--force"."""
+    w = _session(make_napari_viewer)
+    w.load_sample("ct_sparse23")
+    gt = w.viewer.layers["CT 23 views ground truth"]
+    path = tmp_path / "gt.nii.gz"
+    assert w.export_layer(gt, path) == path
+    assert w.export_layer(gt, path) is None
+    assert "--force" not in notes[-1] and "gt.nii.gz already exists" in notes[-1]
+    assert "choose another file name" in notes[-1] and "confirm replacing it" in notes[-1]
+    folder = tmp_path / "folder.nii.gz"
+    folder.mkdir()
+    assert w.export_layer(gt, folder) is None and "is a directory" in notes[-1]  # the core's words say what to do
+
+
+def _footprint(layer):
+    """The world rectangle a 2D image layer covers (napari centres pixel i at translate + i * scale)."""
+    n = np.asarray(layer.data.shape, dtype=float)
+    return np.stack([layer.translate - 0.5 * layer.scale, layer.translate + (n - 0.5) * layer.scale])
+
+
+def test_measurement_space_layers_lie_under_the_images_with_their_footprint(make_napari_viewer, qtbot):
+    """The sinogram / k-space and data-residual layers (scale 1) covered the mm-scaled images and stretched beyond
+    them: they lie under the images now, with the images' field of view (a grid tile of the same size)."""
+    w = _session(make_napari_viewer)
+    viewer = w.viewer
+    for sample in ("ct_sparse23", "mri_4x_8coils"):
+        viewer.layers.clear()
+        w.load_sample(sample)
+        gt, meas = (next(ly for ly in viewer.layers if ly.metadata.get("role") == r)
+                    for r in ("ground truth", "measurement"))
+        assert viewer.layers.index(gt) > viewer.layers.index(meas)  # the image on top
+        assert viewer.layers.selection.active is meas  # "Use selected layer" adopts the measurement, as before
+        np.testing.assert_allclose(_footprint(meas), _footprint(gt))
+    viewer.layers.clear()
+    w.load_sample("ct_sparse23")
+    w.method_combo.setCurrentIndex(w.method_combo.findData("fbp"))
+    assert w.run() is not None
+    qtbot.waitUntil(lambda: not w.running, timeout=60_000)
+    residual, baseline = w.layers["residual"], w.layers["baseline"]
+    assert viewer.layers.index(residual) == 0 and viewer.layers.index(baseline) == len(viewer.layers) - 1
+    assert residual.data.shape != baseline.data.shape
+    np.testing.assert_allclose(_footprint(residual), _footprint(baseline))

@@ -104,6 +104,7 @@ GUI_UPDATES_PER_S = 2.0  # layer updates per second while a run streams (each co
 PBAR_PERIOD_S = 1.0  # progress bar and status text: each change repaints the window (costly in software GL)
 _WEIGHT_RANGE = 100  # slider ticks each side of 0; weight = 10 ** (tick / _WEIGHT_RANGE)
 NONE_PRIOR = "(default for the modality)"
+EARLIER = "[earlier {method} run]"  # appended to a result layer's name while it holds an earlier run's result
 DataKind = tuple[str, int | None, bool]  # ``reconstruct.data_kind``: modality, MRI coil count, noisy data
 
 
@@ -230,6 +231,9 @@ class DiffReconWidget(QWidget):
         self.prior_source: str | None = None
         self.worker: Any = None
         self.layers: dict[str, Any] = {}
+        self._names: dict[str, str] = {}  # the name the workbench last gave each result layer (else: the user's)
+        self._written_by: dict[str, str] = {}  # the method of the run whose result each layer holds
+        self._stale: set[str] = set()  # roles whose layer still holds an earlier run's result
         self.last_provenance: dict[str, Any] | None = None
         self.estimate_updates = 0
         self._live_params: SamplerParams | None = None
@@ -491,7 +495,7 @@ class DiffReconWidget(QWidget):
     def _on_layer_removed(self, event: Any) -> None:
         for role, layer in list(self.layers.items()):
             if layer is event.value:
-                del self.layers[role]
+                self._release(role)
 
     def set_measurement(self, m: Measurement, name: str = "") -> None:
         """Make ``m`` the measurement to reconstruct (shows its operator and geometry)."""
@@ -528,6 +532,7 @@ class DiffReconWidget(QWidget):
         self._follow_the_data()
         self._offer_draws()
         self._leave_a_shipped_prior_of_another_modality(modality)
+        self._show_card()
         self._check_prior()
         if self.prior is None and self._default_prior_name() is None:
             show_warning(f"napari-diffrecon: no prior for {modality.upper()} is installed; load a prior file "
@@ -558,7 +563,7 @@ class DiffReconWidget(QWidget):
         self.prior_combo.setCurrentIndex(0)  # NONE_PRIOR: the modality's default is used at run time
         self.prior_combo.blockSignals(False)
         self.prior, self.prior_source = None, None
-        self.card_label.setText("")
+        self._show_card()
         if picked and self._default_prior_name() is not None:
             show_info(f"napari-diffrecon: prior {card.name!r} is for {card.modality.upper()}; using the default "
                       f"{modality.upper()} prior for this measurement")
@@ -583,8 +588,15 @@ class DiffReconWidget(QWidget):
                     self._follow_the_data()
 
     def _add_layer_data(self, layer_data: list[tuple[Any, dict[str, Any], str]]) -> None:
+        """Add the layers; the measurement layer (under the ground truth) is the selected one, for "Use selected
+        layer"."""
+        measurement = None
         for data, kwargs, kind in layer_data:
-            getattr(self.viewer, f"add_{kind}")(data, **kwargs)
+            layer = getattr(self.viewer, f"add_{kind}")(data, **kwargs)
+            if (kwargs.get("metadata") or {}).get("role") == "measurement":
+                measurement = layer
+        if measurement is not None:
+            self.viewer.layers.selection.active = measurement
 
     def load_sample(self, key: str) -> None:
         """Open a shipped sample (adds ground-truth and measurement layers; ready to Run)."""
@@ -717,10 +729,32 @@ class DiffReconWidget(QWidget):
         name = self.prior_combo.currentData()
         if name is None:
             self.prior, self.prior_source = None, None
-            self.card_label.setText("")
+            self._show_card()
             self._check_prior()
             return
         self.set_prior(name)
+
+    def _show_card(self) -> None:
+        """Show the card of the prior a run will use: the loaded one, else the modality's default for the data (or a
+        line saying how it is chosen while no data are loaded)."""
+        card = getattr(self.prior, "card", None)
+        prefix = ""
+        if card is None:
+            name = self._default_prior_name()
+            if name is not None:
+                from ..priors import list_priors
+
+                card = list_priors().get(name)
+                modality = str(self.measurement.operator.get("modality")).upper() if self.measurement else ""
+                prefix = f"default for {modality}: "
+        if card is not None:
+            self.card_label.setText(prefix + card_text(card))
+            self.card_label.setToolTip(card.summary())
+            return
+        # no default installed for the data: the mismatch line below says so
+        self.card_label.setText("" if self.measurement is not None else
+                                "a run uses the shipped prior for the modality of the data (load data to see which)")
+        self.card_label.setToolTip("")
 
     def _prior_dialog(self) -> None:
         path, _ = QFileDialog.getOpenFileName(self, "Load prior card", "",
@@ -734,6 +768,7 @@ class DiffReconWidget(QWidget):
 
         if prior is None and name_or_path is None:
             self.prior, self.prior_source = None, None
+            self._show_card()
             self._check_prior()
             return True
         try:
@@ -743,10 +778,7 @@ class DiffReconWidget(QWidget):
             return False
         self.prior = prior
         self.prior_source = str(name_or_path) if name_or_path is not None else getattr(prior.card, "name", None)
-        card = getattr(prior, "card", None)
-        if card is not None:
-            self.card_label.setText(card_text(card))
-            self.card_label.setToolTip(card.summary())
+        self._show_card()
         self._check_prior()
         return True
 
@@ -771,6 +803,7 @@ class DiffReconWidget(QWidget):
             row.setVisible(key in show)
         for w in (self.hot_start, self._weight_row, self._samples_row, self.compare):
             w.setVisible(diffusion)
+        self._show_card()  # the consistency sampler's default prior is a consistency model
 
     def _data_kind(self) -> DataKind:
         """What the tuned values depend on besides the method (``reconstruct.data_kind``: modality, MRI coil count,
@@ -1086,6 +1119,7 @@ class DiffReconWidget(QWidget):
         self._last_update = None
         self.estimate_updates = 0
         self._fresh = set(LAYER_NAMES)
+        self._mark_earlier_results()
         self._window = None
         self._t_run = time.perf_counter()
         self._ended = False
@@ -1107,6 +1141,78 @@ class DiffReconWidget(QWidget):
         self.status.setText(f"running {settings.method}…")
         worker.start()
         return worker
+
+    def _mark_earlier_results(self) -> None:
+        """At the start of a run: the result layers still hold the earlier run's results, and their names say so
+        (``EARLIER``) and they are hidden until this run writes them (:meth:`_show`), so that a classical run after a
+        diffusion run never leaves the earlier posterior std or support map looking like, or covering, the new result.
+
+        A result layer the user renamed is theirs from then on: left as it is and no longer written to (a run makes
+        a new layer for its role). Layers the user created are never touched.
+        """
+        for role, layer in list(self.layers.items()):
+            if layer not in self.viewer.layers or layer.name != self._names.get(role):
+                self._release(role)
+                continue
+            if role in self._stale:  # already named for the run it came from
+                continue
+            self._stale.add(role)
+            method = self._written_by.get(role)
+            if method:
+                self._name(role, layer, f"{layer.name} {EARLIER.format(method=method)}")
+            # hidden, not removed: the new run's results are what shows (an earlier std would cover a new baseline);
+            # the earlier run's stay one click away for comparison
+            layer.visible = False
+
+    def _release(self, role: str) -> None:
+        """Stop tracking the role's layer (it stays in the viewer)."""
+        self.layers.pop(role, None)
+        self._names.pop(role, None)
+        self._written_by.pop(role, None)
+        self._stale.discard(role)
+
+    def _name(self, role: str, layer: Any, name: str) -> None:
+        """Give a result layer its name, remembering it as read back (napari makes names unique)."""
+        if layer.name != name:
+            layer.name = name
+        self._names[role] = layer.name
+
+    def track(self, role: str, layer: Any) -> None:
+        """Track ``layer`` as the role's result layer, written by the run of :attr:`_run_settings`.
+
+        Parameters
+        ----------
+        role : str
+            The result's role (a key of ``LAYER_NAMES``, "support" or "flags").
+        layer : napari.layers.Layer
+            The layer; a new one has the name the workbench gave it (a tracked one keeps the name on record, so that
+            a name the user gives it mid-run stays theirs).
+        """
+        if self.layers.get(role) is not layer:
+            self.layers[role] = layer
+            self._names[role] = layer.name
+        self._written_by[role] = self._run_settings.method if self._run_settings is not None else "?"
+        if role in self._stale:  # an earlier run's layer, hidden when this run began, now holds this run's result
+            self._stale.discard(role)
+            layer.visible = True
+
+    def result_layer(self, role: str) -> Any:
+        """The role's layer when it is in the viewer and holds the last run's result (not an earlier run's).
+
+        Parameters
+        ----------
+        role : str
+            The result's role.
+
+        Returns
+        -------
+        napari.layers.Layer or None
+            The layer, or None.
+        """
+        layer = self.layers.get(role)
+        if layer is None or layer not in self.viewer.layers or role in self._stale:
+            return None
+        return layer
 
     def stop(self) -> None:
         """Cancel the run in flight (it ends at the sampler's next step; what was computed stays)."""
@@ -1200,27 +1306,41 @@ class DiffReconWidget(QWidget):
         layer = self.layers.get(role)
         if layer is not None and layer not in self.viewer.layers:
             layer = None
-        scale = self._scale(data)
+        place = self._placement(data, role)
+        own = name or LAYER_NAMES[role]
         if layer is None:
-            kwargs: dict[str, Any] = {"name": name or LAYER_NAMES[role], "metadata": meta}
-            if scale is not None:
-                kwargs["scale"] = scale
+            kwargs: dict[str, Any] = {"name": own, "metadata": meta, **place}
             kwargs.update(self._display(role, data))
             layer = self.viewer.add_image(data, **kwargs)
-            self.layers[role] = layer
+            if role == "residual":  # data space, with the image's footprint: under the images, seen in grid view
+                self.viewer.layers.move(self.viewer.layers.index(layer), 0)
+            self.track(role, layer)
             self._fresh.discard(role)
             return
         layer.data = data  # a fresh array: napari redraws
         if layer.metadata.get("provenance") is not meta["provenance"]:  # metadata events only when it changes
             layer.metadata = meta
-        if name:
-            layer.name = name
+        if layer.name == self._names.get(role):  # not while the user has renamed it
+            self._name(role, layer, own)
+        self.track(role, layer)
         if role in self._fresh:  # first update of a new run: new contrast window
             self._fresh.discard(role)
             for k, v in self._display(role, data).items():
                 setattr(layer, k, v)
-            if scale is not None and len(scale) == data.ndim:
-                layer.scale = scale
+            for k, v in place.items():
+                if len(v) == data.ndim:
+                    setattr(layer, k, v)
+
+    def _placement(self, data: np.ndarray, role: str) -> dict[str, tuple[float, ...]]:
+        """Layer keywords that place a result: the pixel size (mm) of an image-shaped array as its scale; for the
+        data residual (measurement space), the image's footprint (``io._napari.measurement_placement``)."""
+        m = self._run_measurement
+        if role == "residual":
+            from ..io._napari import measurement_placement
+
+            return measurement_placement(m, tuple(data.shape)) if m is not None else {}
+        scale = self._scale(data)
+        return {"scale": scale} if scale is not None else {}
 
     def _scale(self, data: np.ndarray) -> tuple[float, ...] | None:
         m = self._run_measurement
@@ -1245,8 +1365,8 @@ class DiffReconWidget(QWidget):
         m = self._run_measurement
         if m is not None and m.ground_truth is not None:
             return np.abs(m.ground_truth)
-        base = self.layers.get("baseline")
-        return np.asarray(base.data) if base is not None and base in self.viewer.layers else None
+        base = self.result_layer("baseline")  # this run's (an earlier run's may be of other data)
+        return np.asarray(base.data) if base is not None else None
 
     def _on_error(self, exc: Exception) -> None:
         self._ended = True
@@ -1263,8 +1383,8 @@ class DiffReconWidget(QWidget):
                  "nfe": upd.nfe if upd else 0, "live_parameter_changes": list(self._live_log),
                  "prior": getattr(getattr(self.prior, "card", None), "name", None), "frontend": "napari widget"}
         prov = provenance(self._run_measurement, self._run_settings, extra)
-        for role, layer in self.layers.items():
-            if role != "baseline" and layer in self.viewer.layers:
+        for role, layer in self.layers.items():  # the layers this run wrote (not an earlier run's, nor its baseline)
+            if role in LAYER_NAMES and role not in self._fresh and role != "baseline" and layer in self.viewer.layers:
                 layer.metadata = {**layer.metadata, "provenance": prov}
         self.last_provenance = prov
         self.status.setText(f"stopped at step {extra['stopped_at_step']}; the layers keep what was computed")
@@ -1289,14 +1409,20 @@ class DiffReconWidget(QWidget):
     # ------------------------------------------------------------------ export
     def export_layer(self, layer: Any, path: str | Path, overwrite: bool = False) -> Path | None:
         """Write an image layer (NIfTI / DICOM / TIFF by extension) with its provenance; None on failure."""
+        from ..io.bundle import OutputPathError
         from ..io.export import export_image
 
         try:
             return export_image(path, np.asarray(layer.data), self._layer_provenance(layer),
                                 spacing=tuple(float(s) for s in layer.scale), name=layer.name, overwrite=overwrite)
-        except (FileExistsError, ValueError, OSError) as e:
+        except OutputPathError as e:  # a folder, or a path inside a file: its message says what to do
             show_error(f"napari-diffrecon: export failed: {e}")
-            return None
+        except FileExistsError:  # the core's words are the command line's ("pass --force to overwrite it")
+            show_error(f"napari-diffrecon: export failed: {Path(path).name} already exists in {Path(path).parent}; "
+                       "choose another file name, or pick this one again in the export dialog and confirm replacing it")
+        except (ValueError, OSError) as e:
+            show_error(f"napari-diffrecon: export failed: {e}")
+        return None
 
     def _layer_provenance(self, layer: Any) -> dict[str, Any]:
         meta = layer.metadata or {}

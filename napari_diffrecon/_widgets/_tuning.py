@@ -218,19 +218,20 @@ class TuningPanel(QGroupBox):
 
     # ------------------------------------------------------------------ support map
     def compute_support(self) -> Any:
-        """Support maps of the last run's layers (mean, std, baseline) against its measurement."""
+        """Support maps of the last run's layers (mean, std, baseline) against its measurement (never an earlier run's
+        layers: after a classical run there is no posterior to map)."""
         from ..support import support_maps
 
         o = self.owner
         m = o._run_measurement or o.measurement
-        mean = o.layers.get("mean") or o.layers.get("estimate")
-        if m is None or mean is None or mean not in o.viewer.layers:
+        mean = o.result_layer("mean") or o.result_layer("estimate")
+        if m is None or mean is None:
             raise ValueError("run a diffusion reconstruction first (the support map needs its mean and std)")
         x = np.asarray(mean.data)
-        std = o.layers.get("std")
-        base = o.layers.get("baseline")
-        std_arr = np.asarray(std.data) if std is not None and std in o.viewer.layers else None
-        cl = np.asarray(base.data) if base is not None and base in o.viewer.layers else None
+        std = o.result_layer("std")
+        base = o.result_layer("baseline")
+        std_arr = np.asarray(std.data) if std is not None else None
+        cl = np.asarray(base.data) if base is not None else None
         op = m.build_operator()
         residual_ok = not op.is_complex  # the layers hold magnitudes: no residual for complex (MRI) images
         return support_maps(
@@ -259,11 +260,12 @@ class TuningPanel(QGroupBox):
         layer = o.layers["support"]
         layer.colormap = "magma"
         layer.contrast_limits = (0.0, max(float(np.percentile(maps.score, 99.5)), maps.threshold * 2, 1e-12))
-        self._show_flags()
+        self._show_flags(fresh=True)
         o.status.setText(f"support map: {100 * maps.mask.mean():.1f}% of voxels above {maps.threshold:g}")
         return maps
 
-    def _show_flags(self) -> None:
+    def _show_flags(self, fresh: bool = False) -> None:
+        """Show the threshold overlay of :attr:`maps`; ``fresh``: maps of the last run (the layer is named for it)."""
         o = self.owner
         maps = self.maps
         if maps is None:
@@ -272,11 +274,15 @@ class TuningPanel(QGroupBox):
         layer = o.layers.get("flags")
         if layer is not None and layer in o.viewer.layers:
             layer.data = flags
+            if fresh:
+                if layer.name == o._names.get("flags"):  # not while the user has renamed it
+                    o._name("flags", layer, FLAG_NAME)
+                o.track("flags", layer)
             return
         scale = o._scale(flags)
         kw = {"scale": scale} if scale is not None else {}
-        o.layers["flags"] = o.viewer.add_labels(flags, name=FLAG_NAME, opacity=0.45,
-                                                metadata={"diffrecon_role": "flags"}, **kw)
+        o.track("flags", o.viewer.add_labels(flags, name=FLAG_NAME, opacity=0.45,
+                                             metadata={"diffrecon_role": "flags"}, **kw))
 
     def _on_threshold(self, value: float) -> None:
         if self.maps is not None:

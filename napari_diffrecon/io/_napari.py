@@ -2,7 +2,8 @@
 
 Readers: our measurement bundles (``.npz`` / ``.h5``) and fastMRI-style ``.h5`` k-space open as
 ground-truth + measurement layers whose metadata carries the :class:`Measurement` (the workbench
-picks it up, ready to Run) and what the layer shows (``role``: "measurement" or "ground truth");
+picks it up, ready to Run) and what the layer shows (``role``: "measurement" or "ground truth"); the
+measurement layer lies under the ground truth with the image's field of view (:func:`measurement_placement`);
 NIfTI volumes, DICOM files and series folders, and TIFFs we exported open as image layers with
 their pixel spacing as scale and the provenance in their metadata.
 Writers: image layers to NIfTI, DICOM secondary capture and TIFF with provenance (napari's save
@@ -32,7 +33,36 @@ def _pixel_scale(m: Measurement) -> tuple[float, float] | None:
     return (float(px), float(px)) if px else None
 
 
+def measurement_placement(m: Measurement, shape: tuple[int, ...]) -> dict[str, tuple[float, float]]:
+    """Scale and translation that give a 2D array in measurement space (the data, a residual ``|Ax − m|``) the
+    image's footprint: it then lies under the image layers, not across and beyond them at scale 1, and takes a grid
+    tile of their size (the axes of a sinogram or k-space are not millimetres; only the footprint matches).
+
+    Parameters
+    ----------
+    m : Measurement
+        The measurement (its ``image_shape`` and pixel size, when recorded).
+    shape : tuple of int
+        The shape of the measurement-space array.
+
+    Returns
+    -------
+    dict
+        ``{"scale": (row, column), "translate": (row, column)}`` as napari layer keywords; empty when ``shape`` or
+        the image shape is not 2D.
+    """
+    image = tuple(int(n) for n in (m.operator or {}).get("image_shape", ()))
+    if len(shape) != 2 or len(image) != 2 or min(shape) < 1:
+        return {}
+    px = _pixel_scale(m) or (1.0, 1.0)
+    scale = tuple(n * p / k for n, p, k in zip(image, px, shape, strict=True))
+    # napari centres pixel i at i * scale: the first pixel's outer edge sits where the image's does
+    translate = tuple(0.5 * (s - p) for s, p in zip(scale, px, strict=True))
+    return {"scale": (scale[0], scale[1]), "translate": (translate[0], translate[1])}
+
+
 def _layers(m: Measurement, name: str) -> list[LayerData]:
+    """The measurement layer, and the ground truth (when known) above it: the image is what is seen first."""
     data = m.data
     if np.iscomplexobj(data):  # k-space: log magnitude (coils combined by root-sum-of-squares) is what people view
         mag = np.abs(data)
@@ -42,16 +72,16 @@ def _layers(m: Measurement, name: str) -> list[LayerData]:
     meta = {"measurement": m, "operator": _json_safe(m.operator), "noise": _json_safe(m.noise), "source": m.path,
             "description": (m.metadata or {}).get("description")}
     modality = m.operator.get("modality")
-    layers: list[LayerData] = [
-        (data, {"name": f"{name} measurement ({modality})", "metadata": {**meta, "role": "measurement"}}, "image")
-    ]
+    kw_m: dict[str, Any] = {"name": f"{name} measurement ({modality})", "metadata": {**meta, "role": "measurement"},
+                            **measurement_placement(m, np.shape(data))}
+    layers: list[LayerData] = [(data, kw_m, "image")]
     if m.ground_truth is not None:
         gt = np.abs(m.ground_truth) if np.iscomplexobj(m.ground_truth) else m.ground_truth
         kw: dict[str, Any] = {"name": f"{name} ground truth", "metadata": {**meta, "role": "ground truth"}}
         scale = _pixel_scale(m)
         if scale is not None:
             kw["scale"] = scale
-        layers.insert(0, (np.asarray(gt), kw, "image"))
+        layers.append((np.asarray(gt), kw, "image"))
     return layers
 
 
