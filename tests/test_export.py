@@ -156,3 +156,37 @@ def test_samples_are_small_valid_and_ready(key):
     if key == "pet_lowcount":
         assert m.noise["model"] == "poisson"
         assert json.dumps(m.metadata)  # the derivation is recorded as plain JSON
+
+
+@pytest.mark.parametrize("ext", [".dcm", ".nii.gz", ".tif"])
+def test_ct_images_are_exported_in_hounsfield_units(tmp_path, ext):
+    """CT is reconstructed in attenuation per pixel; a clinician's viewer expects HU: the ground truth and a result
+    are written as (x − offset) / scale, a std as std / scale, a data residual as it is."""
+    import pydicom
+
+    m = load_sample("ct_sparse23")
+    inten = m.metadata["intensity"]
+    layers = sample_layers("ct_sparse23")
+    gt_data, gt_kw, _ = next(x for x in layers if x[1]["metadata"].get("role") == "ground truth")
+    hu = (np.asarray(gt_data, dtype=np.float64) - inten["offset"]) / inten["scale"]
+    assert hu.min() == pytest.approx(-1000, abs=1) and 0 < np.median(hu[hu > -500]) < 200  # air; soft tissue
+    out = write_dicom(str(tmp_path / f"gt{ext}"), gt_data, {"name": "gt", **gt_kw}) if ext == ".dcm" else (
+        write_nifti(str(tmp_path / f"gt{ext}"), gt_data, {"name": "gt", **gt_kw}) if ext == ".nii.gz" else
+        write_tiff(str(tmp_path / f"gt{ext}"), gt_data, {"name": "gt", **gt_kw}))
+    data, prov, _ = read_exported(out[0])
+    np.testing.assert_allclose(data, hu, atol=0.1)  # DICOM: 16 bits over the image's HU range
+    assert prov["exported_units"] == "HU"
+    if ext == ".dcm":
+        ds = pydicom.dcmread(out[0])
+        assert ds.RescaleType == "HU" and float(ds.WindowWidth) == 400
+    std = np.full((8, 8), 2 * inten["scale"], dtype=np.float32)  # 2 HU
+    data, prov, _ = read_exported(export_image(tmp_path / f"std{ext}", std, {}, role="std", intensity=inten))
+    np.testing.assert_allclose(data, 2.0, atol=1e-3)
+    res = np.full((8, 8), 0.5, dtype=np.float32)
+    data, prov, _ = read_exported(export_image(tmp_path / f"res{ext}", res, {}, role="residual", intensity=inten))
+    np.testing.assert_allclose(data, 0.5, atol=1e-4)
+    assert "exported_units" not in (prov or {})
+    pet = np.full((8, 8), 0.5, dtype=np.float32)  # other native units: as they are
+    data, _, _ = read_exported(export_image(tmp_path / f"pet{ext}", pet, {}, role="mean",
+                                            intensity={"native_units": "activity", "scale": 1.0, "offset": 0.0}))
+    np.testing.assert_allclose(data, 0.5, atol=1e-4)

@@ -204,6 +204,8 @@ def test_export_and_reread_roundtrip(make_napari_viewer, qtbot, tiny_priors, tmp
     _run_to_end(w, qtbot)
     mean = w.layers["mean"]
     prov = mean.metadata["provenance"]
+    inten = w.measurement.metadata["intensity"]
+    hu = (np.asarray(mean.data, dtype=np.float64) - inten["offset"]) / inten["scale"]  # CT exports are in HU
     for ext in (".nii.gz", ".dcm", ".tif"):
         path = tmp_path / f"mean{ext}"
         assert w.export_layer(mean, path) == path
@@ -212,9 +214,11 @@ def test_export_and_reread_roundtrip(make_napari_viewer, qtbot, tiny_priors, tmp
         assert path.read_bytes() == before and any("exists" in m for m in notes)
         layers = viewer.open(str(path), plugin="napari-diffrecon")
         back = layers[0]
-        tol = (float(mean.data.max()) - float(mean.data.min())) / 65535 if ext == ".dcm" else 1e-6
-        np.testing.assert_allclose(back.data, mean.data, rtol=0, atol=tol * 1.01)
-        assert back.metadata["provenance"] == json.loads(json.dumps(prov))
+        tol = (hu.max() - hu.min()) / 65535 if ext == ".dcm" else 1e-6 * np.abs(hu).max()
+        np.testing.assert_allclose(back.data, hu, rtol=0, atol=tol * 1.01)
+        back_prov = back.metadata["provenance"]
+        assert back_prov.pop("exported_units") == "HU" and "HU" in back_prov.pop("exported_from")
+        assert back_prov == json.loads(json.dumps(prov))
         np.testing.assert_allclose(back.scale, mean.scale, rtol=1e-5)
     # napari's own save path goes through our npe2 writers
     out = tmp_path / "via_napari.nii"

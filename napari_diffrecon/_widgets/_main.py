@@ -1303,6 +1303,9 @@ class DiffReconWidget(QWidget):
         """Assign a fresh array to the role's layer (creating it the first time); keep its display settings."""
         data = np.asarray(data)
         meta = {"provenance": provenance or {}, "diffrecon_role": role}
+        inten = (self.measurement.metadata or {}).get("intensity") if self.measurement is not None else None
+        if isinstance(inten, dict):  # exports of CT images are written in Hounsfield units (io.export.native_units)
+            meta["intensity"] = inten
         layer = self.layers.get(role)
         if layer is not None and layer not in self.viewer.layers:
             layer = None
@@ -1409,12 +1412,15 @@ class DiffReconWidget(QWidget):
     # ------------------------------------------------------------------ export
     def export_layer(self, layer: Any, path: str | Path, overwrite: bool = False) -> Path | None:
         """Write an image layer (NIfTI / DICOM / TIFF by extension) with its provenance; None on failure."""
+        from ..io._napari import layer_units
         from ..io.bundle import OutputPathError
         from ..io.export import export_image
 
+        role, intensity = layer_units(layer.metadata)
         try:
             return export_image(path, np.asarray(layer.data), self._layer_provenance(layer),
-                                spacing=tuple(float(s) for s in layer.scale), name=layer.name, overwrite=overwrite)
+                                spacing=tuple(float(s) for s in layer.scale), name=layer.name, overwrite=overwrite,
+                                role=role, intensity=intensity)
         except OutputPathError as e:  # a folder, or a path inside a file: its message says what to do
             show_error(f"napari-diffrecon: export failed: {e}")
         except FileExistsError:  # the core's words are the command line's ("pass --force to overwrite it")

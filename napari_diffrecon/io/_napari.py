@@ -269,6 +269,19 @@ def sample_pet_lowcount() -> list[LayerData]:
 
 
 # -- writers -----------------------------------------------------------------------------------
+def layer_units(metadata: dict[str, Any] | None) -> tuple[str | None, dict[str, Any] | None]:
+    """``(role, intensity)`` of a layer for :func:`napari_diffrecon.io.export.export_image`: what it shows (a
+    workbench result's ``diffrecon_role``, or a bundle layer's ``role``) and its measurement's declared intensity
+    (CT: image = scale · HU + offset), so that CT images are exported in Hounsfield units."""
+    md = metadata or {}
+    role = md.get("diffrecon_role") or md.get("role")
+    intensity = md.get("intensity")
+    m = md.get("measurement")
+    if intensity is None and isinstance(m, Measurement) and isinstance(m.metadata, dict):
+        intensity = m.metadata.get("intensity")
+    return (str(role) if role else None), (intensity if isinstance(intensity, dict) else None)
+
+
 def _write(fmt_path: str, data: Any, meta: dict[str, Any]) -> list[str]:
     from .export import export_image
 
@@ -276,8 +289,10 @@ def _write(fmt_path: str, data: Any, meta: dict[str, Any]) -> list[str]:
     prov = md.get("provenance") if isinstance(md.get("provenance"), dict) else None
     if prov is None:
         prov = {"software": "napari-diffrecon", "layer": meta.get("name"), "source": str(md.get("source"))}
+    role, intensity = layer_units(md)
     out = export_image(fmt_path, data, prov, spacing=meta.get("scale"), name=str(meta.get("name", "")),
-                       overwrite=True)  # napari's save dialog has already asked before replacing a file
+                       overwrite=True,  # napari's save dialog has already asked before replacing a file
+                       role=role, intensity=intensity)
     return [str(out)]
 
 

@@ -10,6 +10,11 @@ file, operator, prior card, sampler and every parameter, seed, software version)
   floats round-trip to 1/65535 of their range);
 - TIFF: as the ImageDescription JSON ``{"napari-diffrecon": provenance}`` beside float32 pixels.
 
+CT images are reconstructed in attenuation per pixel (image = scale · HU + offset, the measurement's
+``metadata["intensity"]``); :func:`export_image` writes them in Hounsfield units when it is told the
+layer's role and that intensity (:func:`native_units`), as a clinician's viewer expects: DICOM with
+RescaleType "HU" and a soft-tissue window, the provenance saying what was converted.
+
 :func:`read_exported` reads any of them back as ``(data, provenance, info)``.
 """
 
@@ -25,12 +30,51 @@ import numpy as np
 from .bundle import atomic_write
 
 __all__ = ["export_image", "write_nifti", "write_dicom", "write_tiff", "read_exported", "EXPORT_FORMATS",
-           "format_for"]
+           "format_for", "native_units", "IMAGE_ROLES", "SPREAD_ROLES"]
 
 EXPORT_FORMATS = {"nifti": (".nii", ".nii.gz"), "dicom": (".dcm",), "tiff": (".tif", ".tiff")}
 _TAG = "napari-diffrecon"
 _SC_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.7"  # Secondary Capture Image Storage
 _PRIVATE_GROUP = 0x0011
+#: Roles of layers whose values are images (exported as ``(x − offset) / scale`` in the native units) and spreads
+#: (``x / scale``); any other role (data residual, support score, measurement) is exported as it is.
+IMAGE_ROLES = ("iterate", "estimate", "mean", "baseline", "ground truth", "sample", "lower", "upper")
+SPREAD_ROLES = ("std",)
+_HU_WINDOW = (40.0, 400.0)  # DICOM WindowCenter / WindowWidth: soft tissue
+
+
+def native_units(data: Any, role: str | None, intensity: dict[str, Any] | None) -> tuple[np.ndarray, str | None]:
+    """A layer's values in the measurement's native units where those are Hounsfield units (CT).
+
+    Parameters
+    ----------
+    data : array_like
+        The layer's values in image units (CT: attenuation per pixel).
+    role : str or None
+        What the layer shows: one of :data:`IMAGE_ROLES` or :data:`SPREAD_ROLES` is converted, anything else not.
+    intensity : dict or None
+        The measurement's ``metadata["intensity"]`` (``native_units``, ``scale``, ``offset``: image = scale · native
+        + offset).
+
+    Returns
+    -------
+    tuple
+        ``(values, units)``: the converted values and "HU", or the data as they are and None.
+    """
+    a = np.asarray(data)
+    if not isinstance(intensity, dict) or str(intensity.get("native_units", "")).upper() != "HU":
+        return a, None
+    try:
+        scale, offset = float(intensity["scale"]), float(intensity["offset"])
+    except (KeyError, TypeError, ValueError):
+        return a, None
+    if not (np.isfinite(scale) and np.isfinite(offset)) or scale <= 0 or np.iscomplexobj(a):
+        return a, None
+    if role in IMAGE_ROLES:
+        return (a.astype(np.float64) - offset) / scale, "HU"
+    if role in SPREAD_ROLES:
+        return a.astype(np.float64) / scale, "HU"
+    return a, None
 
 
 def format_for(path: str | Path) -> str:
@@ -96,8 +140,12 @@ def write_nifti(path: str | Path, data: Any, provenance: dict[str, Any] | None =
 
 
 def write_dicom(path: str | Path, data: Any, provenance: dict[str, Any] | None = None,
-                spacing: Sequence[float] | None = None, overwrite: bool = False, description: str = "") -> Path:
-    """Write a DICOM Secondary Capture (multi-frame for volumes) carrying the provenance."""
+                spacing: Sequence[float] | None = None, overwrite: bool = False, description: str = "",
+                units: str | None = None) -> Path:
+    """Write a DICOM Secondary Capture (multi-frame for volumes) carrying the provenance.
+
+    ``units="HU"``: RescaleType "HU" and a soft-tissue window (values already in Hounsfield units).
+    """
     import datetime
 
     from pydicom.dataset import Dataset, FileMetaDataset
@@ -134,7 +182,9 @@ def write_dicom(path: str | Path, data: Any, provenance: dict[str, Any] | None =
     ds.Rows, ds.Columns = int(a.shape[-2]), int(a.shape[-1])
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
     ds.RescaleSlope, ds.RescaleIntercept = f"{slope:.10g}"[:16], f"{lo:.10g}"[:16]
-    ds.RescaleType = "US"
+    ds.RescaleType = "HU" if units == "HU" else "US"
+    if units == "HU":
+        ds.WindowCenter, ds.WindowWidth = f"{_HU_WINDOW[0]:g}", f"{_HU_WINDOW[1]:g}"
     ds.PixelSpacing = [f"{sp[-2]:.6g}", f"{sp[-1]:.6g}"]
     if a.ndim == 3:
         ds.NumberOfFrames = int(a.shape[0])
@@ -169,8 +219,12 @@ def write_tiff(path: str | Path, data: Any, provenance: dict[str, Any] | None = 
 
 
 def export_image(path: str | Path, data: Any, provenance: dict[str, Any] | None = None,
-                 spacing: Sequence[float] | None = None, name: str = "", overwrite: bool = False) -> Path:
+                 spacing: Sequence[float] | None = None, name: str = "", overwrite: bool = False,
+                 role: str | None = None, intensity: dict[str, Any] | None = None) -> Path:
     """Write ``data`` in the format named by the file extension (see :data:`EXPORT_FORMATS`).
+
+    With ``role`` and ``intensity`` (the measurement's ``metadata["intensity"]``) a CT image or its std is written in
+    Hounsfield units (:func:`native_units`), and the provenance records it (``exported_units``).
 
     Raises
     ------
@@ -180,10 +234,15 @@ def export_image(path: str | Path, data: Any, provenance: dict[str, Any] | None 
         Unknown extension, or data that is not a 2D/3D numeric image.
     """
     fmt = format_for(path)
+    data, units = native_units(data, role, intensity)
+    if units is not None:
+        provenance = {**(provenance or {}), "exported_units": units, "exported_from": (
+            f"{role} in image units (attenuation per pixel) = {intensity['scale']:.6g} · HU + {intensity['offset']:.6g}"
+            if role not in SPREAD_ROLES else f"{role} in image units = {intensity['scale']:.6g} · HU")}
     if fmt == "nifti":
         return write_nifti(path, data, provenance, spacing, overwrite)
     if fmt == "dicom":
-        return write_dicom(path, data, provenance, spacing, overwrite, description=name)
+        return write_dicom(path, data, provenance, spacing, overwrite, description=name, units=units)
     return write_tiff(path, data, provenance, spacing, overwrite)
 
 
