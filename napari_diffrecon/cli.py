@@ -150,20 +150,17 @@ def _auto_tuned(a: argparse.Namespace, m, settings):
             grid[name] = [float(v) for v in vals.split(",")] if vals else None
         if any(v is None for v in grid.values()):
             grid = list(grid)  # names only: default grids
-    shown = {"runs": -1}
+    emit, shown = _progress_line(), {"runs": -1}
 
     def progress(done: float, total: int, msg: str) -> None:
-        if sys.stdout.isatty():  # one line, rewritten in place
-            print(f"\rauto-tune {msg}", end="", flush=True)
-        elif int(done) != shown["runs"]:  # a log or a pipe: a line per finished run
-            shown["runs"] = int(done)
-            print(f"auto-tune {msg}", flush=True)
+        due = int(done) != shown["runs"]  # in a log or a pipe: a line per finished run
+        shown["runs"] = int(done)
+        emit(f"auto-tune {msg}", due)
 
     result, tuned = tuned_reconstruct(
         m, settings, criterion=a.auto, params=grid, holdout=a.holdout, progress=progress
     )
-    if sys.stdout.isatty():
-        print()
+    emit("", False, last=True)
     print(tuned.curve_text())
     print(f"auto-tune ({tuned.criterion}) chose {tuned.best} in {tuned.wall_time_s:.1f} s")
     return result
@@ -218,22 +215,32 @@ def _cmd_reconstruct(a: argparse.Namespace) -> int:
     return 0
 
 
-def _step_printer(every: float = 0.1) -> Callable[[Any], None]:
-    """A reconstruct callback printing the run's progress (Ctrl-C stops the run).
+def _progress_line() -> Callable[..., None]:
+    """``emit(text, due, last=False)``: progress on one line rewritten in place on a terminal; in a log or a pipe a
+    line only when ``due`` (the caller's cadence). ``last`` ends the terminal's line."""
+    tty = sys.stdout.isatty()
 
-    On a terminal one line is rewritten at every step; in a log or a pipe a line is printed every ``every`` of the
-    run. Only the step counter and the clock are read (the data residual would cost a forward product per step).
-    """
-    state = {"next": 0.0, "tty": sys.stdout.isatty()}
+    def emit(text: str, due: bool, last: bool = False) -> None:
+        if tty:
+            print(f"\r{text}" if text else "", end="\n" if last else "", flush=True)
+        elif text and (due or last):
+            print(text, flush=True)
+
+    return emit
+
+
+def _step_printer(every: float = 0.1) -> Callable[[Any], None]:
+    """A reconstruct callback printing the run's progress (Ctrl-C stops the run): a line every ``every`` of the run
+    in a log or a pipe, every step on a terminal (:func:`_progress_line`). Only the step counter and the clock are
+    read (the data residual would cost a forward product per step)."""
+    emit, state = _progress_line(), {"next": 0.0}
 
     def show(it: Any) -> None:
         frac = it.step / max(it.n_steps, 1)
-        text = f"step {it.step}/{it.n_steps}, {it.nfe} network evaluations, {it.elapsed:.1f} s"
-        if state["tty"]:
-            print(f"\r{text}", end="\n" if it.done else "", flush=True)
-        elif frac >= state["next"] or it.done:
+        due = frac >= state["next"]
+        if due:
             state["next"] = frac + every
-            print(text, flush=True)
+        emit(f"step {it.step}/{it.n_steps}, {it.nfe} network evaluations, {it.elapsed:.1f} s", due, last=it.done)
 
     return show
 

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from skimage.transform import resize
 
+from ._checks import check_number
 from .io.bundle import Measurement
 from .physics import (
     CartesianMRI,
@@ -85,27 +86,16 @@ def activity_from_anatomy(image: np.ndarray, kind: str, fwhm_px: float = 1.5) ->
     return (act / max(float(np.percentile(act, 99.5)), 1e-12)).clip(0, None).astype(np.float32)
 
 
-def _positive(name: str, value: Any, integer: bool = False) -> None:
-    if value is None:
-        return
-    ok = isinstance(value, (int, float, np.integer, np.floating)) and np.isfinite(value) and value > 0
-    if not ok or (integer and int(value) != value):
-        kind = "a whole number" if integer else "a finite number"
-        raise ValueError(f"{name} must be {kind} above 0, got {value!r}")
-
-
-def _check_options(views, limited_angle, photons, accel, coils, counts, noise_sigma, pixel_size_mm) -> None:
-    """Refuse zero, negative or non-finite simulation options (they used to fall back to defaults silently)."""
-    _positive("views", views, integer=True)
-    _positive("limited_angle (degrees)", limited_angle)
-    _positive("photons", photons)
-    _positive("counts", counts)
-    _positive("pixel_size_mm", pixel_size_mm)
-    _positive("coils", coils, integer=True)
-    if accel is not None and not (np.isfinite(accel) and accel >= 1):
-        raise ValueError(f"accel (the MRI acceleration) must be a number ≥ 1, got {accel!r}")
-    if noise_sigma is not None and not (np.isfinite(noise_sigma) and noise_sigma >= 0):
-        raise ValueError(f"noise_sigma must be a finite number ≥ 0, got {noise_sigma!r}")
+def _check_options(views, limited_angle, photons, coils, counts, noise_sigma, pixel_size_mm) -> None:
+    """Refuse zero, negative or non-finite simulation options (they used to fall back to defaults silently); the MRI
+    acceleration is checked by :func:`~napari_diffrecon.physics.masks.make_mask`."""
+    check_number("views", views, 1, integer=True)
+    check_number("limited_angle (degrees)", limited_angle, above=True)
+    check_number("photons", photons, above=True)
+    check_number("counts", counts, above=True)
+    check_number("pixel_size_mm", pixel_size_mm, above=True)
+    check_number("coils", coils, 1, integer=True)
+    check_number("noise_sigma", noise_sigma)
 
 
 def _pixel_size(shape: tuple[int, ...], size: int, pixel_size_mm: float | None, spacing: Any) -> float:
@@ -179,7 +169,7 @@ def simulate_from_image(
         raise ValueError("the image contains NaN or Inf")
     if size < 16:
         raise ValueError(f"size must be ≥ 16, got {size}")
-    _check_options(views, limited_angle, photons, accel, coils, counts, noise_sigma, pixel_size_mm)
+    _check_options(views, limited_angle, photons, coils, counts, noise_sigma, pixel_size_mm)
     px = _pixel_size(img.shape, size, pixel_size_mm, pixel_spacing_mm)
     modality = modality.lower()
     is_hu = units.upper() == "HU" or (units == "auto" and img.min() < -500)

@@ -275,13 +275,18 @@ def test_no_prior_installed_notifies_and_classical_still_runs(make_napari_viewer
 def test_simulate_from_image_layer(make_napari_viewer, qtbot, mr_slice):
     viewer, w = _widget(make_napari_viewer, qtbot)
     viewer.add_image(mr_slice, name="mr")
+    _simulate_mri_4_coils_from_selected(w)
+    assert "4 coil(s)" in w.meas_label.text()
+
+
+def _simulate_mri_4_coils_from_selected(w):
+    """"Use selected layer" with "simulate as" MRI, 64², 4 coils: the widget's measurement is that simulation."""
     w.sim_modality.setCurrentText("mri")
     w.sim_size.setValue(64)
     w.sim_coils.setValue(4)
     w.use_selected_layer()
     assert w.measurement is not None and w.measurement.operator["modality"] == "mri"
     assert w.measurement.operator["coil_maps"].shape == (4, 64, 64)
-    assert "4 coil(s)" in w.meas_label.text()
 
 
 def test_use_selected_ground_truth_layer_simulates_as_asked(make_napari_viewer, qtbot, notes):
@@ -293,12 +298,8 @@ def test_use_selected_ground_truth_layer_simulates_as_asked(make_napari_viewer, 
     ct = w.measurement
     gt = viewer.layers["CT 23 views ground truth"]
     viewer.layers.selection.active = gt
-    w.sim_modality.setCurrentText("mri")
-    w.sim_size.setValue(64)
-    w.sim_coils.setValue(4)
-    w.use_selected_layer()
-    assert w.measurement is not ct and w.measurement.operator["modality"] == "mri"
-    assert w.measurement.operator["coil_maps"].shape == (4, 64, 64)
+    _simulate_mri_4_coils_from_selected(w)
+    assert w.measurement is not ct
     assert w.measurement_name == "CT 23 views ground truth (mri simulated)"
     # the options of the sample's own measurement: that one is adopted, and the user is told
     viewer.layers.selection.active = gt

@@ -686,6 +686,8 @@ class DiffReconWidget(QWidget):
     def _simulated_as(self, m: Measurement) -> bool:
         """Whether the "simulate as" options (:meth:`simulate_options`) describe ``m``: its modality and size, the
         views (CT, PET), the acceleration and coils (MRI), and the true counts (PET, when recorded)."""
+        from ..physics.masks import acceleration_of
+
         opts = self.simulate_options()
         spec = m.operator or {}
         made = m.metadata.get("options") if isinstance(m.metadata, dict) else None
@@ -697,7 +699,7 @@ class DiffReconWidget(QWidget):
             return False
         if "coils" in opts:
             maps, mask = spec.get("coil_maps"), spec.get("mask")
-            accel = made.get("accel") or (1 / max(float(np.mean(mask)), 1e-9) if mask is not None else 1.0)
+            accel = made.get("accel") or (acceleration_of(np.asarray(mask)) if mask is not None else 1.0)
             coils = int(np.shape(maps)[0]) if maps is not None else 1
             if coils != opts["coils"] or not math.isclose(float(accel), opts["accel"], rel_tol=0.05):
                 return False

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from .._checks import check_number
 from ..physics.base import LinearOperator
 from ..physics.likelihoods import Likelihood, PoissonLikelihood, TransmissionLikelihood
 from ..physics.noise import post_log
@@ -110,27 +111,12 @@ def reconstruct_baseline(
 
 def _check_params(method: str, params: dict[str, Any], operator: LinearOperator) -> None:
     """Refuse parameter values that would return garbage (NaN weights, no iterations) with a message saying why."""
-    import math
-
-    def number(name: str, minimum: float, integer: bool = False) -> None:
-        if params.get(name) is None:
-            return
-        v = params[name]
-        try:
-            f = float(v)
-        except (TypeError, ValueError):
-            raise ValueError(f"{method}: {name} must be a number, got {v!r}") from None
-        if not math.isfinite(f) or f < minimum or (integer and f != int(f)):
-            what = "a whole number" if integer else "a finite number"
-            raise ValueError(f"{method}: {name} must be {what} ≥ {minimum:g}, got {v!r}")
-
-    number("iters", 1, integer=True)
-    number("damp", 0)
-    number("lam", 0)
-    number("lam_rel", 0)
-    number("subsets", 1, integer=True)
+    ctx = f"{method}: "
+    check_number("iters", params.get("iters"), 1, integer=True, context=ctx)
+    for name in ("damp", "lam", "lam_rel"):
+        check_number(name, params.get(name), context=ctx)
+    check_number("subsets", params.get("subsets"), 1, integer=True, context=ctx)
     if method == "osem" and params.get("subsets") is not None:
         n_views = int(operator.data_shape[-1])
         if int(params["subsets"]) > n_views:
             raise ValueError(f"osem: {params['subsets']} subsets of {n_views} views; use at most {n_views}")
-
