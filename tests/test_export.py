@@ -168,8 +168,10 @@ def test_ct_images_are_exported_in_hounsfield_units(tmp_path, ext):
     inten = m.metadata["intensity"]
     layers = sample_layers("ct_sparse23")
     gt_data, gt_kw, _ = next(x for x in layers if x[1]["metadata"].get("role") == "ground truth")
-    hu = (np.asarray(gt_data, dtype=np.float64) - inten["offset"]) / inten["scale"]
+    hu = (np.asarray(m.ground_truth, dtype=np.float64) - inten["offset"]) / inten["scale"]
     assert hu.min() == pytest.approx(-1000, abs=1) and 0 < np.median(hu[hu > -500]) < 200  # air; soft tissue
+    assert gt_kw["metadata"]["units"] == "HU"  # the viewer shows it in HU already: exported as it is, not twice
+    np.testing.assert_allclose(gt_data, hu, atol=1e-3)
     out = write_dicom(str(tmp_path / f"gt{ext}"), gt_data, {"name": "gt", **gt_kw}) if ext == ".dcm" else (
         write_nifti(str(tmp_path / f"gt{ext}"), gt_data, {"name": "gt", **gt_kw}) if ext == ".nii.gz" else
         write_tiff(str(tmp_path / f"gt{ext}"), gt_data, {"name": "gt", **gt_kw}))
@@ -186,7 +188,41 @@ def test_ct_images_are_exported_in_hounsfield_units(tmp_path, ext):
     data, prov, _ = read_exported(export_image(tmp_path / f"res{ext}", res, {}, role="residual", intensity=inten))
     np.testing.assert_allclose(data, 0.5, atol=1e-4)
     assert "exported_units" not in (prov or {})
+    data, prov, _ = read_exported(export_image(tmp_path / f"std_hu{ext}", np.full((8, 8), 2.0, np.float32), {},
+                                               role="std", intensity=inten, data_units="HU"))
+    np.testing.assert_allclose(data, 2.0, atol=1e-3)  # a std layer shown in HU
+    assert prov["exported_units"] == "HU" and "as shown in the viewer" in prov["exported_from"]
     pet = np.full((8, 8), 0.5, dtype=np.float32)  # other native units: as they are
     data, _, _ = read_exported(export_image(tmp_path / f"pet{ext}", pet, {}, role="mean",
                                             intensity={"native_units": "activity", "scale": 1.0, "offset": 0.0}))
     np.testing.assert_allclose(data, 0.5, atol=1e-4)
+
+
+def test_the_viewer_shows_ct_in_hounsfield_units_and_the_core_gets_image_units_back():
+    """CT layers are shown in HU (what clinicians read and window in); converting back gives the core's attenuation
+    per pixel exactly; MRI and PET layers keep their values; a layer claiming HU without a mapping is refused."""
+    from napari_diffrecon.io._napari import core_values, shown_values
+    from napari_diffrecon.io.export import image_units
+
+    m = load_sample("ct_sparse23")
+    inten = m.metadata["intensity"]
+    x = np.asarray(m.ground_truth, dtype=np.float32)
+    for role, expect in (("mean", (x - inten["offset"]) / inten["scale"]), ("std", x / inten["scale"])):
+        hu, units = shown_values(x, role, m)
+        assert units == "HU"
+        np.testing.assert_allclose(hu, expect, rtol=1e-5, atol=1e-3)
+        back = core_values(hu, {"diffrecon_role": role, "intensity": inten, "units": units})
+        np.testing.assert_allclose(back, x, rtol=1e-5, atol=1e-7)
+    res, units = shown_values(x, "residual", m)  # measurement-space and other roles: as they are
+    assert units is None and res is x
+    assert core_values(x, {"diffrecon_role": "mean", "intensity": inten}) is x  # no "units": image units already
+    for key in ("mri_4x_8coils", "pet_lowcount"):
+        other = load_sample(key)
+        gt = np.abs(other.ground_truth)
+        vals, units = shown_values(gt, "mean", other)
+        assert units is None and vals is gt
+        layers = sample_layers(key)
+        kw = next(x[1] for x in layers if x[1]["metadata"].get("role") == "ground truth")
+        assert "units" not in kw["metadata"]
+    with pytest.raises(ValueError, match="no HU intensity mapping"):
+        image_units(x, "mean", {"native_units": "activity", "scale": 1.0, "offset": 0.0}, "HU")

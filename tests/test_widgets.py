@@ -198,6 +198,8 @@ def test_worker_memory_settings_apply_once():
 
 
 def test_export_and_reread_roundtrip(make_napari_viewer, qtbot, tiny_priors, tmp_path, notes):
+    from napari_diffrecon.io._napari import core_values
+
     viewer, w = _widget(make_napari_viewer, qtbot)
     _prepare(w, "ct_sparse23", tiny_priors["ct"], n_steps=4, slow=0)
     w.compare.setChecked(False)
@@ -205,7 +207,11 @@ def test_export_and_reread_roundtrip(make_napari_viewer, qtbot, tiny_priors, tmp
     mean = w.layers["mean"]
     prov = mean.metadata["provenance"]
     inten = w.measurement.metadata["intensity"]
-    hu = (np.asarray(mean.data, dtype=np.float64) - inten["offset"]) / inten["scale"]  # CT exports are in HU
+    assert mean.metadata["units"] == "HU"  # shown in HU, exported as shown (not converted twice)
+    hu = np.asarray(mean.data, dtype=np.float64)
+    x = core_values(mean.data, mean.metadata)  # the core's attenuation per pixel: a CT image's range
+    np.testing.assert_allclose(hu, (x - inten["offset"]) / inten["scale"], rtol=1e-5, atol=1e-2)
+    assert 0 <= np.percentile(x, 50) < 2 * inten["offset"]
     for ext in (".nii.gz", ".dcm", ".tif"):
         path = tmp_path / f"mean{ext}"
         assert w.export_layer(mean, path) == path

@@ -14,6 +14,7 @@ pytestmark = pytest.mark.usefixtures("gui_config_in_tmp")
 
 
 def test_consistency_sampler_runs_in_the_workbench_with_the_shipped_consistency_model(make_napari_viewer, qtbot):
+    from napari_diffrecon.io._napari import core_values
     from napari_diffrecon.metrics import psnr
     from napari_diffrecon.priors import default_prior_for
 
@@ -37,7 +38,9 @@ def test_consistency_sampler_runs_in_the_workbench_with_the_shipped_consistency_
     assert prov["prior"] == default_prior_for("ct", consistency=True) == "ct-phantom-128-consistency"
     gt = w.measurement.ground_truth
     assert gt is not None
-    x = np.asarray(w.layers["estimate"].data)
+    est = w.layers["estimate"]
+    assert est.metadata["units"] == "HU"  # shown in Hounsfield units; the core's attenuation per pixel comes back
+    x = core_values(est.data, est.metadata)
     assert psnr(x, gt) > 27.0  # FBP of this sample: 24.9 dB
 
 
@@ -327,3 +330,23 @@ def test_measurement_space_layers_lie_under_the_images_with_their_footprint(make
     assert viewer.layers.index(residual) == 0 and viewer.layers.index(baseline) == len(viewer.layers) - 1
     assert residual.data.shape != baseline.data.shape
     np.testing.assert_allclose(_footprint(residual), _footprint(baseline))
+
+
+def test_ct_layers_are_shown_in_hounsfield_units_and_simulated_from_as_such(make_napari_viewer):
+    """The CT ground truth is shown in HU with a window in HU; simulating from it again (other views) reads it as HU
+    at its pixel size: the new ground truth is the old one, not a re-normalised [0, 1] image mapped to air..bone."""
+    w = _session(make_napari_viewer)
+    w.load_sample("ct_sparse23")
+    m = w.measurement
+    inten = m.metadata["intensity"]
+    gt = w.viewer.layers["CT 23 views ground truth"]
+    assert gt.metadata["units"] == "HU" and "Hounsfield units" in w.meas_label.text()
+    np.testing.assert_allclose(gt.data, (m.ground_truth - inten["offset"]) / inten["scale"], rtol=1e-5, atol=1e-2)
+    w.viewer.layers.selection.active = gt
+    w.sim_modality.setCurrentText("ct")
+    w.sim_views.setValue(60)
+    w.use_selected_layer()
+    again = w.measurement
+    assert again is not m and len(again.operator["angles_deg"]) == 60
+    assert again.metadata["options"]["units"] == "HU"
+    np.testing.assert_allclose(again.ground_truth, m.ground_truth, rtol=0, atol=1e-3 * float(m.ground_truth.max()))

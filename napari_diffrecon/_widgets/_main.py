@@ -499,6 +499,8 @@ class DiffReconWidget(QWidget):
 
     def set_measurement(self, m: Measurement, name: str = "") -> None:
         """Make ``m`` the measurement to reconstruct (shows its operator and geometry)."""
+        from ..io._napari import shown_values
+
         self.measurement = m
         self.measurement_name = name or Path(m.path or "measurement").stem
         spec = m.operator
@@ -519,6 +521,7 @@ class DiffReconWidget(QWidget):
             f"<b>{self.measurement_name}</b>: {modality.upper()}, image {tuple(spec.get('image_shape', ()))}, "
             f"data {tuple(np.shape(m.data))}; {', '.join(geo)}; noise {nm}"
             + (f"<br>{desc}" if desc else "")
+            + ("<br>images are shown in Hounsfield units (HU)" if shown_values(0.0, "mean", m)[1] == "HU" else "")
         )
         gaussian = str(nm).lower() == "gaussian"
         self._noise_row.setVisible(gaussian)
@@ -675,6 +678,8 @@ class DiffReconWidget(QWidget):
         from ..io._napari import simulated_layers
 
         opts = self.simulate_options()
+        if str(meta.get("units", "")).upper() == "HU":  # a CT image shown in HU (even one with no air in it)
+            opts["units"] = "HU"
         scale = [float(v) for v in np.asarray(layer.scale)[-2:]]
         if any(v != 1.0 for v in scale):  # a layer with a pixel size (mm): CT / PET attenuation per pixel follows it
             opts["pixel_spacing_mm"] = scale
@@ -1303,11 +1308,16 @@ class DiffReconWidget(QWidget):
     def _show(self, role: str, data: np.ndarray, name: str | None = None,
               provenance: dict[str, Any] | None = None) -> None:
         """Assign a fresh array to the role's layer (creating it the first time); keep its display settings."""
-        data = np.asarray(data)
-        meta = {"provenance": provenance or {}, "diffrecon_role": role}
-        inten = (self.measurement.metadata or {}).get("intensity") if self.measurement is not None else None
-        if isinstance(inten, dict):  # exports of CT images are written in Hounsfield units (io.export.native_units)
+        from ..io._napari import shown_values
+
+        m = self._run_measurement or self.measurement
+        data, units = shown_values(data, role, m)  # CT images and their std in HU, as clinicians read them
+        meta: dict[str, Any] = {"provenance": provenance or {}, "diffrecon_role": role}
+        inten = (m.metadata or {}).get("intensity") if m is not None else None
+        if isinstance(inten, dict):  # how the values map to the core's image units (io.export.image_units)
             meta["intensity"] = inten
+        if units is not None:
+            meta["units"] = units
         layer = self.layers.get(role)
         if layer is not None and layer not in self.viewer.layers:
             layer = None
@@ -1369,7 +1379,9 @@ class DiffReconWidget(QWidget):
     def _reference_image(self) -> np.ndarray | None:
         m = self._run_measurement
         if m is not None and m.ground_truth is not None:
-            return np.abs(m.ground_truth)
+            from ..io._napari import shown_values
+
+            return shown_values(np.abs(m.ground_truth), "ground truth", m)[0]  # in the units the layers show
         base = self.result_layer("baseline")  # this run's (an earlier run's may be of other data)
         return np.asarray(base.data) if base is not None else None
 
@@ -1418,11 +1430,11 @@ class DiffReconWidget(QWidget):
         from ..io.bundle import OutputPathError
         from ..io.export import export_image
 
-        role, intensity = layer_units(layer.metadata)
+        role, intensity, units = layer_units(layer.metadata)
         try:
             return export_image(path, np.asarray(layer.data), self._layer_provenance(layer),
                                 spacing=tuple(float(s) for s in layer.scale), name=layer.name, overwrite=overwrite,
-                                role=role, intensity=intensity)
+                                role=role, intensity=intensity, data_units=units)
         except OutputPathError as e:  # a folder, or a path inside a file: its message says what to do
             show_error(f"napari-diffrecon: export failed: {e}")
         except FileExistsError:  # the core's words are the command line's ("pass --force to overwrite it")

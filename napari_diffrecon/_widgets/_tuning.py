@@ -227,11 +227,13 @@ class TuningPanel(QGroupBox):
         mean = o.result_layer("mean") or o.result_layer("estimate")
         if m is None or mean is None:
             raise ValueError("run a diffusion reconstruction first (the support map needs its mean and std)")
-        x = np.asarray(mean.data)
+        from ..io._napari import core_values
+
+        x = core_values(mean.data, mean.metadata)  # the layers show CT in HU; the support map works in image units
         std = o.result_layer("std")
         base = o.result_layer("baseline")
-        std_arr = np.asarray(std.data) if std is not None else None
-        cl = np.asarray(base.data) if base is not None else None
+        std_arr = core_values(std.data, std.metadata) if std is not None else None
+        cl = core_values(base.data, base.metadata) if base is not None else None
         op = m.build_operator()
         residual_ok = not op.is_complex  # the layers hold magnitudes: no residual for complex (MRI) images
         return support_maps(

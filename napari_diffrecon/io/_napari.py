@@ -61,6 +61,30 @@ def measurement_placement(m: Measurement, shape: tuple[int, ...]) -> dict[str, t
     return {"scale": (scale[0], scale[1]), "translate": (translate[0], translate[1])}
 
 
+def shown_values(data: Any, role: str, m: Measurement | None) -> tuple[np.ndarray, str | None]:
+    """An image-space array as the viewer shows it: CT images and their std in Hounsfield units (the units a
+    clinician reads and windows in; :func:`napari_diffrecon.io.export.native_units`), anything else as it is.
+
+    Parameters
+    ----------
+    data : array_like
+        Values in image units (CT: attenuation per pixel).
+    role : str
+        What the array is ("ground truth", "mean", "std", "residual", ...).
+    m : Measurement or None
+        The measurement it belongs to (its ``metadata["intensity"]`` declares the units).
+
+    Returns
+    -------
+    tuple
+        ``(values, units)``: units "HU" when converted (record it in the layer's metadata as ``units``), else None.
+    """
+    from .export import native_units
+
+    inten = m.metadata.get("intensity") if m is not None and isinstance(m.metadata, dict) else None
+    return native_units(data, role, inten)
+
+
 def _layers(m: Measurement, name: str) -> list[LayerData]:
     """The measurement layer, and the ground truth (when known) above it: the image is what is seen first."""
     data = m.data
@@ -77,7 +101,11 @@ def _layers(m: Measurement, name: str) -> list[LayerData]:
     layers: list[LayerData] = [(data, kw_m, "image")]
     if m.ground_truth is not None:
         gt = np.abs(m.ground_truth) if np.iscomplexobj(m.ground_truth) else m.ground_truth
-        kw: dict[str, Any] = {"name": f"{name} ground truth", "metadata": {**meta, "role": "ground truth"}}
+        gt_meta: dict[str, Any] = {**meta, "role": "ground truth"}
+        gt, units = shown_values(gt, "ground truth", m)
+        if units is not None:
+            gt_meta["units"] = units
+        kw: dict[str, Any] = {"name": f"{name} ground truth", "metadata": gt_meta}
         scale = _pixel_scale(m)
         if scale is not None:
             kw["scale"] = scale
@@ -269,17 +297,29 @@ def sample_pet_lowcount() -> list[LayerData]:
 
 
 # -- writers -----------------------------------------------------------------------------------
-def layer_units(metadata: dict[str, Any] | None) -> tuple[str | None, dict[str, Any] | None]:
-    """``(role, intensity)`` of a layer for :func:`napari_diffrecon.io.export.export_image`: what it shows (a
-    workbench result's ``diffrecon_role``, or a bundle layer's ``role``) and its measurement's declared intensity
-    (CT: image = scale · HU + offset), so that CT images are exported in Hounsfield units."""
+def layer_units(metadata: dict[str, Any] | None) -> tuple[str | None, dict[str, Any] | None, str | None]:
+    """``(role, intensity, units)`` of a layer for :func:`napari_diffrecon.io.export.export_image`: what it shows (a
+    workbench result's ``diffrecon_role``, or a bundle layer's ``role``), its measurement's declared intensity (CT:
+    image = scale · HU + offset) and the units its values are in ("HU" when the viewer shows them so, else None),
+    so that CT images are exported in Hounsfield units, converted once."""
     md = metadata or {}
     role = md.get("diffrecon_role") or md.get("role")
     intensity = md.get("intensity")
     m = md.get("measurement")
     if intensity is None and isinstance(m, Measurement) and isinstance(m.metadata, dict):
         intensity = m.metadata.get("intensity")
-    return (str(role) if role else None), (intensity if isinstance(intensity, dict) else None)
+    units = md.get("units")
+    return ((str(role) if role else None), (intensity if isinstance(intensity, dict) else None),
+            (str(units) if units else None))
+
+
+def core_values(data: Any, metadata: dict[str, Any] | None) -> np.ndarray:
+    """A layer's values in the core's image units (CT: attenuation per pixel), whatever units the viewer shows them
+    in (:func:`layer_units`; the inverse of :func:`shown_values`)."""
+    from .export import image_units
+
+    role, intensity, units = layer_units(metadata)
+    return image_units(data, role, intensity, units)
 
 
 def _write(fmt_path: str, data: Any, meta: dict[str, Any]) -> list[str]:
@@ -289,10 +329,10 @@ def _write(fmt_path: str, data: Any, meta: dict[str, Any]) -> list[str]:
     prov = md.get("provenance") if isinstance(md.get("provenance"), dict) else None
     if prov is None:
         prov = {"software": "napari-diffrecon", "layer": meta.get("name"), "source": str(md.get("source"))}
-    role, intensity = layer_units(md)
+    role, intensity, units = layer_units(md)
     out = export_image(fmt_path, data, prov, spacing=meta.get("scale"), name=str(meta.get("name", "")),
                        overwrite=True,  # napari's save dialog has already asked before replacing a file
-                       role=role, intensity=intensity)
+                       role=role, intensity=intensity, data_units=units)
     return [str(out)]
 
 

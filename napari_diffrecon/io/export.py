@@ -13,7 +13,9 @@ file, operator, prior card, sampler and every parameter, seed, software version)
 CT images are reconstructed in attenuation per pixel (image = scale · HU + offset, the measurement's
 ``metadata["intensity"]``); :func:`export_image` writes them in Hounsfield units when it is told the
 layer's role and that intensity (:func:`native_units`), as a clinician's viewer expects: DICOM with
-RescaleType "HU" and a soft-tissue window, the provenance saying what was converted.
+RescaleType "HU" and a soft-tissue window, the provenance saying what was converted. The viewer shows CT images in
+HU already (their layers say ``units: "HU"``); :func:`export_image` is then told ``data_units="HU"`` and writes them
+as they are. :func:`image_units` is the inverse (HU back to attenuation per pixel, for the core).
 
 :func:`read_exported` reads any of them back as ``(data, provenance, info)``.
 """
@@ -30,7 +32,7 @@ import numpy as np
 from .bundle import atomic_write
 
 __all__ = ["export_image", "write_nifti", "write_dicom", "write_tiff", "read_exported", "EXPORT_FORMATS",
-           "format_for", "native_units", "IMAGE_ROLES", "SPREAD_ROLES"]
+           "format_for", "native_units", "image_units", "IMAGE_ROLES", "SPREAD_ROLES"]
 
 EXPORT_FORMATS = {"nifti": (".nii", ".nii.gz"), "dicom": (".dcm",), "tiff": (".tif", ".tiff")}
 _TAG = "napari-diffrecon"
@@ -41,6 +43,20 @@ _PRIVATE_GROUP = 0x0011
 IMAGE_ROLES = ("iterate", "estimate", "mean", "baseline", "ground truth", "sample", "lower", "upper")
 SPREAD_ROLES = ("std",)
 _HU_WINDOW = (40.0, 400.0)  # DICOM WindowCenter / WindowWidth: soft tissue
+
+
+def _hu_mapping(intensity: dict[str, Any] | None) -> tuple[float, float] | None:
+    """``(scale, offset)`` of a measurement's intensity whose native units are HU (image = scale · HU + offset);
+    None for other units or an unusable mapping."""
+    if not isinstance(intensity, dict) or str(intensity.get("native_units", "")).upper() != "HU":
+        return None
+    try:
+        scale, offset = float(intensity["scale"]), float(intensity["offset"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    if not (np.isfinite(scale) and np.isfinite(offset)) or scale <= 0:
+        return None
+    return scale, offset
 
 
 def native_units(data: Any, role: str | None, intensity: dict[str, Any] | None) -> tuple[np.ndarray, str | None]:
@@ -62,19 +78,51 @@ def native_units(data: Any, role: str | None, intensity: dict[str, Any] | None) 
         ``(values, units)``: the converted values and "HU", or the data as they are and None.
     """
     a = np.asarray(data)
-    if not isinstance(intensity, dict) or str(intensity.get("native_units", "")).upper() != "HU":
+    hu = _hu_mapping(intensity)
+    if hu is None or np.iscomplexobj(a):
         return a, None
-    try:
-        scale, offset = float(intensity["scale"]), float(intensity["offset"])
-    except (KeyError, TypeError, ValueError):
-        return a, None
-    if not (np.isfinite(scale) and np.isfinite(offset)) or scale <= 0 or np.iscomplexobj(a):
-        return a, None
+    scale, offset = hu
     if role in IMAGE_ROLES:
-        return (a.astype(np.float64) - offset) / scale, "HU"
+        return ((a.astype(np.float64) - offset) / scale).astype(np.float32), "HU"
     if role in SPREAD_ROLES:
-        return a.astype(np.float64) / scale, "HU"
+        return (a.astype(np.float64) / scale).astype(np.float32), "HU"
     return a, None
+
+
+def image_units(data: Any, role: str | None, intensity: dict[str, Any] | None, units: str | None) -> np.ndarray:
+    """The inverse of :func:`native_units`: a layer's values back in image units (CT: attenuation per pixel).
+
+    Parameters
+    ----------
+    data : array_like
+        The layer's values.
+    role : str or None
+        What the layer shows (as in :func:`native_units`).
+    intensity : dict or None
+        The measurement's ``metadata["intensity"]``.
+    units : str or None
+        The units the layer's values are in (its metadata's ``units``): only "HU" is converted.
+
+    Returns
+    -------
+    np.ndarray
+        ``scale · HU + offset`` for an image, ``scale · HU`` for a spread, else the data as they are.
+
+    Raises
+    ------
+    ValueError
+        The values are in HU but ``intensity`` does not say how HU map to image units.
+    """
+    a = np.asarray(data)
+    if str(units or "").upper() != "HU" or (role not in IMAGE_ROLES and role not in SPREAD_ROLES):
+        return a
+    hu = _hu_mapping(intensity)
+    if hu is None:
+        raise ValueError("the layer's values are in HU but its metadata has no HU intensity mapping "
+                         "(metadata['intensity'] with native_units 'HU', scale and offset)")
+    scale, offset = hu
+    out = a.astype(np.float64) * scale + (offset if role in IMAGE_ROLES else 0.0)
+    return out.astype(np.float32)
 
 
 def format_for(path: str | Path) -> str:
@@ -220,11 +268,13 @@ def write_tiff(path: str | Path, data: Any, provenance: dict[str, Any] | None = 
 
 def export_image(path: str | Path, data: Any, provenance: dict[str, Any] | None = None,
                  spacing: Sequence[float] | None = None, name: str = "", overwrite: bool = False,
-                 role: str | None = None, intensity: dict[str, Any] | None = None) -> Path:
+                 role: str | None = None, intensity: dict[str, Any] | None = None,
+                 data_units: str | None = None) -> Path:
     """Write ``data`` in the format named by the file extension (see :data:`EXPORT_FORMATS`).
 
     With ``role`` and ``intensity`` (the measurement's ``metadata["intensity"]``) a CT image or its std is written in
-    Hounsfield units (:func:`native_units`), and the provenance records it (``exported_units``).
+    Hounsfield units (:func:`native_units`), and the provenance records it (``exported_units``). With
+    ``data_units="HU"`` the values are in HU already (a viewer layer): written as they are, recorded the same way.
 
     Raises
     ------
@@ -234,11 +284,17 @@ def export_image(path: str | Path, data: Any, provenance: dict[str, Any] | None 
         Unknown extension, or data that is not a 2D/3D numeric image.
     """
     fmt = format_for(path)
-    data, units = native_units(data, role, intensity)
+    if str(data_units or "").upper() == "HU" and (role in IMAGE_ROLES or role in SPREAD_ROLES):
+        units, source = "HU", f"{role} as shown in the viewer, in HU"
+    else:
+        data, units = native_units(data, role, intensity)
+        source = None
+        if units is not None:
+            source = (f"{role} in image units (attenuation per pixel) = {intensity['scale']:.6g} · HU + "
+                      f"{intensity['offset']:.6g}" if role not in SPREAD_ROLES
+                      else f"{role} in image units = {intensity['scale']:.6g} · HU")
     if units is not None:
-        provenance = {**(provenance or {}), "exported_units": units, "exported_from": (
-            f"{role} in image units (attenuation per pixel) = {intensity['scale']:.6g} · HU + {intensity['offset']:.6g}"
-            if role not in SPREAD_ROLES else f"{role} in image units = {intensity['scale']:.6g} · HU")}
+        provenance = {**(provenance or {}), "exported_units": units, "exported_from": source}
     if fmt == "nifti":
         return write_nifti(path, data, provenance, spacing, overwrite)
     if fmt == "dicom":
