@@ -245,6 +245,14 @@ def _step_printer(every: float = 0.1) -> Callable[[Any], None]:
     return show
 
 
+def _cmd_export(a: argparse.Namespace) -> int:
+    from .io.export import export_result
+
+    out = export_result(a.result, a.output, field=a.field, overwrite=a.force)
+    print(f"wrote {out}")
+    return 0
+
+
 def _cmd_info(a: argparse.Namespace) -> int:
     from .io import read_measurement
 
@@ -639,6 +647,17 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--half", action="store_true", help="store float16 weights (half the size)")
     e.add_argument("--force", action="store_true")
     e.set_defaults(func=_cmd_export_prior)
+
+    x = sub.add_parser("export", help="export an image of a result (.npz) as NIfTI, DICOM or TIFF (CT in HU)",
+                       description="Write one image of a 'reconstruct -o result.npz' file in the format its name "
+                                   "ends in (.nii/.nii.gz, .dcm, .tif), with the run's provenance; CT images and "
+                                   "their std in Hounsfield units, the pixel size from the measurement.")
+    x.add_argument("result", help="a result .npz written by 'napari-diffrecon reconstruct -o'")
+    x.add_argument("-o", "--output", required=True, help="image file: .nii, .nii.gz, .dcm, .tif or .tiff")
+    x.add_argument("--field", default=None, choices=["mean", "reconstruction", "std", "lower", "upper", "samples"],
+                   help="which image (default: the mean of a diffusion run, the reconstruction of a classical one)")
+    x.add_argument("--force", action="store_true", help="replace an existing file")
+    x.set_defaults(func=_cmd_export)
 
     i = sub.add_parser("info", help="summarise a measurement bundle")
     i.add_argument("bundle")

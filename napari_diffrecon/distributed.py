@@ -518,7 +518,12 @@ def run_from_args(args: argparse.Namespace) -> int:
     if out.exists() and not out.is_dir():
         raise ValueError(f"{out} is a file; volume runs write a folder (one result per study and report.json): "
                          "pass -o FOLDER")
-    if not out.exists() and out.suffix.lower() in (".npz", ".h5", ".hdf5", ".nii", ".gz", ".tif", ".tiff", ".dcm"):
+    from .io.bundle import MEASUREMENT_SUFFIXES, RESULT_SUFFIXES
+    from .io.export import EXPORT_FORMATS
+
+    file_suffixes = {*MEASUREMENT_SUFFIXES, *RESULT_SUFFIXES, ".gz", *(e for exts in EXPORT_FORMATS.values()
+                                                                      for e in exts if e.count(".") == 1)}
+    if not out.exists() and out.suffix.lower() in file_suffixes:
         raise ValueError(f"volume runs write a folder (one result per study and report.json), not a {out.suffix} "
                          f"file: pass -o {out.parent / out.name.split('.')[0]} (a folder name)")
     folder = src

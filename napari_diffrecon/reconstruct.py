@@ -429,6 +429,10 @@ def provenance(measurement: Any, settings: RunSettings, extra: dict[str, Any]) -
         "settings": settings.to_dict(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+    meta = getattr(measurement, "metadata", None)
+    inten = meta.get("intensity") if isinstance(meta, dict) else None
+    if isinstance(inten, dict):  # how the images' values map to native units (CT: HU), for exports of the result
+        rec["measurement_intensity"] = inten
     rec.update(extra)
     return json.loads(json.dumps(rec, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
 

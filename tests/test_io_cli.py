@@ -648,3 +648,65 @@ def test_auto_tune_says_when_it_chose_the_end_of_its_grid():
     assert inside.edge_note() is None and "note" not in inside.curve_text()
     two = TuneResult(best={"gamma": 1.0}, grid=grid[:2], scores=[1.0, 2.0], criterion="split", method="dds")
     assert two.edge_note() is None  # two points are no curve
+
+
+def test_a_result_file_is_exported_in_hounsfield_units_and_opens_in_napari(tmp_path, capsys):
+    """The CLI's result .npz (image units: attenuation per pixel) → `export` writes CT in HU with the pixel size and
+    the run's provenance; napari's reader opens it as the workbench shows it (HU, std in magma, bounds hidden);
+    wrong fields, measurement bundles and existing files are refused with what to do."""
+    from pydicom.data import get_testdata_file
+
+    from napari_diffrecon.io import read_exported
+    from napari_diffrecon.io._napari import core_values, read_any
+
+    b = tmp_path / "ct.npz"
+    assert main(["simulate", get_testdata_file("CT_small.dcm"), "--modality", "ct", "--views", "23", "--size", "64",
+                 "-o", str(b)]) == 0
+    inten = read_measurement(b).metadata["intensity"]
+    out = tmp_path / "dds.npz"
+    assert main(["reconstruct", str(b), "--method", "dds", "--hot-start", "fbp", "--t0", "0.3", "--steps", "2",
+                 "--samples", "2", "--keep-samples", "-o", str(out)]) == 0
+    with np.load(out) as z:
+        mean, std, samples = z["mean"], z["std"], z["samples"]
+        assert json.loads(str(z["provenance"]))["measurement_intensity"] == inten
+    capsys.readouterr()
+    assert main(["export", str(out), "-o", str(tmp_path / "mean.nii.gz")]) == 0  # default: the mean
+    assert "wrote" in capsys.readouterr().out
+    data, prov, info = read_exported(tmp_path / "mean.nii.gz")
+    np.testing.assert_allclose(data, (mean - inten["offset"]) / inten["scale"], rtol=1e-5, atol=1e-2)
+    assert prov["exported_units"] == "HU" and prov["exported_field"] == "mean" and prov["settings"]["method"] == "dds"
+    np.testing.assert_allclose(info["spacing"], [inten["pixel_size_mm"]] * 2, rtol=1e-5)
+    assert main(["export", str(out), "--field", "std", "-o", str(tmp_path / "std.tif")]) == 0
+    np.testing.assert_allclose(read_exported(tmp_path / "std.tif")[0], std / inten["scale"], rtol=1e-5, atol=1e-3)
+    assert main(["export", str(out), "--field", "samples", "-o", str(tmp_path / "s.nii")]) == 0
+    assert read_exported(tmp_path / "s.nii")[0].shape == samples.shape
+    # refusals: an existing file, a field a classical run does not have, a measurement bundle, a file of another kind
+    assert main(["export", str(out), "-o", str(tmp_path / "mean.nii.gz")]) == 2
+    assert "pass --force to overwrite it" in capsys.readouterr().err
+    tv = tmp_path / "tv.npz"
+    assert main(["reconstruct", str(b), "--method", "tv", "-o", str(tv)]) == 0
+    assert main(["export", str(tv), "-o", str(tmp_path / "tv.dcm")]) == 0  # default: the reconstruction
+    capsys.readouterr()
+    assert main(["export", str(tv), "--field", "std", "-o", str(tmp_path / "tv_std.dcm")]) == 2
+    assert "has no 'std'" in capsys.readouterr().err and not (tmp_path / "tv_std.dcm").exists()
+    assert main(["export", str(b), "-o", str(tmp_path / "b.nii")]) == 2
+    assert "is a measurement bundle" in capsys.readouterr().err
+    np.savez(tmp_path / "other.npz", a=np.zeros(3))
+    assert main(["export", str(tmp_path / "other.npz"), "-o", str(tmp_path / "o.nii")]) == 2
+    assert "not a napari-diffrecon result" in capsys.readouterr().err
+    assert main(["export", str(out), "-o", str(tmp_path / "mean.png")]) == 2
+    assert "cannot export to mean.png" in capsys.readouterr().err
+    # napari: the result opens as the workbench shows a run
+    reader = get_reader(str(out))
+    assert reader is not None
+    layers = {kw["metadata"]["result_field"]: (d, kw) for d, kw, _ in reader(str(out))}
+    assert set(layers) == {"mean", "std", "samples"}  # the reconstruction is the mean: not twice
+    d, kw = layers["mean"]
+    assert kw["metadata"]["units"] == "HU" and kw["visible"] and kw["scale"] == (inten["pixel_size_mm"],) * 2
+    np.testing.assert_allclose(core_values(d, kw["metadata"]), mean, rtol=1e-5, atol=1e-6)
+    assert layers["std"][1]["colormap"] == "magma" and not layers["samples"][1]["visible"]
+    from napari_diffrecon.io._napari import write_nifti  # saved again from napari: HU as shown, not converted twice
+
+    again = write_nifti(str(tmp_path / "again.nii"), d, {"name": "again", **kw})[0]
+    np.testing.assert_allclose(read_exported(again)[0], d, rtol=1e-6, atol=1e-3)
+    assert [kw["metadata"]["result_field"] for _, kw, _ in read_any(tv)] == ["reconstruction"]

@@ -126,8 +126,67 @@ def _is_bundle(p: Path) -> bool:
         return False
 
 
+def _is_result(p: Path) -> bool:
+    try:
+        with np.load(p, allow_pickle=False) as z:
+            return {"reconstruction", "provenance"} <= set(z.files) and "measurement" not in z.files
+    except Exception:  # not ours or unreadable: let napari try other readers
+        return False
+
+
+#: How a result file's images are shown: (field, label, shown at first).
+_RESULT_LAYERS = (("mean", "posterior mean", True), ("reconstruction", "reconstruction", True),
+                  ("std", "posterior std", True), ("lower", "95% lower", False), ("upper", "95% upper", False),
+                  ("samples", "samples", False))
+
+
+def result_layers(path: str | Path) -> list[LayerData]:
+    """Layers for a result file (the CLI's ``reconstruct -o out.npz``): the mean (or a classical run's
+    reconstruction), the std, and hidden the 95 % bounds and samples; CT in Hounsfield units as the workbench shows
+    it, with the run's provenance in each layer's metadata (so "Export selected layer" writes it again).
+
+    Raises
+    ------
+    BundleError, FileNotFoundError
+        Not a readable result file.
+    """
+    from .bundle import RESULT_IMAGES, read_result
+    from .export import native_units
+
+    p = Path(path)
+    arrays, prov = read_result(p)
+    inten = prov.get("measurement_intensity") if isinstance(prov.get("measurement_intensity"), dict) else None
+    px = (inten or {}).get("pixel_size_mm")
+    layers: list[LayerData] = []
+    for field, label, visible in _RESULT_LAYERS:
+        if field not in arrays or (field == "reconstruction" and "mean" in arrays):  # a diffusion run's = its mean
+            continue
+        role = RESULT_IMAGES[field]
+        a = arrays[field]
+        data, units = native_units(np.abs(a) if np.iscomplexobj(a) else a, role, inten)
+        meta: dict[str, Any] = {"provenance": prov, "diffrecon_role": role, "source": str(p), "result_field": field}
+        if inten is not None:
+            meta["intensity"] = inten
+        if units is not None:
+            meta["units"] = units
+        kw: dict[str, Any] = {"name": f"{p.stem} {label}", "metadata": meta, "visible": visible}
+        if px:
+            kw["scale"] = ((1.0,) if data.ndim == 3 else ()) + (float(px), float(px))
+        if role == "std":
+            kw["colormap"] = "magma"
+        layers.append((data, kw, "image"))
+    return layers
+
+
+def _read_result(path: str) -> list[LayerData]:
+    try:
+        return result_layers(path)
+    except (BundleError, FileNotFoundError) as e:
+        raise ValueError(f"napari-diffrecon could not open {Path(path).name}: {e}") from None
+
+
 def get_reader(path: str | list[str]) -> Callable[[str], list[LayerData]] | None:
-    """Reader for napari-diffrecon bundles and fastMRI-style k-space; None for anything else."""
+    """Reader for napari-diffrecon bundles, result files and fastMRI-style k-space; None for anything else."""
     if isinstance(path, list):
         return None
     p = Path(path)
@@ -135,6 +194,8 @@ def get_reader(path: str | list[str]) -> Callable[[str], list[LayerData]] | None
         return None
     if _is_bundle(p):
         return _read
+    if p.suffix == ".npz" and _is_result(p):
+        return _read_result
     from .fastmri import is_fastmri
 
     return _read_fastmri if is_fastmri(p) else None
@@ -260,6 +321,8 @@ def read_any(path: str | Path, simulate: dict[str, Any] | None = None) -> list[L
     if p.suffix in (".npz", ".h5", ".hdf5") and not p.is_dir():
         if p.suffix != ".npz" and is_fastmri(p):
             return _layers(read_fastmri(p), p.stem)
+        if p.suffix == ".npz" and _is_result(p):  # a result to look at (and export, or simulate from)
+            return result_layers(p)
         return _layers(read_measurement(p), p.stem)
     opts = dict(simulate or {"modality": "ct"})
     img, info = read_image(p)

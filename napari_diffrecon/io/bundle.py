@@ -31,6 +31,8 @@ __all__ = [
     "read_measurement",
     "write_measurement",
     "write_result",
+    "read_result",
+    "RESULT_IMAGES",
     "atomic_write",
     "json_field",
     "load_keys",
@@ -527,3 +529,51 @@ def write_result(
 
     atomic_write(path, writer, overwrite)
     return path
+
+
+#: The image arrays of a result file and what each shows (the roles of :mod:`napari_diffrecon.io.export`).
+RESULT_IMAGES = {"mean": "mean", "reconstruction": "estimate", "std": "std", "lower": "lower", "upper": "upper",
+                 "samples": "sample"}
+
+
+def read_result(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Read a result file written by :func:`write_result` (the CLI's ``reconstruct -o out.npz``).
+
+    Returns
+    -------
+    tuple
+        ``(arrays, provenance)``: the numeric arrays (``mean``, ``std``, ``reconstruction``, ``samples``, ...) in the
+        core's image units, and the provenance record (``measurement_intensity`` says how those map to native units,
+        e.g. HU for CT).
+
+    Raises
+    ------
+    FileNotFoundError
+        The file does not exist.
+    BundleError
+        Not a result file (a measurement bundle, another archive), or a corrupt one; the message says which.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"result file {path} not found")
+    if path.suffix.lower() not in RESULT_SUFFIXES:
+        raise BundleError(f"{path.name}: results are .npz files written by 'napari-diffrecon reconstruct -o'")
+    keys = load_keys(path)
+    if "measurement" in keys and "operator" in keys:
+        raise BundleError(f"{path.name} is a measurement bundle, not a result: reconstruct it first "
+                          "(napari-diffrecon reconstruct BUNDLE -o result.npz)")
+    if "provenance" not in keys or "reconstruction" not in keys:
+        raise BundleError(f"{path.name}: not a napari-diffrecon result (it needs 'reconstruction' and 'provenance'; "
+                          f"keys found: {sorted(keys)})")
+    prov = json_field(keys["provenance"], "provenance")
+    if not isinstance(prov, dict):
+        raise BundleError(f"{path.name}: 'provenance' must be a JSON object")
+    arrays = {k: np.asarray(v) for k, v in keys.items() if k != "provenance"}
+    for k, v in arrays.items():
+        if not (np.issubdtype(v.dtype, np.number) or v.dtype == bool):
+            raise BundleError(f"{path.name}: '{k}' is not numeric (dtype {v.dtype})")
+    shape = arrays["reconstruction"].shape
+    for k in RESULT_IMAGES:
+        if k in arrays and arrays[k].shape[-2:] != shape[-2:]:
+            raise BundleError(f"{path.name}: '{k}' has shape {arrays[k].shape}, the reconstruction {shape}")
+    return arrays, prov

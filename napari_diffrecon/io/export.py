@@ -29,10 +29,10 @@ from typing import Any
 
 import numpy as np
 
-from .bundle import atomic_write
+from .bundle import RESULT_IMAGES, atomic_write, read_result
 
 __all__ = ["export_image", "write_nifti", "write_dicom", "write_tiff", "read_exported", "EXPORT_FORMATS",
-           "format_for", "native_units", "image_units", "IMAGE_ROLES", "SPREAD_ROLES"]
+           "format_for", "native_units", "image_units", "export_result", "IMAGE_ROLES", "SPREAD_ROLES"]
 
 EXPORT_FORMATS = {"nifti": (".nii", ".nii.gz"), "dicom": (".dcm",), "tiff": (".tif", ".tiff")}
 _TAG = "napari-diffrecon"
@@ -300,6 +300,56 @@ def export_image(path: str | Path, data: Any, provenance: dict[str, Any] | None 
     if fmt == "dicom":
         return write_dicom(path, data, provenance, spacing, overwrite, description=name, units=units)
     return write_tiff(path, data, provenance, spacing, overwrite)
+
+
+def export_result(result: str | Path, path: str | Path, field: str | None = None, overwrite: bool = False) -> Path:
+    """Export one image of a result file (the CLI's ``reconstruct -o out.npz``) as NIfTI / DICOM / TIFF.
+
+    CT images and their std are written in Hounsfield units (the result's provenance records the measurement's
+    intensity mapping, ``measurement_intensity``); the pixel size comes from it too. The provenance written with the
+    image is the run's, plus ``exported_field`` and ``exported_from_file``.
+
+    Parameters
+    ----------
+    result : str or Path
+        The result ``.npz``.
+    path : str or Path
+        The image file to write (its extension picks the format, :data:`EXPORT_FORMATS`).
+    field : str, optional
+        Which image: one of ``mean``, ``reconstruction``, ``std``, ``lower``, ``upper``, ``samples`` (a stack).
+        Default: the posterior mean of a diffusion run, the reconstruction of a classical one.
+    overwrite : bool
+        Replace an existing file.
+
+    Raises
+    ------
+    ValueError
+        An unknown field, or one the result does not hold (a classical run has only ``reconstruction``).
+    BundleError, FileNotFoundError
+        Not a readable result file.
+    FileExistsError
+        ``path`` exists and ``overwrite`` is False.
+    """
+    format_for(path)  # the extension first: nothing is read for a name that cannot be written
+    arrays, prov = read_result(result)
+    if field is None:
+        field = "mean" if "mean" in arrays else "reconstruction"
+    if field not in RESULT_IMAGES:
+        raise ValueError(f"unknown field {field!r}; choose one of {', '.join(RESULT_IMAGES)}")
+    if field not in arrays:
+        have = [k for k in RESULT_IMAGES if k in arrays]
+        raise ValueError(f"{Path(result).name} has no {field!r} (it holds {', '.join(have)}): a classical run writes "
+                         "only 'reconstruction'; 'std', 'lower' and 'upper' need a diffusion run with --samples ≥ 2, "
+                         "'samples' needs --keep-samples")
+    data = arrays[field]
+    inten = prov.get("measurement_intensity") if isinstance(prov.get("measurement_intensity"), dict) else None
+    px = (inten or {}).get("pixel_size_mm")
+    spacing = None
+    if px:
+        spacing = ((1.0,) if data.ndim == 3 else ()) + (float(px), float(px))
+    prov = {**prov, "exported_field": field, "exported_from_file": str(result)}
+    return export_image(path, data, prov, spacing=spacing, name=f"{Path(result).stem} {field}", overwrite=overwrite,
+                        role=RESULT_IMAGES[field], intensity=inten)
 
 
 def read_exported(path: str | Path) -> tuple[np.ndarray, dict[str, Any] | None, dict[str, Any]]:
