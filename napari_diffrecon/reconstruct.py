@@ -164,10 +164,21 @@ def intensity_mapping(measurement: Any, prior: Any, reference: torch.Tensor | No
     return half, (hi + lo) / 2, "estimated from the classical reconstruction's 1–99% range"
 
 
-def _baseline(method: str, operator, m: torch.Tensor, likelihood, params: dict[str, Any]) -> torch.Tensor:
+def _baseline(method: str, operator, m: torch.Tensor, likelihood, params: dict[str, Any],
+              info: dict[str, Any] | None = None) -> torch.Tensor:
     from .baselines import reconstruct_baseline
 
-    return reconstruct_baseline(method, operator, m, likelihood, **params)
+    return reconstruct_baseline(method, operator, m, likelihood, info=info, **params)
+
+
+def _used(info: dict[str, Any]) -> dict[str, Any]:
+    """What a classical method ran with, for the provenance: every parameter (defaults included) and, for EM, the
+    iterations taken."""
+    out = dict(info.get("params") or {})
+    for k in ("iters_run", "stopped_at_noise_floor"):
+        if k in info:
+            out[k] = info[k]
+    return out
 
 
 def _default_hot_start_method(modality: str) -> str:
@@ -378,9 +389,12 @@ def prepare_run(
         _default_hot_start_method(modality) if modality in ("ct", "pet", "mri") else None
     )
     reference = None
+    hs_used: dict[str, Any] = {}
     if hs_method:
         bp = {**HOT_START_DEFAULTS.get(hs_method, {}), **dict(settings.baseline_params)}
-        reference = _baseline(hs_method, operator, m, likelihood, bp)
+        ran: dict[str, Any] = {}
+        reference = _baseline(hs_method, operator, m, likelihood, bp, ran)
+        hs_used = _used(ran)
     from .metrics import noise_floor
 
     floor = noise_floor(operator, m, likelihood)
@@ -402,6 +416,7 @@ def prepare_run(
         "intensity_mapping": {"scale": scale, "offset": offset, "how": how},
         "hot_start_method": settings.hot_start,
         "reference_method": hs_method,
+        "reference_params_used": hs_used,  # the classical image the hot start / intensity mapping came from
         "noise_floor": floor,
         "noise_floor_assumed": assumed,
         "conditional": settings.method not in UNCONDITIONAL,
@@ -505,12 +520,14 @@ def reconstruct(
             )
         device = check_device(settings.device)
         op = measurement.build_operator(device)
+        ran: dict[str, Any] = {}
         x = _baseline(
             settings.method,
             op,
             measurement.to_tensor(device),
             measurement.build_likelihood(device),
             dict(settings.baseline_params),
+            ran,
         )
         from .metrics import data_residual, noise_floor
 
@@ -521,8 +538,10 @@ def reconstruct(
             measurement,
             settings,
             {"kind": "classical", "wall_time_s": time.perf_counter() - t0, "data_residual": res,
+             "baseline_params_used": _used(ran),
              "noise_floor": noise_floor(op, m_t, lik), "noise_floor_assumed": noise_is_assumed(measurement.noise)},
         )
+        prov["settings"].pop("params", None)  # the diffusion samplers' parameters: not used by a classical method
         return Result(
             reconstruction=(xc.abs() if xc.is_complex() else xc).numpy().astype(np.float32),
             complex_reconstruction=xc.numpy().astype(np.complex64) if xc.is_complex() else None,

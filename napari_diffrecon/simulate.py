@@ -98,6 +98,21 @@ def _check_options(views, limited_angle, photons, coils, counts, noise_sigma, pi
     check_number("noise_sigma", noise_sigma)
 
 
+def _to_square(img: np.ndarray, size: int, spacing: Any) -> tuple[np.ndarray, bool]:
+    """``img`` resized to ``size``² keeping its aspect ratio in mm (the pixel ``spacing``, when known): the longer
+    side fills the square and the shorter is padded, centred, with the image's minimum (air, background) — a
+    non-square image used to be stretched. Returns the image and whether it was padded."""
+    sp = np.atleast_1d(np.asarray(spacing if spacing is not None else [], dtype=np.float64)).ravel()
+    sp = np.resize(sp[-2:], 2) if sp.size and np.all(np.isfinite(sp)) and np.all(sp > 0) else np.ones(2)
+    extent = np.asarray(img.shape, dtype=np.float64) * sp
+    target = tuple(int(max(1, round(size * e / extent.max()))) for e in extent)
+    out = resize(img, target, anti_aliasing=True, preserve_range=True)
+    if target == (size, size):
+        return out, False
+    pad = [((size - n) // 2, size - n - (size - n) // 2) for n in target]
+    return np.pad(out, pad, constant_values=float(img.min())), True
+
+
 def _pixel_size(shape: tuple[int, ...], size: int, pixel_size_mm: float | None, spacing: Any) -> float:
     """Pixel size in mm after resizing to ``size``²: given, from the input's spacing, or a 350 mm field of view."""
     if pixel_size_mm is not None:
@@ -139,7 +154,8 @@ def simulate_from_image(
     modality : {"ct", "mri", "pet"}
         What to simulate.
     size : int
-        Side length the image is resized to.
+        Side length of the square image: the image is resized keeping its aspect ratio (in mm when
+        ``pixel_spacing_mm`` is given), the longer side filling it, the shorter padded with the image's minimum.
     views, limited_angle : optional
         CT/PET geometry: ``views`` evenly spaced views over 180°, or ``limited_angle`` degrees
         (one view per degree unless ``views`` is given). Default 180 views.
@@ -173,7 +189,7 @@ def simulate_from_image(
     px = _pixel_size(img.shape, size, pixel_size_mm, pixel_spacing_mm)
     modality = modality.lower()
     is_hu = units.upper() == "HU" or (units == "auto" and img.min() < -500)
-    img = resize(img, (size, size), anti_aliasing=True, preserve_range=True)
+    img, padded = _to_square(img, size, pixel_spacing_mm)
     meta: dict[str, Any] = {
         "source": source,
         "options": {
@@ -189,6 +205,8 @@ def simulate_from_image(
             "noise_sigma": noise_sigma,
             "seed": seed,
             "units": "HU" if is_hu else units,
+            "input_shape": list(np.shape(image)),
+            "padded_to_square": padded,
         },
     }
     disk = _disk(size)

@@ -136,7 +136,7 @@ def test_read_image_formats(tmp_path, ct_slice):
     vol = np.stack([ct_slice * k for k in range(1, 4)], -1).astype(np.float32)
     nib.save(nib.Nifti1Image(vol, np.eye(4)), tmp_path / "v.nii.gz")
     sl, info = read_image(tmp_path / "v.nii.gz")
-    np.testing.assert_allclose(sl, vol[..., 1], rtol=1e-6)
+    np.testing.assert_allclose(sl, vol[..., 1].T, rtol=1e-6)  # (x, y) → rows y, columns x: as io.export writes
     assert info["n_slices"] == 3
     with pytest.raises(ValueError, match="out of range"):
         read_image(tmp_path / "v.nii.gz", slice_index=5)
@@ -710,3 +710,36 @@ def test_a_result_file_is_exported_in_hounsfield_units_and_opens_in_napari(tmp_p
     again = write_nifti(str(tmp_path / "again.nii"), d, {"name": "again", **kw})[0]
     np.testing.assert_allclose(read_exported(again)[0], d, rtol=1e-6, atol=1e-3)
     assert [kw["metadata"]["result_field"] for _, kw, _ in read_any(tv)] == ["reconstruction"]
+
+
+def test_a_nifti_in_comes_out_the_same_way_round(tmp_path):
+    """One NIfTI convention everywhere: read_image (simulate, the workbench's Open), napari's reader and the
+    export agree, so simulate → reconstruct → export writes the hot block where it was (it came out transposed),
+    with the pixel sizes on their own axes."""
+    import nibabel as nib
+
+    from napari_diffrecon.io._napari import read_image_layers
+
+    vol = np.zeros((96, 80, 3), np.float32)  # (x, y, z), anisotropic pixels 0.8 × 1.2 mm
+    vol[20:36, 55:76, :] = 1000.0
+    vol[40:60, 10:20, :] = 300.0
+    nib.save(nib.Nifti1Image(vol, np.diag([0.8, 1.2, 3.0, 1.0])), tmp_path / "a.nii.gz")
+    sl, info = read_image(tmp_path / "a.nii.gz")
+    layer = read_image_layers(tmp_path / "a.nii.gz")[0]
+    np.testing.assert_array_equal(layer[0][1], sl)
+    assert info["pixel_spacing_mm"] == pytest.approx([1.2, 0.8]) and layer[1]["scale"][-2:] == pytest.approx((1.2, 0.8))
+    b = tmp_path / "a.npz"
+    assert main(["simulate", str(tmp_path / "a.nii.gz"), "--modality", "pet", "--size", "64", "-o", str(b)]) == 0
+    out = tmp_path / "r.npz"
+    assert main(["reconstruct", str(b), "--method", "mlem", "--iters", "20", "-o", str(out)]) == 0
+    assert main(["export", str(out), "-o", str(tmp_path / "r.nii.gz")]) == 0
+    back = nib.load(tmp_path / "r.nii.gz").get_fdata()  # (x, y) as the input's
+    assert read_measurement(b).metadata["options"]["padded_to_square"]  # 96 × 0.8 mm by 80 × 1.2 mm: y is longer
+    # the 96 mm of y fill the 64 pixels (1.5 mm); the 76.8 mm of x are padded by (64 − 51) / 2 pixels each side
+    px, pad = 96.0 / 64, (64 - round(96 * 0.8 / 1.5)) // 2
+    hot = np.unravel_index(np.argmax(back), back.shape)
+    assert pad + 20 * 0.8 / px - 1 <= hot[0] <= pad + 36 * 0.8 / px, hot
+    assert 55 * 1.2 / px - 1 <= hot[1] <= 76 * 1.2 / px, hot
+    mask = back > 0.5 * back.max()  # the hot block keeps its shape in mm: 16 × 0.8 by 21 × 1.2 mm
+    rows, cols = np.nonzero(mask)
+    assert abs((np.ptp(rows) + 1) * px - 16 * 0.8) <= 2 * px and abs((np.ptp(cols) + 1) * px - 21 * 1.2) <= 2 * px

@@ -350,3 +350,24 @@ def test_ct_layers_are_shown_in_hounsfield_units_and_simulated_from_as_such(make
     assert again is not m and len(again.operator["angles_deg"]) == 60
     assert again.metadata["options"]["units"] == "HU"
     np.testing.assert_allclose(again.ground_truth, m.ground_truth, rtol=0, atol=1e-3 * float(m.ground_truth.max()))
+
+
+def test_classical_iterations_default_to_each_method_s_own(make_napari_viewer):
+    """One iterations box serves CG, TV, MLEM and OSEM, whose defaults differ 20 / 300 / noise level: at 'default'
+    the run takes the method's own (TV got 50 iterations, OSEM 50 passes); a typed count is passed as it is."""
+    from napari_diffrecon.reconstruct import RunSettings
+
+    w = _session(make_napari_viewer)
+    w.load_sample("pet_lowcount")
+    w.use_selected_layer()
+    assert w.spins["iters"].value() == 0 and w.spins["iters"].text() == "default"
+    for method in ("mlem", "osem", "tv", "cg"):
+        w.method_combo.setCurrentIndex(w.method_combo.findData(method))
+        assert "iters" not in w.current_settings().baseline_params, method
+    w.method_combo.setCurrentIndex(w.method_combo.findData("mlem"))
+    w.spins["iters"].setValue(7)
+    assert w.current_settings().baseline_params == {"iters": 7}
+    w.apply_settings(RunSettings(method="mlem"))
+    assert w.spins["iters"].value() == 0
+    w.apply_settings(RunSettings(method="tv", baseline_params={"iters": 120, "lam_rel": 0.01}))
+    assert w.spins["iters"].value() == 120

@@ -96,7 +96,8 @@ _SPINS: dict[str, tuple[str, str, float, float, float, int, str]] = {
     "adapt_lr": ("adapt lr", "float", 1e-5, 0.1, 5e-4, 5, "adaptation learning rate (acts live)"),
     "adapt_start": ("adapt from", "float", 0.0, 0.95, 0.05, 2, "fraction of the run before adaptation starts "
                     "(acts live)"),
-    "iters": ("iterations", "int", 1, 5000, 1, 0, "classical method iterations"),
+    "iters": ("iterations", "int", 0, 5000, 1, 0, "classical method iterations; 'default' = the method's own (CG 20, "
+              "TV 300, MLEM / OSEM: until the data residual reaches the noise level)"),
     "subsets": ("subsets", "int", 1, 64, 1, 0, "OSEM subsets"),
     "lam_rel": ("TV weight", "float", 0.0, 1.0, 0.0005, 4, "TV weight relative to ‖Aᴴm‖∞"),
 }
@@ -368,7 +369,8 @@ class DiffReconWidget(QWidget):
             w.valueChanged.connect(lambda _v, k=key: self._on_live_param(k))
             self.spins[key] = w
             self.param_rows[key] = _row(label, w, tooltip=tip)
-        self.spins["iters"].setValue(50)
+        self.spins["iters"].setSpecialValueText("default")  # 0: the method's default (baselines.BASELINE_DEFAULTS)
+        self.spins["iters"].setValue(0)
         self.spins["subsets"].setValue(6)
         self.spins["lam_rel"].setValue(0.002)
         self.filter_combo = QComboBox()
@@ -948,6 +950,8 @@ class DiffReconWidget(QWidget):
                     baseline_params["filter"] = self.filter_combo.currentText()
                 else:
                     v = self.spins[key].value()
+                    if key == "iters" and int(v) == 0:  # "default": the method's own count (EM: the noise level)
+                        continue
                     baseline_params[key] = int(v) if key in ("iters", "subsets") else float(v)
         hot = None
         if method in SAMPLERS and self.hot_start.isChecked() and self.measurement is not None:
@@ -1005,7 +1009,10 @@ class DiffReconWidget(QWidget):
         if self.device_combo.findText(settings.device) >= 0:
             self.device_combo.setCurrentText(settings.device)
         self.precision_combo.setCurrentText(settings.precision)
+        self.spins["iters"].setValue(0)  # the method's default unless the settings give a count
         for key, v in (settings.baseline_params or {}).items():
+            if key == "iters" and not isinstance(v, int):
+                continue
             if key == "filter":
                 self.filter_combo.setCurrentText(str(v))
             elif key in self.spins:

@@ -21,6 +21,7 @@ from .tv import operator_norm, tv_reconstruct
 
 __all__ = [
     "BASELINES",
+    "BASELINE_DEFAULTS",
     "reconstruct_baseline",
     "conjugate_gradient",
     "cg_least_squares",
@@ -45,11 +46,27 @@ BASELINES: dict[str, tuple[tuple[str, ...], str]] = {
 }
 
 
+#: Each method's default parameters, in one place (the CLI, the workbench and the provenance read them here).
+#: MLEM / OSEM iterations "auto": stop at the first iteration whose data residual reaches the noise floor (Morozov's
+#: discrepancy principle; at most ``AUTO_MAX_ITERS``): a fixed count is wrong either way — 50 MLEM iterations fit the
+#: noise of low-count data (6.4 dB on the shipped PET sample, where the noise level is reached at 10: 15.1 dB).
+BASELINE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "fbp": {"filter": "ramp"},
+    "zero_filled": {},
+    "cg": {"iters": 20, "damp": 0.0},
+    "tv": {"iters": 300, "lam_rel": 0.002},
+    "mlem": {"iters": "auto"},
+    "osem": {"iters": "auto", "subsets": 6},
+}
+AUTO_MAX_ITERS = {"mlem": 200, "osem": 40}
+
+
 def reconstruct_baseline(
     method: str,
     operator: LinearOperator,
     measurement: torch.Tensor,
     likelihood: Likelihood | None = None,
+    info: dict[str, Any] | None = None,
     **params: Any,
 ) -> torch.Tensor:
     """Run a classical reconstruction.
@@ -64,11 +81,15 @@ def reconstruct_baseline(
         The data (counts for low-dose CT and PET).
     likelihood : Likelihood, optional
         Noise model: transmission data are converted to post-log line integrals for FBP/CG/TV;
-        the Poisson background is used by MLEM/OSEM.
+        the Poisson background (randoms + scatter) is modelled by MLEM/OSEM and subtracted from the data for
+        FBP/CG/TV.
+    info : dict, optional
+        Filled with ``params`` (every parameter the method used, defaults included) and, for MLEM / OSEM,
+        ``iters_run`` (the iterations taken) and ``stopped_at_noise_floor``.
     **params
-        ``filter`` (FBP, default "ramp"); ``iters`` (CG 20, TV 300, MLEM 50, OSEM 5); ``damp``
-        (CG, 0); ``lam`` / ``lam_rel`` (TV, default relative 0.002); ``subsets`` (OSEM, 6);
-        ``nonneg`` (TV; default on for CT/PET).
+        ``filter`` (FBP, default "ramp"); ``iters`` (CG 20, TV 300, MLEM / OSEM "auto": up to the noise level);
+        ``damp`` (CG, 0); ``lam`` / ``lam_rel`` (TV, default relative 0.002); ``subsets`` (OSEM, 6); ``nonneg``
+        (TV; default on for CT/PET). See :data:`BASELINE_DEFAULTS`.
 
     Returns
     -------
@@ -84,29 +105,61 @@ def reconstruct_baseline(
     m = measurement.to(operator.device)
     if isinstance(likelihood, TransmissionLikelihood) and method in ("fbp", "cg", "tv"):
         m = post_log(m, likelihood.I0, likelihood.background).to(operator.dtype)
-    p = dict(params)
-    _check_params(method, p, operator)
+    if isinstance(likelihood, PoissonLikelihood) and method in ("fbp", "cg", "tv"):
+        # the expected randoms + scatter are not activity: subtracted, as analytic PET reconstruction does
+        # (MLEM/OSEM model them); without it FBP/CG/TV overestimate the activity by the background's share
+        m = m - torch.as_tensor(likelihood.background, dtype=m.dtype, device=m.device)
+    if "filter_name" in params:
+        params = {**{k: v for k, v in params.items() if k != "filter_name"}, "filter": params["filter_name"]}
+    p = {**BASELINE_DEFAULTS[method], **{k: v for k, v in params.items() if v is not None}}
+    if method == "tv":
+        p.setdefault("nonneg", operator.modality in ("ct", "pet"))
+    if str(p.get("iters")) == "auto" and method not in AUTO_MAX_ITERS:
+        raise ValueError(f"{method}: iters 'auto' (stop at the noise level) is for MLEM / OSEM; give a number")
+    _check_params(method, {k: v for k, v in params.items() if not (k == "iters" and v == "auto")}, operator)
+    if info is not None:
+        info["params"] = dict(p)
     if method == "fbp":
-        return fbp(operator, m, p.pop("filter", p.pop("filter_name", "ramp")))
+        return fbp(operator, m, p["filter"])
     if method == "zero_filled":
         return zero_filled(operator, m)
     if method == "cg":
-        return cg_least_squares(operator, m, n_iter=int(p.pop("iters", 20)), damp=float(p.pop("damp", 0.0)))
+        return cg_least_squares(operator, m, n_iter=int(p["iters"]), damp=float(p["damp"]))
     if method == "tv":
-        nonneg = bool(p.pop("nonneg", operator.modality in ("ct", "pet")))
-        lam = p.pop("lam", None)
-        return tv_reconstruct(
-            operator,
-            m,
-            lam=None if lam is None else float(lam),
-            n_iter=int(p.pop("iters", 300)),
-            nonneg=nonneg,
-            lam_rel=float(p.pop("lam_rel", 0.002)),
-        )
-    bg = likelihood.background if isinstance(likelihood, PoissonLikelihood) else 0.0
+        lam = p.get("lam")
+        return tv_reconstruct(operator, m, lam=None if lam is None else float(lam), n_iter=int(p["iters"]),
+                              nonneg=bool(p["nonneg"]), lam_rel=float(p["lam_rel"]))
+    return _em(method, operator, m, likelihood, p, info)
+
+
+def _em(method: str, operator: LinearOperator, m: torch.Tensor, likelihood: Likelihood | None, p: dict[str, Any],
+        info: dict[str, Any] | None) -> torch.Tensor:
+    """MLEM / OSEM for a fixed number of iterations, or ("auto") until the data residual reaches the noise floor."""
+    from ..metrics import data_residual, noise_floor
+
+    if not isinstance(likelihood, PoissonLikelihood):  # EM is a Poisson method: counts without a background
+        likelihood = PoissonLikelihood(0.0, device=m.device)
+    bg = likelihood.background
+    auto = p["iters"] == "auto"
+    floor = noise_floor(operator, m, likelihood) if auto else None
+    state = {"k": 0, "stopped": False}
+
+    def at_noise_level(k: int, x: torch.Tensor) -> bool:
+        state["k"] = k
+        if floor is not None and float(data_residual(operator, x, m, likelihood)) <= floor:
+            state["stopped"] = True
+        return state["stopped"]
+
+    n_iter = AUTO_MAX_ITERS[method] if auto else int(p["iters"])
     if method == "mlem":
-        return mlem(operator, m, bg, n_iter=int(p.pop("iters", 50)))
-    return osem(operator, m, bg, n_subsets=int(p.pop("subsets", 6)), n_iter=int(p.pop("iters", 5)))
+        x = mlem(operator, m, bg, n_iter=n_iter, callback=at_noise_level)
+    else:
+        x = osem(operator, m, bg, n_subsets=int(p["subsets"]), n_iter=n_iter, callback=at_noise_level)
+    if info is not None:
+        info["iters_run"] = state["k"]
+        if auto:
+            info["stopped_at_noise_floor"] = state["stopped"]
+    return x
 
 
 def _check_params(method: str, params: dict[str, Any], operator: LinearOperator) -> None:

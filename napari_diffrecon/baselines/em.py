@@ -45,11 +45,12 @@ def mlem(
     background: Any = 0.0,
     n_iter: int = 50,
     x0: torch.Tensor | None = None,
-    callback: Callable[[int, torch.Tensor], None] | None = None,
+    callback: Callable[[int, torch.Tensor], Any] | None = None,
 ) -> torch.Tensor:
     """Maximum-likelihood EM: ``x ← x / Aᵀ1 · Aᵀ(m / (A x + b))``.
 
-    Monotone in the Poisson log-likelihood; pixels with zero sensitivity stay 0.
+    Monotone in the Poisson log-likelihood; pixels with zero sensitivity stay 0. ``callback(k, x)`` is called after
+    each iteration; a true return value stops the iterations there (e.g. at the noise level).
     """
     counts = counts.to(operator.device, operator.dtype)
     _check(operator, counts)
@@ -62,8 +63,8 @@ def mlem(
         ybar = torch.clamp(operator.forward(x) + b, min=1e-12)
         x = x * operator.adjoint(counts / ybar) / safe
         x = torch.where(sens > 0, x, torch.zeros_like(x))
-        if callback is not None:
-            callback(k + 1, x)
+        if callback is not None and callback(k + 1, x):
+            break
     return x
 
 
@@ -90,11 +91,12 @@ def osem(
     n_subsets: int = 6,
     n_iter: int = 5,
     x0: torch.Tensor | None = None,
-    callback: Callable[[int, torch.Tensor], None] | None = None,
+    callback: Callable[[int, torch.Tensor], Any] | None = None,
 ) -> torch.Tensor:
     """Ordered-subsets EM: MLEM updates over interleaved view subsets (``n_iter`` full passes).
 
-    The operator must offer ``subset(index)`` (CT and PET operators do).
+    The operator must offer ``subset(index)`` (CT and PET operators do). ``callback(k, x)`` after each full pass; a
+    true return value stops there.
     """
     if not hasattr(operator, "subset"):
         raise ValueError(f"OSEM needs an operator with view subsets (CT/PET), not {operator.modality}")
@@ -109,6 +111,6 @@ def osem(
             ybar = torch.clamp(op.forward(x) + _bg(background, counts, torch.as_tensor(idx)), min=1e-12)
             x = x * op.adjoint(counts[..., idx] / ybar) / torch.clamp(s, min=1e-12)
             x = torch.where(s > 0, x, torch.zeros_like(x))
-        if callback is not None:
-            callback(k + 1, x)
+        if callback is not None and callback(k + 1, x):
+            break
     return x

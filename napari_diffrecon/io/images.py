@@ -53,11 +53,16 @@ def read_volume(path: str | Path) -> tuple[np.ndarray, dict[str, Any]]:
             data = np.asarray(img.dataobj, dtype=np.float32)
             if data.ndim == 2:
                 data = data[..., None]
-            vol = np.moveaxis(data[..., : data.shape[2]] if data.ndim == 3 else data[..., 0], 2, 0)
+            while data.ndim > 3:  # a 4D series: its first frame
+                data = data[..., 0]
+            # (x, y, z) → (z, y, x): napari's order, the one io.export writes and reads NIfTI in (a NIfTI in, a
+            # NIfTI out, the same way round)
+            vol = np.ascontiguousarray(data.T)
+            zooms = [float(z) for z in img.header.get_zooms()[:2]]
             info = {
                 "format": "nifti",
                 "units": "arbitrary",
-                "pixel_spacing_mm": [float(z) for z in img.header.get_zooms()[:2]],
+                "pixel_spacing_mm": zooms[::-1],  # (row = y, column = x)
             }
         elif name.endswith((".tif", ".tiff")):
             import tifffile
