@@ -466,7 +466,7 @@ def finish_diffusion_run(
         When a sample's final data residual is not finite.
     """
     samples = last.x0_hat.detach().cpu()
-    summary = summarize(samples, std_pool=std_pool)
+    summary = summarize(samples, std_pool=std_pool, nonneg=bool(getattr(problem, "nonneg", False)))
     res_mean = float(problem.residual(samples.mean(0, keepdim=True).to(problem.device))[0])
     extra = {
         "kind": "diffusion",

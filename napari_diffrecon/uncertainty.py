@@ -103,7 +103,7 @@ def prediction_interval(t: torch.Tensor, interval: float = 0.95) -> tuple[torch.
     return mean - half, mean + half, f"Student t, {k - 1} dof"
 
 
-def summarize(samples: Any, interval: float = 0.95, std_pool: float = 0.0) -> dict[str, Any]:
+def summarize(samples: Any, interval: float = 0.95, std_pool: float = 0.0, nonneg: bool = False) -> dict[str, Any]:
     """Summarise posterior samples stacked on the first axis.
 
     Parameters
@@ -118,6 +118,10 @@ def summarize(samples: Any, interval: float = 0.95, std_pool: float = 0.0) -> di
         root (:func:`pool_variance`): a less noisy std from few samples, at the cost of in-plane
         resolution of the uncertainty map. 0 (default here) is the raw per-voxel std; runs use
         :data:`DEFAULT_STD_POOL`. The interval is always per voxel.
+    nonneg : bool
+        The quantity cannot be negative (PET activity): the interval's bounds are clipped at 0, as they are for
+        complex samples (magnitudes). A Gaussian interval around a small mean reaches below 0; the clipped one holds
+        the same non-negative values.
 
     Returns
     -------
@@ -132,12 +136,15 @@ def summarize(samples: Any, interval: float = 0.95, std_pool: float = 0.0) -> di
         raise ValueError(f"samples must be stacked on the first axis, got shape {tuple(t.shape)}")
     if t.is_complex():
         t = t.abs()
+        nonneg = True
     t = t.to(torch.float64) if not t.is_floating_point() else t
     k = t.shape[0]
     std = pool_variance(t.var(0, unbiased=True), float(std_pool)).sqrt() if k > 1 else torch.zeros_like(t[0])
     out = {"mean": t.mean(0), "std": std, "n_samples": k}
     if k >= 8:
         out["lower"], out["upper"], out["interval_method"] = prediction_interval(t, interval)
+        if nonneg:
+            out["lower"], out["upper"] = out["lower"].clamp(min=0), out["upper"].clamp(min=0)
     if not is_torch:
         out = {key: (v.cpu().numpy() if isinstance(v, torch.Tensor) else v) for key, v in out.items()}
     return out

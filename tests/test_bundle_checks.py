@@ -141,3 +141,25 @@ def test_output_path_that_is_a_directory_is_refused_up_front(tmp_path):
         check_output_path(tmp_path / "f.npz")
     assert check_output_path(tmp_path / "f.npz", True) == tmp_path / "f.npz"
     assert check_output_path(str(tmp_path / "new" / "o.npz")) == tmp_path / "new" / "o.npz"
+
+
+def test_a_pet_background_array_under_any_key_is_read_and_a_bad_one_is_named(tmp_path):
+    """A background stored under another key is followed; a missing key, a wrong shape or a non-number is refused
+    naming noise.background (they used to end in a TypeError traceback or a torch size message)."""
+    m = simulate_from_image(np.outer(np.hanning(N), np.hanning(N)), "pet", size=N, views=8, seed=0)
+    data = m.data
+    op = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in m.operator.items()}
+    bg = np.full(data.shape, 0.5, np.float32)
+    path = _save(tmp_path / "ok.npz", measurement=data, operator=op, bgarr=bg,
+                 noise={"model": "poisson", "background": {"$array": "bgarr"}})
+    r = read_measurement(path)
+    np.testing.assert_array_equal(r.noise["background"], bg)
+    assert float(r.build_likelihood().background.mean()) == pytest.approx(0.5)
+    for name, extra, noise, match in (
+        ("missing", {}, {"model": "poisson", "background": {"$array": "bgarr"}}, "does not hold"),
+        ("shape", {"bgarr": bg[:, :3]}, {"model": "poisson", "background": {"$array": "bgarr"}}, "does not match"),
+        ("text", {}, {"model": "poisson", "background": "lots"}, "must be a number"),
+    ):
+        p = _save(tmp_path / f"{name}.npz", measurement=data, operator=op, noise=noise, **extra)
+        with pytest.raises(BundleError, match=match):
+            read_measurement(p)

@@ -451,6 +451,20 @@ def test_summarize_gives_mean_std_and_interval():
     assert "lower" not in small and isinstance(small["mean"], np.ndarray)
 
 
+def test_intervals_of_non_negative_quantities_stay_non_negative():
+    """PET activity (and a magnitude) cannot be negative: the Gaussian interval of 8 skewed draws near 0 reached below
+    it (PET's lower bound −0.18); clipped at 0 it holds the same non-negative values, so coverage is unchanged."""
+    g = torch.Generator().manual_seed(0)
+    draws = -0.05 * torch.log(torch.rand(9, 5000, generator=g, dtype=torch.float64))  # exponential, mean 0.05
+    raw, clipped = summarize(draws[:8]), summarize(draws[:8], nonneg=True)
+    assert float(raw["lower"].min()) < 0 and float(clipped["lower"].min()) == 0.0
+    assert torch.equal(clipped["upper"], raw["upper"]) and torch.equal(clipped["mean"], raw["mean"])
+    covered = [float(((draws[8] >= s["lower"]) & (draws[8] <= s["upper"])).double().mean()) for s in (raw, clipped)]
+    assert covered[0] == covered[1]
+    cplx = summarize(torch.complex(draws[:8], torch.zeros_like(draws[:8])))  # magnitudes
+    assert float(cplx["lower"].min()) == 0.0
+
+
 @pytest.mark.parametrize("k", [8, 16, 39, 60])
 def test_interval_holds_a_new_draw_95_percent_of_the_time(k):
     """If the truth is one more draw of the sampled distribution, the reported 95 % interval must hold it 95 % of

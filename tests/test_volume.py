@@ -281,3 +281,19 @@ def test_memory_plan_refuses_too_large_volume_with_way_forward():
     assert parse_bytes("1.5 GiB") == int(1.5 * 1024**3) and parse_bytes(2048) == 2048
     with pytest.raises(ValueError, match="memory budget"):
         parse_bytes("lots")
+
+
+@pytest.mark.parametrize("field,value", [("ztv", -1.0), ("ztv", float("nan")), ("rho", 0.0), ("admm_iters", 0),
+                                         ("admm_iters", 1.5)])
+def test_bad_z_coupling_is_refused_not_run_as_something_else(field, value):
+    """A negative or NaN z-TV weight ran slice by slice and was recorded as given; now refused, also mid-run."""
+    from napari_diffrecon.samplers.base import SamplingError
+
+    problem, _ = _ct_volume_problem(GaussianPrior(sigma_p=0.5))
+    with pytest.raises(SamplingError, match=field):
+        next(iter(mbir(problem, VolumeParams(n_steps=3, **{field: value}), seed=0)))
+    params = VolumeParams(n_steps=4)
+    with pytest.raises(SamplingError, match=field):
+        for it in mbir(problem, params, seed=0, yield_every=1):
+            if it.step == 1:
+                setattr(params, field, value)  # set live from the GUI

@@ -144,6 +144,12 @@ def _validate(m: Measurement) -> None:
             "(check that the right array was saved, not an empty buffer)"
         )
     model = str((m.noise or {}).get("model", "gaussian")).lower()
+    bg = (m.noise or {}).get("background")
+    if isinstance(bg, np.ndarray) and bg.ndim and tuple(bg.shape) != tuple(data.shape):
+        raise BundleError(f"noise.background: shape {bg.shape} does not match the measurement's {data.shape}; give one "
+                          "expected background count per measured bin (or a single number)")
+    if bg is not None and not isinstance(bg, (int, float, np.ndarray)):
+        raise BundleError(f"noise.background: must be a number or an array reference {{\"$array\": key}}, got {bg!r}")
     if model in COUNT_MODELS and np.any(data < 0):
         raise BundleError(
             f"measurement: negative entries (min {data.min():.3g}) but the {model} noise model needs raw counts ≥ 0"
@@ -338,8 +344,19 @@ def read_measurement(path: str | Path) -> Measurement:
         raise BundleError("operator: must be a JSON object")
     spec = resolve_arrays(spec, arrays)
     noise = json_field(keys.get("noise"), "noise") or {}
-    if "background" in arrays and isinstance(noise.get("background"), dict):
-        noise["background"] = arrays["background"]
+    ref = noise.get("background")
+    if isinstance(ref, dict):  # {"$array": key}: the array under that key (any name)
+        key = ref.get("$array")
+        if not isinstance(key, str) or key not in keys:
+            raise BundleError(
+                f"noise.background: refers to the array {key!r}, which {path.name} does not hold (keys: "
+                f"{sorted(keys)}); store the expected randoms + scatter counts under that key, or give the background "
+                "as a number"
+            )
+        bg = np.asarray(keys[key])
+        if not np.issubdtype(bg.dtype, np.number) or np.iscomplexobj(bg):
+            raise BundleError(f"noise.background: the array {key!r} must hold real numbers, got dtype {bg.dtype}")
+        noise["background"] = bg
     data = np.asarray(keys["measurement"])
     if not noise:
         rms = float(np.sqrt(np.mean(np.abs(data) ** 2))) if data.size and np.issubdtype(data.dtype, np.number) else 1.0
