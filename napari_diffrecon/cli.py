@@ -27,9 +27,11 @@ def _methods() -> list[str]:
 def _cmd_simulate(a: argparse.Namespace) -> int:
     from .io import check_output_path, read_image, write_measurement
     from .io.bundle import MEASUREMENT_SUFFIXES
-    from .simulate import simulate_from_image
+    from .simulate import check_options_apply, simulate_from_image
 
     out = check_output_path(a.output, a.force, MEASUREMENT_SUFFIXES)
+    check_options_apply(a.modality, views=a.views, limited_angle=a.limited_angle, photons=a.photons, accel=a.accel,
+                        coils=a.coils, counts=a.counts, noise_sigma=a.noise_sigma)
     img, info = read_image(a.image, a.slice)
     m = simulate_from_image(
         img,
@@ -684,6 +686,13 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except MemoryError as e:
+        from .volume.memory import VolumeMemoryError
+
+        if not isinstance(e, VolumeMemoryError):  # a real out-of-memory: the traceback says where
+            raise
+        print(f"error: {e}", file=sys.stderr)  # a volume run that would not fit its budget: the message says what would
         return 2
 
 

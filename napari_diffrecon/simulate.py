@@ -98,6 +98,34 @@ def _check_options(views, limited_angle, photons, coils, counts, noise_sigma, pi
     check_number("noise_sigma", noise_sigma)
 
 
+#: The simulation options each modality uses.
+OPTIONS_USED = {"ct": ("views", "limited_angle", "photons", "noise_sigma"), "mri": ("accel", "coils", "noise_sigma"),
+                "pet": ("views", "limited_angle", "counts")}
+
+
+def check_options_apply(modality: str, **options: Any) -> None:
+    """Refuse options ``modality`` does not use (the CLI's flags: ``--photons`` with PET was ignored, and recorded
+    as if it had been used); None values are unset options. :func:`simulate_from_image` itself ignores them and
+    does not record them.
+
+    Raises
+    ------
+    ValueError
+        Naming the unused options and the ones the modality takes.
+    """
+    modality = modality.lower()
+    uses = OPTIONS_USED.get(modality)
+    if uses is None:
+        return  # an unknown modality is refused below with its own message
+    unused = [k for k, v in options.items() if v is not None and k not in uses]
+    if options.get("photons") is not None and options.get("noise_sigma") is not None:
+        unused.append("noise_sigma (low-dose CT's noise is the photon counts')")
+    if unused:
+        hint = {"ct": "CT takes views, limited_angle, photons (low dose) or noise_sigma",
+                "mri": "MRI takes accel, coils and noise_sigma", "pet": "PET takes views, limited_angle and counts"}
+        raise ValueError(f"{modality.upper()} does not use {', '.join(unused)}: {hint[modality]}")
+
+
 def _to_square(img: np.ndarray, size: int, spacing: Any) -> tuple[np.ndarray, bool]:
     """``img`` resized to ``size``² keeping its aspect ratio in mm (the pixel ``spacing``, when known): the longer
     side fills the square and the shorter is padded, centred, with the image's minimum (air, background) — a
@@ -152,7 +180,9 @@ def simulate_from_image(
     image : np.ndarray
         2D image; ``units="HU"`` (or "auto" with values below −500 present) is read as Hounsfield units.
     modality : {"ct", "mri", "pet"}
-        What to simulate.
+        What to simulate. PET from a CT image (HU) simulates an FDG-like uptake of its tissues
+        (:func:`activity_from_anatomy`); from any other image, its normalised intensity is the activity. Options
+        the modality does not use are refused.
     size : int
         Side length of the square image: the image is resized keeping its aspect ratio (in mm when
         ``pixel_spacing_mm`` is given), the longer side filling it, the shorter padded with the image's minimum.
@@ -186,8 +216,17 @@ def simulate_from_image(
     if size < 16:
         raise ValueError(f"size must be ≥ 16, got {size}")
     _check_options(views, limited_angle, photons, coils, counts, noise_sigma, pixel_size_mm)
-    px = _pixel_size(img.shape, size, pixel_size_mm, pixel_spacing_mm)
     modality = modality.lower()
+    given = {"views": views, "limited_angle": limited_angle, "photons": photons, "accel": accel, "coils": coils,
+             "counts": counts, "noise_sigma": noise_sigma}
+    if modality in OPTIONS_USED:  # options the modality does not use: ignored, and not recorded as used
+        given = {k: (v if k in OPTIONS_USED[modality] else None) for k, v in given.items()}
+        views, limited_angle, photons, accel, coils, counts, noise_sigma = given.values()
+        noise_sigma = None if photons is not None else noise_sigma  # low-dose CT: the counts are the noise
+    if float(img.max()) == float(img.min()):
+        raise ValueError(f"the image is constant (every pixel {float(img.min()):g}): there is nothing to measure; "
+                         "pick another slice (--slice) or image")
+    px = _pixel_size(img.shape, size, pixel_size_mm, pixel_spacing_mm)
     is_hu = units.upper() == "HU" or (units == "auto" and img.min() < -500)
     img, padded = _to_square(img, size, pixel_spacing_mm)
     meta: dict[str, Any] = {
@@ -200,7 +239,7 @@ def simulate_from_image(
             "photons": photons,
             "accel": accel,
             "coils": coils,
-            "mask_kind": mask_kind,
+            "mask_kind": mask_kind if modality == "mri" else None,
             "counts": counts,
             "noise_sigma": noise_sigma,
             "seed": seed,
@@ -245,9 +284,15 @@ def simulate_from_image(
         meta["intensity"] = {"native_units": "magnitude", "scale": 1.0, "offset": 0.0}
         meta["description"] = f"MRI, {op.acceleration:.1f}x {mask_kind}, {max(op.n_coils, 1)} coil(s)"
     elif modality == "pet":
-        body = np.where(disk, _unit(img), 0.0)
-        activity = body * (body > 0.05)
-        mu = np.where(body > 0.05, MU_WATER_511_PER_MM * px, 0.0)
+        if is_hu:  # a CT: an FDG-like uptake of its tissues (HU as activity would make bone the hottest)
+            activity = np.where(disk, activity_from_anatomy(img, "ct"), 0.0).astype(np.float64)
+            body_mask = disk & (img > -500)
+            meta["options"]["activity"] = "FDG-like uptake from the CT's tissues (activity_from_anatomy)"
+        else:
+            body = np.where(disk, _unit(img), 0.0)
+            activity = body * (body > 0.05)
+            body_mask = body > 0.05
+        mu = np.where(body_mask, MU_WATER_511_PER_MM * px, 0.0)
         att = attenuation_factors(mu, angles)
         unit_op = PETOperator(size, angles, att)
         total = float(unit_op.forward(torch.tensor(activity, dtype=torch.float32)).sum())

@@ -743,3 +743,36 @@ def test_a_nifti_in_comes_out_the_same_way_round(tmp_path):
     mask = back > 0.5 * back.max()  # the hot block keeps its shape in mm: 16 × 0.8 by 21 × 1.2 mm
     rows, cols = np.nonzero(mask)
     assert abs((np.ptp(rows) + 1) * px - 16 * 0.8) <= 2 * px and abs((np.ptp(cols) + 1) * px - 21 * 1.2) <= 2 * px
+
+
+def test_simulate_refuses_what_it_would_ignore_and_simulates_pet_from_ct_as_uptake(tmp_path, capsys):
+    """Flags of another modality (--photons with PET) are refused at the command line and not recorded by the
+    library; a constant image is refused (it wrote an all-zero bundle nothing could read); PET from a CT (HU) is an
+    FDG-like uptake of its tissues, not its HU (bone was the hottest)."""
+    from pydicom.data import get_testdata_file
+
+    from napari_diffrecon.simulate import activity_from_anatomy
+
+    ct = get_testdata_file("CT_small.dcm")
+    out = tmp_path / "p.npz"
+    for flags, name in ((["--photons", "1e4"], "photons"), (["--accel", "8"], "accel"), (["--counts", "1e5"], None)):
+        modality = "ct" if name is None else "pet"  # counts are PET's own
+        assert main(["simulate", ct, "--modality", modality, "--size", "32", *flags, "-o", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert f"{modality.upper()} does not use {name or 'counts'}" in err and not out.exists()
+    m = simulate_from_image(read_image(ct)[0], "pet", size=32, photons=1e4, accel=8.0, seed=0)
+    opts = m.metadata["options"]
+    assert opts["photons"] is None and opts["accel"] is None and opts["mask_kind"] is None  # ignored, not recorded
+    with pytest.raises(ValueError, match="constant"):
+        simulate_from_image(np.full((32, 32), 7.0), "pet", size=32)
+    img, info = read_image(ct)
+    pet = simulate_from_image(img, "pet", size=64, units="HU", pixel_spacing_mm=info["pixel_spacing_mm"], seed=0)
+    assert "FDG-like" in pet.metadata["options"]["activity"]
+    from skimage.transform import resize
+
+    expect = activity_from_anatomy(resize(img, (64, 64), anti_aliasing=True, preserve_range=True), "ct")
+    bone = resize(img, (64, 64), preserve_range=True) > 400
+    gt = pet.ground_truth
+    inside = np.hypot(*(np.mgrid[:64, :64] - 31.5)) < 31  # the scanner's field of view
+    assert np.corrcoef(gt[inside], expect[inside])[0, 1] > 0.99
+    assert gt[bone].mean() < np.percentile(gt[gt > 0], 90)  # bone is not the hottest tissue

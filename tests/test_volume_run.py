@@ -214,3 +214,18 @@ def test_cli_folder_of_unreadable_studies_lists_every_one(tmp_path):
     with pytest.raises(VolumeInputError, match=r"2 of the studies") as e:
         distributed.main([str(tmp_path), "-o", str(tmp_path / "out")])
     assert "a.npz" in str(e.value) and "b.npz" in str(e.value)
+
+
+def test_cli_volume_run_over_its_memory_budget_is_an_error_not_a_traceback(tmp_path, capsys):
+    """A budget the volume cannot fit, or a slab of 0 slices, ends in `error:` naming what would fit (exit 2)."""
+    from napari_diffrecon.cli import main
+    from napari_diffrecon.volume import simulate_ct_study, write_volume_study
+
+    vol = np.zeros((4, 32, 32), np.float32)
+    vol[:, 8:24, 8:24] = 0.02
+    path = write_volume_study(simulate_ct_study(vol, 12, spacing_mm=(2.0, 1.0, 1.0)), tmp_path / "v.npz")
+    for extra in (["--memory-budget", "1MB"], ["--slab", "0"]):
+        code = main(["reconstruct", str(path), "--volume", "--method", "mbir", "--steps", "2", *extra,
+                     "-o", str(tmp_path / f"out{len(extra[1])}")])
+        err = capsys.readouterr().err
+        assert code == 2 and err.startswith("error:") and "Traceback" not in err, (extra, err)
