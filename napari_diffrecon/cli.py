@@ -257,8 +257,19 @@ def _cmd_export(a: argparse.Namespace) -> int:
 
 def _cmd_info(a: argparse.Namespace) -> int:
     from .io import read_measurement
+    from .io.bundle import VolumeStudyFileError
 
-    m = read_measurement(a.bundle)
+    try:
+        m = read_measurement(a.bundle)
+    except VolumeStudyFileError:
+        from .volume import read_volume_study
+
+        st = read_volume_study(a.bundle)
+        print(json.dumps({"volume_study": f"{st.data.shape[0]} slices", "measurement": f"{st.data.shape} "
+                          f"{st.data.dtype}", "spacing_mm": st.spacing_mm, "orientation": st.orientation,
+                          "modality": st.operator.get("modality"), "ground_truth": st.ground_truth is not None,
+                          "metadata": st.metadata}, indent=2, default=str))
+        return 0
     spec = {k: (f"array{np.asarray(v).shape}" if isinstance(v, np.ndarray) else v) for k, v in m.operator.items()}
     if "angles_deg" in spec:
         spec["angles_deg"] = f"{len(m.operator['angles_deg'])} angles"

@@ -217,13 +217,19 @@ def test_cli_folder_of_unreadable_studies_lists_every_one(tmp_path):
 
 
 def test_cli_volume_run_over_its_memory_budget_is_an_error_not_a_traceback(tmp_path, capsys):
-    """A budget the volume cannot fit, or a slab of 0 slices, ends in `error:` naming what would fit (exit 2)."""
+    """A budget the volume cannot fit, or a slab of 0 slices, ends in `error:` naming what would fit (exit 2);
+    `info` summarises a volume study, and the 2D path names it as one (it said the data shape did not match)."""
     from napari_diffrecon.cli import main
     from napari_diffrecon.volume import simulate_ct_study, write_volume_study
 
     vol = np.zeros((4, 32, 32), np.float32)
     vol[:, 8:24, 8:24] = 0.02
     path = write_volume_study(simulate_ct_study(vol, 12, spacing_mm=(2.0, 1.0, 1.0)), tmp_path / "v.npz")
+    assert main(["info", str(path)]) == 0  # a volume study is summarised as one
+    assert '"volume_study": "4 slices"' in capsys.readouterr().out
+    assert main(["reconstruct", str(path), "--method", "dds", "-o", str(tmp_path / "r.npz")]) == 2  # 2D path
+    err = capsys.readouterr().err
+    assert "is a volume study (4 slices)" in err and "--volume" in err
     for extra in (["--memory-budget", "1MB"], ["--slab", "0"]):
         code = main(["reconstruct", str(path), "--volume", "--method", "mbir", "--steps", "2", *extra,
                      "-o", str(tmp_path / f"out{len(extra[1])}")])

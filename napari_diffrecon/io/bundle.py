@@ -33,6 +33,8 @@ __all__ = [
     "write_result",
     "read_result",
     "RESULT_IMAGES",
+    "VOLUME_STUDY_FORMAT",
+    "VolumeStudyFileError",
     "atomic_write",
     "json_field",
     "load_keys",
@@ -331,6 +333,12 @@ def read_measurement(path: str | Path) -> Measurement:
     if not path.exists():
         raise FileNotFoundError(f"measurement file {path} not found")
     keys = load_keys(path)
+    if str(np.asarray(keys.get("format", ""))) == VOLUME_STUDY_FORMAT:
+        shape = np.shape(keys.get("measurement"))
+        raise VolumeStudyFileError(
+            f"{path.name} is a volume study ({shape[0] if shape else '?'} slices), not a 2D measurement: reconstruct "
+            f"it with --volume (napari-diffrecon reconstruct {path.name} --volume --method mbir -o FOLDER)"
+        )
     if "measurement" not in keys:
         raise BundleError(f"{path.name}: lacks the 'measurement' array (keys found: {sorted(keys)})")
     if "operator" not in keys:
@@ -374,6 +382,14 @@ def read_measurement(path: str | Path) -> Measurement:
     )
     _validate(m)
     return m
+
+
+#: The ``format`` entry of a volume study file (:mod:`napari_diffrecon.volume.study`): a stack of 2D measurements.
+VOLUME_STUDY_FORMAT = "napari-diffrecon volume"
+
+
+class VolumeStudyFileError(BundleError):
+    """A volume study was given where a 2D measurement bundle is read (reconstruct it with ``--volume``)."""
 
 
 #: What :func:`write_measurement` and :func:`write_result` write (their output names must end so).

@@ -21,7 +21,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..io.bundle import BundleError, atomic_write, json_field, load_keys, resolve_arrays, split_arrays
+from ..io.bundle import (
+    VOLUME_STUDY_FORMAT,
+    BundleError,
+    atomic_write,
+    json_field,
+    load_keys,
+    resolve_arrays,
+    split_arrays,
+)
 from .operators import SliceWiseOperator, build_volume_operator
 
 __all__ = [
@@ -39,7 +47,7 @@ __all__ = [
     "STUDY_FORMAT",
 ]
 
-STUDY_FORMAT = "napari-diffrecon volume"
+STUDY_FORMAT = VOLUME_STUDY_FORMAT
 STUDY_SUFFIXES = (".npz",)
 
 
