@@ -190,6 +190,9 @@ def _cmd_reconstruct(a: argparse.Namespace) -> int:
     if a.method not in _methods():
         raise ValueError(f"unknown method {a.method!r}; choose from {', '.join(_methods())}")
     out = check_output_path(a.output, a.force, RESULT_SUFFIXES)
+    if Path(a.bundle).exists() and out.exists() and out.resolve() == Path(a.bundle).resolve():
+        raise ValueError(f"-o {a.output} is the input measurement; write the result to another file (--force "
+                         "replaces earlier results, never the input)")
     m = read_measurement(a.bundle)
     from .reconstruct import data_kind
 

@@ -221,6 +221,7 @@ def reconstruct_folder(
     inject_faults: dict[str, int] | None = None,
     on_chunk: Callable[[str, dict[str, Any]], Any] | None = None,
     log: Callable[[str], Any] = lambda s: None,
+    overwrite: bool = False,
 ) -> FolderReport:
     """Reconstruct every volume study of ``folder`` on a Dask cluster, one output per study.
 
@@ -257,6 +258,9 @@ def reconstruct_folder(
         retries and failure reports on a real cluster).
     on_chunk : callable, optional
         ``on_chunk(study_id, info)`` as each slab completes (progress, streaming).
+    overwrite : bool
+        Recompute a study whose output was made from another input or with other settings (the CLI's
+        ``--force``); by default that is refused, and an output made the same way is skipped (resume).
 
     Returns
     -------
@@ -308,10 +312,12 @@ def reconstruct_folder(
                                        "reason": "finished earlier with the same input and settings"}
                 log(f"{sid}: already done, skipped")
                 continue
-            raise FileExistsError(
-                f"{out / (sid + '.npz')} was made from another input or with other settings; "
-                "use another output folder or remove it to recompute"
-            )
+            if not overwrite:
+                raise FileExistsError(
+                    f"{out / (sid + '.npz')} was made from another input or with other settings; use another "
+                    "output folder, remove it, or pass --force to recompute it"
+                )
+            log(f"{sid}: made from another input or with other settings; recomputed (--force)")
         scale, offset, how = intensity_for(study, local_prior, "cpu")
         jobs.append(dict(sid=sid, path=path, study=study, findings=findings, prior=pr, key=key, sha=sha,
                          prior_name=_prior_name(local_prior), pdict=pdict,
@@ -506,8 +512,6 @@ def run_from_args(args: argparse.Namespace) -> int:
     Works with this module's parser (:func:`main`) and with ``napari-diffrecon reconstruct``'s
     (``bundle``, ``--steps``/``--eta``/``--cg-iters`` may be None there: the volume defaults apply).
     """
-    from .volume import VolumeInputError, check_folder, find_studies, read_volume_study, recommended_volume_params
-
     src = Path(getattr(args, "input", None) or args.bundle)
     method = getattr(args, "method", None)
     if method not in (None, "mbir"):
@@ -527,6 +531,7 @@ def run_from_args(args: argparse.Namespace) -> int:
         raise ValueError(f"volume runs write a folder (one result per study and report.json), not a {out.suffix} "
                          f"file: pass -o {out.parent / out.name.split('.')[0]} (a folder name)")
     folder = src
+    made_out = not out.exists()
     if src.is_file():  # one study: a folder of one, via a link, so that outputs and resume work the same
         folder = out / ".input"
         folder.mkdir(parents=True, exist_ok=True)
@@ -536,6 +541,19 @@ def run_from_args(args: argparse.Namespace) -> int:
                 link.symlink_to(src.resolve())
             except OSError:
                 shutil.copy2(src, link)
+    try:
+        return _run_folder_from_args(args, folder, out)
+    except BaseException:
+        # a run refused before any study was written leaves no output folder behind (only the input link)
+        if made_out and out.is_dir() and all(p.name == ".input" for p in out.iterdir()):
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def _run_folder_from_args(args: argparse.Namespace, folder: Path, out: Path) -> int:
+    """:func:`run_from_args` once the input folder is known: parameters, prior, the run, the summary."""
+    from .volume import VolumeInputError, check_folder, find_studies, read_volume_study, recommended_volume_params
+
     # each study runs with its modality's defaults (mixed folders too); the options given on the command line win
     given = {"ztv": args.ztv, "rho": args.rho, **{k: getattr(args, a, None) for k, a in (
         ("n_steps", "steps"), ("eta", "eta"), ("cg_iters", "cg_iters"), ("gamma", "gamma"),
@@ -568,6 +586,7 @@ def run_from_args(args: argparse.Namespace) -> int:
         threads_per_worker=args.threads_per_worker, slab_slices=slab, halo=args.halo,
         memory_budget=args.memory_budget, n_samples=getattr(args, "samples", 1) or 1, seed=args.seed,
         device=args.device, retries=args.retries, allow_mixed=args.allow_mixed, check=check, log=print,
+        overwrite=bool(getattr(args, "force", False)),
     )
     for sid, s in rep.studies.items():
         print(f"{sid}: {s['status']}" + (f" — {s['errors'][0]['error']}" if s["status"] == "failed" else ""))

@@ -607,6 +607,9 @@ def test_outputs_are_refused_under_a_name_of_another_format(tmp_path, capsys):
         assert err.startswith("error:") and "r.npz" in err and not (tmp_path / name).exists()
     with pytest.raises(OutputPathError, match=".npz"):
         write_result(tmp_path / "x.dcm", {"mean": np.zeros((2, 2))}, {})
+    before = b.read_bytes()  # --force replaces earlier results, never the input measurement
+    assert main(["reconstruct", str(b), "--method", "fbp", "--force", "-o", str(b)]) == 2
+    assert "is the input measurement" in capsys.readouterr().err and b.read_bytes() == before
     # volume runs write a folder: a file name is refused instead of becoming a folder called vol.npz
     assert main(["reconstruct", str(b), "--volume", "-o", str(tmp_path / "vol.npz")]) == 2
     assert "folder" in capsys.readouterr().err and not (tmp_path / "vol.npz").exists()

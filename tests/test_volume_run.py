@@ -235,3 +235,15 @@ def test_cli_volume_run_over_its_memory_budget_is_an_error_not_a_traceback(tmp_p
                      "-o", str(tmp_path / f"out{len(extra[1])}")])
         err = capsys.readouterr().err
         assert code == 2 and err.startswith("error:") and "Traceback" not in err, (extra, err)
+        assert not (tmp_path / f"out{len(extra[1])}").exists()  # a refused run leaves no output folder behind
+    # a finished run: the provenance names the user's file (not the link in the output folder); other settings
+    # into the same folder are refused unless --force
+    run = ["reconstruct", str(path), "--volume", "--method", "mbir", "--steps", "2", "-o", str(tmp_path / "o")]
+    assert main(run) == 0
+    import json
+
+    with np.load(tmp_path / "o" / "v.npz") as z:
+        assert json.loads(str(z["provenance"]))["measurement_file"] == str(path.resolve())
+    capsys.readouterr()
+    assert main([*run, "--ztv", "0.2"]) == 2 and "pass --force" in capsys.readouterr().err
+    assert main([*run, "--ztv", "0.2", "--force"]) == 0 and "recomputed (--force)" in capsys.readouterr().out

@@ -441,7 +441,8 @@ def check_output_path(path: str | Path, overwrite: bool = False, suffixes: tuple
                 raise OutputPathError(f"{parent} is a file, so {path} cannot be created inside it; choose another path")
             break
     if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} exists; choose another name or pass --force to overwrite it")
+        raise FileExistsError(f"{path} exists; choose another name or pass --force to overwrite it "
+                              "(overwrite=True from Python)")
     return path
 
 

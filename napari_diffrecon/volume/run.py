@@ -16,6 +16,7 @@ import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -323,7 +324,7 @@ def volume_provenance(study: VolumeStudy, params: SamplerParams, extra: dict[str
         "software_version": __version__,
         "torch_version": torch.__version__,
         "study": study.name,
-        "measurement_file": study.path,
+        "measurement_file": str(Path(study.path).resolve()) if study.path else None,  # the user's file, not a link
         "measurement_sha256": file_sha256(study.path),
         "n_slices": study.n_slices,
         "slice_operator": spec,
