@@ -302,6 +302,24 @@ def _noise_notes(method: str, likelihood: Any, floor: float | None, assumed: boo
             f"{NOISY_FLOOR:g} {behind}{steps}: use dds (or dps)"]
 
 
+def _count_notes(data: Any, likelihood: Any) -> list[str]:
+    """A warning when count data (Poisson / transmission) are not whole numbers: precorrected sinograms (randoms or
+    scatter subtracted, normalised) are not Poisson, and the noise floor, MLEM's stopping rule and the EM data steps
+    assume they are."""
+    from .physics.likelihoods import PoissonLikelihood, TransmissionLikelihood
+
+    if not isinstance(likelihood, (PoissonLikelihood, TransmissionLikelihood)):
+        return []
+    d = np.asarray(data, dtype=np.float64)
+    off = float(np.abs(d - np.round(d)).max()) if d.size else 0.0
+    if off <= 1e-3:
+        return []
+    return [f"the measurement's counts are not whole numbers (up to {off:.3g} off): {likelihood.name} noise is "
+            "assumed for raw counts; precorrected data (randoms / scatter subtracted, normalised) make the noise "
+            "floor, MLEM / OSEM's stop at the noise level and the EM data steps unreliable — give the raw counts "
+            "with the correction as the background, or a Gaussian noise model"]
+
+
 def data_kind(measurement: Any) -> tuple[str, int | None, bool]:
     """What the tuned sampler values depend on besides the method: ``(modality, coils, noisy)``.
 
@@ -421,7 +439,7 @@ def prepare_run(
         "noise_floor_assumed": assumed,
         "conditional": settings.method not in UNCONDITIONAL,
         "warnings": _noise_notes(settings.method, likelihood, floor, assumed, int(settings.params.cg_iters))
-        + _prior_notes(settings.method, prior),
+        + _prior_notes(settings.method, prior) + _count_notes(measurement.data, likelihood),
     }
     return problem, start, info
 
@@ -538,7 +556,7 @@ def reconstruct(
             measurement,
             settings,
             {"kind": "classical", "wall_time_s": time.perf_counter() - t0, "data_residual": res,
-             "baseline_params_used": _used(ran),
+             "baseline_params_used": _used(ran), "warnings": _count_notes(measurement.data, lik),
              "noise_floor": noise_floor(op, m_t, lik), "noise_floor_assumed": noise_is_assumed(measurement.noise)},
         )
         prov["settings"].pop("params", None)  # the diffusion samplers' parameters: not used by a classical method
