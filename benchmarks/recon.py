@@ -279,9 +279,9 @@ SAMPLER_RUNS = ["dds", "dds-hot", "dps", "dps-hot", "mcg", "song"]
 HOT_START = {"ct": "fbp", "mri": "cg", "pet": "mlem"}
 # Oracle grids for the baselines (chosen on the ground truth, per task, every run).
 TV_GRID = {  # relative TV weight (lam_rel), around each task family's optimum
-    "ct": (0.0005, 0.001, 0.002, 0.004, 0.008),
+    "ct": (0.000125, 0.00025, 0.0005, 0.001, 0.002, 0.004, 0.008),  # converged TV (2026-12-06) wants lower weights
     "ct-lowdose": (0.0001, 0.00025, 0.0005, 0.001, 0.002),
-    "mri": (0.016, 0.032, 0.064, 0.128, 0.256),
+    "mri": (0.004, 0.008, 0.016, 0.032, 0.064, 0.128, 0.256),
     "pet": (0.004, 0.008, 0.016, 0.032, 0.064),
 }
 MLEM_GRID = (5, 10, 20, 40, 80)

@@ -510,11 +510,12 @@ def _parser() -> argparse.ArgumentParser:
     r = sub.add_parser("reconstruct", help="reconstruct a measurement bundle, a volume study or a folder of studies")
     r.add_argument("bundle")
     r.add_argument("--method", help="fbp, zero_filled, cg, tv, mlem, osem, dds, dps, mcg, song, ...; mbir for volumes")
-    r.add_argument("--iters", type=int, help="classical: iterations (default: CG 20, TV 300, MLEM / OSEM until the "
+    r.add_argument("--iters", type=int, help="classical: iterations (default: CG 20, TV 1000, MLEM / OSEM until the "
                    "data residual reaches the noise level)")
     r.add_argument("--lam", type=float, help="TV weight (classical, and a TV hot start of dds/dps/consistency) / "
                    "Song-MCG λ (with --method song or mcg)")
-    r.add_argument("--filter", help="FBP filter: ramp, shepp-logan, cosine, hamming, hann")
+    r.add_argument("--filter", help="FBP filter: ramp, shepp-logan, cosine, hamming, hann (default: ramp for CT, "
+                   "hann for PET)")
     r.add_argument("--subsets", type=int, help="OSEM subsets; with a diffusion sampler on PET: ordered subsets "
                    "of its EM data step (default 1 = exact EM)")
     r.add_argument("--prior", help="shipped prior name or path to a .json card")

@@ -551,13 +551,20 @@ def reconstruct(
 
         m_t, lik = measurement.to_tensor(device), measurement.build_likelihood(device)
         res = float(data_residual(op, x, m_t, lik))
+        floor, assumed = noise_floor(op, m_t, lik), noise_is_assumed(measurement.noise)
+        warns = _count_notes(measurement.data, lik)
+        if floor and not assumed and res < NOISE_FIT_RATIO * floor:
+            warns.append(f"the data residual ({res:.3g}) is below half the noise floor ({floor:.3g}, what the "
+                         f"measurement noise alone leaves): {settings.method} fits the noise, and the image carries it "
+                         "amplified; use fewer iterations or a regularised method (tv, mlem / osem with their default "
+                         "stop, or a diffusion sampler)")
         xc = x.detach().cpu()
         prov = provenance(
             measurement,
             settings,
             {"kind": "classical", "wall_time_s": time.perf_counter() - t0, "data_residual": res,
-             "baseline_params_used": _used(ran), "warnings": _count_notes(measurement.data, lik),
-             "noise_floor": noise_floor(op, m_t, lik), "noise_floor_assumed": noise_is_assumed(measurement.noise)},
+             "baseline_params_used": _used(ran), "warnings": warns,
+             "noise_floor": floor, "noise_floor_assumed": assumed},
         )
         prov["settings"].pop("params", None)  # the diffusion samplers' parameters: not used by a classical method
         return Result(

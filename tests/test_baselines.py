@@ -118,6 +118,28 @@ def test_tv_beats_fbp_at_23_views_on_real_ct(ct_slice):
     assert ssim(x_tv, ct_slice) > ssim(x_fbp, ct_slice)
 
 
+def test_preconditioned_tv_reaches_the_minimiser_the_scalar_steps_need_ten_times_longer_for(ct_slice, monkeypatch):
+    """CT TV by diagonally preconditioned PDHG: after 1000 iterations (the default) its objective is within 0.5 % of
+    the scalar-step solver's after 10000 (measured 0.12 %), which at 300 iterations was still 4.5 % above it here (19 %
+    and 2.9 dB below in PSNR on the benchmark's CT 23 views: the TV baselines had been under-converged)."""
+    import napari_diffrecon.baselines.tv as tv
+
+    op = ParallelBeamCT(64, sparse_view_angles(23))
+    x = torch.tensor(ct_slice[::2, ::2], dtype=torch.float32)
+    m = simulate_measurement(op, x, {"model": "gaussian", "sigma": 0.005 * float(op.forward(x).max())}, seed=0)
+    lam = 0.001 * float(op.adjoint(m).abs().max())
+
+    def obj(z):
+        return float(0.5 * ((op.forward(z) - m) ** 2).sum() + lam * tv_norm(z))
+
+    pre = obj(tv_reconstruct(op, m, lam=lam, n_iter=1000, nonneg=True))
+    monkeypatch.setattr(tv, "_diagonal_steps", lambda *a: None)  # the scalar steps
+    best = obj(tv_reconstruct(op, m, lam=lam, n_iter=10000, nonneg=True))
+    short = obj(tv_reconstruct(op, m, lam=lam, n_iter=300, nonneg=True))
+    assert pre <= best * 1.005, (pre, best)
+    assert short > best * 1.02, (short, best)  # what the scalar steps left at the old default
+
+
 def test_tv_objective_decreases():
     op = ParallelBeamCT(32, sparse_view_angles(12))
     g = torch.Generator().manual_seed(0)
@@ -153,7 +175,7 @@ def test_pet_background_is_not_reconstructed_as_activity_by_any_baseline():
     x = torch.as_tensor(m.ground_truth, dtype=torch.float32)
     clean = op.forward(x) + torch.as_tensor(lik.background, dtype=torch.float32)
     for method, params in (("fbp", {}), ("cg", {}), ("tv", {"iters": 1000}), ("mlem", {"iters": 50})):
-        rec = reconstruct_baseline(method, op, clean, lik, **params)  # converged (TV at 300: 5 % low; noise-free)
+        rec = reconstruct_baseline(method, op, clean, lik, **params)  # converged (noise-free data)
         assert float(rec.mean()) == pytest.approx(float(x.mean()), rel=0.02), method
 
 
@@ -252,7 +274,7 @@ def test_em_stops_at_the_noise_level_by_default_and_says_what_it_ran():
     assert fixed.provenance["baseline_params_used"] == {"iters": 50, "iters_run": 50}
     assert "params" not in auto.provenance["settings"]  # the diffusion samplers' parameters: not used
     tv = reconstruct(m, RunSettings(method="tv"))
-    assert tv.provenance["baseline_params_used"] == {"iters": 300, "lam_rel": 0.002, "nonneg": True}
+    assert tv.provenance["baseline_params_used"] == {"iters": 1000, "lam_rel": 0.002, "nonneg": True}
     with pytest.raises(ValueError, match="for MLEM / OSEM"):
         reconstruct_baseline("cg", op, y, lik, iters="auto")
 
@@ -271,3 +293,22 @@ def test_precorrected_counts_are_warned_about(tmp_path):
     assert len(warns) == 1 and "not whole numbers" in warns[0] and "poisson" in warns[0]
     _, _, info = prepare_run(pre, RunSettings(method="dds"))
     assert any("not whole numbers" in w for w in info["warnings"])
+
+
+def test_classical_runs_say_when_they_fit_the_noise_and_pet_fbp_apodises():
+    """CG on sparse-view CT ends far below the noise floor: its warnings say it fits the noise (TV does not); PET's
+    FBP defaults to the Hann filter, recorded in the provenance, and beats the ramp by far on low counts."""
+    from napari_diffrecon.io import load_sample
+    from napari_diffrecon.reconstruct import RunSettings, reconstruct
+
+    ct = load_sample("ct_sparse23")
+    cg = reconstruct(ct, RunSettings(method="cg", baseline_params={"iters": 100}))
+    assert cg.residual < 0.5 * cg.provenance["noise_floor"]
+    assert any("fits the noise" in w for w in cg.provenance["warnings"])
+    assert not any("fits the noise" in w for w in reconstruct(ct, RunSettings(method="tv")).provenance["warnings"])
+    pet = load_sample("pet_lowcount")
+    hann = reconstruct(pet, RunSettings(method="fbp"))
+    ramp = reconstruct(pet, RunSettings(method="fbp", baseline_params={"filter": "ramp"}))
+    assert hann.provenance["baseline_params_used"]["filter"] == "hann"
+    assert psnr(hann.reconstruction, pet.ground_truth) > psnr(ramp.reconstruction, pet.ground_truth) + 5
+    assert reconstruct(ct, RunSettings(method="fbp")).provenance["baseline_params_used"]["filter"] == "ramp"

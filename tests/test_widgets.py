@@ -306,7 +306,7 @@ def test_use_selected_ground_truth_layer_simulates_as_asked(make_napari_viewer, 
     viewer.layers.selection.active = gt
     _simulate_mri_4_coils_from_selected(w)
     assert w.measurement is not ct
-    assert w.measurement_name == "CT 23 views ground truth (mri simulated)"
+    assert w.measurement_name == "CT 23 views (mri simulated)"  # not "… ground truth (mri simulated)"
     # the options of the sample's own measurement: that one is adopted, and the user is told
     viewer.layers.selection.active = gt
     w.sim_modality.setCurrentText("ct")

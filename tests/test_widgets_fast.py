@@ -371,3 +371,30 @@ def test_classical_iterations_default_to_each_method_s_own(make_napari_viewer):
     assert w.spins["iters"].value() == 0
     w.apply_settings(RunSettings(method="tv", baseline_params={"iters": 120, "lam_rel": 0.01}))
     assert w.spins["iters"].value() == 120
+
+
+def test_a_new_measurement_gets_its_own_result_layers_and_windows_match(make_napari_viewer, qtbot):
+    """CT then PET in one viewer: the PET run makes its own layers at PET's scale (the CT baseline layer used to be
+    overwritten and kept CT's 0.66 mm pixels, so the PET result covered two thirds of its ground truth); the CT ones
+    stay, named for their run and hidden. The ground truth is windowed as the results are; EM says when it stopped."""
+    from napari_diffrecon.io._napari import display_limits
+
+    w = _session(make_napari_viewer)
+    w.load_sample("ct_sparse23")
+    gt = w.viewer.layers["CT 23 views ground truth"]
+    assert tuple(gt.contrast_limits) == pytest.approx(display_limits(gt.data))
+    w.method_combo.setCurrentIndex(w.method_combo.findData("fbp"))
+    w.run()
+    qtbot.waitUntil(lambda: not w.running, timeout=60_000)
+    ct_base = w.layers["baseline"]
+    assert tuple(ct_base.scale) != (1.0, 1.0)
+    w.load_sample("pet_lowcount")
+    w.use_selected_layer()
+    w.method_combo.setCurrentIndex(w.method_combo.findData("mlem"))
+    w.run()
+    qtbot.waitUntil(lambda: not w.running, timeout=60_000)
+    pet_base = w.layers["baseline"]
+    pet_gt = next(ly for ly in w.viewer.layers if ly.name.startswith("PET") and ly.name.endswith("ground truth"))
+    assert pet_base is not ct_base and tuple(pet_base.scale) == tuple(pet_gt.scale) == (1.0, 1.0)
+    assert ct_base in w.viewer.layers and not ct_base.visible and "[earlier fbp run]" in ct_base.name
+    assert "stopped at the noise level after" in w.status.text()

@@ -8,6 +8,7 @@ never touches Qt or layers; the ``yielded`` slot assigns fresh arrays to existin
 from __future__ import annotations
 
 import math
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -97,7 +98,7 @@ _SPINS: dict[str, tuple[str, str, float, float, float, int, str]] = {
     "adapt_start": ("adapt from", "float", 0.0, 0.95, 0.05, 2, "fraction of the run before adaptation starts "
                     "(acts live)"),
     "iters": ("iterations", "int", 0, 5000, 1, 0, "classical method iterations; 'default' = the method's own (CG 20, "
-              "TV 300, MLEM / OSEM: until the data residual reaches the noise level)"),
+              "TV 1000, MLEM / OSEM: until the data residual reaches the noise level)"),
     "subsets": ("subsets", "int", 1, 64, 1, 0, "OSEM subsets"),
     "lam_rel": ("TV weight", "float", 0.0, 1.0, 0.0005, 4, "TV weight relative to ‖Aᴴm‖∞"),
 }
@@ -135,15 +136,7 @@ def _row(label: str, *widgets: QWidget, tooltip: str = "") -> QWidget:
     return box
 
 
-def _limits(a: np.ndarray, lo: float = 1.0, hi: float = 99.5) -> tuple[float, float]:
-    """Display window from percentiles (never empty)."""
-    a = np.asarray(a)
-    if a.size == 0 or not np.isfinite(a).any():
-        return 0.0, 1.0
-    v0, v1 = (float(v) for v in np.nanpercentile(a, [lo, hi]))
-    if not v1 > v0:
-        v1 = v0 + max(abs(v0), 1.0) * 1e-3
-    return v0, v1
+from ..io._napari import display_limits as _limits  # noqa: E402 - one display window for readers and workbench
 
 
 def _devices() -> list[str]:
@@ -234,6 +227,7 @@ class DiffReconWidget(QWidget):
         self.layers: dict[str, Any] = {}
         self._names: dict[str, str] = {}  # the name the workbench last gave each result layer (else: the user's)
         self._written_by: dict[str, str] = {}  # the method of the run whose result each layer holds
+        self._written_on: dict[str, Any] = {}  # the measurement that run reconstructed
         self._stale: set[str] = set()  # roles whose layer still holds an earlier run's result
         self.last_provenance: dict[str, Any] | None = None
         self.estimate_updates = 0
@@ -374,7 +368,8 @@ class DiffReconWidget(QWidget):
         self.spins["subsets"].setValue(6)
         self.spins["lam_rel"].setValue(0.002)
         self.filter_combo = QComboBox()
-        self.filter_combo.addItems(["ramp", "shepp-logan", "cosine", "hamming", "hann"])
+        self.filter_combo.addItems(["default", "ramp", "shepp-logan", "cosine", "hamming", "hann"])
+        self.filter_combo.setToolTip("FBP filter; 'default': ramp for CT, Hann for PET (few counts)")
         self.param_rows["filter"] = _row("FBP filter", self.filter_combo)
         self.draw_combo = QComboBox()
         for label, value in DRAW_CHOICES.items():
@@ -611,6 +606,10 @@ class DiffReconWidget(QWidget):
             self._add_layer_data(sample_layers(key))
         except Exception as e:  # noqa: BLE001 - anything wrong with a sample is reported, not raised
             show_error(f"napari-diffrecon: cannot load sample {key!r}: {e}")
+            return
+        idx = self.sample_combo.findData(key)  # the box names the sample loaded (also from File ▸ Open Sample)
+        if idx >= 0 and idx != self.sample_combo.currentIndex():
+            self.sample_combo.setCurrentIndex(idx)
 
     def open_path(self, path: str | Path) -> bool:
         """Open a measurement file, or an image to simulate from with the widget's options.
@@ -685,8 +684,9 @@ class DiffReconWidget(QWidget):
         scale = [float(v) for v in np.asarray(layer.scale)[-2:]]
         if any(v != 1.0 for v in scale):  # a layer with a pixel size (mm): CT / PET attenuation per pixel follows it
             opts["pixel_spacing_mm"] = scale
+        source = re.sub(r"( \((ct|mri|pet) simulated\))?( ground truth)?$", "", layer.name) or layer.name
         try:
-            self._add_layer_data(simulated_layers(data, layer.name, **opts))
+            self._add_layer_data(simulated_layers(data, source, **opts))
         except ValueError as e:
             show_error(f"napari-diffrecon: cannot simulate from {layer.name!r}: {e}")
 
@@ -947,7 +947,8 @@ class DiffReconWidget(QWidget):
         if method in BASELINES:
             for key in BASELINE_PARAMS.get(method, ()):
                 if key == "filter":
-                    baseline_params["filter"] = self.filter_combo.currentText()
+                    if self.filter_combo.currentText() != "default":  # else the modality's (baselines.FBP_...)
+                        baseline_params["filter"] = self.filter_combo.currentText()
                 else:
                     v = self.spins[key].value()
                     if key == "iters" and int(v) == 0:  # "default": the method's own count (EM: the noise level)
@@ -1010,6 +1011,7 @@ class DiffReconWidget(QWidget):
             self.device_combo.setCurrentText(settings.device)
         self.precision_combo.setCurrentText(settings.precision)
         self.spins["iters"].setValue(0)  # the method's default unless the settings give a count
+        self.filter_combo.setCurrentText("default")
         for key, v in (settings.baseline_params or {}).items():
             if key == "iters" and not isinstance(v, int):
                 continue
@@ -1168,6 +1170,14 @@ class DiffReconWidget(QWidget):
             if layer not in self.viewer.layers or layer.name != self._names.get(role):
                 self._release(role)
                 continue
+            if self._written_on.get(role) is not self._run_measurement:
+                # another measurement's result (CT's, now PET's run): kept for comparison, named and hidden, and not
+                # written over — this run makes its own layer, placed for its own data
+                if role not in self._stale and self._written_by.get(role):
+                    self._name(role, layer, f"{layer.name} {EARLIER.format(method=self._written_by[role])}")
+                layer.visible = False
+                self._release(role)
+                continue
             if role in self._stale:  # already named for the run it came from
                 continue
             self._stale.add(role)
@@ -1183,6 +1193,7 @@ class DiffReconWidget(QWidget):
         self.layers.pop(role, None)
         self._names.pop(role, None)
         self._written_by.pop(role, None)
+        self._written_on.pop(role, None)
         self._stale.discard(role)
 
     def _name(self, role: str, layer: Any, name: str) -> None:
@@ -1206,6 +1217,7 @@ class DiffReconWidget(QWidget):
             self.layers[role] = layer
             self._names[role] = layer.name
         self._written_by[role] = self._run_settings.method if self._run_settings is not None else "?"
+        self._written_on[role] = self._run_measurement
         if role in self._stale:  # an earlier run's layer, hidden when this run began, now holds this run's result
             self._stale.discard(role)
             layer.visible = True
@@ -1282,8 +1294,16 @@ class DiffReconWidget(QWidget):
             if upd.residual_map is not None:
                 self._show("residual", upd.residual_map, provenance=upd.provenance)
             self.last_provenance = upd.provenance
+            used = (upd.provenance or {}).get("baseline_params_used") or {}
+            ran = ""
+            if "iters_run" in used:  # EM: how many iterations, and whether it stopped at the noise level
+                ran = (f", stopped at the noise level after {used['iters_run']} iterations"
+                       if used.get("stopped_at_noise_floor") else f", {used['iters_run']} iterations")
+            warnings = list((upd.provenance or {}).get("warnings") or [])
             self.status.setText(f"{upd.baseline_method}: data residual {upd.residual:.4f}"
-                                f"{noise_floor_text(upd.provenance, '.4f')} ({upd.elapsed:.2f} s)")
+                                f"{noise_floor_text(upd.provenance, '.4f')}{ran} ({upd.elapsed:.2f} s)"
+                                + (f" — {len(warnings)} warning(s), see the notifications" if warnings else ""))
+            self._warn_once(warnings)
             return
         prov = upd.provenance if upd.kind == "final" else running
         if upd.x_t is not None:
@@ -1369,13 +1389,15 @@ class DiffReconWidget(QWidget):
         if m is None or data.ndim != 2 or tuple(data.shape) != tuple(m.operator.get("image_shape", ())):
             return None
         px = (m.metadata.get("intensity") or {}).get("pixel_size_mm") if isinstance(m.metadata, dict) else None
-        return (float(px), float(px)) if px else None
+        return (float(px), float(px)) if px else (1.0, 1.0)  # explicit: a reused layer must not keep another's size
 
     def _display(self, role: str, data: np.ndarray) -> dict[str, Any]:
+        from ..io._napari import spread_limits
+
         if role == "std":
-            return {"colormap": "magma", "contrast_limits": (0.0, max(_limits(data, 0, 99.5)[1], 1e-12))}
+            return {"colormap": "magma", "contrast_limits": spread_limits(data)}
         if role == "residual":
-            return {"colormap": "viridis", "contrast_limits": (0.0, max(_limits(data, 0, 99.5)[1], 1e-12))}
+            return {"colormap": "viridis", "contrast_limits": spread_limits(data)}
         if role in ("iterate", "estimate", "mean", "baseline"):
             if self._window is None:
                 ref = self._reference_image()

@@ -54,11 +54,14 @@ BASELINE_DEFAULTS: dict[str, dict[str, Any]] = {
     "fbp": {"filter": "ramp"},
     "zero_filled": {},
     "cg": {"iters": 20, "damp": 0.0},
-    "tv": {"iters": 300, "lam_rel": 0.002},
+    "tv": {"iters": 1000, "lam_rel": 0.002},
     "mlem": {"iters": "auto"},
     "osem": {"iters": "auto", "subsets": 6},
 }
 AUTO_MAX_ITERS = {"mlem": 200, "osem": 40}
+#: FBP's default filter by modality: PET's counts are too few for the ramp (the shipped low-count sample: ramp
+#: −1.5 dB, Hamming 6.4, Hann 7.1 against the truth), as clinical PET FBP apodises.
+FBP_DEFAULT_FILTER = {"ct": "ramp", "pet": "hann"}
 
 
 def reconstruct_baseline(
@@ -87,9 +90,9 @@ def reconstruct_baseline(
         Filled with ``params`` (every parameter the method used, defaults included) and, for MLEM / OSEM,
         ``iters_run`` (the iterations taken) and ``stopped_at_noise_floor``.
     **params
-        ``filter`` (FBP, default "ramp"); ``iters`` (CG 20, TV 300, MLEM / OSEM "auto": up to the noise level);
-        ``damp`` (CG, 0); ``lam`` / ``lam_rel`` (TV, default relative 0.002); ``subsets`` (OSEM, 6); ``nonneg``
-        (TV; default on for CT/PET). See :data:`BASELINE_DEFAULTS`.
+        ``filter`` (FBP, default "ramp", for PET "hann"); ``iters`` (CG 20, TV 1000, MLEM / OSEM "auto": up to
+        the noise level); ``damp`` (CG, 0); ``lam`` / ``lam_rel`` (TV, default relative 0.002); ``subsets``
+        (OSEM, 6); ``nonneg`` (TV; default on for CT/PET). See :data:`BASELINE_DEFAULTS`.
 
     Returns
     -------
@@ -112,6 +115,8 @@ def reconstruct_baseline(
     if "filter_name" in params:
         params = {**{k: v for k, v in params.items() if k != "filter_name"}, "filter": params["filter_name"]}
     p = {**BASELINE_DEFAULTS[method], **{k: v for k, v in params.items() if v is not None}}
+    if method == "fbp" and params.get("filter") is None:
+        p["filter"] = FBP_DEFAULT_FILTER.get(operator.modality, "ramp")
     if method == "tv":
         p.setdefault("nonneg", operator.modality in ("ct", "pet"))
     if str(p.get("iters")) == "auto" and method not in AUTO_MAX_ITERS:

@@ -61,6 +61,23 @@ def measurement_placement(m: Measurement, shape: tuple[int, ...]) -> dict[str, t
     return {"scale": (scale[0], scale[1]), "translate": (translate[0], translate[1])}
 
 
+def display_limits(a: Any, lo: float = 1.0, hi: float = 99.5) -> tuple[float, float]:
+    """Display window from percentiles (never empty): what the workbench and the readers give image layers, so that a
+    ground truth and the reconstructions beside it are windowed alike (napari's own default is min..max)."""
+    a = np.asarray(a)
+    if a.size == 0 or not np.isfinite(a).any():
+        return 0.0, 1.0
+    v0, v1 = (float(v) for v in np.nanpercentile(a, [lo, hi]))
+    if not v1 > v0:
+        v1 = v0 + max(abs(v0), 1.0) * 1e-3
+    return v0, v1
+
+
+def spread_limits(a: Any) -> tuple[float, float]:
+    """Display window of a spread (std) or residual: from 0 to its 99.5th percentile (a small spread is not black)."""
+    return 0.0, max(display_limits(a, 0, 99.5)[1], 1e-12)
+
+
 def shown_values(data: Any, role: str, m: Measurement | None) -> tuple[np.ndarray, str | None]:
     """An image-space array as the viewer shows it: CT images and their std in Hounsfield units (the units a
     clinician reads and windows in; :func:`napari_diffrecon.io.export.native_units`), anything else as it is.
@@ -105,7 +122,8 @@ def _layers(m: Measurement, name: str) -> list[LayerData]:
         gt, units = shown_values(gt, "ground truth", m)
         if units is not None:
             gt_meta["units"] = units
-        kw: dict[str, Any] = {"name": f"{name} ground truth", "metadata": gt_meta}
+        kw: dict[str, Any] = {"name": f"{name} ground truth", "metadata": gt_meta,
+                              "contrast_limits": display_limits(gt)}  # the workbench windows its results alike
         scale = _pixel_scale(m)
         if scale is not None:
             kw["scale"] = scale
@@ -158,6 +176,7 @@ def result_layers(path: str | Path) -> list[LayerData]:
     inten = prov.get("measurement_intensity") if isinstance(prov.get("measurement_intensity"), dict) else None
     px = (inten or {}).get("pixel_size_mm")
     layers: list[LayerData] = []
+    window: tuple[float, float] | None = None
     for field, label, visible in _RESULT_LAYERS:
         if field not in arrays or (field == "reconstruction" and "mean" in arrays):  # a diffusion run's = its mean
             continue
@@ -173,7 +192,10 @@ def result_layers(path: str | Path) -> list[LayerData]:
         if px:
             kw["scale"] = ((1.0,) if data.ndim == 3 else ()) + (float(px), float(px))
         if role == "std":
-            kw["colormap"] = "magma"
+            kw.update(colormap="magma", contrast_limits=spread_limits(data))
+        else:  # one window for the images of a run (the mean's), as the workbench shows them
+            window = window or display_limits(data)
+            kw["contrast_limits"] = window
         layers.append((data, kw, "image"))
     return layers
 
