@@ -312,3 +312,18 @@ def test_classical_runs_say_when_they_fit_the_noise_and_pet_fbp_apodises():
     assert hann.provenance["baseline_params_used"]["filter"] == "hann"
     assert psnr(hann.reconstruction, pet.ground_truth) > psnr(ramp.reconstruction, pet.ground_truth) + 5
     assert reconstruct(ct, RunSettings(method="fbp")).provenance["baseline_params_used"]["filter"] == "ramp"
+
+
+@pytest.mark.parametrize("modality", ["ct", "mri"])
+def test_tv_with_zero_weight_is_least_squares_not_nan(modality, ct_slice, mr_slice):
+    """λ = 0 divided the dual projection by zero: NaN images (both the preconditioned CT path and the scalar one)."""
+    if modality == "ct":
+        op = ParallelBeamCT(32, sparse_view_angles(12))
+        x = torch.tensor(ct_slice[::4, ::4], dtype=torch.float32)
+    else:
+        op = CartesianMRI(np.ones((16, 16), np.float32))
+        x = torch.tensor(mr_slice[::4, ::4], dtype=torch.complex64)
+    m = op.forward(x)
+    rec = tv_reconstruct(op, m, lam=0.0, n_iter=300)
+    assert torch.isfinite(torch.as_tensor(rec).abs()).all()
+    assert float(data_residual(op, rec, m)) < 0.05

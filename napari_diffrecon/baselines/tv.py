@@ -114,7 +114,7 @@ def tv_reconstruct(
         p = (p + sigma * (operator.forward(xbar) / L - mh)) / (1 + sigma)
         q = q + sigma * gradient(xbar)
         mag = torch.sqrt((q.abs() ** 2).sum(dim=-3, keepdim=True))
-        q = q / torch.clamp(mag / lam_hat, min=1.0)
+        q = q / torch.clamp(mag / lam_hat, min=1.0) if lam_hat > 0 else torch.zeros_like(q)  # λ = 0: least squares
         x_new = x - tau * (operator.adjoint(p) / L - divergence(q))
         if nonneg:
             x_new = torch.clamp(x_new, min=0) if not x_new.is_complex() else x_new
@@ -154,7 +154,7 @@ def _tv_preconditioned(operator: LinearOperator, m: torch.Tensor, lam: float, n_
         p = (p + sigma * (operator.forward(xbar) - m)) / (1 + sigma)
         q = q + sigma_grad * gradient(xbar)
         mag = torch.sqrt((q**2).sum(dim=-3, keepdim=True))
-        q = q / torch.clamp(mag / lam, min=1.0)
+        q = q / torch.clamp(mag / lam, min=1.0) if lam > 0 else torch.zeros_like(q)  # λ = 0: least squares
         x_new = x - tau * (operator.adjoint(p) - divergence(q))
         if nonneg:
             x_new = torch.clamp(x_new, min=0)
