@@ -100,7 +100,8 @@ _SPINS: dict[str, tuple[str, str, float, float, float, int, str]] = {
     "iters": ("iterations", "int", 0, 5000, 1, 0, "classical method iterations; 'default' = the method's own (CG 20, "
               "TV 1000, MLEM / OSEM: until the data residual reaches the noise level)"),
     "subsets": ("subsets", "int", 1, 64, 1, 0, "OSEM subsets"),
-    "lam_rel": ("TV weight", "float", 0.0, 1.0, 0.0005, 4, "TV weight relative to ‖Aᴴm‖∞"),
+    "lam_rel": ("TV weight", "float", 0.0, 1.0, 0.0005, 4, "TV weight relative to ‖Aᴴm‖∞; 'default' = the modality's "
+                "(CT 5e-4, PET 0.016, MRI 0.1 single coil / 0.016 multi-coil)"),
 }
 GUI_UPDATES_PER_S = 2.0  # layer updates per second while a run streams (each costs the sampler ~40 ms: _perf)
 PBAR_PERIOD_S = 1.0  # progress bar and status text: each change repaints the window (costly in software GL)
@@ -366,7 +367,8 @@ class DiffReconWidget(QWidget):
         self.spins["iters"].setSpecialValueText("default")  # 0: the method's default (baselines.BASELINE_DEFAULTS)
         self.spins["iters"].setValue(0)
         self.spins["subsets"].setValue(6)
-        self.spins["lam_rel"].setValue(0.002)
+        self.spins["lam_rel"].setSpecialValueText("default")  # 0: the modality's (baselines.TV_DEFAULT_WEIGHT)
+        self.spins["lam_rel"].setValue(0.0)
         self.filter_combo = QComboBox()
         self.filter_combo.addItems(["default", "ramp", "shepp-logan", "cosine", "hamming", "hann"])
         self.filter_combo.setToolTip("FBP filter; 'default': ramp for CT, Hann for PET (few counts)")
@@ -951,7 +953,7 @@ class DiffReconWidget(QWidget):
                         baseline_params["filter"] = self.filter_combo.currentText()
                 else:
                     v = self.spins[key].value()
-                    if key == "iters" and int(v) == 0:  # "default": the method's own count (EM: the noise level)
+                    if key in ("iters", "lam_rel") and v == 0:  # "default": the method's own (EM: the noise level)
                         continue
                     baseline_params[key] = int(v) if key in ("iters", "subsets") else float(v)
         hot = None
@@ -1011,6 +1013,7 @@ class DiffReconWidget(QWidget):
             self.device_combo.setCurrentText(settings.device)
         self.precision_combo.setCurrentText(settings.precision)
         self.spins["iters"].setValue(0)  # the method's default unless the settings give a count
+        self.spins["lam_rel"].setValue(0.0)
         self.filter_combo.setCurrentText("default")
         for key, v in (settings.baseline_params or {}).items():
             if key == "iters" and not isinstance(v, int):

@@ -22,6 +22,8 @@ from .tv import operator_norm, tv_reconstruct
 __all__ = [
     "BASELINES",
     "BASELINE_DEFAULTS",
+    "TV_DEFAULT_WEIGHT",
+    "tv_default_weight",
     "reconstruct_baseline",
     "conjugate_gradient",
     "cg_least_squares",
@@ -54,13 +56,18 @@ BASELINE_DEFAULTS: dict[str, dict[str, Any]] = {
     "fbp": {"filter": "ramp"},
     "zero_filled": {},
     "cg": {"iters": 20, "damp": 0.0},
-    "tv": {"iters": 1000, "lam_rel": 0.002},
+    "tv": {"iters": 1000},  # lam_rel: TV_DEFAULT_WEIGHT by modality
     "mlem": {"iters": "auto"},
     "osem": {"iters": "auto", "subsets": 6},
 }
 AUTO_MAX_ITERS = {"mlem": 200, "osem": 40}
-#: FBP's default filter by modality: PET's counts are too few for the ramp (the shipped low-count sample: ramp
-#: −1.5 dB, Hamming 6.4, Hann 7.1 against the truth), as clinical PET FBP apodises.
+#: TV's default relative weight (``lam_rel``) by modality, from the benchmark's converged TV on real images (its weight
+#: grids, benchmarks/results/recon.md): CT 5e-4 (23 / 8 views, limited angle, low dose: 5e-4 / 1e-3 / 2.5e-4 / 5e-4),
+#: PET 0.016, MRI single coil 0.1 (0.128, 0.128, 0.064 best on its three tasks), multi-coil 0.016. One 0.002 for all
+#: gave PET 7.7 dB where 0.016 gives 18.5, MRI 4× 18.8 where 0.128 gives 23.1.
+TV_DEFAULT_WEIGHT = {"ct": 5e-4, "pet": 0.016, "mri": 0.1, "mri-multicoil": 0.016}
+#: FBP's default filter by modality: PET's counts are too few for the ramp (benchmark task pet-low, metrics.psnr: ramp
+#: −1.45 dB, Hamming 6.40, Hann 7.09 against the truth), as clinical PET FBP apodises.
 FBP_DEFAULT_FILTER = {"ct": "ramp", "pet": "hann"}
 
 
@@ -91,8 +98,9 @@ def reconstruct_baseline(
         ``iters_run`` (the iterations taken) and ``stopped_at_noise_floor``.
     **params
         ``filter`` (FBP, default "ramp", for PET "hann"); ``iters`` (CG 20, TV 1000, MLEM / OSEM "auto": up to
-        the noise level); ``damp`` (CG, 0); ``lam`` / ``lam_rel`` (TV, default relative 0.002); ``subsets``
-        (OSEM, 6); ``nonneg`` (TV; default on for CT/PET). See :data:`BASELINE_DEFAULTS`.
+        the noise level); ``damp`` (CG, 0); ``lam`` / ``lam_rel`` (TV, default relative
+        :data:`TV_DEFAULT_WEIGHT`); ``subsets`` (OSEM, 6); ``nonneg`` (TV; default on for CT/PET). See
+        :data:`BASELINE_DEFAULTS`.
 
     Returns
     -------
@@ -117,6 +125,8 @@ def reconstruct_baseline(
     p = {**BASELINE_DEFAULTS[method], **{k: v for k, v in params.items() if v is not None}}
     if method == "fbp" and params.get("filter") is None:
         p["filter"] = FBP_DEFAULT_FILTER.get(operator.modality, "ramp")
+    if method == "tv" and p.get("lam") is None and p.get("lam_rel") is None:
+        p["lam_rel"] = tv_default_weight(operator)
     if method == "tv":
         p.setdefault("nonneg", operator.modality in ("ct", "pet"))
     if str(p.get("iters")) == "auto" and method not in AUTO_MAX_ITERS:
@@ -133,8 +143,16 @@ def reconstruct_baseline(
     if method == "tv":
         lam = p.get("lam")
         return tv_reconstruct(operator, m, lam=None if lam is None else float(lam), n_iter=int(p["iters"]),
-                              nonneg=bool(p["nonneg"]), lam_rel=float(p["lam_rel"]))
+                              nonneg=bool(p["nonneg"]), lam_rel=float(p.get("lam_rel") or 0.0))
     return _em(method, operator, m, likelihood, p, info)
+
+
+def tv_default_weight(operator: LinearOperator) -> float:
+    """TV's default relative weight for ``operator`` (:data:`TV_DEFAULT_WEIGHT`; 0.002 for other modalities)."""
+    modality = str(operator.modality)
+    if modality == "mri" and int(getattr(operator, "n_coils", 0) or 0) > 1:
+        modality = "mri-multicoil"
+    return float(TV_DEFAULT_WEIGHT.get(modality, 0.002))
 
 
 def _em(method: str, operator: LinearOperator, m: torch.Tensor, likelihood: Likelihood | None, p: dict[str, Any],
