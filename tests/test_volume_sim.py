@@ -119,7 +119,7 @@ def test_simulate_study_dispatches_and_refuses_bad_volumes():
         with pytest.raises(ValueError, match="square slices"):
             simulate_study(vol[:, :, :30], modality, **opts)
     assert simulate_study(vol, "ct", n_views=8, study_id="c").metadata == {
-        "simulated": {"modality": "ct", "n_views": 8, "arc": 180.0, "noise_fraction": 0.01, "seed": 0},
+        "simulated": {"modality": "ct", "n_views": 8, "arc": 180.0, "noise_fraction": 0.01, "seed": 0, "units": "auto"},
         "study_id": "c"}
     with pytest.raises(ValueError, match="≥ 0"):
         simulate_pet_study(vol - 0.5)

@@ -237,3 +237,29 @@ def test_volume_study_file_pet_and_bad_inputs(make_napari_viewer, qtbot, tiny_pr
     assert any("volume run failed" in n and "not a volume study" in n for n in notes)
     assert len(viewer.layers) == n_layers and p.layers["estimate"] is est
     np.testing.assert_array_equal(est.data, kept)
+
+
+def test_a_ct_volume_in_hounsfield_units_is_simulated_as_attenuation_and_shown_in_hu(make_napari_viewer, qtbot,
+                                                                                     tiny_priors, ct_slice):
+    """A CT volume layer in HU (a DICOM series) used to be forward-projected as attenuation (negative where air):
+    it is converted to attenuation relative to water, and the results come back in HU like the source layer."""
+    from napari_diffrecon.volume import simulate_ct_study
+
+    hu = (_volume(ct_slice, d=4) - 1.0) * 1000.0  # relative attenuation → HU: air −1000
+    st = simulate_ct_study(hu, 12)
+    assert st.metadata["intensity"] == {"native_units": "HU", "scale": 1e-3, "offset": 1.0}
+    np.testing.assert_allclose(st.ground_truth, np.clip(1 + hu / 1000, 0, None), rtol=1e-5, atol=1e-6)
+    assert "intensity" not in simulate_ct_study(_volume(ct_slice, d=4), 12).metadata  # attenuation: as it is
+    viewer = make_napari_viewer()
+    w = main_widget(viewer)
+    viewer.window.add_dock_widget(w, name="Diffusion reconstruction")
+    viewer.add_image(hu, name="series in HU")
+    assert w.set_prior(str(tiny_priors["ct"]))
+    p = w.volume
+    p.use_layer("series in HU", "ct")
+    p.views.setValue(12)
+    p.steps.setValue(3)
+    assert p.run() is not None
+    qtbot.waitUntil(lambda: not p.running, timeout=120_000)
+    est = p.layers["estimate"]
+    assert est.metadata["units"] == "HU" and float(np.median(est.data[:, :4, :4])) < -500  # air stays air, in HU

@@ -109,11 +109,13 @@ def study_info(study: Any) -> dict[str, Any]:
         "shape": (study.n_slices, *op_shape),
         "spacing_mm": None if study.spacing_mm is None else tuple(float(v) for v in study.spacing_mm),
         "window": None,
+        "intensity": (study.metadata or {}).get("intensity"),  # a CT study from a volume in HU: shown in HU
     }
     if study.ground_truth is not None:
+        from ..io.export import native_units
         from ._main import _limits
 
-        info["window"] = _limits(_mag(study.ground_truth))
+        info["window"] = _limits(native_units(_mag(study.ground_truth), "estimate", info["intensity"])[0])
     return info
 
 
@@ -557,8 +559,15 @@ class VolumePanel(QGroupBox):
             pbar.set_description(f"diffrecon volume: {text}")
 
     def _show(self, role: str, data: np.ndarray, provenance: dict[str, Any]) -> None:
-        """Assign a fresh array to the role's 3D layer (created the first time, with the study's spacing)."""
-        meta = {"provenance": provenance, "diffrecon_role": f"volume_{role}"}
+        """Assign a fresh array to the role's 3D layer (created the first time, with the study's spacing); a CT study
+        made from a volume in HU is shown in HU, as its source layer is (``metadata["intensity"]``)."""
+        from ..io.export import native_units
+
+        inten = self._info.get("intensity")
+        data, units = native_units(data, "std" if role == "std" else "estimate", inten)
+        meta: dict[str, Any] = {"provenance": provenance, "diffrecon_role": f"volume_{role}"}
+        if units is not None:
+            meta.update(units=units, intensity=inten)
         layer = self.layers.get(role)
         if layer is not None and (layer not in self.viewer.layers or layer.data.shape != data.shape):
             layer = None

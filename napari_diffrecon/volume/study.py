@@ -362,13 +362,17 @@ def simulate_ct_study(
     seed: int = 0,
     arc: float = 180.0,
     study_id: str | None = None,
+    units: str = "auto",
 ) -> VolumeStudy:
     """A sparse-view parallel-beam CT study of a ``(D, n, n)`` volume, Gaussian noise relative to the data RMS.
 
     Parameters
     ----------
     volume : np.ndarray
-        Ground-truth attenuation ``(D, n, n)``.
+        Ground-truth attenuation ``(D, n, n)``, or a CT volume in Hounsfield units (``units="HU"``, or "auto" with
+        values below −500 present): it is then converted to attenuation relative to water, ``1 + HU/1000`` (≥ 0; HU
+        as attenuation gave negative attenuation), and ``metadata["intensity"]`` records the mapping so that the
+        workbench shows and exports the results in HU.
     n_views : int
         Views evenly spread over ``arc`` degrees.
     noise_fraction : float
@@ -380,15 +384,21 @@ def simulate_ct_study(
     from .operators import volume_ct
 
     vol = _check_volume(volume, "simulate_ct_study").astype(np.float32)
+    is_hu = units.upper() == "HU" or (units == "auto" and float(vol.min()) < -500)
+    if is_hu:
+        vol = np.clip(1.0 + vol / 1000.0, 0.0, None).astype(np.float32)
     angles = sparse_view_angles(int(n_views), arc=arc)
     op = volume_ct(vol.shape[0], vol.shape[1], angles)
     clean = op.forward(torch.from_numpy(vol)).numpy()
     sigma = float(noise_fraction * np.sqrt(np.mean(clean**2)))
     rng = np.random.default_rng(seed)
     data = (clean + sigma * rng.standard_normal(clean.shape)).astype(np.float32)
-    return _simulated(data, op, {"model": "gaussian", "sigma": max(sigma, 1e-8)}, spacing_mm, vol, None, study_id,
-                      {"modality": "ct", "n_views": int(n_views), "arc": float(arc),
-                       "noise_fraction": float(noise_fraction), "seed": int(seed)})
+    st = _simulated(data, op, {"model": "gaussian", "sigma": max(sigma, 1e-8)}, spacing_mm, vol, None, study_id,
+                    {"modality": "ct", "n_views": int(n_views), "arc": float(arc),
+                     "noise_fraction": float(noise_fraction), "seed": int(seed), "units": "HU" if is_hu else units})
+    if is_hu:  # image = scale · HU + offset, as a 2D measurement's metadata["intensity"]
+        st.metadata["intensity"] = {"native_units": "HU", "scale": 1e-3, "offset": 1.0}
+    return st
 
 
 def _simulated(
