@@ -126,10 +126,11 @@ def check_options_apply(modality: str, **options: Any) -> None:
         raise ValueError(f"{modality.upper()} does not use {', '.join(unused)}: {hint[modality]}")
 
 
-def _to_square(img: np.ndarray, size: int, spacing: Any) -> tuple[np.ndarray, bool]:
+def _to_square(img: np.ndarray, size: int, spacing: Any, fill: float | None = None) -> tuple[np.ndarray, bool]:
     """``img`` resized to ``size``² keeping its aspect ratio in mm (the pixel ``spacing``, when known): the longer
-    side fills the square and the shorter is padded, centred, with the image's minimum (air, background) — a
-    non-square image used to be stretched. Returns the image and whether it was padded."""
+    side fills the square and the shorter is padded, centred, with ``fill`` (default the image's minimum: air,
+    background; −1000 for HU) — a non-square image used to be stretched. Returns the image and whether it was
+    padded."""
     sp = np.atleast_1d(np.asarray(spacing if spacing is not None else [], dtype=np.float64)).ravel()
     sp = np.resize(sp[-2:], 2) if sp.size and np.all(np.isfinite(sp)) and np.all(sp > 0) else np.ones(2)
     extent = np.asarray(img.shape, dtype=np.float64) * sp
@@ -138,7 +139,7 @@ def _to_square(img: np.ndarray, size: int, spacing: Any) -> tuple[np.ndarray, bo
     if target == (size, size):
         return out, False
     pad = [((size - n) // 2, size - n - (size - n) // 2) for n in target]
-    return np.pad(out, pad, constant_values=float(img.min())), True
+    return np.pad(out, pad, constant_values=float(img.min()) if fill is None else float(fill)), True
 
 
 def _pixel_size(shape: tuple[int, ...], size: int, pixel_size_mm: float | None, spacing: Any) -> float:
@@ -228,7 +229,7 @@ def simulate_from_image(
                          "pick another slice (--slice) or image")
     px = _pixel_size(img.shape, size, pixel_size_mm, pixel_spacing_mm)
     is_hu = units.upper() == "HU" or (units == "auto" and img.min() < -500)
-    img, padded = _to_square(img, size, pixel_spacing_mm)
+    img, padded = _to_square(img, size, pixel_spacing_mm, fill=-1000.0 if is_hu else None)  # HU: pad with air
     meta: dict[str, Any] = {
         "source": source,
         "options": {

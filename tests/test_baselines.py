@@ -327,3 +327,28 @@ def test_tv_with_zero_weight_is_least_squares_not_nan(modality, ct_slice, mr_sli
     rec = tv_reconstruct(op, m, lam=0.0, n_iter=300)
     assert torch.isfinite(torch.as_tensor(rec).abs()).all()
     assert float(data_residual(op, rec, m)) < 0.05
+
+
+def test_em_stops_at_the_declared_noise_level_and_handles_batches():
+    """The noise level is the data's own model's: PET data declared Gaussian stop where their Gaussian residual
+    reaches σ's floor, at the same iteration whatever the data's units (a Poisson floor stopped after 1 or never); a
+    batch stops when every item has reached it."""
+    from napari_diffrecon.io import load_sample
+    from napari_diffrecon.physics import GaussianLikelihood
+
+    m = load_sample("pet_lowcount")
+    op, y = m.build_operator(), m.to_tensor()
+    clean = (y - float(torch.as_tensor(m.build_likelihood().background).mean())).clamp(min=0)
+    sigma = float(clean.mean()) ** 0.5  # a Poisson-like σ, declared Gaussian
+    runs = []
+    for k in (1e-3, 1.0, 1e3):
+        info: dict = {}
+        reconstruct_baseline("mlem", op, clean * k, GaussianLikelihood(sigma * k), info)
+        runs.append(info["iters_run"])
+    assert len(set(runs)) == 1 and 1 < runs[0] < 200, runs
+    lik = m.build_likelihood()
+    info = {}
+    batch = reconstruct_baseline("mlem", op, torch.stack([y, y]), lik, info)
+    single: dict = {}
+    reconstruct_baseline("mlem", op, y, lik, single)
+    assert batch.shape[0] == 2 and info["iters_run"] == single["iters_run"] and info["stopped_at_noise_floor"]

@@ -163,3 +163,17 @@ def test_a_pet_background_array_under_any_key_is_read_and_a_bad_one_is_named(tmp
         p = _save(tmp_path / f"{name}.npz", measurement=data, operator=op, noise=noise, **extra)
         with pytest.raises(BundleError, match=match):
             read_measurement(p)
+
+
+def test_a_background_that_broadcasts_or_is_a_numpy_number_is_accepted(tmp_path):
+    """Per-view randoms (1, views) and NumPy scalars are what the Poisson likelihood takes; the check accepts them."""
+    from napari_diffrecon.io import Measurement
+
+    m = simulate_from_image(np.outer(np.hanning(N), np.hanning(N)), "pet", size=N, views=8, seed=0)
+    data = m.data
+    per_view = np.full((1, data.shape[1]), 0.3, np.float32)
+    for bg in (per_view, np.float32(0.3), np.int64(1)):
+        Measurement(data=data, operator=m.operator, noise={"model": "poisson", "background": bg}).validate()
+    with pytest.raises(BundleError, match="does not match"):
+        Measurement(data=data, operator=m.operator,
+                    noise={"model": "poisson", "background": np.ones((3, 3), np.float32)}).validate()

@@ -192,6 +192,10 @@ def test_ct_images_are_exported_in_hounsfield_units(tmp_path, ext):
                                                role="std", intensity=inten, data_units="HU"))
     np.testing.assert_allclose(data, 2.0, atol=1e-3)  # a std layer shown in HU
     assert prov["exported_units"] == "HU" and "as shown in the viewer" in prov["exported_from"]
+    vol, prov, _ = read_exported(export_image(tmp_path / f"vol{ext}", np.full((2, 8, 8), -500.0, np.float32), {},
+                                              role="volume_estimate", intensity=inten, data_units="HU"))
+    np.testing.assert_allclose(vol, -500.0, atol=0.1)  # the volume panel's HU layers: recorded as HU too
+    assert prov["exported_units"] == "HU"
     pet = np.full((8, 8), 0.5, dtype=np.float32)  # other native units: as they are
     data, _, _ = read_exported(export_image(tmp_path / f"pet{ext}", pet, {}, role="mean",
                                             intensity={"native_units": "activity", "scale": 1.0, "offset": 0.0}))

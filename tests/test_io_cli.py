@@ -779,3 +779,14 @@ def test_simulate_refuses_what_it_would_ignore_and_simulates_pet_from_ct_as_upta
     inside = np.hypot(*(np.mgrid[:64, :64] - 31.5)) < 31  # the scanner's field of view
     assert np.corrcoef(gt[inside], expect[inside])[0, 1] > 0.99
     assert gt[bone].mean() < np.percentile(gt[gt > 0], 90)  # bone is not the hottest tissue
+
+
+def test_a_hu_image_is_padded_with_air_not_its_darkest_tissue():
+    """A cropped HU image with no air in it (soft tissue from −100 HU), not square: the padding is −1000 HU (zero
+    attenuation), not −100 HU tissue that would be forward-projected."""
+    img = np.full((40, 80), 40.0)
+    img[:, :10] = -100.0
+    m = simulate_from_image(img, "ct", size=32, units="HU", views=8)
+    assert m.metadata["options"]["padded_to_square"]
+    gt = np.asarray(m.ground_truth)
+    assert float(gt[0].max()) == 0.0 and float(gt[16].max()) > 0  # top rows: padding = air; middle: tissue

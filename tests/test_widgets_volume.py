@@ -263,3 +263,4 @@ def test_a_ct_volume_in_hounsfield_units_is_simulated_as_attenuation_and_shown_i
     qtbot.waitUntil(lambda: not p.running, timeout=120_000)
     est = p.layers["estimate"]
     assert est.metadata["units"] == "HU" and float(np.median(est.data[:, :4, :4])) < -500  # air stays air, in HU
+    assert est.metadata["provenance"]["measurement_intensity"]["native_units"] == "HU"

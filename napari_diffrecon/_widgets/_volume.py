@@ -390,6 +390,8 @@ class VolumePanel(QGroupBox):
         opts: dict[str, Any] = {"spacing_mm": scale, "study_id": layer.name}
         if modality == "ct":
             opts.update(n_views=int(self.views.value()), noise_fraction=noise)
+            if str((layer.metadata or {}).get("units", "")).upper() == "HU":  # even a volume with no air in it
+                opts["units"] = "HU"
         elif modality == "mri":
             opts.update(acceleration=float(self.accel.value()), noise_fraction=noise)
         else:

@@ -160,17 +160,18 @@ def _em(method: str, operator: LinearOperator, m: torch.Tensor, likelihood: Like
     """MLEM / OSEM for a fixed number of iterations, or ("auto") until the data residual reaches the noise floor."""
     from ..metrics import data_residual, noise_floor
 
-    if not isinstance(likelihood, PoissonLikelihood):  # EM is a Poisson method: counts without a background
+    if likelihood is None:  # EM is a Poisson method: counts without a background
         likelihood = PoissonLikelihood(0.0, device=m.device)
-    bg = likelihood.background
+    bg = likelihood.background if isinstance(likelihood, PoissonLikelihood) else 0.0
     auto = p["iters"] == "auto"
+    # the noise level of the data's own noise model (Poisson counts, or the Gaussian σ a bundle declares)
     floor = noise_floor(operator, m, likelihood) if auto else None
     state = {"k": 0, "stopped": False}
 
     def at_noise_level(k: int, x: torch.Tensor) -> bool:
         state["k"] = k
-        if floor is not None and float(data_residual(operator, x, m, likelihood)) <= floor:
-            state["stopped"] = True
+        if floor is not None and bool((data_residual(operator, x, m, likelihood) <= floor).all()):
+            state["stopped"] = True  # a batch: when every item has reached it
         return state["stopped"]
 
     n_iter = AUTO_MAX_ITERS[method] if auto else int(p["iters"])

@@ -147,10 +147,16 @@ def _validate(m: Measurement) -> None:
         )
     model = str((m.noise or {}).get("model", "gaussian")).lower()
     bg = (m.noise or {}).get("background")
-    if isinstance(bg, np.ndarray) and bg.ndim and tuple(bg.shape) != tuple(data.shape):
-        raise BundleError(f"noise.background: shape {bg.shape} does not match the measurement's {data.shape}; give one "
-                          "expected background count per measured bin (or a single number)")
-    if bg is not None and not isinstance(bg, (int, float, np.ndarray)):
+    if isinstance(bg, np.ndarray) and bg.ndim:
+        try:
+            fits = np.broadcast_shapes(bg.shape, data.shape) == tuple(data.shape)
+        except ValueError:
+            fits = False
+        if not fits:
+            raise BundleError(f"noise.background: shape {bg.shape} does not match the measurement's {data.shape}; "
+                              "give one expected background count per measured bin, one per view (1, views), or a "
+                              "single number")
+    if bg is not None and not isinstance(bg, (int, float, np.number, np.ndarray)):
         raise BundleError(f"noise.background: must be a number or an array reference {{\"$array\": key}}, got {bg!r}")
     if model in COUNT_MODELS and np.any(data < 0):
         raise BundleError(

@@ -40,8 +40,9 @@ _SC_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.7"  # Secondary Capture Image Storage
 _PRIVATE_GROUP = 0x0011
 #: Roles of layers whose values are images (exported as ``(x − offset) / scale`` in the native units) and spreads
 #: (``x / scale``); any other role (data residual, support score, measurement) is exported as it is.
-IMAGE_ROLES = ("iterate", "estimate", "mean", "baseline", "ground truth", "sample", "lower", "upper")
-SPREAD_ROLES = ("std",)
+IMAGE_ROLES = ("iterate", "estimate", "mean", "baseline", "ground truth", "sample", "lower", "upper",
+               "volume_estimate")
+SPREAD_ROLES = ("std", "volume_std")
 _HU_WINDOW = (40.0, 400.0)  # DICOM WindowCenter / WindowWidth: soft tissue
 
 

@@ -32,6 +32,9 @@ __all__ = ["Slab", "plan_slabs", "intensity_for", "iter_slab", "run_slab", "Volu
            "stream_volume", "reconstruct_volume", "volume_provenance"]
 
 _REFERENCE = {"ct": "fbp", "pet": "mlem", "mri": "zero_filled"}
+# a fixed MLEM count for the intensity reference (the classical MLEM's own default now stops at the noise level,
+# which would change every PET volume's mapping with the data; 50 is what the volume runs were made with)
+_REFERENCE_PARAMS: dict[str, dict[str, int]] = {"mlem": {"iters": 50}}
 
 
 def intensity_for(study: VolumeStudy, prior: Any, device: str | torch.device = "cpu") -> tuple[float, float, str]:
@@ -48,7 +51,8 @@ def intensity_for(study: VolumeStudy, prior: Any, device: str | torch.device = "
     target = op.base if (method == "fbp" and op.data_weights is None) else op
     if method == "fbp" and target is op:
         method = "cg"
-    ref = reconstruct_baseline(method, target, study.to_tensor(device), study.build_likelihood(device))
+    ref = reconstruct_baseline(method, target, study.to_tensor(device), study.build_likelihood(device),
+                               **_REFERENCE_PARAMS.get(method, {}))
     return intensity_mapping(study, prior, ref)
 
 
@@ -326,6 +330,8 @@ def volume_provenance(study: VolumeStudy, params: SamplerParams, extra: dict[str
         "study": study.name,
         "measurement_file": str(Path(study.path).resolve()) if study.path else None,  # the user's file, not a link
         "measurement_sha256": file_sha256(study.path),
+        **({"measurement_intensity": study.metadata["intensity"]}  # image units → native (HU), as 2D results record
+           if isinstance((study.metadata or {}).get("intensity"), dict) else {}),
         "n_slices": study.n_slices,
         "slice_operator": spec,
         "noise": {k: v for k, v in study.noise.items() if not isinstance(v, np.ndarray)},
