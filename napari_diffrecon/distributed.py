@@ -356,7 +356,9 @@ def reconstruct_folder(
             pr_arg = pr if isinstance(pr, str) else scattered[id(pr)]
             st = state[sid] = {"job": job, "chunks": {}, "errors": [], "pending": 0}
             for i, slab in enumerate(job["slabs"]):
-                part = part_dir / f"{job['key']}_{slab.start:05d}-{slab.stop:05d}.npz"
+                # keyed by the settings and the input's checksum: a rerun after the input file changed must not
+                # stitch slabs of the old input into the new result
+                part = part_dir / f"{job['key']}_{job['sha'][:16]}_{slab.start:05d}-{slab.stop:05d}.npz"
                 if part.exists():
                     st["chunks"][i] = {"status": "resumed", "partial": str(part)}
                     continue

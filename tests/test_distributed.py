@@ -141,3 +141,18 @@ def test_mixed_folder_runs_each_study_with_its_modalitys_defaults(tmp_path, clie
         got = json.loads((tmp_path / "out" / f"{sid}.json").read_text())["params"]
         assert got["gamma"] == recommended_volume_params(modality).gamma  # CT 3, MRI 1
     assert recommended_volume_params("ct").gamma != recommended_volume_params("mri").gamma
+
+
+def test_a_changed_input_does_not_resume_the_old_inputs_slabs(tmp_path, client):
+    """A failed study rerun after its input file changed: its finished slabs belong to the old input and are
+    recomputed, not stitched into the new result (the partial files were keyed by the settings only)."""
+    src, out = _folder(tmp_path / "in", names="c"), tmp_path / "out"
+    params = VolumeParams(n_steps=2, ztv=0.05)
+    rep = reconstruct_folder(src, out, GaussianPrior(0.5), params, client=client, slab_slices=3, halo=1, retries=0,
+                             inject_faults={"c:1": 5})
+    assert rep.failed == ["c"] and any(c["status"] == "done" for c in rep.studies["c"]["chunks"].values())
+    v = np.zeros((4, 32, 32), np.float32)
+    v[:, 4:12, 4:28] = 1.5  # another object, same geometry and settings
+    write_volume_study(simulate_ct_study(v, 8, 0.02, study_id="c", seed=7), src / "c.npz", overwrite=True)
+    rep2 = reconstruct_folder(src, out, GaussianPrior(0.5), params, client=client, slab_slices=3, halo=1)
+    assert rep2.ok and not any(c["status"] == "resumed" for c in rep2.studies["c"]["chunks"].values())
