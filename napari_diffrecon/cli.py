@@ -260,8 +260,17 @@ def _cmd_export(a: argparse.Namespace) -> int:
 
 def _cmd_info(a: argparse.Namespace) -> int:
     from .io import read_measurement
-    from .io.bundle import VolumeStudyFileError
+    from .io.bundle import VolumeStudyFileError, is_result_file, read_result
 
+    if is_result_file(a.bundle):  # a reconstruction's output
+
+        arrays, prov = read_result(a.bundle)
+        keep = ("software_version", "created", "kind", "prior", "nfe", "wall_time_s", "data_residual",
+                "data_residual_of_mean", "noise_floor", "measurement_file", "measurement_intensity", "warnings")
+        print(json.dumps({"result": {k: f"{v.shape} {v.dtype}" for k, v in arrays.items()},
+                          "method": (prov.get("settings") or {}).get("method"),
+                          **{k: prov[k] for k in keep if k in prov}}, indent=2, default=str))
+        return 0
     try:
         m = read_measurement(a.bundle)
     except VolumeStudyFileError:
@@ -680,7 +689,7 @@ def _parser() -> argparse.ArgumentParser:
     x.add_argument("--force", action="store_true", help="replace an existing file")
     x.set_defaults(func=_cmd_export)
 
-    i = sub.add_parser("info", help="summarise a measurement bundle")
+    i = sub.add_parser("info", help="summarise a measurement bundle, a volume study or a result file")
     i.add_argument("bundle")
     i.set_defaults(func=_cmd_info)
     return p

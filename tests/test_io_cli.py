@@ -699,6 +699,11 @@ def test_a_result_file_is_exported_in_hounsfield_units_and_opens_in_napari(tmp_p
     assert "not a napari-diffrecon result" in capsys.readouterr().err
     assert main(["export", str(out), "-o", str(tmp_path / "mean.png")]) == 2
     assert "cannot export to mean.png" in capsys.readouterr().err
+    capsys.readouterr()
+    assert main(["info", str(out)]) == 0  # a result is summarised (it said it lacked a 'measurement' array)
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["method"] == "dds" and summary["result"]["mean"].startswith("(64, 64)")
+    assert summary["measurement_intensity"] == inten
     # napari: the result opens as the workbench shows a run
     reader = get_reader(str(out))
     assert reader is not None

@@ -145,11 +145,9 @@ def _is_bundle(p: Path) -> bool:
 
 
 def _is_result(p: Path) -> bool:
-    try:
-        with np.load(p, allow_pickle=False) as z:
-            return {"reconstruction", "provenance"} <= set(z.files) and "measurement" not in z.files
-    except Exception:  # not ours or unreadable: let napari try other readers
-        return False
+    from .bundle import is_result_file
+
+    return is_result_file(p)
 
 
 #: How a result file's images are shown: (field, label, shown at first).

@@ -32,6 +32,7 @@ __all__ = [
     "write_measurement",
     "write_result",
     "read_result",
+    "is_result_file",
     "RESULT_IMAGES",
     "VOLUME_STUDY_FORMAT",
     "VolumeStudyFileError",
@@ -574,6 +575,19 @@ def write_result(
 #: The image arrays of a result file and what each shows (the roles of :mod:`napari_diffrecon.io.export`).
 RESULT_IMAGES = {"mean": "mean", "reconstruction": "estimate", "std": "std", "lower": "lower", "upper": "upper",
                  "samples": "sample"}
+
+
+def is_result_file(path: str | Path) -> bool:
+    """Whether ``path`` is a result ``.npz`` (``reconstruction`` and ``provenance``, no ``measurement``), read
+    without unpickling; False for anything else, unreadable files included."""
+    p = Path(path)
+    if p.suffix.lower() not in RESULT_SUFFIXES or not p.is_file():
+        return False
+    try:
+        with np.load(p, allow_pickle=False) as z:
+            return {"reconstruction", "provenance"} <= set(z.files) and "measurement" not in z.files
+    except Exception:  # not an archive, corrupt: not a result
+        return False
 
 
 def read_result(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
