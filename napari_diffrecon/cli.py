@@ -263,7 +263,6 @@ def _cmd_info(a: argparse.Namespace) -> int:
     from .io.bundle import VolumeStudyFileError, is_result_file, read_result
 
     if is_result_file(a.bundle):  # a reconstruction's output
-
         arrays, prov = read_result(a.bundle)
         keep = ("software_version", "created", "kind", "prior", "nfe", "wall_time_s", "data_residual",
                 "data_residual_of_mean", "noise_floor", "measurement_file", "measurement_intensity", "warnings")

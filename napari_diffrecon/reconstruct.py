@@ -539,18 +539,11 @@ def reconstruct(
             )
         device = check_device(settings.device)
         op = measurement.build_operator(device)
+        m_t, lik = measurement.to_tensor(device), measurement.build_likelihood(device)
         ran: dict[str, Any] = {}
-        x = _baseline(
-            settings.method,
-            op,
-            measurement.to_tensor(device),
-            measurement.build_likelihood(device),
-            dict(settings.baseline_params),
-            ran,
-        )
+        x = _baseline(settings.method, op, m_t, lik, dict(settings.baseline_params), ran)
         from .metrics import data_residual, noise_floor
 
-        m_t, lik = measurement.to_tensor(device), measurement.build_likelihood(device)
         res = float(data_residual(op, x, m_t, lik))
         floor, assumed = noise_floor(op, m_t, lik), noise_is_assumed(measurement.noise)
         warns = _count_notes(measurement.data, lik)

@@ -131,9 +131,8 @@ def _to_square(img: np.ndarray, size: int, spacing: Any, fill: float | None = No
     side fills the square and the shorter is padded, centred, with ``fill`` (default the image's minimum: air,
     background; −1000 for HU) — a non-square image used to be stretched. Returns the image and whether it was
     padded."""
-    sp = np.atleast_1d(np.asarray(spacing if spacing is not None else [], dtype=np.float64)).ravel()
-    sp = np.resize(sp[-2:], 2) if sp.size and np.all(np.isfinite(sp)) and np.all(sp > 0) else np.ones(2)
-    extent = np.asarray(img.shape, dtype=np.float64) * sp
+    sp = _spacing_pair(spacing)
+    extent = np.asarray(img.shape, dtype=np.float64) * (np.ones(2) if sp is None else sp)
     target = tuple(int(max(1, round(size * e / extent.max()))) for e in extent)
     out = resize(img, target, anti_aliasing=True, preserve_range=True)
     if target == (size, size):
@@ -146,13 +145,21 @@ def _pixel_size(shape: tuple[int, ...], size: int, pixel_size_mm: float | None, 
     """Pixel size in mm after resizing to ``size``²: given, from the input's spacing, or a 350 mm field of view."""
     if pixel_size_mm is not None:
         return float(pixel_size_mm)
+    sp = _spacing_pair(spacing)
+    if sp is None:
+        return 350.0 / size
+    return float(max(shape[0] * sp[0], shape[1] * sp[1]) / size)
+
+
+def _spacing_pair(spacing: Any) -> np.ndarray | None:
+    """An image's pixel spacing as ``(row, column)`` mm (one value: square pixels); None when not given."""
     sp = np.atleast_1d(np.asarray(spacing if spacing is not None else [], dtype=np.float64)).ravel()
     if sp.size == 0:
-        return 350.0 / size
-    sp = np.resize(sp[-2:], 2)  # one value: square pixels
+        return None
+    sp = np.resize(sp[-2:], 2)
     if not (np.all(np.isfinite(sp)) and np.all(sp > 0)):
         raise ValueError(f"the image's pixel spacing must be positive numbers (mm), got {list(sp)}")
-    return float(max(shape[0] * sp[0], shape[1] * sp[1]) / size)
+    return sp
 
 
 def simulate_from_image(

@@ -686,7 +686,7 @@ class DiffReconWidget(QWidget):
         scale = [float(v) for v in np.asarray(layer.scale)[-2:]]
         if any(v != 1.0 for v in scale):  # a layer with a pixel size (mm): CT / PET attenuation per pixel follows it
             opts["pixel_spacing_mm"] = scale
-        source = re.sub(r"( \((ct|mri|pet) simulated\))?( ground truth)?$", "", layer.name) or layer.name
+        source = re.sub(r" \((ct|mri|pet) simulated\)$", "", _measurement_name(layer.name)) or layer.name
         try:
             self._add_layer_data(simulated_layers(data, source, **opts))
         except ValueError as e:
@@ -1173,23 +1173,21 @@ class DiffReconWidget(QWidget):
             if layer not in self.viewer.layers or layer.name != self._names.get(role):
                 self._release(role)
                 continue
-            if self._written_on.get(role) is not self._run_measurement:
-                # another measurement's result (CT's, now PET's run): kept for comparison, named and hidden, and not
-                # written over — this run makes its own layer, placed for its own data
-                if role not in self._stale and self._written_by.get(role):
-                    self._name(role, layer, f"{layer.name} {EARLIER.format(method=self._written_by[role])}")
+            # another measurement's result (CT's, now PET's run) is not written over: this run makes its own layer,
+            # placed for its own data
+            other = self._written_on.get(role) is not self._run_measurement
+            if role not in self._stale:  # not yet named for the run it came from
+                self._stale.add(role)
+                method = self._written_by.get(role)
+                if method:
+                    self._name(role, layer, f"{layer.name} {EARLIER.format(method=method)}")
+                # hidden, not removed: the new run's results are what shows (an earlier std would cover a new
+                # baseline); the earlier run's stay one click away for comparison
                 layer.visible = False
+            elif other:
+                layer.visible = False
+            if other:
                 self._release(role)
-                continue
-            if role in self._stale:  # already named for the run it came from
-                continue
-            self._stale.add(role)
-            method = self._written_by.get(role)
-            if method:
-                self._name(role, layer, f"{layer.name} {EARLIER.format(method=method)}")
-            # hidden, not removed: the new run's results are what shows (an earlier std would cover a new baseline);
-            # the earlier run's stay one click away for comparison
-            layer.visible = False
 
     def _release(self, role: str) -> None:
         """Stop tracking the role's layer (it stays in the viewer)."""

@@ -115,7 +115,7 @@ def study_info(study: Any) -> dict[str, Any]:
         from ..io.export import native_units
         from ._main import _limits
 
-        info["window"] = _limits(native_units(_mag(study.ground_truth), "estimate", info["intensity"])[0])
+        info["window"] = _limits(native_units(_mag(study.ground_truth), "volume_estimate", info["intensity"])[0])
     return info
 
 
@@ -566,7 +566,7 @@ class VolumePanel(QGroupBox):
         from ..io.export import native_units
 
         inten = self._info.get("intensity")
-        data, units = native_units(data, "std" if role == "std" else "estimate", inten)
+        data, units = native_units(data, f"volume_{role}", inten)  # io.export's IMAGE_ROLES / SPREAD_ROLES
         meta: dict[str, Any] = {"provenance": provenance, "diffrecon_role": f"volume_{role}"}
         if units is not None:
             meta.update(units=units, intensity=inten)

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from .bundle import BundleError, Measurement, read_measurement
+from .bundle import BundleError, Measurement, is_result_file, read_measurement
 
 LayerData = tuple[np.ndarray, dict[str, Any], str]
 
@@ -144,12 +144,6 @@ def _is_bundle(p: Path) -> bool:
         return False
 
 
-def _is_result(p: Path) -> bool:
-    from .bundle import is_result_file
-
-    return is_result_file(p)
-
-
 #: How a result file's images are shown: (field, label, shown at first).
 _RESULT_LAYERS = (("mean", "posterior mean", True), ("reconstruction", "reconstruction", True),
                   ("std", "posterior std", True), ("lower", "95% lower", False), ("upper", "95% upper", False),
@@ -166,13 +160,11 @@ def result_layers(path: str | Path) -> list[LayerData]:
     BundleError, FileNotFoundError
         Not a readable result file.
     """
-    from .bundle import RESULT_IMAGES, read_result
+    from .bundle import RESULT_IMAGES, read_result, result_units
     from .export import native_units
 
     p = Path(path)
     arrays, prov = read_result(p)
-    inten = prov.get("measurement_intensity") if isinstance(prov.get("measurement_intensity"), dict) else None
-    px = (inten or {}).get("pixel_size_mm")
     layers: list[LayerData] = []
     window: tuple[float, float] | None = None
     for field, label, visible in _RESULT_LAYERS:
@@ -180,6 +172,7 @@ def result_layers(path: str | Path) -> list[LayerData]:
             continue
         role = RESULT_IMAGES[field]
         a = arrays[field]
+        inten, spacing = result_units(prov, a.ndim)
         data, units = native_units(np.abs(a) if np.iscomplexobj(a) else a, role, inten)
         meta: dict[str, Any] = {"provenance": prov, "diffrecon_role": role, "source": str(p), "result_field": field}
         if inten is not None:
@@ -187,8 +180,8 @@ def result_layers(path: str | Path) -> list[LayerData]:
         if units is not None:
             meta["units"] = units
         kw: dict[str, Any] = {"name": f"{p.stem} {label}", "metadata": meta, "visible": visible}
-        if px:
-            kw["scale"] = ((1.0,) if data.ndim == 3 else ()) + (float(px), float(px))
+        if spacing is not None:
+            kw["scale"] = spacing
         if role == "std":
             kw.update(colormap="magma", contrast_limits=spread_limits(data))
         else:  # one window for the images of a run (the mean's), as the workbench shows them
@@ -214,7 +207,7 @@ def get_reader(path: str | list[str]) -> Callable[[str], list[LayerData]] | None
         return None
     if _is_bundle(p):
         return _read
-    if p.suffix == ".npz" and _is_result(p):
+    if is_result_file(p):
         return _read_result
     from .fastmri import is_fastmri
 
@@ -341,7 +334,7 @@ def read_any(path: str | Path, simulate: dict[str, Any] | None = None) -> list[L
     if p.suffix in (".npz", ".h5", ".hdf5") and not p.is_dir():
         if p.suffix != ".npz" and is_fastmri(p):
             return _layers(read_fastmri(p), p.stem)
-        if p.suffix == ".npz" and _is_result(p):  # a result to look at (and export, or simulate from)
+        if is_result_file(p):  # a result to look at (and export, or simulate from)
             return result_layers(p)
         return _layers(read_measurement(p), p.stem)
     opts = dict(simulate or {"modality": "ct"})

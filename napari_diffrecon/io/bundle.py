@@ -32,6 +32,7 @@ __all__ = [
     "write_measurement",
     "write_result",
     "read_result",
+    "result_units",
     "is_result_file",
     "RESULT_IMAGES",
     "VOLUME_STUDY_FORMAT",
@@ -575,6 +576,16 @@ def write_result(
 #: The image arrays of a result file and what each shows (the roles of :mod:`napari_diffrecon.io.export`).
 RESULT_IMAGES = {"mean": "mean", "reconstruction": "estimate", "std": "std", "lower": "lower", "upper": "upper",
                  "samples": "sample"}
+
+
+def result_units(provenance: dict[str, Any], ndim: int) -> tuple[dict[str, Any] | None, tuple[float, ...] | None]:
+    """``(intensity, spacing)`` of a result's image with ``ndim`` axes: the measurement's intensity mapping that the
+    provenance records (None without one) and the pixel spacing in mm it gives (a stack's first axis 1)."""
+    inten = provenance.get("measurement_intensity")
+    inten = inten if isinstance(inten, dict) else None
+    px = (inten or {}).get("pixel_size_mm")
+    spacing = (((1.0,) if ndim == 3 else ()) + (float(px), float(px))) if px else None
+    return inten, spacing
 
 
 def is_result_file(path: str | Path) -> bool:

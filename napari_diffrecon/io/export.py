@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from .bundle import RESULT_IMAGES, atomic_write, read_result
+from .bundle import RESULT_IMAGES, atomic_write, read_result, result_units
 
 __all__ = ["export_image", "write_nifti", "write_dicom", "write_tiff", "read_exported", "EXPORT_FORMATS",
            "format_for", "native_units", "image_units", "export_result", "IMAGE_ROLES", "SPREAD_ROLES"]
@@ -343,11 +343,7 @@ def export_result(result: str | Path, path: str | Path, field: str | None = None
                          "only 'reconstruction'; 'std', 'lower' and 'upper' need a diffusion run with --samples ≥ 2, "
                          "'samples' needs --keep-samples")
     data = arrays[field]
-    inten = prov.get("measurement_intensity") if isinstance(prov.get("measurement_intensity"), dict) else None
-    px = (inten or {}).get("pixel_size_mm")
-    spacing = None
-    if px:
-        spacing = ((1.0,) if data.ndim == 3 else ()) + (float(px), float(px))
+    inten, spacing = result_units(prov, data.ndim)
     prov = {**prov, "exported_field": field, "exported_from_file": str(result)}
     return export_image(path, data, prov, spacing=spacing, name=f"{Path(result).stem} {field}", overwrite=overwrite,
                         role=RESULT_IMAGES[field], intensity=inten)

@@ -123,14 +123,18 @@ class SamplerParams:
         """Every parameter as JSON-serialisable values (for provenance)."""
         return {k: (v if not isinstance(v, float) or math.isfinite(v) else str(v)) for k, v in asdict(self).items()}
 
+    def ranges(self) -> dict[str, tuple[float, float, bool, bool, str]]:
+        """The valid range of each checked parameter (:data:`PARAM_RANGES`; subclasses add their own)."""
+        return PARAM_RANGES
+
     def check(self) -> None:
-        """Raise :class:`SamplingError` naming the first parameter outside its range (see :data:`PARAM_RANGES`).
+        """Raise :class:`SamplingError` naming the first parameter outside its range (see :meth:`ranges`).
 
         Called when a run starts and at every step, since the parameters are live: a value that no sampler can
         use (a negative step count, γ = NaN, η = 5) stops the run with a message instead of silently running
         something else (one step, an unconditional sample, a clamped weight).
         """
-        for name, (lo, hi, lo_open, integer, meaning) in PARAM_RANGES.items():
+        for name, (lo, hi, lo_open, integer, meaning) in self.ranges().items():
             value = getattr(self, name)
             try:
                 v = float(value)

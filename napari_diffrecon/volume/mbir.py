@@ -77,26 +77,15 @@ class VolumeParams(SamplerParams):
     rho: float = 1.0
     admm_iters: int = 1
 
-    def check(self) -> None:
-        """The 2D checks (:meth:`SamplerParams.check`) and the z-coupling's: ``ztv`` ≥ 0, ``rho`` > 0, ``admm_iters`` a
-        whole number ≥ 1 (a negative or NaN z-TV weight used to run slice by slice and be recorded as given)."""
-        super().check()
-        import math
+    def ranges(self) -> dict[str, tuple[float, float, bool, bool, str]]:
+        """The 2D ranges (:data:`~napari_diffrecon.samplers.base.PARAM_RANGES`) and the z-coupling's: a negative or
+        NaN z-TV weight used to run slice by slice and be recorded as given."""
+        from ..samplers.base import PARAM_RANGES
 
-        from ..samplers.base import SamplingError
-
-        for name, value, low, open_, integer, meaning in (
-            ("ztv", self.ztv, 0.0, False, False, "the z-TV weight, 0 = independent slices"),
-            ("rho", self.rho, 0.0, True, False, "the ADMM penalty"),
-            ("admm_iters", self.admm_iters, 1.0, False, True, "ADMM iterations per step"),
-        ):
-            try:
-                v = float(value)
-            except (TypeError, ValueError):
-                raise SamplingError(f"{name} must be a number ({meaning}), got {value!r}") from None
-            if not math.isfinite(v) or (v <= low if open_ else v < low) or (integer and v != int(v)):
-                raise SamplingError(f"{name} = {value!r} must be {'>' if open_ else '≥'} {low:g}"
-                                    f"{' and a whole number' if integer else ''}: {meaning}")
+        return {**PARAM_RANGES,
+                "ztv": (0.0, 1e6, False, False, "the z-TV weight, 0 = independent slices"),
+                "rho": (0.0, 1e6, True, False, "the ADMM penalty"),
+                "admm_iters": (1, 10_000, False, True, "ADMM iterations per diffusion step")}
 
 
 def recommended_volume_params(modality: str = "*", **overrides: Any) -> VolumeParams:
