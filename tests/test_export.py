@@ -230,3 +230,15 @@ def test_the_viewer_shows_ct_in_hounsfield_units_and_the_core_gets_image_units_b
         assert "units" not in kw["metadata"]
     with pytest.raises(ValueError, match="no HU intensity mapping"):
         image_units(x, "mean", {"native_units": "activity", "scale": 1.0, "offset": 0.0}, "HU")
+
+
+def test_dicom_refuses_values_it_cannot_store(tmp_path):
+    """NaN / Inf made a DICOM with a NaN rescale slope and garbage pixels; it is refused with the way out, and
+    nothing is written (NIfTI and TIFF store float32 NaN as they are)."""
+    a = np.ones((8, 8), np.float32)
+    a[0, 0] = np.nan
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        export_image(tmp_path / "x.dcm", a, {})
+    assert not (tmp_path / "x.dcm").exists()
+    back, _, _ = read_exported(export_image(tmp_path / "x.nii.gz", a, {}))
+    assert np.isnan(back[0, 0]) and back[1, 1] == 1.0

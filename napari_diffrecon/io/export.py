@@ -202,6 +202,9 @@ def write_dicom(path: str | Path, data: Any, provenance: dict[str, Any] | None =
 
     path = Path(path)
     a = _image(data)
+    if not np.isfinite(a).all():  # 16-bit integers with a rescale cannot hold them: the file would be garbage
+        raise ValueError(f"cannot write {path.name}: the image holds NaN or Inf values, which DICOM's integer pixels "
+                         "cannot store; export it as NIfTI or TIFF (float32), or fix the image first")
     lo, hi = float(a.min()), float(a.max())
     slope = (hi - lo) / 65535.0 if hi > lo else 1.0
     pix = np.round((a - lo) / slope).clip(0, 65535).astype(np.uint16)
