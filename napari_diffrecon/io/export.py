@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from .bundle import RESULT_IMAGES, atomic_write, read_result, result_units
+from .images import nifti_napari_order
 
 __all__ = ["export_image", "write_nifti", "write_dicom", "write_tiff", "read_exported", "EXPORT_FORMATS",
            "format_for", "native_units", "image_units", "export_result", "IMAGE_ROLES", "SPREAD_ROLES"]
@@ -368,12 +369,7 @@ def read_exported(path: str | Path) -> tuple[np.ndarray, dict[str, Any] | None, 
             import nibabel as nib
 
             img = nib.load(str(path))
-            vol = np.asarray(img.dataobj, dtype=np.float32)
-            while vol.ndim > 3 and vol.shape[-1] == 1:
-                vol = vol[..., 0]
-            data = vol.T
-            zooms = [float(z) for z in img.header.get_zooms()[: vol.ndim]]
-            spacing = zooms[::-1]
+            data, spacing = nifti_napari_order(img)
             for ext in img.header.extensions:
                 if ext.get_code() == 6:
                     try:

@@ -37,6 +37,31 @@ def _dicom_volume(path: Path) -> tuple[np.ndarray, dict[str, Any]]:
     return np.stack([s[1] for s in slices]), info
 
 
+def nifti_napari_order(img: Any) -> tuple[np.ndarray, list[float]]:
+    """A NIfTI image's voxels in napari's axis order and its voxel sizes in that order.
+
+    NIfTI stores (x, y, z); napari shows (z, y, x) — the order :func:`napari_diffrecon.io.export_image`
+    writes NIfTI in, so a NIfTI in and a NIfTI out are the same way round. A 4D series gives its first frame.
+
+    Parameters
+    ----------
+    img : nibabel.Nifti1Image
+        A loaded NIfTI image.
+
+    Returns
+    -------
+    data : numpy.ndarray
+        float32, 2D or 3D, in napari order.
+    spacing : list of float
+        Voxel size per axis (mm), in napari order.
+    """
+    data = np.asarray(img.dataobj, dtype=np.float32)
+    while data.ndim > 3:
+        data = data[..., 0]
+    zooms = [float(z) for z in img.header.get_zooms()[: data.ndim]]
+    return np.ascontiguousarray(data.T), zooms[::-1]
+
+
 def read_volume(path: str | Path) -> tuple[np.ndarray, dict[str, Any]]:
     """Read an image or volume as ``(n_slices, H, W)`` float32 plus an info dict (units, spacing)."""
     path = Path(path)
@@ -49,20 +74,11 @@ def read_volume(path: str | Path) -> tuple[np.ndarray, dict[str, Any]]:
         elif name.endswith((".nii", ".nii.gz")):
             import nibabel as nib
 
-            img = nib.load(str(path))
-            data = np.asarray(img.dataobj, dtype=np.float32)
-            if data.ndim == 2:
-                data = data[..., None]
-            while data.ndim > 3:  # a 4D series: its first frame
-                data = data[..., 0]
-            # (x, y, z) → (z, y, x): napari's order, the one io.export writes and reads NIfTI in (a NIfTI in, a
-            # NIfTI out, the same way round)
-            vol = np.ascontiguousarray(data.T)
-            zooms = [float(z) for z in img.header.get_zooms()[:2]]
+            vol, spacing = nifti_napari_order(nib.load(str(path)))
             info = {
                 "format": "nifti",
                 "units": "arbitrary",
-                "pixel_spacing_mm": zooms[::-1],  # (row = y, column = x)
+                "pixel_spacing_mm": spacing[-2:],  # (row = y, column = x)
             }
         elif name.endswith((".tif", ".tiff")):
             import tifffile
