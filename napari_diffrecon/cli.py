@@ -194,7 +194,11 @@ def _cmd_reconstruct(a: argparse.Namespace) -> int:
         raise ValueError(f"-o {a.output} is the input measurement; write the result to another file (--force "
                          "replaces earlier results, never the input)")
     m = read_measurement(a.bundle)
-    from .reconstruct import data_kind
+    from .reconstruct import data_kind, default_hot_start
+
+    if a.hot_start == "auto":  # the data's classical start (CT: TV for few views or a limited arc, else FBP)
+        a.hot_start = default_hot_start(m)
+        print(f"hot start: {a.hot_start}")
 
     settings = _settings_from_args(a, *data_kind(m))
     if a.method == "consistency" and not a.hot_start and settings.params.n_steps <= 8:
@@ -546,7 +550,9 @@ def _parser() -> argparse.ArgumentParser:
                    "spread: exact for a Gaussian prior at any step count; on real scans wider intervals that hold "
                    "the truth more often, at some cost in PSNR of the mean). jacobian: structured, +1 network "
                    "evaluation per step; gaussian: isotropic")
-    r.add_argument("--hot-start", choices=["fbp", "cg", "mlem", "tv", "zero_filled"])
+    r.add_argument("--hot-start", choices=["auto", "fbp", "cg", "mlem", "tv", "zero_filled"],
+                   help="start the reverse process at --t0 from this classical reconstruction; auto: the data's "
+                   "(MRI cg, PET mlem, CT fbp, or tv for ≤ 12 views or an arc under 145°)")
     r.add_argument("--t0", type=float, help="hot start: fraction of the schedule to run")
     r.add_argument(
         "--auto",

@@ -795,3 +795,21 @@ def test_a_hu_image_is_padded_with_air_not_its_darkest_tissue():
     assert m.metadata["options"]["padded_to_square"]
     gt = np.asarray(m.ground_truth)
     assert float(gt[0].max()) == 0.0 and float(gt[16].max()) > 0  # top rows: padding = air; middle: tissue
+
+
+def test_hot_start_auto_takes_the_data_s_classical_start(tmp_path, capsys):
+    """--hot-start auto: TV for a limited arc, FBP for 23 views (reconstruct.default_hot_start), recorded."""
+    from pydicom.data import get_testdata_file
+
+    for flags, want in ((["--limited-angle", "90"], "tv"), (["--views", "23"], "fbp")):
+        b = tmp_path / f"{want}.npz"
+        assert main(["simulate", get_testdata_file("CT_small.dcm"), "--modality", "ct", *flags, "--size", "32",
+                     "-o", str(b)]) == 0
+        out = tmp_path / f"r_{want}.npz"
+        assert main(["reconstruct", str(b), "--method", "dds", "--hot-start", "auto", "--steps", "2", "-o",
+                     str(out)]) == 0
+        assert f"hot start: {want}" in capsys.readouterr().out
+        with np.load(out) as z:
+            prov = json.loads(str(z["provenance"]))
+        assert prov["hot_start_method"] == prov["settings"]["hot_start"] == want
+        assert prov["settings"]["params"]["t0"] < 1  # the tuned hot-start values, not the run-from-noise ones

@@ -35,7 +35,7 @@ from qtpy.QtWidgets import (
 from ..baselines import BASELINES
 from ..io import SAMPLES, BundleError, Measurement
 from ..priors.prior import PRECISIONS
-from ..reconstruct import RunSettings, noise_floor_text, prior_mismatch
+from ..reconstruct import RunSettings, default_hot_start, noise_floor_text, prior_mismatch
 from ..samplers import SAMPLERS, UNCONDITIONAL, SamplerParams
 from ..uncertainty import DEFAULT_STD_POOL
 from . import _presets
@@ -529,6 +529,12 @@ class DiffReconWidget(QWidget):
             self.noise_sigma.setValue(float(noise.get("sigma", 0.0)))
             self.noise_sigma.blockSignals(False)
         self._select_method_for_modality(modality)
+        hot = default_hot_start(m)
+        self.hot_start.setText(f"hot start from the classical reconstruction ({hot.upper().replace('_', ' ')})")
+        self.hot_start.setToolTip(
+            "start the reverse diffusion at t0 from this classical image (10–20 network evaluations instead of 50)"
+            + ("; TV rather than FBP because these data have few views or a limited arc (its streaks or missing "
+               "wedge are more than a short reverse process removes)" if hot == "tv" and modality == "ct" else ""))
         # Values tuned for another kind of data (a CT ζ of 6 on PET, whose tuned ζ is 40) are replaced by this data's;
         # values the user set or a preset restored for data whose tuned values are the same are kept.
         self._follow_the_data()
@@ -958,7 +964,7 @@ class DiffReconWidget(QWidget):
                     baseline_params[key] = int(v) if key in ("iters", "subsets") else float(v)
         hot = None
         if method in SAMPLERS and self.hot_start.isChecked() and self.measurement is not None:
-            hot = {"ct": "fbp", "pet": "mlem", "mri": "cg"}.get(str(self.measurement.operator.get("modality")), "cg")
+            hot = default_hot_start(self.measurement)
         return RunSettings(
             method=method,
             prior=self.prior_source,

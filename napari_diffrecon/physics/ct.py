@@ -26,6 +26,7 @@ __all__ = [
     "sparse_matmul",
     "sparse_view_angles",
     "limited_angle_angles",
+    "angular_coverage",
     "full_angles",
     "radon_matrix",
 ]
@@ -83,6 +84,30 @@ def limited_angle_angles(arc_deg: float, n_views: int | None = None, start: floa
     if n_views is None:
         n_views = max(1, int(round(arc_deg)))
     return sparse_view_angles(n_views, arc=arc_deg, start=start)
+
+
+def angular_coverage(angles_deg: Any) -> tuple[int, float]:
+    """How many distinct views a parallel-beam angle set has and the arc they span, both modulo 180°.
+
+    Parameters
+    ----------
+    angles_deg : array_like
+        Projection angles in degrees.
+
+    Returns
+    -------
+    n_views : int
+        Distinct angles modulo 180° (θ and θ + 180° measure the same line integrals).
+    arc_deg : float
+        180° minus the largest gap between neighbouring angles on the 180° circle: 180° minus one step for
+        full or sparse sampling (23 views: 172.2°), the scanned arc less one step for a limited-angle scan
+        (90 views 1° apart: 89°); 0 for a single view.
+    """
+    a = np.unique(np.mod(np.round(_angles_array(angles_deg), 6), 180.0))
+    if a.size <= 1:
+        return int(a.size), 0.0
+    gaps = np.diff(np.append(a, a[0] + 180.0))
+    return int(a.size), float(180.0 - gaps.max())
 
 
 def _angles_array(angles_deg: Any) -> np.ndarray:
