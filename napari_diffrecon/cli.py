@@ -726,6 +726,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {e}", file=sys.stderr)  # a volume run that would not fit its budget: the message says what would
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: results are written atomically (nothing half-written); training has saved
+        print("interrupted", file=sys.stderr)  # its checkpoint and said so
+        return 130
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -813,3 +813,20 @@ def test_hot_start_auto_takes_the_data_s_classical_start(tmp_path, capsys):
             prov = json.loads(str(z["provenance"]))
         assert prov["hot_start_method"] == prov["settings"]["hot_start"] == want
         assert prov["settings"]["params"]["t0"] < 1  # the tuned hot-start values, not the run-from-noise ones
+
+
+def test_ctrl_c_ends_a_command_with_a_line_not_a_traceback(monkeypatch, capsys):
+    import argparse
+
+    import napari_diffrecon.cli as cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    class Parser:
+        def parse_args(self, argv):
+            return argparse.Namespace(func=interrupted)
+
+    monkeypatch.setattr(cli, "_parser", Parser)
+    assert cli.main([]) == 130
+    assert capsys.readouterr().err.strip() == "interrupted"
