@@ -182,6 +182,8 @@ def _used(info: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+# The classical image of a run that is not hot-started (the intensity mapping's and the support map's reference).
+_REFERENCE_METHOD = {"ct": "fbp", "pet": "mlem", "mri": "cg"}
 # CT's hot start is TV instead of FBP where FBP's streaks or missing wedge are more than the reverse process started
 # at t0 removes: few views or a limited arc. DDS-hot (tuned values), mean of 8 samples on the benchmark's real CT
 # slice, TV start − FBP start: 8 / 12 views +1.2 / +0.2 dB, 14 / 16 / 23 views −0.6 / −0.6 / −1.0 dB; arcs 90 / 120 /
@@ -191,7 +193,7 @@ TV_HOT_START_MAX_ARC = 145.0
 
 
 def default_hot_start(measurement: Any) -> str:
-    """The classical reconstruction a diffusion run starts from (and compares with) for these data.
+    """The classical reconstruction a hot-started diffusion run starts from, for these data.
 
     MRI: CG (SENSE); PET: MLEM; CT: FBP, or TV when there are at most :data:`TV_HOT_START_MAX_VIEWS` views or they
     span an arc under :data:`TV_HOT_START_MAX_ARC` degrees (:func:`napari_diffrecon.physics.ct.angular_coverage`).
@@ -213,7 +215,7 @@ def default_hot_start(measurement: Any) -> str:
 
         views, arc = angular_coverage(spec["angles_deg"])
         return "tv" if views <= TV_HOT_START_MAX_VIEWS or arc < TV_HOT_START_MAX_ARC else "fbp"
-    return {"ct": "fbp", "pet": "mlem", "mri": "cg"}.get(modality, "cg")
+    return _REFERENCE_METHOD.get(modality, "cg")
 
 
 # Song 2022 and MCG end on a hard projection onto the measurements, which assumes (nearly) noise-free linear data.
@@ -435,7 +437,9 @@ def prepare_run(
     why = prior_mismatch(card, measurement) if hasattr(measurement, "operator") else None
     if why:
         raise SamplingError(why)
-    hs_method = settings.hot_start or (default_hot_start(measurement) if modality in ("ct", "pet", "mri") else None)
+    # without a hot start the classical image is only a reference (intensity mapping, support map): the modality's
+    # cheap one, whatever default_hot_start would pick
+    hs_method = settings.hot_start or _REFERENCE_METHOD.get(modality)
     reference = None
     hs_used: dict[str, Any] = {}
     if hs_method:
