@@ -196,7 +196,7 @@ def _cmd_reconstruct(a: argparse.Namespace) -> int:
     m = read_measurement(a.bundle)
     from .reconstruct import data_kind, default_hot_start
 
-    if a.hot_start == "auto":  # the data's classical start (CT: TV for few views or a limited arc, else FBP)
+    if a.hot_start == "auto":  # the data's classical start (reconstruct.default_hot_start)
         a.hot_start = default_hot_start(m)
         print(f"hot start: {a.hot_start}")
 
@@ -552,7 +552,7 @@ def _parser() -> argparse.ArgumentParser:
                    "evaluation per step; gaussian: isotropic")
     r.add_argument("--hot-start", choices=["auto", "fbp", "cg", "mlem", "tv", "zero_filled"],
                    help="start the reverse process at --t0 from this classical reconstruction; auto: the data's "
-                   "(MRI cg, PET mlem, CT fbp, or tv for ≤ 12 views or an arc under 145°)")
+                   "(MRI cg, PET tv, CT fbp, or tv for ≤ 12 views or an arc under 145°)")
     r.add_argument("--t0", type=float, help="hot start: fraction of the schedule to run")
     r.add_argument(
         "--auto",

@@ -187,7 +187,10 @@ _REFERENCE_METHOD = {"ct": "fbp", "pet": "mlem", "mri": "cg"}
 # CT's hot start is TV instead of FBP where FBP's streaks or missing wedge are more than the reverse process started
 # at t0 removes: few views or a limited arc. DDS-hot (tuned values), mean of 8 samples on the benchmark's real CT
 # slice, TV start − FBP start: 8 / 12 views +1.2 / +0.2 dB, 14 / 16 / 23 views −0.6 / −0.6 / −1.0 dB; arcs 90 / 120 /
-# 135 / 140° +4.1 / +3.3 / +1.7 / +0.9 dB, 150° −0.8 dB (docs/dev/recon.md, 2026-12-06 night).
+# 135 / 140° +4.1 / +3.3 / +1.7 / +0.9 dB, 150° −0.8 dB (benchmarks/hot_start.py). PET starts from TV too: its
+# noise-level MLEM is noisier than TV's image, which t0 0.4 does not undo (DDS-hot mean of 8, TV − MLEM start: pet-low
+# +0.71 / +0.72 dB with seeds 0 / 1, the shipped pet_lowcount sample +1.29; DPS / MCG / Song +0.84 / +0.26 / +0.24).
+# MRI stays CG: a TV start was −0.12 to +0.60 dB (docs/dev/recon.md, 2026-12-06 night).
 TV_HOT_START_MAX_VIEWS = 12
 TV_HOT_START_MAX_ARC = 145.0
 
@@ -195,7 +198,7 @@ TV_HOT_START_MAX_ARC = 145.0
 def default_hot_start(measurement: Any) -> str:
     """The classical reconstruction a hot-started diffusion run starts from, for these data.
 
-    MRI: CG (SENSE); PET: MLEM; CT: FBP, or TV when there are at most :data:`TV_HOT_START_MAX_VIEWS` views or they
+    MRI: CG (SENSE); PET: TV; CT: FBP, or TV when there are at most :data:`TV_HOT_START_MAX_VIEWS` views or they
     span an arc under :data:`TV_HOT_START_MAX_ARC` degrees (:func:`napari_diffrecon.physics.ct.angular_coverage`).
 
     Parameters
@@ -215,6 +218,8 @@ def default_hot_start(measurement: Any) -> str:
 
         views, arc = angular_coverage(spec["angles_deg"])
         return "tv" if views <= TV_HOT_START_MAX_VIEWS or arc < TV_HOT_START_MAX_ARC else "fbp"
+    if modality == "pet":
+        return "tv"
     return _REFERENCE_METHOD.get(modality, "cg")
 
 

@@ -26,4 +26,4 @@ def test_default_hot_start_is_tv_for_few_views_or_a_limited_arc():
     assert default_hot_start(ct(limited_angle_angles(90.0))) == "tv"
     assert default_hot_start(ct(limited_angle_angles(140.0))) == "tv"
     assert default_hot_start(ct(limited_angle_angles(150.0))) == "fbp"
-    assert default_hot_start({"modality": "mri"}) == "cg" and default_hot_start({"modality": "pet"}) == "mlem"
+    assert default_hot_start({"modality": "mri"}) == "cg" and default_hot_start({"modality": "pet"}) == "tv"

@@ -534,7 +534,9 @@ class DiffReconWidget(QWidget):
         self.hot_start.setToolTip(
             "start the reverse diffusion at t0 from this classical image (10–20 network evaluations instead of 50)"
             + ("; TV rather than FBP because these data have few views or a limited arc (its streaks or missing "
-               "wedge are more than a short reverse process removes)" if hot == "tv" and modality == "ct" else ""))
+               "wedge are more than a short reverse process removes)" if hot == "tv" and modality == "ct" else "")
+            + ("; TV rather than MLEM: its smoother image gave 0.7–1.3 dB better results on our PET benchmarks"
+               if hot == "tv" and modality == "pet" else ""))
         # Values tuned for another kind of data (a CT ζ of 6 on PET, whose tuned ζ is 40) are replaced by this data's;
         # values the user set or a preset restored for data whose tuned values are the same are kept.
         self._follow_the_data()
