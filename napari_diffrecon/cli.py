@@ -195,10 +195,12 @@ def _cmd_reconstruct(a: argparse.Namespace) -> int:
                          "replaces earlier results, never the input)")
     m = read_measurement(a.bundle)
     from .reconstruct import data_kind, default_hot_start
+    from .samplers import SAMPLERS
 
-    if a.hot_start == "auto":  # the data's classical start (reconstruct.default_hot_start)
+    if a.hot_start == "auto":  # the data's classical start (reconstruct.default_hot_start), said before the run
         a.hot_start = default_hot_start(m)
-        print(f"hot start: {a.hot_start}")
+        if a.method in SAMPLERS:
+            print(f"hot start: {a.hot_start}")
 
     settings = _settings_from_args(a, *data_kind(m))
     if a.method == "consistency" and not a.hot_start and settings.params.n_steps <= 8:

@@ -13,7 +13,7 @@ import json
 import math
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -187,9 +187,10 @@ _REFERENCE_METHOD = {"ct": "fbp", "pet": "mlem", "mri": "cg"}
 # CT's hot start is TV instead of FBP where FBP's streaks or missing wedge are more than the reverse process started
 # at t0 removes: few views or a limited arc. DDS-hot (tuned values), mean of 8 samples on the benchmark's real CT
 # slice, TV start − FBP start: 8 / 12 views +1.2 / +0.2 dB, 14 / 16 / 23 views −0.6 / −0.6 / −1.0 dB; arcs 90 / 120 /
-# 135 / 140° +4.1 / +3.3 / +1.7 / +0.9 dB, 150° −0.8 dB (benchmarks/hot_start.py). PET starts from TV too: its
-# noise-level MLEM is noisier than TV's image, which t0 0.4 does not undo (DDS-hot mean of 8, TV − MLEM start: pet-low
-# +0.71 / +0.72 dB with seeds 0 / 1, the shipped pet_lowcount sample +1.29; DPS / MCG / Song +0.84 / +0.26 / +0.24).
+# 135 / 140° +4.1 / +3.3 / +1.7 / +0.9 dB, 150° −0.8 dB (benchmarks/hot_start.py). PET starts from TV too: the
+# 10-iteration MLEM start is noisier than TV's image, which t0 0.4 does not undo (DDS-hot mean of 8, TV − MLEM
+# start: pet-low +0.71 / +0.72 dB with seeds 0 / 1, the shipped pet_lowcount sample +1.29; DPS / MCG / Song +0.84 /
+# +0.26 / +0.24).
 # MRI stays CG: a TV start was −0.12 to +0.60 dB (docs/dev/recon.md, 2026-12-06 night).
 TV_HOT_START_MAX_VIEWS = 12
 TV_HOT_START_MAX_ARC = 145.0
@@ -212,7 +213,7 @@ def default_hot_start(measurement: Any) -> str:
         A baseline name for ``RunSettings.hot_start`` / ``--hot-start``.
     """
     spec = measurement if isinstance(measurement, dict) else (getattr(measurement, "operator", None) or {})
-    modality = str(spec.get("modality", ""))
+    modality = str(spec.get("modality", "")).lower()
     if modality == "ct" and spec.get("angles_deg") is not None:
         from .physics.ct import angular_coverage
 
@@ -444,6 +445,8 @@ def prepare_run(
         raise SamplingError(why)
     # without a hot start the classical image is only a reference (intensity mapping, support map): the modality's
     # cheap one, whatever default_hot_start would pick
+    if settings.hot_start == "auto":  # the data's start, resolved here for every caller (recorded as resolved)
+        settings = replace(settings, hot_start=default_hot_start(measurement))
     hs_method = settings.hot_start or _REFERENCE_METHOD.get(modality)
     reference = None
     hs_used: dict[str, Any] = {}
@@ -605,6 +608,8 @@ def reconstruct(
             provenance=prov,
             residual=res,
         )
+    if settings.hot_start == "auto":  # resolved before the run so that the provenance records the start used
+        settings = replace(settings, hot_start=default_hot_start(measurement))
     problem, start, info = prepare_run(measurement, settings, prior)
     if notify is not None:
         for w in info.get("warnings", []):

@@ -155,7 +155,7 @@ def support_maps(
     samples : array-like, optional
         Posterior samples ``(S, *image_shape)`` for the std map (S ≥ 2).
     classical : array-like, optional
-        A classical reconstruction of the same data (FBP, CG-SENSE, MLEM) for the difference map.
+        A classical reconstruction of the same data (FBP, CG-SENSE, MLEM, TV) for the difference map.
     std : array-like, optional
         A posterior std map already computed (instead of ``samples``).
     weights : dict, optional

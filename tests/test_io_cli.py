@@ -830,3 +830,36 @@ def test_ctrl_c_ends_a_command_with_a_line_not_a_traceback(monkeypatch, capsys):
     monkeypatch.setattr(cli, "_parser", Parser)
     assert cli.main([]) == 130
     assert capsys.readouterr().err.strip() == "interrupted"
+
+
+def test_nifti_series_keep_their_frames_in_the_viewer_and_give_the_first_to_a_reconstruction(tmp_path):
+    """One NIfTI reading (io.images.nifti_napari_order) for both readers: (x, y, z[, t]) → napari's (t, z, y, x);
+    read_volume keeps a series' first frame, read_exported (napari's reader) every frame; 2D stays 2D."""
+    import nibabel as nib
+
+    from napari_diffrecon.io import read_exported
+    from napari_diffrecon.io.images import read_volume
+
+    for shape in ((6, 5), (6, 5, 4), (6, 5, 4, 3)):
+        a = np.arange(np.prod(shape), dtype=np.float32).reshape(shape)
+        path = tmp_path / f"x{len(shape)}.nii"
+        nib.save(nib.Nifti1Image(a, np.diag([1.5, 2.0, 3.0, 1.0])), str(path))
+        vol, info = read_volume(path)
+        data, _, einfo = read_exported(path)
+        np.testing.assert_array_equal(data, a.T)
+        assert einfo["spacing"] == [1.0, 3.0, 2.0, 1.5][4 - len(shape):]
+        first = a if a.ndim < 4 else a[..., 0]
+        np.testing.assert_array_equal(vol, first.T if first.ndim == 3 else first.T[None])
+        assert info["pixel_spacing_mm"] == [2.0, 1.5]
+
+
+def test_hot_start_auto_through_the_python_api_is_resolved_and_recorded():
+    from napari_diffrecon.reconstruct import RunSettings, reconstruct
+    from napari_diffrecon.samplers.defaults import recommended_params
+    from napari_diffrecon.simulate import simulate_from_image
+
+    yy, xx = np.mgrid[:32, :32]
+    m = simulate_from_image(((yy - 16) ** 2 + (xx - 14) ** 2 < 80) + 0.3, "ct", size=32, limited_angle=90.0, seed=0)
+    r = reconstruct(m, RunSettings(method="dds", params=recommended_params("dds", "ct", hot_start=True, n_steps=2),
+                                   hot_start="auto"))
+    assert r.provenance["hot_start_method"] == r.provenance["settings"]["hot_start"] == "tv"

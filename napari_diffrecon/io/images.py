@@ -37,27 +37,31 @@ def _dicom_volume(path: Path) -> tuple[np.ndarray, dict[str, Any]]:
     return np.stack([s[1] for s in slices]), info
 
 
-def nifti_napari_order(img: Any) -> tuple[np.ndarray, list[float]]:
+def nifti_napari_order(img: Any, first_frame: bool = False) -> tuple[np.ndarray, list[float]]:
     """A NIfTI image's voxels in napari's axis order and its voxel sizes in that order.
 
     NIfTI stores (x, y, z); napari shows (z, y, x) — the order :func:`napari_diffrecon.io.export_image`
-    writes NIfTI in, so a NIfTI in and a NIfTI out are the same way round. A 4D series gives its first frame.
+    writes NIfTI in, so a NIfTI in and a NIfTI out are the same way round.
 
     Parameters
     ----------
     img : nibabel.Nifti1Image
         A loaded NIfTI image.
+    first_frame : bool
+        Keep only the first frame of a 4D (or longer) series (read without loading the others); otherwise only
+        trailing axes of length 1 are dropped, and a series comes back as (t, z, y, x).
 
     Returns
     -------
     data : numpy.ndarray
-        float32, 2D or 3D, in napari order.
+        float32, in napari order.
     spacing : list of float
         Voxel size per axis (mm), in napari order.
     """
-    data = np.asarray(img.dataobj, dtype=np.float32)
-    while data.ndim > 3:
-        data = data[..., 0]
+    shape = tuple(img.shape)
+    while len(shape) > 3 and (first_frame or shape[-1] == 1):
+        shape = shape[:-1]
+    data = np.asarray(img.dataobj[(...,) + (0,) * (len(img.shape) - len(shape))], dtype=np.float32)
     zooms = [float(z) for z in img.header.get_zooms()[: data.ndim]]
     return np.ascontiguousarray(data.T), zooms[::-1]
 
@@ -74,7 +78,7 @@ def read_volume(path: str | Path) -> tuple[np.ndarray, dict[str, Any]]:
         elif name.endswith((".nii", ".nii.gz")):
             import nibabel as nib
 
-            vol, spacing = nifti_napari_order(nib.load(str(path)))
+            vol, spacing = nifti_napari_order(nib.load(str(path)), first_frame=True)
             info = {
                 "format": "nifti",
                 "units": "arbitrary",

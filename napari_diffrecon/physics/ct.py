@@ -99,15 +99,15 @@ def angular_coverage(angles_deg: Any) -> tuple[int, float]:
     n_views : int
         Distinct angles modulo 180° (θ and θ + 180° measure the same line integrals).
     arc_deg : float
-        180° minus the largest gap between neighbouring angles on the 180° circle: 180° minus one step for
-        full or sparse sampling (23 views: 172.2°), the scanned arc less one step for a limited-angle scan
-        (90 views 1° apart: 89°); 0 for a single view.
+        The arc the views sample, as :func:`limited_angle_angles` takes it: 180° less the largest gap between
+        neighbouring angles on the 180° circle, plus one typical (median) step — 180° for full or sparse
+        sampling, 90° for 90 views 1° apart over a 90° scan; 0 for a single view.
     """
     a = np.unique(np.mod(np.round(_angles_array(angles_deg), 6), 180.0))
     if a.size <= 1:
         return int(a.size), 0.0
     gaps = np.diff(np.append(a, a[0] + 180.0))
-    return int(a.size), float(180.0 - gaps.max())
+    return int(a.size), float(min(180.0, 180.0 - gaps.max() + np.median(gaps)))
 
 
 def _angles_array(angles_deg: Any) -> np.ndarray:

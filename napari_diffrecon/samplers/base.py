@@ -378,7 +378,7 @@ def check_start(params: SamplerParams, x_init: Any) -> None:
     if x_init is None and float(params.t0) < 1:
         raise SamplingError(
             f"t0 = {params.t0} starts the reverse diffusion part-way, which needs a start image (a hot start: the "
-            "CLI's --hot-start fbp|cg|mlem|tv, the workbench's hot start); from pure noise use t0 = 1"
+            "CLI's --hot-start auto|fbp|cg|mlem|tv, the workbench's hot start); from pure noise use t0 = 1"
         )
 
 
