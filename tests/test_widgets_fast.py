@@ -416,6 +416,7 @@ def test_the_workbench_hot_starts_limited_angle_ct_from_tv_and_says_so(make_napa
     img = 0.2 + ((yy - 24) ** 2 + (xx - 20) ** 2 < 100) + 0.5 * (np.abs(yy - 30) < 4)
     w.set_measurement(simulate_from_image(img, "ct", size=48, limited_angle=90.0, seed=0), name="arc90")
     assert "(TV)" in w.hot_start.text() and "limited arc" in w.hot_start.toolTip()
+    assert "90 views over a 90° arc" in w.meas_label.text()
     assert w.current_settings().hot_start == "tv"
     w.load_sample("pet_lowcount")  # PET starts from TV as well
     assert "(TV)" in w.hot_start.text() and "MLEM" in w.hot_start.toolTip()

@@ -506,7 +506,10 @@ class DiffReconWidget(QWidget):
         modality = str(spec.get("modality", "?"))
         geo = []
         if "angles_deg" in spec:
-            geo.append(f"{len(spec['angles_deg'])} views")
+            from ..physics.ct import angular_coverage
+
+            arc = angular_coverage(spec["angles_deg"])[1]
+            geo.append(f"{len(spec['angles_deg'])} views" + (f" over a {arc:.0f}° arc" if arc < 179.5 else ""))
         if modality == "mri":
             mask = spec.get("mask")
             if mask is not None:
