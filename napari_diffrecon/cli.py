@@ -180,6 +180,9 @@ def _cmd_reconstruct(a: argparse.Namespace) -> int:
         if getattr(a, "posterior_draw", None):
             raise ValueError("--posterior-draw applies to 2D DDS runs; the volume sampler takes the mean data step "
                              "(drop it)")
+        if getattr(a, "hot_start", None):
+            raise ValueError("--hot-start applies to 2D runs; volume runs start from noise (drop --hot-start and "
+                             "--t0)")
         return run_from_args(a)
     from .io import check_output_path, read_measurement, write_result
     from .io.bundle import RESULT_SUFFIXES

@@ -300,6 +300,10 @@ def test_std_pool_is_refused_for_volume_runs(tmp_path, capsys):
     out = tmp_path / "vol"
     assert main(["reconstruct", str(tmp_path), "--volume", "--method", "mbir", "--std-pool", "2", "-o", str(out)]) == 2
     assert "--std-pool applies to 2D runs" in capsys.readouterr().err and not out.exists()
+    # so is a hot start (the volume sampler starts from noise)
+    assert main(["reconstruct", str(tmp_path), "--volume", "--method", "mbir", "--hot-start", "auto", "-o",
+                 str(out)]) == 2
+    assert "--hot-start applies to 2D runs" in capsys.readouterr().err and not out.exists()
 
 
 def test_precision_is_checked_and_refused_for_volume_runs(tmp_path, capsys):
