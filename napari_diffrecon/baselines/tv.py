@@ -98,26 +98,35 @@ def tv_reconstruct(
     a_h_m = operator.adjoint(m)
     if lam is None:
         lam = lam_rel * float(a_h_m.abs().amax())
+    start = torch.zeros_like(a_h_m) if x0 is None else x0.clone().to(a_h_m.dtype)
     steps = _diagonal_steps(operator, m)
-    if steps is not None:
-        return _tv_preconditioned(operator, m, float(lam), int(n_iter), nonneg, x0, steps, callback)
+    if steps is not None:  # CT / PET: Pock–Chambolle diagonal steps, σ_∇ = 1/2
+        return _pdhg(operator.forward, operator.adjoint, m, float(lam), steps[0], 0.5, steps[1], int(n_iter), nonneg,
+                     start, callback)
     L = operator_norm(operator)
     # Rescale A → A/L so ‖K‖² ≤ 1 + 8 for K = [A/L; ∇]; the TV weight scales by 1/L².
-    lam_hat = lam / L**2
-    mh = m / L
-    tau = sigma = 0.99 / 3.0
-    x = torch.zeros_like(a_h_m) if x0 is None else x0.clone().to(a_h_m.dtype)
+    step = 0.99 / 3.0
+    return _pdhg(lambda x: operator.forward(x) / L, lambda y: operator.adjoint(y) / L, m / L, lam / L**2, step, step,
+                 step, int(n_iter), nonneg, start, callback)
+
+
+def _pdhg(forward: Callable[[torch.Tensor], torch.Tensor], adjoint: Callable[[torch.Tensor], torch.Tensor],
+          m: torch.Tensor, lam: float, sigma: float | torch.Tensor, sigma_grad: float, tau: float | torch.Tensor,
+          n_iter: int, nonneg: bool, x: torch.Tensor,
+          callback: Callable[[int, torch.Tensor], None] | None) -> torch.Tensor:
+    """PDHG (Chambolle–Pock) for ``½‖A x − m‖² + λ TV(x)`` with data step ``sigma``, gradient step ``sigma_grad`` and
+    primal step ``tau`` (scalars, or per-element tensors for the diagonal preconditioners), from the image ``x``."""
     xbar = x.clone()
-    p = torch.zeros_like(mh)
+    p = torch.zeros_like(m)
     q = torch.zeros((*x.shape[:-2], 2, *x.shape[-2:]), dtype=x.dtype, device=x.device)
-    for k in range(int(n_iter)):
-        p = (p + sigma * (operator.forward(xbar) / L - mh)) / (1 + sigma)
-        q = q + sigma * gradient(xbar)
+    for k in range(n_iter):
+        p = (p + sigma * (forward(xbar) - m)) / (1 + sigma)
+        q = q + sigma_grad * gradient(xbar)
         mag = torch.sqrt((q.abs() ** 2).sum(dim=-3, keepdim=True))
-        q = q / torch.clamp(mag / lam_hat, min=1.0) if lam_hat > 0 else torch.zeros_like(q)  # λ = 0: least squares
-        x_new = x - tau * (operator.adjoint(p) / L - divergence(q))
-        if nonneg:
-            x_new = torch.clamp(x_new, min=0) if not x_new.is_complex() else x_new
+        q = q / torch.clamp(mag / lam, min=1.0) if lam > 0 else torch.zeros_like(q)  # λ = 0: least squares
+        x_new = x - tau * (adjoint(p) - divergence(q))
+        if nonneg and not x_new.is_complex():
+            x_new = torch.clamp(x_new, min=0)
         xbar = 2 * x_new - x
         x = x_new
         if callback is not None:
@@ -137,29 +146,3 @@ def _diagonal_steps(operator: LinearOperator, m: torch.Tensor) -> tuple[torch.Te
     if bool((rows < 0).any()) or bool((cols < 0).any()):
         return None
     return 1.0 / torch.clamp(rows, min=1e-6), 1.0 / (cols + 4.0)
-
-
-def _tv_preconditioned(operator: LinearOperator, m: torch.Tensor, lam: float, n_iter: int, nonneg: bool,
-                       x0: torch.Tensor | None, steps: tuple[torch.Tensor, torch.Tensor],
-                       callback: Callable[[int, torch.Tensor], None] | None) -> torch.Tensor:
-    """Diagonally preconditioned PDHG for ``½‖A x − m‖² + λ TV(x)`` (Pock & Chambolle 2011)."""
-    sigma, tau = steps
-    sigma_grad = 0.5
-    like = operator.adjoint(m)
-    x = torch.zeros_like(like) if x0 is None else x0.clone().to(like.dtype)
-    xbar = x.clone()
-    p = torch.zeros_like(m)
-    q = torch.zeros((*x.shape[:-2], 2, *x.shape[-2:]), dtype=x.dtype, device=x.device)
-    for k in range(n_iter):
-        p = (p + sigma * (operator.forward(xbar) - m)) / (1 + sigma)
-        q = q + sigma_grad * gradient(xbar)
-        mag = torch.sqrt((q**2).sum(dim=-3, keepdim=True))
-        q = q / torch.clamp(mag / lam, min=1.0) if lam > 0 else torch.zeros_like(q)  # λ = 0: least squares
-        x_new = x - tau * (operator.adjoint(p) - divergence(q))
-        if nonneg:
-            x_new = torch.clamp(x_new, min=0)
-        xbar = 2 * x_new - x
-        x = x_new
-        if callback is not None:
-            callback(k + 1, x)
-    return x
