@@ -224,6 +224,13 @@ def default_hot_start(measurement: Any) -> str:
     return _REFERENCE_METHOD.get(modality, "cg")
 
 
+def _resolve_hot_start(settings: RunSettings, measurement: Any) -> RunSettings:
+    """``settings`` with ``hot_start="auto"`` replaced by the data's start (:func:`default_hot_start`)."""
+    if settings.hot_start != "auto":
+        return settings
+    return replace(settings, hot_start=default_hot_start(measurement))
+
+
 # Song 2022 and MCG end on a hard projection onto the measurements, which assumes (nearly) noise-free linear data.
 # On noisy data (samplers.defaults.noisy_data: counts, or a noise floor above NOISY_FLOOR = 1.8 %) their tuned
 # pseudo-inverse takes one CG step instead of 5, which keeps them near FBP / MLEM / DDS instead of 6–14 dB below, but
@@ -443,10 +450,9 @@ def prepare_run(
     why = prior_mismatch(card, measurement) if hasattr(measurement, "operator") else None
     if why:
         raise SamplingError(why)
+    settings = _resolve_hot_start(settings, measurement)
     # without a hot start the classical image is only a reference (intensity mapping, support map): the modality's
     # cheap one, whatever default_hot_start would pick
-    if settings.hot_start == "auto":  # the data's start, resolved here for every caller (recorded as resolved)
-        settings = replace(settings, hot_start=default_hot_start(measurement))
     hs_method = settings.hot_start or _REFERENCE_METHOD.get(modality)
     reference = None
     hs_used: dict[str, Any] = {}
@@ -608,8 +614,7 @@ def reconstruct(
             provenance=prov,
             residual=res,
         )
-    if settings.hot_start == "auto":  # resolved before the run so that the provenance records the start used
-        settings = replace(settings, hot_start=default_hot_start(measurement))
+    settings = _resolve_hot_start(settings, measurement)  # the provenance records the start used, not "auto"
     problem, start, info = prepare_run(measurement, settings, prior)
     if notify is not None:
         for w in info.get("warnings", []):
