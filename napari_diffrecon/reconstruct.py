@@ -468,7 +468,8 @@ def prepare_run(
     scale, offset, how = intensity_mapping(measurement, prior, reference)
     problem = Problem(operator, m, prior, likelihood, scale=scale, offset=offset, nonneg=modality == "pet")
     sampler = get_sampler(settings.method)
-    x_init = reference if settings.hot_start else None
+    # the start image continues past the field of view (CT / PET), where the classical image is zero: no edge there
+    x_init = operator.fill_outside(reference) if settings.hot_start else None
     if settings.hot_start and settings.params.t0 >= 1:
         raise SamplingError("a hot start needs --t0 below 1 (e.g. 0.3): the fraction of the schedule to run")
 

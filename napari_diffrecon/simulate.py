@@ -20,17 +20,13 @@ from .physics import (
     sparse_view_angles,
 )
 from .physics.coils import simulate_coil_maps
+from .physics.ct import fov_mask
 from .physics.masks import make_mask
 
 __all__ = ["simulate_from_image", "activity_from_anatomy", "MU_WATER_PER_MM", "MU_WATER_511_PER_MM"]
 
 MU_WATER_PER_MM = 0.02  # ~70 keV
 MU_WATER_511_PER_MM = 0.0096
-
-
-def _disk(n: int) -> np.ndarray:
-    yy, xx = np.mgrid[:n, :n]
-    return (yy - n // 2) ** 2 + (xx - n // 2) ** 2 <= (n // 2) ** 2
 
 
 def _unit(img: np.ndarray) -> np.ndarray:
@@ -256,7 +252,7 @@ def simulate_from_image(
             "padded_to_square": padded,
         },
     }
-    disk = _disk(size)
+    disk = fov_mask(size)
     if modality in ("ct", "pet"):
         if limited_angle is not None:
             angles = limited_angle_angles(limited_angle, views)

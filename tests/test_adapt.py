@@ -128,7 +128,7 @@ def test_adaptation_decreases_the_poisson_deviance_for_pet_counts(ct_slice):
     prior = load_prior("pet-phantom-128")
     m = simulate_from_image(ct_slice, "pet", size=32, counts=3e4, seed=0)
     problem, _ = _problem(m, prior)
-    sigma = 1.0
+    sigma = 2.0  # the prior's x0_hat at σ 2 is 0.2 above the floor (0.11 at σ 1, now that the FOV's outside is unseen)
     u = _noisy_truth(problem, m, sigma)
     with torch.no_grad():  # the deviance of the true image: the noise floor (≈ 1 per datum)
         floor = float(consistency_loss(problem, _noisy_truth(problem, m, 0.0)).mean())
@@ -136,7 +136,7 @@ def test_adaptation_decreases_the_poisson_deviance_for_pet_counts(ct_slice):
     losses = adapter.step(u, sigma, 12)
     with torch.no_grad():
         after = float(adapter.loss(u, sigma))
-    assert 0.5 < floor < 1.5 and losses[0] > floor + 0.2
+    assert 0.5 < floor < 1.5 and losses[0] > floor + 0.1
     assert after - floor < 0.5 * (losses[0] - floor), (losses, after, floor)
 
 

@@ -85,7 +85,8 @@ def test_batched_equals_looped_and_shapes(name, op):
             torch.testing.assert_close(y[i, j], op.forward(x[i, j]), rtol=1e-5, atol=1e-5)
     xa = op.adjoint(y)
     assert xa.shape == x.shape
-    torch.testing.assert_close(xa[1, 2], op.adjoint(y[1, 2]), rtol=1e-5, atol=1e-5)
+    # float32 sums in another order (matrix-matrix vs matrix-vector product): tolerance relative to the image's scale
+    torch.testing.assert_close(xa[1, 2], op.adjoint(y[1, 2]), rtol=1e-5, atol=1e-5 * float(xa.abs().max()))
     torch.testing.assert_close(op.normal(x[0]), op.adjoint(op.forward(x[0])))
 
 

@@ -33,3 +33,54 @@ def test_default_hot_start_is_tv_for_few_views_or_a_limited_arc():
     assert default_hot_start(ct(limited_angle_angles(150.0))) == "fbp"
     assert default_hot_start({**ct(sparse_view_angles(8)), "modality": "CT"}) == "tv"  # spelled as in a DICOM header
     assert default_hot_start({"modality": "mri"}) == "cg" and default_hot_start({"modality": "pet"}) == "tv"
+
+
+def test_projector_sees_only_the_field_of_view():
+    """The inscribed disc (scikit-image's circle=True convention) is all the projector sees: A = A·M exactly."""
+    import torch
+    from skimage.transform import radon
+
+    from napari_diffrecon.physics import ParallelBeamCT, PETOperator
+    from napari_diffrecon.physics.ct import fov_mask
+
+    n = 32
+    mask = fov_mask(n)
+    yy, xx = np.mgrid[:n, :n]
+    assert np.array_equal(mask, (yy - 16) ** 2 + (xx - 16) ** 2 <= 256) and mask[16, 0] and not mask[0, 0]
+    op = ParallelBeamCT(n, sparse_view_angles := np.linspace(0, 180, 9, endpoint=False))
+    assert torch.equal(op.support, torch.from_numpy(mask))
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(n, n, generator=g)
+    outside_only = x.masked_fill(op.support, 0)
+    assert outside_only.abs().sum() > 10  # the corners hold something …
+    assert op.forward(outside_only).abs().max() == 0  # … that is not projected
+    back = op.adjoint(torch.rand(op.data_shape, generator=g))
+    assert back[~op.support].abs().max() == 0 and back[op.support].abs().min() > 0
+    # on an image inside the disc: still scikit-image's radon
+    inside = x.masked_fill(~op.support, 0)
+    ref = radon(inside.double().numpy(), theta=sparse_view_angles, circle=True)
+    assert np.abs(op.forward(inside).numpy() - ref).max() < 1e-4 * np.abs(ref).max()
+    assert torch.equal(PETOperator(n, sparse_view_angles).support, op.support)
+
+
+def test_restrict_and_fill_outside():
+    import torch
+
+    from napari_diffrecon.physics import CartesianMRI, ParallelBeamCT
+    from napari_diffrecon.physics.masks import make_mask
+
+    op = ParallelBeamCT(16, [0.0, 45.0, 90.0])
+    x = torch.arange(1, 2 * 256 + 1, dtype=torch.float32).reshape(2, 16, 16)  # every value once
+    r = op.restrict(x)
+    assert torch.equal(r[:, op.support], x[:, op.support]) and r[:, ~op.support].abs().max() == 0
+    f = op.fill_outside(r)
+    assert torch.equal(f[:, op.support], x[:, op.support])  # inside untouched
+    inside = np.argwhere(op.support.numpy())
+    for b in range(2):
+        for p in np.argwhere(~op.support.numpy()):  # each pixel outside takes the value of a nearest pixel inside
+            src = np.argwhere(x[b].numpy() == float(f[b, p[0], p[1]]))[0]
+            assert op.support[src[0], src[1]]
+            assert np.hypot(*(src - p)) == pytest.approx(np.hypot(*(inside - p).T).min())
+    mri = CartesianMRI(make_mask("random", (16, 16), 2.0, seed=0))
+    z = torch.randn(16, 16, dtype=torch.complex64)
+    assert mri.support is None and mri.restrict(z) is z and mri.fill_outside(z) is z

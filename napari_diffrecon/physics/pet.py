@@ -100,6 +100,11 @@ class PETOperator(LinearOperator):
             return self.sensitivity_scale
         return self.attenuation * self.sensitivity_scale
 
+    @property
+    def support(self) -> torch.Tensor:
+        """The field of view of the projector (:attr:`ParallelBeamCT.support`)."""
+        return self.radon.support
+
     def to(self, device: str | torch.device) -> PETOperator:
         """Move the operator (and its projector) to ``device``."""
         self.radon.to(device)

@@ -474,7 +474,8 @@ def run_loop(
         if yield_due(i, n, now, last_yield, yield_every, min_interval):
             last_yield = now
             with torch.no_grad():
-                x0_img = problem.to_image(x0_model.detach())
+                # zero outside the field of view (CT / PET: not measured; the state keeps the prior's values there)
+                x0_img = problem.operator.restrict(problem.to_image(x0_model.detach()))
                 if last and problem.nonneg:  # the result, not the iterate: activity cannot be negative (PET)
                     x0_img = x0_img.clamp(min=0)
                 yield Iterate(

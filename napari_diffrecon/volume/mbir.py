@@ -321,7 +321,7 @@ def mbir(
         if yield_due(i, n, now, last_yield, yield_every, min_interval):
             last_yield = now
             with torch.no_grad():
-                x0_img = problem.to_image(x0)
+                x0_img = op.restrict(problem.to_image(x0))  # zero outside the field of view (CT / PET)
                 yield VolumeIterate(
                     step=i + 1,
                     n_steps=n,

@@ -91,6 +91,12 @@ class SliceWiseOperator(LinearOperator):
                 raise ValueError("data_weights contain NaN or Inf")
             self.data_weights = w
 
+    @property
+    def support(self) -> torch.Tensor | None:
+        """The slice operator's field of view, the same on every slice (``image_shape``), or None."""
+        s = self.base.support
+        return None if s is None else s.expand(self.n_slices, *s.shape)
+
     # -- slabs -----------------------------------------------------------------------------
     def slab(self, start: int, stop: int) -> SliceWiseOperator:
         """The operator of slices ``start:stop`` (local indices), sharing the 2D operator."""
