@@ -1,6 +1,6 @@
 """Where a CT hot start should come from: FBP or TV, across view counts and scanned arcs.
 
-Run (CPU, one thread, ≈ 8 min per 5 geometries):
+Run (CPU, one thread, ≈ 8 min per 5 geometries; more views or a wider arc take longer):
 
     python benchmarks/hot_start.py                                    # all geometries below
     python benchmarks/hot_start.py --geometries v8 v12 a90 --out /tmp/hs
@@ -27,7 +27,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from recon import _ct, _metrics  # noqa: E402
 
-GEOMETRIES = ("v8", "v12", "v14", "v16", "v23", "a90", "a120", "a135", "a140", "a150")
+GEOMETRIES = ("v8", "v12", "v14", "v16", "v23", "v30", "v45", "v90", "a90", "a120", "a135", "a140", "a150", "a160",
+              "a170")
 
 
 def run(geometry: str, prior, samples: int = 8, seed: int = 0) -> dict:
@@ -87,6 +88,10 @@ def main(argv: list[str] | None = None) -> int:
         rows = sorted({r["geometry"]: r for d in parts for r in d["rows"]}.values(),
                       key=lambda r: order.get(r["geometry"], len(order)))
         meta = {**parts[0]["meta"], "argv": " and ".join(d["meta"]["argv"] for d in parts)}
+        from napari_diffrecon.reconstruct import ct_hot_start
+
+        for r in rows:  # the start today's rule picks (the runs may predate it)
+            r["default"] = ct_hot_start(r["views"], r["arc_deg"])
     else:
         from napari_diffrecon.priors import load_prior
 

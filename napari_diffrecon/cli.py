@@ -342,12 +342,12 @@ def _run_demo_headless(outdir: Path) -> int:
     m = load_sample("ct_sparse23")
     gt = m.ground_truth
     runs = [("FBP", RunSettings(method="fbp")), ("TV", RunSettings(method="tv"))]
-    if default_prior_for("ct"):  # the recommended practice: hot start from FBP (10 network evaluations)
+    if default_prior_for("ct"):  # recommended: hot start from the data's classical image (10 network evaluations)
         runs.append(("DDS (diffusion)", RunSettings(method="dds", params=recommended_params("dds", "ct", True),
-                                                    hot_start="fbp")))
+                                                    hot_start="auto")))
     if default_prior_for("ct", consistency=True) not in (None, default_prior_for("ct")):
         runs.append(("Consistency (4 NFE)", RunSettings(
-            method="consistency", params=recommended_params("consistency", "ct", True), hot_start="fbp")))
+            method="consistency", params=recommended_params("consistency", "ct", True), hot_start="auto")))
     results = {}
     for label, s in runs:
         print(f"demo: {label} ...", flush=True)
@@ -557,7 +557,7 @@ def _parser() -> argparse.ArgumentParser:
                    "evaluation per step; gaussian: isotropic")
     r.add_argument("--hot-start", choices=["auto", "fbp", "cg", "mlem", "tv", "zero_filled"],
                    help="start the reverse process at --t0 from this classical reconstruction; auto: the data's "
-                   "(MRI cg, PET tv, CT fbp, or tv for ≤ 12 views or an arc under 145°)")
+                   "(MRI cg, PET tv, CT fbp, or tv for ≤ 30 views or an arc under 160°)")
     r.add_argument("--t0", type=float, help="hot start: fraction of the schedule to run")
     r.add_argument(
         "--auto",

@@ -802,10 +802,10 @@ def test_a_hu_image_is_padded_with_air_not_its_darkest_tissue():
 
 
 def test_hot_start_auto_takes_the_data_s_classical_start(tmp_path, capsys):
-    """--hot-start auto: TV for a limited arc, FBP for 23 views (reconstruct.default_hot_start), recorded."""
+    """--hot-start auto: TV for a limited arc, FBP for 60 views (reconstruct.default_hot_start), recorded."""
     from pydicom.data import get_testdata_file
 
-    for flags, want in ((["--limited-angle", "90"], "tv"), (["--views", "23"], "fbp")):
+    for flags, want in ((["--limited-angle", "90"], "tv"), (["--views", "60"], "fbp")):
         b = tmp_path / f"{want}.npz"
         assert main(["simulate", get_testdata_file("CT_small.dcm"), "--modality", "ct", *flags, "--size", "32",
                      "-o", str(b)]) == 0

@@ -23,14 +23,15 @@ def test_default_hot_start_is_tv_for_few_views_or_a_limited_arc():
     def ct(angles):
         return {"modality": "ct", "image_shape": [64, 64], "angles_deg": angles}
 
-    assert default_hot_start(ct(sparse_view_angles(23))) == "fbp"
-    assert default_hot_start(ct(sparse_view_angles(14))) == "fbp"
-    assert default_hot_start(ct(sparse_view_angles(12))) == "tv"
+    assert default_hot_start(ct(sparse_view_angles(45))) == "fbp"
+    assert default_hot_start(ct(sparse_view_angles(31))) == "fbp"
+    assert default_hot_start(ct(sparse_view_angles(30))) == "tv"  # "at most 30 views"
+    assert default_hot_start(ct(sparse_view_angles(23))) == "tv"
     assert default_hot_start(ct(limited_angle_angles(90.0))) == "tv"
-    assert default_hot_start(ct(limited_angle_angles(140.0))) == "tv"
-    assert default_hot_start(ct(limited_angle_angles(144.0))) == "tv"
-    assert default_hot_start(ct(limited_angle_angles(145.0))) == "fbp"  # "an arc under 145°"
-    assert default_hot_start(ct(limited_angle_angles(150.0))) == "fbp"
+    assert default_hot_start(ct(limited_angle_angles(150.0))) == "tv"
+    assert default_hot_start(ct(limited_angle_angles(159.0))) == "tv"
+    assert default_hot_start(ct(limited_angle_angles(160.0))) == "fbp"  # "an arc under 160°"
+    assert default_hot_start(ct(sparse_view_angles(180))) == "fbp"
     assert default_hot_start({**ct(sparse_view_angles(8)), "modality": "CT"}) == "tv"  # spelled as in a DICOM header
     assert default_hot_start({"modality": "mri"}) == "cg" and default_hot_start({"modality": "pet"}) == "tv"
 

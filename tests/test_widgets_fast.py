@@ -401,8 +401,8 @@ def test_a_new_measurement_gets_its_own_result_layers_and_windows_match(make_nap
 
 
 def test_the_workbench_hot_starts_limited_angle_ct_from_tv_and_says_so(make_napari_viewer):
-    """The hot start's classical image follows the data (reconstruct.default_hot_start): FBP for the 23-view sample,
-    TV for a 90° arc, named on the check box and recorded in the settings a run gets."""
+    """The hot start's classical image follows the data (reconstruct.default_hot_start): TV for the 23-view sample and
+    a 90° arc, FBP for 60 views over 180°, named on the check box and recorded in the settings a run gets."""
     from napari_diffrecon.simulate import simulate_from_image
 
     viewer = make_napari_viewer()
@@ -411,9 +411,12 @@ def test_the_workbench_hot_starts_limited_angle_ct_from_tv_and_says_so(make_napa
     w.load_sample("ct_sparse23")
     w.method_combo.setCurrentIndex(w.method_combo.findData("dds"))
     w.hot_start.setChecked(True)
-    assert "(FBP)" in w.hot_start.text() and w.current_settings().hot_start == "fbp"
+    assert "(TV)" in w.hot_start.text() and w.current_settings().hot_start == "tv"
+    assert "few views" in w.hot_start.toolTip()
     yy, xx = np.mgrid[:48, :48]
     img = 0.2 + ((yy - 24) ** 2 + (xx - 20) ** 2 < 100) + 0.5 * (np.abs(yy - 30) < 4)
+    w.set_measurement(simulate_from_image(img, "ct", size=48, views=60, seed=0), name="views60")
+    assert "(FBP)" in w.hot_start.text() and w.current_settings().hot_start == "fbp"
     w.set_measurement(simulate_from_image(img, "ct", size=48, limited_angle=90.0, seed=0), name="arc90")
     assert "(TV)" in w.hot_start.text() and "limited arc" in w.hot_start.toolTip()
     assert "90 views over a 90° arc" in w.meas_label.text()
