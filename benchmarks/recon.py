@@ -447,12 +447,16 @@ def run_extras(a: argparse.Namespace, priors: dict[str, Any]) -> dict[str, Any]:
                                                "method": f"{label} ×{k} mean", "floor": floor})
             err = np.abs(r.mean - gt)
             per = [psnr(x, gt) for x in r.samples]
-            rho = _spearman(r.std, err)  # the run's std: variance pooled over RunSettings.std_pool pixels
-            rho_raw = _spearman(summarize(r.samples)["std"], err)  # the raw per-voxel std of the same samples
-            # Within the object only (outside the field of view std and error are both ~0, inflating ρ).
+            # Over the field of view (CT / PET: the scanned disc; MRI: every pixel): outside it every result is 0, so
+            # std and error are both 0 there — ties that would inflate ρ and a coverage that would be free.
+            support = m.build_operator().support
+            fov = np.ones(gt.shape, bool) if support is None else support.cpu().numpy()
+            rho = _spearman(r.std[fov], err[fov])  # the run's std: variance pooled over RunSettings.std_pool pixels
+            rho_raw = _spearman(summarize(r.samples)["std"][fov], err[fov])  # the raw per-voxel std of the samples
+            # Within the object only (where the background's std and error are both ~0, inflating ρ).
             inside = gt > 0.02 * gt.max()
             rho_in = _spearman(r.std[inside], err[inside])
-            cover = float(np.mean((gt >= r.lower) & (gt <= r.upper))) if r.lower is not None else None
+            cover = float(np.mean(((gt >= r.lower) & (gt <= r.upper))[fov])) if r.lower is not None else None
             out["uncertainty"].append({"task": task, "method": label, "n_samples": k, "spearman": rho,
                                        "spearman_raw": rho_raw,
                                        "std_pool": r.provenance["settings"]["std_pool"],
@@ -534,8 +538,8 @@ def markdown(rows: list[dict[str, Any]], extras: dict[str, Any] | None, meta: di
                      f"{_fmt(base, '+.2f')} ({base_name}) | {tgt} |")
     if extras:
         lines += ["", "Uncertainty (posterior std vs absolute error of the mean, per pixel):", ""]
-        lines.append("| task | sampler | samples | Spearman ρ (all) | ρ inside object | ρ raw per-voxel std | "
-                     "PSNR of mean | mean PSNR of samples | 95% interval coverage | CPU s |")
+        lines.append("| task | sampler | samples | Spearman ρ (field of view) | ρ inside object | "
+                     "ρ raw per-voxel std | PSNR of mean | mean PSNR of samples | 95% interval coverage | CPU s |")
         lines.append("|---|---|---|---|---|---|---|---|---|---|")
         for u in extras.get("uncertainty", []):
             pool = f" (std pooled {u['std_pool']:g} px)" if u.get("std_pool") else ""
