@@ -403,6 +403,13 @@ def run_table(a: argparse.Namespace, priors: dict[str, Any]) -> list[dict[str, A
     return rows
 
 
+def field_of_view(m: Measurement) -> np.ndarray:
+    """The measurement's field of view as a boolean image mask (CT / PET: the scanned disc, outside which every result
+    is 0; MRI: every pixel) — where uncertainty scores are computed."""
+    support = m.build_operator().support
+    return np.ones(np.shape(m.ground_truth), bool) if support is None else support.cpu().numpy()
+
+
 def _spearman(a: np.ndarray, b: np.ndarray) -> float:
     from scipy.stats import spearmanr
 
@@ -449,8 +456,7 @@ def run_extras(a: argparse.Namespace, priors: dict[str, Any]) -> dict[str, Any]:
             per = [psnr(x, gt) for x in r.samples]
             # Over the field of view (CT / PET: the scanned disc; MRI: every pixel): outside it every result is 0, so
             # std and error are both 0 there — ties that would inflate ρ and a coverage that would be free.
-            support = m.build_operator().support
-            fov = np.ones(gt.shape, bool) if support is None else support.cpu().numpy()
+            fov = field_of_view(m)
             rho = _spearman(r.std[fov], err[fov])  # the run's std: variance pooled over RunSettings.std_pool pixels
             rho_raw = _spearman(summarize(r.samples)["std"][fov], err[fov])  # the raw per-voxel std of the samples
             # Within the object only (where the background's std and error are both ~0, inflating ρ).

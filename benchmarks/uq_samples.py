@@ -31,7 +31,7 @@ def _run(task: str, modality: str, k: int, label: str = "dds-hot", overrides: di
     gt = np.abs(m.ground_truth)
     prior = load_prior(default_prior_for(modality, complex_=modality == "mri"))
     row = recon._sampler(m, label, prior, modality, gt, 0, {label: dict(overrides or {})}, n_samples=k)
-    return row, row["result"], gt
+    return row, row["result"], gt, recon.field_of_view(m)
 
 
 def self_check(task: str, label: str, k: int = 8, n_ref: int = 32, overrides: dict | None = None) -> dict[str, float]:
@@ -49,17 +49,17 @@ def self_check(task: str, label: str, k: int = 8, n_ref: int = 32, overrides: di
     """
     from napari_diffrecon.uncertainty import DEFAULT_STD_POOL
 
-    _, r, gt = _run(task, task.split("-")[0], k + n_ref, label, overrides)
+    _, r, gt, fov = _run(task, task.split("-")[0], k + n_ref, label, overrides)
     s = np.abs(r.samples) if np.iscomplexobj(r.samples) else np.asarray(r.samples)
     s = s.astype(np.float64)
     summary = summarize(s[:k], std_pool=DEFAULT_STD_POOL)
     mean, std, lo, hi = (summary[key] for key in ("mean", "std", "lower", "upper"))
     half = 1.96 * std
 
-    def scores(truth: np.ndarray) -> tuple[float, float, float, float]:
-        err = np.abs(mean - truth)
-        return (recon._spearman(std, err), float(np.mean(err <= half)), float(np.mean((truth >= lo) & (truth <= hi))),
-                float(np.sqrt(np.mean(err**2))))
+    def scores(truth: np.ndarray) -> tuple[float, float, float, float]:  # over the field of view (0 outside it)
+        err = np.abs(mean - truth)[fov]
+        return (recon._spearman(std[fov], err), float(np.mean(err <= half[fov])),
+                float(np.mean(((truth >= lo) & (truth <= hi))[fov])), float(np.sqrt(np.mean(err**2))))
 
     real = scores(gt)
     held = np.array([scores(x) for x in s[k:]])
@@ -104,19 +104,21 @@ def main(argv: list[str] | None = None) -> int:
             self_check(task, a.method, overrides=overrides)
         return 0
     if a.pool_study:
-        row, r, gt = _run(a.pool_study, a.pool_study.split("-")[0], 40)
+        row, r, gt, fov = _run(a.pool_study, a.pool_study.split("-")[0], 40)
         s = torch.from_numpy(np.abs(r.samples)).double()
         ref = s[8:].std(0)  # 32 other samples of the same run: the reference posterior std
         err = np.abs(s[:8].mean(0).numpy() - gt)
         var8 = s[:8].var(0)
         for width in (0.0, 0.5, 1.0, 1.5, 2.0):
             sd = pool_variance(var8, width).sqrt()
-            rel = float(((sd - ref) ** 2).mean().sqrt() / (ref**2).mean().sqrt())
+            f = torch.from_numpy(fov)
+            rel = float(((sd - ref)[f] ** 2).mean().sqrt() / (ref[f] ** 2).mean().sqrt())
             print(f"{a.pool_study}: 8-sample std pooled {width:.1f} px: RMS difference from the 32-sample std "
-                  f"{rel:.3f}, ρ(std, |error of the 8-sample mean|) {recon._spearman(sd.numpy(), err):.3f}", flush=True)
+                  f"{rel:.3f}, ρ(std, |error of the 8-sample mean|) {recon._spearman(sd.numpy()[fov], err[fov]):.3f}",
+                  flush=True)
         return 0
     if a.figure:
-        row, r, gt = _run(a.figure, "mri", 8)
+        row, r, gt, _ = _run(a.figure, "mri", 8)
         err = np.abs(r.mean - gt)
         print(f"{a.figure}: PSNR {row['psnr']:.2f}, ρ {recon._spearman(r.std, err):.3f}")
         import matplotlib
@@ -136,13 +138,14 @@ def main(argv: list[str] | None = None) -> int:
     for task in a.tasks:
         modality = task.split("-")[0]
         for k in a.samples:
-            row, r, gt = _run(task, modality, k)
+            row, r, gt, fov = _run(task, modality, k)
             err = np.abs(r.mean - gt)
             inside = gt > 0.02 * gt.max()
             raw = summarize(r.samples)["std"]
-            print(f"{task} {k:3d} samples: PSNR of the mean {row['psnr']:.2f}, ρ {recon._spearman(r.std, err):.3f}, "
-                  f"inside the object {recon._spearman(r.std[inside], err[inside]):.3f}; raw per-voxel std ρ "
-                  f"{recon._spearman(raw, err):.3f}, inside {recon._spearman(raw[inside], err[inside]):.3f}",
+            print(f"{task} {k:3d} samples: PSNR of the mean {row['psnr']:.2f}, ρ (field of view) "
+                  f"{recon._spearman(r.std[fov], err[fov]):.3f}, inside the object "
+                  f"{recon._spearman(r.std[inside], err[inside]):.3f}; raw per-voxel std ρ "
+                  f"{recon._spearman(raw[fov], err[fov]):.3f}, inside {recon._spearman(raw[inside], err[inside]):.3f}",
                   flush=True)
     return 0
 

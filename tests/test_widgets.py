@@ -376,7 +376,7 @@ def test_hot_start_run(make_napari_viewer, qtbot, tiny_priors):
     w.spins["t0"].setValue(0.3)
     _run_to_end(w, qtbot)
     prov = w.layers["estimate"].metadata["provenance"]
-    assert prov["hot_start_method"] == "fbp" and prov["settings"]["params"]["t0"] == pytest.approx(0.3)
+    assert prov["hot_start_method"] == "tv" and prov["settings"]["params"]["t0"] == pytest.approx(0.3)
     assert prov["nfe"] == 6
 
 

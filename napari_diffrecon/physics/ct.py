@@ -341,8 +341,11 @@ class ParallelBeamCT(LinearOperator):
 
     @property
     def support(self) -> torch.Tensor:
-        """The field of view (:func:`fov_mask`) as a boolean tensor on the operator's device."""
-        return torch.from_numpy(fov_mask(self.n)).to(self.device)
+        """The field of view (:func:`fov_mask`) as a boolean tensor on the operator's device (built once per device)."""
+        cached = getattr(self, "_support", None)
+        if cached is None or cached.device != self.device:
+            cached = self._support = torch.from_numpy(fov_mask(self.n)).to(self.device)
+        return cached
 
     def to(self, device: str | torch.device) -> ParallelBeamCT:
         """Move the operator to ``device``; the system matrix follows on next use."""

@@ -97,6 +97,10 @@ class SliceWiseOperator(LinearOperator):
         s = self.base.support
         return None if s is None else s.expand(self.n_slices, *s.shape)
 
+    def fill_outside(self, x: torch.Tensor) -> torch.Tensor:
+        """:meth:`LinearOperator.fill_outside` slice by slice (the nearest pixel inside on the same slice)."""
+        return self.base.fill_outside(x)
+
     # -- slabs -----------------------------------------------------------------------------
     def slab(self, start: int, stop: int) -> SliceWiseOperator:
         """The operator of slices ``start:stop`` (local indices), sharing the 2D operator."""
