@@ -83,12 +83,16 @@ def score(problem: Problem, prior: GaussianPrior, method: str, params: dict, hot
     """Sample ``k`` times and compare with the closed-form posterior."""
     mean, cov = prior.posterior(problem.operator, problem.measurement, SIGMA_Y)
     x_init = None
-    if hot:
-        x_init = reconstruct_baseline(hot, problem.operator, problem.measurement, problem.likelihood)
+    op = problem.operator
+    if hot:  # as reconstruct() does: the classical image continued past the field of view
+        x_init = op.fill_outside(reconstruct_baseline(hot, op, problem.measurement, problem.likelihood))
     t = time.perf_counter()
     its = list(get_sampler(method)(problem, SamplerParams(**params), n_samples=k, seed=seed, x_init=x_init))
     wall = time.perf_counter() - t
     x = prior.real_coordinates(its[-1].x0_hat).double()
+    if op.support is not None:  # CT: scored on the field of view (results are 0 outside it, where nothing is measured)
+        fov = prior.real_coordinates(op.support[None].to(torch.float32))[0].bool()
+        x, mean, cov = x[:, fov], mean[fov], cov[fov][:, fov]
     sd = cov.diag().sqrt()
     z = (x.mean(0) - mean) / sd
     ratio = x.var(0) / cov.diag()
