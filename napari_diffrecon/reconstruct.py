@@ -256,6 +256,14 @@ UNDER_FIT_RATIO = 10.0
 UNDER_FIT_MIN = 0.05
 
 
+def _past_the_field_of_view(operator: Any) -> str:
+    """The under-fit warning's clause for operators with a field of view (CT / PET): truncated data cannot be fitted."""
+    if getattr(operator, "support", None) is None:
+        return ""
+    return ("; or the object extends past the scanned disc (the field of view, outside which the model — like "
+            "scikit-image's radon with circle=True — holds nothing): then reconstruct on a grid as wide as the object")
+
+
 def noise_is_assumed(noise: dict[str, Any] | None) -> bool:
     """True when the measurement's noise level is a reader's default, not a property of the data."""
     noise = noise or {}
@@ -568,7 +576,8 @@ def finish_diffusion_run(
         extra["warnings"] = [*extra.get("warnings", info.get("warnings", [])), (
             f"a sample's data residual ({high:.3g}) is {high / floor:.0f}× the noise floor ({floor:.3g}): the samples "
             "do not fit the measurements; run more steps, raise the data weight (gamma for dds, zeta for dps) or, "
-            "if the residual grew during the run, lower a step size that is too large")]
+            "if the residual grew during the run, lower a step size that is too large"
+            + _past_the_field_of_view(problem.operator))]
     return samples, summary, extra
 
 
@@ -609,6 +618,11 @@ def reconstruct(
                          f"measurement noise alone leaves): {settings.method} fits the noise, and the image carries it "
                          "amplified; use fewer iterations or a regularised method (tv, mlem / osem with their default "
                          "stop, or a diffusion sampler)")
+        if (floor and not assumed and settings.method not in ("fbp", "zero_filled")
+                and res > max(UNDER_FIT_RATIO * floor, UNDER_FIT_MIN)):
+            warns.append(f"the data residual ({res:.3g}) is {res / floor:.0f}× the noise floor ({floor:.3g}): "
+                         f"{settings.method} does not fit the measurements; check the noise level and the geometry"
+                         + _past_the_field_of_view(op))
         xc = x.detach().cpu()
         prov = provenance(
             measurement,
