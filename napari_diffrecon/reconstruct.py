@@ -141,7 +141,8 @@ def intensity_mapping(measurement: Any, prior: Any, reference: torch.Tensor | No
 
     Uses the measurement's declared intensity (``metadata["intensity"]``: image = a · native + b)
     composed with the prior card's normalisation when their native units agree; otherwise maps
-    the model range [−1, 1] onto the 1st–99th percentile range of a classical reconstruction.
+    the model range [−1, 1] onto the 1st–99th percentile range of a classical reconstruction
+    (pass only its pixels inside the field of view: outside it the image is 0 by construction).
     """
     meta = getattr(measurement, "metadata", None) or {}
     inten = meta.get("intensity") if isinstance(meta, dict) else None
@@ -482,7 +483,9 @@ def prepare_run(
 
     floor = noise_floor(operator, m, likelihood)
     assumed = noise_is_assumed(getattr(measurement, "noise", None))
-    scale, offset, how = intensity_mapping(measurement, prior, reference)
+    inside = operator.support
+    scale, offset, how = intensity_mapping(
+        measurement, prior, reference if reference is None or inside is None else reference[..., inside])
     problem = Problem(operator, m, prior, likelihood, scale=scale, offset=offset, nonneg=modality == "pet")
     sampler = get_sampler(settings.method)
     # the start image continues past the field of view (CT / PET), where the classical image is zero: no edge there

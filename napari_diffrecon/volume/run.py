@@ -53,7 +53,8 @@ def intensity_for(study: VolumeStudy, prior: Any, device: str | torch.device = "
         method = "cg"
     ref = reconstruct_baseline(method, target, study.to_tensor(device), study.build_likelihood(device),
                                **_REFERENCE_PARAMS.get(method, {}))
-    return intensity_mapping(study, prior, ref)
+    inside = op.base.support  # the slices' field of view: outside it the image is 0 by construction
+    return intensity_mapping(study, prior, ref if inside is None else ref[..., inside])
 
 
 def iter_slab(
