@@ -31,6 +31,7 @@ __all__ = [
     "noise_floor_text",
     "default_hot_start",
     "ct_hot_start",
+    "hot_start_params",
     "noise_is_assumed",
     "data_kind",
     "prepare_run",
@@ -421,8 +422,15 @@ def data_kind(measurement: Any) -> tuple[str, int | None, bool]:
 HOT_START_DEFAULTS: dict[str, dict[str, Any]] = {"mlem": {"iters": 10}, "osem": {"iters": 2}}
 
 
+def hot_start_params(method: str, settings: RunSettings) -> dict[str, Any]:
+    """The classical method's parameters for a start image: :data:`HOT_START_DEFAULTS` under the run's own
+    ``baseline_params``."""
+    return {**HOT_START_DEFAULTS.get(method, {}), **dict(settings.baseline_params)}
+
+
 def prepare_run(
-    measurement: Any, settings: RunSettings, prior: Any = None
+    measurement: Any, settings: RunSettings, prior: Any = None,
+    start_image: tuple[torch.Tensor, dict[str, Any]] | None = None,
 ) -> tuple[Problem, Callable[[], Iterator[Iterate]], dict[str, Any]]:
     """Build the problem and a zero-argument function that starts the sampler generator.
 
@@ -436,6 +444,9 @@ def prepare_run(
     prior : Prior, optional
         Already-loaded prior; otherwise loaded from ``settings.prior`` (name or path) or the
         default shipped prior of the modality.
+    start_image : (torch.Tensor, dict), optional
+        The hot start's classical image, already computed with :func:`hot_start_params` (e.g. to show it beside the
+        run), and the parameters it used (its result's ``baseline_params_used``): not computed again.
 
     Returns
     -------
@@ -474,10 +485,12 @@ def prepare_run(
     hs_method = settings.hot_start or _REFERENCE_METHOD.get(modality)
     reference = None
     hs_used: dict[str, Any] = {}
-    if hs_method:
-        bp = {**HOT_START_DEFAULTS.get(hs_method, {}), **dict(settings.baseline_params)}
+    if hs_method and start_image is not None and settings.hot_start:
+        reference = start_image[0].to(device=device, dtype=operator.image_dtype).reshape(operator.image_shape)
+        hs_used = dict(start_image[1])
+    elif hs_method:
         ran: dict[str, Any] = {}
-        reference = _baseline(hs_method, operator, m, likelihood, bp, ran)
+        reference = _baseline(hs_method, operator, m, likelihood, hot_start_params(hs_method, settings), ran)
         hs_used = _used(ran)
     from .metrics import noise_floor
 

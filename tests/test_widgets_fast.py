@@ -424,3 +424,35 @@ def test_the_workbench_hot_starts_limited_angle_ct_from_tv_and_says_so(make_napa
     w.load_sample("pet_lowcount")  # PET starts from TV as well
     assert "(TV)" in w.hot_start.text() and "MLEM" in w.hot_start.toolTip()
     assert w.current_settings().hot_start == "tv"
+
+
+def test_a_hot_started_run_shows_its_start_image_as_the_baseline_and_computes_it_once(tiny_priors, monkeypatch):
+    """With a hot start the classical layer beside the run is the image the run starts from (TV for the 23-view
+    sample, not FBP), computed once: the run's result is the one it gets without the side-by-side baseline."""
+    import napari_diffrecon.reconstruct as rec
+    from napari_diffrecon._widgets._runner import run_stream
+    from napari_diffrecon.io import load_sample
+    from napari_diffrecon.priors import load_prior
+    from napari_diffrecon.samplers.defaults import recommended_params
+
+    m = load_sample("ct_sparse23")
+    prior = load_prior(str(tiny_priors["ct"]))
+    settings = rec.RunSettings(method="dds", params=recommended_params("dds", "ct", hot_start=True, n_steps=2),
+                               hot_start="auto", seed=0)
+    calls = []
+    real = rec._baseline
+    monkeypatch.setattr(rec, "_baseline", lambda method, *a, **k: calls.append(method) or real(method, *a, **k))
+    ups = list(run_stream(m, settings, prior=prior, baseline="fbp", max_rate=1e6))
+    base = next(u for u in ups if u.kind == "baseline")
+    final = next(u for u in ups if u.kind == "final")
+    assert base.baseline_method == "tv" and calls == ["tv"]  # shown, and not computed again for the start
+    assert final.provenance["hot_start_method"] == "tv"
+    assert final.provenance["reference_params_used"] == base.provenance["baseline_params_used"]
+    calls.clear()
+    alone = [u for u in run_stream(m, settings, prior=prior, baseline=None, max_rate=1e6) if u.kind == "final"][0]
+    assert calls == ["tv"]
+    np.testing.assert_array_equal(alone.mean, final.mean)
+    # a run from noise keeps the cheap baseline
+    cold = rec.RunSettings(method="dds", params=recommended_params("dds", "ct", n_steps=2), seed=0)
+    base = next(u for u in run_stream(m, cold, prior=prior, baseline="fbp", max_rate=1e6) if u.kind == "baseline")
+    assert base.baseline_method == "fbp"

@@ -98,7 +98,8 @@ def run_stream(
     prior : Prior, optional
         Already loaded prior (else ``settings.prior`` / the modality's default).
     baseline : str, optional
-        Classical method to run first for the side-by-side comparison (None: none).
+        Classical method to run first for the side-by-side comparison (None: none). A hot-started run shows its
+        start image instead (the classical image it starts from, computed once for both).
     max_rate : float
         Upper bound on array updates per second sent to the GUI.
     live_log : list, optional
@@ -106,7 +107,7 @@ def run_stream(
         they are copied into the provenance.
     """
     from ..baselines import BASELINES
-    from ..reconstruct import finish_diffusion_run, prepare_run, provenance
+    from ..reconstruct import default_hot_start, finish_diffusion_run, hot_start_params, prepare_run, provenance
     from ..uncertainty import summarize
 
     t_start = time.perf_counter()
@@ -123,13 +124,20 @@ def run_stream(
                      mean=res.reconstruction, residual=res.residual, residual_map=rmap,
                      baseline=res.reconstruction, baseline_method=settings.method, provenance=res.provenance)
         return
+    start_image = None
     if baseline:
-        if modality not in BASELINES.get(baseline, ((),))[0]:
+        hot = default_hot_start(measurement) if settings.hot_start == "auto" else settings.hot_start
+        if hot:  # the image the run starts from: the fairest comparison, and computed once
+            baseline = hot
+        elif modality not in BASELINES.get(baseline, ((),))[0]:
             baseline = baseline_for(modality)
-        res = _classical(measurement, baseline, device)
+        res = _classical(measurement, baseline, device, hot_start_params(baseline, settings) if hot else None)
         yield Update(kind="baseline", baseline=res.reconstruction, baseline_method=baseline,
                      elapsed=time.perf_counter() - t_start, provenance=res.provenance)
-    problem, start, info = prepare_run(measurement, settings, prior)
+        if hot:
+            img = res.complex_reconstruction if res.complex_reconstruction is not None else res.reconstruction
+            start_image = (torch.from_numpy(img), res.provenance.get("baseline_params_used") or {})
+    problem, start, info = prepare_run(measurement, settings, prior, start_image=start_image)
     if info.get("warnings"):  # e.g. song/mcg on noisy data: say so before the user waits for the run
         yield Update(kind="warnings", elapsed=time.perf_counter() - t_start, provenance={"warnings": info["warnings"]})
     period = 1.0 / max(float(max_rate), 1e-3)
