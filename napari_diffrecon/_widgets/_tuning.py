@@ -23,6 +23,7 @@ from qtpy.QtWidgets import QComboBox, QDoubleSpinBox, QGroupBox, QLabel, QPushBu
 
 from ..tuning import BALANCE_PARAM, TuneCancelledError, TuneResult, auto_tune
 from ._perf import new_worker, run_progress
+from ._runner import baseline_for
 
 __all__ = ["TuningPanel", "tune_stream", "SUPPORT_NAME", "FLAG_NAME"]
 
@@ -233,7 +234,15 @@ class TuningPanel(QGroupBox):
         std = o.result_layer("std")
         base = o.result_layer("baseline")
         std_arr = core_values(std.data, std.metadata) if std is not None else None
-        cl = core_values(base.data, base.metadata) if base is not None else None
+        # The difference term wants a data-only classical image (FBP / MLEM / zero filling): a hot-started run's
+        # baseline layer is its start image, which shares whatever the run inherited from it.
+        cheap = baseline_for(str(m.operator.get("modality", "")))
+        if base is not None and ((base.metadata.get("provenance") or {}).get("settings") or {}).get("method") == cheap:
+            cl = core_values(base.data, base.metadata)
+        else:
+            from ..reconstruct import RunSettings, reconstruct
+
+            cl = reconstruct(m, RunSettings(method=cheap)).reconstruction
         op = m.build_operator()
         residual_ok = not op.is_complex  # the layers hold magnitudes: no residual for complex (MRI) images
         return support_maps(

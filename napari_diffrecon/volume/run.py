@@ -41,7 +41,7 @@ def intensity_for(study: VolumeStudy, prior: Any, device: str | torch.device = "
     """Image units from the prior's model units for the whole study (the same for every slab).
 
     The package's :func:`napari_diffrecon.reconstruct.intensity_mapping` on the study's classical
-    reconstruction (FBP for CT, MLEM for PET, zero filling for MRI) over all slices.
+    reconstruction (FBP for CT, MLEM for PET, zero filling for MRI) over all slices, inside their field of view.
     """
     from ..baselines import reconstruct_baseline
     from ..reconstruct import intensity_mapping
