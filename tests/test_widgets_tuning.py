@@ -104,3 +104,25 @@ def test_stop_tuning_ends_the_search(make_napari_viewer, qtbot, tiny_ct):
     qtbot.waitUntil(lambda: not w.tuning.running, timeout=10_000)
     assert time.perf_counter() - t < 5 and w.tuning.result is None
     assert w.tuning.tune_btn.isEnabled() and w.run_btn.isEnabled()
+
+
+def test_support_map_of_a_hot_started_run_compares_with_a_data_only_image(make_napari_viewer, qtbot, tiny_ct,
+                                                                          monkeypatch):
+    """The baseline layer beside a hot-started run is its start image (TV here); the support map's difference term
+    still uses FBP, which carries nothing the run inherited from its start."""
+    import napari_diffrecon.support as support_mod
+
+    viewer, w = _widget(make_napari_viewer, tiny_ct)
+    w.hot_start.setChecked(True)
+    w.spins["n_steps"].setValue(2)
+    w.run()
+    qtbot.waitUntil(lambda: not w.running, timeout=60_000)
+    assert w.layers["baseline"].metadata["provenance"]["settings"]["method"] == "tv"
+    seen = {}
+    real = support_mod.support_maps
+    monkeypatch.setattr(support_mod, "support_maps", lambda *a, **k: seen.update(k) or real(*a, **k))
+    assert w.tuning.show_support() is not None
+    from napari_diffrecon.reconstruct import RunSettings, reconstruct
+
+    fbp = reconstruct(w.measurement, RunSettings(method="fbp")).reconstruction
+    np.testing.assert_allclose(seen["classical"], fbp, rtol=1e-5, atol=1e-6)
