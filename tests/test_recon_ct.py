@@ -132,6 +132,10 @@ def test_iterates_carry_state_estimate_residual_and_timing(sparse_ct, ct_prior):
         its.append(it)
     assert its[-1].done and its[-1].step == its[-1].n_steps == 6 and its[-1].nfe == 6
     assert all(torch.isfinite(it.x_t).all() and it.x0_hat.shape == (1, SIZE, SIZE) for it in its)
+    outside = ~problem.operator.support
+    # what is shown is zero outside the field of view; the noisy state inside is not
+    assert all(it.x_t[:, outside].abs().max() == 0 and it.x0_hat[:, outside].abs().max() == 0 for it in its)
+    assert its[0].x_t[:, ~outside].std() > 0.1 * its[0].x_t[:, ~outside].abs().mean()
     assert [it.elapsed for it in its] == sorted(it.elapsed for it in its)
     assert its[-1].data_residual.shape == (1,)
 

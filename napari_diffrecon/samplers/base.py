@@ -209,7 +209,8 @@ class Iterate:
     step, n_steps : int
         Progress.
     x_t : torch.Tensor
-        The current noisy state in image units, ``(B, *image_shape)``.
+        The current noisy state in image units, ``(B, *image_shape)`` (both zero outside the operator's field of
+        view, where nothing is measured; the sampler's own state keeps the prior's values there).
     x0_hat : torch.Tensor
         The current estimate of the clean image (after the data step), image units.
     data_residual : torch.Tensor
@@ -481,7 +482,7 @@ def run_loop(
                 yield Iterate(
                     step=i + 1,
                     n_steps=n,
-                    x_t=problem.to_image(u.detach()) if not last else x0_img,
+                    x_t=problem.operator.restrict(problem.to_image(u.detach())) if not last else x0_img,
                     x0_hat=x0_img,
                     data_residual=Deferred(problem.residual, x0_img),
                     elapsed=now - t_start,

@@ -325,7 +325,7 @@ def mbir(
                 yield VolumeIterate(
                     step=i + 1,
                     n_steps=n,
-                    x_t=x0_img if last else problem.to_image(u),
+                    x_t=x0_img if last else op.restrict(problem.to_image(u)),
                     x0_hat=x0_img,
                     data_residual=Deferred(problem.residual, x0_img),
                     elapsed=now - t_start,
