@@ -276,9 +276,8 @@ class NetTimer:
 # -- methods ------------------------------------------------------------------------------------------------
 CLASSICAL = {"ct": ["fbp", "tv"], "mri": ["zero_filled", "cg", "tv"], "pet": ["fbp", "mlem", "tv"]}
 SAMPLER_RUNS = ["dds", "dds-hot", "dps", "dps-hot", "mcg", "song"]
-# The "-hot" runs start from the data's default classical image (reconstruct.default_hot_start since 2026-12-06: CT
-# FBP, or TV for ≤ 12 views or an arc under 145°; PET TV; MRI CG); before, always the modality's below, which
-# benchmarks/nfe.py still uses so that its recorded table reproduces.
+# The "-hot" runs start from the data's default classical image (reconstruct.default_hot_start since 2026-12-06);
+# before, always the modality's below, which benchmarks/nfe.py still uses so that its recorded table reproduces.
 HOT_START = {"ct": "fbp", "mri": "cg", "pet": "mlem"}
 # Oracle grids for the baselines (chosen on the ground truth, per task, every run).
 TV_GRID = {  # relative TV weight (lam_rel), around each task family's optimum

@@ -107,7 +107,7 @@ def run_stream(
         they are copied into the provenance.
     """
     from ..baselines import BASELINES
-    from ..reconstruct import default_hot_start, finish_diffusion_run, hot_start_params, prepare_run, provenance
+    from ..reconstruct import _resolve_hot_start, finish_diffusion_run, hot_start_params, prepare_run, provenance
     from ..uncertainty import summarize
 
     t_start = time.perf_counter()
@@ -124,9 +124,10 @@ def run_stream(
                      mean=res.reconstruction, residual=res.residual, residual_map=rmap,
                      baseline=res.reconstruction, baseline_method=settings.method, provenance=res.provenance)
         return
+    settings = _resolve_hot_start(settings, measurement)  # "auto" → the data's start (the same live params)
     start_image = None
     if baseline:
-        hot = default_hot_start(measurement) if settings.hot_start == "auto" else settings.hot_start
+        hot = settings.hot_start
         if hot:  # the image the run starts from: the fairest comparison, and computed once
             baseline = hot
         elif modality not in BASELINES.get(baseline, ((),))[0]:
