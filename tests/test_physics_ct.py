@@ -127,6 +127,9 @@ def test_classical_images_are_zero_outside_the_field_of_view_and_a_hot_start_con
     # continued past the rim (each pixel outside = the nearest one inside): no edge to zero for the prior
     torch.testing.assert_close(x0, op.fill_outside(classical), rtol=1e-5, atol=1e-6)
     assert not torch.equal(x0, classical)
+    with pytest.raises(rec.SamplingError, match="start image of shape"):  # a start image of other data: refused
+        settings = rec.RunSettings(method="dds", hot_start="tv", params=rec.SamplerParams(n_steps=2, t0=0.3))
+        rec.prepare_run(meas, settings, start_image=(classical.T.reshape(-1), {}))
 
 
 def test_data_of_an_object_past_the_field_of_view_are_flagged():
