@@ -276,9 +276,8 @@ class NetTimer:
 # -- methods ------------------------------------------------------------------------------------------------
 CLASSICAL = {"ct": ["fbp", "tv"], "mri": ["zero_filled", "cg", "tv"], "pet": ["fbp", "mlem", "tv"]}
 SAMPLER_RUNS = ["dds", "dds-hot", "dps", "dps-hot", "mcg", "song"]
-# The "-hot" runs start from the data's default classical image (reconstruct.default_hot_start since 2026-12-06);
-# before, always the modality's below, which benchmarks/nfe.py still uses so that its recorded table reproduces.
-HOT_START = {"ct": "fbp", "mri": "cg", "pet": "mlem"}
+# The "-hot" runs start from the data's default classical image (reconstruct.default_hot_start since 2026-12-06;
+# before, always FBP / CG / MLEM).
 # Oracle grids for the baselines (chosen on the ground truth, per task, every run).
 TV_GRID = {  # relative TV weight (lam_rel), around each task family's optimum
     "ct": (0.000125, 0.00025, 0.0005, 0.001, 0.002, 0.004, 0.008),  # converged TV (2026-12-06) wants lower weights

@@ -261,6 +261,18 @@ UNDER_FIT_RATIO = 10.0
 UNDER_FIT_MIN = 0.05
 
 
+def _misfit(residual: float, floor: float | None) -> str | None:
+    """How a result's data residual compares with the noise floor: "noise" (it fits the noise), "under" (it does
+    not fit the measurements) or None (plausible, or no known floor)."""
+    if not floor:
+        return None
+    if residual < NOISE_FIT_RATIO * floor:
+        return "noise"
+    if residual > max(UNDER_FIT_RATIO * floor, UNDER_FIT_MIN):
+        return "under"
+    return None
+
+
 def _past_the_field_of_view(operator: Any) -> str:
     """The under-fit warning's clause for operators with a field of view (CT / PET): truncated data cannot be fitted."""
     if getattr(operator, "support", None) is None:
@@ -589,12 +601,12 @@ def finish_diffusion_run(
     floor = info.get("noise_floor")
     low, high = min(extra["data_residual_per_sample"]), max(extra["data_residual_per_sample"])
     known = floor and not info.get("noise_floor_assumed")
-    if known and low < NOISE_FIT_RATIO * floor:
+    if known and _misfit(low, floor) == "noise":
         extra["warnings"] = [*info.get("warnings", []), (
             f"the data residual ({low:.3g}) is below half the noise floor ({floor:.3g}, what the measurement noise "
             "alone leaves): the samples fit the noise, and the image may carry it amplified; lower the data weight "
             "(gamma for dds, zeta for dps and mcg, lam for song and mcg)")]
-    if known and info.get("conditional", True) and high > max(UNDER_FIT_RATIO * floor, UNDER_FIT_MIN):
+    if known and info.get("conditional", True) and _misfit(high, floor) == "under":
         extra["warnings"] = [*extra.get("warnings", info.get("warnings", [])), (
             f"a sample's data residual ({high:.3g}) is {high / floor:.0f}× the noise floor ({floor:.3g}): the samples "
             "do not fit the measurements; run more steps, raise the data weight (gamma for dds, zeta for dps) or, "
@@ -635,13 +647,13 @@ def reconstruct(
         res = float(data_residual(op, x, m_t, lik))
         floor, assumed = noise_floor(op, m_t, lik), noise_is_assumed(measurement.noise)
         warns = _count_notes(measurement.data, lik)
-        if floor and not assumed and res < NOISE_FIT_RATIO * floor:
+        misfit = None if assumed else _misfit(res, floor)
+        if misfit == "noise":
             warns.append(f"the data residual ({res:.3g}) is below half the noise floor ({floor:.3g}, what the "
                          f"measurement noise alone leaves): {settings.method} fits the noise, and the image carries it "
                          "amplified; use fewer iterations or a regularised method (tv, mlem / osem with their default "
                          "stop, or a diffusion sampler)")
-        if (floor and not assumed and settings.method not in ("fbp", "zero_filled")
-                and res > max(UNDER_FIT_RATIO * floor, UNDER_FIT_MIN)):
+        if misfit == "under" and settings.method not in ("fbp", "zero_filled"):
             warns.append(f"the data residual ({res:.3g}) is {res / floor:.0f}× the noise floor ({floor:.3g}): "
                          f"{settings.method} does not fit the measurements; lower its regularisation (lam_rel, damp) "
                          "or raise its iterations, check the noise level and the geometry"

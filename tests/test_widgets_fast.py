@@ -426,6 +426,47 @@ def test_the_workbench_hot_starts_limited_angle_ct_from_tv_and_says_so(make_napa
     assert w.current_settings().hot_start == "tv"
 
 
+def test_the_hot_start_can_be_picked_with_its_parameters_and_a_preset_keeps_them(make_napari_viewer, tmp_path):
+    """Besides "auto" (the data's start), the hot start may be any classical method of the data's modality; its
+    parameter rows show beneath it and reach the run's settings (a preset's hot-start parameters are no longer
+    shown and then dropped); a preset keeps "auto" as "auto" and a picked start as picked."""
+    viewer = make_napari_viewer()
+    w = main_widget(viewer)
+    viewer.window.add_dock_widget(w, name="Diffusion reconstruction")
+    w.load_sample("ct_sparse23")
+    w.method_combo.setCurrentIndex(w.method_combo.findData("dds"))
+    w.hot_start.setChecked(True)
+    offered = [w.start_combo.itemData(i) for i in range(w.start_combo.count())]
+    assert offered == ["auto", "fbp", "cg", "tv"] and w.start_combo.currentText() == "auto (TV)"
+    assert not w.param_rows["start"].isHidden() and not w.param_rows["lam_rel"].isHidden()
+    w.spins["lam_rel"].setValue(0.001)
+    s = w.current_settings()
+    assert s.hot_start == "tv" and s.baseline_params == {"lam_rel": 0.001}
+    w.start_combo.setCurrentIndex(w.start_combo.findData("fbp"))
+    assert w.param_rows["lam_rel"].isHidden() and not w.param_rows["filter"].isHidden()
+    assert "(FBP)" in w.hot_start.text()
+    w.filter_combo.setCurrentText("hann")
+    s = w.current_settings()
+    assert s.hot_start == "fbp" and s.baseline_params == {"filter": "hann"}
+    path = w.save_preset(tmp_path / "fbp_start.json")
+    w.start_combo.setCurrentIndex(0)
+    w.filter_combo.setCurrentText("default")
+    w.hot_start.setChecked(False)
+    assert w.param_rows["start"].isHidden() and w.param_rows["filter"].isHidden()
+    assert w.current_settings().hot_start is None and w.current_settings().baseline_params == {}
+    assert w.load_preset(path)
+    s = w.current_settings()
+    assert s.hot_start == "fbp" and s.baseline_params == {"filter": "hann"}
+    # "auto" stays "auto": another measurement gets its own start
+    w.start_combo.setCurrentIndex(0)
+    path = w.save_preset(tmp_path / "auto_start.json")
+    w.load_sample("pet_lowcount")
+    assert [w.start_combo.itemData(i) for i in range(w.start_combo.count())] == ["auto", "fbp", "cg", "tv", "mlem",
+                                                                                  "osem"]
+    w.start_combo.setCurrentIndex(w.start_combo.findData("mlem"))
+    assert w.load_preset(path) and w.start_combo.currentData() == "auto" and w.current_settings().hot_start == "tv"
+
+
 def test_a_hot_started_run_shows_its_start_image_as_the_baseline_and_computes_it_once(tiny_priors, monkeypatch):
     """With a hot start the classical layer beside the run is the image the run starts from (TV for the 23-view
     sample, not FBP), computed once: the run's result is the one it gets without the side-by-side baseline."""

@@ -98,7 +98,7 @@ _SPINS: dict[str, tuple[str, str, float, float, float, int, str]] = {
     "adapt_start": ("adapt from", "float", 0.0, 0.95, 0.05, 2, "fraction of the run before adaptation starts "
                     "(acts live)"),
     "iters": ("iterations", "int", 0, 5000, 1, 0, "classical method iterations; 'default' = the method's own (CG 20, "
-              "TV 1000, MLEM / OSEM: until the data residual reaches the noise level)"),
+              "TV 1000, MLEM / OSEM: until the data residual reaches the noise level; as a hot start MLEM 10, OSEM 2)"),
     "subsets": ("subsets", "int", 1, 64, 1, 0, "OSEM subsets"),
     "lam_rel": ("TV weight", "float", 0.0, 1.0, 0.0005, 4, "TV weight relative to ‖Aᴴm‖∞; 'default' = the modality's "
                 "(CT 5e-4, PET 0.016, MRI 0.1 single coil / 0.016 multi-coil)"),
@@ -385,11 +385,21 @@ class DiffReconWidget(QWidget):
         self.hot_start = QCheckBox("hot start from the classical reconstruction")
         self.hot_start.toggled.connect(self._on_method_changed)
         self.hot_start.toggled.connect(self.use_recommended)
+        # Which classical image a hot start starts from: "auto" is the data's (reconstruct.default_hot_start); the
+        # classical methods of the data's modality may be picked instead. Their parameter rows show beneath it.
+        self.start_combo = QComboBox()
+        self._fill_start_choices("")
+        self.start_combo.currentIndexChanged.connect(self._on_method_changed)
+        self.param_rows["start"] = _row(
+            "start from", self.start_combo, tooltip="the classical reconstruction the reverse diffusion starts from "
+            "at t0; 'auto': the data's (TV for CT with ≤ 30 views or an arc under 160° and for PET, FBP for other CT, "
+            "CG for MRI). Its parameters are the rows below ('default': the method's own)")
         for key in ("n_steps", "eta", "gamma", "lam", "zeta", "cg_iters", "snr", "posterior_draw", *ADAPT):
             gl.addWidget(self.param_rows[key])
         for key, v in ADAPT_START_VALUES.items():
             self.spins[key].setValue(v)
         gl.addWidget(self.hot_start)
+        gl.addWidget(self.param_rows["start"])
         gl.addWidget(self.param_rows["t0"])
         self.spins["t0"].setValue(0.3)
         for key in ("iters", "subsets", "lam_rel", "filter"):
@@ -533,9 +543,11 @@ class DiffReconWidget(QWidget):
             self.noise_sigma.blockSignals(False)
         self._select_method_for_modality(modality)
         hot = default_hot_start(m)
-        self.hot_start.setText(f"hot start from the classical reconstruction ({hot.upper().replace('_', ' ')})")
+        self._fill_start_choices(modality, hot)
+        self._on_method_changed()  # the check box names the start
         self.hot_start.setToolTip(
-            "start the reverse diffusion at t0 from this classical image (10–20 network evaluations instead of 50)"
+            "start the reverse diffusion at t0 from a classical image (10–20 network evaluations instead of 50); "
+            f"for these data {hot.upper().replace('_', ' ')} unless another is picked below"
             + ("; TV rather than FBP because these data have few views or a limited arc (its streaks or missing "
                "wedge are more than a short reverse process removes)" if hot == "tv" and modality == "ct" else "")
             + ("; TV rather than MLEM: its smoother image gave 0.7–1.3 dB better results on our PET benchmarks"
@@ -585,6 +597,33 @@ class DiffReconWidget(QWidget):
         method = self.method_combo.currentData()
         if method in BASELINES and modality not in BASELINES[method][0]:
             self.method_combo.setCurrentIndex(self.method_combo.findData(baseline_for(modality)))
+
+    def _fill_start_choices(self, modality: str, auto: str | None = None) -> None:
+        """The hot start's choices for data of ``modality``: "auto" (the data's start, ``auto``) and its classical
+        methods; a method still offered stays picked."""
+        keep = self.start_combo.currentData()
+        self.start_combo.blockSignals(True)
+        self.start_combo.clear()
+        self.start_combo.addItem(f"auto ({auto.upper().replace('_', ' ')})" if auto else "auto", "auto")
+        for name, (mods, _desc) in BASELINES.items():
+            if modality in mods or not modality:  # no data yet: every method (a preset's start can be shown)
+                self.start_combo.addItem(name, name)
+        self.start_combo.setCurrentIndex(max(self.start_combo.findData(keep), 0))
+        self.start_combo.blockSignals(False)
+
+    def _chosen_start(self) -> str | None:
+        """The classical method the start box names ("auto": the data's; None: "auto" without data)."""
+        choice = self.start_combo.currentData() or "auto"
+        if choice != "auto":
+            return choice
+        return default_hot_start(self.measurement) if self.measurement is not None else None
+
+    def _start_method(self) -> str | None:
+        """The classical method a hot-started run of the current settings starts from (None: not hot-started)."""
+        method = self.method_combo.currentData() or "dds"
+        if method not in SAMPLERS or not self.hot_start.isChecked():
+            return None
+        return self._chosen_start()
 
     def _classical_for(self) -> list[str]:
         modality = str(self.measurement.operator.get("modality")) if self.measurement else ""
@@ -820,9 +859,12 @@ class DiffReconWidget(QWidget):
         diffusion = method in SAMPLERS
         show = set(PARAMS_FOR.get(method, ())) if diffusion else set(BASELINE_PARAMS.get(method, ()))
         if diffusion and self.hot_start.isChecked():
-            show.add("t0")
+            show |= {"t0", "start", *BASELINE_PARAMS.get(self._start_method() or "", ())}
         for key, row in self.param_rows.items():
             row.setVisible(key in show)
+        start = self._chosen_start()
+        if start:
+            self.hot_start.setText(f"hot start from the classical reconstruction ({start.upper().replace('_', ' ')})")
         for w in (self.hot_start, self._weight_row, self._samples_row, self.compare):
             w.setVisible(diffusion)
         self._show_card()  # the consistency sampler's default prior is a consistency model
@@ -957,8 +999,10 @@ class DiffReconWidget(QWidget):
         if method in ("dds", "dps") and int(self.spins["adapt_steps"].value()) > 0:
             params.extra.update({k: (int if k == "adapt_steps" else float)(self.spins[k].value()) for k in ADAPT})
         baseline_params: dict[str, Any] = {}
-        if method in BASELINES:
-            for key in BASELINE_PARAMS.get(method, ()):
+        hot = self._start_method() if method in SAMPLERS else None
+        classical = method if method in BASELINES else hot  # whose parameters the classical rows hold
+        if classical:
+            for key in BASELINE_PARAMS.get(classical, ()):
                 if key == "filter":
                     if self.filter_combo.currentText() != "default":  # else the modality's (baselines.FBP_...)
                         baseline_params["filter"] = self.filter_combo.currentText()
@@ -967,9 +1011,6 @@ class DiffReconWidget(QWidget):
                     if key in ("iters", "lam_rel") and v == 0:  # "default": the method's own (EM: the noise level)
                         continue
                     baseline_params[key] = int(v) if key in ("iters", "subsets") else float(v)
-        hot = None
-        if method in SAMPLERS and self.hot_start.isChecked() and self.measurement is not None:
-            hot = default_hot_start(self.measurement)
         return RunSettings(
             method=method,
             prior=self.prior_source,
@@ -986,7 +1027,7 @@ class DiffReconWidget(QWidget):
     def gui_state(self) -> dict[str, Any]:
         """Widget-only choices stored beside the settings in a preset."""
         return {"compare": self.compare.isChecked(), "grid": self.grid.isChecked(),
-                "hot_start": self.hot_start.isChecked()}
+                "hot_start": self.hot_start.isChecked(), "start": self.start_combo.currentData() or "auto"}
 
     def apply_settings(self, settings: RunSettings, gui: dict[str, Any] | None = None, quiet: bool = False) -> None:
         """Show ``settings`` in the widgets (a preset or the last used settings)."""
@@ -1016,6 +1057,10 @@ class DiffReconWidget(QWidget):
         self.draw_combo.setCurrentIndex(max(self.draw_combo.findData(draw_mode((p.extra or {}).get("posterior_draw"))),
                                             0))
         self.hot_start.setChecked(bool(settings.hot_start) or bool((gui or {}).get("hot_start")))
+        # The start: the widget's own choice when the preset stored it ("auto" re-derives the data's), else the
+        # settings' (a CLI run's provenance names the start it used).
+        start = (gui or {}).get("start") or settings.hot_start or "auto"
+        self.start_combo.setCurrentIndex(max(self.start_combo.findData(start), 0))
         self.set_prior_weight(p.prior_weight)
         self.n_samples.setValue(int(settings.n_samples))
         self.std_pool.setValue(float(settings.std_pool))
