@@ -400,17 +400,22 @@ def test_a_new_measurement_gets_its_own_result_layers_and_windows_match(make_nap
     assert "stopped at the noise level after" in w.status.text()
 
 
-def test_the_workbench_hot_starts_limited_angle_ct_from_tv_and_says_so(make_napari_viewer):
-    """The hot start's classical image follows the data (reconstruct.default_hot_start): TV for the 23-view sample and
-    a 90° arc, FBP for 60 views over 180°, named on the check box and recorded in the settings a run gets."""
-    from napari_diffrecon.simulate import simulate_from_image
-
+def _hot_started_dds_on_the_23_view_sample(make_napari_viewer):
     viewer = make_napari_viewer()
     w = main_widget(viewer)
     viewer.window.add_dock_widget(w, name="Diffusion reconstruction")
     w.load_sample("ct_sparse23")
     w.method_combo.setCurrentIndex(w.method_combo.findData("dds"))
     w.hot_start.setChecked(True)
+    return w
+
+
+def test_the_workbench_hot_starts_limited_angle_ct_from_tv_and_says_so(make_napari_viewer):
+    """The hot start's classical image follows the data (reconstruct.default_hot_start): TV for the 23-view sample and
+    a 90° arc, FBP for 60 views over 180°, named on the check box and recorded in the settings a run gets."""
+    from napari_diffrecon.simulate import simulate_from_image
+
+    w = _hot_started_dds_on_the_23_view_sample(make_napari_viewer)
     assert "(TV)" in w.hot_start.text() and w.current_settings().hot_start == "tv"
     assert "few views" in w.hot_start.toolTip()
     yy, xx = np.mgrid[:48, :48]
@@ -430,12 +435,7 @@ def test_the_hot_start_can_be_picked_with_its_parameters_and_a_preset_keeps_them
     """Besides "auto" (the data's start), the hot start may be any classical method of the data's modality; its
     parameter rows show beneath it and reach the run's settings (a preset's hot-start parameters are no longer
     shown and then dropped); a preset keeps "auto" as "auto" and a picked start as picked."""
-    viewer = make_napari_viewer()
-    w = main_widget(viewer)
-    viewer.window.add_dock_widget(w, name="Diffusion reconstruction")
-    w.load_sample("ct_sparse23")
-    w.method_combo.setCurrentIndex(w.method_combo.findData("dds"))
-    w.hot_start.setChecked(True)
+    w = _hot_started_dds_on_the_23_view_sample(make_napari_viewer)
     offered = [w.start_combo.itemData(i) for i in range(w.start_combo.count())]
     assert offered == ["auto", "fbp", "cg", "tv"] and w.start_combo.currentText() == "auto (TV)"
     assert not w.param_rows["start"].isHidden() and not w.param_rows["lam_rel"].isHidden()
