@@ -555,7 +555,7 @@ def _parser() -> argparse.ArgumentParser:
                    "spread: exact for a Gaussian prior at any step count; on real scans wider intervals that hold "
                    "the truth more often, at some cost in PSNR of the mean). jacobian: structured, +1 network "
                    "evaluation per step; gaussian: isotropic")
-    r.add_argument("--hot-start", choices=["auto", "fbp", "cg", "mlem", "tv", "zero_filled"],
+    r.add_argument("--hot-start", choices=["auto", "fbp", "cg", "mlem", "osem", "tv", "zero_filled"],
                    help="start the reverse process at --t0 from this classical reconstruction; auto: the data's "
                    "(MRI cg, PET tv, CT fbp, or tv for ≤ 30 views or an arc under 160°)")
     r.add_argument("--t0", type=float, help="hot start: fraction of the schedule to run")
