@@ -235,6 +235,10 @@ def test_demo_headless_writes_png_and_npz(tmp_path):
     assert (tmp_path / "demo_comparison.png").stat().st_size > 1000
     with np.load(tmp_path / "demo_reconstruction.npz") as z:
         assert psnr(z["reconstruction_tv"], z["ground_truth"]) > psnr(z["reconstruction_fbp"], z["ground_truth"])
+        # the diffusion run is a posterior mean with its per-pixel std: spread inside the scanned disc, 0 outside
+        assert psnr(z["reconstruction_dds"], z["ground_truth"]) > psnr(z["reconstruction_fbp"], z["ground_truth"])
+        std = z["std_dds"]
+        assert std.shape == z["ground_truth"].shape and std[64, 64] > 0 and std[0, 0] == 0
 
 
 def test_napari_reader_and_sample(tmp_path):
