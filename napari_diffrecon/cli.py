@@ -33,6 +33,8 @@ def _cmd_simulate(a: argparse.Namespace) -> int:
     check_options_apply(a.modality, views=a.views, limited_angle=a.limited_angle, photons=a.photons, accel=a.accel,
                         coils=a.coils, counts=a.counts, noise_sigma=a.noise_sigma)
     img, info = read_image(a.image, a.slice)
+    if info.get("converted"):
+        print(f"{Path(a.image).name}: {info['converted']}")
     m = simulate_from_image(
         img,
         a.modality,

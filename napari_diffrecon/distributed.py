@@ -198,6 +198,15 @@ def _prior_name(prior: Any) -> str:
     return card.name if card is not None else type(prior).__name__ + json.dumps(vars(prior), default=str)
 
 
+def _check_cluster_shape(n_workers: Any, threads_per_worker: Any, retries: Any) -> None:
+    """Refuse a cluster that cannot run anything (0 workers waits forever for one) or negative retries."""
+    from ._checks import check_number
+
+    check_number("--workers", n_workers, 1, integer=True)
+    check_number("--threads-per-worker", threads_per_worker, 1, integer=True)
+    check_number("--retries", retries, 0, integer=True)
+
+
 def reconstruct_folder(
     folder: str | Path,
     out_dir: str | Path,
@@ -266,6 +275,10 @@ def reconstruct_folder(
     -------
     FolderReport
     """
+    if client is None and not scheduler:
+        _check_cluster_shape(n_workers, threads_per_worker, retries)
+    else:
+        _check_cluster_shape(1, 1, retries)
     distributed = _require_distributed()
     from .io.bundle import write_result
     from .volume import VolumeParams, check_folder, intensity_for, recommended_volume_params
@@ -516,6 +529,8 @@ def run_from_args(args: argparse.Namespace) -> int:
     """
     src = Path(getattr(args, "input", None) or args.bundle)
     method = getattr(args, "method", None)
+    _check_cluster_shape(getattr(args, "workers", 1), getattr(args, "threads_per_worker", 1),
+                         getattr(args, "retries", 0))
     if method not in (None, "mbir"):
         raise ValueError(f"volumes are reconstructed by the DiffusionMBIR-style sampler: --method mbir, not {method}")
     if not src.exists():

@@ -92,6 +92,9 @@ def _check_options(views, limited_angle, photons, coils, counts, noise_sigma, pi
     check_number("pixel_size_mm", pixel_size_mm, above=True)
     check_number("coils", coils, 1, integer=True)
     check_number("noise_sigma", noise_sigma)
+    if noise_sigma is not None and float(noise_sigma) == 0:  # the bundle would be refused by every reader
+        raise ValueError("noise_sigma must be above 0: a Gaussian likelihood needs σ > 0 (for nearly noise-free data "
+                         "pass a small σ, e.g. 1e-4)")
 
 
 #: The simulation options each modality uses.

@@ -177,3 +177,61 @@ def test_a_background_that_broadcasts_or_is_a_numpy_number_is_accepted(tmp_path)
     with pytest.raises(BundleError, match="does not match"):
         Measurement(data=data, operator=m.operator,
                     noise={"model": "poisson", "background": np.ones((3, 3), np.float32)}).validate()
+
+
+def test_sampling_masks_coil_maps_and_attenuation_that_would_give_garbage_are_refused(tmp_path):
+    """A weighted (non 0 / 1) MRI mask, all-zero or unnormalised coil maps and zero PET attenuation factors used to
+    run and give a garbage image (or one with a misleading warning): each is refused, naming the field and the fix."""
+    from napari_diffrecon.io import Measurement
+    from napari_diffrecon.physics.coils import simulate_coil_maps
+
+    mask = _column_mask()
+    for factor in (0.5, 2.0):
+        with pytest.raises(BundleError, match="only 0 and 1"):
+            read_measurement(_mri(tmp_path / f"w{factor}.npz", _kspace(mask), mask * factor))
+    read_measurement(_mri(tmp_path / "ok.npz", _kspace(mask), mask.astype(bool)))  # a boolean mask is fine
+    maps = simulate_coil_maps((N, N), 4)
+    k = np.stack([_kspace(mask, seed=c) for c in range(4)])
+
+    def mri(coil_maps):
+        op = {"modality": "mri", "image_shape": [N, N], "mask": mask, "coil_maps": coil_maps}
+        return Measurement(data=k, operator=op, noise={"model": "gaussian", "sigma": 0.01})
+
+    mri(maps).validate()
+    mri(0.8 * maps).validate()  # ESPIRiT-like maps a little under 1 pass
+    with pytest.raises(BundleError, match="all zeros"):
+        mri(0 * maps).validate()
+    with pytest.raises(BundleError, match="not normalised"):
+        mri(100 * maps).validate()
+    m = simulate_from_image(np.outer(np.hanning(N), np.hanning(N)), "pet", size=N, views=8, seed=0)
+    att = np.full(m.data.shape, 0.7, np.float32)
+    Measurement(data=m.data, operator={**m.operator, "attenuation": att}, noise=m.noise).validate()
+    att[3, 2] = 0.0
+    with pytest.raises(BundleError, match="1 of .* factors are 0"):
+        Measurement(data=m.data, operator={**m.operator, "attenuation": att}, noise=m.noise).validate()
+
+
+def test_an_h5_bundle_with_a_group_for_an_array_is_refused_and_a_fastmri_file_is_read(tmp_path):
+    """An HDF5 group where a dataset belongs gave a TypeError traceback; a fastMRI file given where a bundle is
+    expected (the CLI) is read as its middle slice, as the workbench reads it."""
+    import h5py
+
+    path = write_measurement(simulate_from_image(np.outer(np.hanning(N), np.hanning(N)), "ct", size=N, views=8,
+                                                 seed=0), tmp_path / "ct.h5")
+    with h5py.File(path, "a") as f:
+        del f["measurement"]
+        f.create_group("measurement")
+    with pytest.raises(BundleError, match="'measurement': HDF5 group"):
+        read_measurement(path)
+    fm = tmp_path / "file_brain.h5"
+    with h5py.File(fm, "w") as f:
+        f.create_group("kspace")
+    with pytest.raises(BundleError, match="must be datasets"):
+        read_measurement(fm)
+    mask = _column_mask(slice(0, N, 2)) + _column_mask(slice(6, 10))
+    kspace = np.stack([np.stack([_kspace(np.minimum(mask, 1), seed=c) for c in range(2)]) for _ in range(3)])
+    fm.unlink()
+    with h5py.File(fm, "w") as f:
+        f.create_dataset("kspace", data=kspace)
+    m = read_measurement(fm)
+    assert m.operator["modality"] == "mri" and m.data.shape == (2, N, N) and m.metadata["slice_index"] == 1

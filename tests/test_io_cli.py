@@ -149,6 +149,20 @@ def test_read_image_formats(tmp_path, ct_slice):
     (tmp_path / "x.dcm").write_bytes(b"garbage")
     with pytest.raises(ValueError, match="cannot read|DICOM"):
         read_image(tmp_path / "x.dcm")
+    # colour files are turned grey (a TIFF's RGB(A) samples used to be read as a volume of 3-pixel-wide slices)
+    grey = (ct_slice / ct_slice.max() * 200).astype(np.uint8)
+    for name, arr in (("rgb.tif", np.stack([grey] * 3, -1)), ("rgba.tif", np.stack([grey] * 3 + [grey * 0 + 255], -1)),
+                      ("ga.png", np.stack([grey, grey * 0 + 255], -1))):
+        (tifffile.imwrite if name.endswith(".tif") else imsave)(tmp_path / name, arr)
+        img, info = read_image(tmp_path / name)
+        np.testing.assert_allclose(img, grey, atol=1e-4)
+        assert info["converted"] == "colour image converted to grey" and info["n_slices"] == 1
+    # complex images are refused (their imaginary part was dropped with a NumPy warning only)
+    for name in ("c.npy", "c.tif"):
+        cplx = (ct_slice * (1 + 1j)).astype(np.complex64)
+        np.save(tmp_path / name, cplx) if name.endswith(".npy") else tifffile.imwrite(tmp_path / name, cplx)
+        with pytest.raises(ValueError, match="complex values"):
+            read_image(tmp_path / name)
 
 
 def test_simulation_is_deterministic_and_matches_the_forward_model(ct_slice):
@@ -589,7 +603,7 @@ def test_simulate_takes_the_images_own_pixel_spacing(tmp_path, ct_slice):
     "option,value,match",
     [("views", 0, "views"), ("coils", 0, "coils"), ("coils", -2, "coils"), ("accel", 0, "accel"),
      ("counts", 0, "counts"), ("counts", -1, "counts"), ("photons", float("nan"), "photons"),
-     ("noise_sigma", -0.1, "noise_sigma")],
+     ("noise_sigma", -0.1, "noise_sigma"), ("noise_sigma", 0.0, "above 0")],
 )
 def test_simulate_refuses_zero_or_negative_options(ct_slice, option, value, match):
     # they used to fall back to the defaults silently (0 views → 180, 0 counts → 2e5, 0 coils → 1)

@@ -230,12 +230,14 @@ def test_cli_volume_run_over_its_memory_budget_is_an_error_not_a_traceback(tmp_p
     assert main(["reconstruct", str(path), "--method", "dds", "-o", str(tmp_path / "r.npz")]) == 2  # 2D path
     err = capsys.readouterr().err
     assert "is a volume study (4 slices)" in err and "--volume" in err
-    for extra in (["--memory-budget", "1MB"], ["--slab", "0"]):
+    # (--workers 0 used to wait forever for a worker)
+    for i, extra in enumerate((["--memory-budget", "1MB"], ["--slab", "0"], ["--workers", "0"], ["--retries", "-1"],
+                               ["--threads-per-worker", "0"])):
         code = main(["reconstruct", str(path), "--volume", "--method", "mbir", "--steps", "2", *extra,
-                     "-o", str(tmp_path / f"out{len(extra[1])}")])
+                     "-o", str(tmp_path / f"out{i}")])
         err = capsys.readouterr().err
         assert code == 2 and err.startswith("error:") and "Traceback" not in err, (extra, err)
-        assert not (tmp_path / f"out{len(extra[1])}").exists()  # a refused run leaves no output folder behind
+        assert not (tmp_path / f"out{i}").exists()  # a refused run leaves no output folder behind
     # a finished run: the provenance names the user's file (not the link in the output folder); other settings
     # into the same folder are refused unless --force
     run = ["reconstruct", str(path), "--volume", "--method", "mbir", "--steps", "2", "-o", str(tmp_path / "o")]

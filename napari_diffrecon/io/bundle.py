@@ -142,6 +142,17 @@ def _validate(m: Measurement) -> None:
         raise BundleError(f"measurement: shape {data.shape} does not match the operator's data shape {op.data_shape}")
     if modality == "mri":
         _check_mri_mask(data, op.mask.detach().cpu().numpy())
+        if getattr(op, "coil_maps", None) is not None:
+            _check_coil_maps(op.coil_maps.detach().cpu().numpy())
+    if modality == "pet" and getattr(op, "attenuation", None) is not None:
+        att = op.attenuation.detach().cpu().numpy()
+        if not np.all(att > 0):
+            raise BundleError(
+                f"operator.attenuation: {int((att <= 0).sum())} of {att.size} factors are 0; attenuation factors are "
+                "exp(−∫μ) along each line of response, in (0, 1] (1 where nothing attenuates), never 0 — store the "
+                "factors (napari_diffrecon.physics.pet.attenuation_factors turns a μ-map into them), not the μ-map "
+                "or a mask"
+            )
     if not np.any(data):
         raise BundleError(
             "measurement: all entries are zero, so there is nothing to reconstruct from; store the measured data "
@@ -169,8 +180,38 @@ def _validate(m: Measurement) -> None:
         raise BundleError(f"ground_truth: shape {m.ground_truth.shape} does not match image_shape {op.image_shape}")
 
 
+# The root-sum-of-squares of normalised coil maps is 1 inside the object (ESPIRiT, sigpy, our simulation) and 0
+# outside; maps whose largest RSS is outside this range are raw coil images or scaled, not sensitivities.
+COIL_RSS_RANGE = (0.5, 2.0)
+
+
+def _check_coil_maps(maps: np.ndarray) -> None:
+    """Refuse all-zero coil maps and maps that are not normalised (``Σ_c |S_c|² ≈ 1`` inside the object)."""
+    rss = np.sqrt((np.abs(maps) ** 2).sum(0))
+    top = float(rss.max())
+    if top == 0:
+        raise BundleError("operator.coil_maps: all zeros, so every coil sees nothing; store the coil sensitivities "
+                          "(or omit coil_maps for single-coil data)")
+    lo, hi = COIL_RSS_RANGE
+    if not lo <= top <= hi:
+        raise BundleError(
+            f"operator.coil_maps: not normalised: the root-sum-of-squares over coils reaches {top:.3g}, where "
+            f"sensitivities give 1 inside the object; divide the maps by their root-sum-of-squares "
+            "(maps / np.sqrt((abs(maps)**2).sum(0)), 0 where that is 0), or estimate them "
+            "(napari_diffrecon.physics.coils.estimate_coil_maps)"
+        )
+
+
 def _check_mri_mask(data: np.ndarray, mask: np.ndarray) -> None:
-    """Refuse an all-zero mask and one that leaves more than ``MASK_MISMATCH_FRACTION`` of the energy outside it."""
+    """Refuse a mask that is not 0 / 1, an all-zero mask, and one that leaves more than
+    ``MASK_MISMATCH_FRACTION`` of the energy outside it."""
+    if not np.isin(mask, (0, 1)).all():
+        vals = np.unique(mask)
+        raise BundleError(
+            f"operator.mask: must hold only 0 and 1 (1 where k-space was acquired), got {vals.size} distinct values "
+            f"from {vals.min():.3g} to {vals.max():.3g}; a weighted or density-compensation mask is not a sampling "
+            "mask — store (mask > 0) and keep weights out of the data"
+        )
     outside = mask == 0
     if outside.all():
         raise BundleError(
@@ -282,6 +323,13 @@ def load_keys(path: Path) -> dict[str, Any]:
 
         try:
             with h5py.File(path, "r") as f:
+                groups = [k for k in f.keys() if not isinstance(f[k], h5py.Dataset)]
+                if groups:
+                    raise BundleError(
+                        f"{path.name}: {', '.join(repr(k) for k in groups)}: HDF5 group(s), not datasets; a "
+                        "bundle's .h5 holds its arrays and JSON strings as top-level datasets "
+                        "(napari_diffrecon.io.write_measurement writes one)"
+                    )
                 out = {k: f[k][()] for k in f.keys()}
                 for k, v in f.attrs.items():
                     out.setdefault(k, v)
@@ -330,6 +378,9 @@ def _check_npz_signature(path: Path) -> None:
 def read_measurement(path: str | Path) -> Measurement:
     """Read and validate a bundle (``.npz`` or ``.h5``).
 
+    A fastMRI-style ``.h5`` (a ``kspace`` dataset and no ``measurement``) is read as its middle slice by
+    :func:`napari_diffrecon.io.fastmri.read_fastmri` (noise σ assumed: 1 % of the sampled k-space's RMS).
+
     Raises
     ------
     FileNotFoundError
@@ -340,6 +391,10 @@ def read_measurement(path: str | Path) -> Measurement:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"measurement file {path} not found")
+    from .fastmri import is_fastmri, read_fastmri
+
+    if is_fastmri(path):  # a fastMRI file (kspace, no measurement): its middle slice, as the workbench reads it
+        return read_fastmri(path)
     keys = load_keys(path)
     if str(np.asarray(keys.get("format", ""))) == VOLUME_STUDY_FORMAT:
         shape = np.shape(keys.get("measurement"))

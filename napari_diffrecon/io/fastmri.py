@@ -61,6 +61,9 @@ def read_fastmri(path: str | Path, slice_index: int | None = None, noise_fractio
                 raise BundleError(f"{path.name}: no 'kspace' dataset; a fastMRI file holds kspace "
                                   "(slices, coils, H, W)")
             ks = f["kspace"]
+            if not isinstance(ks, h5py.Dataset) or ("mask" in f and not isinstance(f["mask"], h5py.Dataset)):
+                raise BundleError(f"{path.name}: 'kspace' (and 'mask', when present) must be datasets, not groups; "
+                                  "a fastMRI file holds kspace (slices, coils, H, W) as a dataset")
             if ks.ndim not in (3, 4):
                 raise BundleError(f"{path.name}: kspace has shape {ks.shape}; expected (slices, [coils,] H, W)")
             n = ks.shape[0]

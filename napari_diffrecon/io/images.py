@@ -66,6 +66,18 @@ def nifti_napari_order(img: Any, first_frame: bool = False) -> tuple[np.ndarray,
     return np.ascontiguousarray(data.T), zooms[::-1]
 
 
+def _refuse_complex(dtype: Any, name: str) -> None:
+    """A complex image file is refused: an image to simulate from is real (for MRI, the simulation makes k-space)."""
+    if np.dtype(dtype).kind == "c":
+        raise ValueError(f"{name} holds complex values; pass a real image (e.g. the magnitude: np.abs) — measured "
+                         "k-space goes into a bundle's 'measurement' instead (see README, bundles)")
+
+
+def _grey(vol: np.ndarray) -> np.ndarray:
+    """Colour samples in the last axis (grey + alpha, RGB, RGBA) → one grey value per pixel; alpha is dropped."""
+    return vol[..., 0] if vol.shape[-1] == 2 else vol[..., :3].mean(-1)
+
+
 def read_volume(path: str | Path) -> tuple[np.ndarray, dict[str, Any]]:
     """Read an image or volume as ``(n_slices, H, W)`` float32 plus an info dict (units, spacing)."""
     path = Path(path)
@@ -78,7 +90,9 @@ def read_volume(path: str | Path) -> tuple[np.ndarray, dict[str, Any]]:
         elif name.endswith((".nii", ".nii.gz")):
             import nibabel as nib
 
-            vol, spacing = nifti_napari_order(nib.load(str(path)), first_frame=True)
+            nii = nib.load(str(path))
+            _refuse_complex(nii.get_data_dtype(), path.name)
+            vol, spacing = nifti_napari_order(nii, first_frame=True)
             info = {
                 "format": "nifti",
                 "units": "arbitrary",
@@ -87,9 +101,16 @@ def read_volume(path: str | Path) -> tuple[np.ndarray, dict[str, Any]]:
         elif name.endswith((".tif", ".tiff")):
             import tifffile
 
-            vol, info = np.asarray(tifffile.imread(path), dtype=np.float32), {"format": "tiff", "units": "arbitrary"}
+            with tifffile.TiffFile(path) as tif:
+                raw, axes = tif.asarray(), tif.series[0].axes
+            _refuse_complex(raw.dtype, path.name)
+            vol, info = np.asarray(raw, dtype=np.float32), {"format": "tiff", "units": "arbitrary"}
+            if axes.endswith("S"):  # colour samples per pixel (RGB, RGBA, grey + alpha): grey, as PNG / JPG below
+                vol, info["converted"] = _grey(vol), "colour image converted to grey"
         elif name.endswith(".npy"):
-            vol, info = np.load(path, allow_pickle=False).astype(np.float32), {"format": "npy", "units": "arbitrary"}
+            raw = np.load(path, allow_pickle=False)
+            _refuse_complex(raw.dtype, path.name)
+            vol, info = raw.astype(np.float32), {"format": "npy", "units": "arbitrary"}
         elif name.endswith((".png", ".jpg", ".jpeg", ".bmp")):
             from skimage.io import imread
 
@@ -97,8 +118,8 @@ def read_volume(path: str | Path) -> tuple[np.ndarray, dict[str, Any]]:
                 np.asarray(imread(path), dtype=np.float32),
                 {"format": name.rsplit(".", 1)[-1], "units": "arbitrary"},
             )
-            if vol.ndim == 3 and vol.shape[-1] in (3, 4):
-                vol = vol[..., :3].mean(-1)
+            if vol.ndim == 3 and vol.shape[-1] in (2, 3, 4):
+                vol, info["converted"] = _grey(vol), "colour image converted to grey"
         else:
             raise ValueError(f"unsupported image format {path.name}: use DICOM, NIfTI, TIFF, PNG/JPG or .npy")
     except ValueError:
