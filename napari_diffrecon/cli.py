@@ -126,6 +126,34 @@ def _settings_from_args(a: argparse.Namespace, modality: str = "*", coils: int |
     )
 
 
+# Options of the diffusion samplers (dest → flag): a classical method ignored them silently.
+SAMPLER_FLAGS = {"prior": "--prior", "steps": "--steps", "eta": "--eta", "gamma": "--gamma", "zeta": "--zeta",
+                 "cg_iters": "--cg-iters", "snr": "--snr", "prior_weight": "--prior-weight",
+                 "posterior_draw": "--posterior-draw", "hot_start": "--hot-start", "t0": "--t0",
+                 "adapt_steps": "--adapt-steps", "adapt_lr": "--adapt-lr", "lora_rank": "--lora-rank",
+                 "adapt_every": "--adapt-every", "adapt_start": "--adapt-start", "adapt_target": "--adapt-target",
+                 "adapt_floor": "--adapt-floor", "std_pool": "--std-pool", "auto": "--auto"}
+
+
+def _refuse_flags_the_run_ignores(a: argparse.Namespace) -> None:
+    """Refuse options the run would ignore: sampler options with a classical method, ``--auto-params`` without
+    ``--auto`` (each used to be dropped without a word)."""
+    from .baselines import BASELINES
+
+    if a.method in BASELINES:
+        given = [flag for dest, flag in SAMPLER_FLAGS.items() if getattr(a, dest, None) not in (None, False)]
+        given += ["--samples"] * (a.samples != 1) + ["--keep-samples"] * bool(a.keep_samples)
+        given += ["--precision"] * (getattr(a, "precision", "float32") != "float32")
+        if given:
+            raise ValueError(f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} to the diffusion "
+                             f"samplers; --method {a.method} is a classical reconstruction and would ignore "
+                             f"{'it' if len(given) == 1 else 'them'}: drop {'it' if len(given) == 1 else 'them'}, or "
+                             "pick a sampler (e.g. --method dds)")
+    if getattr(a, "auto_params", None) and not getattr(a, "auto", None):
+        raise ValueError("--auto-params says what --auto searches; add --auto (split, discrepancy or sure) or drop "
+                         "--auto-params")
+
+
 def _std_pool(v: float | None) -> float:
     from .uncertainty import DEFAULT_STD_POOL
 
@@ -194,6 +222,7 @@ def _cmd_reconstruct(a: argparse.Namespace) -> int:
         raise ValueError("--method is required for a measurement bundle (e.g. --method dds)")
     if a.method not in _methods():
         raise ValueError(f"unknown method {a.method!r}; choose from {', '.join(_methods())}")
+    _refuse_flags_the_run_ignores(a)
     out = check_output_path(a.output, a.force, RESULT_SUFFIXES)
     if Path(a.bundle).exists() and out.exists() and out.resolve() == Path(a.bundle).resolve():
         raise ValueError(f"-o {a.output} is the input measurement; write the result to another file (--force "

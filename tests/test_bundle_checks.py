@@ -235,3 +235,23 @@ def test_an_h5_bundle_with_a_group_for_an_array_is_refused_and_a_fastmri_file_is
         f.create_dataset("kspace", data=kspace)
     m = read_measurement(fm)
     assert m.operator["modality"] == "mri" and m.data.shape == (2, N, N) and m.metadata["slice_index"] == 1
+
+
+def test_data_float32_cannot_square_are_refused_and_a_nan_ground_truth_or_bad_intensity_too(tmp_path):
+    """A sinogram × 1e30 gave a NaN residual and a −593 dB "result"; NaN ground truths scored NaN; a zero or negative
+    intensity scale / pixel size reached the exports."""
+    from napari_diffrecon.io import Measurement
+
+    m = simulate_from_image(np.outer(np.hanning(N), np.hanning(N)), "ct", size=N, views=8, seed=0)
+    m.validate()
+    for factor in (1e30, 1e-30):
+        with pytest.raises(BundleError, match="float32 arithmetic"):
+            Measurement(data=m.data * np.float32(factor), operator=m.operator, noise=m.noise).validate()
+    gt = m.ground_truth.copy()
+    gt[2, 3] = np.nan
+    with pytest.raises(BundleError, match="ground_truth: contains NaN"):
+        Measurement(data=m.data, operator=m.operator, noise=m.noise, ground_truth=gt).validate()
+    for key, value in (("scale", 0.0), ("scale", "x"), ("pixel_size_mm", -1.0), ("offset", float("inf"))):
+        meta = {"intensity": {**m.metadata["intensity"], key: value}}
+        with pytest.raises(BundleError, match=f"metadata.intensity.{key}"):
+            Measurement(data=m.data, operator=m.operator, noise=m.noise, metadata=meta).validate()

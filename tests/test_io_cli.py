@@ -409,6 +409,11 @@ def test_cli_refuses_runs_that_cannot_be_what_was_asked(tmp_path, capsys):
         (["--method", "dds", "--steps", "0"], "n_steps = 0 is outside"),
         (["--method", "dds", "--steps", "2", "--gamma", "nan"], "gamma = nan is outside"),
         (["--method", "dds", "--steps", "2", "--prior", "pet-phantom-128"], "trained on PET images"),
+        # options the run would have ignored without a word
+        (["--method", "fbp", "--prior", "mri-brain-128"], "--prior applies to the diffusion samplers"),
+        (["--method", "tv", "--steps", "5", "--samples", "4", "--hot-start", "fbp"],
+         "--steps, --hot-start, --samples apply to the diffusion samplers"),
+        (["--method", "dds", "--steps", "2", "--auto-params", "gamma=1,3"], "add --auto"),
     ]
     for extra, message in cases:
         capsys.readouterr()

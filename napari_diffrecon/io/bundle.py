@@ -118,6 +118,14 @@ def _validate(m: Measurement) -> None:
         raise BundleError(f"measurement: must be numeric, got dtype {data.dtype}")
     if not np.all(np.isfinite(data)):
         raise BundleError("measurement: contains NaN or Inf; remove or replace those entries")
+    top = float(np.abs(data).max()) if data.size else 0.0
+    if top > MAX_DATA_MAGNITUDE or 0 < top < 1 / MAX_DATA_MAGNITUDE:
+        raise BundleError(
+            f"measurement: values reach {top:.3g}, where float32 arithmetic (sums of squares in the data residual "
+            f"and the solvers) {'overflows' if top > 1 else 'underflows to 0'}; rescale the data by a constant "
+            f"(between 1e{-np.log10(MAX_DATA_MAGNITUDE):.0f} and 1e{np.log10(MAX_DATA_MAGNITUDE):.0f}) and give the "
+            "noise σ in the same units (counts for PET and low-dose CT are never this far off: check the units)"
+        )
     modality = str(spec.get("modality")).lower()
     if np.iscomplexobj(data) and modality != "mri":
         raise BundleError(f"measurement: complex data for the real {modality} modality; store the real sinogram")
@@ -178,7 +186,35 @@ def _validate(m: Measurement) -> None:
     m.build_likelihood("cpu")
     if m.ground_truth is not None and tuple(m.ground_truth.shape) != tuple(op.image_shape):
         raise BundleError(f"ground_truth: shape {m.ground_truth.shape} does not match image_shape {op.image_shape}")
+    if m.ground_truth is not None and not np.all(np.isfinite(m.ground_truth)):
+        raise BundleError("ground_truth: contains NaN or Inf, so no score (PSNR, SSIM) can be computed against it; "
+                          "replace those pixels or drop the ground truth")
+    _check_intensity((m.metadata or {}).get("intensity") if isinstance(m.metadata, dict) else None)
 
+
+def _check_intensity(inten: Any) -> None:
+    """Refuse an intensity mapping (``metadata.intensity``) that exports would use wrongly or drop silently:
+    image = scale · native + offset needs a finite, positive scale and a finite offset; pixel sizes are positive."""
+    if inten is None:
+        return
+    if not isinstance(inten, dict):
+        raise BundleError(f"metadata.intensity: must be a JSON object (native_units, scale, offset), got {inten!r}")
+    for key, positive in (("scale", True), ("offset", False), ("pixel_size_mm", True)):
+        if key not in inten or inten[key] is None:
+            continue
+        try:
+            v = float(inten[key])
+        except (TypeError, ValueError):
+            v = float("nan")
+        if not np.isfinite(v) or (positive and v <= 0):
+            raise BundleError(f"metadata.intensity.{key}: must be a finite number{' above 0' if positive else ''}, "
+                              f"got {inten[key]!r} (image = scale · native + offset; pixel_size_mm in mm)")
+
+
+# Largest |measurement| float32 arithmetic handles (its squares summed over ~10⁶ entries stay below 3.4e38), and its
+# inverse the smallest largest value (squares of 1e-15 still above float32's smallest normal 1.2e-38 when summed):
+# real sinograms, counts and k-space lie many decades inside (fastMRI k-space ≈ 1e-5, PET counts ≤ 1e7).
+MAX_DATA_MAGNITUDE = 1e15
 
 # The root-sum-of-squares of normalised coil maps is 1 inside the object (ESPIRiT, sigpy, our simulation) and 0
 # outside; maps whose largest RSS is outside this range are raw coil images or scaled, not sensitivities.
