@@ -157,6 +157,18 @@ def test_read_image_formats(tmp_path, ct_slice):
         img, info = read_image(tmp_path / name)
         np.testing.assert_allclose(img, grey, atol=1e-4)
         assert info["converted"] == "colour image converted to grey" and info["n_slices"] == 1
+    # a multi-frame DICOM is its frames (it was called 4-dimensional), a colour DICOM grey, a mixed folder named
+    import shutil
+
+    from napari_diffrecon.io.images import read_volume
+
+    assert read_volume(get_testdata_file("rtdose.dcm"))[0].shape == (15, 10, 10)
+    assert read_image(get_testdata_file("examples_rgb_color.dcm"))[1]["converted"] == "colour image converted to grey"
+    (tmp_path / "mixed").mkdir()
+    for f in ("CT_small.dcm", "MR_small.dcm"):
+        shutil.copy(get_testdata_file(f), tmp_path / "mixed" / f)
+    with pytest.raises(ValueError, match=r"not one series .*CT_small.dcm.*MR_small.dcm"):
+        read_image(tmp_path / "mixed")
     # complex images are refused (their imaginary part was dropped with a NumPy warning only)
     for name in ("c.npy", "c.tif"):
         cplx = (ct_slice * (1 + 1j)).astype(np.complex64)

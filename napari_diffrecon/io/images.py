@@ -24,16 +24,30 @@ def _dicom_volume(path: Path) -> tuple[np.ndarray, dict[str, Any]]:
             if path.is_dir():
                 continue
             raise ValueError(f"cannot read {f.name} as DICOM image: {e}") from None
+        if int(getattr(ds, "SamplesPerPixel", 1) or 1) > 1:  # colour (a secondary capture): grey, as PNG / TIFF
+            arr = _grey(arr)
         arr = arr * float(getattr(ds, "RescaleSlope", 1.0)) + float(getattr(ds, "RescaleIntercept", 0.0))
         pos = getattr(ds, "ImagePositionPatient", None)
         key = float(pos[2]) if pos is not None else float(getattr(ds, "InstanceNumber", 0) or 0)
-        slices.append((key, arr, ds))
+        slices.append((key, arr, ds, f.name))
     if not slices:
         raise ValueError(f"no readable DICOM images in {path}")
     slices.sort(key=lambda s: s[0])
     ds = slices[0][2]
     units = "HU" if str(getattr(ds, "Modality", "")).upper() == "CT" else "arbitrary"
     info = {"format": "dicom", "units": units, "pixel_spacing_mm": [float(v) for v in getattr(ds, "PixelSpacing", [])]}
+    if any(int(getattr(s[2], "SamplesPerPixel", 1) or 1) > 1 for s in slices):
+        info["converted"] = "colour image converted to grey"
+    if len(slices) == 1 and slices[0][1].ndim == 3:  # one multi-frame file: its frames are the volume
+        return slices[0][1], info
+    shapes = {}
+    for _key, arr, _ds, name in slices:
+        shapes.setdefault(arr.shape, []).append(name)
+    if len(shapes) > 1:
+        listing = "; ".join(f"{shape}: {', '.join(names[:3])}{' …' if len(names) > 3 else ''}"
+                            for shape, names in shapes.items())
+        raise ValueError(f"{path.name}: the DICOM files are not one series (their images differ in shape: {listing}); "
+                         "put one series per folder")
     return np.stack([s[1] for s in slices]), info
 
 
