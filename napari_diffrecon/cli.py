@@ -179,7 +179,11 @@ def _auto_tuned(a: argparse.Namespace, m, settings):
         grid = {}
         for item in a.auto_params:
             name, _, vals = item.partition("=")
-            grid[name] = [float(v) for v in vals.split(",")] if vals else None
+            try:
+                grid[name] = [float(v) for v in vals.split(",")] if vals else None
+            except ValueError:
+                raise ValueError(f"--auto-params {item}: the values after '=' must be numbers separated by commas "
+                                 f"(e.g. {name}=0.3,1,3)") from None
         if any(v is None for v in grid.values()):
             grid = list(grid)  # names only: default grids
     emit, shown = _progress_line(), {"runs": -1}

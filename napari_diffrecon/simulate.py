@@ -82,6 +82,10 @@ def activity_from_anatomy(image: np.ndarray, kind: str, fwhm_px: float = 1.5) ->
     return (act / max(float(np.percentile(act, 99.5)), 1e-12)).clip(0, None).astype(np.float32)
 
 
+# More views than this many per image pixel are refused (π/2 per pixel already sample an image fully).
+MAX_VIEWS_PER_PIXEL = 8
+
+
 def _check_options(views, limited_angle, photons, coils, counts, noise_sigma, pixel_size_mm) -> None:
     """Refuse zero, negative or non-finite simulation options (they used to fall back to defaults silently); the MRI
     acceleration is checked by :func:`~napari_diffrecon.physics.masks.make_mask`."""
@@ -223,6 +227,10 @@ def simulate_from_image(
     if size < 16:
         raise ValueError(f"size must be ≥ 16, got {size}")
     _check_options(views, limited_angle, photons, coils, counts, noise_sigma, pixel_size_mm)
+    if views is not None and views > MAX_VIEWS_PER_PIXEL * size:
+        raise ValueError(f"views = {views} for a {size}-pixel image: π/2 · {size} ≈ {int(np.pi / 2 * size)} views "
+                         f"sample it fully, and more than {MAX_VIEWS_PER_PIXEL * size} only cost time and memory "
+                         "(the system matrix grows with them); ask for fewer")
     modality = modality.lower()
     given = {"views": views, "limited_angle": limited_angle, "photons": photons, "accel": accel, "coils": coils,
              "counts": counts, "noise_sigma": noise_sigma}

@@ -620,7 +620,7 @@ def test_simulate_takes_the_images_own_pixel_spacing(tmp_path, ct_slice):
     "option,value,match",
     [("views", 0, "views"), ("coils", 0, "coils"), ("coils", -2, "coils"), ("accel", 0, "accel"),
      ("counts", 0, "counts"), ("counts", -1, "counts"), ("photons", float("nan"), "photons"),
-     ("noise_sigma", -0.1, "noise_sigma"), ("noise_sigma", 0.0, "above 0")],
+     ("noise_sigma", -0.1, "noise_sigma"), ("noise_sigma", 0.0, "above 0"), ("views", 100000, "sample it fully")],
 )
 def test_simulate_refuses_zero_or_negative_options(ct_slice, option, value, match):
     # they used to fall back to the defaults silently (0 views → 180, 0 counts → 2e5, 0 coils → 1)
