@@ -44,6 +44,12 @@ __all__ = [
 DIFFUSION_METHODS = tuple(SAMPLERS)
 
 
+def _baseline_names() -> tuple[str, ...]:
+    from .baselines import BASELINES
+
+    return tuple(BASELINES)
+
+
 @dataclass
 class RunSettings:
     """Everything that defines a run (JSON round-trips through :meth:`to_dict` / :meth:`from_dict`)."""
@@ -89,10 +95,32 @@ class RunSettings:
         bad = set(p) - set(SamplerParams.__dataclass_fields__)
         if bad:
             raise ValueError(f"unknown sampler parameters {sorted(bad)}")
+        from .samplers.base import PARAM_RANGES
+
         for k, v in p.items():
             if v in ("inf", "Infinity"):
                 p[k] = float("inf")
-        return cls(params=SamplerParams(**p), **d)
+            elif k in PARAM_RANGES:  # numbers as numbers (a hand-edited "50" or 50.0 steps), checked below
+                try:
+                    p[k] = float(v)
+                except (TypeError, ValueError):
+                    raise ValueError(f"sampler parameter {k} must be a number, got {v!r}") from None
+                if PARAM_RANGES[k][3] and math.isfinite(p[k]) and p[k] == int(p[k]):
+                    p[k] = int(p[k])
+        params = SamplerParams(**p)
+        try:
+            params.check()  # a value no sampler can use (n_steps −5, γ NaN) is refused here, not clamped by a widget
+        except SamplingError as e:
+            raise ValueError(str(e)) from None
+        for key, lo in (("n_samples", 1), ("seed", 0)):
+            if key in d:
+                v = d[key]
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or v != int(v) or v < lo:
+                    raise ValueError(f"{key} must be a whole number ≥ {lo}, got {v!r}")
+                d[key] = int(v)
+        if "method" in d and d["method"] not in (*SAMPLERS, *_baseline_names()):
+            raise ValueError(f"unknown method {d['method']!r}")
+        return cls(params=params, **d)
 
 
 @dataclass

@@ -221,7 +221,8 @@ def simulate_from_image(
     """
     img = np.asarray(image, dtype=np.float64)
     if img.ndim != 2:
-        raise ValueError(f"simulate needs a 2D image, got shape {img.shape}; pick a slice with --slice")
+        raise ValueError(f"simulate needs a 2D image, got shape {img.shape}; pick one slice (on the command line: "
+                         "--slice)")
     if not np.all(np.isfinite(img)):
         raise ValueError("the image contains NaN or Inf")
     if size < 16:
@@ -240,7 +241,7 @@ def simulate_from_image(
         noise_sigma = None if photons is not None else noise_sigma  # low-dose CT: the counts are the noise
     if float(img.max()) == float(img.min()):
         raise ValueError(f"the image is constant (every pixel {float(img.min()):g}): there is nothing to measure; "
-                         "pick another slice (--slice) or image")
+                         "pick another slice or image (on the command line: --slice)")
     px = _pixel_size(img.shape, size, pixel_size_mm, pixel_spacing_mm)
     is_hu = units.upper() == "HU" or (units == "auto" and img.min() < -500)
     img, padded = _to_square(img, size, pixel_spacing_mm, fill=-1000.0 if is_hu else None)  # HU: pad with air

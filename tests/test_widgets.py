@@ -285,6 +285,25 @@ def test_simulate_from_image_layer(make_napari_viewer, qtbot, mr_slice):
     assert "4 coil(s)" in w.meas_label.text()
 
 
+def test_use_selected_layer_takes_image_layers_only(make_napari_viewer, qtbot, mr_slice, notes):
+    """Points, shapes and labels were simulated from as if their coordinates or ids were an image (a surface
+    raised), and an RGB image was sliced into a 3-pixel strip: each is refused, naming the layer and what to pick."""
+    viewer, w = _widget(make_napari_viewer, qtbot)
+    layers = [viewer.add_points(np.random.default_rng(0).uniform(0, 60, (5, 2)), name="pts"),
+              viewer.add_labels((mr_slice > mr_slice.mean()).astype(np.int32), name="lab"),
+              viewer.add_image(np.stack([mr_slice] * 3, -1), name="rgb", rgb=True),
+              viewer.add_image(mr_slice > mr_slice.mean(), name="mask")]
+    for layer, what in zip(layers, ("Points layer", "Labels layer", "RGB(A) colour image", "boolean mask"),
+                           strict=True):
+        viewer.layers.selection.active = layer
+        n = len(viewer.layers)
+        w.use_selected_layer()
+        assert w.measurement is None and len(viewer.layers) == n
+        assert what in notes[-1] and repr(layer.name) in notes[-1], notes[-1]
+    viewer.layers.selection.active = viewer.add_image(mr_slice, name="mr")
+    _simulate_mri_4_coils_from_selected(w)
+
+
 def _simulate_mri_4_coils_from_selected(w):
     """"Use selected layer" with "simulate as" MRI, 64², 4 coils: the widget's measurement is that simulation."""
     w.sim_modality.setCurrentText("mri")
@@ -461,3 +480,76 @@ def test_a_classical_run_after_a_diffusion_run_marks_the_earlier_run_s_layers(ma
     assert std.name == "my std"
     w._mark_earlier_results()  # what the next run does first
     assert std.name == "my std" and "std" not in w.layers
+
+
+def test_what_the_workbench_changes_itself_mid_run_waits_for_the_next_run(make_napari_viewer, qtbot, tiny_priors):
+    """Tuned values refilled mid-run (another method picked, other data loaded) and a σ typed mid-run are for the next
+    run: the run in flight keeps its parameters and its noise model, and its provenance says what it used (before,
+    loading the PET sample mid-run set the CT run's γ to PET's 10 and logged it as the user's change, and the σ typed
+    landed in the finished run's provenance). The user's own moves still act live; a stopped run names its prior."""
+    viewer, w = _widget(make_napari_viewer, qtbot)
+    w.method_combo.setCurrentIndex(w.method_combo.findData("dds"))
+    _prepare(w, "ct_sparse23", tiny_priors["ct"], n_steps=12, slow=0.1)
+    w.compare.setChecked(False)
+    sigma = float(w.measurement.noise["sigma"])
+    gamma = w.spins["gamma"].value()
+    worker = w.run()
+    acted = []
+
+    def on_update(upd):
+        if upd.kind == "iterate" and not acted:
+            acted.append(upd.step)
+            w.noise_sigma.setValue(5 * sigma)  # edits the measurement, for the next run
+            w.method_combo.setCurrentIndex(w.method_combo.findData("mcg"))  # tuned values refilled: not live
+            w.method_combo.setCurrentIndex(w.method_combo.findData("dds"))
+            w.spins["cg_iters"].setValue(3)  # the user's own move: live
+
+    worker.yielded.connect(on_update)
+    qtbot.waitUntil(lambda: not w.running, timeout=60_000)
+    prov = w.last_provenance
+    assert acted and [set(c) - {"after_step", "t"} for c in prov["live_parameter_changes"]] == [{"cg_iters"}]
+    assert prov["settings"]["params"]["gamma"] == pytest.approx(gamma)
+    assert prov["noise"]["sigma"] == pytest.approx(sigma)  # what the run used
+    assert w.measurement.noise["sigma"] == pytest.approx(5 * sigma)  # what the next run will use
+    # a stopped run names the prior it ran with, not the one picked during the run
+    _slow(w, 0.2)
+    worker = w.run()
+    qtbot.waitUntil(lambda: "estimate" in w.layers and w._last_update is not None, timeout=30_000)
+    w.prior_combo.setCurrentIndex(0)
+    w.stop_btn.click()
+    qtbot.waitUntil(lambda: not w.running, timeout=10_000)
+    assert w.last_provenance["status"] == "stopped"
+    assert w.last_provenance["prior"] == w._run_prior_name is not None
+
+
+def test_a_damaged_preset_changes_nothing_and_a_damaged_last_session_does_not_block_the_dock(make_napari_viewer,
+                                                                                           qtbot, tmp_path):
+    """Wrongly typed values in a preset or in last_settings.json raised TypeError from a spin box (the dock could not
+    open again until the file was deleted); numbers written as 50.0 or "50" are read as numbers."""
+    from napari_diffrecon._widgets import _presets
+
+    viewer, w = _widget(make_napari_viewer, qtbot)
+    good = w.save_preset(tmp_path / "good.json")
+    d = json.loads(good.read_text())
+    d["settings"]["params"]["n_steps"] = 37.0
+    d["settings"]["params"]["gamma"] = "2.5"
+    (tmp_path / "typed.json").write_text(json.dumps(d))
+    assert w.load_preset(tmp_path / "typed.json")
+    assert w.spins["n_steps"].value() == 37 and w.spins["gamma"].value() == pytest.approx(2.5)
+    before = w.current_settings().to_dict()
+    for name, edit in (("steps", lambda s: s["settings"]["params"].update(n_steps="many")),
+                       ("negative", lambda s: s["settings"]["params"].update(n_steps=-5)),
+                       ("nan", lambda s: s["settings"]["params"].update(gamma=float("nan"))),
+                       ("samples", lambda s: s["settings"].update(n_samples=None)),
+                       ("method", lambda s: s["settings"].update(method="bogus")),
+                       ("gui", lambda s: s.update(gui=[1]))):
+        bad = json.loads(good.read_text())
+        edit(bad)
+        (tmp_path / f"{name}.json").write_text(json.dumps(bad))
+        assert w.load_preset(tmp_path / f"{name}.json") is False, name
+        assert w.current_settings().to_dict() == before, name
+    (tmp_path / "config").mkdir(exist_ok=True)
+    (_presets.config_dir() / "last_settings.json").write_text((tmp_path / "steps.json").read_text())
+    w2 = main_widget(viewer)  # opens, with its defaults
+    assert w2.method_combo.currentData()
+    w2.deleteLater()

@@ -7,9 +7,12 @@ never touches Qt or layers; the ``yielded`` slot assigns fresh arrays to existin
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import math
 import re
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -236,6 +239,8 @@ class DiffReconWidget(QWidget):
         self._live_log: list[dict[str, Any]] = []
         self._run_settings: RunSettings | None = None
         self._run_measurement: Measurement | None = None
+        self._run_data: Measurement | None = None  # the run's own copy (its noise model as the run used it)
+        self._run_prior_name: str | None = None
         self._last_update: Update | None = None
         self._pbar: Any = None
         self._fresh: set[str] = set()
@@ -722,7 +727,21 @@ class DiffReconWidget(QWidget):
                 show_info(f"napari-diffrecon: using the measurement that came with {layer.name!r} (the \"simulate "
                           "as\" options describe it); change them to simulate another from the image")
                 return
+        from napari.layers import Image
+
+        kind = type(layer).__name__
+        if not isinstance(layer, Image):  # points, shapes, labels, surfaces...: coordinates or ids are not an image
+            show_error(f"napari-diffrecon: layer {layer.name!r} is a {kind} layer; pick an image layer (a measurement "
+                       "layer, or an image to simulate one from)")
+            return
+        if getattr(layer, "rgb", False):
+            show_error(f"napari-diffrecon: layer {layer.name!r} is an RGB(A) colour image; convert it to one grey "
+                       "channel first (e.g. a new layer with layer.data[..., :3].mean(-1))")
+            return
         data = np.asarray(layer.data)
+        if data.dtype == bool:
+            show_error(f"napari-diffrecon: layer {layer.name!r} is a boolean mask, not an image of intensities")
+            return
         if data.ndim == 3:
             data = data[int(self.viewer.dims.current_step[0]) % data.shape[0]]
         if data.ndim != 2 or not np.issubdtype(data.dtype, np.number):
@@ -944,11 +963,13 @@ class DiffReconWidget(QWidget):
         if p is None:
             return
         self._tuned_for, self._restored_kind = p.to_dict(), None
-        for key in ("n_steps", "eta", "lam", "gamma", "zeta", "cg_iters", "snr"):
-            v = getattr(p, key)
-            self.spins[key].setValue(self.spins[key].maximum() if isinstance(v, float) and not math.isfinite(v) else v)
-        if p.t0 < 1:
-            self.spins["t0"].setValue(p.t0)
+        with self._not_live():  # tuned values for the next run, not moves of the one in flight
+            for key in ("n_steps", "eta", "lam", "gamma", "zeta", "cg_iters", "snr"):
+                v = getattr(p, key)
+                self.spins[key].setValue(self.spins[key].maximum() if isinstance(v, float) and not math.isfinite(v)
+                                         else v)
+            if p.t0 < 1:
+                self.spins["t0"].setValue(p.t0)
 
     def _on_weight(self, tick: int) -> None:
         w = self.prior_weight()
@@ -971,7 +992,7 @@ class DiffReconWidget(QWidget):
     def _apply_live(self, key: str, value: Any) -> None:
         """Write a parameter into the run in flight (the sampler reads it at its next step)."""
         p = self._live_params
-        if p is None or self.worker is None:
+        if p is None or self.worker is None or getattr(self, "_quiet_depth", 0):
             return
         if key in ADAPT or key == "posterior_draw":
             p.extra[key] = value
@@ -1030,24 +1051,49 @@ class DiffReconWidget(QWidget):
                 "hot_start": self.hot_start.isChecked(), "start": self.start_combo.currentData() or "auto"}
 
     def apply_settings(self, settings: RunSettings, gui: dict[str, Any] | None = None, quiet: bool = False) -> None:
-        """Show ``settings`` in the widgets (a preset or the last used settings)."""
+        """Show ``settings`` in the widgets (a preset or the last used settings); all or nothing.
+
+        Raises
+        ------
+        ValueError
+            A value the widgets cannot show (the widgets are left as they were).
+        """
+        before = (self.current_settings(), self.gui_state(), self._tuned_for, self._restored_kind)
         self._tuned_for, self._restored_kind = "preset", None  # the user's values: a new measurement keeps them
         self._applying = True
         try:
-            self._apply_settings(settings, gui, quiet)
+            with self._not_live():
+                self._apply_settings(settings, gui, quiet)
+        except (TypeError, ValueError, AttributeError, KeyError) as e:
+            with self._not_live():
+                self._apply_settings(before[0], before[1], True)
+            self._tuned_for, self._restored_kind = before[2], before[3]
+            raise ValueError(f"these settings cannot be shown ({type(e).__name__}: {e}); nothing was changed") from None
         finally:
             self._applying = False
 
+    @contextlib.contextmanager
+    def _not_live(self) -> Iterator[None]:
+        """Widget changes made by the workbench itself (tuned values for new data or a new method, a preset) are for
+        the next run: inside this block they do not reach the run in flight, as the user's own changes do."""
+        depth = getattr(self, "_quiet_depth", 0)
+        self._quiet_depth = depth + 1
+        try:
+            yield
+        finally:
+            self._quiet_depth = depth
+
     def _apply_settings(self, settings: RunSettings, gui: dict[str, Any] | None, quiet: bool) -> None:
         idx = self.method_combo.findData(settings.method)
-        if idx >= 0:
-            self.method_combo.setCurrentIndex(idx)
+        if idx < 0:
+            raise ValueError(f"unknown method {settings.method!r}")
+        self.method_combo.setCurrentIndex(idx)
         p = settings.params
         for key in ("n_steps", "eta", "lam", "gamma", "zeta", "cg_iters", "snr"):
             v = getattr(p, key)
             if isinstance(v, float) and not math.isfinite(v):
                 v = self.spins[key].maximum()
-            self.spins[key].setValue(v)
+            self.spins[key].setValue(int(v) if isinstance(self.spins[key], QSpinBox) else float(v))
         if p.t0 < 1:
             self.spins["t0"].setValue(p.t0)
         for key in ADAPT:
@@ -1067,6 +1113,9 @@ class DiffReconWidget(QWidget):
         self.seed.setValue(int(settings.seed))
         if self.device_combo.findText(settings.device) >= 0:
             self.device_combo.setCurrentText(settings.device)
+        elif not quiet:
+            show_warning(f"napari-diffrecon: the preset's device {settings.device!r} is not available here; keeping "
+                         f"{self.device_combo.currentText()}")
         self.precision_combo.setCurrentText(settings.precision)
         self.spins["iters"].setValue(0)  # the method's default unless the settings give a count
         self.spins["lam_rel"].setValue(0.0)
@@ -1104,7 +1153,11 @@ class DiffReconWidget(QWidget):
         if last is None:
             return
         settings, gui = last
-        self.apply_settings(settings, gui, quiet=True)
+        try:
+            self.apply_settings(settings, gui, quiet=True)
+        except ValueError as e:  # a damaged file must not keep the dock from opening
+            show_warning(f"napari-diffrecon: the last session's settings were not restored: {e}")
+            return
         kind = _kind_from_json(gui.get("data_kind"))
         if kind is None:
             self._tuned_for = "restored"
@@ -1135,7 +1188,11 @@ class DiffReconWidget(QWidget):
         except (ValueError, OSError) as e:
             show_error(f"napari-diffrecon: {e}")
             return False
-        self.apply_settings(settings, gui)
+        try:
+            self.apply_settings(settings, gui)
+        except ValueError as e:
+            show_error(f"napari-diffrecon: preset {Path(path).name}: {e}")
+            return False
         return True
 
     def _save_preset_dialog(self) -> None:
@@ -1188,7 +1245,10 @@ class DiffReconWidget(QWidget):
                 return None
         _presets.save_last(settings, self._last_state())
         self._run_settings = settings
-        self._run_measurement = self.measurement
+        self._run_measurement = self.measurement  # which data the run's layers belong to (compared by identity)
+        # the run's own copy of the noise model: the σ box edits the measurement, for the next run, not this one
+        self._run_data = dataclasses.replace(self.measurement, noise=dict(self.measurement.noise or {}))
+        self._run_prior_name = getattr(getattr(prior, "card", None), "name", None) if diffusion else None
         self._live_params = settings.params
         self._live_log = []
         self._last_update = None
@@ -1203,7 +1263,7 @@ class DiffReconWidget(QWidget):
         self._running_prov = {"status": "running", "settings": settings.to_dict()}
         baseline = baseline_for(modality) if diffusion and self.compare.isChecked() else None
         worker = new_worker(
-            run_stream, self.measurement, settings, prior, baseline, max_rate=self.max_rate, live_log=self._live_log
+            run_stream, self._run_data, settings, prior, baseline, max_rate=self.max_rate, live_log=self._live_log
         )
         worker.yielded.connect(self._on_update)
         worker.errored.connect(self._on_error)
@@ -1212,7 +1272,7 @@ class DiffReconWidget(QWidget):
         self.worker = worker
         self._pbar = run_progress(self, settings.params.n_steps if diffusion else 0, f"diffrecon {settings.method}")
         self.run_btn.setEnabled(False)
-        self.stop_btn.setEnabled(True)
+        self.stop_btn.setEnabled(diffusion)  # a classical method runs to its end (seconds): there is no step to stop at
         self.status.setText(f"running {settings.method}…")
         worker.start()
         return worker
@@ -1298,7 +1358,11 @@ class DiffReconWidget(QWidget):
         return layer
 
     def stop(self) -> None:
-        """Cancel the run in flight (it ends at the sampler's next step; what was computed stays)."""
+        """Cancel the run in flight (it ends at the sampler's next step; what was computed stays). A classical
+        method is not interrupted: it finishes and is shown as it is."""
+        if self.worker is not None and self._run_settings is not None and self._run_settings.method in BASELINES:
+            self.status.setText(f"{self._run_settings.method} is a classical method: it finishes in seconds")
+            return
         if self.worker is not None:
             self.worker.quit()
             self.status.setText("stopping…")
@@ -1484,8 +1548,8 @@ class DiffReconWidget(QWidget):
         upd = self._last_update
         extra = {"kind": "diffusion", "status": "stopped", "stopped_at_step": upd.step if upd else 0,
                  "nfe": upd.nfe if upd else 0, "live_parameter_changes": list(self._live_log),
-                 "prior": getattr(getattr(self.prior, "card", None), "name", None), "frontend": "napari widget"}
-        prov = provenance(self._run_measurement, self._run_settings, extra)
+                 "prior": self._run_prior_name, "frontend": "napari widget"}  # the run's, not the box's now
+        prov = provenance(self._run_data, self._run_settings, extra)
         for role, layer in self.layers.items():  # the layers this run wrote (not an earlier run's, nor its baseline)
             if role in LAYER_NAMES and role not in self._fresh and role != "baseline" and layer in self.viewer.layers:
                 layer.metadata = {**layer.metadata, "provenance": prov}

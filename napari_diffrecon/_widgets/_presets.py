@@ -65,7 +65,10 @@ def load_preset(path: str | Path) -> tuple[RunSettings, dict[str, Any]]:
         settings = RunSettings.from_dict(d["settings"])
     except (TypeError, ValueError) as e:
         raise ValueError(f"preset {path.name}: {e}") from None
-    return settings, dict(d.get("gui") or {})
+    gui = d.get("gui") or {}
+    if not isinstance(gui, dict):
+        raise ValueError(f"preset {path.name}: 'gui' must be a JSON object (the workbench's own choices), got {gui!r}")
+    return settings, dict(gui)
 
 
 def save_last(settings: RunSettings, gui: dict[str, Any] | None = None) -> Path | None:

@@ -82,6 +82,7 @@ class TuningPanel(QGroupBox):
         self.maps: Any = None
         self._pbar: Any = None
         self._cancel = threading.Event()
+        self._measurement: Any = None  # the data the last search ran on
         lay = QVBoxLayout(self)
         self.criterion = QComboBox()
         for key, text in CRITERIA.items():
@@ -149,6 +150,7 @@ class TuningPanel(QGroupBox):
         params = {key: values} if values else key
         criterion = self.criterion.currentData() or "split"
         self._cancel = threading.Event()
+        self._measurement = o.measurement  # the data searched: a result for other data is not applied
         worker = new_worker(tune_stream, o.measurement, settings, prior, params, criterion, self._cancel)
         worker.yielded.connect(self._on_progress)
         worker.returned.connect(self._on_returned)
@@ -181,9 +183,14 @@ class TuningPanel(QGroupBox):
             pbar.set_description(f"diffrecon auto-tune: {msg}")
 
     def _on_returned(self, result: TuneResult) -> None:
+        o = self.owner
+        if o.measurement is not self._measurement:  # other data were loaded during the search: it is not theirs
+            self.result, self.record = None, None
+            o.status.setText("auto-tune finished for the data loaded before; its values were not applied (run it "
+                             "again for these data)")
+            return
         self.result = result
         self.record = result.to_dict()
-        o = self.owner
         for k, v in result.best.items():
             spin = o.spins.get(k)
             if spin is not None:
@@ -200,6 +207,8 @@ class TuningPanel(QGroupBox):
         self.owner.status.setText(f"auto-tune failed: {exc}")
 
     def _on_finished(self) -> None:
+        if self._cancel is not None and self._cancel.is_set() and self.owner.status.text().startswith("auto-tuning"):
+            self.owner.status.setText("auto-tune stopped")  # a cancelled search can end without an error
         pbar, self._pbar = self._pbar, None  # cleared first: close() may process events and re-enter
         if pbar is not None:
             pbar.close()
@@ -211,6 +220,9 @@ class TuningPanel(QGroupBox):
     def provenance_for(self, settings: Any) -> dict[str, Any] | None:
         """The search record when ``settings`` still use the tuned values (else None)."""
         if self.record is None or settings is None or settings.method != self.record.get("method"):
+            return None
+        ran_on = self.owner._run_measurement or self.owner.measurement
+        if ran_on is not self._measurement:  # a search on other data says nothing of this run
             return None
         if any(abs(float(getattr(settings.params, k)) - float(v)) > 1e-9 * max(1.0, abs(float(v)))
                for k, v in self.record["best"].items()):
