@@ -102,6 +102,8 @@ class RunSettings:
                 p[k] = float("inf")
             elif k in PARAM_RANGES:  # numbers as numbers (a hand-edited "50" or 50.0 steps), checked below
                 try:
+                    if isinstance(v, bool):
+                        raise TypeError
                     p[k] = float(v)
                 except (TypeError, ValueError):
                     raise ValueError(f"sampler parameter {k} must be a number, got {v!r}") from None
@@ -115,8 +117,9 @@ class RunSettings:
         for key, lo in (("n_samples", 1), ("seed", 0)):
             if key in d:
                 v = d[key]
-                if isinstance(v, bool) or not isinstance(v, (int, float)) or v != int(v) or v < lo:
-                    raise ValueError(f"{key} must be a whole number ≥ {lo}, got {v!r}")
+                if (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v != int(v)
+                        or not lo <= v < 2**31):
+                    raise ValueError(f"{key} must be a whole number from {lo} to 2³¹ − 1, got {v!r}")
                 d[key] = int(v)
         if "method" in d and d["method"] not in (*SAMPLERS, *_baseline_names()):
             raise ValueError(f"unknown method {d['method']!r}")

@@ -169,6 +169,37 @@ def test_read_image_formats(tmp_path, ct_slice):
         shutil.copy(get_testdata_file(f), tmp_path / "mixed" / f)
     with pytest.raises(ValueError, match=r"not one series .*CT_small.dcm.*MR_small.dcm"):
         read_image(tmp_path / "mixed")
+    # an enhanced multi-frame CT: each frame's rescale and position come from its functional groups
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.sequence import Sequence
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.2.1"  # enhanced CT
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = generate_uid()
+    ds.update({"Modality": "CT", "Rows": 8, "Columns": 8, "NumberOfFrames": 3, "SamplesPerPixel": 1,
+               "PhotometricInterpretation": "MONOCHROME2", "BitsAllocated": 16, "BitsStored": 16, "HighBit": 15,
+               "PixelRepresentation": 0})
+    ds.PixelData = np.stack([np.full((8, 8), 1024 + 100 * k, np.uint16) for k in range(3)]).tobytes()
+    shared, pvt, pm = Dataset(), Dataset(), Dataset()
+    pvt.RescaleSlope, pvt.RescaleIntercept, pm.PixelSpacing = 1, -1024, [0.7, 0.7]
+    shared.PixelValueTransformationSequence, shared.PixelMeasuresSequence = Sequence([pvt]), Sequence([pm])
+    ds.SharedFunctionalGroupsSequence = Sequence([shared])
+    frames = []
+    for z in (5.0, 1.0, 3.0):
+        f, pp = Dataset(), Dataset()
+        pp.ImagePositionPatient = [0, 0, z]
+        f.PlanePositionSequence = Sequence([pp])
+        frames.append(f)
+    ds.PerFrameFunctionalGroupsSequence = Sequence(frames)
+    ds.save_as(tmp_path / "enhanced.dcm", enforce_file_format=True)
+    vol, info = read_volume(tmp_path / "enhanced.dcm")
+    np.testing.assert_array_equal(vol[:, 0, 0], [100, 200, 0])  # in HU, ordered along z
+    assert info["units"] == "HU" and info["pixel_spacing_mm"] == [0.7, 0.7]
+    tifffile.imwrite(tmp_path / "planar.tif", np.stack([grey] * 3), photometric="rgb", planarconfig="separate")
+    np.testing.assert_allclose(read_image(tmp_path / "planar.tif")[0], grey, atol=1e-4)
     # complex images are refused (their imaginary part was dropped with a NumPy warning only)
     for name in ("c.npy", "c.tif"):
         cplx = (ct_slice * (1 + 1j)).astype(np.complex64)

@@ -491,6 +491,7 @@ def test_what_the_workbench_changes_itself_mid_run_waits_for_the_next_run(make_n
     w.method_combo.setCurrentIndex(w.method_combo.findData("dds"))
     _prepare(w, "ct_sparse23", tiny_priors["ct"], n_steps=12, slow=0.1)
     w.compare.setChecked(False)
+    w.draw_combo.setCurrentIndex(w.draw_combo.findData("jacobian"))
     sigma = float(w.measurement.noise["sigma"])
     gamma = w.spins["gamma"].value()
     worker = w.run()
@@ -502,6 +503,7 @@ def test_what_the_workbench_changes_itself_mid_run_waits_for_the_next_run(make_n
             w.noise_sigma.setValue(5 * sigma)  # edits the measurement, for the next run
             w.method_combo.setCurrentIndex(w.method_combo.findData("mcg"))  # tuned values refilled: not live
             w.method_combo.setCurrentIndex(w.method_combo.findData("dds"))
+            w.precision_combo.setCurrentText("bfloat16")  # refuses the structured draw: for the next run
             w.spins["cg_iters"].setValue(3)  # the user's own move: live
 
     worker.yielded.connect(on_update)
@@ -509,6 +511,8 @@ def test_what_the_workbench_changes_itself_mid_run_waits_for_the_next_run(make_n
     prov = w.last_provenance
     assert acted and [set(c) - {"after_step", "t"} for c in prov["live_parameter_changes"]] == [{"cg_iters"}]
     assert prov["settings"]["params"]["gamma"] == pytest.approx(gamma)
+    assert prov["settings"]["params"]["extra"]["posterior_draw"] == "jacobian"
+    w.precision_combo.setCurrentText("float32")
     assert prov["noise"]["sigma"] == pytest.approx(sigma)  # what the run used
     assert w.measurement.noise["sigma"] == pytest.approx(5 * sigma)  # what the next run will use
     # a stopped run names the prior it ran with, not the one picked during the run
@@ -548,7 +552,21 @@ def test_a_damaged_preset_changes_nothing_and_a_damaged_last_session_does_not_bl
         (tmp_path / f"{name}.json").write_text(json.dumps(bad))
         assert w.load_preset(tmp_path / f"{name}.json") is False, name
         assert w.current_settings().to_dict() == before, name
+    # values from_dict passes but the boxes cannot hold: the widgets are restored as they were (all or nothing)
+    w.method_combo.setCurrentIndex(w.method_combo.findData("dds"))
+    w.spins["gamma"].setValue(7.0)
+    before = w.current_settings().to_dict()
+    for name, edit in (("lam", lambda s: s["settings"].update(method="tv", baseline_params={"lam_rel": "abc"})),
+                       ("huge", lambda s: s["settings"].update(method="tv", seed=2**40)),
+                       ("range", lambda s: s["settings"]["params"].update(n_steps=10**12))):
+        bad = json.loads(good.read_text())
+        edit(bad)
+        (tmp_path / f"{name}.json").write_text(json.dumps(bad))
+        assert w.load_preset(tmp_path / f"{name}.json") is False, name
+        assert w.current_settings().to_dict() == before, name
     (tmp_path / "config").mkdir(exist_ok=True)
+    (_presets.config_dir() / "last_settings.json").write_text((tmp_path / "huge.json").read_text())
+    main_widget(viewer).deleteLater()  # opens
     (_presets.config_dir() / "last_settings.json").write_text((tmp_path / "steps.json").read_text())
     w2 = main_widget(viewer)  # opens, with its defaults
     assert w2.method_combo.currentData()

@@ -497,3 +497,18 @@ def test_a_hot_started_run_shows_its_start_image_as_the_baseline_and_computes_it
     cold = rec.RunSettings(method="dds", params=recommended_params("dds", "ct", n_steps=2), seed=0)
     base = next(u for u in run_stream(m, cold, prior=prior, baseline="fbp", max_rate=1e6) if u.kind == "baseline")
     assert base.baseline_method == "fbp"
+
+
+def test_an_auto_tune_result_for_data_loaded_before_is_not_applied(make_napari_viewer):
+    """A search that finishes after other data were loaded wrote its values (CT's γ over MRI's tuned one) and its
+    record reached the next run's provenance: it is dropped, and the status says why."""
+    viewer = make_napari_viewer()
+    w = main_widget(viewer)
+    viewer.window.add_dock_widget(w, name="Diffusion reconstruction")
+    w.load_sample("ct_sparse23")
+    w.tuning._measurement = w.measurement  # the search started on the CT data
+    w.load_sample("mri_4x_8coils")
+    gamma = w.spins["gamma"].value()
+    w.tuning._on_returned(object())  # (a result for the CT data; not looked at)
+    assert w.spins["gamma"].value() == gamma and w.tuning.record is None
+    assert "not applied" in w.status.text()

@@ -579,7 +579,8 @@ class DiffReconWidget(QWidget):
         for value, ok in allowed.items():
             self.draw_combo.model().item(self.draw_combo.findData(value)).setEnabled(ok)
         if not allowed[self.draw_combo.currentData()]:
-            self.draw_combo.setCurrentIndex(self.draw_combo.findData("jacobian" if allowed["jacobian"] else None))
+            with self._not_live():  # for the next run (new data, another precision), not the one in flight
+                self.draw_combo.setCurrentIndex(self.draw_combo.findData("jacobian" if allowed["jacobian"] else None))
 
     def _leave_a_shipped_prior_of_another_modality(self, modality: str) -> None:
         """A *shipped* prior picked for another modality (e.g. last session's MRI prior, then a CT scan is loaded)
@@ -1064,13 +1065,21 @@ class DiffReconWidget(QWidget):
         try:
             with self._not_live():
                 self._apply_settings(settings, gui, quiet)
-        except (TypeError, ValueError, AttributeError, KeyError) as e:
+        except Exception as e:  # noqa: BLE001 - any value a spin box or combo refuses (type, range, overflow)
             with self._not_live():
-                self._apply_settings(before[0], before[1], True)
+                self._apply_settings(before[0], before[1], True)  # the widgets' own values: they fit
             self._tuned_for, self._restored_kind = before[2], before[3]
             raise ValueError(f"these settings cannot be shown ({type(e).__name__}: {e}); nothing was changed") from None
         finally:
             self._applying = False
+
+    @staticmethod
+    def _set_checked(box: Any, value: Any, name: str) -> None:
+        """Set a spin box to ``value``, refusing what it cannot hold (Qt would clamp it, or overflow)."""
+        v = float(value)
+        if not (box.minimum() <= v <= box.maximum()):
+            raise ValueError(f"{name} = {value!r} is outside this box's range {box.minimum():g}–{box.maximum():g}")
+        box.setValue(int(round(v)) if isinstance(box, QSpinBox) else v)
 
     @contextlib.contextmanager
     def _not_live(self) -> Iterator[None]:
@@ -1093,7 +1102,7 @@ class DiffReconWidget(QWidget):
             v = getattr(p, key)
             if isinstance(v, float) and not math.isfinite(v):
                 v = self.spins[key].maximum()
-            self.spins[key].setValue(int(v) if isinstance(self.spins[key], QSpinBox) else float(v))
+            self._set_checked(self.spins[key], v, key)
         if p.t0 < 1:
             self.spins["t0"].setValue(p.t0)
         for key in ADAPT:
@@ -1105,12 +1114,14 @@ class DiffReconWidget(QWidget):
         self.hot_start.setChecked(bool(settings.hot_start) or bool((gui or {}).get("hot_start")))
         # The start: the widget's own choice when the preset stored it ("auto" re-derives the data's), else the
         # settings' (a CLI run's provenance names the start it used).
-        start = (gui or {}).get("start") or settings.hot_start or "auto"
+        # Presets saved by the workbench before the start box existed stored the data's start then (the box was
+        # "auto" in effect): they stay "auto".
+        start = (gui or {}).get("start") or ("auto" if "hot_start" in (gui or {}) else settings.hot_start) or "auto"
         self.start_combo.setCurrentIndex(max(self.start_combo.findData(start), 0))
         self.set_prior_weight(p.prior_weight)
-        self.n_samples.setValue(int(settings.n_samples))
-        self.std_pool.setValue(float(settings.std_pool))
-        self.seed.setValue(int(settings.seed))
+        self._set_checked(self.n_samples, settings.n_samples, "n_samples")
+        self._set_checked(self.std_pool, settings.std_pool, "std_pool")
+        self._set_checked(self.seed, settings.seed, "seed")
         if self.device_combo.findText(settings.device) >= 0:
             self.device_combo.setCurrentText(settings.device)
         elif not quiet:
@@ -1126,7 +1137,7 @@ class DiffReconWidget(QWidget):
             if key == "filter":
                 self.filter_combo.setCurrentText(str(v))
             elif key in self.spins:
-                self.spins[key].setValue(v)
+                self._set_checked(self.spins[key], v, key)
         if settings.prior:
             idx = self.prior_combo.findData(settings.prior)
             if idx >= 0:
@@ -1618,8 +1629,10 @@ class DiffReconWidget(QWidget):
                 show_info(f"napari-diffrecon: wrote {out}")
 
     def closeEvent(self, event: Any) -> None:  # noqa: N802 - Qt API
-        """Stop a run in flight and remember the settings."""
-        self.stop()
+        """Stop a run in flight (a classical one too: nothing is shown after the dock closes) and remember the
+        settings."""
+        if self.worker is not None:
+            self.worker.quit()
         self.volume.stop()
         _presets.save_last(self.current_settings(), self._last_state())
         super().closeEvent(event)

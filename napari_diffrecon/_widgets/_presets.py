@@ -63,7 +63,7 @@ def load_preset(path: str | Path) -> tuple[RunSettings, dict[str, Any]]:
         raise ValueError(f"{path.name} is not a napari-diffrecon preset (expected format {PRESET_FORMAT!r})")
     try:
         settings = RunSettings.from_dict(d["settings"])
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, OverflowError) as e:
         raise ValueError(f"preset {path.name}: {e}") from None
     gui = d.get("gui") or {}
     if not isinstance(gui, dict):

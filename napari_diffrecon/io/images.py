@@ -26,7 +26,10 @@ def _dicom_volume(path: Path) -> tuple[np.ndarray, dict[str, Any]]:
             raise ValueError(f"cannot read {f.name} as DICOM image: {e}") from None
         if int(getattr(ds, "SamplesPerPixel", 1) or 1) > 1:  # colour (a secondary capture): grey, as PNG / TIFF
             arr = _grey(arr)
-        arr = arr * float(getattr(ds, "RescaleSlope", 1.0)) + float(getattr(ds, "RescaleIntercept", 0.0))
+        if arr.ndim == 3 and "PerFrameFunctionalGroupsSequence" in ds:  # enhanced multi-frame: per-frame groups
+            arr = _enhanced_frames(ds, arr)
+        else:
+            arr = arr * float(getattr(ds, "RescaleSlope", 1.0)) + float(getattr(ds, "RescaleIntercept", 0.0))
         pos = getattr(ds, "ImagePositionPatient", None)
         key = float(pos[2]) if pos is not None else float(getattr(ds, "InstanceNumber", 0) or 0)
         slices.append((key, arr, ds, f.name))
@@ -34,8 +37,12 @@ def _dicom_volume(path: Path) -> tuple[np.ndarray, dict[str, Any]]:
         raise ValueError(f"no readable DICOM images in {path}")
     slices.sort(key=lambda s: s[0])
     ds = slices[0][2]
-    units = "HU" if str(getattr(ds, "Modality", "")).upper() == "CT" else "arbitrary"
-    info = {"format": "dicom", "units": units, "pixel_spacing_mm": [float(v) for v in getattr(ds, "PixelSpacing", [])]}
+    rescaled = "RescaleIntercept" in ds or _group_item(ds, 0, "PixelValueTransformationSequence") is not None
+    # CT values are HU once rescaled (a CT without any rescale may store raw detector units: not claimed to be HU)
+    units = "HU" if str(getattr(ds, "Modality", "")).upper() == "CT" and rescaled else "arbitrary"
+    measures = _group_item(ds, 0, "PixelMeasuresSequence")
+    spacing = getattr(ds, "PixelSpacing", None) or getattr(measures, "PixelSpacing", None) or []
+    info = {"format": "dicom", "units": units, "pixel_spacing_mm": [float(v) for v in spacing]}
     if any(int(getattr(s[2], "SamplesPerPixel", 1) or 1) > 1 for s in slices):
         info["converted"] = "colour image converted to grey"
     if len(slices) == 1 and slices[0][1].ndim == 3:  # one multi-frame file: its frames are the volume
@@ -49,6 +56,32 @@ def _dicom_volume(path: Path) -> tuple[np.ndarray, dict[str, Any]]:
         raise ValueError(f"{path.name}: the DICOM files are not one series (their images differ in shape: {listing}); "
                          "put one series per folder")
     return np.stack([s[1] for s in slices]), info
+
+
+def _group_item(ds: Any, frame: int, sequence: str) -> Any:
+    """The first item of a functional-group ``sequence`` for ``frame`` of an enhanced multi-frame DICOM (per-frame
+    groups first, then the shared ones); None when absent."""
+    per, shared = ds.get("PerFrameFunctionalGroupsSequence"), ds.get("SharedFunctionalGroupsSequence")
+    for groups, i in ((per, frame), (shared, 0)):
+        seq = getattr(groups[i], sequence, None) if groups is not None and len(groups) > i else None
+        if seq:
+            return seq[0]
+    return None
+
+
+def _enhanced_frames(ds: Any, arr: np.ndarray) -> np.ndarray:
+    """An enhanced multi-frame image's frames in stored values → modality values (each frame's rescale from its
+    functional groups), ordered along z by each frame's position where the file gives one."""
+    out = np.empty(arr.shape, np.float32)
+    z = []
+    for i in range(arr.shape[0]):
+        pvt = _group_item(ds, i, "PixelValueTransformationSequence")
+        slope = float(getattr(pvt, "RescaleSlope", 1.0)) if pvt is not None else 1.0
+        intercept = float(getattr(pvt, "RescaleIntercept", 0.0)) if pvt is not None else 0.0
+        out[i] = arr[i] * slope + intercept
+        pos = getattr(_group_item(ds, i, "PlanePositionSequence"), "ImagePositionPatient", None)
+        z.append(float(pos[2]) if pos is not None else float(i))
+    return out[np.argsort(z, kind="stable")]
 
 
 def nifti_napari_order(img: Any, first_frame: bool = False) -> tuple[np.ndarray, list[float]]:
@@ -119,7 +152,8 @@ def read_volume(path: str | Path) -> tuple[np.ndarray, dict[str, Any]]:
                 raw, axes = tif.asarray(), tif.series[0].axes
             _refuse_complex(raw.dtype, path.name)
             vol, info = np.asarray(raw, dtype=np.float32), {"format": "tiff", "units": "arbitrary"}
-            if axes.endswith("S"):  # colour samples per pixel (RGB, RGBA, grey + alpha): grey, as PNG / JPG below
+            if "S" in axes:  # colour samples per pixel (RGB, RGBA, grey + alpha; interleaved or planar): grey
+                vol = np.moveaxis(vol, axes.index("S"), -1)
                 vol, info["converted"] = _grey(vol), "colour image converted to grey"
         elif name.endswith(".npy"):
             raw = np.load(path, allow_pickle=False)
