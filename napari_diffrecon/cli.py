@@ -135,6 +135,14 @@ SAMPLER_FLAGS = {"prior": "--prior", "steps": "--steps", "eta": "--eta", "gamma"
                  "adapt_floor": "--adapt-floor", "std_pool": "--std-pool", "auto": "--auto"}
 
 
+# Options of 2D runs the volume path (DiffusionMBIR-style sampler) does not read (dest → flag).
+VOLUME_IGNORES = {"auto": "--auto", "auto_params": "--auto-params", "zeta": "--zeta", "snr": "--snr", "lam": "--lam",
+                  "lam_rel": "--lam-rel", "iters": "--iters", "filter": "--filter", "subsets": "--subsets",
+                  "t0": "--t0", "keep_samples": "--keep-samples", "adapt_steps": "--adapt-steps",
+                  "adapt_lr": "--adapt-lr", "lora_rank": "--lora-rank", "adapt_every": "--adapt-every",
+                  "adapt_start": "--adapt-start", "adapt_target": "--adapt-target", "adapt_floor": "--adapt-floor"}
+
+
 def _refuse_flags_the_run_ignores(a: argparse.Namespace) -> None:
     """Refuse options the run would ignore: sampler options with a classical method, ``--auto-params`` without
     ``--auto`` (each used to be dropped without a word)."""
@@ -217,6 +225,12 @@ def _cmd_reconstruct(a: argparse.Namespace) -> int:
         if getattr(a, "hot_start", None):
             raise ValueError("--hot-start applies to 2D runs; volume runs start from noise (drop --hot-start and "
                              "--t0)")
+        ignored = [flag for dest, flag in VOLUME_IGNORES.items() if getattr(a, dest, None) not in (None, False)]
+        if ignored:
+            raise ValueError(f"{', '.join(ignored)} {'applies' if len(ignored) == 1 else 'apply'} to 2D runs; the "
+                             "volume sampler (mbir) takes --steps, --eta, --gamma, --cg-iters, --prior-weight, --ztv, "
+                             "--rho, --prior, --samples and --seed: drop "
+                             f"{'it' if len(ignored) == 1 else 'them'}")
         return run_from_args(a)
     from .io import check_output_path, read_measurement, write_result
     from .io.bundle import RESULT_SUFFIXES
