@@ -43,8 +43,12 @@ def ssim(x: Any, ref: Any, data_range: float | None = None) -> float:
 
 
 def nrmse(x: Any, ref: Any) -> float:
-    """‖x − ref‖ / ‖ref‖."""
+    """‖x − ref‖ / ‖ref‖ (an all-zero reference gives inf unless x is all zero too)."""
     x, ref = _np(x), _np(ref)
+    if x.shape != ref.shape:  # as psnr / ssim: broadcasting would score something else
+        raise ValueError(f"image shape {x.shape} differs from reference shape {ref.shape}")
+    if not np.any(ref):
+        return 0.0 if not np.any(x) else float("inf")
     return float(np.linalg.norm(x - ref) / max(np.linalg.norm(ref), 1e-30))
 
 

@@ -44,6 +44,15 @@ __all__ = [
 DIFFUSION_METHODS = tuple(SAMPLERS)
 
 
+def _validate_input(measurement: Any) -> None:
+    """The checks a bundle file gets (:meth:`napari_diffrecon.io.Measurement.validate`: shapes, NaN, dtype, noise,
+    geometry), for a measurement built in Python too: without them NaN data gave an all-NaN FBP, all-zero data a
+    residual of 1e29, a wrong shape an image of another shape."""
+    validate = getattr(measurement, "validate", None)
+    if callable(validate):
+        validate()
+
+
 def _baseline_names() -> tuple[str, ...]:
     from .baselines import BASELINES
 
@@ -70,6 +79,12 @@ class RunSettings:
         from .priors.prior import check_precision
 
         check_precision(self.precision)
+        for key, lo in (("n_samples", 1), ("seed", 0)):  # whole numbers (1.5 samples, seed None failed deep inside)
+            v = getattr(self, key)
+            if (isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) or not math.isfinite(v)
+                    or v != int(v) or not lo <= v < 2**31):
+                raise ValueError(f"{key} must be a whole number from {lo} to 2³¹ − 1, got {v!r}")
+            setattr(self, key, int(v))
         try:
             self.std_pool = float(self.std_pool)
         except (TypeError, ValueError):
@@ -114,13 +129,6 @@ class RunSettings:
             params.check()  # a value no sampler can use (n_steps −5, γ NaN) is refused here, not clamped by a widget
         except SamplingError as e:
             raise ValueError(str(e)) from None
-        for key, lo in (("n_samples", 1), ("seed", 0)):
-            if key in d:
-                v = d[key]
-                if (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v != int(v)
-                        or not lo <= v < 2**31):
-                    raise ValueError(f"{key} must be a whole number from {lo} to 2³¹ − 1, got {v!r}")
-                d[key] = int(v)
         if "method" in d and d["method"] not in (*SAMPLERS, *_baseline_names()):
             raise ValueError(f"unknown method {d['method']!r}")
         return cls(params=params, **d)
@@ -502,11 +510,14 @@ def prepare_run(
     """
     from .priors import default_prior_for, load_prior
 
+    _validate_input(measurement)
     device = check_device(settings.device)
     operator = measurement.build_operator(device)
     likelihood = measurement.build_likelihood(device)
     m = measurement.to_tensor(device)
     modality = operator.modality
+    if isinstance(prior, (str, Path)):  # a shipped name or a card path, as settings.prior takes
+        prior = load_prior(str(prior), device)
     if prior is None:
         name = settings.prior or default_prior_for(
             modality, operator.is_complex, consistency=settings.method == "consistency"
@@ -663,6 +674,7 @@ def reconstruct(
     if settings.method not in SAMPLERS:
         from .baselines import BASELINES
 
+        _validate_input(measurement)
         if settings.method not in BASELINES:
             raise ValueError(
                 f"unknown method {settings.method!r}; diffusion samplers: {', '.join(SAMPLERS)}; "

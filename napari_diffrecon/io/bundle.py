@@ -9,6 +9,7 @@ array-valued fields stored as their own keys and referenced as ``{"$array": "mas
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 import time
@@ -68,6 +69,15 @@ class OutputPathError(FileExistsError):
     """
 
 
+def default_noise(data: Any) -> dict[str, Any]:
+    """The noise model assumed for data that declare none: Gaussian, σ = 1 % of the measurement's RMS, marked
+    ``assumed`` (runs then say their noise floor is an assumption and skip the warnings that need a known one)."""
+    data = np.asarray(data)
+    rms = float(np.sqrt(np.mean(np.abs(data) ** 2))) if data.size and np.issubdtype(data.dtype, np.number) else 1.0
+    return {"model": "gaussian", "sigma": max(0.01 * rms, 1e-8) if math.isfinite(rms) else 1.0,
+            "note": "default: 1% of the measurement RMS", "assumed": True}
+
+
 @dataclass
 class Measurement:
     """Measured data with everything needed to rebuild its forward model and noise model."""
@@ -78,6 +88,18 @@ class Measurement:
     ground_truth: np.ndarray | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
     path: str | None = None
+
+    def __post_init__(self) -> None:
+        # Arrays as arrays (a torch tensor or a list gave AttributeError deep inside), the modality in lower case (as
+        # every reader writes it: "CT" passed validation but the prior check refused it), and without a noise spec the
+        # readers' assumed default instead of the likelihood's σ = 1.
+        if not isinstance(self.data, np.ndarray):
+            self.data = np.asarray(self.data.detach().cpu() if isinstance(self.data, torch.Tensor) else self.data)
+        if isinstance(self.operator, dict) and isinstance(self.operator.get("modality"), str):
+            if self.operator["modality"] != self.operator["modality"].lower():
+                self.operator = {**self.operator, "modality": self.operator["modality"].lower()}
+        if not self.noise:
+            self.noise = default_noise(self.data)
 
     def build_operator(self, device: str | torch.device = "cpu"):
         """The forward model on ``device``."""
@@ -466,9 +488,7 @@ def read_measurement(path: str | Path) -> Measurement:
         noise["background"] = bg
     data = np.asarray(keys["measurement"])
     if not noise:
-        rms = float(np.sqrt(np.mean(np.abs(data) ** 2))) if data.size and np.issubdtype(data.dtype, np.number) else 1.0
-        noise = {"model": "gaussian", "sigma": max(0.01 * rms, 1e-8), "note": "default: 1% of the measurement RMS",
-                 "assumed": True}
+        noise = default_noise(data)
     gt = keys.get("ground_truth")
     meta = json_field(keys.get("metadata"), "metadata") or {}
     m = Measurement(
