@@ -219,6 +219,9 @@ def simulate_from_image(
     source : str, optional
         Recorded in the metadata.
     """
+    if np.iscomplexobj(image):  # np.asarray(..., float64) would keep the real part with a warning only
+        raise ValueError("simulate takes a real image; pass its magnitude (np.abs) — k-space goes into a bundle's "
+                         "measurement instead")
     img = np.asarray(image, dtype=np.float64)
     if img.ndim != 2:
         raise ValueError(f"simulate needs a 2D image, got shape {img.shape}; pick one slice (on the command line: "

@@ -134,6 +134,8 @@ def summarize(samples: Any, interval: float = 0.95, std_pool: float = 0.0, nonne
     t = samples if is_torch else torch.as_tensor(np.asarray(samples))
     if t.ndim < 2:
         raise ValueError(f"samples must be stacked on the first axis, got shape {tuple(t.shape)}")
+    if t.shape[0] == 0:
+        raise ValueError("no samples to summarise (the first axis has length 0); pass at least one")
     if t.is_complex():
         t = t.abs()
         nonneg = True

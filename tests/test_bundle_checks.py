@@ -284,3 +284,9 @@ def test_a_measurement_built_in_python_gets_the_checks_and_defaults_a_file_gets(
             RunSettings(**kw)
     with pytest.raises(ValueError, match="differs from reference shape"):
         nrmse(np.ones((4, 4)), np.ones((1, 4)))
+    from napari_diffrecon.uncertainty import summarize
+
+    with pytest.raises(ValueError, match="no samples"):
+        summarize(np.zeros((0, N, N)))
+    with pytest.raises(ValueError, match="real image"):
+        simulate_from_image(np.ones((N, N)) * (1 + 1j), "ct", size=N)
