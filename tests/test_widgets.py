@@ -515,6 +515,8 @@ def test_what_the_workbench_changes_itself_mid_run_waits_for_the_next_run(make_n
     w.precision_combo.setCurrentText("float32")
     assert prov["noise"]["sigma"] == pytest.approx(sigma)  # what the run used
     assert w.measurement.noise["sigma"] == pytest.approx(5 * sigma)  # what the next run will use
+    index = viewer.layers.index  # the opaque std lies under this run's images (grid off: it covered them)
+    assert index(w.layers["std"]) < min(index(w.layers[r]) for r in ("iterate", "estimate", "mean"))
     # a stopped run names the prior it ran with, not the one picked during the run
     _slow(w, 0.2)
     worker = w.run()

@@ -457,7 +457,7 @@ class DiffReconWidget(QWidget):
         self.grid = QCheckBox("side by side (grid view)")
         self.grid.toggled.connect(self._on_grid)
         gl.addWidget(self.grid)
-        lay.addWidget(g)
+        outer.addWidget(g)  # pinned below the scrolling settings: Run, Stop and the status stay in view
 
         # Self-tuning (auto-tune) and the support map
         from ._tuning import TuningPanel
@@ -1488,6 +1488,11 @@ class DiffReconWidget(QWidget):
             layer = self.viewer.add_image(data, **kwargs)
             if role == "residual":  # data space, with the image's footprint: under the images, seen in grid view
                 self.viewer.layers.move(self.viewer.layers.index(layer), 0)
+            elif role == "std":  # under this run's images: with the grid off, the opaque std must not cover them
+                below = [self.viewer.layers.index(self.layers[r]) for r in ("iterate", "estimate", "mean")
+                         if r in self.layers and self.layers[r] in self.viewer.layers]
+                if below:
+                    self.viewer.layers.move(self.viewer.layers.index(layer), min(below))
             self.track(role, layer)
             self._fresh.discard(role)
             return
