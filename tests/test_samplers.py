@@ -793,3 +793,18 @@ def test_the_back_projected_measurement_is_cached_per_measurement_tensor():
     w = torch.clamp(counts, min=0.5)
     assert torch.allclose(back_projected_data(tprob), op.adjoint(post_log(counts, 1e4, 0.0) * w / w.mean()),
                           rtol=1e-5)
+
+
+def test_a_huge_finite_data_weight_tends_to_the_noise_free_step_instead_of_overflowing():
+    """γ̃ Aᴴm overflowed float32 for γ ≈ 1e20 and DDS ignored the data (the unconditional sample, with an under-fit
+    warning advising a larger weight); the data step now solves the system divided by γ̃, which tends to γ = inf."""
+    from napari_diffrecon.reconstruct import RunSettings, reconstruct
+    from napari_diffrecon.simulate import simulate_from_image
+
+    yy, xx = np.mgrid[:32, :32]
+    m = simulate_from_image(1.0 + ((yy - 16) ** 2 + (xx - 14) ** 2 < 60), "ct", size=32, views=12, seed=0)
+    out = {g: reconstruct(m, RunSettings(params=SamplerParams(n_steps=2, gamma=g), seed=0))
+           for g in (1e20, float("inf"))}
+    assert out[1e20].residual == pytest.approx(out[float("inf")].residual, rel=1e-3)
+    np.testing.assert_allclose(out[1e20].reconstruction, out[float("inf")].reconstruction, atol=1e-4)
+    assert not any("do not fit" in w for w in out[1e20].provenance["warnings"])

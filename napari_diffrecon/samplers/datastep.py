@@ -220,6 +220,10 @@ def proximal_cg(
             n_iter=n_iter,
             n_core_dims=len(op.image_shape),
         )
+    if g > 1:  # the same system divided by γ̃ (CG's iterates and its relative stop do not change): float32 holds it
+        # for any finite γ (γ = 1e20 overflowed in γ̃ Aᴴm and the run ignored the data), tending to γ = inf's
+        return conjugate_gradient(lambda v: v / g + a_h_w(op.forward(v)), x0_hat / g + a_h_w_m, x0=x0_hat,
+                                  n_iter=n_iter, n_core_dims=len(op.image_shape))
     rhs = x0_hat + g * a_h_w_m
     return conjugate_gradient(
         lambda v: v + g * a_h_w(op.forward(v)), rhs, x0=x0_hat, n_iter=n_iter, n_core_dims=len(op.image_shape)
