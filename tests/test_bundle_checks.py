@@ -290,3 +290,14 @@ def test_a_measurement_built_in_python_gets_the_checks_and_defaults_a_file_gets(
         summarize(np.zeros((0, N, N)))
     with pytest.raises(ValueError, match="real image"):
         simulate_from_image(np.ones((N, N)) * (1 + 1j), "ct", size=N)
+
+
+def test_a_bundle_no_reader_would_take_is_not_written(tmp_path):
+    from napari_diffrecon.io import Measurement
+
+    m = simulate_from_image(np.outer(np.hanning(N), np.hanning(N)), "ct", size=N, views=8, seed=0)
+    bad = Measurement(data=np.full_like(m.data, np.nan), operator=m.operator, noise=m.noise)
+    with pytest.raises(BundleError, match="NaN"):
+        write_measurement(bad, tmp_path / "bad.npz")
+    assert not (tmp_path / "bad.npz").exists()
+    assert read_measurement(write_measurement(m, tmp_path / "ok.npz")).data.shape == m.data.shape

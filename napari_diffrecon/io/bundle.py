@@ -633,8 +633,10 @@ def split_arrays(spec: dict[str, Any], noise: dict[str, Any]) -> tuple[dict, dic
 
 def write_measurement(m: Measurement, path: str | Path, overwrite: bool = False) -> Path:
     """Write a bundle (``.npz``, or ``.h5`` / ``.hdf5``) atomically (temp file + rename); refuses to overwrite
-    unless ``overwrite``, and refuses other file endings."""
+    unless ``overwrite``, and refuses other file endings. A measurement the readers would refuse
+    (:meth:`Measurement.validate`) is not written: the :class:`BundleError` says why."""
     path = check_output_path(path, overwrite, MEASUREMENT_SUFFIXES)
+    m.validate()
     spec, noise, arrays = split_arrays(m.operator, m.noise)
     meta = {"software_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S"), **(m.metadata or {})}
     keys: dict[str, Any] = {
