@@ -143,20 +143,29 @@ VOLUME_IGNORES = {"auto": "--auto", "auto_params": "--auto-params", "zeta": "--z
                   "adapt_start": "--adapt-start", "adapt_target": "--adapt-target", "adapt_floor": "--adapt-floor"}
 
 
+def _given(a: argparse.Namespace, flags: dict[str, str]) -> list[str]:
+    """The flags of ``flags`` (dest → flag) given on the command line."""
+    return [flag for dest, flag in flags.items() if getattr(a, dest, None) not in (None, False)]
+
+
+def _refuse_ignored(given: list[str], where: str, instead: str) -> None:
+    """Refuse the ``given`` flags, which apply ``where`` only; ``instead`` says what this run takes."""
+    if given:
+        one = len(given) == 1
+        raise ValueError(f"{', '.join(given)} {'applies' if one else 'apply'} to {where}; {instead}: drop "
+                         f"{'it' if one else 'them'}")
+
+
 def _refuse_flags_the_run_ignores(a: argparse.Namespace) -> None:
     """Refuse options the run would ignore: sampler options with a classical method, ``--auto-params`` without
     ``--auto`` (each used to be dropped without a word)."""
     from .baselines import BASELINES
 
     if a.method in BASELINES:
-        given = [flag for dest, flag in SAMPLER_FLAGS.items() if getattr(a, dest, None) not in (None, False)]
-        given += ["--samples"] * (a.samples != 1) + ["--keep-samples"] * bool(a.keep_samples)
+        given = _given(a, SAMPLER_FLAGS) + ["--samples"] * (a.samples != 1) + ["--keep-samples"] * bool(a.keep_samples)
         given += ["--precision"] * (getattr(a, "precision", "float32") != "float32")
-        if given:
-            raise ValueError(f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} to the diffusion "
-                             f"samplers; --method {a.method} is a classical reconstruction and would ignore "
-                             f"{'it' if len(given) == 1 else 'them'}: drop {'it' if len(given) == 1 else 'them'}, or "
-                             "pick a sampler (e.g. --method dds)")
+        _refuse_ignored(given, "the diffusion samplers", f"--method {a.method} is a classical reconstruction (for a "
+                        "diffusion run pick a sampler, e.g. --method dds)")
     if getattr(a, "auto_params", None) and not getattr(a, "auto", None):
         raise ValueError("--auto-params says what --auto searches; add --auto (split, discrepancy or sure) or drop "
                          "--auto-params")
@@ -225,12 +234,8 @@ def _cmd_reconstruct(a: argparse.Namespace) -> int:
         if getattr(a, "hot_start", None):
             raise ValueError("--hot-start applies to 2D runs; volume runs start from noise (drop --hot-start and "
                              "--t0)")
-        ignored = [flag for dest, flag in VOLUME_IGNORES.items() if getattr(a, dest, None) not in (None, False)]
-        if ignored:
-            raise ValueError(f"{', '.join(ignored)} {'applies' if len(ignored) == 1 else 'apply'} to 2D runs; the "
-                             "volume sampler (mbir) takes --steps, --eta, --gamma, --cg-iters, --prior-weight, --ztv, "
-                             "--rho, --prior, --samples and --seed: drop "
-                             f"{'it' if len(ignored) == 1 else 'them'}")
+        _refuse_ignored(_given(a, VOLUME_IGNORES), "2D runs", "the volume sampler (mbir) takes --steps, --eta, "
+                        "--gamma, --cg-iters, --prior-weight, --ztv, --rho, --prior, --samples and --seed")
         return run_from_args(a)
     from .io import check_output_path, read_measurement, write_result
     from .io.bundle import RESULT_SUFFIXES

@@ -199,7 +199,8 @@ def _prior_name(prior: Any) -> str:
 
 
 def _check_cluster_shape(n_workers: Any, threads_per_worker: Any, retries: Any) -> None:
-    """Refuse a cluster that cannot run anything (0 workers waits forever for one) or negative retries."""
+    """Refuse a cluster that cannot run anything (0 workers waits forever for one) or negative retries (None: not
+    checked, e.g. the workers of an existing cluster)."""
     from ._checks import check_number
 
     check_number("--workers", n_workers, 1, integer=True)
@@ -275,10 +276,8 @@ def reconstruct_folder(
     -------
     FolderReport
     """
-    if client is None and not scheduler:
-        _check_cluster_shape(n_workers, threads_per_worker, retries)
-    else:
-        _check_cluster_shape(1, 1, retries)
+    local = client is None and not scheduler  # the LocalCluster's shape is ours; an existing cluster's is not
+    _check_cluster_shape(n_workers if local else None, threads_per_worker if local else None, retries)
     distributed = _require_distributed()
     from .io.bundle import write_result
     from .volume import VolumeParams, check_folder, intensity_for, recommended_volume_params

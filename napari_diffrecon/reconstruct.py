@@ -176,13 +176,15 @@ def file_sha256(path: str | Path | None) -> str | None:
     return h.hexdigest()
 
 
-def intensity_mapping(measurement: Any, prior: Any, reference: torch.Tensor | None) -> tuple[float, float, str]:
+def intensity_mapping(measurement: Any, prior: Any, reference: torch.Tensor | None,
+                      support: torch.Tensor | None = None) -> tuple[float, float, str]:
     """``(scale, offset, how)`` with image = scale · model + offset.
 
     Uses the measurement's declared intensity (``metadata["intensity"]``: image = a · native + b)
     composed with the prior card's normalisation when their native units agree; otherwise maps
-    the model range [−1, 1] onto the 1st–99th percentile range of a classical reconstruction
-    (pass only its pixels inside the field of view: outside it the image is 0 by construction).
+    the model range [−1, 1] onto the 1st–99th percentile range of a classical reconstruction,
+    over its pixels inside ``support`` (the operator's field of view, a boolean mask of the image's
+    trailing axes; outside it the image is 0 by construction) when one is given.
     """
     meta = getattr(measurement, "metadata", None) or {}
     inten = meta.get("intensity") if isinstance(meta, dict) else None
@@ -195,6 +197,8 @@ def intensity_mapping(measurement: Any, prior: Any, reference: torch.Tensor | No
     if reference is None:
         return 1.0, 0.0, "identity"
     ref = reference.abs() if reference.is_complex() else reference
+    if support is not None:
+        ref = ref[..., support]
     ref = ref.flatten().float().cpu()
     ref = ref[:: -(-ref.numel() // 2**24)]  # torch.quantile takes at most 2^24 values: an even subsample of larger ones
     lo, hi = torch.quantile(ref, torch.tensor([0.01, 0.99])).tolist()
@@ -556,9 +560,7 @@ def prepare_run(
 
     floor = noise_floor(operator, m, likelihood)
     assumed = noise_is_assumed(getattr(measurement, "noise", None))
-    inside = operator.support
-    scale, offset, how = intensity_mapping(
-        measurement, prior, reference if reference is None or inside is None else reference[..., inside])
+    scale, offset, how = intensity_mapping(measurement, prior, reference, support=operator.support)
     problem = Problem(operator, m, prior, likelihood, scale=scale, offset=offset, nonneg=modality == "pet")
     sampler = get_sampler(settings.method)
     # the start image continues past the field of view (CT / PET), where the classical image is zero: no edge there

@@ -126,6 +126,11 @@ def _spin(kind: str, lo: float, hi: float, step: float, decimals: int) -> QSpinB
     return w
 
 
+def _method_label(name: str) -> str:
+    """A classical method's name as labels show it ("zero_filled" → "ZERO FILLED")."""
+    return name.upper().replace("_", " ")
+
+
 def _row(label: str, *widgets: QWidget, tooltip: str = "") -> QWidget:
     box = QWidget()
     lay = QHBoxLayout(box)
@@ -241,6 +246,7 @@ class DiffReconWidget(QWidget):
         self._run_measurement: Measurement | None = None
         self._run_data: Measurement | None = None  # the run's own copy (its noise model as the run used it)
         self._run_prior_name: str | None = None
+        self._quiet_depth = 0  # > 0 inside _not_live(): widget changes made by the workbench itself
         self._last_update: Update | None = None
         self._pbar: Any = None
         self._fresh: set[str] = set()
@@ -552,7 +558,7 @@ class DiffReconWidget(QWidget):
         self._on_method_changed()  # the check box names the start
         self.hot_start.setToolTip(
             "start the reverse diffusion at t0 from a classical image (10–20 network evaluations instead of 50); "
-            f"for these data {hot.upper().replace('_', ' ')} unless another is picked below"
+            f"for these data {_method_label(hot)} unless another is picked below"
             + ("; TV rather than FBP because these data have few views or a limited arc (its streaks or missing "
                "wedge are more than a short reverse process removes)" if hot == "tv" and modality == "ct" else "")
             + ("; TV rather than MLEM: its smoother image gave 0.7–1.3 dB better results on our PET benchmarks"
@@ -610,7 +616,7 @@ class DiffReconWidget(QWidget):
         keep = self.start_combo.currentData()
         self.start_combo.blockSignals(True)
         self.start_combo.clear()
-        self.start_combo.addItem(f"auto ({auto.upper().replace('_', ' ')})" if auto else "auto", "auto")
+        self.start_combo.addItem(f"auto ({_method_label(auto)})" if auto else "auto", "auto")
         for name, (mods, _desc) in BASELINES.items():
             if modality in mods or not modality:  # no data yet: every method (a preset's start can be shown)
                 self.start_combo.addItem(name, name)
@@ -884,7 +890,7 @@ class DiffReconWidget(QWidget):
             row.setVisible(key in show)
         start = self._chosen_start()
         if start:
-            self.hot_start.setText(f"hot start from the classical reconstruction ({start.upper().replace('_', ' ')})")
+            self.hot_start.setText(f"hot start from the classical reconstruction ({_method_label(start)})")
         for w in (self.hot_start, self._weight_row, self._samples_row, self.compare):
             w.setVisible(diffusion)
         self._show_card()  # the consistency sampler's default prior is a consistency model
@@ -993,7 +999,7 @@ class DiffReconWidget(QWidget):
     def _apply_live(self, key: str, value: Any) -> None:
         """Write a parameter into the run in flight (the sampler reads it at its next step)."""
         p = self._live_params
-        if p is None or self.worker is None or getattr(self, "_quiet_depth", 0):
+        if p is None or self.worker is None or self._quiet_depth:
             return
         if key in ADAPT or key == "posterior_draw":
             p.extra[key] = value
@@ -1085,7 +1091,7 @@ class DiffReconWidget(QWidget):
     def _not_live(self) -> Iterator[None]:
         """Widget changes made by the workbench itself (tuned values for new data or a new method, a preset) are for
         the next run: inside this block they do not reach the run in flight, as the user's own changes do."""
-        depth = getattr(self, "_quiet_depth", 0)
+        depth = self._quiet_depth
         self._quiet_depth = depth + 1
         try:
             yield

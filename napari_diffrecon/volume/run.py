@@ -53,8 +53,7 @@ def intensity_for(study: VolumeStudy, prior: Any, device: str | torch.device = "
         method = "cg"
     ref = reconstruct_baseline(method, target, study.to_tensor(device), study.build_likelihood(device),
                                **_REFERENCE_PARAMS.get(method, {}))
-    inside = op.base.support  # the slices' field of view: outside it the image is 0 by construction
-    return intensity_mapping(study, prior, ref if inside is None else ref[..., inside])
+    return intensity_mapping(study, prior, ref, support=op.base.support)  # each slice's field of view
 
 
 def iter_slab(
