@@ -610,8 +610,21 @@ def provenance(measurement: Any, settings: RunSettings, extra: dict[str, Any]) -
     inten = meta.get("intensity") if isinstance(meta, dict) else None
     if isinstance(inten, dict):  # how the images' values map to native units (CT: HU), for exports of the result
         rec["measurement_intensity"] = inten
+    used, named = extra.get("prior"), rec["settings"].get("prior")
+    if isinstance(used, str) and named and named != used and _card_name(named) != used:
+        rec["settings"]["prior"] = used  # a prior object was passed: rerunning these settings must load that one
     rec.update(extra)
     return json.loads(json.dumps(rec, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
+
+
+def _card_name(name_or_path: str) -> str | None:
+    """The name in a prior card's JSON (``settings.prior`` may be a path), or None when it is not a readable card."""
+    path = Path(name_or_path)
+    path = path.with_suffix(".json") if path.suffix == ".safetensors" else path
+    try:
+        return str(json.loads(path.read_text(encoding="utf-8")).get("name")) if path.suffix == ".json" else None
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def finish_diffusion_run(

@@ -207,3 +207,17 @@ def test_limited_angle_starts_from_tv_which_beats_the_fbp_start(ct_prior):
         out[r.provenance["hot_start_method"]] = psnr(r.mean, m.ground_truth)
     fbp = psnr(reconstruct(m, RunSettings(method="fbp")).reconstruction, m.ground_truth)
     assert out["tv"] > out["fbp"] + 1.0 > fbp + 1.0, out
+
+
+def test_provenance_names_the_prior_object_that_ran_not_another_in_the_settings(sparse_ct, ct_prior):
+    """Rerunning a provenance record's settings must load the prior that made the result."""
+    from napari_diffrecon.priors.registry import WEIGHTS_DIR
+
+    def recorded(named):
+        s = RunSettings(method="dds", params=SamplerParams(n_steps=2), prior=named)
+        return reconstruct(sparse_ct, s, prior=ct_prior).provenance
+
+    prov = recorded("mri-brain-128")  # settings name one prior, the caller passed another object
+    assert prov["settings"]["prior"] == prov["prior"] == ct_prior.card.name
+    card_path = str(WEIGHTS_DIR / f"{ct_prior.card.name}.json")
+    assert recorded(card_path)["settings"]["prior"] == card_path  # a path to the same card is kept as given
