@@ -460,12 +460,13 @@ def _cmd_demo(a: argparse.Namespace) -> int:
     widget = None
     if has_display and not a.headless:
         try:
-            from ._widgets import main_widget as widget  # the GUI lands with the workbench issue
+            from ._widgets import main_widget as widget  # needs napari and a Qt binding (the napari extra)
         except ImportError:
             widget = None
     if widget is None:
         if has_display and not a.headless:
-            print("demo: the napari widget is not available yet; running the headless demo")
+            print("demo: the workbench needs napari and a Qt binding (pip install -c constraints.txt -e \".[napari]\"); "
+                  "running the headless demo")
         return _run_demo_headless(_free_demo_folder(outdir, a.force))
     import napari  # pragma: no cover - GUI path
 
