@@ -183,6 +183,8 @@ def _quality(result, m) -> str:
     if m.ground_truth is None:
         return ""
     gt = np.abs(m.ground_truth) if np.iscomplexobj(m.ground_truth) else m.ground_truth
+    if not np.ptp(gt) > 0:
+        return "no PSNR/SSIM (the ground truth is constant), "
     return f"PSNR {psnr(result.reconstruction, gt):.2f} dB, SSIM {ssim(result.reconstruction, gt):.3f}, "
 
 
@@ -465,8 +467,8 @@ def _cmd_demo(a: argparse.Namespace) -> int:
             widget = None
     if widget is None:
         if has_display and not a.headless:
-            print("demo: the workbench needs napari and a Qt binding (pip install -c constraints.txt -e \".[napari]\"); "
-                  "running the headless demo")
+            print("demo: the workbench needs napari and a Qt binding "
+                  "(pip install -c constraints.txt -e \".[napari]\"); running the headless demo")
         return _run_demo_headless(_free_demo_folder(outdir, a.force))
     import napari  # pragma: no cover - GUI path
 

@@ -20,11 +20,20 @@ def _np(a: Any) -> np.ndarray:
 
 
 def _range(ref: np.ndarray, data_range: float | None) -> float:
-    return float(data_range) if data_range is not None else float(ref.max() - ref.min()) or 1.0
+    if data_range is not None:
+        if not np.isfinite(data_range) or data_range <= 0:
+            raise ValueError(f"data_range must be a positive finite number, got {data_range}")
+        return float(data_range)
+    span = float(ref.max() - ref.min())
+    if not span > 0:  # also NaN
+        raise ValueError("the reference image is constant (or not finite), so it has no data range: pass data_range= "
+                         "(the range of values the images can take) to score against it")
+    return span
 
 
 def psnr(x: Any, ref: Any, data_range: float | None = None) -> float:
-    """Peak signal-to-noise ratio in dB (data range defaults to the reference's max − min)."""
+    """Peak signal-to-noise ratio in dB (data range defaults to the reference's max − min; a constant reference needs
+    ``data_range``)."""
     x, ref = _np(x), _np(ref)
     if x.shape != ref.shape:
         raise ValueError(f"image shape {x.shape} differs from reference shape {ref.shape}")
@@ -33,7 +42,7 @@ def psnr(x: Any, ref: Any, data_range: float | None = None) -> float:
 
 
 def ssim(x: Any, ref: Any, data_range: float | None = None) -> float:
-    """Structural similarity (scikit-image's implementation, Gaussian-free 7×7 windows)."""
+    """Structural similarity (scikit-image's implementation, Gaussian-free 7×7 windows; data range as :func:`psnr`)."""
     from skimage.metrics import structural_similarity
 
     x, ref = _np(x), _np(ref)

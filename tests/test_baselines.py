@@ -244,6 +244,14 @@ def test_metrics_agree_with_skimage():
     assert psnr(torch.tensor(x), ref) == pytest.approx(psnr(x, ref))
     with pytest.raises(ValueError, match="shape"):
         psnr(x[:10], ref)
+    flat = np.full_like(ref, 0.3)  # a constant reference has no range: refused, not scored against a made-up 1
+    with pytest.raises(ValueError, match="constant"):
+        psnr(x, flat)
+    with pytest.raises(ValueError, match="constant"):
+        ssim(x, flat)
+    assert psnr(flat + 0.1, flat, data_range=1.0) == pytest.approx(20.0)
+    with pytest.raises(ValueError, match="positive"):
+        psnr(x, ref, data_range=0)
 
 
 def test_em_stops_at_the_noise_level_by_default_and_says_what_it_ran():

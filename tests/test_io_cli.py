@@ -933,3 +933,14 @@ def test_hot_start_auto_through_the_python_api_is_resolved_and_recorded():
     r = reconstruct(m, RunSettings(method="dds", params=recommended_params("dds", "ct", hot_start=True, n_steps=2),
                                    hot_start="auto"))
     assert r.provenance["hot_start_method"] == r.provenance["settings"]["hot_start"] == "tv"
+
+
+def test_cli_reconstruct_with_a_constant_ground_truth_says_there_is_no_psnr(tmp_path, capsys):
+    """PSNR has no data range against a constant reference: the CLI says so instead of printing a made-up number."""
+    m = load_sample("ct_sparse23")
+    m.ground_truth = np.zeros_like(m.ground_truth)
+    b = tmp_path / "flat_truth.npz"
+    write_measurement(m, b)
+    assert main(["reconstruct", str(b), "--method", "fbp", "-o", str(tmp_path / "fbp.npz")]) == 0
+    out = capsys.readouterr().out
+    assert "no PSNR/SSIM (the ground truth is constant)" in out and "PSNR inf" not in out
