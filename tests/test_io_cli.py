@@ -164,6 +164,12 @@ def test_read_image_formats(tmp_path, ct_slice):
 
     assert read_volume(get_testdata_file("rtdose.dcm"))[0].shape == (15, 10, 10)
     assert read_image(get_testdata_file("examples_rgb_color.dcm"))[1]["converted"] == "colour image converted to grey"
+    # YBR colour DICOM is turned grey from its RGB values (pydicom ≥ 3 converts), not from the raw Y, Cb, Cr samples
+    from pydicom.pixels import convert_color_space, pixel_array
+
+    ybr = get_testdata_file("SC_ybr_full_422_uncompressed.dcm")
+    rgb = convert_color_space(pixel_array(ybr, as_rgb=False), "YBR_FULL", "RGB")
+    np.testing.assert_allclose(read_image(ybr)[0], rgb.mean(-1), atol=1e-3)
     (tmp_path / "mixed").mkdir()
     for f in ("CT_small.dcm", "MR_small.dcm"):
         shutil.copy(get_testdata_file(f), tmp_path / "mixed" / f)
