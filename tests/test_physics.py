@@ -186,6 +186,12 @@ def test_shape_and_dtype_errors_are_clear():
         op.forward(torch.zeros(32, 32, dtype=torch.complex64))
     with pytest.raises(TypeError, match="torch.Tensor"):
         op.forward(np.zeros((32, 32)))
+    with pytest.raises(OperatorShapeError, match="empty"):
+        op.forward(torch.zeros(0, 32, 32))
+    with pytest.raises(ValueError, match="float32 or torch.float64"):
+        ParallelBeamCT(32, sparse_view_angles(8), dtype=torch.float16)
+    with pytest.raises(ValueError, match="float32 or torch.float64"):
+        CartesianMRI(np.ones((8, 8)), _coil_maps(2, 8, 8), dtype=torch.complex64)
     with pytest.raises(ValueError, match="mask shape"):
         CartesianMRI(np.ones((8, 9)), _coil_maps(2, 8, 8))
     with pytest.raises(ValueError, match="attenuation"):

@@ -49,6 +49,8 @@ def as_batched(t: torch.Tensor, core_shape: tuple[int, ...], what: str) -> tuple
             f"resize or re-simulate the {what} to match the operator's geometry"
         )
     batch_shape = tuple(t.shape[: t.ndim - nd])
+    if 0 in batch_shape:
+        raise OperatorShapeError(f"{what} batch of shape {tuple(t.shape)} is empty: pass at least one {what}")
     return t.reshape(-1, *core_shape), batch_shape
 
 
@@ -85,6 +87,9 @@ class LinearOperator(ABC):
     modality: str = "generic"
 
     def __init__(self, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> None:
+        if dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"operator dtype must be torch.float32 or torch.float64 (complex operators derive their "
+                             f"complex dtype from it), got {dtype}")
         self.device = torch.device(device)
         self.dtype = dtype
 
