@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from napari_diffrecon.priors import load_prior
-from napari_diffrecon.priors.phantoms import TISSUES, anatomy, ct_phantom, pet_phantom, phantom_batch
+from napari_diffrecon.priors.phantoms import TISSUES, _scanner, anatomy, ct_phantom, pet_phantom, phantom_batch
 from napari_diffrecon.priors.sources import (
     _mri_augment,
     builtin_pool,
@@ -45,6 +45,28 @@ def test_ct_phantom_regions_hold_their_tissues(region):
     assert soft.std() > 5
     if region == "thorax":
         assert ((img > -950) & (img < -600)).mean() > 0.05, "lungs are drawn"
+
+
+def test_ct_scanner_blurs_edges_more_when_zoomed_and_adds_ramp_filtered_noise():
+    """A clinical CT's blur is fixed in mm, so a zoomed view shows it over more pixels; its noise is band-pass."""
+    edge = np.zeros((128, 128), np.float32)
+    edge[:, 64:] = 1000.0
+
+    def width(zoom: float) -> float:  # mean number of pixels strictly between 10 % and 90 % of the step
+        ws = []
+        for seed in range(12):
+            row = _scanner(edge, zoom, np.random.default_rng(seed))[60:68].mean(0)
+            ws.append(np.sum((row > 100) & (row < 900)))
+        return float(np.mean(ws))
+
+    assert width(1.0) < 1.5  # whole-body pixels (2.3–3.5 mm) hide a 0.6–3 mm blur
+    assert width(4.0) > 2 * max(width(1.0), 1.0)
+    noise = np.stack([_scanner(np.zeros((128, 128), np.float32), 1.0, np.random.default_rng(s)) for s in range(12)])
+    assert 0 < noise.std() < 15
+    power = np.mean(np.abs(np.fft.fft2(noise)) ** 2, 0)
+    f = np.hypot(*np.meshgrid(np.fft.fftfreq(128), np.fft.fftfreq(128), indexing="ij"))
+    low, mid = power[(f > 0) & (f < 0.03)].mean(), power[(f > 0.1) & (f < 0.2)].mean()
+    assert low < 0.4 * mid  # ramp-filtered (FBP) noise; white noise would give 1
 
 
 def test_anatomy_labels_are_known_tissues():
