@@ -183,7 +183,7 @@ def _quality(result, m) -> str:
     if m.ground_truth is None:
         return ""
     gt = np.abs(m.ground_truth) if np.iscomplexobj(m.ground_truth) else m.ground_truth
-    if not np.ptp(gt) > 0:
+    if not np.ptp(np.asarray(gt, dtype=np.float64)) > 0:  # float: a boolean or int8 truth must not wrap or raise
         return "no PSNR/SSIM (the ground truth is constant), "
     return f"PSNR {psnr(result.reconstruction, gt):.2f} dB, SSIM {ssim(result.reconstruction, gt):.3f}, "
 

@@ -574,6 +574,7 @@ def prepare_run(
 
     info = {
         "prior": card.name if card is not None else type(prior).__name__,
+        "prior_source": getattr(prior, "source", None),  # shipped name or card path (load_prior), None when unknown
         "prior_card": json.loads(card.to_json()) if card is not None else None,
         "intensity_mapping": {"scale": scale, "offset": offset, "how": how},
         "hot_start_method": settings.hot_start,
@@ -610,11 +611,22 @@ def provenance(measurement: Any, settings: RunSettings, extra: dict[str, Any]) -
     inten = meta.get("intensity") if isinstance(meta, dict) else None
     if isinstance(inten, dict):  # how the images' values map to native units (CT: HU), for exports of the result
         rec["measurement_intensity"] = inten
-    used, named = extra.get("prior"), rec["settings"].get("prior")
-    if isinstance(used, str) and named and named != used and _card_name(named) != used:
-        rec["settings"]["prior"] = used  # a prior object was passed: rerunning these settings must load that one
+    if extra.get("prior_card") is not None and not _names_prior(rec["settings"].get("prior"), extra):
+        # the prior that ran is not the one the settings name (a prior object was passed, or None = the default):
+        # record where it came from, so that rerunning these settings loads it
+        rec["settings"]["prior"] = extra.get("prior_source") or extra.get("prior")
     rec.update(extra)
     return json.loads(json.dumps(rec, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
+
+
+def _names_prior(named: str | None, extra: dict[str, Any]) -> bool:
+    """Whether ``settings.prior`` (a shipped name or a card path) designates the prior that ran."""
+    if not named:
+        return False
+    used, source = extra.get("prior"), extra.get("prior_source")
+    if named in (used, source) or (source is not None and str(Path(named).resolve()) == source):
+        return True
+    return _card_name(named) == used
 
 
 def _card_name(name_or_path: str) -> str | None:

@@ -948,5 +948,9 @@ def test_cli_reconstruct_with_a_constant_ground_truth_says_there_is_no_psnr(tmp_
     b = tmp_path / "flat_truth.npz"
     write_measurement(m, b)
     assert main(["reconstruct", str(b), "--method", "fbp", "-o", str(tmp_path / "fbp.npz")]) == 0
-    out = capsys.readouterr().out
-    assert "no PSNR/SSIM (the ground truth is constant)" in out and "PSNR inf" not in out
+    assert "no PSNR/SSIM (the ground truth is constant)" in capsys.readouterr().out
+    m.ground_truth = np.abs(load_sample("ct_sparse23").ground_truth) > 0.02  # a binary phantom: scored, no traceback
+    write_measurement(m, tmp_path / "binary_truth.npz")
+    assert main(["reconstruct", str(tmp_path / "binary_truth.npz"), "--method", "fbp",
+                 "-o", str(tmp_path / "fbp_binary.npz")]) == 0
+    assert "PSNR" in capsys.readouterr().out

@@ -69,6 +69,19 @@ def test_ct_scanner_blurs_edges_more_when_zoomed_and_adds_ramp_filtered_noise():
     assert low < 0.4 * mid  # ramp-filtered (FBP) noise; white noise would give 1
 
 
+def test_every_ct_phantom_goes_through_the_scanner_at_its_view_zoom(monkeypatch):
+    import napari_diffrecon.priors.phantoms as phantoms
+
+    zooms = []
+    real = phantoms._scanner
+    monkeypatch.setattr(phantoms, "_scanner", lambda img, zoom, rng: zooms.append(zoom) or real(img, zoom, rng))
+    rng = np.random.default_rng(5)
+    for _ in range(12):
+        ct_phantom(128, rng)
+    assert len(zooms) == 12 and all(1.0 <= z <= 4.0 for z in zooms)  # 512-pixel canvas, 128 out: at most 4×
+    assert any(z == 1.0 for z in zooms) and any(z > 1.5 for z in zooms)  # whole sections and zoomed views
+
+
 def test_anatomy_labels_are_known_tissues():
     cv, _ = anatomy(128, np.random.default_rng(1), "abdomen")
     assert set(np.unique(cv.label)) <= set(range(len(TISSUES)))

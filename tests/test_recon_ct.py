@@ -209,7 +209,7 @@ def test_limited_angle_starts_from_tv_which_beats_the_fbp_start(ct_prior):
     assert out["tv"] > out["fbp"] + 1.0 > fbp + 1.0, out
 
 
-def test_provenance_names_the_prior_object_that_ran_not_another_in_the_settings(sparse_ct, ct_prior):
+def test_provenance_names_the_prior_object_that_ran_not_another_in_the_settings(sparse_ct, ct_prior, tmp_path):
     """Rerunning a provenance record's settings must load the prior that made the result."""
     from napari_diffrecon.priors.registry import WEIGHTS_DIR
 
@@ -221,3 +221,16 @@ def test_provenance_names_the_prior_object_that_ran_not_another_in_the_settings(
     assert prov["settings"]["prior"] == prov["prior"] == ct_prior.card.name
     card_path = str(WEIGHTS_DIR / f"{ct_prior.card.name}.json")
     assert recorded(card_path)["settings"]["prior"] == card_path  # a path to the same card is kept as given
+    assert recorded(None)["settings"]["prior"] == ct_prior.card.name  # None (the default) becomes the shipped name
+    # a prior loaded from a file is recorded by its path, which a rerun can load (its card name is not shipped)
+    from napari_diffrecon.priors import load_prior
+
+    copy = tmp_path / "my-ct.json"
+    card_text = (WEIGHTS_DIR / f"{ct_prior.card.name}.json").read_text(encoding="utf-8")
+    copy.write_text(card_text.replace('"ct-phantom-128"', '"my-ct"'), encoding="utf-8")
+    (tmp_path / "my-ct.safetensors").write_bytes((WEIGHTS_DIR / f"{ct_prior.card.name}.safetensors").read_bytes())
+    mine = load_prior(copy)
+    s = RunSettings(method="dds", params=SamplerParams(n_steps=2), prior="ct-phantom-128")
+    prov = reconstruct(sparse_ct, s, prior=mine).provenance
+    assert prov["prior"] == "my-ct" and prov["settings"]["prior"] == str(copy.resolve())
+    assert load_prior(prov["settings"]["prior"]).card.name == "my-ct"

@@ -429,7 +429,8 @@ def ct_phantom(size: int = 128, rng: np.random.Generator | None = None, region: 
     region : {"abdomen", "thorax", "pelvis", "head"}, optional
         Anatomy; random when omitted.
     max_zoom : float
-        Largest zoom factor of the random field of view (1 = whole section only).
+        Largest zoom factor of the random field of view (1 = whole section only); the canvas (at most 512 pixels)
+        caps it at 512 / ``size`` (4 at 128²), where the view is drawn at the output's resolution.
     """
     rng = rng if rng is not None else np.random.default_rng()
     n = int(min(2 * size * max(1.0, max_zoom), 512))

@@ -34,12 +34,16 @@ def load_prior(name_or_path: str | Path, device: str | torch.device = "cpu") -> 
     """
     p = Path(name_or_path)
     if p.suffix in (".json", ".safetensors") or p.exists():
-        return load_prior_file(p, device)
+        prior = load_prior_file(p, device)
+        prior.source = str(p.resolve())  # where it came from: provenance records it, a rerun loads it again
+        return prior
     shipped = list_priors()
     if str(name_or_path) not in shipped:
         names = ", ".join(shipped) or "none installed"
         raise FileNotFoundError(f"no prior named {name_or_path!r}; shipped priors: {names}; or pass a .json path")
-    return load_prior_file(WEIGHTS_DIR / f"{name_or_path}.json", device)
+    prior = load_prior_file(WEIGHTS_DIR / f"{name_or_path}.json", device)
+    prior.source = str(name_or_path)
+    return prior
 
 
 def default_prior_for(modality: str, complex_: bool = False, consistency: bool = False) -> str | None:
