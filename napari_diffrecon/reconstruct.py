@@ -630,12 +630,16 @@ def _names_prior(named: str | None, extra: dict[str, Any]) -> bool:
 
 
 def _card_name(name_or_path: str) -> str | None:
-    """The name in a prior card's JSON (``settings.prior`` may be a path), or None when it is not a readable card."""
+    """The name on a prior card (``settings.prior`` may be a ``.json`` / ``.safetensors`` path), or None when it is
+    not a path to a readable card."""
+    from .priors import CardError, ModelCard
+
     path = Path(name_or_path)
-    path = path.with_suffix(".json") if path.suffix == ".safetensors" else path
+    if path.suffix not in (".json", ".safetensors"):
+        return None
     try:
-        return str(json.loads(path.read_text(encoding="utf-8")).get("name")) if path.suffix == ".json" else None
-    except (OSError, ValueError, AttributeError):
+        return ModelCard.read(path.with_suffix(".json")).name
+    except (OSError, CardError):
         return None
 
 
