@@ -12,6 +12,7 @@ from napari_diffrecon.priors import load_prior
 from napari_diffrecon.priors.phantoms import TISSUES, _scanner, anatomy, ct_phantom, pet_phantom, phantom_batch
 from napari_diffrecon.priors.sources import (
     _mri_augment,
+    _mri_view,
     builtin_pool,
     coarser_voxels,
     mni152_slices,
@@ -131,9 +132,9 @@ def test_mri_augmentation_draws_coarse_acquisitions_about_as_often_as_asked(monk
     factors = []
     real = sources.coarser_voxels
 
-    def counted(img, factor, order=1):
+    def counted(img, factor, order=1, **kw):
         factors.append(factor)
-        return real(img, factor, order)
+        return real(img, factor, order, **kw)
 
     monkeypatch.setattr(sources, "coarser_voxels", counted)
     rng = np.random.default_rng(0)
@@ -156,6 +157,50 @@ def test_coarse_mri_draws_are_the_same_draws_with_coarser_voxels_and_no_sharper(
         assert _high_freq_share(coarse) <= 1.02 * _high_freq_share(fine)
         lost.append(_high_freq_share(coarse) / _high_freq_share(fine))
     assert np.median(lost) < 0.5  # factors are log-uniform in 1-4: most draws lose most of the fine detail
+
+
+def test_mri_views_zoom_into_the_head_or_show_the_whole_slice():
+    base = mni152_slices(128, step=16)[3]
+    whole = _mri_view(base, 64, np.random.default_rng(0), p_zoom=0.0)
+    from skimage.transform import resize
+
+    np.testing.assert_allclose(whole, resize(base, (64, 64), order=1, anti_aliasing=True, preserve_range=True),
+                               atol=1e-5)
+    zoomed = [_mri_view(base, 64, np.random.default_rng(s), p_zoom=1.0, max_zoom=3.0) for s in range(20)]
+    assert all(z.shape == (64, 64) and z.dtype == np.float32 for z in zoomed)
+    # magnified anatomy: less of the energy at high spatial frequency than in the whole-slice view
+    assert np.median([_high_freq_share(z) for z in zoomed]) < _high_freq_share(whole)
+    # centred on the head: most of each view is tissue, not the background around the head
+    assert np.median([(z > 0.1).mean() for z in zoomed]) > (whole > 0.1).mean()
+    assert len({float(z.sum()) for z in zoomed}) == 20  # different crops
+
+
+def test_mri_draws_with_a_cut_field_of_view_are_zero_outside_it_and_noise_is_on_the_coarse_grid():
+    sl = mni152_slices(64, step=16)[3]
+    cut = 0
+    for seed in range(20):
+        plain = _mri_augment(sl, np.random.default_rng(seed), p_coarse=0.0)
+        fov = _mri_augment(sl, np.random.default_rng(seed), p_coarse=0.0, p_fov=1.0)
+        inside = fov > 0
+        ratio = np.median(fov[inside] / np.maximum(plain[inside], 1e-6))
+        np.testing.assert_allclose(fov[inside], plain[inside] * ratio, rtol=1e-4, atol=1e-5)  # same draw, rescaled
+        rows, cols = (fov == 0).all(axis=1), (fov == 0).all(axis=0)
+        cut += int(rows[0] or rows[-1] or cols[0] or cols[-1]) * int(((fov == 0) & (plain > 0.1)).any())
+    assert cut >= 18  # an edge band is zeroed through tissue (bands are at least 3 % of the side)
+    def neighbour_corr(diff, where):
+        pairs = np.stack([diff[:, :-1][where[:, :-1]], diff[:, 1:][where[:, :-1]]])
+        return np.corrcoef(pairs)[0, 1]
+
+    corr = {0.0: [], 1.0: []}
+    for seed in range(16):
+        for p_coarse in corr:
+            clean = _mri_augment(sl, np.random.default_rng(seed), p_coarse=p_coarse)
+            noisy = _mri_augment(sl, np.random.default_rng(seed), p_coarse=p_coarse, p_noise=1.0)
+            diff, tissue = noisy - clean, clean > 0.3
+            assert 0.002 < diff[tissue].std() < 0.1  # 0.5-5 % of the 99.5th percentile
+            corr[p_coarse].append(neighbour_corr(diff, tissue))
+    # thermal noise is acquired on the coarse grid: neighbouring pixels' noise is correlated once resampled
+    assert np.median(corr[1.0]) > 0.3 and max(np.abs(corr[0.0])) < 0.2
 
 
 def test_random_phase_is_smooth():

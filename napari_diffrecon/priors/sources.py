@@ -33,8 +33,9 @@ BUILTIN_SOURCES: dict[str, dict[str, str]] = {
     "pet-phantoms": {"modality": "pet", "description": "procedural FDG-like PET phantoms (body) + MNI152 brain "
                      "uptake maps (grey/white matter)", "licence": "BSD-3-Clause (generated); " + MNI_LICENCE},
     "mni152": {"modality": "mri", "description": "nilearn's bundled MNI152 T1 template (1 mm), axial, coronal and "
-               "sagittal slices, random contrast (gamma), bias field, 1-4x coarser voxels (half the draws) and smooth "
-               "phase", "licence": MNI_LICENCE},
+               "sagittal slices, half of them zoomed 1-3x, random contrast (gamma), bias field, a field of view cut "
+               "by straight edges (30%), 1-4x coarser voxels (half the draws), thermal noise up to 5% (half) and "
+               "smooth phase", "licence": MNI_LICENCE},
 }
 
 
@@ -111,40 +112,97 @@ def random_phase(shape: tuple[int, int], rng: np.random.Generator, max_rad: floa
     return np.clip(ph, -np.pi - max_rad, np.pi + max_rad).astype(np.float32)
 
 
-def coarser_voxels(img: np.ndarray, factor: float, order: int = 1) -> np.ndarray:
+def coarser_voxels(
+    img: np.ndarray, factor: float, order: int = 1, noise: float = 0.0, rng: np.random.Generator | None = None
+) -> np.ndarray:
     """``img`` as acquired with ``factor``× coarser voxels, interpolated back onto its own grid.
 
     Gaussian-prefiltered (anti-aliased) downsampling to ``round(n / factor)`` pixels per side, then spline
     interpolation of ``order`` (1 linear, 3 cubic) back to the original shape: what a scanner's
     lower-resolution image looks like once a viewer or a resampling step puts it on a finer matrix.
+    ``noise`` (a standard deviation, with ``rng``) is added on the coarse grid, as a scanner's thermal noise
+    is: once interpolated back it is blotchy at the voxel's scale, not pixel-fine.
     """
     h, w = img.shape
     small = resize(img, (max(4, round(h / factor)), max(4, round(w / factor))), anti_aliasing=True,
                    preserve_range=True)
+    if noise > 0:
+        if rng is None:
+            raise ValueError("coarser_voxels: noise > 0 needs an rng")
+        small = small + noise * rng.standard_normal(small.shape)
     return resize(small, (h, w), order=order, preserve_range=True).astype(np.float32)
 
 
-def _mri_augment(img: np.ndarray, rng: np.random.Generator, p_coarse: float = 0.5) -> np.ndarray:
-    """Random contrast (gamma), smooth bias field, contrast inversion (T2-like) now and then, and with
-    probability ``p_coarse`` an acquisition at 1–4× coarser voxels (log-uniform), interpolated back.
+def _mri_view(base: np.ndarray, out: int, rng: np.random.Generator, p_zoom: float = 0.5,
+              max_zoom: float = 3.0) -> np.ndarray:
+    """A field of view of a high-resolution template slice ``base``, resized to ``out``².
+
+    With probability ``p_zoom`` a zoomed crop (1–``max_zoom``×, log-uniform) centred on a random point of the
+    head, otherwise the whole slice. The template's 128² slices are 1.5 mm pixels of a whole head; a
+    scan's field of view is often smaller (nibabel's anatomical.nii spans 82 mm: 0.64 mm pixels at 128²),
+    so the same anatomy appears up to ~2.5× larger than the prior saw without zoomed views.
+    """
+    n = base.shape[0]
+    zoom = float(np.exp(rng.uniform(0.0, np.log(max_zoom)))) if rng.random() < p_zoom else 1.0
+    side = int(round(n / zoom))
+    if side >= n:
+        crop = base
+    else:
+        ys, xs = np.nonzero(base > 0.1 * float(base.max()))
+        k = int(rng.integers(len(ys))) if len(ys) else 0
+        cy, cx = (ys[k], xs[k]) if len(ys) else (n // 2, n // 2)
+        y0 = int(np.clip(cy - side // 2, 0, n - side))
+        x0 = int(np.clip(cx - side // 2, 0, n - side))
+        crop = base[y0 : y0 + side, x0 : x0 + side]
+    return resize(crop, (out, out), order=1, anti_aliasing=True, preserve_range=True).astype(np.float32)
+
+
+def _mri_augment(img: np.ndarray, rng: np.random.Generator, p_coarse: float = 0.5, p_noise: float = 0.0,
+                 p_fov: float = 0.0) -> np.ndarray:
+    """Random contrast (gamma), smooth bias field, contrast inversion (T2-like) now and then, a field of view
+    cut by straight edges (probability ``p_fov``), and with probability ``p_coarse`` an acquisition at 1–4×
+    coarser voxels (log-uniform), interpolated back, with thermal noise of up to 5 % of the 99.5th percentile
+    in a fraction ``p_noise`` of the draws (on the coarse grid).
 
     The template's slices are 1.5 mm pixels at 128²; clinical and research scans are often acquired at
-    2–5 mm and resampled, which is smoother than anything in the template (see ``docs/dev/priors.md``).
-    The coarse step comes last (the shipped MRI prior's second stage ran it before the T2-like inversion,
-    whose full-resolution head mask gave about a quarter of those draws sharp outer edges again).
+    2–5 mm and resampled, which is smoother than anything in the template (see ``docs/dev/priors.md``), and
+    they carry noise (nibabel's anatomical.nii: about 4 %) that the averaged template does not. A scan whose
+    field of view is narrower than the head ends in straight edges, zero-padded to a square (the benchmark's
+    MRI slice has such bands left and right). The coarse step comes last (the shipped MRI prior's second stage
+    ran it before the T2-like inversion, whose full-resolution head mask gave about a quarter of those draws
+    sharp outer edges again). Every random number is drawn whatever the probabilities, so the same seed gives
+    the same draw with and without each step.
     """
     g = float(np.exp(rng.normal(0, 0.3)))
+    bias_c = rng.normal(0, 1, size=3) * np.array([0.12, 0.12, 0.06])
+    invert = rng.random() < 0.25
+    fov_u, fov_axis, fov_cut = rng.random(), int(rng.integers(2)), rng.uniform(0.03, 0.2, size=2)
+    coarse_u, factor = rng.random(), float(np.exp(rng.uniform(0.0, np.log(4.0))))
+    order = int(rng.choice([1, 3]))
+    noise_u, noise = rng.random(), float(rng.uniform(0.005, 0.05))
     out = np.clip(img, 0, 1) ** g
     h, w = img.shape
     y, x = np.mgrid[-1 : 1 : h * 1j, -1 : 1 : w * 1j]
-    bias = 1 + rng.normal(0, 0.12) * x + rng.normal(0, 0.12) * y + rng.normal(0, 0.06) * (x**2 + y**2)
+    bias = 1 + bias_c[0] * x + bias_c[1] * y + bias_c[2] * (x**2 + y**2)
     out = out * np.clip(bias, 0.6, 1.4)
-    if rng.random() < 0.25:  # crude T2-like contrast: dark WM, bright CSF inside the head
+    if invert:  # crude T2-like contrast: dark WM, bright CSF inside the head
         head = ndimage.binary_fill_holes(img > 0.08)
         out = np.where(head, np.clip(1.05 - out, 0, 1) * (img > 0.03), out)
-    if rng.random() < p_coarse:  # last, so no full-resolution mask brings sharp edges back
-        factor = float(np.exp(rng.uniform(0.0, np.log(4.0))))
-        out = np.clip(coarser_voxels(out, factor, order=int(rng.choice([1, 3]))), 0, None)
+    fov = np.ones_like(out)
+    if fov_u < p_fov:  # a narrower field of view along one axis: zero outside it (the padding has no noise)
+        n = out.shape[fov_axis]
+        band = np.moveaxis(fov, fov_axis, 0)
+        band[: int(fov_cut[0] * n)] = 0
+        band[n - int(fov_cut[1] * n) :] = 0
+    scale = float(np.percentile(out, 99.5))
+    sigma = noise * scale if noise_u < p_noise else 0.0
+    if coarse_u < p_coarse:  # last, so no full-resolution mask brings sharp edges back
+        out = coarser_voxels(out, factor, order=order, noise=sigma, rng=rng)
+        if fov_u < p_fov:  # padded on the coarse grid, then resampled with the image
+            fov = np.clip(coarser_voxels(fov, factor, order=1), 0, 1)
+    elif sigma > 0:
+        out = out + sigma * rng.standard_normal(out.shape)
+    out = np.clip(out, 0, None) * fov
     hi = np.percentile(out, 99.5)
     return np.clip(out / max(hi, 1e-6), 0, 1.2).astype(np.float32)
 
@@ -205,11 +263,12 @@ def builtin_pool(
                     out.append(pet_phantom(resolution, r))
             return np.stack(out).astype(np.float32)
     else:
-        base = mni152_slices(resolution)
+        base = mni152_slices(2 * resolution)  # 0.75 mm pixels: zoomed views stay sharp
         info["n_slices"] = int(base.shape[0])
 
         def draw(n: int, r: np.random.Generator) -> np.ndarray:
-            return np.stack([_mri_augment(base[r.integers(len(base))], r) for _ in range(n)])
+            return np.stack([_mri_augment(_mri_view(base[r.integers(len(base))], resolution, r), r,
+                                          p_noise=0.5, p_fov=0.3) for _ in range(n)])
 
     def to_model(native: np.ndarray, r: np.random.Generator) -> torch.Tensor:
         if channels == 2:
