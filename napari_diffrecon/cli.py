@@ -698,7 +698,7 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument(
         "data",
         help="folder of DICOM series, NIfTI volumes, TIFF/PNG/NPY images; or builtin:ct-phantoms, "
-        "builtin:pet-phantoms, builtin:mni152",
+        "builtin:pet-phantoms, builtin:mni152, builtin:mni152-views",
     )
     t.add_argument("--modality", required=True, choices=["ct", "mri", "pet", "generic"])
     t.add_argument("--name", default="my-prior")

@@ -208,7 +208,8 @@ def test_random_phase_is_smooth():
     assert np.abs(np.diff(ph, axis=0)).max() < 0.5
 
 
-@pytest.mark.parametrize("source,channels", [("ct-phantoms", 1), ("pet-phantoms", 1), ("mni152", 2)])
+@pytest.mark.parametrize("source,channels", [("ct-phantoms", 1), ("pet-phantoms", 1), ("mni152", 2),
+                                                    ("mni152-views", 2)])
 def test_builtin_pools_give_model_units_and_refresh(source, channels):
     pool, info = builtin_pool(source, 64, channels=channels, seed=0, pool_size=6, refresh_every=2, refresh_count=2)
     assert pool.images.shape == (6, channels, 64, 64)

@@ -33,9 +33,13 @@ BUILTIN_SOURCES: dict[str, dict[str, str]] = {
     "pet-phantoms": {"modality": "pet", "description": "procedural FDG-like PET phantoms (body) + MNI152 brain "
                      "uptake maps (grey/white matter)", "licence": "BSD-3-Clause (generated); " + MNI_LICENCE},
     "mni152": {"modality": "mri", "description": "nilearn's bundled MNI152 T1 template (1 mm), axial, coronal and "
-               "sagittal slices, half of them zoomed 1-3x, random contrast (gamma), bias field, a field of view cut "
-               "by straight edges (30%), 1-4x coarser voxels (half the draws), thermal noise up to 5% (half) and "
-               "smooth phase", "licence": MNI_LICENCE},
+               "sagittal slices, random contrast (gamma), bias field, 1-4x coarser voxels (half the draws) and smooth "
+               "phase", "licence": MNI_LICENCE},
+    "mni152-views": {"modality": "mri", "description": "nilearn's bundled MNI152 T1 template (1 mm), axial, coronal "
+                     "and sagittal slices, half of them zoomed 1-3x, random contrast (gamma), bias field, a field of "
+                     "view cut by straight edges (30%), 1-4x coarser voxels (half the draws), thermal noise up to 5% "
+                     "(half) and smooth phase (experimental: not what the shipped MRI prior was trained on)",
+                     "licence": MNI_LICENCE},
 }
 
 
@@ -220,7 +224,7 @@ def builtin_pool(
 
     Parameters
     ----------
-    source : {"ct-phantoms", "pet-phantoms", "mni152"}
+    source : {"ct-phantoms", "pet-phantoms", "mni152", "mni152-views"}
         See :data:`BUILTIN_SOURCES`.
     resolution : int
         Image side length.
@@ -263,10 +267,13 @@ def builtin_pool(
                     out.append(pet_phantom(resolution, r))
             return np.stack(out).astype(np.float32)
     else:
-        base = mni152_slices(2 * resolution)  # 0.75 mm pixels: zoomed views stay sharp
+        views = source == "mni152-views"
+        base = mni152_slices(2 * resolution if views else resolution)  # 0.75 mm pixels: zoomed views stay sharp
         info["n_slices"] = int(base.shape[0])
 
         def draw(n: int, r: np.random.Generator) -> np.ndarray:
+            if not views:
+                return np.stack([_mri_augment(base[r.integers(len(base))], r) for _ in range(n)])
             return np.stack([_mri_augment(_mri_view(base[r.integers(len(base))], resolution, r), r,
                                           p_noise=0.5, p_fov=0.3) for _ in range(n)])
 
