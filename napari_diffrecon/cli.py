@@ -732,7 +732,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     c.add_argument("teacher", help="the diffusion prior: shipped name or .json path")
     c.add_argument(
-        "data", help="the teacher's training data: builtin:ct-phantoms, builtin:pet-phantoms, builtin:mni152, a folder"
+        "data", help="the teacher's training data: builtin:ct-phantoms, builtin:pet-phantoms, builtin:mni152, "
+        "builtin:mni152-views, a folder"
     )
     c.add_argument("--name", help="name of the consistency model (default TEACHER-consistency)")
     c.add_argument(

@@ -187,6 +187,19 @@ def test_mri_draws_with_a_cut_field_of_view_are_zero_outside_it_and_noise_is_on_
         rows, cols = (fov == 0).all(axis=1), (fov == 0).all(axis=0)
         cut += int(rows[0] or rows[-1] or cols[0] or cols[-1]) * int(((fov == 0) & (plain > 0.1)).any())
     assert cut >= 18  # an edge band is zeroed through tissue (bands are at least 3 % of the side)
+    for seed in range(12):  # with the coarse step too: the cut's padding stays zero and the draw is the same draw
+        plain = _mri_augment(sl, np.random.default_rng(seed), p_coarse=1.0)
+        both = _mri_augment(sl, np.random.default_rng(seed), p_coarse=1.0, p_fov=1.0)
+        zero_rows, zero_cols = (both == 0).all(axis=1), (both == 0).all(axis=0)
+        assert zero_rows[0] or zero_rows[-1] or zero_cols[0] or zero_cols[-1]
+        inside = (both > 0.05) & (plain > 0.05)
+        ratio = both[inside] / plain[inside]
+        assert np.median(np.abs(ratio / np.median(ratio) - 1)) < 1e-3  # a different factor or order would not match
+        noisy = _mri_augment(sl, np.random.default_rng(seed), p_coarse=1.0, p_fov=1.0, p_noise=1.0)
+        pad_rows, pad_cols = zero_rows & ~(plain == 0).all(axis=1), zero_cols & ~(plain == 0).all(axis=0)
+        assert pad_rows.any() or pad_cols.any()
+        assert (noisy[pad_rows] == 0).all() and (noisy[:, pad_cols] == 0).all()  # no noise in the padding
+
     def neighbour_corr(diff, where):
         pairs = np.stack([diff[:, :-1][where[:, :-1]], diff[:, 1:][where[:, :-1]]])
         return np.corrcoef(pairs)[0, 1]
@@ -269,6 +282,7 @@ def test_train_cli_rejects_mismatched_builtin_source(tmp_path):
     from napari_diffrecon.cli import main
 
     assert main(["train", "builtin:mni152", "--modality", "ct", "-o", str(tmp_path / "x")]) == 2
+    assert main(["train", "builtin:mni152-views", "--modality", "pet", "-o", str(tmp_path / "z")]) == 2
     assert main(["train", "builtin:ct-phantoms", "--modality", "ct", "--complex", "-o", str(tmp_path / "y")]) == 2
 
 

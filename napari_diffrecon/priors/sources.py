@@ -148,7 +148,7 @@ def _mri_view(base: np.ndarray, out: int, rng: np.random.Generator, p_zoom: floa
     """
     n = base.shape[0]
     zoom = float(np.exp(rng.uniform(0.0, np.log(max_zoom)))) if rng.random() < p_zoom else 1.0
-    side = int(round(n / zoom))
+    side = max(4, int(round(n / zoom)))
     if side >= n:
         crop = base
     else:
@@ -165,8 +165,9 @@ def _mri_augment(img: np.ndarray, rng: np.random.Generator, p_coarse: float = 0.
                  p_fov: float = 0.0) -> np.ndarray:
     """Random contrast (gamma), smooth bias field, contrast inversion (T2-like) now and then, a field of view
     cut by straight edges (probability ``p_fov``), and with probability ``p_coarse`` an acquisition at 1–4×
-    coarser voxels (log-uniform), interpolated back, with thermal noise of up to 5 % of the 99.5th percentile
-    in a fraction ``p_noise`` of the draws (on the coarse grid).
+    coarser voxels (log-uniform), interpolated back, with thermal noise in a fraction ``p_noise`` of the draws: a
+    standard deviation of 0.5–5 % of the 99.5th percentile on the acquisition (coarse) grid, which interpolation
+    back onto the fine grid lowers to about two thirds per pixel.
 
     The template's slices are 1.5 mm pixels at 128²; clinical and research scans are often acquired at
     2–5 mm and resampled, which is smoother than anything in the template (see ``docs/dev/priors.md``), and
@@ -174,8 +175,9 @@ def _mri_augment(img: np.ndarray, rng: np.random.Generator, p_coarse: float = 0.
     field of view is narrower than the head ends in straight edges, zero-padded to a square (the benchmark's
     MRI slice has such bands left and right). The coarse step comes last (the shipped MRI prior's second stage
     ran it before the T2-like inversion, whose full-resolution head mask gave about a quarter of those draws
-    sharp outer edges again). Every random number is drawn whatever the probabilities, so the same seed gives
-    the same draw with and without each step.
+    sharp outer edges again). Every scalar parameter (contrast, bias, inversion, cut, factor, order, noise level)
+    is drawn whatever the probabilities, so the same seed gives the same draw with and without each step; the
+    noise field is drawn only when it is used, so the generator's state afterwards can differ.
     """
     g = float(np.exp(rng.normal(0, 0.3)))
     bias_c = rng.normal(0, 1, size=3) * np.array([0.12, 0.12, 0.06])
@@ -202,8 +204,8 @@ def _mri_augment(img: np.ndarray, rng: np.random.Generator, p_coarse: float = 0.
     sigma = noise * scale if noise_u < p_noise else 0.0
     if coarse_u < p_coarse:  # last, so no full-resolution mask brings sharp edges back
         out = coarser_voxels(out, factor, order=order, noise=sigma, rng=rng)
-        if fov_u < p_fov:  # padded on the coarse grid, then resampled with the image
-            fov = np.clip(coarser_voxels(fov, factor, order=1), 0, 1)
+        if fov_u < p_fov:  # the cut's edge is resampled with the image; the padding stays exactly zero
+            fov = np.clip(coarser_voxels(fov, factor, order=1), 0, 1) * fov
     elif sigma > 0:
         out = out + sigma * rng.standard_normal(out.shape)
     out = np.clip(out, 0, None) * fov
@@ -268,7 +270,7 @@ def builtin_pool(
             return np.stack(out).astype(np.float32)
     else:
         views = source == "mni152-views"
-        base = mni152_slices(2 * resolution if views else resolution)  # 0.75 mm pixels: zoomed views stay sharp
+        base = mni152_slices(2 * resolution if views else resolution)  # a 0.75 mm grid (of 1 mm data) to zoom into
         info["n_slices"] = int(base.shape[0])
 
         def draw(n: int, r: np.random.Generator) -> np.ndarray:
