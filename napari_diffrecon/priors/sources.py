@@ -194,21 +194,23 @@ def _mri_augment(img: np.ndarray, rng: np.random.Generator, p_coarse: float = 0.
     if invert:  # crude T2-like contrast: dark WM, bright CSF inside the head
         head = ndimage.binary_fill_holes(img > 0.08)
         out = np.where(head, np.clip(1.05 - out, 0, 1) * (img > 0.03), out)
-    fov = np.ones_like(out)
+    fov = None
     if fov_u < p_fov:  # a narrower field of view along one axis: zero outside it (the padding has no noise)
+        fov = np.ones_like(out)
         n = out.shape[fov_axis]
         band = np.moveaxis(fov, fov_axis, 0)
         band[: int(fov_cut[0] * n)] = 0
         band[n - int(fov_cut[1] * n) :] = 0
-    scale = float(np.percentile(out, 99.5))
-    sigma = noise * scale if noise_u < p_noise else 0.0
+    sigma = noise * float(np.percentile(out, 99.5)) if noise_u < p_noise else 0.0
     if coarse_u < p_coarse:  # last, so no full-resolution mask brings sharp edges back
         out = coarser_voxels(out, factor, order=order, noise=sigma, rng=rng)
-        if fov_u < p_fov:  # the cut's edge is resampled with the image; the padding stays exactly zero
+        if fov is not None:  # the cut's edge is resampled with the image; the padding stays exactly zero
             fov = np.clip(coarser_voxels(fov, factor, order=1), 0, 1) * fov
     elif sigma > 0:
         out = out + sigma * rng.standard_normal(out.shape)
-    out = np.clip(out, 0, None) * fov
+    out = np.clip(out, 0, None)
+    if fov is not None:
+        out = out * fov
     hi = np.percentile(out, 99.5)
     return np.clip(out / max(hi, 1e-6), 0, 1.2).astype(np.float32)
 
