@@ -139,6 +139,34 @@ def test_a_prior_on_a_cpu_stores_its_convolutions_channels_last_with_the_same_nu
         torch.testing.assert_close(p.denoise(x, 0.3), before, rtol=1e-4, atol=1e-5)
 
 
+def test_runs_that_move_one_prior_at_once_leave_its_weights_intact():
+    """Runs sharing a prior (the batched tuning search, several workbench runs) each call ``prior.to(device)`` at
+    their start. Two moves at once swapped a weight's storage while the other thread copied it: a third of such
+    races left corrupted weights (the search then gave NaN). A prior already in place is not moved again."""
+    import threading
+
+    corrupted = 0
+    for _ in range(20):
+        p = _tiny_prior()
+        ref = {k: v.clone() for k, v in p.network.state_dict().items()}
+        barrier = threading.Barrier(4)
+
+        def move(p=p, barrier=barrier):
+            barrier.wait()
+            p.to("cpu")
+
+        threads = [threading.Thread(target=move) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        corrupted += any(not torch.equal(v, ref[k]) for k, v in p.network.state_dict().items())
+    assert corrupted == 0
+    storage = [w.data_ptr() for w in p.network.parameters()]
+    p.to("cpu")  # already channels-last on the CPU: the same storage, nothing copied
+    assert [w.data_ptr() for w in p.network.parameters()] == storage
+
+
 def test_half_precision_weights_halve_the_file_and_barely_change_the_denoiser(tmp_path):
     p = _tiny_prior()
     w32, _ = save_prior(p, tmp_path / "f32")

@@ -221,6 +221,16 @@ class GaussianPrior(Prior):
         return mean, cov
 
 
+def _in_place(network: torch.nn.Module, device: torch.device, layout: torch.memory_format) -> bool:
+    """Whether every parameter and buffer of ``network`` is on ``device`` and its 4-D ones in ``layout``."""
+    for t in list(network.parameters()) + list(network.buffers()):
+        if t.device.type != device.type or (device.index is not None and t.device.index != device.index):
+            return False
+        if t.dim() == 4 and not t.is_contiguous(memory_format=layout):
+            return False
+    return True
+
+
 class NetworkPrior(Prior):
     """A trained U-Net with EDM preconditioning, VP ε-prediction, or a consistency model's boundary condition.
 
@@ -247,6 +257,7 @@ class NetworkPrior(Prior):
         if isinstance(self.schedule, VPSchedule):
             self._log_ab = torch.log(self.schedule.alpha_bars())
         self.network.eval()
+        self._move_lock = threading.Lock()  # see to()
         env = os.environ.get("NAPARI_DIFFRECON_TRACE", "auto").lower()
         #: Traced inference network: True, False, or None = only off the main thread (see _call_network).
         self.trace: bool | None = {"0": False, "false": False, "1": True, "true": True}.get(env)
@@ -337,10 +348,17 @@ class NetworkPrior(Prior):
         of 8 13–14 % less, a float32 batch of 1 the same (`python benchmarks/network_speed.py --memory-format`,
         benchmarks/results/memory_format.md). The numbers differ from the contiguous layout's only by float
         rounding. Other devices keep the contiguous layout.
+
+        Threads: a network already on ``device`` in its layout is left as it is, and a move is made under a lock.
+        Runs that share one prior call this at their start (the batched tuning search, several workbench runs); two
+        moves at once swapped a weight's storage while the other thread copied it, so one run read freed memory
+        (NaN from an untrained test network in about one search in five, on a CPU).
         """
         device = torch.device(device)
         layout = torch.channels_last if device.type == "cpu" else torch.contiguous_format
-        self.network.to(device, memory_format=layout)
+        with self._move_lock:
+            if not _in_place(self.network, device, layout):
+                self.network.to(device, memory_format=layout)
         return self
 
     def _vp_timestep(self, sigma: torch.Tensor) -> torch.Tensor:
