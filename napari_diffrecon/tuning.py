@@ -312,7 +312,8 @@ class BatchedPrior:
 
         Without it the batch is ordered by thread identities, which change from one search to the next: the float
         rounding of a batched network call depends on where an image sits, so the same search could give different
-        last bits (and, with an untrained network in bfloat16, NaN in one order and not in another).
+        last bits. (NaN once seen in such searches came from the runs moving the shared prior at once, a race that
+        :meth:`NetworkPrior.to` now excludes, not from the order.)
         """
         self._local.index = int(index)
 

@@ -162,3 +162,37 @@ def test_data_of_an_object_past_the_field_of_view_are_flagged():
     assert not any("does not fit" in w for w in out["inside"].provenance["warnings"])
     assert out["past"].residual > 10 * out["inside"].residual
     assert torch.as_tensor(out["past"].reconstruction)[~torch.from_numpy(fov_mask(32))].abs().max() == 0
+
+
+def test_runs_starting_together_build_one_system_matrix_and_leave_the_warning_filters_alone(monkeypatch):
+    """A batched search starts several runs at once on one geometry: the matrix is built once, the others wait for it.
+    torch's sparse-CSR notices are filtered by message, not by warnings.catch_warnings() around the build: that saves
+    and restores the process-wide filter list and, from threads at once, left "ignore UserWarning" behind."""
+    import threading
+    import warnings
+
+    import napari_diffrecon.physics.ct as ct
+
+    built = []
+    real = ct._build_matrix
+    monkeypatch.setattr(ct, "_build_matrix", lambda *a: built.append(a[0]) or real(*a))
+    before = list(warnings.filters)
+    for trial in range(3):
+        angles = np.linspace(0, 180, 7 + trial, endpoint=False) + 0.123  # a geometry no other test has cached
+        barrier = threading.Barrier(4)
+        out = []
+
+        def run(angles=angles, barrier=barrier, out=out):
+            barrier.wait()
+            out.append(ct.radon_matrix(24, angles)[0])
+
+        threads = [threading.Thread(target=run) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert len(out) == 4 and all(a is out[0] for a in out)
+    assert len(built) == 3  # once per geometry
+    assert warnings.filters == before
+    with pytest.warns(UserWarning, match="still shown"):
+        warnings.warn("still shown", UserWarning, stacklevel=1)

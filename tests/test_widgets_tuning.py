@@ -104,6 +104,10 @@ def test_stop_tuning_ends_the_search(make_napari_viewer, qtbot, tiny_ct):
     qtbot.waitUntil(lambda: not w.tuning.running, timeout=10_000)
     assert time.perf_counter() - t < 5 and w.tuning.result is None
     assert w.tuning.tune_btn.isEnabled() and w.run_btn.isEnabled()
+    # the worker ends only once the search's own threads have: a run started now shares the prior with nothing
+    import threading
+
+    assert not [th for th in threading.enumerate() if th.name.endswith("(work)")]
 
 
 def test_support_map_of_a_hot_started_run_compares_with_a_data_only_image(make_napari_viewer, qtbot, tiny_ct,
@@ -126,3 +130,25 @@ def test_support_map_of_a_hot_started_run_compares_with_a_data_only_image(make_n
 
     fbp = reconstruct(w.measurement, RunSettings(method="fbp")).reconstruction
     np.testing.assert_allclose(seen["classical"], fbp, rtol=1e-5, atol=1e-6)
+
+
+def test_a_run_that_fails_in_the_sampler_ends_with_its_message_and_gives_run_back(make_napari_viewer, qtbot,
+                                                                                   tiny_ct):
+    """The sampler stops a diverging run with a SamplingError (a RuntimeError); superqt's generator worker takes any
+    RuntimeError for a deleted worker and ended silently, so the workbench stayed "running" with Run greyed out."""
+    import torch
+
+    notes = []
+    viewer, w = _widget(make_napari_viewer, tiny_ct)
+    import napari_diffrecon._widgets._main as main_mod
+
+    real = main_mod.show_error
+    main_mod.show_error = lambda msg: notes.append(msg) or real(msg)
+    try:
+        w.prior.denoise = lambda x, s: torch.full_like(x, float("nan"))
+        assert w.run() is not None
+        qtbot.waitUntil(lambda: not w.running, timeout=30_000)
+    finally:
+        main_mod.show_error = real
+    assert w.run_btn.isEnabled() and w.status.text().startswith("failed: NaN/Inf appeared at step 1")
+    assert any("the run failed: NaN/Inf" in n for n in notes)

@@ -113,9 +113,11 @@ def test_volume_streams_slab_by_slab_following_the_slider(make_napari_viewer, qt
     worker = p.run()
     assert worker is not None and p.running and not w.run_btn.isEnabled() and not p.run_btn.isEnabled()
     assert w.run() is None  # the 2D run is refused while the volume runs
+    assert w.tuning.start() is None and not w.tuning.tune_btn.isEnabled()  # so is a search (it would share the prior)
     worker.yielded.connect(on_update)
     qtbot.waitUntil(lambda: not p.running, timeout=120_000)
     timer.stop()
+    assert w.tuning.tune_btn.isEnabled() and w.run_btn.isEnabled()
 
     assert moved == [(2, 4)], "the first slab holds the slice under the slider (3)"
     assert order == [(2, 4), (6, 8), (4, 6), (0, 2)], f"slab order {order} does not follow the slider"

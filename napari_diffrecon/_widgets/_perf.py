@@ -17,10 +17,13 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
+import inspect
 import sys
 from typing import Any
 
-__all__ = ["keep_worker_memory", "pause_activity_spinner", "new_worker", "run_progress"]
+__all__ = ["keep_worker_memory", "pause_activity_spinner", "new_worker", "run_progress", "WorkerRuntimeError",
+           "original_error"]
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
@@ -85,12 +88,45 @@ def pause_activity_spinner(widget: Any) -> int:
     return n
 
 
+class WorkerRuntimeError(Exception):
+    """A ``RuntimeError`` raised in a generator worker, carried out of it as another type (:attr:`error` holds it).
+
+    superqt's ``GeneratorWorker`` takes any ``RuntimeError`` from the generator for "the worker was deleted": it
+    only warns and ends without emitting ``errored`` or ``finished``. The sampler's NaN stop (``SamplingError``),
+    the search's cancellation, torch's out-of-memory and most torch errors are ``RuntimeError`` subclasses, so the panel
+    stayed "running" for good, with Run greyed out and no message. Its ``str`` is the original message.
+    """
+
+    def __init__(self, error: RuntimeError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+def original_error(exc: BaseException) -> BaseException:
+    """The exception a worker raised (unwrapping :class:`WorkerRuntimeError`)."""
+    return exc.error if isinstance(exc, WorkerRuntimeError) else exc
+
+
+def _carry_runtime_errors(fn: Any) -> Any:
+    @functools.wraps(fn)
+    def generator(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return (yield from fn(*args, **kwargs))
+        except RuntimeError as e:
+            raise WorkerRuntimeError(e) from e
+
+    return generator
+
+
 def new_worker(fn: Any, *args: Any, **kwargs: Any) -> Any:
     """napari's ``create_worker`` as every panel here uses it: not started yet (the caller connects its slots
-    first), errors delivered to ``errored`` instead of raised, and the allocator set for worker threads."""
+    first), errors delivered to ``errored`` instead of raised (a generator's ``RuntimeError`` as
+    :class:`WorkerRuntimeError`: see there), and the allocator set for worker threads."""
     from napari.qt.threading import create_worker
 
     keep_worker_memory()  # torch buffers stay on the heap in the worker thread
+    if inspect.isgeneratorfunction(fn):
+        fn = _carry_runtime_errors(fn)
     return create_worker(fn, *args, _start_thread=False, _ignore_errors=True, **kwargs)
 
 

@@ -22,7 +22,7 @@ from qtpy.QtGui import QFont
 from qtpy.QtWidgets import QComboBox, QDoubleSpinBox, QGroupBox, QLabel, QPushButton, QVBoxLayout
 
 from ..tuning import BALANCE_PARAM, TuneCancelledError, TuneResult, auto_tune
-from ._perf import new_worker, run_progress
+from ._perf import new_worker, original_error, run_progress
 from ._runner import baseline_for
 
 __all__ = ["TuningPanel", "tune_stream", "SUPPORT_NAME", "FLAG_NAME"]
@@ -63,11 +63,17 @@ def tune_stream(measurement: Any, settings: Any, prior: Any, params: Any, criter
                 last = time.perf_counter()
                 yield item
     finally:
-        if th.is_alive():  # the worker was stopped: stop the runs too
+        if th.is_alive():  # the worker was quit from outside (napari closing): stop the runs too
             cancel.set()
     if "error" in box:
         raise box["error"]
     return box["result"]
+
+
+def _volume_running(owner: Any) -> bool:
+    """Whether the workbench's volume panel has a run in flight."""
+    volume = getattr(owner, "volume", None)
+    return bool(volume is not None and volume.running)
 
 
 class TuningPanel(QGroupBox):
@@ -127,7 +133,7 @@ class TuningPanel(QGroupBox):
     def start(self, values: list[float] | None = None) -> Any:
         """Start the search in a thread worker (returns it, or None when refused with a notification)."""
         o = self.owner
-        if self.running or o.running:
+        if self.running or o.running or _volume_running(o):  # a volume run may share the prior
             show_info("napari-diffrecon: a run or search is in progress")
             return None
         if o.measurement is None:
@@ -166,10 +172,15 @@ class TuningPanel(QGroupBox):
         return worker
 
     def stop(self) -> None:
-        """Cancel the search (the runs stop at their next step)."""
-        self._cancel.set()
+        """Cancel the search: the runs stop at their next step, and the worker ends once they have.
+
+        The worker is not quit: it ends when the search does (with :class:`TuneCancelledError`), so Run and Auto-tune
+        come back only when no run of the search still uses the prior.
+        """
+        if self._cancel is not None:
+            self._cancel.set()
         if self.worker is not None:
-            self.worker.quit()
+            self.owner.status.setText("stopping the auto-tune…")
 
     def _on_progress(self, item: tuple[float, int, str]) -> None:
         done, total, msg = item
@@ -200,6 +211,7 @@ class TuningPanel(QGroupBox):
         o.status.setText(f"auto-tune ({result.criterion}): {best} in {result.wall_time_s:.1f} s; press Run")
 
     def _on_error(self, exc: Exception) -> None:
+        exc = original_error(exc)
         if isinstance(exc, TuneCancelledError):
             self.owner.status.setText("auto-tune stopped")
             return
@@ -207,15 +219,16 @@ class TuningPanel(QGroupBox):
         self.owner.status.setText(f"auto-tune failed: {exc}")
 
     def _on_finished(self) -> None:
-        if self._cancel is not None and self._cancel.is_set() and self.owner.status.text().startswith("auto-tuning"):
+        stopping = self.owner.status.text().startswith(("auto-tuning", "stopping the auto-tune"))
+        if self._cancel is not None and self._cancel.is_set() and stopping:
             self.owner.status.setText("auto-tune stopped")  # a cancelled search can end without an error
         pbar, self._pbar = self._pbar, None  # cleared first: close() may process events and re-enter
         if pbar is not None:
             pbar.close()
         self.worker = None
-        self.tune_btn.setEnabled(True)
+        self.tune_btn.setEnabled(not _volume_running(self.owner))
         self.stop_btn.setEnabled(False)
-        self.owner.run_btn.setEnabled(not self.owner.running)
+        self.owner.run_btn.setEnabled(not self.owner.running and not _volume_running(self.owner))
 
     def provenance_for(self, settings: Any) -> dict[str, Any] | None:
         """The search record when ``settings`` still use the tuned values (else None)."""

@@ -461,6 +461,7 @@ class VolumePanel(QGroupBox):
         self.run_btn.setEnabled(False)
         self.stop_btn.setEnabled(True)
         o.run_btn.setEnabled(False)
+        o.tuning.tune_btn.setEnabled(False)  # a search would share the prior (its precision, its device)
         self.status.setText(f"preparing the {modality.upper()} volume…")
         worker.start()
         return worker
@@ -603,3 +604,4 @@ class VolumePanel(QGroupBox):
         self.run_btn.setEnabled(True)
         self.stop_btn.setEnabled(False)
         self.owner.run_btn.setEnabled(not self.owner.running and not self.owner.tuning.running)
+        self.owner.tuning.tune_btn.setEnabled(not self.owner.running and not self.owner.tuning.running)

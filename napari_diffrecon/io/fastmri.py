@@ -7,7 +7,6 @@ ESPIRiT from the fully sampled centre (:func:`napari_diffrecon.physics.coils.est
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -93,9 +92,9 @@ def read_fastmri(path: str | Path, slice_index: int | None = None, noise_fractio
         from ..physics.coils import estimate_coil_maps
 
         try:
-            with warnings.catch_warnings():  # a narrowed ESPIRiT kernel for a narrow centre is expected here
-                warnings.simplefilter("ignore", UserWarning)
-                spec["coil_maps"] = estimate_coil_maps(data, calib_size=None, mask=mask).astype(np.complex64)
+            # a narrowed ESPIRiT kernel for a narrow centre is expected here
+            spec["coil_maps"] = estimate_coil_maps(data, calib_size=None, mask=mask,
+                                                   warn_narrow=False).astype(np.complex64)
         except ValueError as e:
             raise BundleError(
                 f"{path.name}: cannot estimate coil maps ({e}); a fully sampled centre is needed"

@@ -247,6 +247,7 @@ def estimate_coil_maps(
     phase_reference: int | None = None,
     return_eigenvalues: bool = False,
     mask: Any = None,
+    warn_narrow: bool = True,
 ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """ESPIRiT coil sensitivities (Uecker et al., MRM 2014) from the fully sampled k-space centre.
 
@@ -286,6 +287,10 @@ def estimate_coil_maps(
     mask : array-like, optional
         The sampling mask, ``(W,)`` columns or ``(H, W)`` (non-zero = sampled). Default: guessed from the
         non-zero entries of ``kspace`` (noise-free synthetic data can hold exact zeros: pass the mask).
+    warn_narrow : bool
+        With ``calib_size=None``, warn when the detected calibration region is too narrow for the kernel and the
+        kernel is narrowed (a reader that expects it passes False; the filter of ``warnings.catch_warnings()``
+        is process-wide and not safe from a worker thread).
 
     Returns
     -------
@@ -335,11 +340,12 @@ def estimate_coil_maps(
         if narrow != (ky, kx) and cy > narrow[0] and cx > narrow[1]:
             import warnings
 
-            warnings.warn(
-                f"the {cy}×{cx} calibration region is narrow for a {ky}×{kx} ESPIRiT kernel; using "
-                f"{narrow[0]}×{narrow[1]}",
-                stacklevel=2,
-            )
+            if warn_narrow:
+                warnings.warn(
+                    f"the {cy}×{cx} calibration region is narrow for a {ky}×{kx} ESPIRiT kernel; using "
+                    f"{narrow[0]}×{narrow[1]}",
+                    stacklevel=2,
+                )
             ky, kx = narrow
         if cy <= ky or cx <= kx:
             raise ValueError(

@@ -41,6 +41,13 @@ __all__ = [
 _CACHE: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
 _CACHE_SIZE = 6
 _CACHE_LOCK = threading.Lock()
+_BUILD_LOCK = threading.Lock()  # one build at a time: runs starting together (a batched search) wait for the first
+
+# torch's notices on sparse CSR tensors, at every first use: narrow filters set once here, not warnings.catch_warnings()
+# around the calls, which saves and restores the process-wide filter list and, from several threads at once, can leave
+# an "ignore all UserWarnings" behind for the rest of the session.
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta", category=UserWarning)
+warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitly disabled", category=UserWarning)
 
 
 def fov_mask(n: int) -> np.ndarray:
@@ -224,14 +231,17 @@ def radon_matrix(
         if key in _CACHE:
             _CACHE.move_to_end(key)
             return _CACHE[key]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"
+    with _BUILD_LOCK:
+        with _CACHE_LOCK:  # built by another thread while this one waited
+            if key in _CACHE:
+                _CACHE.move_to_end(key)
+                return _CACHE[key]
         a, at = _with_transpose(_build_matrix(int(n), angles, dtype))
-    a, at = a.to(device), at.to(device)
-    with _CACHE_LOCK:
-        _CACHE[key] = (a, at)
-        while len(_CACHE) > _CACHE_SIZE:
-            _CACHE.popitem(last=False)
+        a, at = a.to(device), at.to(device)
+        with _CACHE_LOCK:
+            _CACHE[key] = (a, at)
+            while len(_CACHE) > _CACHE_SIZE:
+                _CACHE.popitem(last=False)
     return a, at
 
 
@@ -256,11 +266,9 @@ def _int32_indices(a: torch.Tensor) -> torch.Tensor:
 
 def _with_transpose(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(A, Aᵀ)`` as CSR matrices with 32-bit indices where they fit, from the CSR matrix ``a``."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"
-        csc = a.to_sparse_csc()  # CSC of A is CSR of Aᵀ
-        at = torch.sparse_csr_tensor(csc.ccol_indices(), csc.row_indices(), csc.values(), (a.shape[1], a.shape[0]))
-        return _int32_indices(a), _int32_indices(at)
+    csc = a.to_sparse_csc()  # CSC of A is CSR of Aᵀ
+    at = torch.sparse_csr_tensor(csc.ccol_indices(), csc.row_indices(), csc.values(), (a.shape[1], a.shape[0]))
+    return _int32_indices(a), _int32_indices(at)
 
 
 def _spmm(a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

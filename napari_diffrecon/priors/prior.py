@@ -221,6 +221,15 @@ class GaussianPrior(Prior):
         return mean, cov
 
 
+#: One trace at a time (two runs starting together trace once each, not over each other). Tracing's notices — diffusers'
+#: TracerWarnings, torch.jit's deprecation — are filtered once here: warnings.catch_warnings() around the call saves
+#: and restores the process-wide filter list, and from several threads at once it left "ignore every warning" behind
+#: for the rest of a napari session.
+_TRACE_LOCK = threading.Lock()
+warnings.filterwarnings("ignore", category=torch.jit.TracerWarning, module=r"diffusers\.")
+warnings.filterwarnings("ignore", message=r"`torch\.jit\.trace(_method)?` is deprecated", category=DeprecationWarning)
+
+
 def _in_place(network: torch.nn.Module, device: torch.device, layout: torch.memory_format) -> bool:
     """Whether every parameter and buffer of ``network`` is on ``device`` and its 4-D ones in ``layout``."""
     for t in list(network.parameters()) + list(network.buffers()):
@@ -326,8 +335,7 @@ class NetworkPrior(Prior):
             try:
                 # Traced under autocast, the graph holds the casts: it is then called outside autocast.
                 amp = torch.autocast(x.device.type, dtype=reduced) if reduced is not None else contextlib.nullcontext()
-                with warnings.catch_warnings(), amp:
-                    warnings.simplefilter("ignore")  # TracerWarnings and the deprecation notice of torch.jit
+                with _TRACE_LOCK, amp:  # its warnings: filtered once at import (see _TRACE_LOCK)
                     traced = torch.jit.trace(net, (x[:1], label.reshape(-1)[:1]), check_trace=False)
             except Exception:  # noqa: BLE001 - any tracing problem: the eager network is always right
                 self._trace_failed = key
