@@ -75,12 +75,57 @@ def test_every_ct_phantom_goes_through_the_scanner_at_its_view_zoom(monkeypatch)
 
     zooms = []
     real = phantoms._scanner
-    monkeypatch.setattr(phantoms, "_scanner", lambda img, zoom, rng: zooms.append(zoom) or real(img, zoom, rng))
+    monkeypatch.setattr(phantoms, "_scanner",
+                        lambda img, zoom, rng, **kw: zooms.append(zoom) or real(img, zoom, rng, **kw))
     rng = np.random.default_rng(5)
     for _ in range(12):
         ct_phantom(128, rng)
     assert len(zooms) == 12 and all(1.0 <= z <= 4.0 for z in zooms)  # 512-pixel canvas, 128 out: at most 4×
     assert any(z == 1.0 for z in zooms) and any(z > 1.5 for z in zooms)  # whole sections and zoomed views
+
+
+def test_detailed_ct_phantoms_add_rib_heads_laminae_and_muscle_striations_and_leave_the_plain_ones_alone():
+    """``detail`` (builtin:ct-phantoms-detailed) adds bone beside the spine (rib heads in the thorax, laminae) and fat
+    lines inside the paraspinal muscles; without it a seed gives exactly the draws the shipped CT prior trained on."""
+    from napari_diffrecon.priors import phantoms
+
+    bone = {"cortical", "marrow", "trabecular"}
+    more_bone = more_fat = 0
+    for seed in range(6):
+        plain, _ = anatomy(256, np.random.default_rng(seed), "thorax")
+        rich, _ = anatomy(256, np.random.default_rng(seed), "thorax", detail=True)
+        names = np.array(list(TISSUES))
+        near = (np.abs(plain.X) < 0.4) & (plain.Y > 0.2)  # the spine's neighbourhood (the spine is at the back)
+        n_bone = [np.isin(names[c.label], list(bone))[near].sum() for c in (plain, rich)]
+        more_bone += n_bone[1] > n_bone[0]
+        muscle = near & (names[plain.label] == "muscle")  # the paraspinal muscles are drawn before the details
+        more_fat += (names[rich.label] == "fat")[muscle].sum() > 0
+    assert more_bone == 6 and more_fat == 6
+    calls = []
+    real = phantoms._spine_detail
+    try:
+        phantoms._spine_detail = lambda *a, **k: calls.append(1) or real(*a, **k)
+        a = ct_phantom(64, np.random.default_rng(7))
+        assert not calls  # off by default
+        np.testing.assert_array_equal(a, ct_phantom(64, np.random.default_rng(7), detail=False))
+    finally:
+        phantoms._spine_detail = real
+
+
+def test_streaks_are_lines_along_one_direction_of_the_stated_strength():
+    from napari_diffrecon.priors.phantoms import _streaks
+
+    for seed in range(8):
+        s = _streaks(128, np.random.default_rng(seed))
+        assert s.shape == (128, 128) and 5 <= s.std() <= 30.01
+        gy, gx = np.gradient(s.astype(np.float64))
+        j = np.array([[np.mean(gx * gx), np.mean(gx * gy)], [np.mean(gx * gy), np.mean(gy * gy)]])
+        lo, hi = np.linalg.eigvalsh(j)
+        assert hi > 5 * lo  # oriented: the intensity changes across the streaks, hardly along them
+    white = np.random.default_rng(0).standard_normal((128, 128))
+    gy, gx = np.gradient(white)
+    lo, hi = np.linalg.eigvalsh(np.array([[np.mean(gx * gx), np.mean(gx * gy)], [np.mean(gx * gy), np.mean(gy * gy)]]))
+    assert hi < 1.5 * lo  # the check tells them from isotropic noise
 
 
 def test_anatomy_labels_are_known_tissues():
@@ -221,8 +266,8 @@ def test_random_phase_is_smooth():
     assert np.abs(np.diff(ph, axis=0)).max() < 0.5
 
 
-@pytest.mark.parametrize("source,channels", [("ct-phantoms", 1), ("pet-phantoms", 1), ("mni152", 2),
-                                                    ("mni152-views", 2)])
+@pytest.mark.parametrize("source,channels", [("ct-phantoms", 1), ("ct-phantoms-detailed", 1), ("pet-phantoms", 1),
+                                            ("mni152", 2), ("mni152-views", 2)])
 def test_builtin_pools_give_model_units_and_refresh(source, channels):
     pool, info = builtin_pool(source, 64, channels=channels, seed=0, pool_size=6, refresh_every=2, refresh_count=2)
     assert pool.images.shape == (6, channels, 64, 64)
@@ -234,7 +279,7 @@ def test_builtin_pools_give_model_units_and_refresh(source, channels):
     assert patch.shape == (4, channels, 32, 32)
     changed = (pool.images != before).flatten(1).any(1).sum()
     assert changed == 2, "a refresh replaces refresh_count images"
-    if source == "ct-phantoms":  # HU/1000: air at −1
+    if source.startswith("ct-phantoms"):  # HU/1000: air at −1
         assert pool.images.min() < -0.9
     if channels == 2:
         mag = pool.images.pow(2).sum(1).sqrt()

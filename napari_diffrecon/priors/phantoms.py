@@ -123,13 +123,13 @@ def _trabecular(n: int, rng: np.random.Generator, period: float) -> np.ndarray:
     return ndimage.gaussian_filter(pattern, period * rng.uniform(0.1, 0.5))
 
 
-def _scanner(img: np.ndarray, zoom: float, rng: np.random.Generator) -> np.ndarray:
+def _scanner(img: np.ndarray, zoom: float, rng: np.random.Generator, streaks: bool = False) -> np.ndarray:
     """What a clinical CT adds to anatomy: the system blur and correlated (ramp-filtered) quantum noise.
 
     The blur's FWHM is 0.6–3 mm (log-uniform: thick slices and soft kernels blur more), drawn in the output's pixels
     for a whole-body field of view of 300–450 mm shown at ``zoom``; the noise has the band-pass power spectrum of
     filtered back-projection (|f| times a smooth apodisation) and a standard deviation of 0–15 HU (none in a fifth
-    of the images).
+    of the images). With ``streaks``, 60 % of the images also get :func:`_streaks`.
     """
     n = img.shape[0]
     pixel_mm = rng.uniform(300.0, 450.0) / (n * zoom)
@@ -140,7 +140,26 @@ def _scanner(img: np.ndarray, zoom: float, rng: np.random.Generator) -> np.ndarr
         nps = f * np.exp(-((f / rng.uniform(0.15, 0.5)) ** 2))
         noise = np.real(np.fft.ifft2(np.fft.fft2(rng.standard_normal((n, n))) * np.sqrt(nps)))
         out = out + noise / (noise.std() + 1e-12) * rng.uniform(0.0, 15.0)
+    if streaks and rng.random() < 0.6:
+        out = out + _streaks(n, rng)
     return out.astype(np.float32)
+
+
+def _streaks(n: int, rng: np.random.Generator) -> np.ndarray:
+    """Streak noise of photon starvation: thin bright and dark lines along one direction, 5–30 HU.
+
+    Where the beam crosses the most tissue (side to side through the shoulders or the pelvis) few photons arrive and
+    filtered back-projection smears their noise along those rays (pydicom's CT_small shows such lines across the
+    whole slice). Drawn as white noise stretched 8–60 pixels along a direction within 30° of the horizontal (in half
+    of the images, any direction), narrow across it.
+    """
+    angle = rng.uniform(-30.0, 30.0) if rng.random() < 0.5 else rng.uniform(0.0, 180.0)
+    m = int(np.ceil(n * 1.5))
+    w = ndimage.gaussian_filter(rng.standard_normal((m, m)), (rng.uniform(0.4, 1.0), rng.uniform(8.0, 60.0)))
+    w = ndimage.rotate(w, angle, reshape=False, order=1, mode="reflect")
+    lo = (m - n) // 2
+    w = w[lo : lo + n, lo : lo + n]
+    return (w / (w.std() + 1e-12) * rng.uniform(5.0, 30.0)).astype(np.float32)
 
 
 def _body(cv: _Canvas, region: str) -> dict[str, object]:
@@ -164,21 +183,26 @@ def _body(cv: _Canvas, region: str) -> dict[str, object]:
     return {"a": a, "b": b, "cy": cy, "ia": ia, "ib": ib, "cavity": cavity, "outer": outer}
 
 
-def _spine(cv: _Canvas, body: dict, zoom_ref: list) -> None:
+def _spine(cv: _Canvas, body: dict, zoom_ref: list, detail: bool = False, thorax: bool = False) -> None:
+    """Vertebra, paraspinal muscles; with ``detail`` also :func:`_spine_detail` (``thorax``: with rib heads)."""
     rng = cv.rng
     ib, cy = float(body["ib"]), float(body["cy"])
     r = rng.uniform(0.075, 0.11) * (float(body["a"]) / 0.85)
     sx, sy = rng.normal(0, 0.01), cy + ib - r * rng.uniform(1.6, 2.4)
     # paraspinal muscles with fat septa
+    muscles = []
     for side in (-1, 1):
         m = cv.blob(sx + side * r * 1.35, sy + r * 1.5, r * 1.25, r * 1.1, theta=side * 0.3, rough=0.08)
         cv.paint(m, "muscle", within=cv.is_("fat", "muscle"))
+        muscles.append(m)
         for _ in range(rng.integers(1, 4)):
             sep = cv.blob(
                 sx + side * r * rng.uniform(0.8, 2.0), sy + r * rng.uniform(1.0, 2.2),
                 r * rng.uniform(0.6, 1.5), r * 0.06, theta=rng.uniform(0, np.pi), rough=0.02,
             )
             cv.paint(sep, "fat", within=m)
+    if detail:
+        _spine_detail(cv, sx, sy, r, muscles, thorax)
     body_v = cv.blob(sx, sy, r, r * rng.uniform(0.8, 0.95), rough=0.03)
     cv.paint(body_v, "cortical")
     inner = cv.blob(sx, sy, r * 0.86, r * 0.8, rough=0.03)
@@ -195,6 +219,54 @@ def _spine(cv: _Canvas, body: dict, zoom_ref: list) -> None:
         tp = cv.blob(sx + side * r * 0.95, canal_c - r * 0.1, r * 0.6, r * 0.14, theta=side * 0.35, rough=0.03)
         cv.paint(tp, "cortical")
     zoom_ref.append((sx, sy + r * 0.5, r))
+
+
+def _spine_detail(cv: _Canvas, sx: float, sy: float, r: float, muscles: list, thorax: bool) -> None:
+    """What a zoomed clinical slice of the spine shows that the plain phantom lacks (pydicom's CT_small, 0.66 mm):
+
+    - fat striations in the paraspinal muscles: 4–12 thin dark lines along the muscle's fibres;
+    - thick laminae, a roof of bone from the arch to the spinous process, and a broad spinous process;
+    - in the thorax, the rib heads: a rib leaves each side of the vertebral body, lies along the transverse process
+      and runs out laterally, a cortical shell round marrow, drawn as a chain of short overlapping segments.
+
+    Drawn before the vertebra, so the bone painted after it keeps its outline.
+    """
+    rng = cv.rng
+    for side, m in zip((-1, 1), muscles, strict=True):
+        for _ in range(int(rng.integers(3, 10))):
+            ang = side * 0.3 + np.pi / 2 + rng.normal(0, 0.35)  # roughly along the muscle (front to back)
+            sep = cv.blob(
+                sx + side * r * rng.uniform(0.6, 2.3), sy + r * rng.uniform(0.8, 2.5),
+                r * rng.uniform(0.25, 0.7), r * rng.uniform(0.015, 0.035), theta=ang, rough=0.02,
+            )
+            cv.paint(sep, "fat", within=m)
+    canal_c = sy + r * 1.35
+    for side in (-1, 1):  # laminae: from the pedicle down and in to the spinous process's base
+        lx, ly, theta = sx + side * r * 0.32, canal_c + r * 0.42, -side * rng.uniform(0.75, 1.05)
+        lam = cv.blob(lx, ly, r * rng.uniform(0.45, 0.58), r * rng.uniform(0.14, 0.22), theta=theta, rough=0.03)
+        cv.paint(lam, "cortical")
+        cv.paint(cv.blob(lx, ly, r * 0.35, r * 0.07, theta=theta), "marrow", within=lam)
+    if not thorax:
+        return
+    for side in (-1, 1):
+        if rng.random() < 0.15:
+            continue
+        x, y = sx + side * r * rng.uniform(0.85, 1.05), sy + r * rng.uniform(0.2, 0.6)
+        heading = rng.uniform(-0.35, 0.25)  # radians from the horizontal (negative: towards the front)
+        bend = rng.uniform(-0.25, -0.05)  # the rib curves forward as it runs out
+        rr = r * rng.uniform(0.2, 0.3)  # half-thickness
+        shell = np.zeros_like(cv.label, dtype=bool)
+        for _ in range(int(rng.integers(4, 9))):  # overlapping segments make one bent bone
+            seg = r * rng.uniform(0.35, 0.5)
+            cxs, cys = x + side * np.cos(heading) * seg / 2, y + np.sin(heading) * seg / 2
+            theta = heading if side > 0 else np.pi - heading
+            shell |= cv.blob(cxs, cys, seg * 0.8, rr, theta=theta, rough=0.01)
+            x, y = x + side * np.cos(heading) * seg, y + np.sin(heading) * seg
+            heading += bend
+        shell &= ~cv.is_("air", "skin", "lung")
+        cv.paint(shell, "cortical")
+        cortex = max(1, int(round(rr * cv.n / 2 * rng.uniform(0.3, 0.45))))  # pixels of the canvas
+        cv.paint(ndimage.binary_erosion(shell, iterations=cortex), "marrow")
 
 
 def _vessels(cv: _Canvas, x: float, y: float, n: int, rmin: float, rmax: float, spread: float, within: np.ndarray,
@@ -350,8 +422,12 @@ def _lesions(cv: _Canvas, inside: np.ndarray) -> None:
         cv.offset_hu[m] += rng.uniform(200, 800)
 
 
-def anatomy(n: int, rng: np.random.Generator, region: str | None = None) -> tuple[_Canvas, list]:
-    """Draw one random cross-section at ``n × n``; returns the canvas and points of interest for zooming."""
+def anatomy(n: int, rng: np.random.Generator, region: str | None = None, detail: bool = False) -> tuple[_Canvas, list]:
+    """Draw one random cross-section at ``n × n``; returns the canvas and points of interest for zooming.
+
+    ``detail`` adds the spine's finer anatomy (:func:`_spine_detail`); without it the draws are those the shipped
+    priors were trained on.
+    """
     cv = _Canvas(n, rng)
     region = region or str(rng.choice(["abdomen", "thorax", "pelvis", "head"], p=[0.35, 0.3, 0.15, 0.2]))
     zoom_ref: list = []
@@ -360,7 +436,7 @@ def anatomy(n: int, rng: np.random.Generator, region: str | None = None) -> tupl
     else:
         body = _body(cv, region)
         {"abdomen": _abdomen, "thorax": _thorax, "pelvis": _pelvis}[region](cv, body)
-        _spine(cv, body, zoom_ref)
+        _spine(cv, body, zoom_ref, detail=detail, thorax=region == "thorax")
         # subcutaneous/intermuscular vessels
         _vessels(cv, 0.0, float(body["cy"]), int(rng.integers(5, 20)), 0.004, 0.012, 0.4, cv.is_("fat"))
     _lesions(cv, cv.label != _IDX["air"])
@@ -414,7 +490,7 @@ def _view(img: np.ndarray, out: int, rng: np.random.Generator, zoom_ref: list,
 
 
 def ct_phantom(size: int = 128, rng: np.random.Generator | None = None, region: str | None = None,
-               max_zoom: float = 5.0) -> np.ndarray:
+               max_zoom: float = 5.0, detail: bool = False) -> np.ndarray:
     """One random CT cross-section in Hounsfield units, ``(size, size)`` float32.
 
     Drawn at up to 2× the output resolution over the zoomed field, so edges carry partial volume, then blurred and
@@ -431,13 +507,17 @@ def ct_phantom(size: int = 128, rng: np.random.Generator | None = None, region: 
     max_zoom : float
         Largest zoom factor of the random field of view (1 = whole section only); the canvas (at most 512 pixels)
         caps it at 512 / ``size`` (4 at 128²), where the view is drawn at the output's resolution.
+    detail : bool
+        The spine's finer anatomy (fat striations, laminae, rib heads: :func:`_spine_detail`) and photon-starvation
+        streaks (:func:`_streaks`); off, the draws are those the shipped CT prior was trained on
+        (``builtin:ct-phantoms``; ``builtin:ct-phantoms-detailed`` has it on).
     """
     rng = rng if rng is not None else np.random.default_rng()
     n = int(min(2 * size * max(1.0, max_zoom), 512))
-    cv, ref = anatomy(n, rng, region)
+    cv, ref = anatomy(n, rng, region, detail=detail)
     img = _render(cv, 0)
     out, zoom = _view(img, size, rng, ref, max_zoom)
-    out = _scanner(out, zoom, rng)
+    out = _scanner(out, zoom, rng, streaks=detail)
     out += rng.normal(0, rng.uniform(0.5, 4.0), out.shape).astype(np.float32)  # faint fine-scale texture
     return np.clip(out, -1024.0, 3000.0)
 
