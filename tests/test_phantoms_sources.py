@@ -331,6 +331,18 @@ def test_train_cli_rejects_mismatched_builtin_source(tmp_path):
     assert main(["train", "builtin:ct-phantoms", "--modality", "ct", "--complex", "-o", str(tmp_path / "y")]) == 2
 
 
+def test_train_and_distill_help_name_every_builtin_source(capsys):
+    from napari_diffrecon.cli import main
+    from napari_diffrecon.priors.sources import BUILTIN_SOURCES
+
+    for cmd in ("train", "distill"):
+        with pytest.raises(SystemExit):
+            main([cmd, "--help"])
+        text = " ".join(capsys.readouterr().out.split()).replace("- ", "-")  # argparse wraps lines at hyphens
+        missing = [name for name in BUILTIN_SOURCES if f"builtin:{name}" not in text]
+        assert not missing, f"{cmd} --help does not name {missing}"
+
+
 def test_export_checkpoint_needs_a_run_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match="checkpoint.pt"):
         export_checkpoint(tmp_path)
