@@ -167,6 +167,24 @@ def test_runs_that_move_one_prior_at_once_leave_its_weights_intact():
     assert [w.data_ptr() for w in p.network.parameters()] == storage
 
 
+def test_a_network_prior_pickles_for_dask_workers():
+    """Dask's worker processes receive a prior object pickled: nothing in it (such as a lock) may refuse."""
+    import pickle
+
+    p = _tiny_prior()
+    p.to("cpu")
+    p.trace = True  # a traced graph (a TorchScript module) is left out of the pickle
+    with torch.no_grad():
+        p.denoise(torch.randn(1, 1, 32, 32), 0.5)
+    assert p._traced is not None
+    q = pickle.loads(pickle.dumps(p))
+    assert q._traced is None
+    x = torch.randn(1, 1, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(q.denoise(x, 0.3), p.denoise(x, 0.3), rtol=0, atol=0)
+    q.to("cpu")  # the module-level move lock works on the copy too
+
+
 def test_half_precision_weights_halve_the_file_and_barely_change_the_denoiser(tmp_path):
     p = _tiny_prior()
     w32, _ = save_prior(p, tmp_path / "f32")

@@ -512,3 +512,38 @@ def test_an_auto_tune_result_for_data_loaded_before_is_not_applied(make_napari_v
     w.tuning._on_returned(object())  # (a result for the CT data; not looked at)
     assert w.spins["gamma"].value() == gamma and w.tuning.record is None
     assert "not applied" in w.status.text()
+
+
+def test_a_traced_run_in_a_workbench_worker_shows_no_torch_notices():
+    """superqt runs a worker inside catch_warnings() with filterwarnings("always") in front and shows every warning as
+    a napari notification: tracing the network (in worker threads) must not flood them with torch's TracerWarnings
+    and deprecation notices, nor may a RuntimeError escape as anything but WorkerRuntimeError."""
+    import warnings
+
+    import torch
+
+    from napari_diffrecon._widgets._perf import WorkerRuntimeError, _carry_runtime_errors, original_error
+    from napari_diffrecon.priors import ModelCard, NetworkPrior
+    from napari_diffrecon.priors.network import build_network
+
+    card = ModelCard(name="tiny-notices", modality="ct", channels=1, resolution=32,
+                     architecture={"type": "diffusers.UNet2DModel", "preset": "tiny"})
+    prior = NetworkPrior(build_network({**card.architecture, "channels": 1}), card)
+    prior.trace = True
+
+    def work():
+        with torch.no_grad():
+            prior.denoise(torch.randn(1, 1, 32, 32), 0.5)
+        yield 1
+        raise RuntimeError("stopped at step 2")
+
+    gen = _carry_runtime_errors(work)()
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.filterwarnings("always")
+        assert next(gen) == 1
+        with pytest.raises(WorkerRuntimeError, match="stopped at step 2") as err:
+            next(gen)
+    assert prior._traced is not None, "the network was traced"
+    noisy = [w for w in seen if issubclass(w.category, torch.jit.TracerWarning) or "jit.trace" in str(w.message)]
+    assert not noisy, [str(w.message)[:80] for w in noisy]
+    assert isinstance(original_error(err.value), RuntimeError)

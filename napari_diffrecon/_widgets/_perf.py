@@ -22,6 +22,8 @@ import inspect
 import sys
 from typing import Any
 
+from .._notices import quiet_torch_notices
+
 __all__ = ["keep_worker_memory", "pause_activity_spinner", "new_worker", "run_progress", "WorkerRuntimeError",
            "original_error"]
 
@@ -108,8 +110,12 @@ def original_error(exc: BaseException) -> BaseException:
 
 
 def _carry_runtime_errors(fn: Any) -> Any:
+    """``fn`` (a generator function) raising :class:`WorkerRuntimeError` for its ``RuntimeError``, and with torch's
+    notices filtered again inside superqt's ``catch_warnings()`` (``_notices.quiet_torch_notices``)."""
+
     @functools.wraps(fn)
     def generator(*args: Any, **kwargs: Any) -> Any:
+        quiet_torch_notices()  # runs in the worker, inside superqt's "always" filter
         try:
             return (yield from fn(*args, **kwargs))
         except RuntimeError as e:

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .._notices import quiet_torch_notices
 from .base import LinearOperator
 
 __all__ = [
@@ -43,11 +44,7 @@ _CACHE_SIZE = 6
 _CACHE_LOCK = threading.Lock()
 _BUILD_LOCK = threading.Lock()  # one build at a time: runs starting together (a batched search) wait for the first
 
-# torch's notices on sparse CSR tensors, at every first use: narrow filters set once here, not warnings.catch_warnings()
-# around the calls, which saves and restores the process-wide filter list and, from several threads at once, can leave
-# an "ignore all UserWarnings" behind for the rest of the session.
-warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta", category=UserWarning)
-warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitly disabled", category=UserWarning)
+quiet_torch_notices()  # torch's notices on sparse CSR tensors (see there)
 
 
 def fov_mask(n: int) -> np.ndarray:

@@ -224,10 +224,11 @@ def _spine(cv: _Canvas, body: dict, zoom_ref: list, detail: bool = False, thorax
 def _spine_detail(cv: _Canvas, sx: float, sy: float, r: float, muscles: list, thorax: bool) -> None:
     """What a zoomed clinical slice of the spine shows that the plain phantom lacks (pydicom's CT_small, 0.66 mm):
 
-    - fat striations in the paraspinal muscles: 4–12 thin dark lines along the muscle's fibres;
-    - thick laminae, a roof of bone from the arch to the spinous process, and a broad spinous process;
-    - in the thorax, the rib heads: a rib leaves each side of the vertebral body, lies along the transverse process
-      and runs out laterally, a cortical shell round marrow, drawn as a chain of short overlapping segments.
+    - fat striations in the paraspinal muscles: 3–9 thin dark lines per side along the muscle's fibres;
+    - thick laminae, a roof of bone from the pedicles down to the spinous process;
+    - in the thorax, the rib heads: a rib leaves the back corner of the vertebral body on each side, runs back and out
+      along the transverse process, then turns out and forward round the chest wall; a cortical shell round marrow,
+      drawn as a chain of short overlapping segments, kept out of the lung (whose vessels included) and of the air.
 
     Drawn before the vertebra, so the bone painted after it keeps its outline.
     """
@@ -239,7 +240,7 @@ def _spine_detail(cv: _Canvas, sx: float, sy: float, r: float, muscles: list, th
                 sx + side * r * rng.uniform(0.6, 2.3), sy + r * rng.uniform(0.8, 2.5),
                 r * rng.uniform(0.25, 0.7), r * rng.uniform(0.015, 0.035), theta=ang, rough=0.02,
             )
-            cv.paint(sep, "fat", within=m)
+            cv.paint(sep, "fat", within=m & cv.is_("muscle"))
     canal_c = sy + r * 1.35
     for side in (-1, 1):  # laminae: from the pedicle down and in to the spinous process's base
         lx, ly, theta = sx + side * r * 0.32, canal_c + r * 0.42, -side * rng.uniform(0.75, 1.05)
@@ -251,9 +252,9 @@ def _spine_detail(cv: _Canvas, sx: float, sy: float, r: float, muscles: list, th
     for side in (-1, 1):
         if rng.random() < 0.15:
             continue
-        x, y = sx + side * r * rng.uniform(0.85, 1.05), sy + r * rng.uniform(0.2, 0.6)
-        heading = rng.uniform(-0.35, 0.25)  # radians from the horizontal (negative: towards the front)
-        bend = rng.uniform(-0.25, -0.05)  # the rib curves forward as it runs out
+        x, y = sx + side * r * rng.uniform(0.8, 1.0), sy + r * rng.uniform(0.35, 0.65)  # the body's back corner
+        heading = rng.uniform(0.35, 0.8)  # radians from the horizontal, positive = backwards (+y is posterior)
+        bend = rng.uniform(-0.35, -0.15)  # per segment: out and then forward round the chest wall
         rr = r * rng.uniform(0.2, 0.3)  # half-thickness
         shell = np.zeros_like(cv.label, dtype=bool)
         for _ in range(int(rng.integers(4, 9))):  # overlapping segments make one bent bone
@@ -263,7 +264,10 @@ def _spine_detail(cv: _Canvas, sx: float, sy: float, r: float, muscles: list, th
             shell |= cv.blob(cxs, cys, seg * 0.8, rr, theta=theta, rough=0.01)
             x, y = x + side * np.cos(heading) * seg, y + np.sin(heading) * seg
             heading += bend
-        shell &= ~cv.is_("air", "skin", "lung")
+        shell &= ~(cv.is_("air", "skin") | ndimage.binary_fill_holes(cv.is_("lung")))
+        parts, n_parts = ndimage.label(shell)
+        if n_parts > 1:  # the lung cut the rib: keep its largest piece, no bone specks
+            shell = parts == 1 + int(np.argmax(ndimage.sum_labels(shell, parts, range(1, n_parts + 1))))
         cv.paint(shell, "cortical")
         cortex = max(1, int(round(rr * cv.n / 2 * rng.uniform(0.3, 0.45))))  # pixels of the canvas
         cv.paint(ndimage.binary_erosion(shell, iterations=cortex), "marrow")

@@ -9,12 +9,12 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-import warnings
 from abc import ABC, abstractmethod
 from pathlib import Path
 
 import torch
 
+from .._notices import quiet_torch_notices
 from .card import CardError, ModelCard
 from .network import build_network
 from .schedules import Schedule, VPSchedule, get_schedule, pfgmpp_noise, sigma_to_alpha_bar
@@ -221,17 +221,19 @@ class GaussianPrior(Prior):
         return mean, cov
 
 
-#: One trace at a time (two runs starting together trace once each, not over each other). Tracing's notices — diffusers'
-#: TracerWarnings, torch.jit's deprecation — are filtered once here: warnings.catch_warnings() around the call saves
-#: and restores the process-wide filter list, and from several threads at once it left "ignore every warning" behind
-#: for the rest of a napari session.
+#: One trace at a time: runs starting together (a batched search) trace once. Tracing's notices are filtered by
+#: :func:`~napari_diffrecon._notices.quiet_torch_notices`.
 _TRACE_LOCK = threading.Lock()
-warnings.filterwarnings("ignore", category=torch.jit.TracerWarning, module=r"diffusers\.")
-warnings.filterwarnings("ignore", message=r"`torch\.jit\.trace(_method)?` is deprecated", category=DeprecationWarning)
+#: Moves of a prior's network (:meth:`NetworkPrior.to`) one at a time, in any thread (module-level: a lock in the
+#: prior would keep it from being pickled for Dask's worker processes).
+_MOVE_LOCK = threading.Lock()
+quiet_torch_notices()
 
 
 def _in_place(network: torch.nn.Module, device: torch.device, layout: torch.memory_format) -> bool:
     """Whether every parameter and buffer of ``network`` is on ``device`` and its 4-D ones in ``layout``."""
+    if device.index is None and device.type == "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())  # "cuda" means the current device
     for t in list(network.parameters()) + list(network.buffers()):
         if t.device.type != device.type or (device.index is not None and t.device.index != device.index):
             return False
@@ -266,12 +268,17 @@ class NetworkPrior(Prior):
         if isinstance(self.schedule, VPSchedule):
             self._log_ab = torch.log(self.schedule.alpha_bars())
         self.network.eval()
-        self._move_lock = threading.Lock()  # see to()
         env = os.environ.get("NAPARI_DIFFRECON_TRACE", "auto").lower()
         #: Traced inference network: True, False, or None = only off the main thread (see _call_network).
         self.trace: bool | None = {"0": False, "false": False, "1": True, "true": True}.get(env)
         self._traced: tuple[tuple, torch.nn.Module] | None = None
         self._trace_failed: tuple | None = None  # the key whose tracing failed (tried again when it changes)
+
+    def __getstate__(self) -> dict:
+        """Pickled without the traced graph (a TorchScript module does not pickle; the copy traces again)."""
+        state = self.__dict__.copy()
+        state["_traced"] = None
+        return state
 
     def _call_network(self, x: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
         """``network(x, label)``; without autograd through a traced copy of the network (see :attr:`trace`).
@@ -335,8 +342,11 @@ class NetworkPrior(Prior):
             try:
                 # Traced under autocast, the graph holds the casts: it is then called outside autocast.
                 amp = torch.autocast(x.device.type, dtype=reduced) if reduced is not None else contextlib.nullcontext()
-                with _TRACE_LOCK, amp:  # its warnings: filtered once at import (see _TRACE_LOCK)
-                    traced = torch.jit.trace(net, (x[:1], label.reshape(-1)[:1]), check_trace=False)
+                with _TRACE_LOCK, amp:
+                    quiet_torch_notices()  # again: a caller's catch_warnings() may have reset them
+                    again = self._traced  # traced by another run while this one waited
+                    traced = again[1] if again is not None and again[0] == key else torch.jit.trace(
+                        net, (x[:1], label.reshape(-1)[:1]), check_trace=False)
             except Exception:  # noqa: BLE001 - any tracing problem: the eager network is always right
                 self._trace_failed = key
                 return eager()
@@ -364,7 +374,7 @@ class NetworkPrior(Prior):
         """
         device = torch.device(device)
         layout = torch.channels_last if device.type == "cpu" else torch.contiguous_format
-        with self._move_lock:
+        with _MOVE_LOCK:
             if not _in_place(self.network, device, layout):
                 self.network.to(device, memory_format=layout)
         return self
