@@ -428,3 +428,34 @@ def test_reduced_precision_network_evaluation():
     prior.precision = "half"
     with pytest.raises(ValueError, match="unknown network precision 'half'"):
         prior.denoise(x, sigma)
+
+
+def test_a_runs_precision_holds_in_its_thread_whatever_another_run_sets():
+    """Two runs on one prior in two threads: each states its precision at its start; the network calls of each use
+    its own (the other's start used to switch it mid-run), a thread that set none uses the value set last."""
+    import threading
+
+    p = _tiny_prior()
+    seen: dict[str, list[bool]] = {"bf16": [], "fp32": []}
+    label = threading.local()
+    p.network.register_forward_pre_hook(lambda *a: seen[label.name].append(torch.is_autocast_enabled("cpu")))
+    first, second = threading.Barrier(2), threading.Barrier(2)
+
+    def run(name: str, precision: str) -> None:
+        label.name = name
+        p.precision = precision  # the run's start
+        first.wait()  # both have started: the other one's value was set after or before this one's
+        with torch.no_grad():
+            p.denoise(torch.randn(1, 1, 32, 32), 0.5)
+        second.wait()
+
+    threads = [threading.Thread(target=run, args=("bf16", "bfloat16")),
+               threading.Thread(target=run, args=("fp32", "float32"))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert seen == {"bf16": [True], "fp32": [False]}
+    assert p.precision in ("bfloat16", "float32")  # this thread set none: the last value set
+    p.precision = "float32"
+    assert p.precision == "float32"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+import weakref
 from abc import ABC, abstractmethod
 from pathlib import Path
 
@@ -227,6 +228,8 @@ _TRACE_LOCK = threading.Lock()
 #: Moves of a prior's network (:meth:`NetworkPrior.to`) one at a time, in any thread (module-level: a lock in the
 #: prior would keep it from being pickled for Dask's worker processes).
 _MOVE_LOCK = threading.Lock()
+#: Per thread: network -> the precision a run in this thread set (see NetworkPrior.precision).
+_THREAD_PRECISION = threading.local()
 quiet_torch_notices()
 
 
@@ -268,11 +271,32 @@ class NetworkPrior(Prior):
         if isinstance(self.schedule, VPSchedule):
             self._log_ab = torch.log(self.schedule.alpha_bars())
         self.network.eval()
+        self._precision = "float32"  # see the precision property
         env = os.environ.get("NAPARI_DIFFRECON_TRACE", "auto").lower()
         #: Traced inference network: True, False, or None = only off the main thread (see _call_network).
         self.trace: bool | None = {"0": False, "false": False, "1": True, "true": True}.get(env)
         self._traced: tuple[tuple, torch.nn.Module] | None = None
         self._trace_failed: tuple | None = None  # the key whose tracing failed (tried again when it changes)
+
+    @property
+    def precision(self) -> str:
+        """The network's arithmetic (:data:`PRECISIONS`) for calls from this thread.
+
+        Every run states its precision at its start (``prior.precision = settings.precision``); it holds for the calls
+        that run makes in its thread, whatever a run in another thread sets meanwhile on the same prior (the
+        workbench, a search, Dask threads). Calls from a thread that set none use the value set last anywhere.
+        """
+        own = getattr(_THREAD_PRECISION, "values", None)
+        value = own.get(self.network) if own is not None else None
+        return value if value is not None else self._precision
+
+    @precision.setter
+    def precision(self, value: str) -> None:
+        self._precision = value
+        own = getattr(_THREAD_PRECISION, "values", None)
+        if own is None:
+            own = _THREAD_PRECISION.values = weakref.WeakKeyDictionary()
+        own[self.network] = value
 
     def __getstate__(self) -> dict:
         """Pickled without the traced graph (a TorchScript module does not pickle; the copy traces again)."""
@@ -314,7 +338,7 @@ class NetworkPrior(Prior):
             ph, pw = -h % k, -w % k
             x = torch.nn.functional.pad(x, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2), mode="reflect")
             return self._call_network(x, label)[..., ph // 2 : ph // 2 + h, pw // 2 : pw // 2 + w]
-        precision = check_precision(self.precision)  # read once: a run in another thread may set the next one
+        precision = check_precision(self.precision)  # read once per call (this thread's run's value)
         reduced = PRECISIONS[precision]
 
         def eager() -> torch.Tensor:

@@ -196,7 +196,10 @@ class Adapter:
             )
         adapted_net, _ = lora_copy(net, self.rank, seed=self.seed)
         adapted_prior = copy.copy(prior)  # shares the card/schedule; its network is the adapted copy
+        precision = getattr(prior, "precision", None)  # this run's (a NetworkPrior's precision is per thread)
         adapted_prior.network = adapted_net
+        if precision is not None:
+            adapted_prior.precision = precision
         self.problem = copy.copy(self.base_problem)
         self.problem.prior = adapted_prior
         self.parameters = lora_parameters(adapted_net)
