@@ -202,3 +202,32 @@ def test_one_slab_planner_for_runs_and_workers():
     with pytest.raises(VolumeMemoryError):
         plan_volume_slabs(op, prior, "4MB", slab_slices=300)
     assert len(plan_volume_slabs(op, prior, "4MB", slab_slices=300, check=False)[0]) == 2
+
+
+def test_the_denoiser_memory_probe_counts_only_its_own_call_on_a_shared_network():
+    """The probe hooks every module of the (possibly shared) network for one call; another thread's call on the same
+    network meanwhile (a run on the same prior) must not be counted too (it shrank the planned chunks)."""
+    import threading
+
+    import torch
+
+    from napari_diffrecon.priors import ModelCard, NetworkPrior
+    from napari_diffrecon.priors.network import build_network
+    from napari_diffrecon.volume.memory import denoiser_bytes_per_slice
+
+    torch.manual_seed(0)
+    card = ModelCard(name="tiny-mem", modality="ct", channels=1, resolution=32,
+                     architecture={"type": "diffusers.UNet2DModel", "preset": "tiny"})
+    prior = NetworkPrior(build_network({**card.architecture, "channels": 1}), card)
+    alone = denoiser_bytes_per_slice(prior, 1, (32, 32))
+    denoise = prior.denoise
+
+    def busy_denoise(x, sigma):  # another run calls the network (a 4-image batch) while the probe's hooks are on
+        other = threading.Thread(target=lambda: denoise(torch.zeros(4, 1, 32, 32), 1.0))
+        other.start()
+        other.join()
+        return denoise(x, sigma)
+
+    prior.denoise = busy_denoise
+    with torch.no_grad():
+        assert denoiser_bytes_per_slice(prior, 1, (32, 32)) == alone

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import re
+import threading
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -107,8 +108,11 @@ def denoiser_bytes_per_slice(prior: Any, channels: int, shape: tuple[int, int]) 
     if net is None:
         return 6 * image
     total = [0]
+    me = threading.get_ident()
 
     def hook(_m: Any, _i: Any, out: Any) -> None:
+        if threading.get_ident() != me:  # another run's call on the same (shared) network while the hooks are on
+            return
         for t in out if isinstance(out, (tuple, list)) else [getattr(out, "sample", out)]:
             if isinstance(t, torch.Tensor):
                 total[0] += t.numel() * t.element_size()
