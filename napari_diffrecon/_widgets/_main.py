@@ -1228,9 +1228,15 @@ class DiffReconWidget(QWidget):
         """True while a run is in flight."""
         return self.worker is not None
 
+    @property
+    def busy(self) -> bool:
+        """True while a 2D run, an auto-tune search or a volume run is in flight: they share the prior, so only one
+        of them runs at a time (each refuses to start while this is True)."""
+        return self.running or self.tuning.running or self.volume.running
+
     def run(self) -> Any:
         """Start a run in a napari thread worker; returns the worker (None when refused with a notification)."""
-        if self.running or self.tuning.running or self.volume.running:
+        if self.busy:
             show_info("napari-diffrecon: a run or auto-tune search is already in progress (press Stop first)")
             return None
         if self.measurement is None:

@@ -70,12 +70,6 @@ def tune_stream(measurement: Any, settings: Any, prior: Any, params: Any, criter
     return box["result"]
 
 
-def _volume_running(owner: Any) -> bool:
-    """Whether the workbench's volume panel has a run in flight."""
-    volume = getattr(owner, "volume", None)
-    return bool(volume is not None and volume.running)
-
-
 class TuningPanel(QGroupBox):
     """The "Self-tuning and support" group of the workbench."""
 
@@ -133,7 +127,7 @@ class TuningPanel(QGroupBox):
     def start(self, values: list[float] | None = None) -> Any:
         """Start the search in a thread worker (returns it, or None when refused with a notification)."""
         o = self.owner
-        if self.running or o.running or _volume_running(o):  # a volume run may share the prior
+        if o.busy:  # a 2D or volume run would share the prior
             show_info("napari-diffrecon: a run or search is in progress")
             return None
         if o.measurement is None:
@@ -226,9 +220,10 @@ class TuningPanel(QGroupBox):
         if pbar is not None:
             pbar.close()
         self.worker = None
-        self.tune_btn.setEnabled(not _volume_running(self.owner))
+        idle = not self.owner.busy
+        self.tune_btn.setEnabled(idle)
         self.stop_btn.setEnabled(False)
-        self.owner.run_btn.setEnabled(not self.owner.running and not _volume_running(self.owner))
+        self.owner.run_btn.setEnabled(idle)
 
     def provenance_for(self, settings: Any) -> dict[str, Any] | None:
         """The search record when ``settings`` still use the tuned values (else None)."""

@@ -419,7 +419,7 @@ class VolumePanel(QGroupBox):
     def run(self) -> Any:
         """Start the volume run in a napari thread worker; returns it (None when refused with a notification)."""
         o = self.owner
-        if self.running or o.running or o.tuning.running:
+        if o.busy:
             show_info("napari-diffrecon: a run is already in progress (press Stop first)")
             return None
         self._info = {}
@@ -603,5 +603,6 @@ class VolumePanel(QGroupBox):
         self.worker = None
         self.run_btn.setEnabled(True)
         self.stop_btn.setEnabled(False)
-        self.owner.run_btn.setEnabled(not self.owner.running and not self.owner.tuning.running)
-        self.owner.tuning.tune_btn.setEnabled(not self.owner.running and not self.owner.tuning.running)
+        idle = not self.owner.busy
+        self.owner.run_btn.setEnabled(idle)
+        self.owner.tuning.tune_btn.setEnabled(idle)

@@ -224,15 +224,13 @@ def radon_matrix(
     """
     angles = _angles_array(angles_deg)
     key = (int(n), angles.round(9).tobytes(), str(torch.device(device)), dtype)
-    with _CACHE_LOCK:
-        if key in _CACHE:
-            _CACHE.move_to_end(key)
-            return _CACHE[key]
+    hit = _cached(key)
+    if hit is not None:
+        return hit
     with _BUILD_LOCK:
-        with _CACHE_LOCK:  # built by another thread while this one waited
-            if key in _CACHE:
-                _CACHE.move_to_end(key)
-                return _CACHE[key]
+        hit = _cached(key)  # built by another thread while this one waited
+        if hit is not None:
+            return hit
         a, at = _with_transpose(_build_matrix(int(n), angles, dtype))
         a, at = a.to(device), at.to(device)
         with _CACHE_LOCK:
@@ -251,6 +249,15 @@ def _csr_rows(a: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     take = torch.repeat_interleave(start - new_crow[:-1], count) + torch.arange(int(new_crow[-1]))
     return torch.sparse_csr_tensor(new_crow, a.col_indices().to(torch.long)[take], a.values()[take],
                                    (rows.numel(), a.shape[1]))
+
+
+def _cached(key: tuple) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The cached ``(A, Aᵀ)`` of ``key`` (marked most recently used), or None."""
+    with _CACHE_LOCK:
+        hit = _CACHE.get(key)
+        if hit is not None:
+            _CACHE.move_to_end(key)
+        return hit
 
 
 def _int32_indices(a: torch.Tensor) -> torch.Tensor:
