@@ -126,7 +126,8 @@ def summarize(samples: Any, interval: float = 0.95, std_pool: float = 0.0, nonne
     Returns
     -------
     dict
-        ``mean``, ``std`` (unbiased, 0 for one sample) and, for K ≥ 8, ``lower`` and ``upper``
+        ``mean``, ``std`` (the square root of the unbiased variance, ddof 1; 0 for one sample) and, for K ≥ 8,
+        ``lower`` and ``upper``
         (per voxel, from the raw samples whatever ``std_pool``) and ``interval_method``; same type as the input
         (numpy or torch).
     """

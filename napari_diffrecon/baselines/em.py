@@ -20,7 +20,8 @@ def _bg(background: Any, like: torch.Tensor, index: Any = None) -> torch.Tensor 
         return float(background)
     b = torch.as_tensor(np.asarray(background) if not isinstance(background, torch.Tensor) else background)
     b = b.to(like.device, like.dtype)
-    return b if index is None else b[..., index]
+    # a number or one value per detector bin applies to every view (as PoissonLikelihood.subset reads it)
+    return b[..., index] if index is not None and b.ndim >= 1 and b.shape[-1] > 1 else b
 
 
 def poisson_loglik(
@@ -109,8 +110,8 @@ def osem(
     for k in range(int(n_iter)):
         for idx, op, s in parts:
             ybar = torch.clamp(op.forward(x) + _bg(background, counts, torch.as_tensor(idx)), min=1e-12)
-            x = x * op.adjoint(counts[..., idx] / ybar) / torch.clamp(s, min=1e-12)
-            x = torch.where(s > 0, x, torch.zeros_like(x))
+            x_new = x * op.adjoint(counts[..., idx] / ybar) / torch.clamp(s, min=1e-12)
+            x = torch.where(s > 0, x_new, x)  # a pixel this subset does not see keeps its value
         if callback is not None and callback(k + 1, x):
             break
     return x

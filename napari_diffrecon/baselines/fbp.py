@@ -63,7 +63,8 @@ def fbp(operator: ParallelBeamCT, sinogram: torch.Tensor, filter_name: str = "ra
     s = sinogram.to(radon.device, radon.dtype)
     if radon is not operator:  # PET: undo attenuation and sensitivity before back-projecting
         w = operator._weights()
-        s = s / (w if isinstance(w, float) else torch.clamp(w, min=1e-6))
+        # a bin with no weight (fully attenuated, dead detector) holds no activity information: 0, not b/1e-6
+        s = s / w if isinstance(w, float) else torch.where(w > 1e-6, s / torch.clamp(w, min=1e-6), 0.0)
     return radon.adjoint(filter_sinogram(s, filter_name)) * (math.pi / (2 * radon.n_angles))  # 0 outside the FOV
 
 

@@ -81,9 +81,9 @@ def tv_reconstruct(
     m : torch.Tensor
         Measurements ``(*batch, *data_shape)``.
     lam : float, optional
-        TV weight in the objective's own units. Default: ``lam_rel · ‖A‖ · max|Aᴴm| / ‖A‖``-scaled,
-        i.e. ``lam_rel`` times the largest back-projected data value, which transfers across sizes,
-        view counts and intensity units.
+        TV weight in the objective's own units. Default: ``lam_rel · max|Aᴴm|``, ``lam_rel`` times the largest
+        back-projected data value (each batch item its own), which transfers across sizes, view counts and
+        intensity units.
     n_iter : int
         PDHG iterations.
     nonneg : bool
@@ -97,11 +97,15 @@ def tv_reconstruct(
     """
     a_h_m = operator.adjoint(m)
     if lam is None:
-        lam = lam_rel * float(a_h_m.abs().amax())
+        n_img = len(operator.image_shape)
+        if a_h_m.ndim == n_img:
+            lam = lam_rel * float(a_h_m.abs().amax())
+        else:  # a batch: each item its own weight (shaped to broadcast over the dual's (2, H, W))
+            lam = lam_rel * a_h_m.abs().flatten(-n_img).amax(-1).reshape(*a_h_m.shape[:-n_img], 1, 1, 1)
     start = torch.zeros_like(a_h_m) if x0 is None else x0.clone().to(a_h_m.dtype)
     steps = _diagonal_steps(operator, m)
     if steps is not None:  # CT / PET: Pock–Chambolle diagonal steps, σ_∇ = 1/2
-        return _pdhg(operator.forward, operator.adjoint, m, float(lam), steps[0], 0.5, steps[1], int(n_iter), nonneg,
+        return _pdhg(operator.forward, operator.adjoint, m, lam, steps[0], 0.5, steps[1], int(n_iter), nonneg,
                      start, callback)
     L = operator_norm(operator)
     # Rescale A → A/L so ‖K‖² ≤ 1 + 8 for K = [A/L; ∇]; the TV weight scales by 1/L².
@@ -111,11 +115,13 @@ def tv_reconstruct(
 
 
 def _pdhg(forward: Callable[[torch.Tensor], torch.Tensor], adjoint: Callable[[torch.Tensor], torch.Tensor],
-          m: torch.Tensor, lam: float, sigma: float | torch.Tensor, sigma_grad: float, tau: float | torch.Tensor,
+          m: torch.Tensor, lam: float | torch.Tensor, sigma: float | torch.Tensor, sigma_grad: float,
+          tau: float | torch.Tensor,
           n_iter: int, nonneg: bool, x: torch.Tensor,
           callback: Callable[[int, torch.Tensor], None] | None) -> torch.Tensor:
     """PDHG (Chambolle–Pock) for ``½‖A x − m‖² + λ TV(x)`` with data step ``sigma``, gradient step ``sigma_grad`` and
-    primal step ``tau`` (scalars, or per-element tensors for the diagonal preconditioners), from the image ``x``."""
+    primal step ``tau`` (scalars, or per-element tensors for the diagonal preconditioners), from the image ``x``;
+    ``lam`` a number or one per batch item (shaped ``(*batch, 1, 1, 1)``)."""
     xbar = x.clone()
     p = torch.zeros_like(m)
     q = torch.zeros((*x.shape[:-2], 2, *x.shape[-2:]), dtype=x.dtype, device=x.device)
@@ -123,7 +129,10 @@ def _pdhg(forward: Callable[[torch.Tensor], torch.Tensor], adjoint: Callable[[to
         p = (p + sigma * (forward(xbar) - m)) / (1 + sigma)
         q = q + sigma_grad * gradient(xbar)
         mag = torch.sqrt((q.abs() ** 2).sum(dim=-3, keepdim=True))
-        q = q / torch.clamp(mag / lam, min=1.0) if lam > 0 else torch.zeros_like(q)  # λ = 0: least squares
+        if isinstance(lam, torch.Tensor):  # per item; λ = 0 (an all-zero item): least squares
+            q = torch.where(lam > 0, q / torch.clamp(mag / torch.clamp(lam, min=1e-30), min=1.0), 0.0)
+        else:
+            q = q / torch.clamp(mag / lam, min=1.0) if lam > 0 else torch.zeros_like(q)  # λ = 0: least squares
         x_new = x - tau * (adjoint(p) - divergence(q))
         if nonneg and not x_new.is_complex():
             x_new = torch.clamp(x_new, min=0)

@@ -274,7 +274,7 @@ def poisson_prox_em(
         sens = op.adjoint(torch.ones(op.data_shape, device=op.device, dtype=op.dtype))
         problem._sens = sens
     beta = 1.0 / (gamma * max(prior_error(problem, sigma), 1e-30) ** 2) if gamma != float("inf") else 0.0
-    prior_img = torch.clamp(x0_hat, min=0)
+    prior_img = torch.clamp(x0_hat, min=0)  # the start, and the optimum where no view sees a pixel
     x = prior_img + 1e-6 * abs(problem.scale)
     parts = _em_subsets(problem, subsets)
     for k in range(int(n_iter)):
@@ -288,7 +288,7 @@ def poisson_prox_em(
         if beta == 0:
             x = x_em
             continue
-        b = s - beta * prior_img
+        b = s - beta * x0_hat  # centred on x0_hat itself (not its clamp): the root stays ≥ 0 for any b
         x_new = (-b + torch.sqrt(b**2 + 4 * beta * s * x_em)) / (2 * beta)
         # unseen pixels: the prior's value (exact EM: never seen) or the last iterate (a subset that misses them)
         x = torch.where(s > 0, x_new, prior_img if parts is None else x)

@@ -25,7 +25,9 @@ NOISY_FLOOR = 0.018
 # method -> modality ("*" = any) -> parameter overrides of SamplerParams' defaults.
 # Tuned on benchmarks/recon.py's tasks (ground truth known; see /work/notes/recon.md for the grids).
 RECOMMENDED: dict[str, dict[str, dict[str, Any]]] = {
-    # DDS: η = 1 beat the paper's 0.85 (+0.3–0.7 dB, CT/MRI/PET); γ = 3 × the Bayesian weight beat 1
+    # DDS: η = 1 beat 0.85 (+0.3–0.7 dB, CT/MRI/PET; 0.85 is the paper's value, but our η is the exact DDIM σ_t's,
+    # not the DDS code's split of fresh noise and ε: our 0.85 ≈ its 0.47, our 1 ≈ its 0.45–0.8); γ = 3 × the Bayesian
+    # weight beat 1
     # (+0.3 dB CT, +1.6 dB PET, ±0 MRI): the trained priors err more than the Gaussian-MMSE error model says.
     # PET (EM data step): γ 10 > 3 > 1 (17.1 / 16.5 / 14.9 dB from noise; 17.9 / 17.7 hot-started); 5 EM
     # iterations per step beat 1–3 (−0.2 to −0.6 dB).
