@@ -95,6 +95,10 @@ def _settings_from_args(a: argparse.Namespace, modality: str = "*", coils: int |
         if refusal:
             raise ValueError(f"--posterior-draw {a.posterior_draw}: {refusal}")
         params.extra["posterior_draw"] = a.posterior_draw
+    if getattr(a, "renoise", None):
+        if a.method not in ("dds",):
+            raise ValueError(f"--renoise is a DDS option; --method {a.method} does not take it")
+        params.renoise = a.renoise
     if getattr(a, "subsets", None) is not None:  # PET: ordered subsets in the samplers' EM data step too
         if a.subsets < 1:
             raise ValueError(f"--subsets must be ≥ 1 (1 = no subsets), got {a.subsets}")
@@ -129,7 +133,7 @@ def _settings_from_args(a: argparse.Namespace, modality: str = "*", coils: int |
 # Options of the diffusion samplers (dest → flag): a classical method ignored them silently.
 SAMPLER_FLAGS = {"prior": "--prior", "steps": "--steps", "eta": "--eta", "gamma": "--gamma", "zeta": "--zeta",
                  "cg_iters": "--cg-iters", "snr": "--snr", "prior_weight": "--prior-weight",
-                 "posterior_draw": "--posterior-draw", "hot_start": "--hot-start", "t0": "--t0",
+                 "posterior_draw": "--posterior-draw", "renoise": "--renoise", "hot_start": "--hot-start", "t0": "--t0",
                  "adapt_steps": "--adapt-steps", "adapt_lr": "--adapt-lr", "lora_rank": "--lora-rank",
                  "adapt_every": "--adapt-every", "adapt_start": "--adapt-start", "adapt_target": "--adapt-target",
                  "adapt_floor": "--adapt-floor", "std_pool": "--std-pool", "auto": "--auto"}
@@ -237,7 +241,7 @@ def _cmd_reconstruct(a: argparse.Namespace) -> int:
             raise ValueError("--hot-start applies to 2D runs; volume runs start from noise (drop --hot-start and "
                              "--t0)")
         _refuse_ignored(_given(a, VOLUME_IGNORES), "2D runs", "the volume sampler (mbir) takes --steps, --eta, "
-                        "--gamma, --cg-iters, --prior-weight, --ztv, --rho, --prior, --samples and --seed")
+                        "--gamma, --cg-iters, --prior-weight, --renoise, --ztv, --rho, --prior, --samples and --seed")
         return run_from_args(a)
     from .io import check_output_path, read_measurement, write_result
     from .io.bundle import RESULT_SUFFIXES
@@ -630,6 +634,11 @@ def _parser() -> argparse.ArgumentParser:
                    "spread: exact for a Gaussian prior at any step count; on real scans wider intervals that hold "
                    "the truth more often, at some cost in PSNR of the mean). jacobian: structured, +1 network "
                    "evaluation per step; gaussian: isotropic")
+    r.add_argument("--renoise", choices=["dds", "ddim"],
+                   help="DDS: how the data-consistent estimate is re-noised for the next step (also the volume "
+                   "sampler). dds (the tuned default): the DDS code's, x0 + σ'(η z + √(1−η²) ε) with the network's ε, "
+                   "keeping the data step's whole correction; ddim: the exact DDIM step with ε recomputed from the "
+                   "corrected x0 (η then is DDIM's)")
     r.add_argument("--hot-start", choices=["auto", "fbp", "cg", "mlem", "osem", "tv", "zero_filled"],
                    help="start the reverse process at --t0 from this classical reconstruction; auto: the data's "
                    "(MRI cg, PET tv, CT fbp, or tv for ≤ 30 views or an arc under 160°)")

@@ -573,7 +573,7 @@ def _run_folder_from_args(args: argparse.Namespace, folder: Path, out: Path) -> 
     # each study runs with its modality's defaults (mixed folders too); the options given on the command line win
     given = {"ztv": args.ztv, "rho": args.rho, **{k: getattr(args, a, None) for k, a in (
         ("n_steps", "steps"), ("eta", "eta"), ("cg_iters", "cg_iters"), ("gamma", "gamma"),
-        ("prior_weight", "prior_weight"))}}
+        ("prior_weight", "prior_weight"), ("renoise", "renoise"))}}
     params = {mod: recommended_volume_params(mod, **given) for mod in ("ct", "mri", "pet")}
     prior = getattr(args, "prior", None)
     if prior is None:

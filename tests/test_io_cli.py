@@ -18,6 +18,15 @@ from napari_diffrecon.physics.masks import acceleration_of, make_mask
 from napari_diffrecon.simulate import simulate_from_image
 
 
+def _ct23_bundle(path):
+    """A 23-view, 64² CT bundle of pydicom's CT_small written by ``simulate`` at ``path`` (returned)."""
+    from pydicom.data import get_testdata_file
+
+    assert main(["simulate", get_testdata_file("CT_small.dcm"), "--modality", "ct", "--views", "23", "--size", "64",
+                 "-o", str(path)]) == 0
+    return path
+
+
 def _minimal_bundle(path, img, theta):
     sino = radon(img, theta=theta, circle=True)
     np.savez(
@@ -337,11 +346,7 @@ def test_poisson_disc_mask_is_variable_density_with_min_distance(acc):
 
 
 def test_reconstruct_auto_tunes_and_records_the_search(tmp_path):
-    from pydicom.data import get_testdata_file
-
-    b = tmp_path / "b.npz"
-    assert main(["simulate", get_testdata_file("CT_small.dcm"), "--modality", "ct", "--views", "23", "--size", "64",
-                 "-o", str(b)]) == 0
+    b = _ct23_bundle(tmp_path / "b.npz")
     out = tmp_path / "out.npz"
     rc = main(["reconstruct", str(b), "--method", "dds", "--steps", "4", "--auto", "--auto-params", "gamma=0.3,3",
                "-o", str(out)])
@@ -418,11 +423,7 @@ def test_cli_warns_before_the_run_when_the_sampler_does_not_suit_the_noise(tmp_p
 
 
 def test_cli_posterior_draw_reaches_the_sampler_and_the_provenance(tmp_path, capsys):
-    from pydicom.data import get_testdata_file
-
-    b = tmp_path / "ct.npz"
-    assert main(["simulate", get_testdata_file("CT_small.dcm"), "--modality", "ct", "--views", "23", "--size", "64",
-                 "-o", str(b)]) == 0
+    b = _ct23_bundle(tmp_path / "ct.npz")
     runs = {}
     for draw in (None, "jacobian"):
         out = tmp_path / f"{draw}.npz"
@@ -444,14 +445,28 @@ def test_cli_posterior_draw_reaches_the_sampler_and_the_provenance(tmp_path, cap
     assert "float32" in capsys.readouterr().err and not (tmp_path / "d.npz").exists()
 
 
+def test_cli_renoise_reaches_the_sampler_and_the_provenance(tmp_path, capsys):
+    """DDS's tuned re-noise is the DDS code's; ``--renoise ddim`` runs the exact DDIM step instead (another result),
+    both recorded; a method without that step refuses the option."""
+    b = _ct23_bundle(tmp_path / "ct.npz")
+    runs = {}
+    for mode in (None, "ddim"):
+        out = tmp_path / f"{mode}.npz"
+        assert main(["reconstruct", str(b), "--method", "dds", "--steps", "3", *(["--renoise", mode] if mode else []),
+                     "-o", str(out)]) == 0
+        with np.load(out) as z:
+            runs[mode] = (json.loads(str(z["provenance"]))["settings"]["params"]["renoise"], z["mean"].copy())
+    assert runs[None][0] == "dds" and runs["ddim"][0] == "ddim"
+    assert np.abs(runs[None][1] - runs["ddim"][1]).max() > 1e-4
+    capsys.readouterr()
+    assert main(["reconstruct", str(b), "--method", "dps", "--renoise", "ddim", "-o", str(tmp_path / "d.npz")]) == 2
+    assert "DDS option" in capsys.readouterr().err and not (tmp_path / "d.npz").exists()
+
+
 def test_cli_refuses_runs_that_cannot_be_what_was_asked(tmp_path, capsys):
     """t0 without a start image, a step count below 1, a prior of another modality, a device this machine lacks:
     each is refused before any work, with what to change; nothing is written."""
-    from pydicom.data import get_testdata_file
-
-    b = tmp_path / "ct.npz"
-    assert main(["simulate", get_testdata_file("CT_small.dcm"), "--modality", "ct", "--views", "23", "--size", "64",
-                 "-o", str(b)]) == 0
+    b = _ct23_bundle(tmp_path / "ct.npz")
     out = tmp_path / "o.npz"
     cases = [
         (["--method", "dds", "--steps", "3", "--t0", "0.3"], "needs a start image"),
@@ -478,9 +493,7 @@ def test_cli_refuses_runs_that_cannot_be_what_was_asked(tmp_path, capsys):
 def test_cli_warns_when_the_samples_ignore_or_do_not_fit_the_measurement(tmp_path, capsys):
     from pydicom.data import get_testdata_file
 
-    b = tmp_path / "ct.npz"
-    assert main(["simulate", get_testdata_file("CT_small.dcm"), "--modality", "ct", "--views", "23", "--size", "64",
-                 "-o", str(b)]) == 0
+    b = _ct23_bundle(tmp_path / "ct.npz")
     capsys.readouterr()
     assert main(["reconstruct", str(b), "--method", "ddim", "--steps", "3", "-o", str(tmp_path / "u.npz")]) == 0
     assert "warning: ddim is an unconditional sampler" in capsys.readouterr().out
@@ -540,13 +553,9 @@ def test_cli_sampler_flags_and_the_arrays_a_run_writes(tmp_path, capsys):
     hot start's weight (it used to reach both)."""
     from pathlib import Path
 
-    from pydicom.data import get_testdata_file
-
     import napari_diffrecon
 
-    b = tmp_path / "ct.npz"
-    assert main(["simulate", get_testdata_file("CT_small.dcm"), "--modality", "ct", "--views", "23", "--size", "64",
-                 "-o", str(b)]) == 0
+    b = _ct23_bundle(tmp_path / "ct.npz")
     card = Path(napari_diffrecon.__file__).parent / "priors" / "weights" / "ct-phantom-128.json"
     out = tmp_path / "song.npz"
     assert main(["reconstruct", str(b), "--method", "song", "--prior", str(card), "--hot-start", "tv", "--t0", "0.3",
@@ -733,14 +742,11 @@ def test_a_result_file_is_exported_in_hounsfield_units_and_opens_in_napari(tmp_p
     """The CLI's result .npz (image units: attenuation per pixel) → `export` writes CT in HU with the pixel size and
     the run's provenance; napari's reader opens it as the workbench shows it (HU, std in magma, bounds hidden);
     wrong fields, measurement bundles and existing files are refused with what to do."""
-    from pydicom.data import get_testdata_file
 
     from napari_diffrecon.io import read_exported
     from napari_diffrecon.io._napari import core_values, read_any
 
-    b = tmp_path / "ct.npz"
-    assert main(["simulate", get_testdata_file("CT_small.dcm"), "--modality", "ct", "--views", "23", "--size", "64",
-                 "-o", str(b)]) == 0
+    b = _ct23_bundle(tmp_path / "ct.npz")
     inten = read_measurement(b).metadata["intensity"]
     out = tmp_path / "dds.npz"
     assert main(["reconstruct", str(b), "--method", "dds", "--hot-start", "fbp", "--t0", "0.3", "--steps", "2",

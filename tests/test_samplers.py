@@ -244,6 +244,67 @@ def test_dds_without_data_steps_equals_unconditional_ddim():
     torch.testing.assert_close(a[-1].x0_hat, b[-1].x0_hat)
 
 
+def test_dds_renoise_keeps_the_data_steps_whole_correction():
+    """At η = 0 the next state minus the unconditional (no data step) one is the correction Δ = x̃0 − x0_hat times
+    ``1 − σ′/σ`` for exact DDIM (ε̂ recomputed from x̃0), but all of Δ for the DDS code's re-noise (network's ε̂)."""
+    from napari_diffrecon.samplers.base import renoise_step
+
+    g = torch.Generator().manual_seed(0)
+    u, x0, x0_dc = (torch.randn(2, 1, 5, 5, generator=g) for _ in range(3))
+    s, s_next = 2.0, 0.5
+    plain = renoise_step("ddim", u, x0, x0, s, s_next, 0.0, g)
+    for mode, kept in (("ddim", 1 - s_next / s), ("dds", 1.0)):
+        torch.testing.assert_close(renoise_step(mode, u, x0, x0_dc, s, s_next, 0.0, g) - plain, kept * (x0_dc - x0))
+    # η = 1: the DDS code's step is all fresh noise around x̃0 (variance σ′²), whatever the network's ε̂
+    a = renoise_step("dds", u, x0, x0_dc, s, s_next, 1.0, torch.Generator().manual_seed(1))
+    b = renoise_step("dds", 5 * u, -x0, x0_dc, s, s_next, 1.0, torch.Generator().manual_seed(1))
+    torch.testing.assert_close(a, b)
+    big = renoise_step("dds", torch.zeros(20000), torch.zeros(20000), torch.zeros(20000), s, s_next, 1.0, g)
+    assert abs(float(big.std()) - s_next) < 0.02
+    torch.testing.assert_close(renoise_step("dds", u, x0, x0_dc, s, 0.0, 1.0, g), x0_dc)  # the last step: x̃0
+    with pytest.raises(SamplingError, match="renoise must be one of"):
+        renoise_step("ancestral", u, x0, x0_dc, s, s_next, 1.0, g)
+
+
+def test_dds_renoise_choice_is_checked_seeded_and_reduces_to_ddim_without_data():
+    prob, _, _ = _inpainting_problem()
+    with pytest.raises(SamplingError, match="renoise = 'DDS' is not one of"):
+        list(get_sampler("dds")(prob, SamplerParams(n_steps=4, renoise="DDS")))
+    p = SamplerParams(n_steps=12, eta=1.0, cg_iters=2, renoise="dds")
+    a, b = (_final(get_sampler("dds")(prob, p, n_samples=2, seed=4))[-1].x0_hat for _ in range(2))
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    # without data steps the DDS code's re-noise at η = 0 is the deterministic DDIM step
+    a = _final(get_sampler("dds")(prob, SamplerParams(n_steps=20, eta=0.0, cg_iters=0, renoise="dds"), seed=5))
+    b = _final(get_sampler("ddim")(prob, SamplerParams(n_steps=20, eta=0.0), seed=5))
+    torch.testing.assert_close(a[-1].x0_hat, b[-1].x0_hat)
+
+
+@pytest.mark.parametrize("draw", [None, "gaussian"])
+def test_dds_code_renoise_has_the_gaussian_posterior_mean_and_with_a_draw_its_variance(draw):
+    """The DDS code's re-noise at η = 1 puts fresh noise around the data step's output: with the exact conditional
+    denoiser (Gaussian prior, γ = 1) the samples' mean is the closed-form posterior mean, but taking the *mean* of
+    x0 | x_σ, m at every step keeps only about half the posterior variance (a std ~0.7 of the truth: overconfident;
+    the documented cost of this re-noise, benchmarks/results/recon.md). With the data step's draw (``posterior_draw``)
+    each step is an exact draw of x0 | x_σ, m re-noised to σ′, i.e. x_σ′ | m: exact in mean and variance at 15 steps."""
+    n, k, sigma_y = 6, 1000, 0.5
+    g = torch.Generator().manual_seed(0)
+    op = ParallelBeamCT(n, sparse_view_angles(3))
+    truth, prior = torch.randn(n, n, generator=g), GaussianPrior(1.0)
+    clean = op.forward(truth)
+    m = clean + sigma_y * torch.randn(clean.shape, generator=g)
+    mean, cov = prior.posterior(op, m, sigma_y)
+    prob = Problem(op, m, prior, GaussianLikelihood(sigma_y))
+    params = SamplerParams(n_steps=15 if draw else 100, eta=1.0, gamma=1.0, cg_iters=12, renoise="dds",
+                           extra={"posterior_draw": draw} if draw else {})
+    x = _final(get_sampler("dds")(prob, params, n_samples=k, seed=3))[-1].x0_hat.reshape(k, -1).double()
+    fov = op.support.reshape(-1)
+    x, mean, var = x[:, fov], mean[fov], cov.diag()[fov]
+    z = (x.mean(0) - mean) / var.sqrt()
+    assert float(z.pow(2).mean().sqrt()) < 2.0 / k**0.5, float(z.pow(2).mean().sqrt())
+    ratio = float((x.var(0) / var).mean())
+    assert (0.93 < ratio < 1.07) if draw else (0.35 < ratio < 0.65), ratio
+
+
 def test_each_iterate_carries_its_residual_computed_only_when_read():
     prob, _, m = _inpainting_problem()
     its, at_yield = [], []

@@ -196,15 +196,17 @@ def test_mbir_ztv_weight_is_live():
     assert seen[:2] == [0.0, 0.0] and all(v == pytest.approx(0.2) for v in seen[2:])
 
 
-def test_mbir_without_ztv_equals_2d_dds_per_slice():
+@pytest.mark.parametrize("renoise", ["ddim", "dds"])
+def test_mbir_without_ztv_equals_2d_dds_per_slice(renoise):
     prior = GaussianPrior(sigma_p=0.5)
     problem, _ = _ct_volume_problem(prior, n_slices=3)
-    params = VolumeParams(n_steps=5, eta=0.85, cg_iters=4, ztv=0.0)
+    params = VolumeParams(n_steps=5, eta=0.85, cg_iters=4, ztv=0.0, renoise=renoise)
     vol = list(mbir(problem, params, n_samples=2, seed=4))[-1].x0_hat
     dds = get_sampler("dds")
     for k in range(3):
         p2 = Problem(problem.operator.base, problem.measurement[k], prior, problem.likelihood)
-        sl = list(dds(p2, SamplerParams(n_steps=5, eta=0.85, cg_iters=4), n_samples=2, seed=slice_seed(4, k)))
+        p2d = SamplerParams(n_steps=5, eta=0.85, cg_iters=4, renoise=renoise)
+        sl = list(dds(p2, p2d, n_samples=2, seed=slice_seed(4, k)))
         torch.testing.assert_close(vol[:, k], sl[-1].x0_hat, rtol=1e-4, atol=1e-4)
 
 

@@ -78,6 +78,28 @@ def test_adaptation_options_for_dds_and_dps_reach_the_run(make_napari_viewer, qt
     assert w.spins["adapt_steps"].value() == 1
 
 
+def test_renoise_choice_for_dds_reaches_the_run_acts_live_and_round_trips(make_napari_viewer, qtbot):
+    w = _ct_workbench_showing(make_napari_viewer, "renoise", ("dds",))
+    assert w.current_settings().params.renoise == "dds"  # the tuned value (samplers.defaults.RECOMMENDED)
+    w.renoise_combo.setCurrentIndex(w.renoise_combo.findData("ddim"))
+    assert w.current_settings().params.renoise == "ddim"
+    w.spins["n_steps"].setValue(4)
+    w.compare.setChecked(False)
+    assert w.run() is not None
+    w.renoise_combo.setCurrentIndex(w.renoise_combo.findData("dds"))  # while the run is in flight
+    assert w._live_params.renoise == "dds"
+    qtbot.waitUntil(lambda: not w.running, timeout=120_000)
+    prov = w.layers["estimate"].metadata["provenance"]
+    assert prov["settings"]["params"]["renoise"] == "dds"
+    assert any(c.get("renoise") == "dds" for c in prov["live_parameter_changes"])
+    settings = w.current_settings()
+    settings.params.renoise = "ddim"
+    w.apply_settings(settings)  # a preset round trip restores the choice
+    assert w.renoise_combo.currentData() == "ddim"
+    w.use_recommended()
+    assert w.renoise_combo.currentData() == "dds"
+
+
 def test_posterior_draw_choice_for_dds_reaches_the_run_and_acts_live(make_napari_viewer, qtbot):
     w = _ct_workbench_showing(make_napari_viewer, "posterior_draw", ("dds",))
     assert "posterior_draw" not in w.current_settings().params.extra  # the paper's mean step by default

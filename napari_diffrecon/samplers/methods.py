@@ -5,8 +5,8 @@
   measurement before the predictor and the corrector; ends with Tweedie + a hard projection.
 - ``mcg``: Chung et al. (NeurIPS 2022), DPS-style manifold-constrained gradient then projection.
 - ``dps``: Chung et al. (ICLR 2023), gradient of the un-squared data misfit through the denoiser.
-- ``dds``: Chung, Lee & Ye (ICLR 2024), CG steps on the Tweedie estimate x0_hat, then DDIM with η
-  (EM steps with a proximity term for PET counts).
+- ``dds``: Chung, Lee & Ye (ICLR 2024), CG steps on the Tweedie estimate x0_hat, then a re-noise with η: exact
+  DDIM or the DDS code's with the network's ε (``params.renoise``; EM steps with a proximity term for PET counts).
 - ``consistency``: few-step sampling with a consistency model, the consistency map alternated with
   the DDS data step (:mod:`.consistency`).
 
@@ -24,7 +24,7 @@ import torch
 
 from ..physics.likelihoods import PoissonLikelihood
 from .adapt import adapted_problem
-from .base import Iterate, Problem, SamplerParams, SamplingError, ddim_step, run_loop
+from .base import Iterate, Problem, SamplerParams, SamplingError, ddim_step, renoise_step, run_loop
 from .consistency import consistency
 from .datastep import (
     data_distance,
@@ -162,12 +162,13 @@ def dds(
     x_init: torch.Tensor | None = None,
     **kw: Any,
 ) -> Iterator[Iterate]:
-    """Decomposed diffusion sampling: x0_hat → ``cg_iters`` data steps (weight γ) → DDIM(η) re-noise.
+    """Decomposed diffusion sampling: x0_hat → ``cg_iters`` data steps (weight γ) → re-noise (``params.renoise``).
 
-    With ``cg_iters = 0`` (or γ = 0) this is exactly unconditional DDIM (with ``extra["posterior_draw"] =
-    "jacobian"`` the prior's part is still drawn). With ``params.extra["adapt_steps"]`` > 0 the denoiser is adapted
-    to the measurement first (:func:`.adapt.adapted_problem`). ``extra["posterior_draw"]``: see
-    :func:`.datastep.params_data_step`; the yielded x0_hat (and its residual) are then the draws'.
+    With ``cg_iters = 0`` (or γ = 0) and ``renoise = "ddim"`` this is exactly unconditional DDIM (with
+    ``extra["posterior_draw"] = "jacobian"`` the prior's part is still drawn). With ``params.extra["adapt_steps"]``
+    > 0 the denoiser is adapted to the measurement first (:func:`.adapt.adapted_problem`).
+    ``extra["posterior_draw"]``: see :func:`.datastep.params_data_step`; the yielded x0_hat (and its residual) are
+    then the draws'. ``renoise = "dds"`` re-noises with the network's ε̂ of x0_hat before any draw or data step.
     """
 
     def step(u, s, s_next, i, ctx):
@@ -176,11 +177,12 @@ def dds(
 
         # adaptation fits the prior to the data step's *mean* (a deterministic target), never to a draw
         prob, k = adapted_problem(problem, params, ctx, u, s, i, refine=lambda x_img: dc(x_img, None))
-        x0 = _denoise(prob, u, s)
+        x0 = x0_net = _denoise(prob, u, s)
         if draw_mode(params.extra.get("posterior_draw")) == "jacobian":
             x0, k = _jacobian_draw(prob, u, x0, s, ctx["generator"]), k + 1
         x0_dc = problem.to_model(dc(problem.to_image(x0)))
-        return ddim_step(u, x0_dc, s, s_next, float(params.eta), ctx["generator"]), x0_dc, 1 + k
+        u_next = renoise_step(params.renoise, u, x0_net, x0_dc, s, s_next, float(params.eta), ctx["generator"])
+        return u_next, x0_dc, 1 + k
 
     return run_loop(problem, params, step, n_samples, seed, x_init, weights=("gamma",), **kw)
 

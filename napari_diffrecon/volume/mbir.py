@@ -10,7 +10,8 @@ Per step (Chung et al., CVPR 2023, in the DDS form the rest of the package uses)
    :func:`napari_diffrecon.samplers.datastep.data_weight`; ``γ = inf`` gives DiffusionMBIR's
    noise-free form ``½‖A x − m‖²/‖AᴴA‖ + λ‖D_z x‖₁`` from ``x0_hat``. PET counts: the EM step of
    the 2D sampler, then the z-TV proximal map by the same ADMM;
-3. DDIM re-noise with η (:func:`napari_diffrecon.samplers.base.ddim_step`), slice by slice.
+3. re-noise with η, slice by slice, as ``params.renoise`` says (:func:`napari_diffrecon.samplers.base.renoise_step`:
+   exact DDIM, or the DDS code's with the network's ε).
 
 λ (``params.ztv``, in units of the prior's intensity scale) is read every step, so it is live.
 Noise is drawn per slice from a generator seeded by ``(seed, global slice index)``: a slab of a
@@ -37,7 +38,7 @@ from ..samplers.base import (
     SamplingError,
     check_finite,
     check_start,
-    ddim_step,
+    renoise_step,
     time_grid,
     yield_due,
 )
@@ -303,14 +304,15 @@ def mbir(
         s, s_next = float(sigmas[i]), float(sigmas[i + 1])
         params.check()  # live values set mid-run
         lam_now = float(live(params, "ztv", 0.0))
-        x0 = denoise_slices(problem.prior, u, s, chunk_slices, cancel)
+        x0_net = denoise_slices(problem.prior, u, s, chunk_slices, cancel)
         nfe += 1
         raise_if_cancelled(cancel)
         with torch.no_grad():
-            x_dc = volume_data_step(problem, problem.to_image(x0), params, s, state)
+            x_dc = volume_data_step(problem, problem.to_image(x0_net), params, s, state)
             x0 = problem.to_model(x_dc)
-            eta = float(params.eta)
-            u = torch.stack([ddim_step(u[:, k], x0[:, k], s, s_next, eta, gens[k]) for k in range(d)], dim=1)
+            eta, mode = float(params.eta), params.renoise
+            u = torch.stack([renoise_step(mode, u[:, k], x0_net[:, k], x0[:, k], s, s_next, eta, gens[k])
+                             for k in range(d)], dim=1)
         check_finite(
             u, x0, i, n, s,
             f"lower the z-TV weight ({lam_now}), rho ({live(params, 'rho', 1.0)}) or γ ({params.gamma})",
