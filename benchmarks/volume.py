@@ -217,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     q.add_argument("--eta", type=float, default=None, help="default: the CT DDS setting (samplers.defaults)")
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--budget", default="4GB")
-    q.add_argument("--ztv", type=float, nargs="+", default=[0.0, 0.05])
+    q.add_argument("--ztv", type=float, nargs="+", default=[0.0, 0.01])
     w = sub.add_parser("workers")
     w.add_argument("--prior", required=True)
     w.add_argument("--studies", type=int, default=4)

@@ -139,7 +139,7 @@ def test_mixed_folder_runs_each_study_with_its_modalitys_defaults(tmp_path, clie
     assert rep.ok
     for sid, modality in (("c", "ct"), ("m", "mri")):
         got = json.loads((tmp_path / "out" / f"{sid}.json").read_text())["params"]
-        assert got["gamma"] == recommended_volume_params(modality).gamma  # CT 3, MRI 1
+        assert got["gamma"] == recommended_volume_params(modality).gamma  # CT 3, MRI 2
     assert recommended_volume_params("ct").gamma != recommended_volume_params("mri").gamma
 
 

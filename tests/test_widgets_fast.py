@@ -233,7 +233,7 @@ def test_restored_settings_stay_for_the_last_run_s_kind_of_data_only(make_napari
     assert not any("last session" in m for m in notes)
     w.load_sample("mri_4x_8coils")  # another kind: its tuned values, and the user is told
     tuned = recommended_params("dds", "mri", coils=8, noisy=True)
-    assert w.spins["gamma"].value() == tuned.gamma == 1.0 and w.spins["n_steps"].value() == tuned.n_steps
+    assert w.spins["gamma"].value() == tuned.gamma == 2.0 and w.spins["n_steps"].value() == tuned.n_steps
     assert sum("last session's dds values were for CT data" in m for m in notes) == 1
     assert "noisy 8-coil MRI" in notes[-1]
     w.load_sample("pet_lowcount")  # from here on as within a session (no further notice)
@@ -249,7 +249,7 @@ def test_restored_settings_stay_for_the_last_run_s_kind_of_data_only(make_napari
     assert last["gui"]["data_kind"] == ["ct", None, False]
     w = _session(make_napari_viewer)
     w.load_sample("mri_4x_8coils")
-    assert w.spins["gamma"].value() == 1.0 and w.spins["n_steps"].value() == 50
+    assert w.spins["gamma"].value() == 2.0 and w.spins["n_steps"].value() == 50
     w.load_sample("pet_lowcount")
     assert w.spins["gamma"].value() == 10.0
 

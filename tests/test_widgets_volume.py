@@ -200,13 +200,13 @@ def test_mri_volume_from_a_layer_streams_magnitudes(make_napari_viewer, qtbot, t
     assert est.data.dtype == np.float32 and est.data.shape == vol.shape and (est.data >= 0).all()  # magnitudes
     prov = est.metadata["provenance"]
     assert prov["slice_operator"]["modality"] == "mri" and prov["prior"] == "tiny-mri"
-    # the same defaults as the CLI: MRI's tuned 2D DDS step (γ = 1), coupled along z
+    # the same defaults as the CLI: MRI's tuned 2D DDS step (γ = 2), coupled along z
     from napari_diffrecon.volume import recommended_volume_params
 
     expected = recommended_volume_params("mri", n_steps=3, ztv=float(p.ztv.value())).to_dict()
     got = p.params.to_dict()
     assert got.pop("extra").keys() <= {"focus_slice"}  # the slider's live slice, nothing else
-    assert got == {k: v for k, v in expected.items() if k != "extra"} and p.params.gamma == 1.0
+    assert got == {k: v for k, v in expected.items() if k != "extra"} and p.params.gamma == 2.0
 
 
 def test_volume_study_file_pet_and_bad_inputs(make_napari_viewer, qtbot, tiny_priors, ct_slice, tmp_path, notes):

@@ -272,7 +272,9 @@ class VolumePanel(QGroupBox):
         for r in self._sim_rows.values():
             lay.addWidget(r)
         self.steps = _spin(1, 2000, 30)
-        self.ztv = _spin(0.0, 10.0, 0.05, 0.01, 3)
+        from ..volume import VolumeParams
+
+        self.ztv = _spin(0.0, 10.0, VolumeParams.ztv, 0.005, 3)  # the core's default z-TV weight
         self.ztv.setToolTip("weight of the TV penalty along z (0 = slice by slice); acts on the run in flight")
         self.ztv.valueChanged.connect(self._on_ztv)
         self.samples = _spin(1, 16, 1)
