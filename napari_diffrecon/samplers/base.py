@@ -389,7 +389,7 @@ def renoise_step(
     mode : {"ddim", "dds"}
         ``"ddim"``: :func:`ddim_step` on ``x0_dc`` (ε̂ recomputed from it). ``"dds"``: the DDS reference code's
         update ``x0_dc + σ′(η z + √(1−η²) ε̂_θ)`` with the network's ``ε̂_θ = (u − x0_net)/σ`` (Chung, Lee & Ye 2024,
-        Eq. 14 and their code), which keeps the data step's whole correction in the next state.
+        their reference code), which keeps the data step's whole correction in the next state.
     u : torch.Tensor
         The current state x_σ (model units).
     x0_net : torch.Tensor
