@@ -183,7 +183,7 @@ def test_volume_defaults_are_the_modalitys_2d_dds_step_for_cli_gui_and_api(tmp_p
     for modality in ("ct", "mri", "pet"):
         v, d = recommended_volume_params(modality), recommended_params("dds", modality)
         assert (v.gamma, v.eta, v.cg_iters, v.n_steps) == (d.gamma, d.eta, d.cg_iters, d.n_steps) and v.ztv == 0.01
-    assert recommended_volume_params("mri").gamma == 2.0 and recommended_volume_params("pet").gamma == 10.0
+    assert recommended_volume_params("mri").gamma == 2.0 and recommended_volume_params("pet").gamma == 5.0
     assert recommended_volume_params("mri", gamma=None, n_steps=7).n_steps == 7  # unset CLI options are ignored
     # the CLI's folder path: an MRI study without --gamma gets MRI's γ; an explicit option wins (run replaced by a spy)
     vol = np.random.default_rng(0).random((3, 16, 16)).astype(np.float32)

@@ -223,13 +223,13 @@ def test_restored_settings_stay_for_the_last_run_s_kind_of_data_only(make_napari
     w = _session(make_napari_viewer)
     w.load_sample("ct_sparse23")
     w.spins["n_steps"].setValue(7)  # the user's own values
-    w.spins["gamma"].setValue(5.0)
+    w.spins["gamma"].setValue(7.0)
     w.close()  # remembers the settings and the kind of data they were for
 
     w = _session(make_napari_viewer)
-    assert w.spins["n_steps"].value() == 7 and w.spins["gamma"].value() == 5.0
+    assert w.spins["n_steps"].value() == 7 and w.spins["gamma"].value() == 7.0
     w.load_sample("ct_sparse23")  # the same kind of data: the user's values stay, silently
-    assert w.spins["n_steps"].value() == 7 and w.spins["gamma"].value() == 5.0
+    assert w.spins["n_steps"].value() == 7 and w.spins["gamma"].value() == 7.0
     assert not any("last session" in m for m in notes)
     w.load_sample("mri_4x_8coils")  # another kind: its tuned values, and the user is told
     tuned = recommended_params("dds", "mri", coils=8, noisy=True)
@@ -237,7 +237,7 @@ def test_restored_settings_stay_for_the_last_run_s_kind_of_data_only(make_napari
     assert sum("last session's dds values were for CT data" in m for m in notes) == 1
     assert "noisy 8-coil MRI" in notes[-1]
     w.load_sample("pet_lowcount")  # from here on as within a session (no further notice)
-    assert w.spins["gamma"].value() == 10.0
+    assert w.spins["gamma"].value() == 5.0
     w.load_sample("ct_sparse23")
     assert w.spins["gamma"].value() == 3.0
     assert sum("last session" in m for m in notes) == 1
@@ -251,7 +251,7 @@ def test_restored_settings_stay_for_the_last_run_s_kind_of_data_only(make_napari
     w.load_sample("mri_4x_8coils")
     assert w.spins["gamma"].value() == 2.0 and w.spins["n_steps"].value() == 50
     w.load_sample("pet_lowcount")
-    assert w.spins["gamma"].value() == 10.0
+    assert w.spins["gamma"].value() == 5.0
 
     # A settings file without the data kind (an older version's): the values stay for the first data, then follow.
     from napari_diffrecon._widgets import _presets
@@ -262,13 +262,13 @@ def test_restored_settings_stay_for_the_last_run_s_kind_of_data_only(make_napari
     w.load_sample("mri_4x_8coils")
     assert w.spins["gamma"].value() == 4.0
     w.load_sample("pet_lowcount")
-    assert w.spins["gamma"].value() == 10.0 and "were for noisy 8-coil MRI data" in notes[-1]
+    assert w.spins["gamma"].value() == 5.0 and "were for noisy 8-coil MRI data" in notes[-1]
     # a preset the user loads is theirs for any data
     path = w.save_preset(tmp_path / "mine.json")
     w.load_sample("ct_sparse23")
-    assert w.load_preset(path) and w.spins["gamma"].value() == 10.0
+    assert w.load_preset(path) and w.spins["gamma"].value() == 5.0
     w.load_sample("mri_4x_8coils")
-    assert w.spins["gamma"].value() == 10.0
+    assert w.spins["gamma"].value() == 5.0
 
 
 def test_grid_view_fits_the_tiles_again_when_layers_are_added(make_napari_viewer):

@@ -39,8 +39,8 @@ RECOMMENDED: dict[str, dict[str, dict[str, Any]]] = {
     # exact DDIM σ_t's: DDIM 0.85 ≈ the DDS code's 0.47, DDIM 1 ≈ its 0.45–0.8); γ = 3 × the Bayesian
     # weight beat 1
     # (+0.3 dB CT, +1.6 dB PET, ±0 MRI): the trained priors err more than the Gaussian-MMSE error model says.
-    # PET (EM data step): γ 10 > 3 > 1 (17.1 / 16.5 / 14.9 dB from noise; 17.9 / 17.7 hot-started); 5 EM
-    # iterations per step beat 1–3 (−0.2 to −0.6 dB).
+    # PET (EM data step, exact DDIM re-noise): γ 10 > 3 > 1 (17.1 / 16.5 / 14.9 dB from noise; 17.9 / 17.7
+    # hot-started); 5 EM iterations per step beat 1–3 (−0.2 to −0.6 dB).
     # MRI with the exact DDIM re-noise (2026-11-25): γ = 1 (the Bayesian weight) instead of 3 — PSNR within ±0.35 dB
     # on the four MRI tasks (4× +0.05, 4× 8 coils +0.35, 8× −0.07, 8× 8 coils −0.12), SSIM higher on all four,
     # residuals at the noise floor instead of below it, and an informative posterior std: Spearman ρ(std, error) 0.42
@@ -51,7 +51,9 @@ RECOMMENDED: dict[str, dict[str, dict[str, Any]]] = {
     # 0.410 / 0.392 / 0.383 / 0.369); residuals 97 % (γ 2) and 96 % (γ 3) of the noise floor. γ 2: most of the gain,
     # the best SSIM, the residual at the floor. DDS from noise γ 2 against 1: 24.90 / 29.84 against 24.64 / 29.49 (4×,
     # 4× 8 coils). t0 0.5 instead of 0.4 with γ 2: 24.90 / 29.92 / 20.93 / 26.88 — +0.88 on 8× single coil only.
-    "dds": {"*": {"n_steps": 50, "eta": 1.0, "cg_iters": 5, "gamma": 3.0, "renoise": "dds"}, "pet": {"gamma": 10.0},
+    # PET with the DDS re-noise (2026-12-07): γ 2 / 3 / 5 / 10 / 20 → DDS-hot mean of 8 20.19 / 20.41 / 20.50 / 20.23 /
+    # 19.48 dB (ρ 0.330 / 0.327 / 0.324 / 0.336 / 0.372); DDS from noise γ 3 / 5 / 10 → 19.29 / 19.41 / 19.24.
+    "dds": {"*": {"n_steps": 50, "eta": 1.0, "cg_iters": 5, "gamma": 3.0, "renoise": "dds"}, "pet": {"gamma": 5.0},
             "mri": {"gamma": 2.0}},
     # CT hot start: entering later and with fewer steps (t0 0.3, 10 steps) beat t0 0.4 with 20 steps on every CT task
     # for single samples (+1.6 / +1.4 / +0.5 / +0.9 dB on 23 views / 8 views / limited angle / low dose) and for the
@@ -61,7 +63,7 @@ RECOMMENDED: dict[str, dict[str, dict[str, Any]]] = {
     # 8× / 8× 8 coils, level with or above DDS from noise at 40 % of its network evaluations (t0 0.3 / 0.5 / 0.6 with
     # γ 1 were lower on three of the four; 2026-11-25 grid in docs/dev/recon.md).
     "dds-hot": {"*": {"n_steps": 20, "t0": 0.4, "eta": 1.0, "cg_iters": 5, "gamma": 3.0},
-                "ct": {"n_steps": 10, "t0": 0.3}, "mri": {"gamma": 2.0}, "pet": {"gamma": 10.0}},
+                "ct": {"n_steps": 10, "t0": 0.3}, "mri": {"gamma": 2.0}, "pet": {"gamma": 5.0}},
     # DPS: 100 ancestral steps (the paper's 1000 are ~10 min per image on one CPU core). With 100 steps
     # the best ζ depends on the operator: CT 23 views 6 > 3 > 1; MRI 4× 1 > 3. PET (2026-12-03; ζ had been left at
     # MRI's 1): 1 / 3 / 10 / 20 / 40 / 70 → 11.42 / 13.77 / 15.80 / 16.98 / 17.89 / 17.88 dB from noise, residual
