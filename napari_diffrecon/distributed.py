@@ -625,6 +625,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gamma", type=float, default=None)
     p.add_argument("--prior-weight", type=float, default=None,
                    help="the prior's weight against the data (default 1): the data weight γ is divided by it")
+    p.add_argument("--renoise", choices=["dds", "ddim"], default=None,
+                   help="re-noise of each step (default dds: the DDS code's, with the network's ε; ddim: exact DDIM)")
     p.add_argument("--samples", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")

@@ -182,7 +182,8 @@ def test_volume_defaults_are_the_modalitys_2d_dds_step_for_cli_gui_and_api(tmp_p
 
     for modality in ("ct", "mri", "pet"):
         v, d = recommended_volume_params(modality), recommended_params("dds", modality)
-        assert (v.gamma, v.eta, v.cg_iters, v.n_steps) == (d.gamma, d.eta, d.cg_iters, d.n_steps) and v.ztv == 0.01
+        assert (v.gamma, v.eta, v.cg_iters, v.n_steps, v.renoise) == (d.gamma, d.eta, d.cg_iters, d.n_steps, "dds")
+        assert v.ztv == 0.01
     assert recommended_volume_params("mri").gamma == 2.0 and recommended_volume_params("pet").gamma == 5.0
     assert recommended_volume_params("mri", gamma=None, n_steps=7).n_steps == 7  # unset CLI options are ignored
     # the CLI's folder path: an MRI study without --gamma gets MRI's γ; an explicit option wins (run replaced by a spy)
@@ -196,13 +197,14 @@ def test_volume_defaults_are_the_modalitys_2d_dds_step_for_cli_gui_and_api(tmp_p
 
     monkeypatch.setattr(distributed, "reconstruct_folder", spy)
     argv = [str(tmp_path / "s.npz"), "-o", str(tmp_path / "out"), "--prior", "unused.json", "--ztv", "0.02"]
-    for extra in ([], ["--gamma", "3"], ["--prior-weight", "2"]):
+    for extra in ([], ["--gamma", "3"], ["--prior-weight", "2"], ["--renoise", "ddim"]):
         with pytest.raises(KeyboardInterrupt):
             distributed.main(argv + extra)
     for modality in ("ct", "mri", "pet"):  # per modality (mixed folders run each study with its own)
         assert seen[0][modality].to_dict() == recommended_volume_params(modality, ztv=0.02).to_dict()
         assert seen[1][modality].gamma == 3.0 and seen[1][modality].eta == seen[0][modality].eta
         assert seen[2][modality].prior_weight == 2.0 and seen[0][modality].prior_weight == 1.0
+        assert seen[3][modality].renoise == "ddim" and seen[0][modality].renoise == "dds"
 
 
 def test_cli_folder_of_unreadable_studies_lists_every_one(tmp_path):
