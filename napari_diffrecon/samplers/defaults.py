@@ -62,8 +62,13 @@ RECOMMENDED: dict[str, dict[str, dict[str, Any]]] = {
     # t0 0.4 (the "*" value) instead of 0.3 — single samples +0.52 / +1.10 / +0.29 / +0.66 dB on MRI 4× / 4× 8 coils /
     # 8× / 8× 8 coils, level with or above DDS from noise at 40 % of its network evaluations (t0 0.3 / 0.5 / 0.6 with
     # γ 1 were lower on three of the four; 2026-11-25 grid in docs/dev/recon.md).
+    # MRI hot start with the DDS re-noise and γ 2 (2026-12-07): 20 / 30 / 40 / 50 steps from t0 0.4 → means of 8 on
+    # MRI 4×, 4× 8 coils, 8×, 8× 8 coils 24.96 / 25.26 / 25.38 / 25.38, 30.06 / 30.22 / 30.18 / 30.05, 20.05 / 20.51 /
+    # 20.53 / 20.47, 27.07 / 27.33 / 27.43 / 27.46 dB; ρ ≥ 0.4 on all four only at 30 (0.482 / 0.413 / 0.482 / 0.464).
+    # 30 steps: most of the gain at 60 % of DDS-from-noise's network evaluations. CG steps 3 / 10 and the DDS code's
+    # η 0.95 were level or lower.
     "dds-hot": {"*": {"n_steps": 20, "t0": 0.4, "eta": 1.0, "cg_iters": 5, "gamma": 3.0},
-                "ct": {"n_steps": 10, "t0": 0.3}, "mri": {"gamma": 2.0}, "pet": {"gamma": 5.0}},
+                "ct": {"n_steps": 10, "t0": 0.3}, "mri": {"gamma": 2.0, "n_steps": 30}, "pet": {"gamma": 5.0}},
     # DPS: 100 ancestral steps (the paper's 1000 are ~10 min per image on one CPU core). With 100 steps
     # the best ζ depends on the operator: CT 23 views 6 > 3 > 1; MRI 4× 1 > 3. PET (2026-12-03; ζ had been left at
     # MRI's 1): 1 / 3 / 10 / 20 / 40 / 70 → 11.42 / 13.77 / 15.80 / 16.98 / 17.89 / 17.88 dB from noise, residual
