@@ -96,12 +96,9 @@ def tv_reconstruct(
         ``callback(k, x)`` after each iteration.
     """
     a_h_m = operator.adjoint(m)
-    if lam is None:
+    if lam is None:  # each batch item its own weight, shaped to broadcast over the dual's (2, H, W)
         n_img = len(operator.image_shape)
-        if a_h_m.ndim == n_img:
-            lam = lam_rel * float(a_h_m.abs().amax())
-        else:  # a batch: each item its own weight (shaped to broadcast over the dual's (2, H, W))
-            lam = lam_rel * a_h_m.abs().flatten(-n_img).amax(-1).reshape(*a_h_m.shape[:-n_img], 1, 1, 1)
+        lam = lam_rel * a_h_m.abs().flatten(-n_img).amax(-1).reshape(*a_h_m.shape[:-n_img], 1, 1, 1)
     start = torch.zeros_like(a_h_m) if x0 is None else x0.clone().to(a_h_m.dtype)
     steps = _diagonal_steps(operator, m)
     if steps is not None:  # CT / PET: Pock–Chambolle diagonal steps, σ_∇ = 1/2
@@ -122,6 +119,7 @@ def _pdhg(forward: Callable[[torch.Tensor], torch.Tensor], adjoint: Callable[[to
     """PDHG (Chambolle–Pock) for ``½‖A x − m‖² + λ TV(x)`` with data step ``sigma``, gradient step ``sigma_grad`` and
     primal step ``tau`` (scalars, or per-element tensors for the diagonal preconditioners), from the image ``x``;
     ``lam`` a number or one per batch item (shaped ``(*batch, 1, 1, 1)``)."""
+    lam = torch.as_tensor(lam, dtype=x.real.dtype, device=x.device)  # a number → 0-d: one projection for both
     xbar = x.clone()
     p = torch.zeros_like(m)
     q = torch.zeros((*x.shape[:-2], 2, *x.shape[-2:]), dtype=x.dtype, device=x.device)
@@ -129,10 +127,8 @@ def _pdhg(forward: Callable[[torch.Tensor], torch.Tensor], adjoint: Callable[[to
         p = (p + sigma * (forward(xbar) - m)) / (1 + sigma)
         q = q + sigma_grad * gradient(xbar)
         mag = torch.sqrt((q.abs() ** 2).sum(dim=-3, keepdim=True))
-        if isinstance(lam, torch.Tensor):  # per item; λ = 0 (an all-zero item): least squares
-            q = torch.where(lam > 0, q / torch.clamp(mag / torch.clamp(lam, min=1e-30), min=1.0), 0.0)
-        else:
-            q = q / torch.clamp(mag / lam, min=1.0) if lam > 0 else torch.zeros_like(q)  # λ = 0: least squares
+        # project onto |q| ≤ λ; λ = 0 (given, or an all-zero item): no TV term, least squares
+        q = torch.where(lam > 0, q / torch.clamp(mag / torch.clamp(lam, min=1e-30), min=1.0), 0.0)
         x_new = x - tau * (adjoint(p) - divergence(q))
         if nonneg and not x_new.is_complex():
             x_new = torch.clamp(x_new, min=0)

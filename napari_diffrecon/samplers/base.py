@@ -31,6 +31,7 @@ __all__ = [
     "SamplingError",
     "run_loop",
     "ddim_step",
+    "fresh_noise",
     "renoise_step",
     "RENOISE_MODES",
     "time_grid",
@@ -361,6 +362,11 @@ def time_grid(prior: Prior, params: SamplerParams) -> torch.Tensor:
     return full[len(full) - 1 - n :]
 
 
+def fresh_noise(u: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Standard normal noise shaped and typed like ``u`` (on its device), drawn from ``generator`` on the CPU."""
+    return torch.randn(u.shape, generator=generator, dtype=u.dtype).to(u.device)
+
+
 def ddim_step(
     u: torch.Tensor, x0: torch.Tensor, sigma: float, sigma_next: float, eta: float, generator: torch.Generator
 ) -> torch.Tensor:
@@ -374,7 +380,7 @@ def ddim_step(
         return x0
     eps = (u - x0) / sigma
     s = eta * sigma_next * math.sqrt(max(0.0, 1.0 - sigma_next**2 / sigma**2))
-    z = torch.randn(u.shape, generator=generator, dtype=u.dtype).to(u.device) if s > 0 else 0.0
+    z = fresh_noise(u, generator) if s > 0 else 0.0
     return x0 + math.sqrt(max(sigma_next**2 - s**2, 0.0)) * eps + s * z
 
 
@@ -415,7 +421,7 @@ def renoise_step(
     if sigma_next <= 0:
         return x0_dc
     eps = (u - x0_net) / sigma
-    z = torch.randn(u.shape, generator=generator, dtype=u.dtype).to(u.device) if eta > 0 else 0.0
+    z = fresh_noise(u, generator) if eta > 0 else 0.0
     return x0_dc + sigma_next * (eta * z + math.sqrt(max(0.0, 1.0 - eta**2)) * eps)
 
 

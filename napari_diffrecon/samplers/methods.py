@@ -24,7 +24,16 @@ import torch
 
 from ..physics.likelihoods import PoissonLikelihood
 from .adapt import adapted_problem
-from .base import Iterate, Problem, SamplerParams, SamplingError, ddim_step, renoise_step, run_loop
+from .base import (
+    Iterate,
+    Problem,
+    SamplerParams,
+    SamplingError,
+    ddim_step,
+    fresh_noise,
+    renoise_step,
+    run_loop,
+)
 from .consistency import consistency
 from .datastep import (
     data_distance,
@@ -40,10 +49,6 @@ from .datastep import (
 
 __all__ = ["SAMPLERS", "ddim", "ddpm", "heun", "euler", "dds", "dps", "mcg", "song", "consistency",
            "langevin_corrector"]
-
-
-def _randn(u: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    return torch.randn(u.shape, generator=gen, dtype=u.dtype).to(u.device)
 
 
 def _denoise(problem: Problem, u: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -146,7 +151,7 @@ def _jacobian_draw(problem: Problem, u: torch.Tensor, x0: torch.Tensor, sigma: f
     if refusal:
         raise SamplingError(refusal)
     a = prior_shrinkage(problem, sigma)
-    xi = _randn(u, gen)
+    xi = fresh_noise(u, gen)
     probe = _denoise(problem, u + eps * sigma * xi, sigma)
     delta = (probe - x0) / (eps * a**0.5)
     rms = delta.pow(2).mean(dim=tuple(range(1, delta.ndim)), keepdim=True).sqrt()
@@ -225,7 +230,7 @@ def _project(
     op = problem.operator
     with torch.no_grad():
         x = problem.to_image(u)
-        noise_img = problem.to_image(_randn(u, gen)) - problem.offset  # σ=1 image-unit noise
+        noise_img = problem.to_image(fresh_noise(u, gen)) - problem.offset  # σ=1 image-unit noise
         # ŷ_σ − A x with ŷ_σ = m + σ A ξ, as one product: m − A(x − σ ξ)
         residual = linear_measurement(problem) - op.forward(x - sigma * noise_img)
         x = x + lam * pseudo_inverse(problem, residual, int(params.cg_iters))
@@ -353,7 +358,7 @@ def song(
         if snr > 0:
             x0c = _denoise(problem, u, s_next)
             nfe += 1
-            u = langevin_corrector(u, (x0c - u) / s_next**2, _randn(u, gen), snr)
+            u = langevin_corrector(u, (x0c - u) / s_next**2, fresh_noise(u, gen), snr)
         return u, x0, nfe
 
     return run_loop(problem, params, step, n_samples, seed, x_init, weights=("lam", "snr"), **kw)
