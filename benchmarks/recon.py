@@ -286,6 +286,8 @@ TV_GRID = {  # relative TV weight (lam_rel), around each task family's optimum
     "pet": (0.004, 0.008, 0.016, 0.032, 0.064),
 }
 MLEM_GRID = (5, 10, 20, 40, 80)
+#: The uncertainty table's second scale: ρ of the std against the error's local RMS over a Gaussian of this width.
+LOCAL_ERROR_PX = 2.0
 CG_GRID = (5, 10, 20, 40)
 
 
@@ -417,6 +419,7 @@ def _spearman(a: np.ndarray, b: np.ndarray) -> float:
 def run_extras(a: argparse.Namespace, priors: dict[str, Any]) -> dict[str, Any]:
     """Uncertainty calibration (Spearman ρ), batch cost, DDS PSNR against NFE, sampler overhead."""
     from napari_diffrecon.metrics import psnr
+    from napari_diffrecon.uncertainty import pool_variance
 
     out: dict[str, Any] = {"uncertainty": [], "batch": None, "nfe_curve": {}}
     k = a.uq_samples
@@ -461,14 +464,25 @@ def run_extras(a: argparse.Namespace, priors: dict[str, Any]) -> dict[str, Any]:
             inside = gt > 0.02 * gt.max()
             rho_in = _spearman(r.std[inside], err[inside])
             cover = float(np.mean(((gt >= r.lower) & (gt <= r.upper))[fov])) if r.lower is not None else None
+            # At what scale the std ranks the error: against the error's local RMS (Gaussian of LOCAL_ERROR_PX px),
+            # which drops the pixel-to-pixel scatter of |error| that no std can predict (|e| of a calibrated
+            # e ~ N(0, std²) alone scatters by a factor of ~3 between neighbours).
+            local = np.sqrt(pool_variance(torch.from_numpy(err**2), LOCAL_ERROR_PX).numpy())
+            rho_local = _spearman(r.std[fov], local[fov])
+            # Overconfidence: RMS error of the mean over RMS of the predictive spread std·√(1 + 1/K) (1 = calibrated).
+            spread = float(np.sqrt(np.mean(r.std[fov] ** 2) * (1 + 1 / k)))
+            rms_ratio = float(np.sqrt(np.mean(err[fov] ** 2))) / max(spread, 1e-30)
             out["uncertainty"].append({"task": task, "method": label, "n_samples": k, "spearman": rho,
                                        "spearman_raw": rho_raw,
                                        "std_pool": r.provenance["settings"]["std_pool"],
-                                       "spearman_inside": rho_in, "psnr_mean": row["psnr"],
+                                       "spearman_inside": rho_in, "spearman_local": rho_local,
+                                       "local_error_px": LOCAL_ERROR_PX, "rms_error_over_spread": rms_ratio,
+                                       "psnr_mean": row["psnr"],
                                        "ssim_mean": row["ssim"], "psnr_samples": float(np.mean(per)),
                                        "coverage95": cover, "wall_s": row["wall_s"], "cpu_s": row["cpu_s"],
                                        "peak_mib": row["peak_mib"]})
-            print(f"   UQ {task} {label}: ρ {rho:.3f} (inside {rho_in:.3f}, raw std {rho_raw:.3f}), "
+            print(f"   UQ {task} {label}: ρ {rho:.3f} (inside {rho_in:.3f}, raw std {rho_raw:.3f}, local error "
+                  f"{rho_local:.3f}), RMS error / spread {rms_ratio:.2f}, "
                   f"PSNR mean {row['psnr']:.2f} vs samples {np.mean(per):.2f}, 95% coverage {cover}", flush=True)
     # PSNR of x0_hat against NFE for DDS at 100 steps.
     from napari_diffrecon.reconstruct import RunSettings, prepare_run
@@ -543,12 +557,14 @@ def markdown(rows: list[dict[str, Any]], extras: dict[str, Any] | None, meta: di
     if extras:
         lines += ["", "Uncertainty (posterior std vs absolute error of the mean, per pixel):", ""]
         lines.append("| task | sampler | samples | Spearman ρ (field of view) | ρ inside object | "
-                     "ρ raw per-voxel std | PSNR of mean | mean PSNR of samples | 95% interval coverage | CPU s |")
-        lines.append("|---|---|---|---|---|---|---|---|---|---|")
+                     f"ρ raw per-voxel std | ρ vs local error ({LOCAL_ERROR_PX:g} px) | RMS error / spread | "
+                     "PSNR of mean | mean PSNR of samples | 95% interval coverage | CPU s |")
+        lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
         for u in extras.get("uncertainty", []):
             pool = f" (std pooled {u['std_pool']:g} px)" if u.get("std_pool") else ""
             lines.append(f"| {u['task']} | {u['method']}{pool} | {u['n_samples']} | {u['spearman']:.3f} | "
                          f"{u['spearman_inside']:.3f} | {_fmt(u.get('spearman_raw'), '.3f')} | "
+                         f"{_fmt(u.get('spearman_local'), '.3f')} | {_fmt(u.get('rms_error_over_spread'), '.2f')} | "
                          f"{u['psnr_mean']:.2f} | {u['psnr_samples']:.2f} | "
                          f"{_fmt(u['coverage95'], '.1%')} | {u['cpu_s']:.1f} |")
         batches = extras.get("batch") or []
