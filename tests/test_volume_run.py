@@ -183,7 +183,9 @@ def test_volume_defaults_are_the_modalitys_2d_dds_step_for_cli_gui_and_api(tmp_p
     for modality in ("ct", "mri", "pet"):
         v, d = recommended_volume_params(modality), recommended_params("dds", modality)
         assert (v.gamma, v.eta, v.cg_iters, v.n_steps, v.renoise) == (d.gamma, d.eta, d.cg_iters, d.n_steps, "dds")
-        assert v.ztv == 0.01
+    # z-TV weights by modality, chosen on the real EPI volume (benchmarks/results/volume_quality*.json)
+    assert [recommended_volume_params(m).ztv for m in ("ct", "mri", "pet", "*")] == [0.01, 0.03, 0.02, 0.01]
+    assert recommended_volume_params("mri", ztv=0.0).ztv == 0.0  # a given weight wins, 0 = slice by slice
     assert recommended_volume_params("mri").gamma == 2.0 and recommended_volume_params("pet").gamma == 5.0
     assert recommended_volume_params("mri", gamma=None, n_steps=7).n_steps == 7  # unset CLI options are ignored
     # the CLI's folder path: an MRI study without --gamma gets MRI's γ; an explicit option wins (run replaced by a spy)

@@ -152,6 +152,11 @@ def test_stop_keeps_what_was_computed_and_a_second_run_reuses_the_layer(make_nap
     qtbot.waitUntil(lambda: sum(u.kind == "estimate" for u in seen) >= 2, timeout=60_000)
     p.ztv.setValue(0.2)
     assert p.params.ztv == pytest.approx(0.2)
+    from napari_diffrecon.volume import ZTV_DEFAULTS
+
+    p.ztv.setValue(p.ztv.minimum())  # "auto" mid-run: back to the modality's tuned weight
+    assert p.ztv.text() == "auto" and p.params.ztv == ZTV_DEFAULTS["ct"]
+    p.ztv.setValue(0.2)
     t0 = time.perf_counter()
     p.stop()
     qtbot.waitUntil(lambda: not p.running, timeout=10_000)
@@ -203,10 +208,12 @@ def test_mri_volume_from_a_layer_streams_magnitudes(make_napari_viewer, qtbot, t
     # the same defaults as the CLI: MRI's tuned 2D DDS step (γ = 2), coupled along z
     from napari_diffrecon.volume import recommended_volume_params
 
-    expected = recommended_volume_params("mri", n_steps=3, ztv=float(p.ztv.value())).to_dict()
+    assert p.ztv.text() == "auto"  # the box's default: MRI's own z-TV weight, as on the CLI
+    expected = recommended_volume_params("mri", n_steps=3).to_dict()
     got = p.params.to_dict()
     assert got.pop("extra").keys() <= {"focus_slice"}  # the slider's live slice, nothing else
     assert got == {k: v for k, v in expected.items() if k != "extra"} and p.params.gamma == 2.0
+    assert p.params.ztv == 0.03 == prov["params"]["ztv"]
 
 
 def test_volume_study_file_pet_and_bad_inputs(make_napari_viewer, qtbot, tiny_priors, ct_slice, tmp_path, notes):

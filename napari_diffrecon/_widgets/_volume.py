@@ -9,7 +9,8 @@ in as slabs and steps complete.
 
 - **The slider is followed.** The slice on screen is written to ``params.extra["focus_slice"]``; the core
   reads it before each slab, so the slab holding that slice runs next.
-- **Live z-TV.** The z-TV weight box writes ``params.ztv``, which the sampler reads every step.
+- **Live z-TV.** The z-TV weight box writes ``params.ztv``, which the sampler reads every step. Its lowest
+  setting, "auto", is the modality's tuned weight (:data:`napari_diffrecon.volume.ZTV_DEFAULTS`, as on the CLI).
 - **Stop** sets a cancel event that the core checks between denoiser chunks (and ends the worker). The layer
   keeps what was computed (finished slabs and the running slab's current estimate), and its provenance says
   ``status: stopped``.
@@ -41,6 +42,9 @@ from qtpy.QtWidgets import (
 )
 
 from ._perf import new_worker, run_progress
+
+#: The z-TV box's lowest value, shown as "auto": the modality's tuned weight (``volume.ZTV_DEFAULTS``).
+ZTV_AUTO = -0.005
 
 __all__ = ["VolumePanel", "VolumeStreamUpdate", "volume_stream", "VOLUME_LAYER_NAMES"]
 
@@ -272,10 +276,15 @@ class VolumePanel(QGroupBox):
         for r in self._sim_rows.values():
             lay.addWidget(r)
         self.steps = _spin(1, 2000, 30)
-        from ..volume import VolumeParams
+        from ..volume import ZTV_DEFAULTS, VolumeParams
 
-        self.ztv = _spin(0.0, 10.0, VolumeParams.ztv, 0.005, 3)  # the core's default z-TV weight
-        self.ztv.setToolTip("weight of the TV penalty along z (0 = slice by slice); acts on the run in flight")
+        # lowest value = "auto": the modality's tuned weight (known for a study file only once it is read)
+        self.ztv = _spin(ZTV_AUTO, 10.0, ZTV_AUTO, 0.005, 3)
+        self.ztv.setSpecialValueText("auto")
+        self.ztv.setToolTip("weight of the TV penalty along z (0 = slice by slice; auto = the modality's tuned "
+                            f"weight, {', '.join(f'{k.upper()} {v:g}' for k, v in ZTV_DEFAULTS.items())}); "
+                            "acts on the run in flight")
+        self._auto_ztv = VolumeParams.ztv
         self.ztv.valueChanged.connect(self._on_ztv)
         self.samples = _spin(1, 16, 1)
         self.budget = QLineEdit("")
@@ -438,7 +447,8 @@ class VolumePanel(QGroupBox):
         from ..volume import recommended_volume_params
 
         # the same defaults as the CLI: the modality's tuned 2D DDS step, coupled by z-TV
-        self.params = recommended_volume_params(modality, n_steps=int(self.steps.value()), ztv=float(self.ztv.value()))
+        self.params = recommended_volume_params(modality, n_steps=int(self.steps.value()), ztv=self._ztv_given())
+        self._auto_ztv = recommended_volume_params(modality).ztv
         self._on_slider()
         device = o.device_combo.currentText()
         kw: dict[str, Any] = {"n_samples": int(self.samples.value()), "seed": int(o.seed.value()), "device": device,
@@ -478,9 +488,15 @@ class VolumePanel(QGroupBox):
             self._cancel.set()
             self.status.setText("stopping…")
 
+    def _ztv_given(self) -> float | None:
+        """The z-TV box's weight, None on "auto" (the modality's default)."""
+        value = float(self.ztv.value())
+        return None if value < 0 else value
+
     def _on_ztv(self, value: float) -> None:
         if self.params is not None:
-            self.params.ztv = float(value)
+            given = self._ztv_given()
+            self.params.ztv = self._auto_ztv if given is None else given
 
     def focus_slice(self) -> int | None:
         """The volume slice under the viewer's slider (in the estimate's or the input layer's voxels)."""

@@ -4,6 +4,7 @@ studies on disk."""
 from __future__ import annotations
 
 from .mbir import (
+    ZTV_DEFAULTS,
     VolumeCancelled,
     VolumeIterate,
     VolumeParams,
@@ -54,6 +55,7 @@ __all__ = [
     "VolumeCancelled",
     "mbir",
     "recommended_volume_params",
+    "ZTV_DEFAULTS",
     "slice_seed",
     "denoise_slices",
     "volume_data_step",
