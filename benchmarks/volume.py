@@ -98,7 +98,7 @@ def _classical(study, modality: str) -> tuple[str, np.ndarray]:
     op = study.build_operator()
     name = {"mri": "zero_filled", "pet": "mlem"}[modality]
     x = reconstruct_baseline(name, op, study.to_tensor(), study.build_likelihood()).numpy()
-    return {"mri": "zero-filled", "pet": "MLEM"}[modality], np.abs(x)
+    return {"mri": "zero-filled", "pet": "MLEM"}[modality], np.abs(x) if modality == "mri" else x
 
 
 def quality(args: argparse.Namespace) -> dict[str, Any]:
@@ -132,13 +132,15 @@ def quality(args: argparse.Namespace) -> dict[str, Any]:
     rows.append({"method": base_name, "ztv": None, "psnr": psnr(x_base, vol, rng),
                  "mean_abs_dz_err": float(np.abs(np.diff(x_base - vol, axis=0)).mean()), "wall_s": 0.0})
     print(f"{base_name}: PSNR {rows[0]['psnr']:.2f} dB, mean|∂z err| {rows[0]['mean_abs_dz_err']:.4f}", flush=True)
-    for lam in args.ztv:
+    from napari_diffrecon.volume import ZTV_DEFAULTS
+
+    for lam in args.ztv if args.ztv is not None else [0.0, ZTV_DEFAULTS[modality]]:
         params = recommended_volume_params(modality, n_steps=args.steps, ztv=lam, cg_iters=args.cg_iters,
                                            eta=args.eta)
         t0 = time.perf_counter()
         res = reconstruct_volume(study, prior, params, seed=args.seed, memory_budget=args.budget)
         wall = time.perf_counter() - t0
-        x = np.abs(res.reconstruction)
+        x = np.abs(res.reconstruction) if modality == "mri" else res.reconstruction
         err = torch.from_numpy(x - vol)
         row = {
             "method": "mbir z-TV" if lam > 0 else "slice-by-slice (ztv=0)",
@@ -251,10 +253,11 @@ def main(argv: list[str] | None = None) -> int:
     q.add_argument("--noise", type=float, default=0.01)
     q.add_argument("--steps", type=int, default=30)
     q.add_argument("--cg-iters", type=int, default=5)
-    q.add_argument("--eta", type=float, default=None, help="default: the CT DDS setting (samplers.defaults)")
+    q.add_argument("--eta", type=float, default=None, help="default: the modality's DDS setting (samplers.defaults)")
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--budget", default="4GB")
-    q.add_argument("--ztv", type=float, nargs="+", default=[0.0, 0.01])
+    q.add_argument("--ztv", type=float, nargs="+", default=None,
+                   help="z-TV weights to compare (default: 0 and the modality's, volume.ZTV_DEFAULTS)")
     q.add_argument("--modality", choices=["ct", "mri", "pet"], default="ct")
     q.add_argument("--accel", type=float, default=4.0, help="MRI: acceleration of every slice's mask")
     q.add_argument("--counts", type=float, default=1e5, help="PET: expected true counts per slice")

@@ -207,6 +207,9 @@ def test_volume_defaults_are_the_modalitys_2d_dds_step_for_cli_gui_and_api(tmp_p
         assert seen[1][modality].gamma == 3.0 and seen[1][modality].eta == seen[0][modality].eta
         assert seen[2][modality].prior_weight == 2.0 and seen[0][modality].prior_weight == 1.0
         assert seen[3][modality].renoise == "ddim" and seen[0][modality].renoise == "dds"
+    with pytest.raises(KeyboardInterrupt):  # without --ztv each modality takes its own z-TV weight
+        distributed.main([x for x in argv if x not in ("--ztv", "0.02")])
+    assert {m: seen[4][m].ztv for m in ("ct", "mri", "pet")} == {"ct": 0.01, "mri": 0.03, "pet": 0.02}
 
 
 def test_cli_folder_of_unreadable_studies_lists_every_one(tmp_path):

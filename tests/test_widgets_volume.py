@@ -154,8 +154,8 @@ def test_stop_keeps_what_was_computed_and_a_second_run_reuses_the_layer(make_nap
     assert p.params.ztv == pytest.approx(0.2)
     from napari_diffrecon.volume import ZTV_DEFAULTS
 
-    p.ztv.setValue(p.ztv.minimum())  # "auto" mid-run: back to the modality's tuned weight
-    assert p.ztv.text() == "auto" and p.params.ztv == ZTV_DEFAULTS["ct"]
+    p.ztv.setValue(-0.003)  # a typed negative weight is "auto" mid-run: back to the modality's tuned weight
+    assert p.ztv.value() == p.ztv.minimum() and p.ztv.text() == "auto" and p.params.ztv == ZTV_DEFAULTS["ct"]
     p.ztv.setValue(0.2)
     t0 = time.perf_counter()
     p.stop()

@@ -494,6 +494,9 @@ class VolumePanel(QGroupBox):
         return None if value < 0 else value
 
     def _on_ztv(self, value: float) -> None:
+        if ZTV_AUTO < value < 0:  # a typed negative weight means "auto": show it as such
+            self.ztv.setValue(ZTV_AUTO)
+            return
         if self.params is not None:
             given = self._ztv_given()
             self.params.ztv = self._auto_ztv if given is None else given
