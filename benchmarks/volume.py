@@ -108,7 +108,7 @@ def quality(args: argparse.Namespace) -> dict[str, Any]:
     its own mask, ``--noise`` of the sampled k-space RMS) or ``pet`` (180 views, ``--counts`` true counts per slice,
     20 % background, each slice its own attenuation). Scored on magnitudes (MRI) against the volume.
     """
-    from napari_diffrecon.volume import simulate_study
+    from napari_diffrecon.volume import ZTV_DEFAULTS, simulate_study
 
     torch.set_num_threads(1)
     vol, spacing = real_volume(args.first, args.slices)
@@ -132,8 +132,6 @@ def quality(args: argparse.Namespace) -> dict[str, Any]:
     rows.append({"method": base_name, "ztv": None, "psnr": psnr(x_base, vol, rng),
                  "mean_abs_dz_err": float(np.abs(np.diff(x_base - vol, axis=0)).mean()), "wall_s": 0.0})
     print(f"{base_name}: PSNR {rows[0]['psnr']:.2f} dB, mean|∂z err| {rows[0]['mean_abs_dz_err']:.4f}", flush=True)
-    from napari_diffrecon.volume import ZTV_DEFAULTS
-
     for lam in args.ztv if args.ztv is not None else [0.0, ZTV_DEFAULTS[modality]]:
         params = recommended_volume_params(modality, n_steps=args.steps, ztv=lam, cg_iters=args.cg_iters,
                                            eta=args.eta)

@@ -447,8 +447,9 @@ class VolumePanel(QGroupBox):
         from ..volume import recommended_volume_params
 
         # the same defaults as the CLI: the modality's tuned 2D DDS step, coupled by z-TV
-        self.params = recommended_volume_params(modality, n_steps=int(self.steps.value()), ztv=self._ztv_given())
-        self._auto_ztv = recommended_volume_params(modality).ztv
+        self.params = recommended_volume_params(modality, n_steps=int(self.steps.value()))
+        self._auto_ztv = self.params.ztv  # what "auto" means for this run
+        self._on_ztv(self.ztv.value())  # the box's weight, unless "auto"
         self._on_slider()
         device = o.device_combo.currentText()
         kw: dict[str, Any] = {"n_samples": int(self.samples.value()), "seed": int(o.seed.value()), "device": device,
@@ -488,18 +489,12 @@ class VolumePanel(QGroupBox):
             self._cancel.set()
             self.status.setText("stopping…")
 
-    def _ztv_given(self) -> float | None:
-        """The z-TV box's weight, None on "auto" (the modality's default)."""
-        value = float(self.ztv.value())
-        return None if value < 0 else value
-
     def _on_ztv(self, value: float) -> None:
         if ZTV_AUTO < value < 0:  # a typed negative weight means "auto": show it as such
             self.ztv.setValue(ZTV_AUTO)
             return
         if self.params is not None:
-            given = self._ztv_given()
-            self.params.ztv = self._auto_ztv if given is None else given
+            self.params.ztv = self._auto_ztv if value < 0 else float(value)
 
     def focus_slice(self) -> int | None:
         """The volume slice under the viewer's slider (in the estimate's or the input layer's voxels)."""
