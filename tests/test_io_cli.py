@@ -560,7 +560,7 @@ def test_cli_sampler_flags_and_the_arrays_a_run_writes(tmp_path, capsys):
     out = tmp_path / "song.npz"
     assert main(["reconstruct", str(b), "--method", "song", "--prior", str(card), "--hot-start", "tv", "--t0", "0.3",
                  "--steps", "3", "--lam", "0.5", "--prior-weight", "2", "--samples", "2", "--keep-samples",
-                 "-o", str(out)]) == 0
+                 "--orientations", "2", "-o", str(out)]) == 0
     with np.load(out) as z:
         prov = json.loads(str(z["provenance"]))
         assert z["samples"].shape == (2, 64, 64) and z["mean"].shape == (64, 64)
@@ -568,13 +568,20 @@ def test_cli_sampler_flags_and_the_arrays_a_run_writes(tmp_path, capsys):
         np.testing.assert_allclose(z["residual_per_sample"], prov["data_residual_per_sample"])
         np.testing.assert_allclose(z["mean"], z["samples"].mean(0), rtol=1e-5, atol=1e-5)
     params = prov["settings"]["params"]
-    assert params["lam"] == 0.5 and params["prior_weight"] == 2.0
+    assert params["lam"] == 0.5 and params["prior_weight"] == 2.0 and params["orientations"] == 2
     assert "lam" not in prov["settings"]["baseline_params"]  # Song's λ: the TV hot start keeps its own weight
     dds = tmp_path / "dds.npz"  # DDS has no λ: --lam stays the TV hot start's weight
     assert main(["reconstruct", str(b), "--method", "dds", "--hot-start", "tv", "--t0", "0.3", "--steps", "2",
                  "--lam", "0.002", "-o", str(dds)]) == 0
     with np.load(dds) as z:
-        assert json.loads(str(z["provenance"]))["settings"]["baseline_params"]["lam"] == 0.002
+        dds_prov = json.loads(str(z["provenance"]))
+        assert dds_prov["settings"]["baseline_params"]["lam"] == 0.002
+        assert dds_prov["settings"]["params"]["orientations"] == 8  # a CT hot start's tuned orientation ensemble
+    capsys.readouterr()
+    assert main(["reconstruct", str(b), "--method", "dds", "--steps", "2", "--orientations", "9",
+                 "-o", str(tmp_path / "bad.npz")]) == 2
+    assert "orientations = 9 is outside [1, 8]" in capsys.readouterr().err
+    assert not (tmp_path / "bad.npz").exists()
     assert prov["prior"] == "ct-phantom-128"
     # Without --keep-samples there are no samples; a classical run writes its residual too.
     tv = tmp_path / "tv.npz"

@@ -391,12 +391,17 @@ def test_hot_start_run(make_napari_viewer, qtbot, tiny_priors):
     tuned = recommended_params("dds", "ct", hot_start=True)
     assert tuned.t0 < 1 and w.spins["n_steps"].value() == tuned.n_steps
     assert w.spins["t0"].value() == pytest.approx(tuned.t0)
+    assert w.spins["orientations"].value() == tuned.orientations == 8  # CT hot starts: the orientation ensemble
+    assert not w.param_rows["orientations"].isHidden()
     w.spins["n_steps"].setValue(6)
     w.spins["t0"].setValue(0.3)
+    w.spins["orientations"].setValue(4)
     _run_to_end(w, qtbot)
     prov = w.layers["estimate"].metadata["provenance"]
     assert prov["hot_start_method"] == "tv" and prov["settings"]["params"]["t0"] == pytest.approx(0.3)
-    assert prov["nfe"] == 6
+    assert prov["nfe"] == 6 and prov["settings"]["params"]["orientations"] == 4
+    w.hot_start.setChecked(False)  # from noise: every sample upright again
+    assert w.spins["orientations"].value() == 1
 
 
 def test_song_on_noisy_mri_warns_in_a_notification_and_the_provenance(make_napari_viewer, qtbot, tiny_priors, notes):

@@ -49,12 +49,12 @@ __all__ = ["DiffReconWidget", "WorkbenchWidget", "PARAMS_FOR", "LAYER_NAMES", "p
 
 # Which live parameters each method reads (the others are hidden).
 PARAMS_FOR: dict[str, tuple[str, ...]] = {
-    "dds": ("n_steps", "eta", "renoise", "gamma", "cg_iters", "posterior_draw", "adapt_steps", "adapt_lr",
-            "adapt_start"),
-    "dps": ("n_steps", "eta", "zeta", "adapt_steps", "adapt_lr", "adapt_start"),
-    "mcg": ("n_steps", "eta", "zeta", "lam", "cg_iters"),
-    "song": ("n_steps", "lam", "cg_iters", "snr"),
-    "consistency": ("n_steps", "gamma", "cg_iters"),
+    "dds": ("n_steps", "eta", "renoise", "gamma", "cg_iters", "posterior_draw", "orientations", "adapt_steps",
+            "adapt_lr", "adapt_start"),
+    "dps": ("n_steps", "eta", "zeta", "orientations", "adapt_steps", "adapt_lr", "adapt_start"),
+    "mcg": ("n_steps", "eta", "zeta", "lam", "cg_iters", "orientations"),
+    "song": ("n_steps", "lam", "cg_iters", "snr", "orientations"),
+    "consistency": ("n_steps", "gamma", "cg_iters", "orientations"),
     "ddim": ("n_steps", "eta"),
     "ddpm": ("n_steps",),
     "heun": ("n_steps",),
@@ -68,7 +68,7 @@ BASELINE_PARAMS: dict[str, tuple[str, ...]] = {
     "mlem": ("iters",),
     "osem": ("iters", "subsets"),
 }
-LIVE = ("eta", "lam", "gamma", "zeta", "cg_iters", "snr")  # changed mid-run: acts on the run in flight
+LIVE = ("eta", "lam", "gamma", "zeta", "cg_iters", "snr", "orientations")  # changed mid-run: acts on the run in flight
 # Test-time adaptation of the prior (samplers/adapt.py; DDS and DPS): SamplerParams.extra keys, read every step.
 # The rows start at the setting that measured well with DPS (benchmarks/results/adapt.md), not the core's defaults.
 ADAPT = ("adapt_steps", "adapt_lr", "adapt_start")
@@ -98,6 +98,11 @@ _SPINS: dict[str, tuple[str, str, float, float, float, int, str]] = {
                  "(acts live; Song/MCG take 1 on noisy data: counts, or a noise floor above 1.8 %)"),
     "snr": ("corrector SNR", "float", 0.0, 1.0, 0.01, 3, "Langevin corrector signal-to-noise, 0 = off (acts live)"),
     "t0": ("t0", "float", 0.01, 1.0, 0.05, 2, "hot start: fraction of the schedule to run"),
+    "orientations": ("orientations", "int", 1, 8, 1, 0, "orientation ensemble: posterior sample k is denoised in the "
+                     "k-th of this many symmetries of the square (flips, half and quarter turns) and turned back, so "
+                     "the mean of the samples averages out the network's orientation-dependent errors (hot-started CT, "
+                     "its default 8: +0.04 to +0.23 dB on the mean of 8; from noise it turns the anatomy the prior "
+                     "draws and can cost dB). 1 = all upright; one sample is never turned (acts live)"),
     "adapt_steps": ("adapt steps", "int", 0, 20, 1, 0, "experimental test-time adaptation of the prior to this scan "
                     "(LoRA): Adam steps per sampling step, 0 = off (acts live). Helps DPS; with DDS it can over-fit "
                     "noisy data. Each step costs one network forward + backward pass"),
@@ -411,7 +416,8 @@ class DiffReconWidget(QWidget):
             "start from", self.start_combo, tooltip="the classical reconstruction the reverse diffusion starts from "
             "at t0; 'auto': the data's (TV for CT with ≤ 30 views or an arc under 160° and for PET, FBP for other CT, "
             "CG for MRI). Its parameters are the rows below ('default': the method's own)")
-        for key in ("n_steps", "eta", "renoise", "gamma", "lam", "zeta", "cg_iters", "snr", "posterior_draw", *ADAPT):
+        for key in ("n_steps", "eta", "renoise", "gamma", "lam", "zeta", "cg_iters", "snr", "posterior_draw",
+                    "orientations", *ADAPT):
             gl.addWidget(self.param_rows[key])
         for key, v in ADAPT_START_VALUES.items():
             self.spins[key].setValue(v)
@@ -977,7 +983,7 @@ class DiffReconWidget(QWidget):
             return
         self._tuned_for, self._restored_kind = p.to_dict(), None
         with self._not_live():  # tuned values for the next run, not moves of the one in flight
-            for key in ("n_steps", "eta", "lam", "gamma", "zeta", "cg_iters", "snr"):
+            for key in ("n_steps", "eta", "lam", "gamma", "zeta", "cg_iters", "snr", "orientations"):
                 v = getattr(p, key)
                 self.spins[key].setValue(self.spins[key].maximum() if isinstance(v, float) and not math.isfinite(v)
                                          else v)
@@ -1001,7 +1007,7 @@ class DiffReconWidget(QWidget):
     def _on_live_param(self, key: str) -> None:
         if key in LIVE or key in ADAPT:
             v = self.spins[key].value()
-            self._apply_live(key, int(v) if key in ("cg_iters", "adapt_steps") else float(v))
+            self._apply_live(key, int(v) if key in ("cg_iters", "adapt_steps", "orientations") else float(v))
 
     def _live_choice(self, key: str, label: str, choices: dict[str, Any], tooltip: str) -> QComboBox:
         """A combo box of ``choices`` (label -> value) in a parameter row ``key`` whose pick acts on a run in flight."""
@@ -1037,6 +1043,7 @@ class DiffReconWidget(QWidget):
             snr=float(self.spins["snr"].value()),
             t0=float(self.spins["t0"].value()) if self.hot_start.isChecked() else 1.0,
             prior_weight=self.prior_weight(),
+            orientations=int(self.spins["orientations"].value()),
         )
         if method == "dds" and self.draw_combo.currentData():
             params.extra["posterior_draw"] = self.draw_combo.currentData()
@@ -1122,7 +1129,7 @@ class DiffReconWidget(QWidget):
             raise ValueError(f"unknown method {settings.method!r}")
         self.method_combo.setCurrentIndex(idx)
         p = settings.params
-        for key in ("n_steps", "eta", "lam", "gamma", "zeta", "cg_iters", "snr"):
+        for key in ("n_steps", "eta", "lam", "gamma", "zeta", "cg_iters", "snr", "orientations"):
             v = getattr(p, key)
             if isinstance(v, float) and not math.isfinite(v):
                 v = self.spins[key].maximum()

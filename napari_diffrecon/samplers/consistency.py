@@ -71,7 +71,7 @@ def consistency(
 
     def step(u, s, s_next, i, ctx):
         with torch.no_grad():
-            x0 = prior.denoise(u, s)
+            x0 = problem.denoise(u, s, int(params.orientations))
         x0_dc = problem.to_model(params_data_step(problem, params, problem.to_image(x0), s))
         if s_next <= 0:
             return x0_dc, x0_dc, 1

@@ -67,8 +67,18 @@ RECOMMENDED: dict[str, dict[str, dict[str, Any]]] = {
     # 20.53 / 20.47, 27.07 / 27.33 / 27.43 / 27.46 dB; ρ ≥ 0.4 on all four only at 30 (0.482 / 0.413 / 0.482 / 0.464).
     # 30 steps: most of the gain at 60 % of DDS-from-noise's network evaluations. CG steps 3 / 10 and the DDS code's
     # η 0.95 were level or lower.
+    # CT hot start, orientation ensemble (2026-12-07, sixth session; SamplerParams.orientations, samples denoised in
+    # the square's 8 symmetries): means of 8, orientations 1 → 8, ct-23 / ct-8 / ct-la90 / ct-lowdose 36.11 → 36.34,
+    # 31.76 → 31.91, 28.90 → 28.94, 37.91 → 37.99 dB (ct-23 seeds 1 / 2: +0.21 / +0.25; ct-8 +0.08 / +0.18); the first
+    # sample is the same, the others' average ±0.07. A network that saw every symmetry at every step (8× the
+    # evaluations) gave ct-23 36.34 too: the ensemble takes all of it at no cost. ρ(std, error) −0.02 / −0.01 / +0.01
+    # / −0.01. Not elsewhere: DDS from noise generates the anatomy's layout at high σ, where the prior is not
+    # symmetric — ct-la90 28.18 → 26.64, ct-8 single samples −0.54 (ct-23 +0.39, low dose +0.10); hot-started
+    # single-coil MRI 4× 25.26 → 25.08 (its prior trained on upright MNI152 slices, phase and all), 8 coils +0.15, PET
+    # +0.04 (/work/runs/s19 scratch runs; docs/dev/recon.md).
     "dds-hot": {"*": {"n_steps": 20, "t0": 0.4, "eta": 1.0, "cg_iters": 5, "gamma": 3.0},
-                "ct": {"n_steps": 10, "t0": 0.3}, "mri": {"gamma": 2.0, "n_steps": 30}, "pet": {"gamma": 5.0}},
+                "ct": {"n_steps": 10, "t0": 0.3, "orientations": 8}, "mri": {"gamma": 2.0, "n_steps": 30},
+                "pet": {"gamma": 5.0}},
     # DPS: 100 ancestral steps (the paper's 1000 are ~10 min per image on one CPU core). With 100 steps
     # the best ζ depends on the operator: CT 23 views 6 > 3 > 1; MRI 4× 1 > 3. PET (2026-12-03; ζ had been left at
     # MRI's 1): 1 / 3 / 10 / 20 / 40 / 70 → 11.42 / 13.77 / 15.80 / 16.98 / 17.89 / 17.88 dB from noise, residual

@@ -51,9 +51,9 @@ __all__ = ["SAMPLERS", "ddim", "ddpm", "heun", "euler", "dds", "dps", "mcg", "so
            "langevin_corrector"]
 
 
-def _denoise(problem: Problem, u: torch.Tensor, sigma: float) -> torch.Tensor:
+def _denoise(problem: Problem, u: torch.Tensor, sigma: float, params: SamplerParams) -> torch.Tensor:
     with torch.no_grad():
-        return problem.prior.denoise(u, sigma)
+        return problem.denoise(u, sigma, int(params.orientations))
 
 
 # -- unconditional -----------------------------------------------------------------------------
@@ -68,7 +68,7 @@ def ddim(
     """Unconditional DDIM with stochasticity ``params.eta`` (η = 1: DDPM ancestral)."""
 
     def step(u, s, s_next, i, ctx):
-        x0 = _denoise(problem, u, s)
+        x0 = _denoise(problem, u, s, params)
         return ddim_step(u, x0, s, s_next, float(params.eta), ctx["generator"]), x0, 1
 
     return run_loop(problem, params, step, n_samples, seed, x_init, weights=(), **kw)
@@ -85,7 +85,7 @@ def ddpm(
     """Unconditional ancestral sampling (DDPM = DDIM with η = 1; ``params.eta`` is ignored, not changed)."""
 
     def step(u, s, s_next, i, ctx):
-        x0 = _denoise(problem, u, s)
+        x0 = _denoise(problem, u, s, params)
         return ddim_step(u, x0, s, s_next, 1.0, ctx["generator"]), x0, 1
 
     return run_loop(problem, params, step, n_samples, seed, x_init, weights=(), **kw)
@@ -93,11 +93,11 @@ def ddpm(
 
 def _edm_ode(problem, params, n_samples, seed, x_init, heun: bool, **kw):
     def step(u, s, s_next, i, ctx):
-        x0 = _denoise(problem, u, s)
+        x0 = _denoise(problem, u, s, params)
         d = (u - x0) / s
         u_next = u + (s_next - s) * d
         if heun and s_next > 0:
-            x0_next = _denoise(problem, u_next, s_next)
+            x0_next = _denoise(problem, u_next, s_next, params)
             d2 = (u_next - x0_next) / s_next
             return u + (s_next - s) * 0.5 * (d + d2), x0_next, 2
         return u_next, x0 if s_next > 0 else u_next, 1
@@ -134,8 +134,8 @@ def euler(
 JACOBIAN_DRAW_CAP = 1.5
 
 
-def _jacobian_draw(problem: Problem, u: torch.Tensor, x0: torch.Tensor, sigma: float, gen: torch.Generator,
-                   eps: float = 0.05) -> torch.Tensor:
+def _jacobian_draw(problem: Problem, params: SamplerParams, u: torch.Tensor, x0: torch.Tensor, sigma: float,
+                   gen: torch.Generator, eps: float = 0.05) -> torch.Tensor:
     """A structured (heuristic) draw of x0 | x_σ: ``x0_hat + σ J ξ / √a``, one more network evaluation.
 
     ``J ξ`` is a finite-difference probe of the denoiser's Jacobian and ``a`` the Gaussian model's scalar gain
@@ -152,7 +152,7 @@ def _jacobian_draw(problem: Problem, u: torch.Tensor, x0: torch.Tensor, sigma: f
         raise SamplingError(refusal)
     a = prior_shrinkage(problem, sigma)
     xi = fresh_noise(u, gen)
-    probe = _denoise(problem, u + eps * sigma * xi, sigma)
+    probe = _denoise(problem, u + eps * sigma * xi, sigma, params)
     delta = (probe - x0) / (eps * a**0.5)
     rms = delta.pow(2).mean(dim=tuple(range(1, delta.ndim)), keepdim=True).sqrt()
     cap = JACOBIAN_DRAW_CAP * sigma * a**0.5
@@ -182,9 +182,9 @@ def dds(
 
         # adaptation fits the prior to the data step's *mean* (a deterministic target), never to a draw
         prob, k = adapted_problem(problem, params, ctx, u, s, i, refine=lambda x_img: dc(x_img, None))
-        x0 = x0_net = _denoise(prob, u, s)
+        x0 = x0_net = _denoise(prob, u, s, params)
         if draw_mode(params.extra.get("posterior_draw")) == "jacobian":
-            x0, k = _jacobian_draw(prob, u, x0, s, ctx["generator"]), k + 1
+            x0, k = _jacobian_draw(prob, params, u, x0, s, ctx["generator"]), k + 1
         x0_dc = problem.to_model(dc(problem.to_image(x0)))
         u_next = renoise_step(params.renoise, u, x0_net, x0_dc, s, s_next, float(params.eta), ctx["generator"])
         return u_next, x0_dc, 1 + k
@@ -197,7 +197,7 @@ def _guided_step(problem: Problem, params: SamplerParams, u, s, s_next, gen, pro
     """Shared DPS/MCG step: ancestral/DDIM step, minus ζ · ∇_u (data misfit through the denoiser)."""
     u_req = u.detach().requires_grad_(True)
     with torch.enable_grad():
-        x0 = problem.prior.denoise(u_req, s)
+        x0 = problem.denoise(u_req, s, int(params.orientations))
         dist = data_distance(problem, problem.to_image(x0))
         (grad,) = torch.autograd.grad(dist.sum(), u_req)  # per-sample: the sum never mixes samples
     x0 = x0.detach()
@@ -344,7 +344,7 @@ def song(
     def step(u, s, s_next, i, ctx):
         gen = ctx["generator"]
         u = _project(problem, params, u, s, gen)
-        x0 = _denoise(problem, u, s)
+        x0 = _denoise(problem, u, s, params)
         nfe = 1
         if s_next == 0:
             x_final = _final_projection(problem, params, x0)
@@ -356,7 +356,7 @@ def song(
         u = _project(problem, params, u, s_next, gen)
         snr = float(params.snr)
         if snr > 0:
-            x0c = _denoise(problem, u, s_next)
+            x0c = _denoise(problem, u, s_next, params)
             nfe += 1
             u = langevin_corrector(u, (x0c - u) / s_next**2, fresh_noise(u, gen), snr)
         return u, x0, nfe
