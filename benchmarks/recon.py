@@ -591,6 +591,17 @@ def _argvs(argv: Any) -> list[list[str]]:
     return [a for x in argv for a in _argvs(x)]
 
 
+def _replace_or_append(rows: list[dict[str, Any]], newer: list[dict[str, Any]], key: Callable[[dict], Any]) -> None:
+    """Put each of ``newer`` in ``rows`` where a row with its key is, else at the end (in place)."""
+    where = {key(r): i for i, r in enumerate(rows)}
+    for r in newer:
+        if key(r) in where:
+            rows[where[key(r)]] = r
+        else:
+            where[key(r)] = len(rows)
+            rows.append(r)
+
+
 def combine(paths: list[str], out: Path, notes: list[str] | None = None) -> int:
     """Merge partial runs' JSON outputs (rows in task order; extras and priors united) and write ``out``.md/.json.
 
@@ -614,14 +625,11 @@ def combine(paths: list[str], out: Path, notes: list[str] | None = None) -> int:
         meta["total_wall_s"] += d["meta"].get("total_wall_s", 0.0)
         meta["argv"] += _argvs(d["meta"].get("argv"))
         e = d.get("extras") or {}
-        keys = {(u["task"], u["method"]) for u in e.get("uncertainty", [])}
-        extras["uncertainty"] = [u for u in extras["uncertainty"] if (u["task"], u["method"]) not in keys]
-        extras["uncertainty"] += e.get("uncertainty", [])
+        # a re-run row takes the place of the one it replaces (the tables keep their order); new ones are appended
+        _replace_or_append(extras["uncertainty"], e.get("uncertainty", []), lambda u: (u["task"], u["method"]))
         extras["nfe_curve"].update(e.get("nfe_curve", {}))
         b = e.get("batch") or []
-        b = b if isinstance(b, list) else [b]
-        newer = {x["task"] for x in b}
-        extras["batch"] = [x for x in extras["batch"] if x["task"] not in newer] + b
+        _replace_or_append(extras["batch"], b if isinstance(b, list) else [b], lambda x: x["task"])
     meta["combined_from"] = [str(p) for p in paths]
     meta["notes"] = list(dict.fromkeys([n for d in parts for n in d["meta"].get("notes", [])] + list(notes or [])))
     out.parent.mkdir(parents=True, exist_ok=True)
