@@ -692,7 +692,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--keep-samples", action="store_true")
     r.add_argument("--precision", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="the prior network's arithmetic (autocast; the data step stays float32): bfloat16 takes "
-                   "1.2–1.6× less CPU time on CPUs with AVX512-BF16/AMX (see README) at ≤ 0.01 dB; float16 for GPUs")
+                   "DDS 1.4–1.6× less CPU time on CPUs with AVX512-BF16/AMX (see README) at ≤ 0.01 dB; float16 for "
+                   "GPUs")
     r.add_argument("--std-pool", type=float, default=None, metavar="PX",
                    help="pool the per-voxel variance of the samples over a Gaussian of PX pixels before the std "
                         "(default 1: a steadier std from few samples; 0 = raw per voxel; 2D runs only)")

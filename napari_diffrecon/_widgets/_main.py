@@ -450,7 +450,7 @@ class DiffReconWidget(QWidget):
         self.precision_combo = QComboBox()
         self.precision_combo.addItems(list(PRECISIONS))
         self.precision_combo.setToolTip("arithmetic of the prior network (2D runs; the data step stays float32): "
-                                        "bfloat16 takes 1.2–1.6× less CPU time on CPUs with AVX512-BF16/AMX at "
+                                        "bfloat16 takes DDS 1.4–1.6× less CPU time on CPUs with AVX512-BF16/AMX at "
                                         "≤ 0.01 dB; float16 is for GPUs")
         gl.addWidget(_row("seed", self.seed, QLabel("device"), self.device_combo))
         gl.addWidget(_row("network in", self.precision_combo))
