@@ -633,8 +633,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="the prior's weight against the data (default 1): every sampler's data weight is divided by "
                    "it (DDS γ, DPS/MCG ζ, Song/MCG λ)")
     r.add_argument("--orientations", type=int,
-                   help="orientation ensemble, 1–8 (default: 8 for CT hot starts, else 1): posterior sample k is "
-                   "denoised in the k-th symmetry of the square (flips, half and quarter turns) and turned back, so "
+                   help="orientation ensemble, 1–8 (default: 8 for DDS hot starts on CT, else 1): posterior sample k "
+                   "is denoised in the k-th symmetry of the square (flips, half and quarter turns) and turned back, so "
                    "the samples' mean averages out the network's orientation-dependent errors (hot-started CT means "
                    "of 8: +0.04 to +0.23 dB); one sample is unchanged. From noise it turns the anatomy the prior "
                    "draws, and can cost dB")
@@ -692,8 +692,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--keep-samples", action="store_true")
     r.add_argument("--precision", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="the prior network's arithmetic (autocast; the data step stays float32): bfloat16 takes "
-                   "DDS 1.4–1.6× less CPU time on CPUs with AVX512-BF16/AMX (see README) at ≤ 0.01 dB; float16 for "
-                   "GPUs")
+                   "1.4–1.6× less CPU time for DDS from noise, up to 1.5× for hot starts, on CPUs with AVX512-BF16/AMX "
+                   "(see README) at ≤ 0.01 dB; float16 for GPUs")
     r.add_argument("--std-pool", type=float, default=None, metavar="PX",
                    help="pool the per-voxel variance of the samples over a Gaussian of PX pixels before the std "
                         "(default 1: a steadier std from few samples; 0 = raw per voxel; 2D runs only)")

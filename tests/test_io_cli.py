@@ -376,6 +376,10 @@ def test_std_pool_is_refused_for_volume_runs(tmp_path, capsys):
     assert main(["reconstruct", str(tmp_path), "--volume", "--method", "mbir", "--hot-start", "auto", "-o",
                  str(out)]) == 2
     assert "--hot-start applies to 2D runs" in capsys.readouterr().err and not out.exists()
+    # and the orientation ensemble (2D posterior samples; the volume sampler's batch is slices)
+    assert main(["reconstruct", str(tmp_path), "--volume", "--method", "mbir", "--orientations", "8", "-o",
+                 str(out)]) == 2
+    assert "--orientations applies to 2D runs" in capsys.readouterr().err and not out.exists()
 
 
 def test_precision_is_checked_and_refused_for_volume_runs(tmp_path, capsys):
@@ -478,6 +482,7 @@ def test_cli_refuses_runs_that_cannot_be_what_was_asked(tmp_path, capsys):
         (["--method", "tv", "--steps", "5", "--samples", "4", "--hot-start", "fbp"],
          "--steps, --hot-start, --samples apply to the diffusion samplers"),
         (["--method", "dds", "--steps", "2", "--auto-params", "gamma=1,3"], "add --auto"),
+        (["--method", "tv", "--orientations", "2"], "--orientations applies to the diffusion samplers"),
     ]
     for extra, message in cases:
         capsys.readouterr()

@@ -271,6 +271,32 @@ def test_restored_settings_stay_for_the_last_run_s_kind_of_data_only(make_napari
     assert w.spins["gamma"].value() == 5.0
 
 
+def test_orientation_row_shows_for_the_conditional_samplers_and_an_older_last_session_gets_the_tuned_value(
+        make_napari_viewer, tmp_path):
+    """The orientation ensemble's row is shown for the conditional samplers only (a hidden value never reaches a run);
+    last settings saved before the row existed come back with the tuned value (8 for DDS hot starts on CT), not the
+    class default 1, while a value the user saved stays."""
+    import json
+
+    w = _ct_workbench_showing(make_napari_viewer, "orientations", {"dds", "dps", "consistency"})
+    w.method_combo.setCurrentIndex(w.method_combo.findData("ddim"))
+    w.spins["orientations"].setValue(8)
+    assert w.param_rows["orientations"].isHidden() and w.current_settings().params.orientations == 1
+    w.method_combo.setCurrentIndex(w.method_combo.findData("dds"))
+    w.hot_start.setChecked(True)
+    assert w.spins["orientations"].value() == 8
+    w.spins["orientations"].setValue(2)  # the user's own value
+    w.close()
+    last = tmp_path / "config" / "last_settings.json"
+    d = json.loads(last.read_text())
+    assert d["settings"]["params"]["orientations"] == 2
+    assert _session(make_napari_viewer).spins["orientations"].value() == 2
+    del d["settings"]["params"]["orientations"]  # as an older version wrote it
+    last.write_text(json.dumps(d))
+    w = _session(make_napari_viewer)
+    assert w.hot_start.isChecked() and w.spins["orientations"].value() == 8
+
+
 def test_grid_view_fits_the_tiles_again_when_layers_are_added(make_napari_viewer):
     """With "side by side" on (restored from the last session), loaded data are shown whole, not cropped."""
     w = _session(make_napari_viewer)

@@ -100,9 +100,10 @@ _SPINS: dict[str, tuple[str, str, float, float, float, int, str]] = {
     "t0": ("t0", "float", 0.01, 1.0, 0.05, 2, "hot start: fraction of the schedule to run"),
     "orientations": ("orientations", "int", 1, 8, 1, 0, "orientation ensemble: posterior sample k is denoised in the "
                      "k-th of this many symmetries of the square (flips, half and quarter turns) and turned back, so "
-                     "the mean of the samples averages out the network's orientation-dependent errors (hot-started CT, "
-                     "its default 8: +0.04 to +0.23 dB on the mean of 8; from noise it turns the anatomy the prior "
-                     "draws and can cost dB). 1 = all upright; one sample is never turned (acts live)"),
+                     "the mean of the samples averages out the network's orientation-dependent errors (DDS "
+                     "hot-started on CT, its default 8: +0.04 to +0.23 dB on the mean of 8; from noise it turns the "
+                     "anatomy the prior draws and can cost dB). 1 = all upright; one sample is never turned "
+                     "(acts live)"),
     "adapt_steps": ("adapt steps", "int", 0, 20, 1, 0, "experimental test-time adaptation of the prior to this scan "
                     "(LoRA): Adam steps per sampling step, 0 = off (acts live). Helps DPS; with DDS it can over-fit "
                     "noisy data. Each step costs one network forward + backward pass"),
@@ -450,8 +451,8 @@ class DiffReconWidget(QWidget):
         self.precision_combo = QComboBox()
         self.precision_combo.addItems(list(PRECISIONS))
         self.precision_combo.setToolTip("arithmetic of the prior network (2D runs; the data step stays float32): "
-                                        "bfloat16 takes DDS 1.4–1.6× less CPU time on CPUs with AVX512-BF16/AMX at "
-                                        "≤ 0.01 dB; float16 is for GPUs")
+                                        "bfloat16 takes 1.4–1.6× less CPU time for DDS from noise, up to 1.5× for "
+                                        "hot starts, on CPUs with AVX512-BF16/AMX at ≤ 0.01 dB; float16 is for GPUs")
         gl.addWidget(_row("seed", self.seed, QLabel("device"), self.device_combo))
         gl.addWidget(_row("network in", self.precision_combo))
         self.precision_combo.currentTextChanged.connect(lambda _t: self._offer_draws())
@@ -1043,7 +1044,8 @@ class DiffReconWidget(QWidget):
             snr=float(self.spins["snr"].value()),
             t0=float(self.spins["t0"].value()) if self.hot_start.isChecked() else 1.0,
             prior_weight=self.prior_weight(),
-            orientations=int(self.spins["orientations"].value()),
+            # only where the method shows the row (the unconditional samplers read it too, hidden)
+            orientations=int(self.spins["orientations"].value()) if "orientations" in PARAMS_FOR.get(method, ()) else 1,
         )
         if method == "dds" and self.draw_combo.currentData():
             params.extra["posterior_draw"] = self.draw_combo.currentData()
@@ -1179,6 +1181,11 @@ class DiffReconWidget(QWidget):
             elif not quiet:
                 show_warning(f"napari-diffrecon: the preset's prior {settings.prior!r} is not available here")
         gui = gui or {}
+        if gui.get("unset_params"):  # saved before these parameters existed: their tuned values for this method
+            tuned = self._recommended(_kind_from_json(gui.get("data_kind")))
+            for key in gui["unset_params"]:
+                if tuned is not None and key in self.spins and hasattr(tuned, key):
+                    self.spins[key].setValue(getattr(tuned, key))
         if "compare" in gui:
             self.compare.setChecked(bool(gui["compare"]))
         if "grid" in gui:

@@ -40,6 +40,12 @@ def _write_json_atomic(path: Path, obj: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+#: Sampler parameters added after presets were first saved, whose tuned value depends on the data: a preset without
+#: them gets the tuned value for its method and data in the workbench (a CLI replay keeps the class default, so old
+#: runs reproduce).
+UNSET_TUNED = ("orientations",)
+
+
 def save_preset(path: str | Path, settings: RunSettings, gui: dict[str, Any] | None = None) -> Path:
     """Write settings (and widget-only choices) as a JSON preset; returns the path."""
     path = Path(path)
@@ -68,7 +74,12 @@ def load_preset(path: str | Path) -> tuple[RunSettings, dict[str, Any]]:
     gui = d.get("gui") or {}
     if not isinstance(gui, dict):
         raise ValueError(f"preset {path.name}: 'gui' must be a JSON object (the workbench's own choices), got {gui!r}")
-    return settings, dict(gui)
+    gui = dict(gui)
+    given = d["settings"].get("params") if isinstance(d["settings"], dict) else None
+    unset = [k for k in UNSET_TUNED if not isinstance(given, dict) or k not in given]
+    if unset:  # a preset older than these parameters: the workbench shows their tuned values, not the class default
+        gui["unset_params"] = unset
+    return settings, gui
 
 
 def save_last(settings: RunSettings, gui: dict[str, Any] | None = None) -> Path | None:

@@ -41,7 +41,7 @@ def check_precision(precision: str) -> str:
     """Validate a network-evaluation precision name (see :data:`PRECISIONS`) and return it."""
     if precision not in PRECISIONS:
         raise ValueError(
-            f"unknown network precision {precision!r}; use one of {', '.join(PRECISIONS)} (bfloat16: DDS 1.4–1.6× less "
+            f"unknown network precision {precision!r}; use one of {', '.join(PRECISIONS)} (bfloat16: up to 1.6× less "
             "CPU time on CPUs with AVX512-BF16/AMX; float16: meant for GPUs, slow on most CPUs)"
         )
     return precision

@@ -206,13 +206,16 @@ class Adapter:
         self.optimizer = torch.optim.Adam(self.parameters, lr=float(self.lr))
 
     def loss(
-        self, u: torch.Tensor, sigma: float, refine: Callable[[torch.Tensor], torch.Tensor] | None = None
+        self, u: torch.Tensor, sigma: float, refine: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        orientations: int = 1,
     ) -> torch.Tensor:
         """Batch-mean consistency loss of the adapted denoiser's estimate at state ``u`` (differentiable).
 
         ``refine`` (image units → image units, differentiable) is applied to the estimate first (DDS's data step).
+        ``orientations``: each sample is denoised in the orientation it is sampled in (:func:`.base.oriented_denoise`),
+        so the adapters learn from the views they are then used on.
         """
-        x0 = self.problem.prior.denoise(u, sigma)
+        x0 = self.problem.denoise(u, sigma, orientations)
         if refine is not None:
             x0 = self.problem.to_model(refine(self.problem.to_image(x0)))
         return consistency_loss(self.problem, x0).mean()
@@ -225,11 +228,13 @@ class Adapter:
         lr: float | None = None,
         refine: Callable[[torch.Tensor], torch.Tensor] | None = None,
         floor: float = 0.0,
+        orientations: int = 1,
     ) -> list[float]:
         """Up to ``n_steps`` Adam steps on the consistency loss at state ``u`` (noise level σ); returns the losses.
 
         Each loss is measured before its step (so the returned list shows the descent). ``refine`` as for
-        :meth:`loss`. Stops without stepping once the loss is ≤ ``floor`` (the last loss is then that one).
+        :meth:`loss`, and ``orientations``. Stops without stepping once the loss is ≤ ``floor`` (the last loss is then
+        that one).
         """
         if lr is not None:
             for g in self.optimizer.param_groups:
@@ -239,7 +244,7 @@ class Adapter:
         with torch.enable_grad():
             for _ in range(int(n_steps)):
                 self.optimizer.zero_grad(set_to_none=True)
-                loss = self.loss(u, sigma, refine)
+                loss = self.loss(u, sigma, refine, orientations)
                 if not torch.isfinite(loss):
                     raise SamplingError(
                         f"the adaptation loss became {float(loss)} at σ = {sigma:.3g}; lower adapt_lr ({lr})"
@@ -280,5 +285,6 @@ def adapted_problem(
     if adapter is None:
         adapter = Adapter(problem, rank=cfg.rank, lr=cfg.lr)
         ctx["adapter"] = adapter
-    losses = adapter.step(u, sigma, cfg.steps, cfg.lr, refine if cfg.target == "data_step" else None, cfg.floor)
+    losses = adapter.step(u, sigma, cfg.steps, cfg.lr, refine if cfg.target == "data_step" else None, cfg.floor,
+                          int(params.orientations))
     return adapter.problem, len(losses)  # forward passes made (fewer than adapt_steps when the floor stopped it)

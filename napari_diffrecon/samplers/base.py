@@ -131,7 +131,7 @@ class SamplerParams:
         half turn, the two diagonal reflections, then the flips and quarter turns; flips and the half turn only for
         non-square images), so the samples do not all share the network's orientation-dependent errors and their
         mean averages them out. 1 (the dataclass default) = every sample in the image's own orientation; a single
-        sample is never reoriented. 2D samplers (not the volume sampler). Tuned: 8 for CT hot starts (means of 8
+        sample is never reoriented. 2D samplers (not the volume sampler). Tuned: 8 for DDS hot starts on CT (means of 8
         +0.04 to +0.23 dB), 1 elsewhere — from noise the prior lays out the anatomy at high σ, where it is not
         symmetric (limited-angle CT −1.5 dB), and the MRI prior saw upright slices only (:mod:`.defaults`).
     """
@@ -208,8 +208,8 @@ PARAM_RANGES: dict[str, tuple[float, float, bool, bool, str]] = {
 
 
 #: The square's symmetries in the order the samples of an orientation ensemble take them (:func:`oriented_denoise`).
-#: Element g flips the image along ``(W, H, both, none)[...]`` as ``g % 4`` says (0 none, 1 W, 2 H, 3 both = the half
-#: turn) and, for g ≥ 4, then swaps H and W. The order makes every prefix of length 1, 2 and 4 a subgroup (identity;
+#: Element g flips the image as ``g % 4`` says (0 none, 1 along W, 2 along H, 3 both = the half turn) and, for g ≥ 4,
+#: then swaps H and W. The order makes every prefix of length 1, 2 and 4 a subgroup (identity;
 #: + half turn; + the two diagonal reflections), so a batch of 2 or 4 samples is as symmetric as it can be.
 ORIENTATION_ORDER = (0, 3, 4, 7, 1, 2, 5, 6)
 #: The same for non-square images, where swapping H and W would change the shape: the flips and the half turn.
@@ -234,6 +234,8 @@ def orient(u: torch.Tensor, g: int, inverse: bool = False) -> torch.Tensor:
     torch.Tensor
         The reoriented images.
     """
+    if g >= 4 and u.shape[-1] != u.shape[-2]:
+        raise ValueError(f"symmetry {g} swaps H and W, which needs a square image, got {tuple(u.shape[-2:])}")
     dims = _FLIP_DIMS[g % 4]
     if g >= 4 and inverse:
         u = u.transpose(-1, -2)
