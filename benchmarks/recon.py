@@ -13,6 +13,9 @@ Writes ``<out>.md`` (markdown tables) and ``<out>.json`` (every number), default
 Evaluation images (real; never used to train a prior, which train on procedural phantoms and nilearn's MNI152):
 
 - CT: pydicom's ``CT_small.dcm`` (a real 128×128 CT slice of the thoracic spine, 0.66 mm pixels), in HU.
+- CT, more slices (tasks ``ct-23-j2k``, ``ct-8-j2k``, ``ct-23-693``, ``ct-8-693``; not in the default table):
+  pydicom's ``J2K_pixelrep_mismatch.dcm`` and ``693_J2KI.dcm`` (real 512² CT sections, JPEG 2000), in HU clipped at
+  −1024, resized to 128 by :func:`simulate_from_image`. They informed no phantom, prior or tuned default.
 - MRI: nibabel's ``tests/data/anatomical.nii`` (a real T1 brain, 2 mm voxels), axial slice 12,
   zero-padded to a square and resized to 128 by :func:`simulate_from_image`; magnitude scaled so the
   99.5th percentile = 1 and given a smooth random phase by the simulator (a 33×41 slice: blurred at 128).
@@ -64,7 +67,8 @@ from napari_diffrecon.priors.prior import PRECISIONS
 from napari_diffrecon.simulate import simulate_from_image
 from napari_diffrecon.uncertainty import summarize
 
-__all__ = ["ct_hu", "mri_t1", "mri_t1_coronal", "pet_activity", "TASKS", "build_task", "task_names", "main"]
+__all__ = ["ct_hu", "ct_other_hu", "mri_t1", "mri_t1_coronal", "pet_activity", "TASKS", "build_task", "task_names",
+           "main"]
 
 SHIPPED = {"ct": "ct-phantom-128", "mri": "mri-brain-128", "pet": "pet-phantom-128"}
 
@@ -131,6 +135,27 @@ def _ct(**kw: Any) -> Callable[[int, int], Measurement]:
     return make
 
 
+def ct_other_hu(name: str) -> tuple[np.ndarray, float]:
+    """One of pydicom's other real CT slices (``J2K_pixelrep_mismatch.dcm``, ``693_J2KI.dcm``: 512² JPEG 2000, decoded
+    by pylibjpeg) in HU, clipped at −1024 (the scanners' padding outside their field of view reads −2000 to −4000),
+    and its pixel size (mm). Whole-section fields of view, so at 128² a pixel is 1.7–1.9 mm."""
+    import pydicom
+    from pydicom.data import get_testdata_file
+
+    ds = pydicom.dcmread(get_testdata_file(name))
+    hu = ds.pixel_array.astype(np.float64) * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+    return np.clip(hu, -1024, None), float(ds.PixelSpacing[0])
+
+
+def _ct_other(name: str, **kw: Any) -> Callable[[int, int], Measurement]:
+    def make(size: int, seed: int) -> Measurement:
+        hu, px = ct_other_hu(name)
+        return simulate_from_image(hu, "ct", size=size, units="HU", pixel_size_mm=px * hu.shape[0] / size, seed=seed,
+                                   source=f"pydicom {name}", **kw)
+
+    return make
+
+
 def _mri(**kw: Any) -> Callable[[int, int], Measurement]:
     def make(size: int, seed: int) -> Measurement:
         return simulate_from_image(mri_t1(), "mri", size=size, seed=seed, source="nibabel anatomical.nii z=12", **kw)
@@ -167,10 +192,17 @@ TASKS: dict[str, tuple[str, Callable[[int, int], Measurement]]] = {
     "mri-4x-t1c": ("MRI 4×, single coil, dipy's real 1 mm T1 (coronal)", _mri_t1c(accel=4.0)),
     "mri-4x-8c-t1c": ("MRI 4×, 8 coils, dipy's real 1 mm T1 (coronal)", _mri_t1c(accel=4.0, coils=8)),
     "pet-low": ("PET low-count, 180 views, 1e5 true counts, 20% background", _pet(counts=1e5)),
+    # pydicom's two other real CTs (whole-body head / neck sections; informed no phantom, prior or default)
+    "ct-23-j2k": ("CT, 23 views, 0.5% noise, pydicom's J2K_pixelrep_mismatch.dcm",
+                  _ct_other("J2K_pixelrep_mismatch.dcm", views=23)),
+    "ct-8-j2k": ("CT, 8 views, 0.5% noise, pydicom's J2K_pixelrep_mismatch.dcm",
+                 _ct_other("J2K_pixelrep_mismatch.dcm", views=8)),
+    "ct-23-693": ("CT, 23 views, 0.5% noise, pydicom's 693_J2KI.dcm", _ct_other("693_J2KI.dcm", views=23)),
+    "ct-8-693": ("CT, 8 views, 0.5% noise, pydicom's 693_J2KI.dcm", _ct_other("693_J2KI.dcm", views=8)),
 }
 
 
-EXTRA_TASKS = ("mri-4x-t1c", "mri-4x-8c-t1c")  # run with --tasks; not in the default table
+EXTRA_TASKS = ("mri-4x-t1c", "mri-4x-8c-t1c", "ct-23-j2k", "ct-8-j2k", "ct-23-693", "ct-8-693")  # --tasks only
 
 
 def task_names() -> list[str]:
