@@ -105,8 +105,9 @@ _SPINS: dict[str, tuple[str, str, float, float, float, int, str]] = {
                      "anatomy the prior draws and can cost dB). 1 = all upright; one sample is never turned "
                      "(acts live)"),
     "adapt_steps": ("adapt steps", "int", 0, 20, 1, 0, "experimental test-time adaptation of the prior to this scan "
-                    "(LoRA): Adam steps per sampling step, 0 = off (acts live). Helps DPS; with DDS it can over-fit "
-                    "noisy data. Each step costs one network forward + backward pass"),
+                    "(LoRA): Adam steps per sampling step, 0 = off (acts live). Helps DPS with a prior far from the "
+                    "scan (and can spoil a run); with DDS it over-fits noisy data. Each step costs one network "
+                    "forward + backward pass"),
     "adapt_lr": ("adapt lr", "float", 1e-5, 0.1, 5e-4, 5, "adaptation learning rate (acts live)"),
     "adapt_start": ("adapt from", "float", 0.0, 0.95, 0.05, 2, "fraction of the run before adaptation starts "
                     "(acts live)"),
