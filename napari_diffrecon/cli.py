@@ -527,6 +527,7 @@ def _cmd_train(a: argparse.Namespace) -> int:
         arch=a.arch,
         batch_size=a.batch,
         lr=a.lr,
+        lr_schedule=a.lr_schedule,
         steps=a.steps,
         seed=a.seed,
         device=a.device,
@@ -726,6 +727,9 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--arch", default="small", choices=["tiny", "small", "base"])
     t.add_argument("--batch", type=int, default=16)
     t.add_argument("--lr", type=float, default=2e-4)
+    t.add_argument("--lr-schedule", default="constant", choices=["constant", "cosine"],
+                   help="learning rate over the run: constant, or cosine-annealed from --lr to 0 at --steps (a "
+                   "fine-tune that should end settled)")
     t.add_argument("--steps", type=int, default=10000)
     t.add_argument("--val-every", type=int, default=250)
     t.add_argument("--amp", action="store_true", help="mixed precision")

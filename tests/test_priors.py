@@ -290,6 +290,8 @@ def test_train_cli_on_a_folder_and_bad_folders(tmp_path, capsys):
                 "4",
                 "--val-every",
                 "2",
+                "--lr-schedule",
+                "cosine",
                 "-o",
                 str(out),
             ]
@@ -298,6 +300,7 @@ def test_train_cli_on_a_folder_and_bad_folders(tmp_path, capsys):
     )
     prior = load_prior_file(out / "t.json")
     assert prior.card.training["steps"] == 4 and prior.card.training["data"]["n_slices"] == 3
+    assert prior.card.training["lr_schedule"] == "cosine"  # the card says how the rate went
     imgs = load_training_images(data, "generic", 32)
     assert imgs.shape == (3, 1, 32, 32) and -1.01 <= float(imgs.min()) and float(imgs.max()) <= 1.01
     empty = tmp_path / "empty"
@@ -459,3 +462,15 @@ def test_a_runs_precision_holds_in_its_thread_whatever_another_run_sets():
     assert p.precision in ("bfloat16", "float32")  # this thread set none: the last value set
     p.precision = "float32"
     assert p.precision == "float32"
+
+
+def test_cosine_learning_rate_anneals_from_the_rate_to_zero():
+    from napari_diffrecon.priors.training import TrainConfig, learning_rate
+
+    cfg = TrainConfig(lr=1e-3, steps=100, lr_schedule="cosine")
+    rates = [learning_rate(cfg, k) for k in range(101)]
+    assert rates[0] == pytest.approx(1e-3) and rates[50] == pytest.approx(5e-4) and rates[100] == pytest.approx(0.0)
+    assert all(a >= b for a, b in zip(rates, rates[1:], strict=False))  # never rises: a resumed run continues it
+    assert {learning_rate(TrainConfig(lr=2e-4, steps=10), k) for k in range(10)} == {2e-4}  # the default: constant
+    with pytest.raises(ValueError, match="lr_schedule"):
+        learning_rate(TrainConfig(lr_schedule="step"), 0)

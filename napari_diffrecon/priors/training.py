@@ -63,6 +63,7 @@ class TrainConfig:
     init_from: str = ""
     batch_size: int = 16
     lr: float = 2e-4
+    lr_schedule: str = "constant"
     steps: int = 10_000
     ema_decay: float = 0.999
     val_every: int = 250
@@ -199,6 +200,7 @@ def _training_record(
         "batch_size": config.batch_size,
         "patch_size": config.patch_size,
         "lr": config.lr,
+        **({"lr_schedule": config.lr_schedule} if config.lr_schedule != "constant" else {}),
         "ema_decay": config.ema_decay,
         "device": device,
         "wall_time_s": round(wall, 1),
@@ -407,6 +409,23 @@ def run_steps(
             bar.close()
 
 
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def learning_rate(config: TrainConfig, step: int) -> float:
+    """The learning rate of optimiser step ``step`` (0-based) of a run of ``config.steps`` steps.
+
+    ``"constant"``: ``config.lr`` throughout. ``"cosine"``: annealed from ``config.lr`` at step 0 to 0 at the last step,
+    ``lr · ½(1 + cos(π · step / steps))`` — the schedule of a fine-tune that should end settled (the shipped priors
+    trained at a constant rate; their EMA of the last ~1000 steps is what they ship).
+    """
+    if config.lr_schedule == "constant":
+        return float(config.lr)
+    if config.lr_schedule == "cosine":
+        return float(config.lr) * 0.5 * (1.0 + math.cos(math.pi * min(max(step, 0), config.steps) / config.steps))
+    raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {config.lr_schedule!r}")
+
+
 def validation_noise(
     val: torch.Tensor, aug_dim: float | None, data_dim: int, generator: torch.Generator
 ) -> torch.Tensor:
@@ -461,6 +480,7 @@ def train_prior(
     if config.init_from:
         init_from_prior(net, config, device)
     ema = copy.deepcopy(net).requires_grad_(False)
+    learning_rate(config, 0)  # an unknown schedule stops here, before any work
     opt = torch.optim.Adam(net.parameters(), lr=config.lr)
     prior = NetworkPrior(net, card)
     ema_prior = NetworkPrior(ema, card)
@@ -510,6 +530,8 @@ def train_prior(
         scaler.scale(loss).backward()
         scaler.unscale_(opt)
         torch.nn.utils.clip_grad_norm_(net.parameters(), config.grad_clip)
+        for group in opt.param_groups:  # the step's rate (a resumed run continues the schedule where it stopped)
+            group["lr"] = learning_rate(config, state.step)
         scaler.step(opt)
         scaler.update()
         ema_update(ema, net, config.ema_decay, state.step)
