@@ -123,7 +123,7 @@ def recommended_volume_params(modality: str = "*", **overrides: Any) -> VolumePa
 
     modality = str(modality).lower()
     values = recommended_params("dds", modality).to_dict()
-    values["orientations"] = 1  # a 2D samples' option (the batch here is slices): not read by the volume sampler
+    values["orientations"] = 1  # an option of 2D posterior samples; here the batch is slices and it is not read
     values["ztv"] = ZTV_DEFAULTS.get(modality, VolumeParams.ztv)
     values.update({k: v for k, v in overrides.items() if v is not None})
     return VolumeParams(**values)
