@@ -69,6 +69,8 @@ BASELINE_PARAMS: dict[str, tuple[str, ...]] = {
     "osem": ("iters", "subsets"),
 }
 LIVE = ("eta", "lam", "gamma", "zeta", "cg_iters", "snr", "orientations")  # changed mid-run: acts on the run in flight
+# The SamplerParams fields shown in spin boxes (tuned values and presets fill them; t0 has its own rule).
+PARAM_SPINS = ("n_steps", *LIVE)
 # Test-time adaptation of the prior (samplers/adapt.py; DDS and DPS): SamplerParams.extra keys, read every step.
 # The rows start at the setting that measured well with DPS (benchmarks/results/adapt.md), not the core's defaults.
 ADAPT = ("adapt_steps", "adapt_lr", "adapt_start")
@@ -985,7 +987,7 @@ class DiffReconWidget(QWidget):
             return
         self._tuned_for, self._restored_kind = p.to_dict(), None
         with self._not_live():  # tuned values for the next run, not moves of the one in flight
-            for key in ("n_steps", "eta", "lam", "gamma", "zeta", "cg_iters", "snr", "orientations"):
+            for key in PARAM_SPINS:
                 v = getattr(p, key)
                 self.spins[key].setValue(self.spins[key].maximum() if isinstance(v, float) and not math.isfinite(v)
                                          else v)
@@ -1009,7 +1011,7 @@ class DiffReconWidget(QWidget):
     def _on_live_param(self, key: str) -> None:
         if key in LIVE or key in ADAPT:
             v = self.spins[key].value()
-            self._apply_live(key, int(v) if key in ("cg_iters", "adapt_steps", "orientations") else float(v))
+            self._apply_live(key, int(v) if _SPINS[key][1] == "int" else float(v))
 
     def _live_choice(self, key: str, label: str, choices: dict[str, Any], tooltip: str) -> QComboBox:
         """A combo box of ``choices`` (label -> value) in a parameter row ``key`` whose pick acts on a run in flight."""
@@ -1132,7 +1134,7 @@ class DiffReconWidget(QWidget):
             raise ValueError(f"unknown method {settings.method!r}")
         self.method_combo.setCurrentIndex(idx)
         p = settings.params
-        for key in ("n_steps", "eta", "lam", "gamma", "zeta", "cg_iters", "snr", "orientations"):
+        for key in PARAM_SPINS:
             v = getattr(p, key)
             if isinstance(v, float) and not math.isfinite(v):
                 v = self.spins[key].maximum()
