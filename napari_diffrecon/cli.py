@@ -718,7 +718,8 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument(
         "data",
         help="folder of DICOM series, NIfTI volumes, TIFF/PNG/NPY images; or builtin:ct-phantoms, "
-        "builtin:ct-phantoms-detailed, builtin:pet-phantoms, builtin:mni152, builtin:mni152-views",
+        "builtin:ct-phantoms-detailed, builtin:ct-phantoms-real, builtin:pet-phantoms, builtin:mni152, "
+        "builtin:mni152-views",
     )
     t.add_argument("--modality", required=True, choices=["ct", "mri", "pet", "generic"])
     t.add_argument("--name", default="my-prior")
@@ -756,7 +757,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("teacher", help="the diffusion prior: shipped name or .json path")
     c.add_argument(
         "data", help="the teacher's training data: builtin:ct-phantoms, builtin:ct-phantoms-detailed, "
-        "builtin:pet-phantoms, builtin:mni152, builtin:mni152-views, a folder"
+        "builtin:ct-phantoms-real, builtin:pet-phantoms, builtin:mni152, builtin:mni152-views, a folder"
     )
     c.add_argument("--name", help="name of the consistency model (default TEACHER-consistency)")
     c.add_argument(

@@ -18,6 +18,7 @@ from napari_diffrecon.priors.sources import (
     mni152_slices,
     normalisation_for,
     random_phase,
+    real_ct_view,
 )
 from napari_diffrecon.priors.training import export_checkpoint
 
@@ -284,6 +285,44 @@ def test_builtin_pools_give_model_units_and_refresh(source, channels):
     if channels == 2:
         mag = pool.images.pow(2).sum(1).sqrt()
         assert mag.max() <= 1.25 and pool.images[:, 1].abs().max() > 0.05  # phase puts signal in the imaginary part
+
+
+def test_real_ct_views_have_the_drawn_pixel_size_stay_inside_the_slice_and_avoid_air():
+    spacing = 0.5  # mm
+    yy, xx = np.mgrid[0:400, 0:400].astype(np.float32)
+    ramp = xx * spacing  # a linear ramp: 1 "HU" per mm along x
+    rng = np.random.default_rng(0)
+    for lo, hi in ((1.0, 1.0), (0.5, 1.5)):
+        for _ in range(6):
+            v = real_ct_view(ramp, spacing, 32, rng, pixel_mm=(lo, hi), max_air=1.0)
+            assert v.shape == (32, 32) and v.dtype == np.float32
+            gy, gx = np.gradient(v.astype(np.float64))
+            mm_per_px = np.median(np.hypot(gy, gx)[2:-2, 2:-2])  # rotations keep the ramp's slope per pixel
+            assert lo - 0.02 <= mm_per_px <= hi + 0.02
+            assert v.min() >= ramp.min() and v.max() <= ramp.max()
+    # a slice that is mostly air: views are redrawn until at most max_air of them is air
+    air = np.full((400, 400), -1024.0, np.float32)
+    air[:, 250:] = 40.0
+    fractions = [(real_ct_view(air, 1.0, 32, rng, pixel_mm=(1.0, 1.0), max_air=0.5) < -900).mean() for _ in range(10)]
+    assert max(fractions) <= 0.5
+    # the whole slice fits: the coarsest view is capped at the slice's own field of view
+    whole = real_ct_view(ramp, spacing, 32, rng, pixel_mm=(50.0, 50.0), max_air=1.0)
+    assert np.median(np.hypot(*np.gradient(whole.astype(np.float64)))) <= 400 * spacing / 32 + 0.05
+
+
+def test_real_ct_source_reads_no_evaluation_slice():
+    from napari_diffrecon.priors.sources import REAL_CT_FILES
+
+    evaluation = ("CT_small", "J2K_pixelrep_mismatch", "693_")  # pydicom's test CTs, the benchmark's slices
+    assert not [f for f in REAL_CT_FILES if any(f.startswith(e) for e in evaluation)]
+
+
+def test_real_ct_source_pool_when_pydicom_data_is_installed():
+    pytest.importorskip("data_store", reason="pydicom-data (the train extra) is not installed")
+    pytest.importorskip("gdcm", reason="python-gdcm (the train extra) is not installed")
+    pool, info = builtin_pool("ct-phantoms-real", 64, seed=0, pool_size=12)
+    assert pool.images.shape == (12, 1, 64, 64) and info["n_real_slices"] == 2
+    assert "MIT" in info["licence"] and pool.images.min() >= -1.03 and pool.images.max() <= 3.01
 
 
 def test_normalisation_for_complex_has_no_offset():
