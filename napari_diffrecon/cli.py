@@ -579,7 +579,7 @@ def _cmd_export_prior(a: argparse.Namespace) -> int:
     stem = out.with_suffix("") if out.suffix in (".json", ".safetensors") else out
     for p in (stem.with_suffix(".json"), stem.with_suffix(".safetensors")):
         check_output_path(p, a.force)
-    w, c = export_checkpoint(a.run, stem, half=a.half)
+    w, c = export_checkpoint(a.run, stem, half=a.half, average_with=a.average_with, average_weight=a.average_weight)
     print(f"wrote {w} ({w.stat().st_size / 1e6:.1f} MB) and {c}")
     return 0
 
@@ -785,6 +785,10 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("run", help="training output folder (holds checkpoint.pt); the run may still be going")
     e.add_argument("-o", "--output", required=True, help="output stem: writes STEM.safetensors and STEM.json")
     e.add_argument("--half", action="store_true", help="store float16 weights (half the size)")
+    e.add_argument("--average-with", metavar="PRIOR", help="average the run's weights with this prior's (shipped "
+                   "name or .json; same architecture, e.g. the prior the run was fine-tuned from)")
+    e.add_argument("--average-weight", type=float, default=0.5, metavar="W",
+                   help="with --average-with: the run's share in (0, 1] (default 0.5)")
     e.add_argument("--force", action="store_true")
     e.set_defaults(func=_cmd_export_prior)
 

@@ -362,6 +362,33 @@ def test_export_prior_cli_writes_half_weights_and_never_overwrites(tmp_path):
     assert main(["export-prior", str(out), "-o", str(tmp_path / "shipped")]) == 2  # exists: needs --force
 
 
+def test_export_prior_averages_a_run_with_another_prior_and_records_it(tmp_path):
+    from napari_diffrecon.cli import main
+
+    base = ["--modality", "ct", "--resolution", "32", "--patch", "32", "--arch", "tiny", "--batch", "2", "--steps",
+            "2", "--val-every", "2", "--pool", "3", "--no-progress"]
+    assert main(["train", "builtin:ct-phantoms", *base, "--seed", "0", "-o", str(tmp_path / "a")]) == 0
+    assert main(["train", "builtin:ct-phantoms", *base, "--seed", "1", "-o", str(tmp_path / "b")]) == 0
+    a, b = load_prior(tmp_path / "a" / "my-prior.json"), load_prior(tmp_path / "b" / "my-prior.json")
+    assert main(["export-prior", str(tmp_path / "b"), "-o", str(tmp_path / "soup"), "--average-with",
+                 str(tmp_path / "a" / "my-prior.json"), "--average-weight", "0.25"]) == 0
+    soup = load_prior(tmp_path / "soup.json")
+    sa, sb, ss = a.network.state_dict(), b.network.state_dict(), soup.network.state_dict()
+    k = "unet.conv_in.weight"
+    assert not torch.allclose(sa[k], sb[k])
+    for name in sa:
+        torch.testing.assert_close(ss[name], 0.25 * sb[name] + 0.75 * sa[name])
+    record = soup.card.training["weight_average"]
+    assert record["weight_of_this_run"] == 0.25 and record["with_training"]["seed"] == 0
+    assert soup.card.training["seed"] == 1  # the run's own record
+    # a weight outside (0, 1] and a prior of another architecture are refused, nothing written
+    assert main(["export-prior", str(tmp_path / "b"), "-o", str(tmp_path / "bad"), "--average-with",
+                 str(tmp_path / "a" / "my-prior.json"), "--average-weight", "1.5"]) == 2
+    assert main(["export-prior", str(tmp_path / "b"), "-o", str(tmp_path / "bad"), "--average-with",
+                 "ct-phantom-128"]) == 2
+    assert not (tmp_path / "bad.json").exists()
+
+
 def test_train_cli_rejects_mismatched_builtin_source(tmp_path):
     from napari_diffrecon.cli import main
 

@@ -214,7 +214,8 @@ def _training_record(
     }
 
 
-def export_checkpoint(run_dir: str | Path, out: str | Path | None = None, half: bool = False) -> tuple[Path, Path]:
+def export_checkpoint(run_dir: str | Path, out: str | Path | None = None, half: bool = False,
+                      average_with: str | Path | None = None, average_weight: float = 0.5) -> tuple[Path, Path]:
     """Export the EMA weights of a (possibly still running) training run as a prior.
 
     Parameters
@@ -225,6 +226,13 @@ def export_checkpoint(run_dir: str | Path, out: str | Path | None = None, half: 
         Output stem (default ``run_dir/<name>``); ``.safetensors`` and ``.json`` are written.
     half : bool
         Store the weights as float16 (shipped priors).
+    average_with : str or Path, optional
+        A prior (shipped name or card path) of the same architecture and units, typically the one the run was
+        fine-tuned from: the exported weights are ``average_weight · run + (1 − average_weight) · that prior``
+        (a weight average of two fine-tunes of one network, "model soup"). The card records it under
+        ``training.weight_average`` with the other prior's training record.
+    average_weight : float
+        The run's share in ``(0, 1]``.
 
     Returns
     -------
@@ -232,6 +240,8 @@ def export_checkpoint(run_dir: str | Path, out: str | Path | None = None, half: 
         The weights and card paths.
     """
     run_dir = Path(run_dir)
+    if average_with is not None and not 0.0 < average_weight <= 1.0:
+        raise ValueError(f"average_weight must be in (0, 1] (the run's share), got {average_weight}")
     ck_path = run_dir / "checkpoint.pt"
     if not ck_path.exists():
         raise FileNotFoundError(f"{ck_path} not found: is {run_dir} a training output folder?")
@@ -239,6 +249,8 @@ def export_checkpoint(run_dir: str | Path, out: str | Path | None = None, half: 
     if "target" in ck:  # a consistency-distillation run
         from .consistency import export_distill_checkpoint
 
+        if average_with is not None:
+            raise ValueError("weight averaging is for diffusion priors, not a consistency-distillation run")
         cfg_name = ck["config"].get("name", "consistency")
         return export_distill_checkpoint(ck, out if out is not None else run_dir / cfg_name, half=half)
     known = set(TrainConfig.__dataclass_fields__)
@@ -253,7 +265,44 @@ def export_checkpoint(run_dir: str | Path, out: str | Path | None = None, half: 
     final = history[-1] if history else {"loss": float("nan")}
     n_params = count_parameters(net)
     card.training = _training_record(config, int(ck["step"]), float(ck["wall"]), final, n_params, config.device)
+    if average_with is not None:
+        other = _average_into(net, config, average_with, average_weight)
+        card.training["weight_average"] = {"with": str(average_with), "weight_of_this_run": float(average_weight),
+                                           "with_training": other.card.training}
     return save_prior(NetworkPrior(net, card), out if out is not None else run_dir / config.name, half=half)
+
+
+def _average_into(net: torch.nn.Module, config: TrainConfig, other: str | Path, weight: float) -> NetworkPrior:
+    """``net ← weight · net + (1 − weight) · other`` in place (same architecture and units); returns ``other``."""
+    from .registry import load_prior
+
+    src = load_prior(other)
+    _check_compatible(src, config, f"average with {str(other)!r}")
+    theirs = src.network.state_dict()
+    mine = net.state_dict()
+    if set(theirs) != set(mine) or any(theirs[k].shape != mine[k].shape for k in mine):
+        raise ValueError(f"cannot average with {str(other)!r}: its network's layers differ from this run's")
+    with torch.no_grad():
+        for k, v in mine.items():
+            if v.is_floating_point():
+                v.mul_(weight).add_(theirs[k].to(v.dtype), alpha=1.0 - weight)
+    return src
+
+
+def _check_compatible(src: NetworkPrior, config: TrainConfig, what: str) -> None:
+    """Refuse a prior of another architecture, channel count or intensity normalisation than ``config``'s."""
+    card = src.card
+    if card.architecture.get("preset") != config.arch or card.channels != config.channels:
+        raise ValueError(
+            f"cannot {what}: it is a {card.architecture.get('preset')!r} U-Net with "
+            f"{card.channels} channel(s), this run is {config.arch!r} with {config.channels}; "
+            f"pass --arch {card.architecture.get('preset')} (and --complex for a 2-channel prior)"
+        )
+    if any(card.normalisation.get(k) != config.normalisation.get(k) for k in ("offset", "scale")):
+        raise ValueError(
+            f"cannot {what}: its intensity normalisation {card.normalisation} differs "
+            f"from this run's {config.normalisation} (pick the prior of the same modality)"
+        )
 
 
 def ema_update(ema: torch.nn.Module, net: torch.nn.Module, decay: float, step: int, warmup: bool = True) -> None:
@@ -275,18 +324,7 @@ def init_from_prior(net: torch.nn.Module, config: TrainConfig, device: torch.dev
     from .registry import load_prior
 
     src = load_prior(config.init_from, device)
-    card = src.card
-    if card.architecture.get("preset") != config.arch or card.channels != config.channels:
-        raise ValueError(
-            f"cannot start from {config.init_from!r}: it is a {card.architecture.get('preset')!r} U-Net with "
-            f"{card.channels} channel(s), this run is {config.arch!r} with {config.channels}; "
-            f"pass --arch {card.architecture.get('preset')} (and --complex for a 2-channel prior)"
-        )
-    if any(card.normalisation.get(k) != config.normalisation.get(k) for k in ("offset", "scale")):
-        raise ValueError(
-            f"cannot start from {config.init_from!r}: its intensity normalisation {card.normalisation} differs "
-            f"from this run's {config.normalisation} (pick the prior of the same modality)"
-        )
+    _check_compatible(src, config, f"start from {config.init_from!r}")
     net.load_state_dict(src.network.state_dict())
     return src
 
