@@ -212,7 +212,8 @@ def main(argv: list[str] | None = None) -> int:
         report["priors"][card.name] = entry
         lines.append(f"### {card.name} ({card.modality}, {card.channels} ch, "
                      f"{(card.training.get('parameters') or 0) / 1e6:.2f}M parameters, "
-                     f"{card.training.get('steps')} training steps)")
+                     f"{card.training.get('steps')} training steps"
+                     f"{', averaged with its previous stage' if 'weight_average' in card.training else ''})")
         lines.append("")
         if "denoising" in entry:
             n_img = entry["denoising"][0]["n_images"]

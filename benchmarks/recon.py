@@ -405,7 +405,7 @@ def _prior_info(prior, src: str) -> dict[str, Any]:
     card = getattr(prior, "card", None)
     tr = (card.training or {}) if card is not None else {}
     return {"source": src, "name": getattr(card, "name", None), "train_steps": tr.get("steps"),
-            "train_wall_s": tr.get("wall_time_s", tr.get("wall_s"))}
+            "train_wall_s": tr.get("wall_time_s", tr.get("wall_s")), "averaged": "weight_average" in tr}
 
 
 def run_table(a: argparse.Namespace, priors: dict[str, Any]) -> list[dict[str, Any]]:
@@ -543,7 +543,8 @@ def markdown(rows: list[dict[str, Any]], extras: dict[str, Any] | None, meta: di
     lines = [f"Reconstruction benchmark ({meta['date']}, {meta['machine']}, torch {meta['torch']}, "
              f"{meta['threads']} thread(s), seed {meta['seed']}, {meta['size']}² images"
              f"{'' if meta.get('precision', 'float32') == 'float32' else ', network in ' + meta['precision']}).", ""]
-    lines.append("Priors: " + "; ".join(f"{k}: `{v['source']}` ({v['train_steps']} training steps)"
+    lines.append("Priors: " + "; ".join(f"{k}: `{v['source']}` ({v['train_steps']} training steps"
+                                         f"{', averaged with its previous stage' if v.get('averaged') else ''})"
                                          for k, v in meta["priors"].items()))
     lines.append("")
     by_task: dict[str, list[dict[str, Any]]] = {}

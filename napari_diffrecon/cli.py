@@ -579,7 +579,10 @@ def _cmd_export_prior(a: argparse.Namespace) -> int:
     stem = out.with_suffix("") if out.suffix in (".json", ".safetensors") else out
     for p in (stem.with_suffix(".json"), stem.with_suffix(".safetensors")):
         check_output_path(p, a.force)
-    w, c = export_checkpoint(a.run, stem, half=a.half, average_with=a.average_with, average_weight=a.average_weight)
+    if a.average_weight is not None and a.average_with is None:
+        raise ValueError("--average-weight is the run's share in an average: give the other prior with --average-with")
+    weight = 0.5 if a.average_weight is None else a.average_weight
+    w, c = export_checkpoint(a.run, stem, half=a.half, average_with=a.average_with, average_weight=weight)
     print(f"wrote {w} ({w.stat().st_size / 1e6:.1f} MB) and {c}")
     return 0
 
@@ -787,7 +790,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--half", action="store_true", help="store float16 weights (half the size)")
     e.add_argument("--average-with", metavar="PRIOR", help="average the run's weights with this prior's (shipped "
                    "name or .json; same architecture, e.g. the prior the run was fine-tuned from)")
-    e.add_argument("--average-weight", type=float, default=0.5, metavar="W",
+    e.add_argument("--average-weight", type=float, default=None, metavar="W",
                    help="with --average-with: the run's share in (0, 1] (default 0.5)")
     e.add_argument("--force", action="store_true")
     e.set_defaults(func=_cmd_export_prior)

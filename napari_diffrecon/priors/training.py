@@ -238,10 +238,18 @@ def export_checkpoint(run_dir: str | Path, out: str | Path | None = None, half: 
     -------
     tuple of Path
         The weights and card paths.
+
+    Raises
+    ------
+    FileNotFoundError
+        When ``run_dir`` holds no checkpoint.
+    ValueError
+        For a share outside (0, 1], a prior of another kind to average with, averaging a consistency-distillation
+        run, or averaging with the very files the export would overwrite.
     """
     run_dir = Path(run_dir)
     if average_with is not None and not 0.0 < average_weight <= 1.0:
-        raise ValueError(f"average_weight must be in (0, 1] (the run's share), got {average_weight}")
+        raise ValueError(f"the run's share in the average (--average-weight) must be in (0, 1], got {average_weight}")
     ck_path = run_dir / "checkpoint.pt"
     if not ck_path.exists():
         raise FileNotFoundError(f"{ck_path} not found: is {run_dir} a training output folder?")
@@ -265,19 +273,43 @@ def export_checkpoint(run_dir: str | Path, out: str | Path | None = None, half: 
     final = history[-1] if history else {"loss": float("nan")}
     n_params = count_parameters(net)
     card.training = _training_record(config, int(ck["step"]), float(ck["wall"]), final, n_params, config.device)
+    stem = Path(out) if out is not None else run_dir / config.name
     if average_with is not None:
-        other = _average_into(net, config, average_with, average_weight)
-        card.training["weight_average"] = {"with": str(average_with), "weight_of_this_run": float(average_weight),
+        other, weights, digest = _average_into(net, config, card, average_with, average_weight)
+        if stem.with_suffix(".safetensors").resolve() == weights.resolve():
+            raise ValueError(f"--average-with {str(average_with)!r} is the prior this export would overwrite: copy it "
+                             "elsewhere first and average with the copy (a rerun would otherwise average with the "
+                             "result)")
+        card.training["weight_average"] = {"with": other.source, "with_weights_sha256": digest,
+                                           "weight_of_this_run": float(average_weight),
                                            "with_training": other.card.training}
-    return save_prior(NetworkPrior(net, card), out if out is not None else run_dir / config.name, half=half)
+    return save_prior(NetworkPrior(net, card), stem, half=half)
 
 
-def _average_into(net: torch.nn.Module, config: TrainConfig, other: str | Path, weight: float) -> NetworkPrior:
-    """``net ← weight · net + (1 − weight) · other`` in place (same architecture and units); returns ``other``."""
-    from .registry import load_prior
+def _average_into(
+    net: torch.nn.Module, config: TrainConfig, card: ModelCard, other: str | Path, weight: float
+) -> tuple[NetworkPrior, Path, str]:
+    """``net ← weight · net + (1 − weight) · other`` in place.
+
+    ``other`` must be the same kind of model as the run's ``card`` (architecture, channels, units, parametrisation,
+    noise schedule, PFGM++ dimension): averaging a diffusion prior with a consistency model, say, is refused.
+    Returns the other prior, its weights file and that file's SHA-256 (the card records both).
+    """
+    import hashlib
+
+    from .registry import WEIGHTS_DIR, load_prior
 
     src = load_prior(other)
-    _check_compatible(src, config, f"average with {str(other)!r}")
+    what = f"average with {str(other)!r}"
+    _check_compatible(src, config, what)
+    for name in ("parametrisation", "schedule", "aug_dim", "sigma_data"):
+        if getattr(src.card, name) != getattr(card, name):
+            raise ValueError(f"cannot {what}: its {name} is {getattr(src.card, name)!r}, this run's "
+                             f"{getattr(card, name)!r} (only two fine-tunes of one kind of model average)")
+    p = Path(other)
+    weights = (p if p.suffix in (".json", ".safetensors") or p.exists() else WEIGHTS_DIR / f"{other}.json")
+    weights = weights.with_suffix(".safetensors")
+    digest = hashlib.sha256(weights.read_bytes()).hexdigest()
     theirs = src.network.state_dict()
     mine = net.state_dict()
     if set(theirs) != set(mine) or any(theirs[k].shape != mine[k].shape for k in mine):
@@ -286,17 +318,21 @@ def _average_into(net: torch.nn.Module, config: TrainConfig, other: str | Path, 
         for k, v in mine.items():
             if v.is_floating_point():
                 v.mul_(weight).add_(theirs[k].to(v.dtype), alpha=1.0 - weight)
-    return src
+    return src, weights, digest
 
 
-def _check_compatible(src: NetworkPrior, config: TrainConfig, what: str) -> None:
-    """Refuse a prior of another architecture, channel count or intensity normalisation than ``config``'s."""
+def _check_compatible(src: NetworkPrior, config: TrainConfig, what: str, hint: bool = False) -> None:
+    """Refuse a prior of another architecture, channel count or intensity normalisation than ``config``'s.
+
+    ``hint`` adds the ``train`` flags that would match it (for ``--init``).
+    """
     card = src.card
     if card.architecture.get("preset") != config.arch or card.channels != config.channels:
+        advice = (f"; pass --arch {card.architecture.get('preset')} (and --complex for a 2-channel prior)"
+                  if hint else "")
         raise ValueError(
             f"cannot {what}: it is a {card.architecture.get('preset')!r} U-Net with "
-            f"{card.channels} channel(s), this run is {config.arch!r} with {config.channels}; "
-            f"pass --arch {card.architecture.get('preset')} (and --complex for a 2-channel prior)"
+            f"{card.channels} channel(s), this run is {config.arch!r} with {config.channels}{advice}"
         )
     if any(card.normalisation.get(k) != config.normalisation.get(k) for k in ("offset", "scale")):
         raise ValueError(
@@ -324,7 +360,7 @@ def init_from_prior(net: torch.nn.Module, config: TrainConfig, device: torch.dev
     from .registry import load_prior
 
     src = load_prior(config.init_from, device)
-    _check_compatible(src, config, f"start from {config.init_from!r}")
+    _check_compatible(src, config, f"start from {config.init_from!r}", hint=True)
     net.load_state_dict(src.network.state_dict())
     return src
 
