@@ -139,12 +139,12 @@ def ct_other_hu(name: str) -> tuple[np.ndarray, float]:
     """One of pydicom's other real CT slices (``J2K_pixelrep_mismatch.dcm``, ``693_J2KI.dcm``: 512² JPEG 2000, decoded
     by pylibjpeg) in HU, clipped at −1024 (the scanners' padding outside their field of view reads −2000 to −4000),
     and its pixel size (mm). Whole-section fields of view, so at 128² a pixel is 1.7–1.9 mm."""
-    import pydicom
     from pydicom.data import get_testdata_file
 
-    ds = pydicom.dcmread(get_testdata_file(name))
-    hu = ds.pixel_array.astype(np.float64) * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
-    return np.clip(hu, -1024, None), float(ds.PixelSpacing[0])
+    from napari_diffrecon.io import read_image
+
+    hu, info = read_image(get_testdata_file(name))  # rescaled to HU
+    return np.clip(hu.astype(np.float64), -1024, None), float(info["pixel_spacing_mm"][0])
 
 
 def _ct_other(name: str, **kw: Any) -> Callable[[int, int], Measurement]:

@@ -581,8 +581,8 @@ def _cmd_export_prior(a: argparse.Namespace) -> int:
         check_output_path(p, a.force)
     if a.average_weight is not None and a.average_with is None:
         raise ValueError("--average-weight is the run's share in an average: give the other prior with --average-with")
-    weight = 0.5 if a.average_weight is None else a.average_weight
-    w, c = export_checkpoint(a.run, stem, half=a.half, average_with=a.average_with, average_weight=weight)
+    share = {} if a.average_weight is None else {"average_weight": a.average_weight}  # else export_checkpoint's ½
+    w, c = export_checkpoint(a.run, stem, half=a.half, average_with=a.average_with, **share)
     print(f"wrote {w} ({w.stat().st_size / 1e6:.1f} MB) and {c}")
     return 0
 

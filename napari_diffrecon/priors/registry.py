@@ -9,7 +9,7 @@ import torch
 from .card import ModelCard
 from .prior import NetworkPrior, load_prior_file
 
-__all__ = ["WEIGHTS_DIR", "list_priors", "load_prior", "default_prior_for"]
+__all__ = ["WEIGHTS_DIR", "list_priors", "load_prior", "prior_path", "default_prior_for"]
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 
@@ -24,8 +24,8 @@ def list_priors() -> dict[str, ModelCard]:
     return out
 
 
-def load_prior(name_or_path: str | Path, device: str | torch.device = "cpu") -> NetworkPrior:
-    """Load a shipped prior by name, or any prior from its ``.json``/``.safetensors`` path.
+def prior_path(name_or_path: str | Path) -> Path:
+    """The card (or weights) path a prior name or path stands for: a path as given, a shipped name in the package.
 
     Raises
     ------
@@ -34,15 +34,27 @@ def load_prior(name_or_path: str | Path, device: str | torch.device = "cpu") -> 
     """
     p = Path(name_or_path)
     if p.suffix in (".json", ".safetensors") or p.exists():
-        prior = load_prior_file(p, device)
-        prior.source = str(p.resolve())  # where it came from: provenance records it, a rerun loads it again
-        return prior
+        return p
     shipped = list_priors()
     if str(name_or_path) not in shipped:
         names = ", ".join(shipped) or "none installed"
         raise FileNotFoundError(f"no prior named {name_or_path!r}; shipped priors: {names}; or pass a .json path")
-    prior = load_prior_file(WEIGHTS_DIR / f"{name_or_path}.json", device)
-    prior.source = str(name_or_path)
+    return WEIGHTS_DIR / f"{name_or_path}.json"
+
+
+def load_prior(name_or_path: str | Path, device: str | torch.device = "cpu") -> NetworkPrior:
+    """Load a shipped prior by name, or any prior from its ``.json``/``.safetensors`` path.
+
+    Raises
+    ------
+    FileNotFoundError
+        With the list of shipped priors when the name is unknown.
+    """
+    path = prior_path(name_or_path)
+    prior = load_prior_file(path, device)
+    shipped = path != Path(name_or_path)  # a name, not a path
+    # where it came from: provenance records it, a rerun loads it again
+    prior.source = str(name_or_path) if shipped else str(path.resolve())
     return prior
 
 

@@ -149,17 +149,16 @@ def real_ct_slices() -> list[tuple[np.ndarray, float]]:
     """
     try:
         import data_store  # the pydicom-data package
-        import pydicom
     except ImportError:  # pragma: no cover - depends on the environment
         raise RuntimeError("the 'ct-phantoms-real' source needs pydicom-data and python-gdcm: "
                            "pip install pydicom-data python-gdcm") from None
+    from ..io import read_image
+
     root = Path(data_store.__file__).parent / "data"
     out = []
     for name in REAL_CT_FILES:
-        ds = pydicom.dcmread(root / name)
-        hu = ds.pixel_array.astype(np.float32) * float(getattr(ds, "RescaleSlope", 1) or 1)
-        hu += float(getattr(ds, "RescaleIntercept", 0) or 0)
-        out.append((np.clip(hu, -1024.0, 3000.0), float(ds.PixelSpacing[0])))
+        hu, info = read_image(root / name)  # rescaled to HU
+        out.append((np.clip(hu, -1024.0, 3000.0), float(info["pixel_spacing_mm"][0])))
     return out
 
 

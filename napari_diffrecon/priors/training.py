@@ -297,7 +297,7 @@ def _average_into(
     """
     import hashlib
 
-    from .registry import WEIGHTS_DIR, load_prior
+    from .registry import load_prior, prior_path
 
     src = load_prior(other)
     what = f"average with {str(other)!r}"
@@ -306,9 +306,7 @@ def _average_into(
         if getattr(src.card, name) != getattr(card, name):
             raise ValueError(f"cannot {what}: its {name} is {getattr(src.card, name)!r}, this run's "
                              f"{getattr(card, name)!r} (only two fine-tunes of one kind of model average)")
-    p = Path(other)
-    weights = (p if p.suffix in (".json", ".safetensors") or p.exists() else WEIGHTS_DIR / f"{other}.json")
-    weights = weights.with_suffix(".safetensors")
+    weights = prior_path(other).with_suffix(".safetensors")
     digest = hashlib.sha256(weights.read_bytes()).hexdigest()
     theirs = src.network.state_dict()
     mine = net.state_dict()
