@@ -330,6 +330,94 @@ def test_real_ct_source_pool_when_pydicom_data_is_installed():
     assert "MIT" in info["licence"] and pool.images.min() >= -1.03 and pool.images.max() <= 3.01
 
 
+def _fake_sdist(tmp_path, volumes):
+    """A tarball laid out like pyradiomics' sdist, holding ``volumes`` ((x, y, z) arrays, spacing) as NRRD."""
+    import hashlib
+    import tarfile
+
+    nrrd = pytest.importorskip("nrrd")
+    from napari_diffrecon.priors.sources import CHEST_CT_MEMBERS
+
+    tar_path = tmp_path / "pyradiomics-3.1.0.tar.gz"
+    with tarfile.open(tar_path, "w:gz") as tar:
+        for member, (vol, spacing) in zip(CHEST_CT_MEMBERS, volumes, strict=True):
+            f = tmp_path / member.rsplit("/", 1)[1]
+            nrrd.write(str(f), vol, {"space": "left-posterior-superior", "encoding": "gzip",
+                                     "space directions": np.diag([spacing, spacing, 5.0])})
+            tar.add(f, arcname=member)
+    return tar_path, hashlib.sha256(tar_path.read_bytes()).hexdigest()
+
+
+def test_chest_ct_slices_reads_both_volumes_upright_with_their_spacing(tmp_path):
+    from napari_diffrecon.priors.sources import chest_ct_slices
+
+    x, y, z = np.meshgrid(np.arange(6), np.arange(5), np.arange(3), indexing="ij")
+    vol1 = (100 * x + 10 * y + z).astype(np.int16)  # NRRD order (x, y, z)
+    vol1[0, 0, 0] = 4000  # above the clip
+    vol2 = np.full((4, 4, 2), -2000, np.int16)  # below it
+    tar_path, digest = _fake_sdist(tmp_path, [(vol1, 0.57), (vol2, 0.63)])
+    vols = chest_ct_slices(tar_path, sha256=digest)
+    assert [len(v) for v in vols] == [3, 2]
+    for k, (sl, spacing) in enumerate(vols[0]):
+        assert sl.shape == (5, 6) and sl.dtype == np.float32 and spacing == pytest.approx(0.57)
+        expect = (100 * np.arange(6)[None, :] + 10 * np.arange(5)[:, None] + k).astype(np.float32)  # rows = y
+        if k == 0:
+            expect[0, 0] = 3000.0
+        np.testing.assert_array_equal(sl, expect)
+    assert vols[1][0][1] == pytest.approx(0.63) and float(vols[1][1][0].max()) == -1024.0
+
+
+def test_chest_ct_slices_refuses_no_file_a_missing_file_and_another_file(tmp_path, monkeypatch):
+    from napari_diffrecon.priors.sources import PYRADIOMICS_ENV, chest_ct_slices
+
+    monkeypatch.delenv(PYRADIOMICS_ENV, raising=False)
+    with pytest.raises(RuntimeError, match="curl -LO https://files.pythonhosted.org.*" + PYRADIOMICS_ENV):
+        chest_ct_slices()
+    with pytest.raises(RuntimeError, match="no such file"):
+        chest_ct_slices(tmp_path / "pyradiomics-3.1.0.tar.gz")
+    other = tmp_path / "other.tar.gz"
+    other.write_bytes(b"not the sdist")
+    monkeypatch.setenv(PYRADIOMICS_ENV, str(other))
+    with pytest.raises(RuntimeError, match="SHA-256 .* not that of pyradiomics-3.1.0.tar.gz"):
+        chest_ct_slices()
+
+
+def test_chest_source_draws_the_four_real_groups_equally(monkeypatch):
+    import napari_diffrecon.priors.sources as src
+
+    flat = [(np.full((300, 300), hu, np.float32), 0.5) for hu in (100.0, 200.0)]  # "spine", "abdomen"
+    chest = [[(np.full((300, 300), hu, np.float32), 0.6) for _ in range(n)] for hu, n in ((300.0, 40), (400.0, 5))]
+    monkeypatch.setattr(src, "real_ct_slices", lambda: flat)
+    monkeypatch.setattr(src, "chest_ct_slices", lambda: chest)
+    pool, info = src.builtin_pool("ct-phantoms-real-chest", 32, seed=0, pool_size=400)
+    assert info["n_real_slices"] == 47 and info["pyradiomics_sdist_sha256"] == src.PYRADIOMICS_SDIST_SHA256
+    means = pool.images.flatten(1).mean(1) * 1000  # HU of each image (the real views are constant)
+    counts = [int((means.sub(hu).abs() < 1e-2).sum()) for hu in (100.0, 200.0, 300.0, 400.0)]
+    real = sum(counts)
+    assert 0.3 * 400 <= real <= 0.5 * 400  # REAL_CT_FRACTION of the draws
+    assert all(0.15 * real <= c <= 0.35 * real for c in counts), counts  # each group a quarter, not per slice
+    pool2, info2 = src.builtin_pool("ct-phantoms-real", 32, seed=0, pool_size=100)
+    assert info2["n_real_slices"] == 2 and "pyradiomics_sdist_sha256" not in info2
+
+
+def test_chest_source_on_the_real_sdist_when_it_is_given():
+    import os
+
+    from napari_diffrecon.priors.sources import PYRADIOMICS_ENV, chest_ct_slices
+
+    if not os.environ.get(PYRADIOMICS_ENV):
+        pytest.skip(f"{PYRADIOMICS_ENV} is not set (the pyradiomics sdist is a training-only download)")
+    pytest.importorskip("nrrd")
+    vols = chest_ct_slices()
+    assert [len(v) for v in vols] == [48, 61]
+    sl, spacing = vols[0][24]
+    assert sl.shape == (512, 512) and spacing == pytest.approx(0.5703125)
+    assert -1024.0 <= sl.min() < -900 and np.median(sl[200:300, 200:300]) > -300  # air, and soft tissue mid-chest
+    # upright: the back (the spine, bone > 300 HU) is in the lower half of the image
+    bone = np.argwhere(sl > 300)
+    assert bone[:, 0].mean() > 256
+
+
 def test_normalisation_for_complex_has_no_offset():
     assert normalisation_for("mri", 2)["offset"] == 0.0
     assert normalisation_for("ct", 1)["native_units"] == "HU"
