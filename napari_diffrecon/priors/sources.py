@@ -72,9 +72,7 @@ BUILTIN_SOURCES: dict[str, dict[str, str]] = {
                                "3.1.0 source distribution); in the 40% real draws each of the four (spine, abdomen, "
                                "lung1, lung2) is drawn equally often, a slice of a volume uniformly, and viewed as in "
                                "builtin:ct-phantoms-real",
-                               "licence": "as builtin:ct-phantoms-real; lung1/lung2: the pyradiomics repository's test "
-                               "data, BSD-3-Clause (Copyright 2017 Harvard Medical School); the package does not "
-                               "name the patients' source"},
+                               "licence": ""},  # filled in below: the real source's, then the chest volumes'
     "pet-phantoms": {"modality": "pet", "description": "procedural FDG-like PET phantoms (body) + MNI152 brain "
                      "uptake maps (grey/white matter)", "licence": "BSD-3-Clause (generated); " + MNI_LICENCE},
     "mni152": {"modality": "mri", "description": "nilearn's bundled MNI152 T1 template (1 mm), axial, coronal and "
@@ -86,6 +84,10 @@ BUILTIN_SOURCES: dict[str, dict[str, str]] = {
                      "(half) and smooth phase (experimental: not what the shipped MRI prior was trained on)",
                      "licence": MNI_LICENCE},
 }
+
+BUILTIN_SOURCES["ct-phantoms-real-chest"]["licence"] = (
+    BUILTIN_SOURCES["ct-phantoms-real"]["licence"] + "; lung1 / lung2: test data of the pyradiomics repository, "
+    "BSD-3-Clause (Copyright 2017 Harvard Medical School); the package does not name the patients' source")
 
 
 def normalisation_for(modality: str, channels: int) -> dict[str, Any]:
