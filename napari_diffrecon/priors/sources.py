@@ -5,7 +5,8 @@ from these; the model card records the source, its licence and how many images w
 Never used here: pydicom's and nibabel's bundled test images (they are evaluation material). The
 ``ct-phantoms-real`` source adds two real CT slices from the separate ``pydicom-data`` package (MIT), from
 patients and scanners other than the evaluation slices'; its CQ500 head slices (``693_*``, the same image as the
-evaluation's ``693_J2KI.dcm``) are never read.
+evaluation's ``693_J2KI.dcm``) are never read. ``ct-phantoms-real-chest`` adds two chest CT volumes (pyradiomics'
+test cases, BSD-3-Clause) read from pyradiomics' source distribution, a download whose SHA-256 is checked.
 """
 
 from __future__ import annotations
