@@ -400,6 +400,55 @@ def test_chest_source_draws_the_four_real_groups_equally(monkeypatch):
     assert info2["n_real_slices"] == 2 and "pyradiomics_sdist_sha256" not in info2
 
 
+def test_cta_ct_slices_reads_nifti_members_upright(tmp_path):
+    import gzip
+    import hashlib
+    import tarfile
+
+    import nibabel as nib
+
+    from napari_diffrecon.priors.sources import CTA_MEMBERS, cta_ct_slices
+
+    x, y, z = np.meshgrid(np.arange(6), np.arange(5), np.arange(3), indexing="ij")
+    vols = [(100 * x + 10 * y + z).astype(np.int16), np.full((4, 4, 2), 5000, np.int16)]
+    tar_path = tmp_path / "totalsegmentator-2.18.0.tar.gz"
+    with tarfile.open(tar_path, "w:gz") as tar:
+        for member, vol in zip(CTA_MEMBERS, vols, strict=True):
+            f = tmp_path / "v.nii.gz"
+            img = nib.Nifti1Image(vol, np.diag([1.5, 1.5, 3.0, 1.0]))
+            f.write_bytes(gzip.compress(img.to_bytes()))
+            tar.add(f, arcname=member)
+    out = cta_ct_slices(tar_path, sha256=hashlib.sha256(tar_path.read_bytes()).hexdigest())
+    assert [len(v) for v in out] == [3, 2]
+    for k, (sl, spacing) in enumerate(out[0]):
+        assert spacing == pytest.approx(1.5) and sl.dtype == np.float32
+        np.testing.assert_array_equal(sl, np.rot90(vols[0][:, :, k]).astype(np.float32))  # the stored axes, turned
+    assert float(out[1][0][0].max()) == 3000.0
+
+
+def test_more_source_adds_the_cta_groups_and_never_views_them_finer_than_stored(monkeypatch):
+    import napari_diffrecon.priors.sources as src
+
+    yy, xx = np.mgrid[0:300, 0:300].astype(np.float32)
+    flat = [(np.full((300, 300), 100.0, np.float32), 0.5), (np.full((300, 300), 200.0, np.float32), 0.8)]
+    monkeypatch.setattr(src, "real_ct_slices", lambda: flat)
+    monkeypatch.setattr(src, "chest_ct_slices", lambda: [[(np.full((300, 300), 300.0, np.float32), 0.6)]])
+    plane = 0.6 * xx + 0.8 * yy  # 1 "HU" per input pixel along its gradient: a view's slope is its pixel / 1.5 mm
+    monkeypatch.setattr(src, "cta_ct_slices", lambda: [[(plane + 1000.0, 1.5)], [(plane + 1000.0, 1.5)]])
+    pool, info = src.builtin_pool("ct-phantoms-real-more", 32, seed=0, pool_size=300)
+    assert info["n_real_slices"] == 5 and info["totalsegmentator_sdist_sha256"] == src.TOTALSEG_SDIST_SHA256
+    imgs = pool.images[:, 0].numpy().astype(np.float64) * 1000
+    planes = [im for im in imgs if im.min() > 990]  # the stand-in CTA views (every other draw is below 400 HU)
+    assert len(planes) > 20
+    grads = []
+    for im in planes:
+        gy = np.polyfit(np.arange(32), im.mean(axis=1), 1)[0]
+        gx = np.polyfit(np.arange(32), im.mean(axis=0), 1)[0]
+        grads.append(np.hypot(gy, gx))
+    assert min(grads) >= 1.0 - 1e-3  # at least one stored pixel (1.5 mm) per view pixel: never finer than stored
+    assert max(grads) <= 2.2 / 1.5 + 1e-3
+
+
 def test_chest_source_on_the_real_sdist_when_it_is_given():
     import os
 
@@ -546,3 +595,18 @@ def test_train_cli_names_unknown_sources_and_missing_runs(tmp_path, capsys):
     assert "unknown built-in source 'foo'" in capsys.readouterr().err
     assert main(["export-prior", str(tmp_path), "-o", str(tmp_path / "p")]) == 2
     assert "checkpoint.pt not found" in capsys.readouterr().err
+
+
+def test_cta_source_on_the_real_sdist_when_it_is_given():
+    import os
+
+    from napari_diffrecon.priors.sources import TOTALSEG_ENV, cta_ct_slices
+
+    if not os.environ.get(TOTALSEG_ENV):
+        pytest.skip(f"{TOTALSEG_ENV} is not set (the TotalSegmentator sdist is a training-only download)")
+    vols = cta_ct_slices()
+    assert [len(v) for v in vols] == [191, 112]
+    assert [v[0][0].shape for v in vols] == [(167, 233), (102, 122)] and vols[0][0][1] == pytest.approx(1.5)
+    sl = vols[0][95][0]  # mid-chest: air outside, soft tissue inside, the spine in the lower half
+    assert sl.min() < -900 and np.median(sl[60:110, 90:140]) > -300
+    assert np.argwhere(sl > 300)[:, 0].mean() > sl.shape[0] / 2
