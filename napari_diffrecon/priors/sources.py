@@ -11,6 +11,7 @@ test cases, BSD-3-Clause) read from pyradiomics' source distribution, a download
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Any
 
@@ -88,8 +89,9 @@ BUILTIN_SOURCES: dict[str, dict[str, str]] = {
                               "contrast-enhanced CT volumes at 1.5 mm added to the real draws: TotalSegmentator's test "
                               "files aorta_report/example_ct (chest to upper abdomen, 233 x 167 x 191) and "
                               "pulmonary_report/models/ct_cropped (around the heart, 122 x 102 x 112), read from the "
-                              "TotalSegmentator 2.18.0 source distribution; the six real groups drawn equally often, "
-                              "and a slice coarser than 1 mm is never viewed at finer pixels than its own",
+                              "TotalSegmentator 2.18.0 source distribution; the six real groups drawn equally often; "
+                              "a slice coarser than 1 mm is viewed at its own pixels or coarser, up to its field of "
+                              "view (the 102-pixel-wide heart crop at 128² is viewed whole, at 1.18 mm)",
                               "licence": ""},  # filled in below
     "pet-phantoms": {"modality": "pet", "description": "procedural FDG-like PET phantoms (body) + MNI152 brain "
                      "uptake maps (grey/white matter)", "licence": "BSD-3-Clause (generated); " + MNI_LICENCE},
@@ -108,8 +110,8 @@ BUILTIN_SOURCES["ct-phantoms-real-chest"]["licence"] = (
     "BSD-3-Clause (Copyright 2017 Harvard Medical School); the package does not name the patients' source")
 BUILTIN_SOURCES["ct-phantoms-real-more"]["licence"] = (
     BUILTIN_SOURCES["ct-phantoms-real-chest"]["licence"] + "; the two CT angiography volumes: test files of the "
-    "TotalSegmentator package, Apache-2.0 (Wasserthal et al., Radiology: AI 2023); the package does not name their "
-    "source (its public CT dataset, Zenodo 10.5281/zenodo.6802613, is CC BY 4.0)")
+    "TotalSegmentator 2.18.0 source distribution, whose licence is Apache-2.0 (Wasserthal et al., Radiology: AI "
+    "2023); the package does not state the images' source")
 
 
 def normalisation_for(modality: str, channels: int) -> dict[str, Any]:
@@ -206,8 +208,8 @@ def real_ct_slices() -> list[tuple[np.ndarray, float]]:
 
 
 def _sdist_members(sdist: str | Path | None, env: str, name: str, url: str, sha256: str,
-                   members: tuple[str, ...]):
-    """Yield a binary file object for each of ``members`` of the downloaded source distribution ``name``.
+                   members: tuple[str, ...]) -> list[io.BytesIO]:
+    """The bytes of each of ``members`` of the downloaded source distribution ``name``, as file objects.
 
     ``sdist`` (default: the path in ``$env``) must exist and have SHA-256 ``sha256``; otherwise a RuntimeError says
     how to download it (``url``) and where to point ``env``.
@@ -223,16 +225,24 @@ def _sdist_members(sdist: str | Path | None, env: str, name: str, url: str, sha2
     path = Path(path)
     if not path.is_file():
         raise RuntimeError(f"{path}: no such file ({env} must name the downloaded {name})")
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    if digest != sha256:
-        raise RuntimeError(f"{path}: SHA-256 {digest[:12]}..., not that of {name} ({sha256[:12]}...); download it "
-                           f"again from {url}")
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    if h.hexdigest() != sha256:
+        raise RuntimeError(f"{path}: SHA-256 {h.hexdigest()[:12]}..., not that of {name} ({sha256[:12]}...); "
+                           f"download it again from {url}")
+    out = []
     with tarfile.open(path, "r:gz") as tar:
         for member in members:
-            fh = tar.extractfile(member)
-            if fh is None:  # pragma: no cover - the checksum rules this out
-                raise RuntimeError(f"{path}: no {member}")
-            yield fh
+            try:
+                fh = tar.extractfile(member)
+            except KeyError:
+                fh = None
+            if fh is None:
+                raise RuntimeError(f"{path}: no file {member} in it")
+            out.append(io.BytesIO(fh.read()))
+    return out
 
 
 def cta_ct_slices(sdist: str | Path | None = None,
@@ -267,7 +277,9 @@ def cta_ct_slices(sdist: str | Path | None = None,
         img = nib.Nifti1Image.from_bytes(gzip.decompress(fh.read()))
         vol = np.asarray(img.dataobj, dtype=np.float32)  # (x, y, z)
         spacing = float(img.header.get_zooms()[0])
-        vols.append([(np.ascontiguousarray(np.clip(np.rot90(vol[:, :, k]), -1024.0, 3000.0)), spacing)
+        if tuple(nib.aff2axcodes(img.affine)) != ("L", "P", "S"):  # pragma: no cover - the checksum pins LPS
+            raise RuntimeError(f"{TOTALSEG_SDIST}: expected L,P,S axes, got {nib.aff2axcodes(img.affine)}")
+        vols.append([(np.ascontiguousarray(np.clip(vol[:, :, k].T, -1024.0, 3000.0)), spacing)  # rows: posterior down
                      for k in range(vol.shape[2])])
     return vols
 
@@ -305,7 +317,7 @@ def chest_ct_slices(sdist: str | Path | None = None,
     for fh in members:
         header = nrrd.read_header(fh)
         vol = np.asarray(nrrd.read_data(header, fh, filename=None), dtype=np.float32)  # (x, y, z), LPS
-        spacing = float(np.abs(np.asarray(header["space directions"], dtype=float)[0, 0]))
+        spacing = float(np.linalg.norm(np.asarray(header["space directions"], dtype=float)[0]))
         vols.append([(np.ascontiguousarray(np.clip(vol[:, :, k].T, -1024.0, 3000.0)), spacing)
                      for k in range(vol.shape[2])])
     return vols
