@@ -722,7 +722,8 @@ def _parser() -> argparse.ArgumentParser:
         "data",
         help="folder of DICOM series, NIfTI volumes, TIFF/PNG/NPY images; or builtin:ct-phantoms, "
         "builtin:ct-phantoms-detailed, builtin:ct-phantoms-real, builtin:ct-phantoms-real-chest (reads the "
-        "pyradiomics sdist named by $NAPARI_DIFFRECON_PYRADIOMICS_SDIST), builtin:pet-phantoms, builtin:mni152, "
+        "pyradiomics sdist named by $NAPARI_DIFFRECON_PYRADIOMICS_SDIST), builtin:ct-phantoms-real-more (also the "
+        "TotalSegmentator sdist named by $NAPARI_DIFFRECON_TOTALSEG_SDIST), builtin:pet-phantoms, builtin:mni152, "
         "builtin:mni152-views",
     )
     t.add_argument("--modality", required=True, choices=["ct", "mri", "pet", "generic"])
@@ -761,8 +762,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("teacher", help="the diffusion prior: shipped name or .json path")
     c.add_argument(
         "data", help="the teacher's training data: builtin:ct-phantoms, builtin:ct-phantoms-detailed, "
-        "builtin:ct-phantoms-real, builtin:ct-phantoms-real-chest, builtin:pet-phantoms, builtin:mni152, "
-        "builtin:mni152-views, a folder"
+        "builtin:ct-phantoms-real, builtin:ct-phantoms-real-chest, builtin:ct-phantoms-real-more, "
+        "builtin:pet-phantoms, builtin:mni152, builtin:mni152-views, a folder"
     )
     c.add_argument("--name", help="name of the consistency model (default TEACHER-consistency)")
     c.add_argument(
