@@ -61,7 +61,7 @@ def settings_key(params: dict[str, Any], extra: dict[str, Any]) -> str:
 
 
 def _sha256(path: str | Path) -> str:
-    from .reconstruct import file_sha256
+    from .io.bundle import file_sha256
 
     return file_sha256(path) or ""
 

@@ -8,7 +8,6 @@ consumes it synchronously (CLI, tests).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import time
@@ -21,6 +20,7 @@ import numpy as np
 import torch
 
 from . import __version__
+from .io.bundle import file_sha256
 from .samplers import SAMPLERS, UNCONDITIONAL, Iterate, Problem, SamplerParams, SamplingError, get_sampler
 from .samplers.base import resolution_mismatch
 from .uncertainty import DEFAULT_STD_POOL, summarize
@@ -163,17 +163,6 @@ class Result:
         if self.residual is not None:
             out["residual"] = np.asarray(self.residual, dtype=np.float64)
         return out
-
-
-def file_sha256(path: str | Path | None) -> str | None:
-    """SHA-256 of a file (None when there is no file)."""
-    if not path or not Path(path).exists():
-        return None
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def intensity_mapping(measurement: Any, prior: Any, reference: torch.Tensor | None,

@@ -8,6 +8,7 @@ array-valued fields stored as their own keys and referenced as ``{"$array": "mas
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -25,6 +26,7 @@ import torch
 from .. import __version__
 
 __all__ = [
+    "file_sha256",
     "BundleError",
     "OutputPathError",
     "Measurement",
@@ -44,6 +46,18 @@ __all__ = [
     "resolve_arrays",
     "split_arrays",
 ]
+
+
+def file_sha256(path: str | Path | None) -> str | None:
+    """SHA-256 of a file, read in 1 MiB blocks (None when there is no file)."""
+    if not path or not Path(path).exists():
+        return None
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
 
 ARRAY_FIELDS = ("mask", "coil_maps", "attenuation", "background")
 COUNT_MODELS = ("poisson", "transmission")

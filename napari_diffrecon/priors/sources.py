@@ -214,9 +214,10 @@ def _sdist_members(sdist: str | Path | None, env: str, name: str, url: str, sha2
     ``sdist`` (default: the path in ``$env``) must exist and have SHA-256 ``sha256``; otherwise a RuntimeError says
     how to download it (``url``) and where to point ``env``.
     """
-    import hashlib
     import os
     import tarfile
+
+    from ..io.bundle import file_sha256
 
     path = sdist if sdist is not None else os.environ.get(env)
     if not path:
@@ -225,12 +226,9 @@ def _sdist_members(sdist: str | Path | None, env: str, name: str, url: str, sha2
     path = Path(path)
     if not path.is_file():
         raise RuntimeError(f"{path}: no such file ({env} must name the downloaded {name})")
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    if h.hexdigest() != sha256:
-        raise RuntimeError(f"{path}: SHA-256 {h.hexdigest()[:12]}..., not that of {name} ({sha256[:12]}...); "
+    digest = file_sha256(path)
+    if digest != sha256:
+        raise RuntimeError(f"{path}: SHA-256 {digest[:12]}..., not that of {name} ({sha256[:12]}...); "
                            f"download it again from {url}")
     out = []
     with tarfile.open(path, "r:gz") as tar:
@@ -243,6 +241,12 @@ def _sdist_members(sdist: str | Path | None, env: str, name: str, url: str, sha2
                 raise RuntimeError(f"{path}: no file {member} in it")
             out.append(io.BytesIO(fh.read()))
     return out
+
+
+def _axial_slices(vol: np.ndarray, spacing: float) -> list[tuple[np.ndarray, float]]:
+    """The axial slices of a CT volume stored (x, y, z) with L,P,S axes, upright (rows: posterior down), in HU
+    clipped to [−1024, 3000], each with the in-plane ``spacing``."""
+    return [(np.ascontiguousarray(np.clip(vol[:, :, k].T, -1024.0, 3000.0)), spacing) for k in range(vol.shape[2])]
 
 
 def cta_ct_slices(sdist: str | Path | None = None,
@@ -279,8 +283,7 @@ def cta_ct_slices(sdist: str | Path | None = None,
         spacing = float(img.header.get_zooms()[0])
         if tuple(nib.aff2axcodes(img.affine)) != ("L", "P", "S"):  # pragma: no cover - the checksum pins LPS
             raise RuntimeError(f"{TOTALSEG_SDIST}: expected L,P,S axes, got {nib.aff2axcodes(img.affine)}")
-        vols.append([(np.ascontiguousarray(np.clip(vol[:, :, k].T, -1024.0, 3000.0)), spacing)  # rows: posterior down
-                     for k in range(vol.shape[2])])
+        vols.append(_axial_slices(vol, spacing))
     return vols
 
 
@@ -318,8 +321,7 @@ def chest_ct_slices(sdist: str | Path | None = None,
         header = nrrd.read_header(fh)
         vol = np.asarray(nrrd.read_data(header, fh, filename=None), dtype=np.float32)  # (x, y, z), LPS
         spacing = float(np.linalg.norm(np.asarray(header["space directions"], dtype=float)[0]))
-        vols.append([(np.ascontiguousarray(np.clip(vol[:, :, k].T, -1024.0, 3000.0)), spacing)
-                     for k in range(vol.shape[2])])
+        vols.append(_axial_slices(vol, spacing))
     return vols
 
 
@@ -540,16 +542,14 @@ def builtin_pool(
             return np.stack([ct_phantom(resolution, r, detail=detail) for _ in range(n)])
     elif source in ("ct-phantoms-real", "ct-phantoms-real-chest", "ct-phantoms-real-more"):
         groups = [[sl] for sl in real_ct_slices()]  # drawn equally often, then a slice of the group uniformly
-        info["n_real_slices"] = len(groups)
         if source in ("ct-phantoms-real-chest", "ct-phantoms-real-more"):
             groups += chest_ct_slices()
-            info["n_real_slices"] = sum(len(g) for g in groups)
             info["pyradiomics_sdist_sha256"] = PYRADIOMICS_SDIST_SHA256
         native_floor = source == "ct-phantoms-real-more"  # never view a coarse (> 1 mm) slice at finer pixels
         if native_floor:
             groups += cta_ct_slices()
-            info["n_real_slices"] = sum(len(g) for g in groups)
             info["totalsegmentator_sdist_sha256"] = TOTALSEG_SDIST_SHA256
+        info["n_real_slices"] = sum(len(g) for g in groups)
         try:
             from importlib.metadata import version
 

@@ -295,8 +295,7 @@ def _average_into(
     noise schedule, PFGM++ dimension): averaging a diffusion prior with a consistency model, say, is refused.
     Returns the other prior, its weights file and that file's SHA-256 (the card records both).
     """
-    import hashlib
-
+    from ..io.bundle import file_sha256
     from .registry import load_prior, prior_path
 
     src = load_prior(other)
@@ -307,7 +306,7 @@ def _average_into(
             raise ValueError(f"cannot {what}: its {name} is {getattr(src.card, name)!r}, this run's "
                              f"{getattr(card, name)!r} (only two fine-tunes of one kind of model average)")
     weights = prior_path(other).with_suffix(".safetensors")
-    digest = hashlib.sha256(weights.read_bytes()).hexdigest()
+    digest = file_sha256(weights)  # the weights exist: load_prior read them
     theirs = src.network.state_dict()
     mine = net.state_dict()
     if set(theirs) != set(mine) or any(theirs[k].shape != mine[k].shape for k in mine):

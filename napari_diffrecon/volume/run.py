@@ -318,7 +318,7 @@ def stream_volume(
 
 def volume_provenance(study: VolumeStudy, params: SamplerParams, extra: dict[str, Any]) -> dict[str, Any]:
     """Provenance of a volume result: input file and hash, operator summary, every parameter, versions."""
-    from ..reconstruct import file_sha256
+    from ..io.bundle import file_sha256
 
     spec = {k: v for k, v in study.operator.items() if not isinstance(v, (np.ndarray, torch.Tensor))}
     if "angles_deg" in spec:
