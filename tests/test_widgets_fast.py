@@ -335,6 +335,26 @@ def test_the_prior_card_shows_the_default_prior_a_run_will_use(make_napari_viewe
     assert w.card_label.text().startswith(f"default for MRI: <b>{default_prior_for('mri', True)}</b>")
 
 
+def test_the_prior_card_is_short_and_its_tooltip_holds_the_whole_card():
+    """Every shipped card fits in a few lines of the dock (the CT card's licence alone is ~600 characters and pushed
+    the sampler's settings out of sight); nothing is lost: the tooltip has the data description and full licence."""
+    from napari_diffrecon._widgets._main import card_text, card_tooltip
+    from napari_diffrecon.priors import list_priors
+
+    cards = list_priors()
+    assert "ct-phantom-128" in cards
+    for name, card in cards.items():
+        text, tip = card_text(card), card_tooltip(card)
+        assert text.startswith(f"<b>{name}</b>") and len(text) < 260, text
+        data = card.training.get("data", {})
+        assert str(data.get("licence") or card.training.get("licence")) in tip
+        if isinstance(data, dict) and data.get("description"):
+            assert data["description"] in tip
+        assert "unknown data" not in card.summary()  # cards name their source as "source"
+    ct = card_text(cards["ct-phantom-128"])
+    assert "fine-tuned" in ct and "builtin:ct-phantoms-real-chest" in ct and "hover for the full card" in ct
+
+
 def test_an_export_over_an_existing_file_says_what_to_do_in_the_gui(make_napari_viewer, tmp_path, notes):
     """The message names the GUI's ways out, not the command line's "--force"."""
     w = _session(make_napari_viewer)

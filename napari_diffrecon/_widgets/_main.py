@@ -206,24 +206,63 @@ def _grid(viewer: Any) -> Any:
     return canvas.grid if hasattr(canvas, "grid") else viewer.grid
 
 
-def card_text(card: Any) -> str:
-    """The model card as the widget shows it: modality, resolution, training data and licence."""
+def _card_fields(card: Any) -> tuple[dict, Any, Any, Any]:
+    """The card's training record, its data description / source name and its data licence."""
     tr = card.training or {}
     data = tr.get("data", {})
     if isinstance(data, dict):
         src = data.get("description") or data.get("sources") or data.get("source")
+        name = data.get("source") or data.get("sources")
         lic = data.get("licence") or tr.get("licence") or tr.get("license")
     else:
-        src, lic = data, tr.get("licence") or tr.get("license")
+        src, name, lic = data, None, tr.get("licence") or tr.get("license")
     if isinstance(src, (list, tuple)):
         src = ", ".join(str(v) for v in src)
+    if isinstance(name, (list, tuple)):
+        name = ", ".join(str(v) for v in name)
+    return tr, src, name, lic
+
+
+def _clip(text: str, limit: int = 60) -> str:
+    """``text`` cut at the last word boundary before ``limit`` characters, with an ellipsis when cut."""
+    if len(text) <= limit:
+        return text
+    return text[:limit].rsplit(" ", 1)[0].rstrip(" ,;(") + "…"
+
+
+def card_text(card: Any) -> str:
+    """The model card in two lines for the widget: what the prior is, what it was trained on, its licence.
+
+    Long data descriptions and licences are cut at their first clause (the full card is in :func:`card_tooltip`,
+    the label's tooltip), so the card never pushes the sampler's settings out of sight.
+    """
+    tr, src, name, lic = _card_fields(card)
     loss = tr.get("final_val_loss")
+    what = "fine-tuned" if tr.get("fine_tuned_from") else "trained"
+    data = _clip(str(name or src or "unknown data"))
+    lic = str(lic or "?")
+    short_lic = _clip(lic.split(";")[0].strip())
+    more = " (hover for the full card)" if short_lic != lic or (src and str(src) != str(data)) else ""
     return (
         f"<b>{card.name}</b>: {card.modality.upper()}, {card.resolution}×{card.resolution}, "
-        f"{'complex' if card.channels == 2 else 'real'}; trained {tr.get('steps', '?')} steps on "
-        f"{src or 'unknown data'}" + (f"; val loss {loss:.3g}" if isinstance(loss, (int, float)) else "")
-        + f"; licence {lic or '?'}"
+        f"{'complex' if card.channels == 2 else 'real'}; {what} {tr.get('steps', '?')} steps on {data}"
+        + (f"; val loss {loss:.3g}" if isinstance(loss, (int, float)) else "")
+        + f"; licence {short_lic}{more}"
     )
+
+
+def card_tooltip(card: Any) -> str:
+    """The whole card as a tooltip: the summary line, the training data's description and the full licence."""
+    tr, src, _, lic = _card_fields(card)
+    parts = [card.summary()]
+    if src:
+        parts.append(f"Training data: {src}")
+    if tr.get("fine_tuned_from"):
+        parts.append(f"Fine-tuned from: {tr['fine_tuned_from']}")
+    if isinstance(tr.get("weight_average"), dict):
+        parts.append(f"Weights averaged with: {tr['weight_average'].get('with', '?')}")
+    parts.append(f"Licence: {lic or '?'}")
+    return "\n\n".join(parts)
 
 
 class DiffReconWidget(QWidget):
@@ -852,7 +891,7 @@ class DiffReconWidget(QWidget):
                 prefix = f"default for {modality}: "
         if card is not None:
             self.card_label.setText(prefix + card_text(card))
-            self.card_label.setToolTip(card.summary())
+            self.card_label.setToolTip(card_tooltip(card))
             return
         # no default installed for the data: the mismatch line below says so
         self.card_label.setText("" if self.measurement is not None else

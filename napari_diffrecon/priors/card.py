@@ -144,7 +144,7 @@ class ModelCard:
         """One-paragraph human summary (for the GUI and ``--help`` listings)."""
         tr = self.training or {}
         data = tr.get("data", {})
-        src = data.get("sources") if isinstance(data, dict) else data
+        src = (data.get("sources") or data.get("source")) if isinstance(data, dict) else data
         return (
             f"{self.name}: {self.modality.upper()} prior, {self.resolution}×{self.resolution}, "
             f"{'complex' if self.channels == 2 else 'real'}, {self.parametrisation}/{self.schedule.get('name')}"
