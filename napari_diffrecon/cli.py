@@ -373,6 +373,40 @@ def _cmd_info(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_priors(a: argparse.Namespace) -> int:
+    from .priors import ModelCard, default_prior_for, list_priors
+    from .priors.registry import prior_path
+
+    if a.prior:  # one card in full: what it is, what it was trained on, its licence
+        path = prior_path(a.prior)
+        card = ModelCard.read(path.with_suffix(".json"))
+        tr = card.training or {}
+        data = tr.get("data") if isinstance(tr.get("data"), dict) else {"description": tr.get("data")}
+        print(json.dumps({"prior": card.name, "card": str(path.with_suffix(".json")), "summary": card.summary(),
+                          "modality": card.modality, "resolution": card.resolution, "channels": card.channels,
+                          "parametrisation": card.parametrisation, "normalisation": card.normalisation,
+                          "training_data": data.get("description") or data.get("source"),
+                          "licence": data.get("licence") or tr.get("licence"),
+                          "training_command": tr.get("command"), "fine_tuned_from": tr.get("fine_tuned_from"),
+                          "weights_averaged_with": (tr.get("weight_average") or {}).get("with")},
+                         indent=2, default=str, ensure_ascii=False))
+        return 0
+    defaults = {}
+    for modality, complex_ in (("ct", False), ("mri", True), ("pet", False)):
+        for consistency in (False, True):
+            name = default_prior_for(modality, complex_, consistency)
+            is_cm = name is not None and list_priors()[name].parametrisation == "consistency"
+            if name is not None and is_cm == consistency:  # (no PET consistency model: no such tag)
+                role = "consistency sampler" if consistency else "every other sampler"
+                defaults.setdefault(name, []).append(f"default for {modality.upper()} ({role})")
+    for name, card in list_priors().items():
+        tags = defaults.get(name, [])
+        print(f"{name}" + (f"  [{'; '.join(dict.fromkeys(tags))}]" if tags else ""))
+        print(f"    {card.summary()}")
+    print("(napari-diffrecon priors NAME prints one card in full: training data, licence, the command that made it)")
+    return 0
+
+
 DEMO_FILES = ("demo_reconstruction.npz", "demo_comparison.png")
 DEMO_SAMPLES = 4  # the demo's DDS posterior samples (one batch): their mean and per-pixel std
 
@@ -624,7 +658,7 @@ def _parser() -> argparse.ArgumentParser:
                    "hann for PET)")
     r.add_argument("--subsets", type=int, help="OSEM subsets; with a diffusion sampler on PET: ordered subsets "
                    "of its EM data step (default 1 = exact EM)")
-    r.add_argument("--prior", help="shipped prior name or path to a .json card")
+    r.add_argument("--prior", help="shipped prior name or path to a .json card ('napari-diffrecon priors' lists them)")
     r.add_argument("--steps", type=int, help="diffusion steps")
     r.add_argument("--samples", type=int, default=1, help="posterior samples (one batch)")
     r.add_argument("--eta", type=float)
@@ -808,6 +842,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="which image (default: the mean of a diffusion run, the reconstruction of a classical one)")
     x.add_argument("--force", action="store_true", help="replace an existing file")
     x.set_defaults(func=_cmd_export)
+
+    pr = sub.add_parser("priors", help="list the shipped priors (and which is each modality's default), or show one "
+                        "card in full")
+    pr.add_argument("prior", nargs="?", default=None, help="a shipped prior's name or a .json card: its card in full")
+    pr.set_defaults(func=_cmd_priors)
 
     i = sub.add_parser("info", help="summarise a measurement bundle, a volume study or a result file")
     i.add_argument("bundle")

@@ -972,3 +972,26 @@ def test_cli_reconstruct_with_a_constant_ground_truth_says_there_is_no_psnr(tmp_
     assert main(["reconstruct", str(tmp_path / "binary_truth.npz"), "--method", "fbp",
                  "-o", str(tmp_path / "fbp_binary.npz")]) == 0
     assert "PSNR" in capsys.readouterr().out
+
+
+def test_cli_priors_lists_the_shipped_priors_and_shows_one_card_in_full(tmp_path, capsys):
+    """`priors` names every shipped prior with its modality default; `priors NAME` prints its whole card (training
+    data, licence, the command that made it); an unknown name or a file that is not a card is refused with a reason."""
+    from napari_diffrecon.priors import default_prior_for, list_priors
+
+    assert main(["priors"]) == 0
+    out = capsys.readouterr().out
+    for name in list_priors():
+        assert name in out
+    assert f"{default_prior_for('ct')}  [default for CT (every other sampler)]" in out
+    assert "unknown data" not in out
+    assert main(["priors", "ct-phantom-128"]) == 0
+    card = json.loads(capsys.readouterr().out)
+    assert card["prior"] == "ct-phantom-128" and card["modality"] == "ct"
+    assert card["licence"] and card["training_data"] and card["training_command"].startswith("napari-diffrecon train")
+    assert main(["priors", "no-such-prior"]) == 2
+    assert "shipped priors: " in capsys.readouterr().err
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"x": 1}')
+    assert main(["priors", str(bad)]) == 2
+    assert "is this a napari-diffrecon card" in capsys.readouterr().err

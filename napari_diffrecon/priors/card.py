@@ -150,5 +150,5 @@ class ModelCard:
             f"{'complex' if self.channels == 2 else 'real'}, {self.parametrisation}/{self.schedule.get('name')}"
             f"{f', PFGM++ D={self.aug_dim:g}' if self.aug_dim else ''}; "
             f"trained {tr.get('steps', '?')} steps on {src or 'unknown data'}"
-            f"; final val loss {tr.get('final_val_loss', '?')}"
+            + (f"; final val loss {tr['final_val_loss']}" if "final_val_loss" in tr else "")
         )
