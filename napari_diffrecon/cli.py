@@ -503,7 +503,7 @@ def _cmd_demo(a: argparse.Namespace) -> int:
     widget = None
     if has_display and not a.headless:
         try:
-            from ._widgets import main_widget as widget  # needs napari and a Qt binding (the napari extra)
+            from ._widgets import open_demo as widget  # needs napari and a Qt binding (the napari extra)
         except ImportError:
             widget = None
     if widget is None:
@@ -514,7 +514,7 @@ def _cmd_demo(a: argparse.Namespace) -> int:
     import napari  # pragma: no cover - GUI path
 
     viewer = napari.Viewer()
-    viewer.window.add_dock_widget(widget(viewer))
+    widget(viewer, n_samples=DEMO_SAMPLES)  # the headless demo's DDS run, streaming into the workbench
     napari.run()
     return 0
 

@@ -147,10 +147,9 @@ def test_the_workbench_starts_dps_from_the_coil_aware_tuned_step(make_napari_vie
     viewer.window.add_dock_widget(w, name="Diffusion reconstruction")
     w.load_sample("mri_4x_8coils")
     w.method_combo.setCurrentIndex(w.method_combo.findData("dps"))
-    assert w.current_settings().params.zeta == recommended_params("dps", "mri", coils=8).zeta == 4.0
-    w.hot_start.setChecked(True)
-    assert w.current_settings().params.zeta == 2.0
+    assert w.hot_start.isChecked() and w.current_settings().params.zeta == 2.0  # hot start: the default
     w.hot_start.setChecked(False)
+    assert w.current_settings().params.zeta == recommended_params("dps", "mri", coils=8).zeta == 4.0
     # Loading data of another kind brings its tuned values in without touching the method (they were stale before).
     w.load_sample("ct_sparse23")
     assert w.current_settings().params.zeta == 6.0
@@ -232,7 +231,7 @@ def test_restored_settings_stay_for_the_last_run_s_kind_of_data_only(make_napari
     assert w.spins["n_steps"].value() == 7 and w.spins["gamma"].value() == 7.0
     assert not any("last session" in m for m in notes)
     w.load_sample("mri_4x_8coils")  # another kind: its tuned values, and the user is told
-    tuned = recommended_params("dds", "mri", coils=8, noisy=True)
+    tuned = recommended_params("dds", "mri", hot_start=True, coils=8, noisy=True)
     assert w.spins["gamma"].value() == tuned.gamma == 2.0 and w.spins["n_steps"].value() == tuned.n_steps
     assert sum("last session's dds values were for CT data" in m for m in notes) == 1
     assert "noisy 8-coil MRI" in notes[-1]
@@ -249,7 +248,7 @@ def test_restored_settings_stay_for_the_last_run_s_kind_of_data_only(make_napari
     assert last["gui"]["data_kind"] == ["ct", None, False]
     w = _session(make_napari_viewer)
     w.load_sample("mri_4x_8coils")
-    assert w.spins["gamma"].value() == 2.0 and w.spins["n_steps"].value() == 50
+    assert w.spins["gamma"].value() == 2.0 and w.spins["n_steps"].value() == tuned.n_steps == 30  # MRI hot start
     w.load_sample("pet_lowcount")
     assert w.spins["gamma"].value() == 5.0
 
@@ -615,3 +614,36 @@ def test_a_traced_run_in_a_workbench_worker_shows_no_torch_notices():
     noisy = [w for w in seen if issubclass(w.category, torch.jit.TracerWarning) or "jit.trace" in str(w.message)]
     assert not noisy, [str(w.message)[:80] for w in noisy]
     assert isinstance(original_error(err.value), RuntimeError)
+
+
+def test_the_gui_demo_runs_the_headless_demo_s_job_in_the_workbench(make_napari_viewer, qtbot):
+    """`napari-diffrecon demo` with a display: the workbench opens on the 23-view CT sample with the demo's DDS run
+    (shipped CT prior, TV hot start, 4 posterior samples, the orientation ensemble) already streaming, whatever the
+    last session left; it ends with the mean and std beside the ground truth and the start image."""
+    from napari_diffrecon._widgets import open_demo
+    from napari_diffrecon.metrics import psnr
+    from napari_diffrecon.samplers.defaults import recommended_params
+
+    w = _session(make_napari_viewer)  # a last session with other settings
+    w.method_combo.setCurrentIndex(w.method_combo.findData("tv"))
+    w.close()
+    viewer = make_napari_viewer()
+    demo = open_demo(viewer, n_samples=2, start=False)
+    s = demo.current_settings()
+    tuned = recommended_params("dds", "ct", hot_start=True)
+    assert s.method == "dds" and s.hot_start == "tv" and s.n_samples == 2 and s.prior is None  # the shipped prior
+    assert s.params.n_steps == tuned.n_steps and s.params.orientations == tuned.orientations == 8
+    assert demo.grid.isChecked() and demo.measurement.operator["modality"] == "ct"
+    demo.spins["n_steps"].setValue(2)  # a short run for the test
+    demo.run()
+    qtbot.waitUntil(lambda: not demo.running, timeout=120_000)
+    prov = demo.layers["mean"].metadata["provenance"]
+    assert prov["hot_start_method"] == "tv" and prov["prior"] == "ct-phantom-128"
+    gt = demo.measurement.ground_truth
+    from napari_diffrecon.io._napari import core_values
+
+    def values(role):
+        layer = demo.layers[role]
+        return core_values(np.asarray(layer.data), layer.metadata)
+
+    assert psnr(values("mean"), gt) > psnr(values("baseline"), gt) - 1.0  # 2 steps from TV: not worse
