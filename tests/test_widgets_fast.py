@@ -647,3 +647,15 @@ def test_the_gui_demo_runs_the_headless_demo_s_job_in_the_workbench(make_napari_
         return core_values(np.asarray(layer.data), layer.metadata)
 
     assert psnr(values("mean"), gt) > psnr(values("baseline"), gt) - 1.0  # 2 steps from TV: not worse
+
+
+def test_loaded_data_are_framed_whatever_was_on_show(make_napari_viewer):
+    """A sample of another pixel size (MRI in pixels after CT in mm) opened beside the first is in view; it opened
+    1.5× zoomed in (napari fits the view only to the first layer of an empty viewer)."""
+    w = _session(make_napari_viewer)
+    viewer = w.viewer
+    w.load_sample("ct_sparse23")
+    w.load_sample("mri_4x_8coils")
+    seen = (viewer.camera.zoom, *viewer.camera.center)
+    viewer.reset_view()
+    assert seen == pytest.approx((viewer.camera.zoom, *viewer.camera.center))

@@ -711,7 +711,8 @@ class DiffReconWidget(QWidget):
 
     def _add_layer_data(self, layer_data: list[tuple[Any, dict[str, Any], str]]) -> None:
         """Add the layers; the measurement layer (under the ground truth) is the selected one, for "Use selected
-        layer"."""
+        layer". The view is fitted to the layers: data of another pixel size (a CT in mm after an MRI in pixels)
+        opened zoomed in or out, since napari fits the view only to the first layer of an empty viewer."""
         measurement = None
         for data, kwargs, kind in layer_data:
             layer = getattr(self.viewer, f"add_{kind}")(data, **kwargs)
@@ -719,6 +720,8 @@ class DiffReconWidget(QWidget):
                 measurement = layer
         if measurement is not None:
             self.viewer.layers.selection.active = measurement
+        if layer_data:
+            self.viewer.reset_view()
 
     def load_sample(self, key: str) -> None:
         """Open a shipped sample (adds ground-truth and measurement layers; ready to Run)."""
