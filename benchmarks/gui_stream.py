@@ -104,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     widget.load_sample("ct_sparse23")
     widget.set_prior(prior_path, prior=prior)
     widget.method_combo.setCurrentIndex(widget.method_combo.findData(a.method))
+    widget.hot_start.setChecked(False)  # from noise, as the headless run below (the workbench hot-starts by default)
     widget.spins["n_steps"].setValue(a.steps)
     widget.n_samples.setValue(a.samples)
     widget.seed.setValue(0)
