@@ -379,16 +379,21 @@ def _cmd_priors(a: argparse.Namespace) -> int:
 
     if a.prior:  # one card in full: what it is, what it was trained on, its licence
         path = prior_path(a.prior)
-        card = ModelCard.read(path.with_suffix(".json"))
-        tr = card.training or {}
-        data = tr.get("data") if isinstance(tr.get("data"), dict) else {"description": tr.get("data")}
-        print(json.dumps({"prior": card.name, "card": str(path.with_suffix(".json")), "summary": card.summary(),
-                          "modality": card.modality, "resolution": card.resolution, "channels": card.channels,
+        card_path = path if path.suffix == ".json" or path.is_dir() else path.with_suffix(".json")
+        if path.is_dir() or not card_path.is_file():
+            raise FileNotFoundError(f"{a.prior!r} is not a shipped prior's name nor a .json model card (or weights "
+                                    "beside one); 'napari-diffrecon priors' lists the shipped ones")
+        card = ModelCard.read(card_path)
+        tr = card.training if isinstance(card.training, dict) else {}
+        desc, source, licence = card.training_data()
+        average = tr.get("weight_average")
+        print(json.dumps({"prior": card.name, "card": str(card_path), "summary": card.summary(),
+                          "description": card.description or None, "modality": card.modality,
+                          "resolution": card.resolution, "channels": card.channels,
                           "parametrisation": card.parametrisation, "normalisation": card.normalisation,
-                          "training_data": data.get("description") or data.get("source"),
-                          "licence": data.get("licence") or tr.get("licence"),
+                          "training_source": source, "training_data": desc, "licence": licence,
                           "training_command": tr.get("command"), "fine_tuned_from": tr.get("fine_tuned_from"),
-                          "weights_averaged_with": (tr.get("weight_average") or {}).get("with")},
+                          "weights_averaged_with": average.get("with") if isinstance(average, dict) else None},
                          indent=2, default=str, ensure_ascii=False))
         return 0
     defaults = {}
@@ -502,8 +507,11 @@ def _cmd_demo(a: argparse.Namespace) -> int:
     has_display = bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
     widget = None
     if has_display and not a.headless:
-        try:
-            from ._widgets import open_demo as widget  # needs napari and a Qt binding (the napari extra)
+        try:  # needs napari and a Qt binding (the napari extra)
+            import napari
+            from qtpy import QtWidgets  # noqa: F401 - napari imports without a Qt binding; the viewer does not
+
+            from ._widgets import open_demo as widget
         except ImportError:
             widget = None
     if widget is None:
@@ -511,9 +519,7 @@ def _cmd_demo(a: argparse.Namespace) -> int:
             print("demo: the workbench needs napari and a Qt binding "
                   "(pip install -c constraints.txt -e \".[napari]\"); running the headless demo")
         return _run_demo_headless(_free_demo_folder(outdir, a.force))
-    import napari  # pragma: no cover - GUI path
-
-    viewer = napari.Viewer()
+    viewer = napari.Viewer()  # pragma: no cover - GUI path
     widget(viewer, n_samples=DEMO_SAMPLES)  # the headless demo's DDS run, streaming into the workbench
     napari.run()
     return 0

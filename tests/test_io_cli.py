@@ -15,6 +15,7 @@ from napari_diffrecon.io import BundleError, load_sample, read_image, read_measu
 from napari_diffrecon.io._napari import get_reader, sample_ct_sparse23
 from napari_diffrecon.metrics import psnr
 from napari_diffrecon.physics.masks import acceleration_of, make_mask
+from napari_diffrecon.priors.registry import WEIGHTS_DIR
 from napari_diffrecon.simulate import simulate_from_image
 
 
@@ -995,3 +996,15 @@ def test_cli_priors_lists_the_shipped_priors_and_shows_one_card_in_full(tmp_path
     bad.write_text('{"x": 1}')
     assert main(["priors", str(bad)]) == 2
     assert "is this a napari-diffrecon card" in capsys.readouterr().err
+    assert main(["priors", str(tmp_path)]) == 2  # a folder: said so, no traceback
+    assert "not a shipped prior's name nor a .json model card" in capsys.readouterr().err
+    shipped = json.loads((WEIGHTS_DIR / "pet-phantom-128.json").read_text())
+    odd = tmp_path / "odd.json"  # a user's card with a string training record
+    odd.write_text(json.dumps({**shipped, "training": "trained by hand"}))
+    assert main(["priors", str(odd)]) == 2
+    assert "'training' must be an object" in capsys.readouterr().err
+    sparse = tmp_path / "sparse.json"  # a user's card with little in it: nulls, not a crash
+    sparse.write_text(json.dumps({**shipped, "training": {"data": {"sources": ["a", "b"]}, "weight_average": "x"}}))
+    assert main(["priors", str(sparse)]) == 0
+    card = json.loads(capsys.readouterr().out)
+    assert card["training_source"] == "a, b" and card["licence"] is None and card["weights_averaged_with"] is None

@@ -8,7 +8,7 @@ import pytest
 pytest.importorskip("napari")
 pytest.importorskip("pytestqt")
 
-from napari_diffrecon._widgets import main_widget  # noqa: E402
+from napari_diffrecon._widgets import _presets, main_widget  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("gui_config_in_tmp")
 
@@ -625,10 +625,15 @@ def test_the_gui_demo_runs_the_headless_demo_s_job_in_the_workbench(make_napari_
     from napari_diffrecon.samplers.defaults import recommended_params
 
     w = _session(make_napari_viewer)  # a last session with other settings
-    w.method_combo.setCurrentIndex(w.method_combo.findData("tv"))
+    w.method_combo.setCurrentIndex(w.method_combo.findData("dps"))
+    w.n_samples.setValue(1)
+    w.precision_combo.setCurrentText("bfloat16")
     w.close()
+    last = _presets.config_dir() / "last_settings.json"
+    before = last.read_text()
     viewer = make_napari_viewer()
     demo = open_demo(viewer, n_samples=2, start=False)
+    assert demo.current_settings().precision == "float32"
     s = demo.current_settings()
     tuned = recommended_params("dds", "ct", hot_start=True)
     assert s.method == "dds" and s.hot_start == "tv" and s.n_samples == 2 and s.prior is None  # the shipped prior
@@ -647,6 +652,8 @@ def test_the_gui_demo_runs_the_headless_demo_s_job_in_the_workbench(make_napari_
         return core_values(np.asarray(layer.data), layer.metadata)
 
     assert psnr(values("mean"), gt) > psnr(values("baseline"), gt) - 1.0  # 2 steps from TV: not worse
+    demo.close()
+    assert last.read_text() == before  # the user's last settings stay for their next workbench
 
 
 def test_loaded_data_are_framed_whatever_was_on_show(make_napari_viewer):
@@ -659,3 +666,35 @@ def test_loaded_data_are_framed_whatever_was_on_show(make_napari_viewer):
     seen = (viewer.camera.zoom, *viewer.camera.center)
     viewer.reset_view()
     assert seen == pytest.approx((viewer.camera.zoom, *viewer.camera.center))
+
+
+def test_the_hot_start_box_follows_the_method_until_the_user_sets_it(make_napari_viewer):
+    """Ticked for samplers with a tuned hot start (DDS, DPS, consistency), unticked for Song / MCG (tuned from noise)
+    and the unconditional samplers; once the user clicks it, their choice stays across methods."""
+    w = _session(make_napari_viewer)
+    w.load_sample("ct_sparse23")
+    pick = lambda m: w.method_combo.setCurrentIndex(w.method_combo.findData(m))  # noqa: E731
+    for method, hot in (("dds", True), ("song", False), ("ddim", False), ("dps", True), ("mcg", False),
+                        ("consistency", True)):
+        pick(method)
+        assert w.hot_start.isChecked() is hot, method
+        assert (w.current_settings().hot_start is not None) is hot
+    pick("dds")
+    w.hot_start.click()  # the user's choice: from noise
+    assert not w.hot_start.isChecked()
+    pick("dps")
+    assert not w.hot_start.isChecked() and w.current_settings().hot_start is None
+
+
+def test_a_card_is_shown_as_text_not_markup():
+    """A card is user data: '<' and '&' in its name or source are shown, not read as HTML (the rest of the line
+    vanished)."""
+    from napari_diffrecon._widgets._main import card_text
+    from napari_diffrecon.priors import ModelCard, list_priors
+
+    d = list_priors()["pet-phantom-128"].__dict__.copy()
+    d["name"], d["training"] = "x<y & z", {**d["training"], "data": {"source": "scans <2019 & later",
+                                                                      "licence": "CC-BY <4.0>"}}
+    text = card_text(ModelCard(**d))
+    assert "x&lt;y &amp; z" in text and "scans &lt;2019 &amp; later" in text and "CC-BY &lt;4.0&gt;" in text
+    assert text.count("<") == text.count("</b>") * 2  # the only markup is the name's bold

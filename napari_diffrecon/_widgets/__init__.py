@@ -1,6 +1,7 @@
 """napari widgets (GUI only; every computation is in the core).
 
-:func:`main_widget` builds the workbench dock widget for a viewer (used by ``napari-diffrecon demo``);
+:func:`main_widget` builds the workbench dock widget for a viewer; :func:`open_demo` opens it on the demo's job
+(``napari-diffrecon demo`` with a display);
 ``make_widget`` is the npe2 widget contribution (a QWidget class napari builds with ``napari_viewer``).
 Qt and napari are imported only when a widget is asked for.
 """
@@ -37,7 +38,8 @@ def open_demo(viewer: Any, n_samples: int = 4, start: bool = True) -> Any:
     QWidget
         The workbench (its ``worker`` is the run in flight).
     """
-    widget = main_widget(viewer, restore_last=False)  # the demo's settings, not the last session's
+    widget = main_widget(viewer, restore_last=False)  # the demo's settings, not the last session's,
+    widget.remember = False  # and the last session's stay for the next workbench
     viewer.window.add_dock_widget(widget, name="Diffusion reconstruction", area="right")
     widget.load_sample("ct_sparse23")
     widget.method_combo.setCurrentIndex(widget.method_combo.findData("dds"))

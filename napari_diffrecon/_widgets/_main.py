@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import html
 import math
 import re
 import time
@@ -40,6 +41,7 @@ from ..io import SAMPLES, BundleError, Measurement
 from ..priors.prior import PRECISIONS
 from ..reconstruct import RunSettings, default_hot_start, noise_floor_text, prior_mismatch
 from ..samplers import SAMPLERS, UNCONDITIONAL, SamplerParams
+from ..samplers.defaults import RECOMMENDED
 from ..uncertainty import DEFAULT_STD_POOL
 from . import _presets
 from ._perf import new_worker, run_progress
@@ -206,23 +208,6 @@ def _grid(viewer: Any) -> Any:
     return canvas.grid if hasattr(canvas, "grid") else viewer.grid
 
 
-def _card_fields(card: Any) -> tuple[dict, Any, Any, Any]:
-    """The card's training record, its data description / source name and its data licence."""
-    tr = card.training or {}
-    data = tr.get("data", {})
-    if isinstance(data, dict):
-        src = data.get("description") or data.get("sources") or data.get("source")
-        name = data.get("source") or data.get("sources")
-        lic = data.get("licence") or tr.get("licence") or tr.get("license")
-    else:
-        src, name, lic = data, None, tr.get("licence") or tr.get("license")
-    if isinstance(src, (list, tuple)):
-        src = ", ".join(str(v) for v in src)
-    if isinstance(name, (list, tuple)):
-        name = ", ".join(str(v) for v in name)
-    return tr, src, name, lic
-
-
 def _clip(text: str, limit: int = 60) -> str:
     """``text`` cut at the last word boundary before ``limit`` characters, with an ellipsis when cut."""
     if len(text) <= limit:
@@ -231,32 +216,58 @@ def _clip(text: str, limit: int = 60) -> str:
 
 
 def card_text(card: Any) -> str:
-    """The model card in two lines for the widget: what the prior is, what it was trained on, its licence.
+    """The model card in two lines of rich text for the widget's label.
 
-    Long data descriptions and licences are cut at their first clause (the full card is in :func:`card_tooltip`,
-    the label's tooltip), so the card never pushes the sampler's settings out of sight.
+    Parameters
+    ----------
+    card : ModelCard
+        The prior's card.
+
+    Returns
+    -------
+    str
+        Name, modality, size, what it was trained (or fine-tuned) on, the validation loss and the licence's first
+        clause, HTML-escaped (a card is user data). Long sources and licences are cut; the whole card is in
+        :func:`card_tooltip`, so it never pushes the sampler's settings out of sight.
     """
-    tr, src, name, lic = _card_fields(card)
+    tr = card.training if isinstance(card.training, dict) else {}
+    desc, name, lic = card.training_data()
     loss = tr.get("final_val_loss")
     what = "fine-tuned" if tr.get("fine_tuned_from") else "trained"
-    data = _clip(str(name or src or "unknown data"))
-    lic = str(lic or "?")
+    data = _clip(name or desc or "unknown data")
+    lic = lic or "?"
     short_lic = _clip(lic.split(";")[0].strip())
-    more = " (hover for the full card)" if short_lic != lic or (src and str(src) != str(data)) else ""
+    more = " (hover for the full card)" if short_lic != lic or (desc and desc != data) else ""
+    e = html.escape
     return (
-        f"<b>{card.name}</b>: {card.modality.upper()}, {card.resolution}×{card.resolution}, "
-        f"{'complex' if card.channels == 2 else 'real'}; {what} {tr.get('steps', '?')} steps on {data}"
+        f"<b>{e(str(card.name))}</b>: {e(card.modality.upper())}, {card.resolution}×{card.resolution}, "
+        f"{'complex' if card.channels == 2 else 'real'}; {what} {e(str(tr.get('steps', '?')))} steps on {e(data)}"
         + (f"; val loss {loss:.3g}" if isinstance(loss, (int, float)) else "")
-        + f"; licence {short_lic}{more}"
+        + f"; licence {e(short_lic)}{more}"
     )
 
 
 def card_tooltip(card: Any) -> str:
-    """The whole card as a tooltip: the summary line, the training data's description and the full licence."""
-    tr, src, _, lic = _card_fields(card)
+    """The whole card as plain text for the label's tooltip.
+
+    Parameters
+    ----------
+    card : ModelCard
+        The prior's card.
+
+    Returns
+    -------
+    str
+        The summary line, the card's description, the training data's description, the fine-tune and weight-averaging
+        record and the full licence, in paragraphs.
+    """
+    tr = card.training if isinstance(card.training, dict) else {}
+    desc, _, lic = card.training_data()
     parts = [card.summary()]
-    if src:
-        parts.append(f"Training data: {src}")
+    if getattr(card, "description", ""):
+        parts.append(str(card.description))
+    if desc:
+        parts.append(f"Training data: {desc}")
     if tr.get("fine_tuned_from"):
         parts.append(f"Fine-tuned from: {tr['fine_tuned_from']}")
     if isinstance(tr.get("weight_average"), dict):
@@ -317,6 +328,9 @@ class DiffReconWidget(QWidget):
         # another kind bring in their tuned values)
         self._restored_kind: DataKind | None = None
         self.max_rate = GUI_UPDATES_PER_S
+        #: Save the settings of each run and on close for the next session (:func:`._presets.save_last`); the demo's
+        #: workbench does not, so that it never replaces the user's own last settings.
+        self.remember = True
         self._build()
         self._connect_viewer()
         self._applying = False
@@ -414,6 +428,7 @@ class DiffReconWidget(QWidget):
         for name, (mods, _desc) in BASELINES.items():
             self.method_combo.addItem(f"{name} (classical: {', '.join(mods)})", name)
         self.method_combo.setCurrentIndex(self.method_combo.findData("dds"))
+        self.method_combo.currentIndexChanged.connect(self._follow_method_with_hot_start)
         self.method_combo.currentIndexChanged.connect(self._on_method_changed)
         self.method_combo.currentIndexChanged.connect(self.use_recommended)
         gl.addWidget(_row("method", self.method_combo))
@@ -448,9 +463,14 @@ class DiffReconWidget(QWidget):
             "x0 draw when the std matters); 'exact DDIM': ε recomputed from the corrected x̂0 (keeps only part of the "
             "correction). Acts live")
         self.hot_start = QCheckBox("hot start from the classical reconstruction")
-        # On by default: the tuned hot starts are the benchmark's best on 8 of its 9 tasks (means of 8; every CT task
-        # and PET one sample at a time too) at 10-30 network evaluations instead of 50 (README, Targets).
+        # On by default for the samplers with a tuned hot start (samplers.defaults: DDS, DPS, consistency): DDS's is
+        # the benchmark's best on 8 of its 9 tasks (means of 8; every CT task and PET one sample at a time too) at
+        # 10-30 network evaluations instead of 50 (README, Targets). Off for the others (Song, MCG: tuned from noise;
+        # the unconditional samplers ignore the data). Until the user ticks or unticks it (or settings are restored),
+        # the box follows the method.
         self.hot_start.setChecked(True)
+        self._hot_start_chosen = False
+        self.hot_start.clicked.connect(self._on_hot_start_clicked)
         self.hot_start.toggled.connect(self._on_method_changed)
         self.hot_start.toggled.connect(self.use_recommended)
         # Which classical image a hot start starts from: "auto" is the data's (reconstruct.default_hot_start); the
@@ -599,9 +619,10 @@ class DiffReconWidget(QWidget):
         nm = noise.get("model", "gaussian")
         desc = m.metadata.get("description", "") if isinstance(m.metadata, dict) else ""
         self.meas_label.setText(
-            f"<b>{self.measurement_name}</b>: {modality.upper()}, image {tuple(spec.get('image_shape', ()))}, "
+            f"<b>{html.escape(self.measurement_name)}</b>: {html.escape(modality.upper())}, "
+            f"image {tuple(spec.get('image_shape', ()))}, "
             f"data {tuple(np.shape(m.data))}; {', '.join(geo)}; noise {nm}"
-            + (f"<br>{desc}" if desc else "")
+            + (f"<br>{html.escape(str(desc))}" if desc else "")
             + ("<br>images are shown in Hounsfield units (HU)" if shown_values(0.0, "mean", m)[1] == "HU" else "")
         )
         gaussian = str(nm).lower() == "gaussian"
@@ -897,7 +918,8 @@ class DiffReconWidget(QWidget):
                 prefix = f"default for {modality}: "
         if card is not None:
             self.card_label.setText(prefix + card_text(card))
-            self.card_label.setToolTip(card_tooltip(card))
+            self.card_label.setToolTip(  # as rich text, escaped: Qt guesses the format of a tooltip from "<"
+                "<p>" + html.escape(card_tooltip(card)).replace("\n\n", "</p><p>") + "</p>")
             return
         # no default installed for the data: the mismatch line below says so
         self.card_label.setText("" if self.measurement is not None else
@@ -941,6 +963,15 @@ class DiffReconWidget(QWidget):
         return msg
 
     # ------------------------------------------------------------------ sampler settings
+    def _on_hot_start_clicked(self, *_: Any) -> None:
+        self._hot_start_chosen = True  # the user's choice: kept across methods from now on
+
+    def _follow_method_with_hot_start(self, *_: Any) -> None:
+        """A newly picked sampler hot-starts when it has tuned hot-start values, until the user has set the box."""
+        method = self.method_combo.currentData() or "dds"
+        if method in SAMPLERS and not self._hot_start_chosen:
+            self.hot_start.setChecked(f"{method}-hot" in RECOMMENDED)
+
     def _on_method_changed(self, *_: Any) -> None:
         method = self.method_combo.currentData() or "dds"
         diffusion = method in SAMPLERS
@@ -1193,6 +1224,7 @@ class DiffReconWidget(QWidget):
         self.draw_combo.setCurrentIndex(max(self.draw_combo.findData(draw_mode((p.extra or {}).get("posterior_draw"))),
                                             0))
         self.renoise_combo.setCurrentIndex(max(self.renoise_combo.findData(p.renoise), 0))
+        self._hot_start_chosen = True  # restored / loaded settings say whether to hot-start
         self.hot_start.setChecked(bool(settings.hot_start) or bool((gui or {}).get("hot_start")))
         # The start: the widget's own choice when the preset stored it ("auto" re-derives the data's), else the
         # settings' (a CLI run's provenance names the start it used).
@@ -1347,7 +1379,8 @@ class DiffReconWidget(QWidget):
             if msg:
                 show_error(f"napari-diffrecon: {msg}")
                 return None
-        _presets.save_last(settings, self._last_state())
+        if self.remember:
+            _presets.save_last(settings, self._last_state())
         self._run_settings = settings
         self._run_measurement = self.measurement  # which data the run's layers belong to (compared by identity)
         # the run's own copy of the noise model: the σ box edits the measurement, for the next run, not this one
@@ -1732,7 +1765,8 @@ class DiffReconWidget(QWidget):
         if self.worker is not None:
             self.worker.quit()
         self.volume.stop()
-        _presets.save_last(self.current_settings(), self._last_state())
+        if self.remember:
+            _presets.save_last(self.current_settings(), self._last_state())
         super().closeEvent(event)
 
 

@@ -106,6 +106,8 @@ class ModelCard:
             problems.append("'normalisation.scale' must be a non-zero number")
         elif not isinstance(norm.get("offset"), (int, float)):
             problems.append("'normalisation.offset' must be a number")
+        if self.training is not None and not isinstance(self.training, dict):
+            problems.append(f"'training' must be an object (the training record) or null, got {self.training!r}")
         if problems:
             raise CardError(f"invalid model card {self.name!r}: " + "; ".join(problems))
 
@@ -140,15 +142,41 @@ class ModelCard:
             raise CardError(f"cannot read model card {path}: {e}") from None
         return cls.from_dict(d)
 
+    def training_data(self) -> tuple[str | None, str | None, str | None]:
+        """What the prior was trained on, whatever shape the card's training record has.
+
+        Returns
+        -------
+        tuple of (str or None, str or None, str or None)
+            The data's description (else its source name), the source's name (a ``builtin:`` source, a folder; lists
+            joined by commas) and the data's licence; None where the card does not say.
+        """
+        tr = self.training if isinstance(self.training, dict) else {}
+        data = tr.get("data")
+
+        def text(v: Any) -> str | None:
+            if isinstance(v, (list, tuple)):
+                return ", ".join(str(x) for x in v) or None
+            return str(v) if v not in (None, "") else None
+
+        if isinstance(data, dict):
+            name = text(data.get("source") or data.get("sources"))
+            desc = text(data.get("description")) or name
+            lic = text(data.get("licence") or data.get("license") or tr.get("licence") or tr.get("license"))
+        else:
+            desc = name = text(data)
+            lic = text(tr.get("licence") or tr.get("license"))
+        return desc, name, lic
+
     def summary(self) -> str:
         """One-paragraph human summary (for the GUI and ``--help`` listings)."""
-        tr = self.training or {}
-        data = tr.get("data", {})
-        src = (data.get("sources") or data.get("source")) if isinstance(data, dict) else data
+        tr = self.training if isinstance(self.training, dict) else {}
+        _, src, _ = self.training_data()
+        what = "fine-tuned" if tr.get("fine_tuned_from") else "trained"
         return (
             f"{self.name}: {self.modality.upper()} prior, {self.resolution}×{self.resolution}, "
             f"{'complex' if self.channels == 2 else 'real'}, {self.parametrisation}/{self.schedule.get('name')}"
             f"{f', PFGM++ D={self.aug_dim:g}' if self.aug_dim else ''}; "
-            f"trained {tr.get('steps', '?')} steps on {src or 'unknown data'}"
+            f"{what} {tr.get('steps', '?')} steps on {src or 'unknown data'}"
             + (f"; final val loss {tr['final_val_loss']}" if "final_val_loss" in tr else "")
         )
