@@ -596,6 +596,7 @@ def _cmd_distill(a: argparse.Namespace) -> int:
         teacher=str(a.teacher),
         mode="training" if a.from_scratch else "distillation",
         n_grid=a.grid,
+        sigma_max=a.sigma_max,
         target_decay=a.target_decay,
         batch_size=a.batch,
         patch_size=min(a.patch, teacher.card.resolution),
@@ -816,6 +817,9 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--patch", type=int, default=64)
     c.add_argument("--lr", type=float, default=1e-4)
     c.add_argument("--grid", type=int, default=18, help="noise levels N of the distillation grid (Karras, ρ = 7)")
+    c.add_argument("--sigma-max", type=float, default=None,
+                   help="top of the distillation grid (default: the teacher's σ_max, 80): a lower one puts every grid "
+                        "level where hot starts enter (a consistency model for hot starts only)")
     c.add_argument("--target-decay", type=float, default=0.95, help="EMA μ of the target network")
     c.add_argument("--val-every", type=int, default=100)
     c.add_argument("--pool", type=int, default=384, help="built-in sources: images held in the pool")

@@ -149,6 +149,27 @@ def test_distillation_runs_records_its_teacher_and_resumes(tmp_path):
         distill_consistency(_tiny(parametrisation="consistency"), cfg, _blob_pool(), tmp_path / "x", progress=False)
 
 
+def test_distillation_for_hot_starts_puts_its_whole_grid_below_sigma_max(tmp_path, monkeypatch):
+    """``sigma_max`` caps the distillation grid (every level where hot starts enter); the card records it; a cap at
+    or below the schedule's σ_min is refused before any work."""
+    from napari_diffrecon.priors import consistency
+
+    grids = []
+    real = consistency.karras_grid
+    monkeypatch.setattr(consistency, "karras_grid", lambda *a, **k: grids.append(real(*a, **k)) or grids[-1])
+    cfg = DistillConfig(name="cm", teacher="t", steps=2, batch_size=4, patch_size=16, val_every=2, n_grid=6,
+                        sigma_max=0.5)
+    cm = distill_consistency(_tiny(), cfg, _blob_pool(), tmp_path, resume=False, progress=False, log=lambda s: None)
+    assert float(grids[-1].max()) == pytest.approx(0.5) and len(grids[-1]) == 6
+    assert cm.card.training["grid_sigma_max"] == 0.5
+    cfg.sigma_max = None
+    distill_consistency(_tiny(), cfg, _blob_pool(), tmp_path / "full", resume=False, progress=False,
+                        log=lambda s: None)
+    assert float(grids[-1].max()) == pytest.approx(80.0)
+    with pytest.raises(ValueError, match="sigma_max"):
+        distill_consistency(_tiny(), DistillConfig(sigma_max=0.001), _blob_pool(), tmp_path / "bad", progress=False)
+
+
 def test_consistency_training_from_scratch_needs_no_teacher_network(tmp_path):
     template = _tiny()
     cfg = DistillConfig(name="ct", teacher="t", mode="training", steps=2, batch_size=4, patch_size=16, val_every=2,

@@ -46,6 +46,9 @@ class DistillConfig:
     teacher: str = ""
     mode: str = "distillation"
     n_grid: int = 18
+    #: Top of the distillation grid (None: the teacher schedule's σ_max). A model for hot starts only needs the low
+    #: noise levels they enter at (the CT consistency hot start: t0 0.25, σ ≈ 0.17); all N grid points then lie there.
+    sigma_max: float | None = None
     target_decay: float = 0.95
     ema_decay: float = 0.999
     batch_size: int = 16
@@ -130,6 +133,7 @@ def _distill_record(
         "teacher_training": teacher.card.training,
         "data": config.data or (teacher.card.training or {}).get("data", {}),
         "n_grid": config.n_grid,
+        **({"grid_sigma_max": config.sigma_max} if config.sigma_max is not None else {}),
         "target_decay": config.target_decay,
         "ema_decay": config.ema_decay,
         "steps": step,
@@ -204,6 +208,10 @@ def distill_consistency(
         )
     if config.n_grid < 2:
         raise ValueError(f"the distillation grid needs at least 2 noise levels, got n_grid={config.n_grid}")
+    sigma_min = float(getattr(teacher.schedule, "sigma_min", 0.002))
+    if config.sigma_max is not None and not sigma_min < config.sigma_max:
+        raise ValueError(f"the distillation grid's sigma_max ({config.sigma_max}) must be above the schedule's "
+                         f"sigma_min ({sigma_min})")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device(config.device)
@@ -222,7 +230,7 @@ def distill_consistency(
     grid = karras_grid(
         config.n_grid,
         float(getattr(sched, "sigma_min", 0.002)),
-        float(getattr(sched, "sigma_max_", 80.0)),
+        float(config.sigma_max if config.sigma_max is not None else getattr(sched, "sigma_max_", 80.0)),
         float(getattr(sched, "rho", 7.0)),
     ).to(device, torch.float32)
     gen = torch.Generator().manual_seed(config.seed)
