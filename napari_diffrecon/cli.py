@@ -384,7 +384,7 @@ def _cmd_priors(a: argparse.Namespace) -> int:
             raise FileNotFoundError(f"{a.prior!r} is not a shipped prior's name nor a .json model card (or weights "
                                     "beside one); 'napari-diffrecon priors' lists the shipped ones")
         card = ModelCard.read(card_path)
-        tr = card.training if isinstance(card.training, dict) else {}
+        tr = card.training_record
         desc, source, licence = card.training_data()
         average = tr.get("weight_average")
         print(json.dumps({"prior": card.name, "card": str(card_path), "summary": card.summary(),
@@ -396,15 +396,16 @@ def _cmd_priors(a: argparse.Namespace) -> int:
                           "weights_averaged_with": average.get("with") if isinstance(average, dict) else None},
                          indent=2, default=str, ensure_ascii=False))
         return 0
+    cards = list_priors()
     defaults = {}
     for modality, complex_ in (("ct", False), ("mri", True), ("pet", False)):
         for consistency in (False, True):
             name = default_prior_for(modality, complex_, consistency)
-            is_cm = name is not None and list_priors()[name].parametrisation == "consistency"
+            is_cm = name is not None and cards[name].parametrisation == "consistency"
             if name is not None and is_cm == consistency:  # (no PET consistency model: no such tag)
                 role = "consistency sampler" if consistency else "every other sampler"
                 defaults.setdefault(name, []).append(f"default for {modality.upper()} ({role})")
-    for name, card in list_priors().items():
+    for name, card in cards.items():
         tags = defaults.get(name, [])
         print(f"{name}" + (f"  [{'; '.join(dict.fromkeys(tags))}]" if tags else ""))
         print(f"    {card.summary()}")

@@ -230,7 +230,7 @@ def card_text(card: Any) -> str:
         clause, HTML-escaped (a card is user data). Long sources and licences are cut; the whole card is in
         :func:`card_tooltip`, so it never pushes the sampler's settings out of sight.
     """
-    tr = card.training if isinstance(card.training, dict) else {}
+    tr = card.training_record
     desc, name, lic = card.training_data()
     loss = tr.get("final_val_loss")
     what = "fine-tuned" if tr.get("fine_tuned_from") else "trained"
@@ -261,7 +261,7 @@ def card_tooltip(card: Any) -> str:
         The summary line, the card's description, the training data's description, the fine-tune and weight-averaging
         record and the full licence, in paragraphs.
     """
-    tr = card.training if isinstance(card.training, dict) else {}
+    tr = card.training_record
     desc, _, lic = card.training_data()
     parts = [card.summary()]
     if getattr(card, "description", ""):

@@ -142,6 +142,11 @@ class ModelCard:
             raise CardError(f"cannot read model card {path}: {e}") from None
         return cls.from_dict(d)
 
+    @property
+    def training_record(self) -> dict[str, Any]:
+        """The card's training record (``training``), or an empty dict when the card has none or a malformed one."""
+        return self.training if isinstance(self.training, dict) else {}
+
     def training_data(self) -> tuple[str | None, str | None, str | None]:
         """What the prior was trained on, whatever shape the card's training record has.
 
@@ -151,7 +156,7 @@ class ModelCard:
             The data's description (else its source name), the source's name (a ``builtin:`` source, a folder; lists
             joined by commas) and the data's licence; None where the card does not say.
         """
-        tr = self.training if isinstance(self.training, dict) else {}
+        tr = self.training_record
         data = tr.get("data")
 
         def text(v: Any) -> str | None:
@@ -170,7 +175,7 @@ class ModelCard:
 
     def summary(self) -> str:
         """One-paragraph human summary (for the GUI and ``--help`` listings)."""
-        tr = self.training if isinstance(self.training, dict) else {}
+        tr = self.training_record
         _, src, _ = self.training_data()
         what = "fine-tuned" if tr.get("fine_tuned_from") else "trained"
         return (

@@ -229,7 +229,7 @@ def distill_consistency(
     sched = teacher.schedule
     grid = karras_grid(
         config.n_grid,
-        float(getattr(sched, "sigma_min", 0.002)),
+        sigma_min,
         float(config.sigma_max if config.sigma_max is not None else getattr(sched, "sigma_max_", 80.0)),
         float(getattr(sched, "rho", 7.0)),
     ).to(device, torch.float32)
