@@ -586,12 +586,11 @@ def _cmd_train(a: argparse.Namespace) -> int:
 
 
 def _cmd_distill(a: argparse.Namespace) -> int:
-    from .priors.consistency import DistillConfig, distill_consistency
+    from .priors.consistency import DistillConfig, check_distill_config, distill_consistency
     from .priors.registry import load_prior
 
     teacher = load_prior(a.teacher, a.device)
     a.modality, a.complex, a.resolution = teacher.card.modality, teacher.card.channels == 2, teacher.card.resolution
-    pool, data, _ = _training_pool(a)
     cfg = DistillConfig(
         name=a.name or f"{teacher.card.name}-consistency",
         teacher=str(a.teacher),
@@ -606,9 +605,10 @@ def _cmd_distill(a: argparse.Namespace) -> int:
         val_every=a.val_every,
         seed=a.seed,
         device=a.device,
-        data=data,
         command="napari-diffrecon " + " ".join(sys.argv[1:]) if sys.argv else "",
     )
+    check_distill_config(cfg, teacher)  # bad settings are refused before the training pool is built
+    pool, cfg.data, _ = _training_pool(a)
     distill_consistency(teacher, cfg, pool, a.output, resume=not a.restart, progress=not a.no_progress)
     return 0
 

@@ -170,6 +170,21 @@ def test_distillation_for_hot_starts_puts_its_whole_grid_below_sigma_max(tmp_pat
         distill_consistency(_tiny(), DistillConfig(sigma_max=0.001), _blob_pool(), tmp_path / "bad", progress=False)
 
 
+def test_the_distill_command_refuses_bad_settings_before_building_its_pool(tmp_path, monkeypatch, capsys):
+    """`distill --sigma-max` at or below σ_min is refused in one line before the (minute-long) pool is built; nothing
+    is written."""
+    from napari_diffrecon import cli
+
+    def no_pool(*_a, **_k):
+        raise AssertionError("the training pool was built before the settings were checked")
+
+    monkeypatch.setattr(cli, "_training_pool", no_pool)
+    out = tmp_path / "run"
+    assert cli.main(["distill", "ct-phantom-128", "builtin:ct-phantoms", "--sigma-max", "0.001", "-o", str(out)]) == 2
+    assert "sigma_max (0.001) must be above the schedule's sigma_min" in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_consistency_training_from_scratch_needs_no_teacher_network(tmp_path):
     template = _tiny()
     cfg = DistillConfig(name="ct", teacher="t", mode="training", steps=2, batch_size=4, patch_size=16, val_every=2,

@@ -35,7 +35,8 @@ from .prior import NetworkPrior, save_prior
 from .schedules import pfgmpp_noise
 from .training import ImagePool, RunState, augment, ema_update, run_steps, validation_loss, validation_noise
 
-__all__ = ["DistillConfig", "distill_consistency", "karras_grid", "consistency_card", "export_distill_checkpoint"]
+__all__ = ["DistillConfig", "check_distill_config", "distill_consistency", "karras_grid", "consistency_card",
+           "export_distill_checkpoint"]
 
 
 @dataclass
@@ -168,6 +169,43 @@ def export_distill_checkpoint(ck: dict[str, Any], out: str | Path, half: bool = 
     return save_prior(NetworkPrior(net, card), out, half=half)
 
 
+def check_distill_config(config: DistillConfig, teacher: NetworkPrior) -> float:
+    """Refuse settings a distillation run cannot use, before any work (the CLI calls it before building its pool).
+
+    Parameters
+    ----------
+    config : DistillConfig
+        The run's settings.
+    teacher : NetworkPrior
+        The diffusion prior (or, for consistency training, the template prior).
+
+    Returns
+    -------
+    float
+        The teacher schedule's σ_min, the bottom of the distillation grid.
+
+    Raises
+    ------
+    ValueError
+        An unknown mode, a teacher that is not EDM-parametrised, fewer than 2 grid levels, or a grid top at or below
+        σ_min; each message says which.
+    """
+    if config.mode not in ("distillation", "training"):
+        raise ValueError(f"mode must be 'distillation' or 'training' (consistency training), got {config.mode!r}")
+    if teacher.parametrisation != "edm":
+        raise ValueError(
+            f"consistency distillation needs an EDM-parametrised diffusion prior as teacher; "
+            f"{teacher.card.name!r} is {teacher.parametrisation!r}"
+        )
+    if config.n_grid < 2:
+        raise ValueError(f"the distillation grid needs at least 2 noise levels, got n_grid={config.n_grid}")
+    sigma_min = float(getattr(teacher.schedule, "sigma_min", 0.002))
+    if config.sigma_max is not None and not sigma_min < config.sigma_max:
+        raise ValueError(f"the distillation grid's sigma_max ({config.sigma_max}) must be above the schedule's "
+                         f"sigma_min ({sigma_min})")
+    return sigma_min
+
+
 def distill_consistency(
     teacher: NetworkPrior,
     config: DistillConfig,
@@ -199,19 +237,7 @@ def distill_consistency(
     NetworkPrior
         The distilled consistency model (EMA weights), ``parametrisation == "consistency"``.
     """
-    if config.mode not in ("distillation", "training"):
-        raise ValueError(f"mode must be 'distillation' or 'training' (consistency training), got {config.mode!r}")
-    if teacher.parametrisation != "edm":
-        raise ValueError(
-            f"consistency distillation needs an EDM-parametrised diffusion prior as teacher; "
-            f"{teacher.card.name!r} is {teacher.parametrisation!r}"
-        )
-    if config.n_grid < 2:
-        raise ValueError(f"the distillation grid needs at least 2 noise levels, got n_grid={config.n_grid}")
-    sigma_min = float(getattr(teacher.schedule, "sigma_min", 0.002))
-    if config.sigma_max is not None and not sigma_min < config.sigma_max:
-        raise ValueError(f"the distillation grid's sigma_max ({config.sigma_max}) must be above the schedule's "
-                         f"sigma_min ({sigma_min})")
+    sigma_min = check_distill_config(config, teacher)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device(config.device)
