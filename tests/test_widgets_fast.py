@@ -698,3 +698,99 @@ def test_a_card_is_shown_as_text_not_markup():
     text = card_text(ModelCard(**d))
     assert "x&lt;y &amp; z" in text and "scans &lt;2019 &amp; later" in text and "CC-BY &lt;4.0&gt;" in text
     assert text.count("<") == text.count("</b>") * 2  # the only markup is the name's bold
+
+
+def _run_and_wait(w, qtbot):
+    assert w.run() is not None
+    qtbot.waitUntil(lambda: not w.running, timeout=120_000)
+    return w.last_provenance
+
+
+def test_each_method_runs_on_its_own_default_prior_and_the_box_stays_on_default(make_napari_viewer, qtbot):
+    """With the prior box on "(default for the modality)", every run takes its method's own default: the first run
+    used to pin its default, so a consistency run after a DDS run ran on the diffusion prior (with a warning that no
+    consistency model ships), and a DDS run after a consistency run ran on the consistency model, silently."""
+    from napari_diffrecon._widgets._main import NONE_PRIOR
+    from napari_diffrecon.priors import default_prior_for
+
+    w = _session(make_napari_viewer)
+    w.load_sample("ct_sparse23")
+    w.compare.setChecked(False)
+    for method in ("dds", "consistency", "dds"):
+        w.method_combo.setCurrentIndex(w.method_combo.findData(method))
+        w.spins["n_steps"].setValue(2)
+        w.n_samples.setValue(1)
+        prov = _run_and_wait(w, qtbot)
+        assert prov["prior"] == default_prior_for("ct", consistency=method == "consistency"), method
+        assert w.prior is None and w.prior_combo.currentText() == NONE_PRIOR
+        assert w.current_settings().prior is None  # the saved settings keep "default", not the run's prior
+        assert w.card_label.text().startswith("default for CT: ")
+
+
+def test_closing_the_dock_stops_the_run_in_flight(make_napari_viewer, qtbot):
+    """The dock's close button only takes the widget out of its dock (napari's remove_dock_widget: no closeEvent);
+    the run went on to its last step, writing layers for a dock that was gone."""
+    w = _session(make_napari_viewer)
+    w.load_sample("ct_sparse23")
+    w.hot_start.click()  # from noise: 50 steps, far longer than the test waits
+    w.n_samples.setValue(1)
+    w.compare.setChecked(False)
+    assert w.run() is not None
+    qtbot.waitUntil(lambda: w.estimate_updates >= 1, timeout=60_000)
+    w.viewer.window.remove_dock_widget(w)
+    qtbot.waitUntil(lambda: not w.running, timeout=30_000)
+    prov = w.last_provenance
+    assert prov["status"] == "stopped" and prov["stopped_at_step"] < 50
+
+
+def test_a_noise_sigma_of_zero_is_refused_and_the_box_shows_the_sigma_in_use(make_napari_viewer, notes):
+    """σ 0 was shown in the box but silently ignored (a Gaussian likelihood needs σ > 0)."""
+    w = _session(make_napari_viewer)
+    w.load_sample("ct_sparse23")
+    sigma = w.measurement.noise["sigma"]
+    w.noise_sigma.setValue(0.0)
+    assert w.noise_sigma.value() == pytest.approx(sigma, abs=1e-6) and w.measurement.noise["sigma"] == sigma
+    assert any("must be above 0" in n for n in notes)
+    w.noise_sigma.setValue(0.02)
+    assert w.measurement.noise["sigma"] == 0.02
+
+
+def test_open_sample_from_the_file_menu_frames_the_data_and_names_the_sample(make_napari_viewer, qtbot):
+    """File ▸ Open Sample (napari adds the layers, not the dock): the view is fitted to the new data and the dock's
+    sample box names it (an MRI after a CT stayed 1.5× zoomed in and the box still said CT)."""
+    w = _session(make_napari_viewer)
+    viewer = w.viewer
+    viewer.open_sample("napari-diffrecon", "ct_sparse23")
+    viewer.open_sample("napari-diffrecon", "mri_4x_8coils")
+    qtbot.wait(50)  # the fit waits for napari to add all the sample's layers
+    assert w.sample_combo.currentData() == "mri_4x_8coils"
+    assert str(w.measurement.operator["modality"]) == "mri"
+    camera = getattr(viewer, "scene", viewer).camera  # viewer.camera before napari 0.9
+    seen = (camera.zoom, *camera.center)
+    viewer.reset_view()
+    assert seen == pytest.approx((camera.zoom, *camera.center))
+
+
+def test_the_std_window_follows_the_run_until_the_user_sets_one(make_napari_viewer):
+    """The std's contrast window was taken from a run's first update only: later, larger spreads saturated."""
+    w = _session(make_napari_viewer)
+    w.load_sample("ct_sparse23")
+    w._run_measurement = w.measurement
+    w._fresh = {"std"}
+    w._show("std", np.full((128, 128), 1e-4) + np.eye(128) * 1e-4)
+    first = tuple(w.layers["std"].contrast_limits)
+    w._show("std", np.full((128, 128), 1e-3) + np.eye(128) * 1e-3)
+    second = tuple(w.layers["std"].contrast_limits)
+    assert second[1] > 5 * first[1]
+    w.layers["std"].contrast_limits = (0.0, 0.123)  # the user's window stays
+    w._show("std", np.full((128, 128), 1e-2))
+    assert tuple(w.layers["std"].contrast_limits) == pytest.approx((0.0, 0.123))
+
+
+def test_a_layer_name_becomes_a_file_name_any_system_takes():
+    from napari_diffrecon._widgets._main import _file_stem
+
+    assert _file_stem("data residual |Ax̂ − m|") == "data_residual_Ax̂_−_m"
+    assert _file_stem("posterior mean [earlier dds run]") == "posterior_mean_earlier_dds_run"
+    assert _file_stem('a/b\\c:d*e?"f"<g>') == "a_b_c_d_e_f_g"
+    assert _file_stem("...") == "layer"

@@ -84,8 +84,10 @@ def test_support_map_layer_and_threshold_overlay(make_napari_viewer, qtbot, tiny
     flags = w.layers["flags"]
     w.tuning.threshold.setValue(float(np.percentile(score, 50)))
     assert 0.4 < flags.data.mean() < 0.6
+    assert w.status.text().startswith(f"support map: {100 * flags.data.mean():.1f}% of voxels above")  # follows
     w.tuning.threshold.setValue(float(score.max()) + 1)
-    assert flags.data.max() == 0
+    assert flags.data.max() == 0 and "0.0% of voxels" in w.status.text()
+    assert w.layers["support"].blending == "additive"  # over the images, not hiding them
 
 
 def test_stop_tuning_ends_the_search(make_napari_viewer, qtbot, tiny_ct):

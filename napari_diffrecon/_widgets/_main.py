@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 from napari.utils.notifications import show_error, show_info, show_warning
-from qtpy.QtCore import Qt
+from qtpy.QtCore import QEvent, Qt, QTimer
 from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
@@ -139,6 +139,13 @@ def _spin(kind: str, lo: float, hi: float, step: float, decimals: int) -> QSpinB
         w.setRange(lo, hi)
     w.setSingleStep(step)
     return w
+
+
+def _file_stem(name: str) -> str:
+    """A layer's name as a file name that every file system takes ("data residual |Ax̂ − m|" → "data_residual_Ax̂_−_m";
+    '|', ':', '/', '*', '?', '"', '<', '>' and '\\' are not allowed on Windows)."""
+    stem = re.sub(r'[\\/:*?"<>|\[\]()]+', " ", name).strip(" .")
+    return re.sub(r"\s+", "_", stem) or "layer"
 
 
 def _method_label(name: str) -> str:
@@ -276,6 +283,8 @@ def card_tooltip(card: Any) -> str:
     return "\n\n".join(parts)
 
 
+SPREAD_ROLES = ("std", "residual")  # result layers windowed from 0 to their spread (io._napari.spread_limits)
+
 class DiffReconWidget(QWidget):
     """The napari-diffrecon workbench (one dock widget).
 
@@ -293,8 +302,10 @@ class DiffReconWidget(QWidget):
         self.viewer = viewer
         self.measurement: Measurement | None = None
         self.measurement_name: str = ""
-        self.prior: Any = None
+        self.prior: Any = None  # the prior picked in the box or loaded from a file (None: the data's default)
         self.prior_source: str | None = None
+        self._spread_window: dict[str, tuple[float, float]] = {}  # the window the dock last gave a std / residual
+        self._default_priors: dict[str, Any] = {}  # shipped defaults loaded for runs, by name (never "picked")
         self.worker: Any = None
         self.layers: dict[str, Any] = {}
         self._names: dict[str, str] = {}  # the name the workbench last gave each result layer (else: the user's)
@@ -394,6 +405,7 @@ class DiffReconWidget(QWidget):
         self.meas_label.setWordWrap(True)
         gl.addWidget(self.meas_label)
         self.noise_sigma = _spin("float", 0.0, 1e9, 0.001, 6)
+        self.noise_sigma.setKeyboardTracking(False)  # taken on Enter / leaving the box: "0.02" passes through "0"
         self.noise_sigma.setToolTip("Gaussian noise σ of the measurement (free: change it if you know better)")
         self.noise_sigma.valueChanged.connect(self._on_noise_sigma)
         self._noise_row = _row("noise σ", self.noise_sigma)
@@ -587,8 +599,26 @@ class DiffReconWidget(QWidget):
         m = (layer.metadata or {}).get("measurement") if hasattr(layer, "metadata") else None
         if isinstance(m, Measurement) and m is not self.measurement:
             self.set_measurement(m, name=_measurement_name(layer.name))
+            self._name_the_sample(m)
+            # new data from File ▸ Open / Open Sample: napari fits the view only to an empty viewer's first layer
+            # (an MRI in pixels after a CT in mm opened zoomed in); fitted once napari has added all its layers
+            QTimer.singleShot(0, self._fit_view)
         if _grid(self.viewer).enabled:  # a new tile: fit the grid again (napari leaves the camera where it was)
             self.viewer.reset_view()
+
+    def _fit_view(self) -> None:
+        with contextlib.suppress(RuntimeError):  # the viewer closed in between
+            self.viewer.reset_view()
+
+    def _name_the_sample(self, m: Measurement) -> None:
+        """The sample box names the shipped sample just opened, however it was opened."""
+        from ..io import DATA_DIR
+
+        path = Path(m.path) if m.path else None
+        if path is not None and path.parent.resolve() == Path(DATA_DIR).resolve():
+            idx = self.sample_combo.findData(path.stem)
+            if idx >= 0:
+                self.sample_combo.setCurrentIndex(idx)
 
     def _on_layer_removed(self, event: Any) -> None:
         for role, layer in list(self.layers.items()):
@@ -722,7 +752,13 @@ class DiffReconWidget(QWidget):
 
     def _on_noise_sigma(self, value: float) -> None:
         if self.measurement is not None and str(self.measurement.noise.get("model", "gaussian")) == "gaussian":
-            if value > 0:
+            if value <= 0:  # a Gaussian likelihood needs σ > 0: the box goes back to the σ the next run uses
+                self.noise_sigma.blockSignals(True)
+                self.noise_sigma.setValue(float(self.measurement.noise.get("sigma", 0.0)))
+                self.noise_sigma.blockSignals(False)
+                show_info("napari-diffrecon: the noise σ must be above 0 (a Gaussian likelihood has no σ of 0); "
+                          "for nearly noise-free data type a small σ, e.g. 1e-4 of the data's scale")
+            else:
                 # the user's σ is a statement about the data, no longer a reader's assumption
                 noise = {k: v for k, v in self.measurement.noise.items() if k not in ("assumed", "note")}
                 self.measurement.noise = {**noise, "sigma": float(value), "model": "gaussian"}
@@ -753,9 +789,6 @@ class DiffReconWidget(QWidget):
         except Exception as e:  # noqa: BLE001 - anything wrong with a sample is reported, not raised
             show_error(f"napari-diffrecon: cannot load sample {key!r}: {e}")
             return
-        idx = self.sample_combo.findData(key)  # the box names the sample loaded (also from File ▸ Open Sample)
-        if idx >= 0 and idx != self.sample_combo.currentIndex():
-            self.sample_combo.setCurrentIndex(idx)
 
     def open_path(self, path: str | Path) -> bool:
         """Open a measurement file, or an image to simulate from with the widget's options.
@@ -849,6 +882,16 @@ class DiffReconWidget(QWidget):
             self._add_layer_data(simulated_layers(data, source, **opts))
         except ValueError as e:
             show_error(f"napari-diffrecon: cannot simulate from {layer.name!r}: {e}")
+            return
+        said = []
+        if tuple(data.shape) != (opts["size"], opts["size"]):
+            said.append(f"resampled from {data.shape[0]}×{data.shape[1]} to {opts['size']}² (the \"simulate as\" "
+                        "size), keeping its aspect ratio")
+        if "pixel_spacing_mm" not in opts and opts["modality"] in ("ct", "pet"):
+            said.append("it has no pixel size, so a 350 mm field of view was assumed (set the layer's scale in mm "
+                        "to give one)")
+        if said:
+            show_info(f"napari-diffrecon: {layer.name!r} " + "; ".join(said))
 
     def _simulated_as(self, m: Measurement) -> bool:
         """Whether the "simulate as" options (:meth:`simulate_options`) describe ``m``: its modality and size, the
@@ -952,8 +995,37 @@ class DiffReconWidget(QWidget):
         self._check_prior()
         return True
 
-    def _check_prior(self) -> str | None:
-        card = getattr(self.prior, "card", None)
+    def run_prior(self) -> tuple[Any, str | None] | None:
+        """The prior a diffusion run (or an auto-tune search) uses and its source: the one picked in the prior box,
+        else the default for the data and the method (the consistency sampler's is a consistency model), loaded once
+        and *not* pinned — the box stays on "default", so a run of another method, or the next session, gets that
+        method's own default. None, with an error notice, when there is none or the prior does not fit the data."""
+        from ..priors import CardError, load_prior
+
+        prior, source = self.prior, self.prior_source
+        if prior is None:
+            source = self._default_prior_name()
+            if source is None:
+                modality = str(self.measurement.operator.get("modality")).upper() if self.measurement else "these data"
+                show_error(f"napari-diffrecon: no prior for {modality} is installed; load a prior file "
+                           f"(Prior ▸ Load file…) or pick a classical method ({', '.join(self._classical_for())})")
+                return None
+            if source not in self._default_priors:
+                try:
+                    self._default_priors[source] = load_prior(source)
+                except (FileNotFoundError, CardError, ValueError, OSError) as e:
+                    show_error(f"napari-diffrecon: cannot load prior {source}: {e}")
+                    return None
+            prior = self._default_priors[source]
+        msg = self._check_prior(prior)
+        if msg:
+            show_error(f"napari-diffrecon: {msg}")
+            return None
+        return prior, source
+
+    def _check_prior(self, prior: Any = None) -> str | None:
+        """Show (and return) why the prior — ``prior``, else the one picked — does not fit the loaded data."""
+        card = getattr(prior if prior is not None else self.prior, "card", None)
         msg = prior_mismatch(card, self.measurement) if self.measurement is not None else None
         if msg is None and self.prior is None and self.measurement is not None and self._default_prior_name() is None:
             mod = str(self.measurement.operator.get("modality")).upper()
@@ -1364,21 +1436,10 @@ class DiffReconWidget(QWidget):
             return None
         prior = None
         if diffusion:
-            prior = self.prior
-            if prior is None:
-                name = self._default_prior_name()
-                if name is None:
-                    show_error(f"napari-diffrecon: no prior for {modality.upper()} is installed; load a prior file "
-                               f"(Prior ▸ Load file…) or pick a classical method ({', '.join(self._classical_for())})")
-                    return None
-                if not self.set_prior(name):
-                    return None
-                prior = self.prior
-                settings.prior = self.prior_source
-            msg = self._check_prior()
-            if msg:
-                show_error(f"napari-diffrecon: {msg}")
+            found = self.run_prior()
+            if found is None:
                 return None
+            prior, settings.prior = found
         if self.remember:
             _presets.save_last(settings, self._last_state())
         self._run_settings = settings
@@ -1621,6 +1682,8 @@ class DiffReconWidget(QWidget):
                     self.viewer.layers.move(self.viewer.layers.index(layer), min(below))
             self.track(role, layer)
             self._fresh.discard(role)
+            if role in SPREAD_ROLES:
+                self._spread_window[role] = tuple(layer.contrast_limits)
             return
         layer.data = data  # a fresh array: napari redraws
         if layer.metadata.get("provenance") is not meta["provenance"]:  # metadata events only when it changes
@@ -1635,6 +1698,12 @@ class DiffReconWidget(QWidget):
             for k, v in place.items():
                 if len(v) == data.ndim:
                     setattr(layer, k, v)
+        elif role in SPREAD_ROLES and np.allclose(layer.contrast_limits, self._spread_window.get(role, (np.nan,) * 2)):
+            # a std / residual changes its scale as the run goes (the samples converge): its window follows it
+            # unless the user has set one
+            layer.contrast_limits = self._display(role, data)["contrast_limits"]
+        if role in SPREAD_ROLES:
+            self._spread_window[role] = tuple(layer.contrast_limits)
 
     def _placement(self, data: np.ndarray, role: str) -> dict[str, tuple[float, ...]]:
         """Layer keywords that place a result: the pixel size (mm) of an image-shaped array as its scale; for the
@@ -1751,7 +1820,7 @@ class DiffReconWidget(QWidget):
             show_warning("napari-diffrecon: select an image layer to export")
             return
         path, _ = QFileDialog.getSaveFileName(  # the dialog asks before replacing a file
-            self, "Export layer", f"{layer.name}.nii.gz",
+            self, "Export layer", f"{_file_stem(layer.name)}.nii.gz",
             "NIfTI (*.nii.gz *.nii);;DICOM secondary capture (*.dcm);;TIFF (*.tif *.tiff)",
         )
         if path:
@@ -1759,7 +1828,7 @@ class DiffReconWidget(QWidget):
             if out is not None:
                 show_info(f"napari-diffrecon: wrote {out}")
 
-    def closeEvent(self, event: Any) -> None:  # noqa: N802 - Qt API
+    def _closing(self) -> None:
         """Stop a run in flight (a classical one too: nothing is shown after the dock closes) and remember the
         settings."""
         if self.worker is not None:
@@ -1767,7 +1836,22 @@ class DiffReconWidget(QWidget):
         self.volume.stop()
         if self.remember:
             _presets.save_last(self.current_settings(), self._last_state())
+
+    def closeEvent(self, event: Any) -> None:  # noqa: N802 - Qt API
+        """The dock's window closes (the viewer quits): see :meth:`_closing`."""
+        self._closing()
         super().closeEvent(event)
+
+    def event(self, event: Any) -> bool:
+        """The dock's close button (napari's ``remove_dock_widget``) only takes the widget out of its dock — no
+        ``closeEvent`` comes — so losing the dock it was in counts as closing: a run in flight stops there."""
+        if event.type() == QEvent.Type.ParentChange:
+            if self.parent() is not None:
+                self._docked = True
+            elif getattr(self, "_docked", False):
+                self._docked = False
+                self._closing()
+        return super().event(event)
 
 
 class WorkbenchWidget(DiffReconWidget):

@@ -137,14 +137,10 @@ class TuningPanel(QGroupBox):
         if settings.method not in BALANCE_PARAM:
             show_error(f"napari-diffrecon: auto-tune works for {', '.join(BALANCE_PARAM)}; pick one of them")
             return None
-        prior = o.prior
-        if prior is None:
-            name = o._default_prior_name()
-            if name is None or not o.set_prior(name):
-                show_error("napari-diffrecon: no prior for this modality; load a prior file first")
-                return None
-            prior = o.prior
-            settings.prior = o.prior_source
+        found = o.run_prior()  # the picked prior, else the data's default (not pinned); None: refused, with a notice
+        if found is None:
+            return None
+        prior, settings.prior = found
         settings.n_samples = 1
         key = self.tuned_param(settings.method)
         params = {key: values} if values else key
@@ -290,10 +286,15 @@ class TuningPanel(QGroupBox):
         o._show("support", maps.score, name=SUPPORT_NAME, provenance=prov)
         layer = o.layers["support"]
         layer.colormap = "magma"
+        layer.blending = "additive"  # glows where unsupported over the images below (an opaque map hid the anatomy)
         layer.contrast_limits = (0.0, max(float(np.percentile(maps.score, 99.5)), maps.threshold * 2, 1e-12))
         self._show_flags(fresh=True)
-        o.status.setText(f"support map: {100 * maps.mask.mean():.1f}% of voxels above {maps.threshold:g}")
+        self._say_flagged()
         return maps
+
+    def _say_flagged(self) -> None:
+        maps = self.maps
+        self.owner.status.setText(f"support map: {100 * maps.mask.mean():.1f}% of voxels above {maps.threshold:g}")
 
     def _show_flags(self, fresh: bool = False) -> None:
         """Show the threshold overlay of :attr:`maps`; ``fresh``: maps of the last run (the layer is named for it)."""
@@ -320,3 +321,4 @@ class TuningPanel(QGroupBox):
             self.maps.threshold = float(value)
             self.maps.mask = self.maps.score > float(value)
             self._show_flags()
+            self._say_flagged()
