@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -178,6 +179,55 @@ def _refuse_flags_the_run_ignores(a: argparse.Namespace) -> None:
                          "--auto-params")
 
 
+# Sampler flags (dest → the parameter it sets, samplers.PARAMS_READ; flag); the adaptation's own settings need it on.
+SAMPLER_PARAM_FLAGS = {"steps": ("n_steps", "--steps"), "eta": ("eta", "--eta"), "gamma": ("gamma", "--gamma"),
+                       "zeta": ("zeta", "--zeta"), "cg_iters": ("cg_iters", "--cg-iters"), "snr": ("snr", "--snr"),
+                       "orientations": ("orientations", "--orientations"), "adapt_steps": ("adapt_steps",
+                                                                                          "--adapt-steps")}
+ADAPT_SETTING_FLAGS = {"adapt_lr": "--adapt-lr", "lora_rank": "--lora-rank", "adapt_every": "--adapt-every",
+                       "adapt_start": "--adapt-start", "adapt_target": "--adapt-target", "adapt_floor": "--adapt-floor"}
+# The hot start's classical parameters (dest → flag, the starts that read them).
+START_PARAM_FLAGS = {"filter": ("--filter", ("fbp",)), "iters": ("--iters", ("cg", "tv", "mlem", "osem")),
+                     "lam": ("--lam", ("tv",)), "lam_rel": ("--lam-rel", ("tv",)), "subsets": ("--subsets", ("osem",))}
+
+
+def _refuse_flags_the_method_ignores(a: argparse.Namespace, modality: str) -> None:
+    """Refuse the flags of other methods (``--zeta`` with DDS, ``--filter`` with TV, ``--lam-rel`` without a TV hot
+    start, ``--adapt-lr`` without ``--adapt-steps``, ``--holdout`` without ``--auto split``): each ran as if absent."""
+    from .baselines import BASELINE_PARAMS
+    from .samplers import PARAMS_READ
+
+    method = a.method
+    if method in BASELINE_PARAMS:  # the sampler flags are refused by _refuse_flags_the_run_ignores
+        given = [flag for dest, (flag, _) in START_PARAM_FLAGS.items()
+                 if getattr(a, dest, None) is not None and dest not in BASELINE_PARAMS[method]]
+        reads = ", ".join(START_PARAM_FLAGS[d][0] for d in BASELINE_PARAMS[method]) or "none of them"
+        _refuse_ignored(given, "other classical methods", f"--method {method} reads {reads}")
+        return
+    reads = PARAMS_READ.get(method, ())
+    given = [flag for dest, (param, flag) in SAMPLER_PARAM_FLAGS.items()
+             if getattr(a, dest, None) is not None and param not in reads]
+    if given:
+        takes = ", ".join(f for d, (p, f) in SAMPLER_PARAM_FLAGS.items() if p in reads)
+        _refuse_ignored(given, "other samplers", f"--method {method} reads {takes}")
+    if "adapt_steps" in reads and not getattr(a, "adapt_steps", None):
+        _refuse_ignored(_given(a, ADAPT_SETTING_FLAGS), "test-time adaptation",
+                        "it is off without --adapt-steps N (N ≥ 1)")
+    start = a.hot_start
+    for dest, (flag, starts) in START_PARAM_FLAGS.items():
+        if getattr(a, dest, None) is None or (dest == "lam" and "lam" in reads):  # Song / MCG: their λ
+            continue
+        if dest == "subsets" and modality == "pet":  # the samplers' EM data step on PET counts
+            continue
+        if start not in starts:
+            where = f"a hot start from {' / '.join(starts).upper()}"
+            now = f"this run starts from {start.upper()}" if start else "this run has no hot start"
+            raise ValueError(f"{flag} applies to {where}; {now}: drop {flag} (or pass --hot-start {starts[0]})")
+    if a.holdout is not None and getattr(a, "auto", None) != "split":
+        raise ValueError("--holdout is the share of the data measurement splitting holds out; add --auto split or "
+                         "drop --holdout")
+
+
 def _std_pool(v: float | None) -> float:
     from .uncertainty import DEFAULT_STD_POOL
 
@@ -199,7 +249,8 @@ def _auto_tuned(a: argparse.Namespace, m, settings):
     from .tuning import tuned_reconstruct
 
     if a.method not in ("dds", "dps", "mcg", "song"):
-        raise ValueError("--auto tunes diffusion samplers (dds, dps, mcg, song); drop --auto for classical methods")
+        raise ValueError(f"--auto tunes the data weight of the conditional samplers (dds, dps, mcg, song); --method "
+                         f"{a.method} has none to tune: drop --auto")
     grid = None
     if a.auto_params:
         grid = {}
@@ -220,7 +271,8 @@ def _auto_tuned(a: argparse.Namespace, m, settings):
         emit(f"auto-tune {msg}", due)
 
     result, tuned = tuned_reconstruct(
-        m, settings, criterion=a.auto, params=grid, holdout=a.holdout, progress=progress
+        m, settings, criterion=a.auto, params=grid, holdout=0.2 if a.holdout is None else a.holdout,
+        progress=progress
     )
     emit("", False, last=True)
     print(tuned.curve_text())
@@ -268,7 +320,9 @@ def _cmd_reconstruct(a: argparse.Namespace) -> int:
         if a.method in SAMPLERS:
             print(f"hot start: {a.hot_start}")
 
-    settings = _settings_from_args(a, *data_kind(m))
+    kind = data_kind(m)
+    _refuse_flags_the_method_ignores(a, kind[0])
+    settings = _settings_from_args(a, *kind)
     if a.method == "consistency" and not a.hot_start and settings.params.n_steps <= 8:
         print("note: few-step consistency sampling from pure noise is far below a hot start on our benchmarks "
               "(CT 23 views: 24.5 vs 30.2 dB at 4 NFE); add --hot-start auto (the data's classical image; its "
@@ -556,9 +610,9 @@ def _training_pool(a: argparse.Namespace) -> tuple[Any, dict[str, Any], int]:
 
 def _cmd_train(a: argparse.Namespace) -> int:
     from .priors.sources import normalisation_for
-    from .priors.training import TrainConfig, train_prior
+    from .priors.training import TrainConfig, check_train_config, train_prior
 
-    pool, data, channels = _training_pool(a)
+    channels = 2 if a.complex else 1
     cfg = TrainConfig(
         name=a.name,
         modality=a.modality,
@@ -578,9 +632,10 @@ def _cmd_train(a: argparse.Namespace) -> int:
         val_every=a.val_every,
         ckpt_every=a.val_every,
         normalisation=normalisation_for(a.modality, channels),
-        data=data,
         command="napari-diffrecon " + " ".join(sys.argv[1:]) if sys.argv else "",
     )
+    check_train_config(cfg)  # bad settings are refused before the training pool is built
+    pool, cfg.data, _ = _training_pool(a)
     train_prior(cfg, pool, a.output, resume=not a.restart, progress=not a.no_progress)
     return 0
 
@@ -701,10 +756,11 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument(
         "--auto",
         nargs="?",
-        const="split",
-        choices=["split", "discrepancy", "sure"],
-        help="self-tune the prior/likelihood balance from the data (DDS γ, DPS/MCG ζ, Song λ) before the run: "
-        "measurement splitting (default), discrepancy principle or SURE (Gaussian noise)",
+        const="auto",
+        choices=["auto", "split", "discrepancy", "sure"],
+        help="self-tune the prior/likelihood balance from the data (DDS γ, DPS/MCG ζ, Song λ) before the run: auto "
+        "(default: the discrepancy principle for Gaussian noise of known σ, else measurement splitting), split, "
+        "discrepancy or SURE (Gaussian noise)",
     )
     r.add_argument(
         "--auto-params",
@@ -713,7 +769,7 @@ def _parser() -> argparse.ArgumentParser:
         help="what to search (default: the method's balance parameter on its default grid), e.g. gamma=0.3,1,3 "
         "cg_iters=3,5 (two names = a 2D search)",
     )
-    r.add_argument("--holdout", type=float, default=0.2, help="--auto split: fraction of views / lines held out")
+    r.add_argument("--holdout", type=float, help="--auto split: fraction of views / lines held out (default 0.2)")
     r.add_argument(
         "--adapt-steps",
         type=int,
@@ -891,6 +947,10 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {e}", file=sys.stderr)  # a volume run that would not fit its budget: the message says what would
         return 2
+    except BrokenPipeError:  # `napari-diffrecon info x.npz | head -1`: the reader left; no traceback
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:  # Ctrl-C: results are written atomically (nothing half-written); training has saved
         print("interrupted", file=sys.stderr)  # its checkpoint and said so
         return 130

@@ -531,6 +531,10 @@ def run_from_args(args: argparse.Namespace) -> int:
     method = getattr(args, "method", None)
     _check_cluster_shape(getattr(args, "workers", 1), getattr(args, "threads_per_worker", 1),
                          getattr(args, "retries", 0))
+    if getattr(args, "halo", None) is not None:
+        from ._checks import check_number
+
+        check_number("--halo", args.halo, 0, integer=True)
     if method not in (None, "mbir"):
         raise ValueError(f"volumes are reconstructed by the DiffusionMBIR-style sampler: --method mbir, not {method}")
     if not src.exists():
@@ -576,6 +580,12 @@ def _run_folder_from_args(args: argparse.Namespace, folder: Path, out: Path) -> 
         ("n_steps", "steps"), ("eta", "eta"), ("cg_iters", "cg_iters"), ("gamma", "gamma"),
         ("prior_weight", "prior_weight"), ("renoise", "renoise"))}}
     params = {mod: recommended_volume_params(mod, **given) for mod in ("ct", "mri", "pet")}
+    for p in params.values():  # a bad --steps / --eta / --ztv ... is refused here, not by every worker in turn
+        p.check()
+    n_samples = getattr(args, "samples", None)
+    n_samples = 1 if n_samples is None else n_samples
+    if n_samples < 1:
+        raise ValueError(f"--samples must be at least 1 (posterior samples per study), got {n_samples}")
     prior = getattr(args, "prior", None)
     if prior is None:
         from .priors import default_prior_for
@@ -601,7 +611,7 @@ def _run_folder_from_args(args: argparse.Namespace, folder: Path, out: Path) -> 
     rep = reconstruct_folder(
         folder, out, prior, params, scheduler=args.scheduler, n_workers=args.workers,
         threads_per_worker=args.threads_per_worker, slab_slices=slab, halo=args.halo,
-        memory_budget=args.memory_budget, n_samples=getattr(args, "samples", 1) or 1, seed=args.seed,
+        memory_budget=args.memory_budget, n_samples=n_samples, seed=args.seed,
         device=args.device, retries=args.retries, allow_mixed=args.allow_mixed, check=check, log=print,
         overwrite=bool(getattr(args, "force", False)),
     )

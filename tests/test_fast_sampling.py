@@ -183,6 +183,9 @@ def test_the_distill_command_refuses_bad_settings_before_building_its_pool(tmp_p
     assert cli.main(["distill", "ct-phantom-128", "builtin:ct-phantoms", "--sigma-max", "0.001", "-o", str(out)]) == 2
     assert "sigma_max (0.001) must be above the schedule's sigma_min" in capsys.readouterr().err
     assert not out.exists()
+    # 0 steps wrote the teacher under the consistency model's name
+    assert cli.main(["distill", "ct-phantom-128", "builtin:ct-phantoms", "--steps", "0", "-o", str(out)]) == 2
+    assert "steps must be" in capsys.readouterr().err and not out.exists()
 
 
 def test_consistency_training_from_scratch_needs_no_teacher_network(tmp_path):

@@ -297,7 +297,12 @@ def test_cli_simulate_reconstruct_and_errors(tmp_path, capsys):
     assert main(["reconstruct", str(b), "--method", "mlem", "-o", str(tmp_path / "y.npz")]) == 2
     assert main(["reconstruct", str(b), "--method", "magic", "-o", str(tmp_path / "y.npz")]) == 2
     capsys.readouterr()
-    assert main(["reconstruct", str(b), "--method", "dds", "--subsets", "0", "-o", str(tmp_path / "z.npz")]) == 2
+    assert main(["reconstruct", str(b), "--method", "dds", "--subsets", "4", "-o", str(tmp_path / "z.npz")]) == 2
+    assert "--subsets applies to a hot start from OSEM" in capsys.readouterr().err  # CT: no EM data step reads it
+    from napari_diffrecon.io import DATA_DIR
+
+    pet = str(DATA_DIR / "pet_lowcount.npz")
+    assert main(["reconstruct", pet, "--method", "dds", "--subsets", "0", "-o", str(tmp_path / "z.npz")]) == 2
     assert "--subsets must be ≥ 1" in capsys.readouterr().err and not (tmp_path / "z.npz").exists()
     assert main(["reconstruct", str(b), "--method", "dds", "--std-pool", "-1", "-o", str(tmp_path / "z.npz")]) == 2
     assert "(--std-pool) must be" in capsys.readouterr().err and not (tmp_path / "z.npz").exists()
@@ -484,6 +489,21 @@ def test_cli_refuses_runs_that_cannot_be_what_was_asked(tmp_path, capsys):
          "--steps, --hot-start, --samples apply to the diffusion samplers"),
         (["--method", "dds", "--steps", "2", "--auto-params", "gamma=1,3"], "add --auto"),
         (["--method", "tv", "--orientations", "2"], "--orientations applies to the diffusion samplers"),
+        # another method's flags (each ran as if absent)
+        (["--method", "dds", "--steps", "2", "--zeta", "2"], "--zeta applies to other samplers; --method dds reads"),
+        (["--method", "dps", "--steps", "2", "--gamma", "2"], "--gamma applies to other samplers"),
+        (["--method", "ddim", "--steps", "2", "--gamma", "3"], "--gamma applies to other samplers"),
+        (["--method", "song", "--steps", "2", "--gamma", "2"], "--gamma applies to other samplers"),
+        (["--method", "dds", "--steps", "2", "--filter", "hann"], "--filter applies to a hot start from FBP"),
+        (["--method", "dds", "--steps", "2", "--hot-start", "tv", "--filter", "hann"], "this run starts from TV"),
+        (["--method", "dds", "--steps", "2", "--lam-rel", "0.1"], "--lam-rel applies to a hot start from TV"),
+        (["--method", "dds", "--steps", "2", "--iters", "5"], "--iters applies to a hot start"),
+        (["--method", "dds", "--steps", "2", "--adapt-lr", "0.01"], "it is off without --adapt-steps"),
+        (["--method", "dds", "--steps", "2", "--holdout", "0.3"], "add --auto"),
+        (["--method", "fbp", "--lam-rel", "0.1"], "--method fbp reads --filter"),
+        (["--method", "fbp", "--iters", "5"], "--method fbp reads --filter"),
+        (["--method", "tv", "--filter", "hann"], "--method tv reads --iters, --lam, --lam-rel"),
+        (["--method", "ddim", "--auto"], "--method ddim has none to tune"),
     ]
     for extra, message in cases:
         capsys.readouterr()
@@ -1008,3 +1028,62 @@ def test_cli_priors_lists_the_shipped_priors_and_shows_one_card_in_full(tmp_path
     assert main(["priors", str(sparse)]) == 0
     card = json.loads(capsys.readouterr().out)
     assert card["training_source"] == "a, b" and card["licence"] is None and card["weights_averaged_with"] is None
+
+
+def test_flags_a_run_reads_are_taken(tmp_path):
+    """The other side of the refusals: each method's own flags and a hot start's parameters pass the check."""
+    import argparse
+
+    from napari_diffrecon.cli import _refuse_flags_the_method_ignores
+
+    def args(**kw):
+        base = dict(method="dds", hot_start=None, holdout=None, auto=None, adapt_steps=None, steps=None, eta=None,
+                    gamma=None, zeta=None, cg_iters=None, snr=None, orientations=None, filter=None, iters=None,
+                    lam=None, lam_rel=None, subsets=None, adapt_lr=None, lora_rank=None, adapt_every=None,
+                    adapt_start=None, adapt_target=None, adapt_floor=None)
+        return argparse.Namespace(**{**base, **kw})
+
+    for kw, modality in ((dict(gamma=2, cg_iters=3, eta=0.5), "ct"), (dict(method="dps", zeta=1), "ct"),
+                         (dict(method="song", lam=0.5, snr=0.1), "ct"), (dict(hot_start="tv", lam_rel=0.1), "ct"),
+                         (dict(hot_start="fbp", filter="hann"), "ct"), (dict(subsets=4), "pet"),
+                         (dict(adapt_steps=2, adapt_lr=1e-3), "ct"), (dict(auto="split", holdout=0.3), "ct"),
+                         (dict(method="tv", lam_rel=0.1, iters=50), "ct"), (dict(method="osem", subsets=4), "pet")):
+        _refuse_flags_the_method_ignores(args(**kw), modality)  # no error
+
+
+def test_exported_prior_weights_are_readable_by_others(tmp_path):
+    """safetensors writes 0600: a prior exported to share was readable by its owner only."""
+    import os
+    import stat
+
+    from napari_diffrecon.priors import load_prior
+    from napari_diffrecon.priors.prior import save_prior
+
+    old = os.umask(0o022)
+    try:
+        w, c = save_prior(load_prior("pet-phantom-128"), tmp_path / "p", half=True)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(w.stat().st_mode) == 0o644 == stat.S_IMODE(c.stat().st_mode)
+
+
+def test_auto_discrepancy_on_counts_is_refused_before_the_search():
+    """It ran most of the search, then said the discrepancy principle needs Gaussian noise."""
+    from napari_diffrecon.io import load_sample
+    from napari_diffrecon.reconstruct import RunSettings
+    from napari_diffrecon.tuning import auto_tune
+
+    calls = []
+    with pytest.raises(ValueError, match="needs Gaussian noise of known σ"):
+        auto_tune(load_sample("pet_lowcount"), RunSettings(method="dds"), criterion="discrepancy",
+                  progress=lambda *a: calls.append(a))
+    assert calls == []
+
+
+def test_a_colour_npy_is_refused_with_how_to_make_it_grey(tmp_path, capsys):
+    """(64, 64, 3) read as 64 slices of 64×3: the middle 'slice', a 64×3 strip, was padded into an image."""
+    p = tmp_path / "rgb.npy"
+    np.save(p, np.random.default_rng(0).random((64, 64, 3)).astype(np.float32))
+    assert main(["simulate", str(p), "--modality", "ct", "-o", str(tmp_path / "s.npz")]) == 2
+    err = capsys.readouterr().err
+    assert "64×3 pixels" in err and "arr.mean(-1)" in err and not (tmp_path / "s.npz").exists()

@@ -611,3 +611,21 @@ def test_cta_source_on_the_real_sdist_when_it_is_given():
     sl = vols[0][40][0]  # at the liver's dome: air outside, soft tissue inside, the spine low in the midline
     assert sl.min() < -900 and np.median(sl[60:110, 90:140]) > -300
     assert np.argwhere(sl[:, 90:140] > 400)[:, 0].mean() > 0.6 * sl.shape[0]  # rows: posterior down
+
+
+def test_train_cli_checks_its_settings_before_building_the_pool(tmp_path, monkeypatch, capsys):
+    """0 steps wrote an untrained prior; an unknown --init was refused only after the pool was built (minutes),
+    leaving an empty output folder."""
+    from napari_diffrecon import cli
+
+    def no_pool(*_a, **_k):
+        raise AssertionError("the training pool was built before the settings were checked")
+
+    monkeypatch.setattr(cli, "_training_pool", no_pool)
+    base = ["train", "builtin:ct-phantoms", "--modality", "ct"]
+    for extra, said in ((["--steps", "0"], "steps must be"), (["--init", "nope"], "no prior named 'nope'"),
+                        (["--init", str(tmp_path / "missing.json")], "no such prior card"),
+                        (["--batch", "0"], "batch size must be")):
+        out = tmp_path / "run"
+        assert cli.main([*base, *extra, "-o", str(out)]) == 2
+        assert said in capsys.readouterr().err and not out.exists(), extra

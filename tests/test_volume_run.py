@@ -239,7 +239,10 @@ def test_cli_volume_run_over_its_memory_budget_is_an_error_not_a_traceback(tmp_p
     assert "is a volume study (4 slices)" in err and "--volume" in err
     # (--workers 0 used to wait forever for a worker)
     for i, extra in enumerate((["--memory-budget", "1MB"], ["--slab", "0"], ["--workers", "0"], ["--retries", "-1"],
-                               ["--threads-per-worker", "0"], ["--zeta", "2"], ["--auto"], ["--keep-samples"])):
+                               ["--threads-per-worker", "0"], ["--zeta", "2"], ["--auto"], ["--keep-samples"],
+                               # refused here, not by every worker in turn after a cluster started (exit 1)
+                               ["--steps", "0"], ["--eta", "5"], ["--ztv", "-1"], ["--rho", "0"], ["--halo", "-1"],
+                               ["--samples", "0"])):
         code = main(["reconstruct", str(path), "--volume", "--method", "mbir", "--steps", "2", *extra,
                      "-o", str(tmp_path / f"out{i}")])
         err = capsys.readouterr().err

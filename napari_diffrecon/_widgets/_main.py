@@ -36,11 +36,12 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from ..baselines import BASELINE_PARAMS as CORE_BASELINE_PARAMS
 from ..baselines import BASELINES
 from ..io import SAMPLES, BundleError, Measurement
 from ..priors.prior import PRECISIONS
 from ..reconstruct import RunSettings, default_hot_start, noise_floor_text, prior_mismatch
-from ..samplers import SAMPLERS, UNCONDITIONAL, SamplerParams
+from ..samplers import PARAMS_READ, SAMPLERS, UNCONDITIONAL, SamplerParams
 from ..samplers.defaults import RECOMMENDED
 from ..uncertainty import DEFAULT_STD_POOL
 from . import _presets
@@ -49,27 +50,10 @@ from ._runner import Update, baseline_for, run_stream
 
 __all__ = ["DiffReconWidget", "WorkbenchWidget", "PARAMS_FOR", "LAYER_NAMES", "prior_mismatch"]
 
-# Which live parameters each method reads (the others are hidden).
-PARAMS_FOR: dict[str, tuple[str, ...]] = {
-    "dds": ("n_steps", "eta", "renoise", "gamma", "cg_iters", "posterior_draw", "orientations", "adapt_steps",
-            "adapt_lr", "adapt_start"),
-    "dps": ("n_steps", "eta", "zeta", "orientations", "adapt_steps", "adapt_lr", "adapt_start"),
-    "mcg": ("n_steps", "eta", "zeta", "lam", "cg_iters", "orientations"),
-    "song": ("n_steps", "lam", "cg_iters", "snr", "orientations"),
-    "consistency": ("n_steps", "gamma", "cg_iters", "orientations"),
-    "ddim": ("n_steps", "eta"),
-    "ddpm": ("n_steps",),
-    "heun": ("n_steps",),
-    "euler": ("n_steps",),
-}
-BASELINE_PARAMS: dict[str, tuple[str, ...]] = {
-    "fbp": ("filter",),
-    "zero_filled": (),
-    "cg": ("iters",),
-    "tv": ("iters", "lam_rel"),
-    "mlem": ("iters",),
-    "osem": ("iters", "subsets"),
-}
+# Which parameters each method reads (the others' rows are hidden): one table for the workbench and the CLI. The
+# workbench sets TV's weight relative to the data (lam_rel): its "lam" row is Song / MCG's λ.
+PARAMS_FOR = PARAMS_READ
+BASELINE_PARAMS = {k: tuple(p for p in v if p != "lam") for k, v in CORE_BASELINE_PARAMS.items()}
 LIVE = ("eta", "lam", "gamma", "zeta", "cg_iters", "snr", "orientations")  # changed mid-run: acts on the run in flight
 # The SamplerParams fields shown in spin boxes (tuned values and presets fill them; t0 has its own rule).
 PARAM_SPINS = ("n_steps", *LIVE)

@@ -30,6 +30,7 @@ __all__ = ["TuningPanel", "tune_stream", "SUPPORT_NAME", "FLAG_NAME"]
 SUPPORT_NAME = "support score (high = unsupported)"
 FLAG_NAME = "unsupported (score > threshold)"
 CRITERIA = {
+    "auto": "auto (discrepancy for Gaussian noise of known σ, else splitting)",
     "split": "measurement splitting (any noise)",
     "discrepancy": "discrepancy principle (Gaussian noise)",
     "sure": "SURE (Gaussian noise, 2× runs)",
@@ -144,7 +145,7 @@ class TuningPanel(QGroupBox):
         settings.n_samples = 1
         key = self.tuned_param(settings.method)
         params = {key: values} if values else key
-        criterion = self.criterion.currentData() or "split"
+        criterion = self.criterion.currentData() or "auto"
         self._cancel = threading.Event()
         self._measurement = o.measurement  # the data searched: a result for other data is not applied
         worker = new_worker(tune_stream, o.measurement, settings, prior, params, criterion, self._cancel)

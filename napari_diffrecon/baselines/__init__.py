@@ -22,6 +22,7 @@ from .tv import operator_norm, tv_reconstruct
 __all__ = [
     "BASELINES",
     "BASELINE_DEFAULTS",
+    "BASELINE_PARAMS",
     "TV_DEFAULT_WEIGHT",
     "tv_default_weight",
     "reconstruct_baseline",
@@ -45,6 +46,18 @@ BASELINES: dict[str, tuple[tuple[str, ...], str]] = {
     "tv": (("ct", "mri", "pet", "denoise", "inpaint"), "TV-regularised least squares by PDHG (lam, iters)"),
     "mlem": (("pet",), "maximum-likelihood EM (iters)"),
     "osem": (("pet",), "ordered-subsets EM (subsets, iters)"),
+}
+
+
+#: The parameters each method reads from ``baseline_params`` (TV's weight absolute, ``lam``, or relative to the
+#: data, ``lam_rel``): the workbench shows these rows, the CLI refuses the others' flags.
+BASELINE_PARAMS: dict[str, tuple[str, ...]] = {
+    "fbp": ("filter",),
+    "zero_filled": (),
+    "cg": ("iters",),
+    "tv": ("iters", "lam", "lam_rel"),
+    "mlem": ("iters",),
+    "osem": ("iters", "subsets"),
 }
 
 

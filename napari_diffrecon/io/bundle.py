@@ -565,8 +565,9 @@ def check_output_path(path: str | Path, overwrite: bool = False, suffixes: tuple
         stem = path.name[: -len("".join(path.suffixes))] if path.suffixes else path.name
         raise OutputPathError(
             f"{path.name}: this writes a {' / '.join(suffixes)} file, so the name must end in it (e.g. "
-            f"{path.with_name(stem + suffixes[0])}); NIfTI, DICOM and TIFF images of a result are exported from the "
-            "workbench (File > Save Selected Layers) or with napari_diffrecon.io.export_image"
+            f"{path.with_name(stem + suffixes[0])}); NIfTI, DICOM and TIFF images of a result are exported by "
+            "`napari-diffrecon export RESULT.npz -o IMAGE.nii.gz`, from the workbench (File > Save Selected Layers) "
+            "or with napari_diffrecon.io.export_image"
         )
     for parent in path.parents:
         if parent.exists():
@@ -577,6 +578,15 @@ def check_output_path(path: str | Path, overwrite: bool = False, suffixes: tuple
         raise FileExistsError(f"{path} exists; choose another name or pass --force to overwrite it "
                               "(overwrite=True from Python)")
     return path
+
+
+def usual_permissions(path: str | Path) -> None:
+    """Give a file written by a library that creates it owner-only (``tempfile.mkstemp``, safetensors' ``save_file``)
+    the permissions a new file gets under the user's umask (usually 0644), so others can read a shared result or
+    prior."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 def atomic_write(path: Path, writer: Callable[[str], None], overwrite: bool) -> None:
@@ -603,9 +613,7 @@ def atomic_write(path: Path, writer: Callable[[str], None], overwrite: bool) -> 
     os.close(fd)
     try:
         writer(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
+        usual_permissions(tmp)  # mkstemp creates 0600
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

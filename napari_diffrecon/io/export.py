@@ -344,8 +344,8 @@ def export_result(result: str | Path, path: str | Path, field: str | None = None
     if field not in arrays:
         have = [k for k in RESULT_IMAGES if k in arrays]
         raise ValueError(f"{Path(result).name} has no {field!r} (it holds {', '.join(have)}): a classical run writes "
-                         "only 'reconstruction'; 'std', 'lower' and 'upper' need a diffusion run with --samples ≥ 2, "
-                         "'samples' needs --keep-samples")
+                         "only 'reconstruction'; 'std' needs a diffusion run with --samples ≥ 2, 'lower' and "
+                         "'upper' (the 95 % interval) --samples ≥ 8, 'samples' needs --keep-samples")
     data = arrays[field]
     inten, spacing = result_units(prov, data.ndim)
     prov = {**prov, "exported_field": field, "exported_from_file": str(result)}

@@ -7,6 +7,9 @@ from typing import Any
 
 import numpy as np
 
+#: The fewest pixels a slice read as an image may have on a side (a colour .npy's 3 samples read as slices are not).
+MIN_SIDE = 8
+
 __all__ = ["read_image", "read_volume"]
 
 
@@ -186,6 +189,12 @@ def read_volume(path: str | Path) -> tuple[np.ndarray, dict[str, Any]]:
 def read_image(path: str | Path, slice_index: int | None = None) -> tuple[np.ndarray, dict[str, Any]]:
     """Read one 2D image (a volume's slice ``slice_index``, default the middle one)."""
     vol, info = read_volume(path)
+    if min(vol.shape[1:]) < MIN_SIDE:
+        hint = (f"; a colour .npy ({vol.shape[0]}, {vol.shape[1]}, {vol.shape[2]}) reads as {vol.shape[0]} slices of "
+                f"{vol.shape[1]}×{vol.shape[2]}: save it as grey, e.g. np.save(path, arr.mean(-1))"
+                if Path(path).suffix.lower() == ".npy" and vol.shape[-1] in (2, 3, 4) else "")
+        raise ValueError(f"{Path(path).name}'s slices are {vol.shape[1]}×{vol.shape[2]} pixels; an image to simulate "
+                         f"from needs at least {MIN_SIDE} on each side{hint}")
     k = vol.shape[0] // 2 if slice_index is None else int(slice_index)
     if not 0 <= k < vol.shape[0]:
         raise ValueError(f"slice {slice_index} out of range: {Path(path).name} has {vol.shape[0]} slices")

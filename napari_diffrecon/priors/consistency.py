@@ -190,8 +190,13 @@ def check_distill_config(config: DistillConfig, teacher: NetworkPrior) -> float:
         An unknown mode, a teacher that is not EDM-parametrised, fewer than 2 grid levels, or a grid top at or below
         σ_min; each message says which.
     """
+    from .._checks import check_number
+
     if config.mode not in ("distillation", "training"):
         raise ValueError(f"mode must be 'distillation' or 'training' (consistency training), got {config.mode!r}")
+    check_number("steps", config.steps, 1, integer=True)  # 0 wrote the teacher under the consistency model's name
+    check_number("batch size", config.batch_size, 1, integer=True)
+    check_number("learning rate", config.lr, 0.0, above=True)
     if teacher.parametrisation != "edm":
         raise ValueError(
             f"consistency distillation needs an EDM-parametrised diffusion prior as teacher; "

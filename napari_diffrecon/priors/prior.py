@@ -466,6 +466,9 @@ def save_prior(prior: NetworkPrior, path: str | Path, half: bool = False) -> tup
     if half:
         state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
     save_file(state, str(weights), metadata={"name": prior.card.name, "format": "napari-diffrecon prior"})
+    from ..io.bundle import usual_permissions
+
+    usual_permissions(weights)  # safetensors writes 0600: a prior exported to share was readable by its owner only
     card_path.write_text(prior.card.to_json(), encoding="utf-8")
     return weights, card_path
 

@@ -506,6 +506,34 @@ def validation_noise(
     return torch.randn((len(VAL_SIGMAS), *val.shape), generator=generator)
 
 
+def check_train_config(config: TrainConfig) -> None:
+    """Refuse settings a training run cannot use, before any work (the CLI calls it before building its pool).
+
+    Parameters
+    ----------
+    config : TrainConfig
+        The run's settings.
+
+    Raises
+    ------
+    ValueError
+        A step count, batch size, patch size or validation interval below 1, a learning rate that is not a positive
+        number, or an ``init_from`` prior that does not exist; each message says which.
+    FileNotFoundError
+        ``init_from`` names no shipped prior and no card file (with the list of shipped priors).
+    """
+    from .._checks import check_number
+    from .registry import prior_path
+
+    check_number("steps", config.steps, 1, integer=True)  # 0 wrote an untrained prior
+    check_number("batch size", config.batch_size, 1, integer=True)
+    check_number("patch size", config.patch_size, 8, integer=True)
+    check_number("validation interval", config.val_every, 1, integer=True)
+    check_number("learning rate", config.lr, 0.0, above=True)
+    if config.init_from and not prior_path(config.init_from).exists():  # an unknown name raises in prior_path
+        raise FileNotFoundError(f"--init {config.init_from}: no such prior card")  # stops here, before the pool
+
+
 def train_prior(
     config: TrainConfig,
     pool: ImagePool,
@@ -536,6 +564,7 @@ def train_prior(
     NetworkPrior
         The EMA prior.
     """
+    check_train_config(config)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device(config.device)
