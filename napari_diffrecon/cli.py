@@ -148,7 +148,8 @@ VOLUME_IGNORES = {"auto": "--auto", "auto_params": "--auto-params", "zeta": "--z
                   "lam_rel": "--lam-rel", "iters": "--iters", "filter": "--filter", "subsets": "--subsets",
                   "t0": "--t0", "keep_samples": "--keep-samples", "adapt_steps": "--adapt-steps",
                   "adapt_lr": "--adapt-lr", "lora_rank": "--lora-rank", "adapt_every": "--adapt-every",
-                  "adapt_start": "--adapt-start", "adapt_target": "--adapt-target", "adapt_floor": "--adapt-floor"}
+                  "adapt_start": "--adapt-start", "adapt_target": "--adapt-target", "adapt_floor": "--adapt-floor",
+                  "threads": "--threads"}
 
 
 def _given(a: argparse.Namespace, flags: dict[str, str]) -> list[str]:
@@ -296,7 +297,8 @@ def _cmd_reconstruct(a: argparse.Namespace) -> int:
             raise ValueError("--hot-start applies to 2D runs; volume runs start from noise (drop --hot-start and "
                              "--t0)")
         _refuse_ignored(_given(a, VOLUME_IGNORES), "2D runs", "the volume sampler (mbir) takes --steps, --eta, "
-                        "--gamma, --cg-iters, --prior-weight, --renoise, --ztv, --rho, --prior, --samples and --seed")
+                        "--gamma, --cg-iters, --prior-weight, --renoise, --ztv, --rho, --prior, --samples and --seed "
+                        "(and --threads-per-worker)")
         return run_from_args(a)
     from .io import check_output_path, read_measurement, write_result
     from .io.bundle import RESULT_SUFFIXES
@@ -307,6 +309,13 @@ def _cmd_reconstruct(a: argparse.Namespace) -> int:
     if a.method not in _methods():
         raise ValueError(f"unknown method {a.method!r}; choose from {', '.join(_methods())}")
     _refuse_flags_the_run_ignores(a)
+    if a.threads is not None:
+        from ._checks import check_number
+
+        check_number("--threads", a.threads, 1, integer=True)
+        import torch
+
+        torch.set_num_threads(a.threads)
     out = check_output_path(a.output, a.force, RESULT_SUFFIXES)
     if Path(a.bundle).exists() and out.exists() and out.resolve() == Path(a.bundle).resolve():
         raise ValueError(f"-o {a.output} is the input measurement; write the result to another file (--force "
@@ -381,6 +390,14 @@ def _cmd_export(a: argparse.Namespace) -> int:
 
     out = export_result(a.result, a.output, field=a.field, overwrite=a.force)
     print(f"wrote {out}")
+    from .io.bundle import read_result
+
+    _, prov = read_result(a.result)
+    modality = str(((prov or {}).get("operator") or {}).get("modality", ""))
+    if modality == "ct" and not (prov or {}).get("measurement_intensity"):
+        print("note: the measurement declares no intensity mapping (metadata.intensity), so the image holds the "
+              "model's attenuation per pixel, not Hounsfield units, at 1 mm pixels; `napari-diffrecon simulate` "
+              "records one for images in HU")
     return 0
 
 
@@ -801,6 +818,7 @@ def _parser() -> argparse.ArgumentParser:
                         "(default 1: a steadier std from few samples; 0 = raw per voxel; 2D runs only)")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--device", default="cpu", type=_device)
+    r.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's, all cores)")
     r.add_argument("-o", "--output", required=True)
     r.add_argument("--force", action="store_true")
     from .distributed import add_volume_arguments  # no dask import at module level: cheap

@@ -586,24 +586,34 @@ def _run_folder_from_args(args: argparse.Namespace, folder: Path, out: Path) -> 
     n_samples = 1 if n_samples is None else n_samples
     if n_samples < 1:
         raise ValueError(f"--samples must be at least 1 (posterior samples per study), got {n_samples}")
+    from .priors import default_prior_for
+
+    # The first readable study's modality picks the shipped prior (and is what a given one must fit); unreadable
+    # studies are left to check_folder, which lists every problem of the folder at once.
+    modality = None
+    for path in find_studies(folder):
+        try:
+            modality = read_volume_study(path).modality
+            break
+        except (VolumeInputError, FileNotFoundError):
+            continue
+    if modality is None:
+        check_folder(folder, allow_mixed=args.allow_mixed)  # raises, naming every study that cannot be run
     prior = getattr(args, "prior", None)
     if prior is None:
-        from .priors import default_prior_for
-
-        # The first readable study's modality picks the shipped prior; unreadable studies are left to
-        # check_folder, which lists every problem of the folder at once.
-        modality = None
-        for path in find_studies(folder):
-            try:
-                modality = read_volume_study(path).modality
-                break
-            except (VolumeInputError, FileNotFoundError):
-                continue
-        if modality is None:
-            check_folder(folder, allow_mixed=args.allow_mixed)  # raises, naming every study that cannot be run
         prior = default_prior_for(modality, modality == "mri")
         if prior is None:
             raise ValueError(f"no shipped prior for {modality}; pass --prior PATH to a trained prior")
+    elif modality is not None and not args.allow_mixed:
+        from .priors import ModelCard
+        from .priors.registry import prior_path
+
+        card = ModelCard.read(prior_path(prior).with_suffix(".json"))
+        want = 2 if modality == "mri" else 1
+        if card.modality not in (modality, "generic") or card.channels != want:
+            raise ValueError(f"--prior {prior} is a {card.modality.upper()} prior ({card.channels} channel(s)); these "
+                             f"studies are {modality.upper()} ({want}): pass --prior "
+                             f"{default_prior_for(modality, modality == 'mri')} or drop --prior")
     check = {"allow_anisotropic": args.allow_anisotropic}
     if args.spacing:
         check["assume_spacing"] = tuple(args.spacing)

@@ -34,6 +34,7 @@ __all__ = [
     "hot_start_params",
     "noise_is_assumed",
     "data_kind",
+    "resolve_settings",
     "prepare_run",
     "reconstruct",
     "finish_diffusion_run",
@@ -65,7 +66,9 @@ class RunSettings:
 
     method: str = "dds"
     prior: str | None = None
-    params: SamplerParams = field(default_factory=SamplerParams)
+    #: None: the benchmark-tuned values for the method and the data (``samplers.defaults.recommended_params``, as the
+    #: CLI and the workbench start from), filled in when the run starts (:func:`resolve_settings`)
+    params: SamplerParams | None = None
     n_samples: int = 1
     seed: int = 0
     device: str = "cpu"
@@ -96,7 +99,7 @@ class RunSettings:
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable settings."""
         d = asdict(self)
-        d["params"] = self.params.to_dict()
+        d["params"] = None if self.params is None else self.params.to_dict()
         return d
 
     @classmethod
@@ -106,7 +109,12 @@ class RunSettings:
         unknown = set(d) - set(cls.__dataclass_fields__)
         if unknown:
             raise ValueError(f"unknown run settings {sorted(unknown)}")
-        p = dict(d.pop("params", {}) or {})
+        p = d.pop("params", None)
+        if p is None:  # the tuned values for the data, filled in when the run starts
+            if "method" in d and d["method"] not in (*SAMPLERS, *_baseline_names()):
+                raise ValueError(f"unknown method {d['method']!r}")
+            return cls(params=None, **d)
+        p = dict(p)
         bad = set(p) - set(SamplerParams.__dataclass_fields__)
         if bad:
             raise ValueError(f"unknown sampler parameters {sorted(bad)}")
@@ -269,11 +277,21 @@ def ct_hot_start(views: int, arc: float) -> str:
     return "tv" if views <= TV_HOT_START_MAX_VIEWS or arc < TV_HOT_START_MAX_ARC else "fbp"
 
 
-def _resolve_hot_start(settings: RunSettings, measurement: Any) -> RunSettings:
-    """``settings`` with ``hot_start="auto"`` replaced by the data's start (:func:`default_hot_start`)."""
-    if settings.hot_start != "auto":
-        return settings
-    return replace(settings, hot_start=default_hot_start(measurement))
+def resolve_settings(settings: RunSettings, measurement: Any) -> RunSettings:
+    """``settings`` as they run on ``measurement``: ``hot_start="auto"`` replaced by the data's start
+    (:func:`default_hot_start`), and no ``params`` (``RunSettings``' default) by the benchmark-tuned values for the
+    method and these data (``samplers.defaults.recommended_params`` with :func:`data_kind`, as the CLI and the
+    workbench start from; ``SamplerParams()`` are untuned generic values)."""
+    if settings.hot_start == "auto":
+        settings = replace(settings, hot_start=default_hot_start(measurement))
+    if settings.params is None:
+        from .samplers.defaults import recommended_params
+
+        modality, coils, noisy = data_kind(measurement)
+        method = settings.method if settings.method in SAMPLERS else "dds"  # a classical run reads none of them
+        settings = replace(settings, params=recommended_params(method, modality, bool(settings.hot_start),
+                                                               coils=coils, noisy=noisy))
+    return settings
 
 
 # Song 2022 and MCG end on a hard projection onto the measurements, which assumes (nearly) noise-free linear data.
@@ -541,7 +559,7 @@ def prepare_run(
     why = prior_mismatch(card, measurement) if hasattr(measurement, "operator") else None
     if why:
         raise SamplingError(why)
-    settings = _resolve_hot_start(settings, measurement)
+    settings = resolve_settings(settings, measurement)
     # without a hot start the classical image is only a reference (intensity mapping, support map): the modality's
     # cheap one, whatever default_hot_start would pick
     hs_method = settings.hot_start or _REFERENCE_METHOD.get(modality)
@@ -749,7 +767,7 @@ def reconstruct(
             provenance=prov,
             residual=res,
         )
-    settings = _resolve_hot_start(settings, measurement)  # the provenance records the start used, not "auto"
+    settings = resolve_settings(settings, measurement)  # the provenance records the start used, not "auto"
     problem, start, info = prepare_run(measurement, settings, prior)
     if notify is not None:
         for w in info.get("warnings", []):

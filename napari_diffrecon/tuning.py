@@ -590,6 +590,9 @@ def auto_tune(
         if not isinstance(measurement.build_likelihood(), GaussianLikelihood):
             raise ValueError(f"the {'discrepancy principle' if criterion == 'discrepancy' else 'SURE'} needs "
                              "Gaussian noise of known σ; use criterion 'split' (measurement splitting) for counts")
+    from .reconstruct import resolve_settings
+
+    settings = resolve_settings(settings, measurement)  # no params: the tuned values for the data are the start
     grid = _grid(params, settings.method, settings.params)
     if prior is None:
         prior = _load_prior_for(measurement, settings)
@@ -720,8 +723,9 @@ def tuned_reconstruct(
     ``"auto_tune"``. ``kw`` goes to :func:`auto_tune` (``holdout``, ``n_splits``, ``seed``, ``batched``).
     Used by ``napari-diffrecon reconstruct --auto``.
     """
-    from .reconstruct import reconstruct
+    from .reconstruct import reconstruct, resolve_settings
 
+    settings = resolve_settings(settings, measurement)
     if prior is None:
         prior = _load_prior_for(measurement, settings)
     tune_settings = replace(settings, n_samples=1, keep_samples=False)

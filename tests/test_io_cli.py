@@ -504,6 +504,7 @@ def test_cli_refuses_runs_that_cannot_be_what_was_asked(tmp_path, capsys):
         (["--method", "fbp", "--iters", "5"], "--method fbp reads --filter"),
         (["--method", "tv", "--filter", "hann"], "--method tv reads --iters, --lam, --lam-rel"),
         (["--method", "ddim", "--auto"], "--method ddim has none to tune"),
+        (["--method", "fbp", "--threads", "0"], "--threads must be a whole number ≥ 1"),
     ]
     for extra, message in cases:
         capsys.readouterr()
@@ -1087,3 +1088,45 @@ def test_a_colour_npy_is_refused_with_how_to_make_it_grey(tmp_path, capsys):
     assert main(["simulate", str(p), "--modality", "ct", "-o", str(tmp_path / "s.npz")]) == 2
     err = capsys.readouterr().err
     assert "64×3 pixels" in err and "arr.mean(-1)" in err and not (tmp_path / "s.npz").exists()
+
+
+def test_python_runs_start_from_the_tuned_values_like_the_cli():
+    """RunSettings(method="dds") ran with SamplerParams()'s generic values (exact DDIM re-noise, one orientation),
+    not the benchmark-tuned ones the CLI and the workbench start from."""
+    from napari_diffrecon.io import load_sample
+    from napari_diffrecon.reconstruct import RunSettings, data_kind, reconstruct, resolve_settings
+    from napari_diffrecon.samplers import SamplerParams
+    from napari_diffrecon.samplers.defaults import recommended_params
+
+    m = load_sample("ct_sparse23")
+    modality, coils, noisy = data_kind(m)
+    tuned = recommended_params("dds", modality, True, coils=coils, noisy=noisy)
+    s = resolve_settings(RunSettings(method="dds", hot_start="auto"), m)
+    assert s.hot_start == "tv" and s.params == tuned and s.params != SamplerParams()
+    explicit = SamplerParams(n_steps=3)
+    assert resolve_settings(RunSettings(params=explicit), m).params is explicit  # the live object, kept
+    assert RunSettings.from_dict(RunSettings().to_dict()).params is None
+    res = reconstruct(m, RunSettings(method="dds", hot_start="auto"))
+    assert res.provenance["settings"]["params"] == tuned.to_dict()
+
+
+def test_exporting_ct_without_an_intensity_mapping_says_it_is_not_in_hu(tmp_path, capsys):
+    """A bundle made with numpy alone (README) declares no HU mapping: its export held attenuation values, silently."""
+    from skimage.transform import radon
+
+    image = np.zeros((32, 32))
+    image[10:22, 12:20] = 0.02
+    theta = np.linspace(0, 180, 24, endpoint=False)
+    np.savez(tmp_path / "mine.npz", measurement=radon(image, theta=theta, circle=True),
+             operator=json.dumps({"modality": "ct", "image_shape": [32, 32], "angles_deg": theta.tolist()}))
+    assert main(["reconstruct", str(tmp_path / "mine.npz"), "--method", "fbp", "-o", str(tmp_path / "r.npz")]) == 0
+    capsys.readouterr()
+    assert main(["export", str(tmp_path / "r.npz"), "-o", str(tmp_path / "r.nii.gz")]) == 0
+    assert "not Hounsfield units" in capsys.readouterr().out
+    from napari_diffrecon.io import DATA_DIR
+
+    sample = str(DATA_DIR / "ct_sparse23.npz")
+    assert main(["reconstruct", sample, "--method", "fbp", "-o", str(tmp_path / "s.npz")]) == 0
+    capsys.readouterr()
+    assert main(["export", str(tmp_path / "s.npz"), "-o", str(tmp_path / "s.nii.gz")]) == 0
+    assert "Hounsfield" not in capsys.readouterr().out  # the sample maps to HU

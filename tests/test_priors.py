@@ -474,3 +474,20 @@ def test_cosine_learning_rate_anneals_from_the_rate_to_zero():
     assert {learning_rate(TrainConfig(lr=2e-4, steps=10), k) for k in range(10)} == {2e-4}  # the default: constant
     with pytest.raises(ValueError, match="lr_schedule"):
         learning_rate(TrainConfig(lr_schedule="step"), 0)
+
+
+def test_a_card_whose_weights_have_other_shapes_names_the_files(tmp_path):
+    """Weights of another channel count gave torch's multi-line size-mismatch message, naming neither file."""
+    import json
+    import shutil
+
+    from napari_diffrecon.priors import CardError, load_prior
+    from napari_diffrecon.priors.registry import prior_path
+
+    src = prior_path("pet-phantom-128")
+    shutil.copy(src.with_suffix(".safetensors"), tmp_path / "p.safetensors")
+    card = json.loads(src.read_text())
+    card["channels"] = 2  # the weights are a 1-channel network's
+    (tmp_path / "p.json").write_text(json.dumps(card))
+    with pytest.raises(CardError, match=r"p\.safetensors do not fit the network p\.json describes \(2 channel"):
+        load_prior(tmp_path / "p.json")

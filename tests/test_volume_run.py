@@ -198,7 +198,7 @@ def test_volume_defaults_are_the_modalitys_2d_dds_step_for_cli_gui_and_api(tmp_p
         raise KeyboardInterrupt  # stop before any work
 
     monkeypatch.setattr(distributed, "reconstruct_folder", spy)
-    argv = [str(tmp_path / "s.npz"), "-o", str(tmp_path / "out"), "--prior", "unused.json", "--ztv", "0.02"]
+    argv = [str(tmp_path / "s.npz"), "-o", str(tmp_path / "out"), "--prior", "mri-brain-128", "--ztv", "0.02"]
     for extra in ([], ["--gamma", "3"], ["--prior-weight", "2"], ["--renoise", "ddim"]):
         with pytest.raises(KeyboardInterrupt):
             distributed.main(argv + extra)
@@ -242,7 +242,7 @@ def test_cli_volume_run_over_its_memory_budget_is_an_error_not_a_traceback(tmp_p
                                ["--threads-per-worker", "0"], ["--zeta", "2"], ["--auto"], ["--keep-samples"],
                                # refused here, not by every worker in turn after a cluster started (exit 1)
                                ["--steps", "0"], ["--eta", "5"], ["--ztv", "-1"], ["--rho", "0"], ["--halo", "-1"],
-                               ["--samples", "0"])):
+                               ["--samples", "0"], ["--prior", "mri-brain-128"])):
         code = main(["reconstruct", str(path), "--volume", "--method", "mbir", "--steps", "2", *extra,
                      "-o", str(tmp_path / f"out{i}")])
         err = capsys.readouterr().err

@@ -1266,6 +1266,10 @@ class DiffReconWidget(QWidget):
             raise ValueError(f"unknown method {settings.method!r}")
         self.method_combo.setCurrentIndex(idx)
         p = settings.params
+        if p is None:  # a preset without sampler values: the tuned ones for the method and the data
+            from ..samplers.defaults import recommended_params
+
+            p = self._recommended() or recommended_params("dds")
         for key in PARAM_SPINS:
             v = getattr(p, key)
             if isinstance(v, float) and not math.isfinite(v):

@@ -107,7 +107,7 @@ def run_stream(
         they are copied into the provenance.
     """
     from ..baselines import BASELINES
-    from ..reconstruct import _resolve_hot_start, finish_diffusion_run, hot_start_params, prepare_run, provenance
+    from ..reconstruct import finish_diffusion_run, hot_start_params, prepare_run, provenance, resolve_settings
     from ..uncertainty import summarize
 
     t_start = time.perf_counter()
@@ -124,7 +124,7 @@ def run_stream(
                      mean=res.reconstruction, residual=res.residual, residual_map=rmap,
                      baseline=res.reconstruction, baseline_method=settings.method, provenance=res.provenance)
         return
-    settings = _resolve_hot_start(settings, measurement)  # "auto" → the data's start (the same live params)
+    settings = resolve_settings(settings, measurement)  # "auto" → the data's start (the same live params)
     start_image = None
     if baseline:
         hot = settings.hot_start

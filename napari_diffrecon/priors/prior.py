@@ -499,7 +499,15 @@ def load_prior_file(path: str | Path, device: str | torch.device = "cpu") -> Net
     except (SafetensorError, OSError, ValueError) as e:
         raise CardError(f"cannot read weights {weights}: {e} (is it a safetensors file?)") from None
     state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}  # float16 shipped weights
-    missing, unexpected = net.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = net.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # same names, other shapes (another channel count or width): torch's message is long
+        shapes = [line.strip() for line in str(e).splitlines() if "size mismatch" in line]
+        raise CardError(
+            f"weights {weights.name} do not fit the network {card_path.name} describes ({card.channels} channel(s), "
+            f"{card.architecture.get('preset', card.architecture)}): {len(shapes)} tensors have other shapes, e.g. "
+            f"{shapes[0] if shapes else str(e)[:200]}; the card and the weights must come from the same run"
+        ) from None
     if missing or unexpected:
         raise CardError(
             f"weights {weights.name} do not match the architecture in {card_path.name}: "
