@@ -462,6 +462,30 @@ def _count_notes(data: Any, likelihood: Any) -> list[str]:
             "with the correction as the background, or a Gaussian noise model"]
 
 
+#: Share of the k-space samples a mask marks as measured that may be exactly 0 before a run warns (a real acquisition
+#: has none; zero-filled k-space stored without its mask has about 1 − 1/R of them).
+ZERO_SAMPLES_WARN = 0.1
+
+
+def _mask_notes(measurement: Any) -> list[str]:
+    """A warning when many k-space samples the MRI mask marks as measured are exactly 0: undersampled k-space stored
+    zero-filled with a mask of all ones (not its sampling mask), whose zeros a run takes as data."""
+    spec = getattr(measurement, "operator", None) or {}
+    if str(spec.get("modality")) != "mri":
+        return []
+    data = np.asarray(measurement.data)
+    mask = spec.get("mask")
+    mask = np.ones(data.shape[-2:], bool) if mask is None else np.asarray(mask) > 0
+    measured = np.broadcast_to(mask, data.shape)
+    n = int(measured.sum())
+    zero = float((data[measured] == 0).sum()) / n if n else 0.0
+    if zero <= ZERO_SAMPLES_WARN:
+        return []
+    return [f"{zero:.0%} of the k-space samples the mask marks as measured are exactly 0: undersampled k-space stored "
+            "zero-filled with a mask of all ones? Those zeros are taken as measurements of 0 (the result tends to "
+            "the zero-filled image); store operator.mask (1 where k-space was acquired)"]
+
+
 def data_kind(measurement: Any) -> tuple[str, int | None, bool]:
     """What the tuned sampler values depend on besides the method: ``(modality, coils, noisy)``.
 
@@ -604,7 +628,7 @@ def prepare_run(
         "conditional": settings.method not in UNCONDITIONAL,
         "warnings": _noise_notes(settings.method, likelihood, floor, assumed, int(settings.params.cg_iters))
         + _prior_notes(settings.method, prior) + _count_notes(measurement.data, likelihood)
-        + _orientation_notes(settings),
+        + _mask_notes(measurement) + _orientation_notes(settings),
     }
     return problem, start, info
 
@@ -740,7 +764,7 @@ def reconstruct(
 
         res = float(data_residual(op, x, m_t, lik))
         floor, assumed = noise_floor(op, m_t, lik), noise_is_assumed(measurement.noise)
-        warns = _count_notes(measurement.data, lik)
+        warns = _count_notes(measurement.data, lik) + _mask_notes(measurement)
         misfit = None if assumed else _misfit(res, floor)
         if misfit == "noise":
             warns.append(f"the data residual ({res:.3g}) is below half the noise floor ({floor:.3g}, what the "

@@ -301,3 +301,18 @@ def test_a_bundle_no_reader_would_take_is_not_written(tmp_path):
         write_measurement(bad, tmp_path / "bad.npz")
     assert not (tmp_path / "bad.npz").exists()
     assert read_measurement(write_measurement(m, tmp_path / "ok.npz")).data.shape == m.data.shape
+
+
+def test_zero_filled_k_space_without_its_mask_is_warned_about():
+    """Undersampled k-space stored zero-filled with a mask of all ones ran silently: its zeros were taken as data."""
+    import dataclasses
+
+    from napari_diffrecon.io import load_sample
+    from napari_diffrecon.reconstruct import RunSettings, reconstruct
+
+    m = load_sample("mri_4x_8coils")
+    assert not any("exactly 0" in w for w in reconstruct(m, RunSettings(method="zero_filled")).provenance["warnings"])
+    spec = {**m.operator, "mask": np.ones_like(np.asarray(m.operator["mask"]))}
+    lost = dataclasses.replace(m, operator=spec)
+    warns = reconstruct(lost, RunSettings(method="zero_filled")).provenance["warnings"]
+    assert any("marks as measured are exactly 0" in w and "operator.mask" in w for w in warns), warns

@@ -365,6 +365,9 @@ class DiffReconWidget(QWidget):
         gl.addWidget(_row("from", self.open_btn, self.layer_btn))
         self.sim_modality = QComboBox()
         self.sim_modality.addItems(["ct", "mri", "pet"])
+        self.sim_modality.setToolTip("how a measurement is simulated from an image (an image layer with \"Use selected "
+                                     "layer\", or an image file): loaded measurements keep their own geometry, "
+                                     "shown below")
         self.sim_views = _spin("int", 4, 1000, 1, 0)
         self.sim_views.setValue(60)
         self.sim_accel = _spin("float", 1.0, 32.0, 0.5, 1)
