@@ -187,17 +187,20 @@ SAMPLER_PARAM_FLAGS = {"steps": ("n_steps", "--steps"), "eta": ("eta", "--eta"),
                                                                                           "--adapt-steps")}
 ADAPT_SETTING_FLAGS = {"adapt_lr": "--adapt-lr", "lora_rank": "--lora-rank", "adapt_every": "--adapt-every",
                        "adapt_start": "--adapt-start", "adapt_target": "--adapt-target", "adapt_floor": "--adapt-floor"}
+# The samplers with an EM data step on PET counts (samplers/datastep.py), where --subsets makes it ordered-subsets.
+EM_DATA_STEP_METHODS = ("dds", "consistency")
 # The hot start's classical parameters (dest → flag, the starts that read them).
 START_PARAM_FLAGS = {"filter": ("--filter", ("fbp",)), "iters": ("--iters", ("cg", "tv", "mlem", "osem")),
                      "lam": ("--lam", ("tv",)), "lam_rel": ("--lam-rel", ("tv",)), "subsets": ("--subsets", ("osem",))}
 
 
-def _refuse_flags_the_method_ignores(a: argparse.Namespace, modality: str) -> None:
+def _refuse_flags_the_method_ignores(a: argparse.Namespace, m: Any) -> None:
     """Refuse the flags of other methods (``--zeta`` with DDS, ``--filter`` with TV, ``--lam-rel`` without a TV hot
     start, ``--adapt-lr`` without ``--adapt-steps``, ``--holdout`` without ``--auto split``): each ran as if absent."""
     from .baselines import BASELINE_PARAMS
     from .samplers import PARAMS_READ
 
+    modality = str(m.operator.get("modality"))
     method = a.method
     if method in BASELINE_PARAMS:  # the sampler flags are refused by _refuse_flags_the_run_ignores
         given = [flag for dest, (flag, _) in START_PARAM_FLAGS.items()
@@ -211,22 +214,32 @@ def _refuse_flags_the_method_ignores(a: argparse.Namespace, modality: str) -> No
     if given:
         takes = ", ".join(f for d, (p, f) in SAMPLER_PARAM_FLAGS.items() if p in reads)
         _refuse_ignored(given, "other samplers", f"--method {method} reads {takes}")
-    if "adapt_steps" in reads and not getattr(a, "adapt_steps", None):
+    if not getattr(a, "adapt_steps", None):
         _refuse_ignored(_given(a, ADAPT_SETTING_FLAGS), "test-time adaptation",
-                        "it is off without --adapt-steps N (N ≥ 1)")
+                        "it is off without --adapt-steps N (N ≥ 1; DDS and DPS)")
     start = a.hot_start
     for dest, (flag, starts) in START_PARAM_FLAGS.items():
         if getattr(a, dest, None) is None or (dest == "lam" and "lam" in reads):  # Song / MCG: their λ
             continue
-        if dest == "subsets" and modality == "pet":  # the samplers' EM data step on PET counts
-            continue
+        if dest == "subsets":
+            if modality == "pet" and method in EM_DATA_STEP_METHODS:  # ordered subsets in their EM data step
+                continue
+            if modality != "pet":
+                raise ValueError("--subsets applies to PET data (OSEM, or the EM data step of "
+                                 f"{' / '.join(EM_DATA_STEP_METHODS)}); these are {modality.upper()} data: drop it")
         if start not in starts:
             where = f"a hot start from {' / '.join(starts).upper()}"
             now = f"this run starts from {start.upper()}" if start else "this run has no hot start"
             raise ValueError(f"{flag} applies to {where}; {now}: drop {flag} (or pass --hot-start {starts[0]})")
-    if a.holdout is not None and getattr(a, "auto", None) != "split":
+    auto = getattr(a, "auto", None)
+    if auto == "auto":
+        from .tuning import choose_criterion
+
+        auto, _ = choose_criterion(m)
+    if a.holdout is not None and auto != "split":
+        chose = " (--auto picks the discrepancy principle for these data: Gaussian noise of known σ)" if a.auto else ""
         raise ValueError("--holdout is the share of the data measurement splitting holds out; add --auto split or "
-                         "drop --holdout")
+                         f"drop --holdout{chose}")
 
 
 def _std_pool(v: float | None) -> float:
@@ -330,7 +343,7 @@ def _cmd_reconstruct(a: argparse.Namespace) -> int:
             print(f"hot start: {a.hot_start}")
 
     kind = data_kind(m)
-    _refuse_flags_the_method_ignores(a, kind[0])
+    _refuse_flags_the_method_ignores(a, m)
     settings = _settings_from_args(a, *kind)
     if a.method == "consistency" and not a.hot_start and settings.params.n_steps <= 8:
         print("note: few-step consistency sampling from pure noise is far below a hot start on our benchmarks "
@@ -965,10 +978,10 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {e}", file=sys.stderr)  # a volume run that would not fit its budget: the message says what would
         return 2
-    except BrokenPipeError:  # `napari-diffrecon info x.npz | head -1`: the reader left; no traceback
-        with contextlib.suppress(OSError):
+    except BrokenPipeError:  # `napari-diffrecon info x.npz | head -1`: the reader left; no traceback, but not a success
+        with contextlib.suppress(OSError):  # (a run whose progress lines had nowhere to go stopped: nothing written)
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
+        return 1
     except KeyboardInterrupt:  # Ctrl-C: results are written atomically (nothing half-written); training has saved
         print("interrupted", file=sys.stderr)  # its checkpoint and said so
         return 130

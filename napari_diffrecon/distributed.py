@@ -608,12 +608,17 @@ def _run_folder_from_args(args: argparse.Namespace, folder: Path, out: Path) -> 
         from .priors import ModelCard
         from .priors.registry import prior_path
 
-        card = ModelCard.read(prior_path(prior).with_suffix(".json"))
+        card_path = prior_path(prior).with_suffix(".json")
+        if not card_path.exists():
+            raise FileNotFoundError(f"--prior {prior}: no prior card {card_path} (a prior is a .json card beside its "
+                                    ".safetensors weights)")
+        card = ModelCard.read(card_path)
         want = 2 if modality == "mri" else 1
         if card.modality not in (modality, "generic") or card.channels != want:
+            shipped = default_prior_for(modality, modality == "mri")
+            instead = f"pass --prior {shipped} or drop --prior" if shipped else f"pass a {modality.upper()} prior"
             raise ValueError(f"--prior {prior} is a {card.modality.upper()} prior ({card.channels} channel(s)); these "
-                             f"studies are {modality.upper()} ({want}): pass --prior "
-                             f"{default_prior_for(modality, modality == 'mri')} or drop --prior")
+                             f"studies are {modality.upper()} ({want}): {instead}")
     check = {"allow_anisotropic": args.allow_anisotropic}
     if args.spacing:
         check["assume_spacing"] = tuple(args.spacing)

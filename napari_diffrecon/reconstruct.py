@@ -462,9 +462,9 @@ def _count_notes(data: Any, likelihood: Any) -> list[str]:
             "with the correction as the background, or a Gaussian noise model"]
 
 
-#: Share of the k-space samples a mask marks as measured that may be exactly 0 before a run warns (a real acquisition
-#: has none; zero-filled k-space stored without its mask has about 1 − 1/R of them).
-ZERO_SAMPLES_WARN = 0.1
+#: Share of the k-space samples a mask marks as measured that may be exactly 0 before a run warns (an acquisition has
+#: few: zero-padded readout edges; zero-filled k-space stored with a mask of all ones has 1 − 1/R of them, ≥ 50 %).
+ZERO_SAMPLES_WARN = 0.4
 
 
 def _mask_notes(measurement: Any) -> list[str]:

@@ -500,6 +500,10 @@ def _grid(params: dict[str, Sequence[float]] | str | Sequence[str] | None, metho
 
 def apply_tuning(settings: Any, values: dict[str, float]) -> Any:
     """A copy of ``settings`` with the tuned parameter values."""
+    if settings.params is None:
+        raise ValueError("these settings hold no sampler parameters yet (RunSettings' default: the tuned values for "
+                         "the data); resolve them first: napari_diffrecon.reconstruct.resolve_settings(settings, "
+                         "measurement)")
     params = replace(settings.params, **values)
     return replace(settings, params=params)
 

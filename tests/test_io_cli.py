@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 
@@ -298,7 +299,7 @@ def test_cli_simulate_reconstruct_and_errors(tmp_path, capsys):
     assert main(["reconstruct", str(b), "--method", "magic", "-o", str(tmp_path / "y.npz")]) == 2
     capsys.readouterr()
     assert main(["reconstruct", str(b), "--method", "dds", "--subsets", "4", "-o", str(tmp_path / "z.npz")]) == 2
-    assert "--subsets applies to a hot start from OSEM" in capsys.readouterr().err  # CT: no EM data step reads it
+    assert "--subsets applies to PET data" in capsys.readouterr().err  # CT: no EM data step reads it
     from napari_diffrecon.io import DATA_DIR
 
     pet = str(DATA_DIR / "pet_lowcount.npz")
@@ -389,7 +390,6 @@ def test_std_pool_is_refused_for_volume_runs(tmp_path, capsys):
 
 
 def test_precision_is_checked_and_refused_for_volume_runs(tmp_path, capsys):
-    import argparse
 
     from napari_diffrecon.cli import _parser, _settings_from_args, main
     from napari_diffrecon.reconstruct import RunSettings
@@ -505,6 +505,8 @@ def test_cli_refuses_runs_that_cannot_be_what_was_asked(tmp_path, capsys):
         (["--method", "tv", "--filter", "hann"], "--method tv reads --iters, --lam, --lam-rel"),
         (["--method", "ddim", "--auto"], "--method ddim has none to tune"),
         (["--method", "fbp", "--threads", "0"], "--threads must be a whole number ≥ 1"),
+        (["--method", "mcg", "--steps", "2", "--adapt-lr", "0.01"], "it is off without --adapt-steps"),
+        (["--method", "dds", "--steps", "2", "--auto", "--holdout", "0.3"], "--auto picks the discrepancy principle"),
     ]
     for extra, message in cases:
         capsys.readouterr()
@@ -932,7 +934,6 @@ def test_hot_start_auto_takes_the_data_s_classical_start(tmp_path, capsys):
 
 
 def test_ctrl_c_ends_a_command_with_a_line_not_a_traceback(monkeypatch, capsys):
-    import argparse
 
     import napari_diffrecon.cli as cli
 
@@ -1033,7 +1034,6 @@ def test_cli_priors_lists_the_shipped_priors_and_shows_one_card_in_full(tmp_path
 
 def test_flags_a_run_reads_are_taken(tmp_path):
     """The other side of the refusals: each method's own flags and a hot start's parameters pass the check."""
-    import argparse
 
     from napari_diffrecon.cli import _refuse_flags_the_method_ignores
 
@@ -1049,7 +1049,7 @@ def test_flags_a_run_reads_are_taken(tmp_path):
                          (dict(hot_start="fbp", filter="hann"), "ct"), (dict(subsets=4), "pet"),
                          (dict(adapt_steps=2, adapt_lr=1e-3), "ct"), (dict(auto="split", holdout=0.3), "ct"),
                          (dict(method="tv", lam_rel=0.1, iters=50), "ct"), (dict(method="osem", subsets=4), "pet")):
-        _refuse_flags_the_method_ignores(args(**kw), modality)  # no error
+        _refuse_flags_the_method_ignores(args(**kw), argparse.Namespace(operator={"modality": modality}))  # no error
 
 
 def test_exported_prior_weights_are_readable_by_others(tmp_path):
@@ -1130,3 +1130,21 @@ def test_exporting_ct_without_an_intensity_mapping_says_it_is_not_in_hu(tmp_path
     capsys.readouterr()
     assert main(["export", str(tmp_path / "s.npz"), "-o", str(tmp_path / "s.nii.gz")]) == 0
     assert "Hounsfield" not in capsys.readouterr().out  # the sample maps to HU
+
+
+def test_holdout_goes_with_auto_when_auto_splits_and_subsets_with_the_em_data_step(tmp_path, capsys):
+    """A plain --auto that picks splitting (counts) takes --holdout; --subsets is PET's (OSEM or DDS's EM step)."""
+    from napari_diffrecon.cli import _refuse_flags_the_method_ignores
+    from napari_diffrecon.io import load_sample
+
+    pet, ct = load_sample("pet_lowcount"), load_sample("ct_sparse23")
+    base = dict(hot_start=None, adapt_steps=None, steps=None, eta=None, gamma=None, zeta=None, cg_iters=None,
+                snr=None, orientations=None, filter=None, iters=None, lam=None, lam_rel=None, subsets=None,
+                adapt_lr=None, lora_rank=None, adapt_every=None, adapt_start=None, adapt_target=None, adapt_floor=None)
+    ns = lambda **kw: argparse.Namespace(**{**base, **kw})  # noqa: E731
+    _refuse_flags_the_method_ignores(ns(method="dds", auto="auto", holdout=0.3), pet)  # auto splits counts
+    _refuse_flags_the_method_ignores(ns(method="dds", auto=None, holdout=None, subsets=4), pet)
+    with pytest.raises(ValueError, match="--subsets applies to a hot start from OSEM"):  # DPS has no EM data step
+        _refuse_flags_the_method_ignores(ns(method="dps", auto=None, holdout=None, subsets=4), pet)
+    with pytest.raises(ValueError, match="--subsets applies to PET data"):
+        _refuse_flags_the_method_ignores(ns(method="dds", auto=None, holdout=None, subsets=4), ct)

@@ -278,3 +278,8 @@ def test_auto_criterion_is_the_discrepancy_principle_for_known_gaussian_noise_el
     res = tuning.auto_tune(meas, SETTINGS, prior=prior, params={"gamma": [0.3, 3.0]})
     assert res.criterion == tuning.choose_criterion(meas)[0]
     assert res.to_dict()["criterion_chosen"].startswith("auto: ")
+
+
+def test_apply_tuning_asks_for_resolved_settings():
+    with pytest.raises(ValueError, match="resolve_settings"):
+        tuning.apply_tuning(RunSettings(method="dds"), {"gamma": 2.0})

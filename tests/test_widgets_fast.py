@@ -724,6 +724,7 @@ def test_each_method_runs_on_its_own_default_prior_and_the_box_stays_on_default(
         assert prov["prior"] == default_prior_for("ct", consistency=method == "consistency"), method
         assert w.prior is None and w.prior_combo.currentText() == NONE_PRIOR
         assert w.current_settings().prior is None  # the saved settings keep "default", not the run's prior
+        assert _presets.load_last()[0].prior is None  # and so does the next session's start (the run saves it)
         assert w.card_label.text().startswith("default for CT: ")
 
 
@@ -794,3 +795,28 @@ def test_a_layer_name_becomes_a_file_name_any_system_takes():
     assert _file_stem("posterior mean [earlier dds run]") == "posterior_mean_earlier_dds_run"
     assert _file_stem('a/b\\c:d*e?"f"<g>') == "a_b_c_d_e_f_g"
     assert _file_stem("...") == "layer"
+
+
+def test_a_preset_without_sampler_values_takes_the_tuned_ones_for_its_own_hot_start(make_napari_viewer):
+    """The tuned values were looked up with the box's hot start, before the preset's was applied."""
+    from napari_diffrecon.reconstruct import RunSettings, data_kind
+    from napari_diffrecon.samplers.defaults import recommended_params
+
+    w = _session(make_napari_viewer)
+    w.load_sample("ct_sparse23")
+    modality, coils, noisy = data_kind(w.measurement)
+    for box, hot in ((False, "auto"), (True, None)):
+        w.hot_start.setChecked(box)
+        w.apply_settings(RunSettings(method="dds", hot_start=hot))
+        tuned = recommended_params("dds", modality, hot is not None, coils=coils, noisy=noisy)
+        assert w.spins["n_steps"].value() == tuned.n_steps and w.spins["orientations"].value() == tuned.orientations
+
+
+def test_closing_the_dock_stops_an_auto_tune_search(make_napari_viewer, qtbot):
+    w = _session(make_napari_viewer)
+    w.load_sample("ct_sparse23")
+    w.spins["n_steps"].setValue(4)
+    assert w.tuning.start() is not None
+    w.viewer.window.remove_dock_widget(w)
+    qtbot.waitUntil(lambda: not w.tuning.running, timeout=60_000)
+    assert w.tuning._cancel.is_set()

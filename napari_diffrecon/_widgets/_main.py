@@ -1269,10 +1269,12 @@ class DiffReconWidget(QWidget):
             raise ValueError(f"unknown method {settings.method!r}")
         self.method_combo.setCurrentIndex(idx)
         p = settings.params
-        if p is None:  # a preset without sampler values: the tuned ones for the method and the data
+        if p is None:  # a preset without sampler values: the tuned ones for the method, its hot start and the data
             from ..samplers.defaults import recommended_params
 
-            p = self._recommended() or recommended_params("dds")
+            modality, coils, noisy = self._data_kind()
+            p = recommended_params(settings.method if settings.method in SAMPLERS else "dds", modality,
+                                   bool(settings.hot_start), coils=coils, noisy=noisy)
         for key in PARAM_SPINS:
             v = getattr(p, key)
             if isinstance(v, float) and not math.isfinite(v):
@@ -1431,8 +1433,8 @@ class DiffReconWidget(QWidget):
             if found is None:
                 return None
             prior, settings.prior = found
-        if self.remember:
-            _presets.save_last(settings, self._last_state())
+        if self.remember:  # the prior box's choice ("default": None), not the default this run resolved to
+            _presets.save_last(dataclasses.replace(settings, prior=self.prior_source), self._last_state())
         self._run_settings = settings
         self._run_measurement = self.measurement  # which data the run's layers belong to (compared by identity)
         # the run's own copy of the noise model: the σ box edits the measurement, for the next run, not this one
@@ -1825,6 +1827,7 @@ class DiffReconWidget(QWidget):
         if self.worker is not None:
             self.worker.quit()
         self.volume.stop()
+        self.tuning.stop()  # a search in flight too: it reported to a dock that is gone
         if self.remember:
             _presets.save_last(self.current_settings(), self._last_state())
 
