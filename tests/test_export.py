@@ -242,3 +242,16 @@ def test_dicom_refuses_values_it_cannot_store(tmp_path):
     assert not (tmp_path / "x.dcm").exists()
     back, _, _ = read_exported(export_image(tmp_path / "x.nii.gz", a, {}))
     assert np.isnan(back[0, 0]) and back[1, 1] == 1.0
+
+
+def test_export_image_of_a_result_takes_its_units_and_pixel_size_from_the_provenance(tmp_path):
+    """export_image(path, r.mean, r.provenance) wrote attenuation values at 1 mm: a result's provenance knows both."""
+    from napari_diffrecon.io import load_sample, read_exported
+    from napari_diffrecon.io.export import export_image
+    from napari_diffrecon.reconstruct import RunSettings, reconstruct
+
+    r = reconstruct(load_sample("ct_sparse23"), RunSettings(method="fbp"))
+    out = export_image(tmp_path / "fbp.nii.gz", r.reconstruction, r.provenance, role="mean")
+    data, prov, info = read_exported(out)
+    assert prov["exported_units"] == "HU" and data.min() < -500  # air in HU, not attenuation per pixel
+    assert info["spacing"][-1] == pytest.approx(0.661468, rel=1e-4)

@@ -280,6 +280,9 @@ def export_image(path: str | Path, data: Any, provenance: dict[str, Any] | None 
     With ``role`` and ``intensity`` (the measurement's ``metadata["intensity"]``) a CT image or its std is written in
     Hounsfield units (:func:`native_units`), and the provenance records it (``exported_units``). With
     ``data_units="HU"`` the values are in HU already (a viewer layer): written as they are, recorded the same way.
+    A result's provenance gives both when they are not passed: ``export_image(path, r.mean, r.provenance,
+    role="mean")`` writes a CT result in HU at its pixel size (``intensity`` and ``spacing`` from its
+    ``measurement_intensity``); without ``role`` the values are written as they are.
 
     Raises
     ------
@@ -289,6 +292,10 @@ def export_image(path: str | Path, data: Any, provenance: dict[str, Any] | None 
         Unknown extension, or data that is not a 2D/3D numeric image.
     """
     fmt = format_for(path)
+    if provenance and (intensity is None or spacing is None):  # a result's: the measurement's mapping and pixel size
+        inten, px = result_units(provenance, np.ndim(data))
+        intensity = inten if intensity is None else intensity
+        spacing = px if spacing is None else spacing
     if str(data_units or "").upper() == "HU" and (role in IMAGE_ROLES or role in SPREAD_ROLES):
         units, source = "HU", f"{role} as shown in the viewer, in HU"
     else:
