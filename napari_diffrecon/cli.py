@@ -715,7 +715,14 @@ def _cmd_export_prior(a: argparse.Namespace) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="napari-diffrecon", description="Reconstruct CT/MRI/PET with diffusion priors.")
+    from ._samples import DATA_DIR, SAMPLES
+
+    samples = "\n".join(f"  {DATA_DIR / (key + '.npz')}   {title}" for key, title in SAMPLES.items())
+    p = argparse.ArgumentParser(
+        prog="napari-diffrecon", description="Reconstruct CT/MRI/PET with diffusion priors.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=f"shipped sample measurements (any command takes them where it takes a bundle):\n{samples}\n"
+               "e.g. napari-diffrecon reconstruct THAT.npz --method dds --hot-start auto -o out.npz")
     p.add_argument("--version", action="version", version=f"napari-diffrecon {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 

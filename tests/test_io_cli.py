@@ -1148,3 +1148,13 @@ def test_holdout_goes_with_auto_when_auto_splits_and_subsets_with_the_em_data_st
         _refuse_flags_the_method_ignores(ns(method="dps", auto=None, holdout=None, subsets=4), pet)
     with pytest.raises(ValueError, match="--subsets applies to PET data"):
         _refuse_flags_the_method_ignores(ns(method="dds", auto=None, holdout=None, subsets=4), ct)
+
+
+def test_the_help_names_the_shipped_samples(capsys):
+    """A new user had no pointer to the sample measurements."""
+    from napari_diffrecon.io import DATA_DIR, SAMPLES
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert all(str(DATA_DIR / f"{key}.npz") in out and (DATA_DIR / f"{key}.npz").exists() for key in SAMPLES)

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
+from .._samples import DATA_DIR, SAMPLES
 from .bundle import (
     BundleError,
     Measurement,
@@ -33,12 +32,6 @@ __all__ = [
     "load_sample",
 ]
 
-DATA_DIR = Path(__file__).resolve().parent.parent / "data"
-SAMPLES = {
-    "ct_sparse23": "Sparse-view CT (23 views)",
-    "mri_4x_8coils": "Accelerated MRI (4×, 8 coils)",
-    "pet_lowcount": "Low-count PET",
-}
 
 
 def load_sample(name: str = "ct_sparse23") -> Measurement:
