@@ -283,3 +283,12 @@ def test_auto_criterion_is_the_discrepancy_principle_for_known_gaussian_noise_el
 def test_apply_tuning_asks_for_resolved_settings():
     with pytest.raises(ValueError, match="resolve_settings"):
         tuning.apply_tuning(RunSettings(method="dds"), {"gamma": 2.0})
+
+
+def test_a_flat_split_curve_says_the_data_hardly_decide():
+    flat = tuning.TuneResult(best={"gamma": 3.0}, grid=[{"gamma": g} for g in (0.1, 1.0, 3.0, 10.0)],
+                             scores=[1.1059, 1.1057, 1.1054, 1.1059], criterion="split", method="dds")
+    assert "hardly decide" in flat.edge_note() and "hardly decide" in flat.curve_text()
+    steep = tuning.TuneResult(best={"gamma": 3.0}, grid=flat.grid, scores=[1.5, 1.2, 1.0, 1.3], criterion="split",
+                              method="dds")
+    assert steep.edge_note() is None

@@ -87,7 +87,7 @@ def test_support_map_layer_and_threshold_overlay(make_napari_viewer, qtbot, tiny
     assert w.status.text().startswith(f"support map: {100 * flags.data.mean():.1f}% of voxels above")  # follows
     w.tuning.threshold.setValue(float(score.max()) + 1)
     assert flags.data.max() == 0 and "0.0% of voxels" in w.status.text()
-    assert w.layers["support"].blending == "additive"  # over the images, not hiding them
+    assert w.layers["support"].blending == "additive" and w.layers["support"].opacity < 1  # over the images
 
 
 def test_stop_tuning_ends_the_search(make_napari_viewer, qtbot, tiny_ct):

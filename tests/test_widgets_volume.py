@@ -169,6 +169,10 @@ def test_stop_keeps_what_was_computed_and_a_second_run_reuses_the_layer(make_nap
     prov = est.metadata["provenance"]
     assert prov["status"] == "stopped" and prov["stopped_at_step"] == last.step and prov["slices_finished"] == []
     assert prov["params"]["ztv"] == pytest.approx(0.2)  # the live change is in the record
+    # ... and when it came (the record held only the final weight: the first steps' 0.05 was lost)
+    changes = prov["live_parameter_changes"]
+    assert [c["ztv"] for c in changes] == pytest.approx([0.2, ZTV_DEFAULTS["ct"], 0.2])
+    assert all(c["after_step"] >= 1 for c in changes)
     assert p.stopped and "stopped" in p.status.text() and p._pbar is None
     # the viewer stays usable and the user's layers are intact
     assert user in viewer.layers and other in viewer.layers

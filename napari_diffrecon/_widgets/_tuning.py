@@ -288,6 +288,7 @@ class TuningPanel(QGroupBox):
         layer = o.layers["support"]
         layer.colormap = "magma"
         layer.blending = "additive"  # glows where unsupported over the images below (an opaque map hid the anatomy)
+        layer.opacity = 0.6  # at full strength the typical score's glow still washed the anatomy out
         layer.contrast_limits = (0.0, max(float(np.percentile(maps.score, 99.5)), maps.threshold * 2, 1e-12))
         self._show_flags(fresh=True)
         self._say_flagged()

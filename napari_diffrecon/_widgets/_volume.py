@@ -244,6 +244,8 @@ class VolumePanel(QGroupBox):
         self.estimate_updates = 0
         self.params: Any = None
         self.stopped = False
+        self._live_log: list[dict[str, Any]] = []
+        self._last_step, self._last_core, self._t_run = 0, (0, 0), 0.0
         self.max_rate = 5.0
         self._cancel = threading.Event()
         self._pbar: Any = None
@@ -449,6 +451,8 @@ class VolumePanel(QGroupBox):
         # the same defaults as the CLI: the modality's tuned 2D DDS step, coupled by z-TV
         self.params = recommended_volume_params(modality, n_steps=int(self.steps.value()))
         self._auto_ztv = self.params.ztv  # what "auto" means for this run
+        self._live_log = []  # z-TV changes while the run is in flight, for its provenance
+        self._last_step, self._last_core, self._t_run = 0, (0, 0), time.perf_counter()
         self._on_ztv(self.ztv.value())  # the box's weight, unless "auto"
         self._on_slider()
         device = o.device_combo.currentText()
@@ -494,7 +498,11 @@ class VolumePanel(QGroupBox):
             self.ztv.setValue(ZTV_AUTO)
             return
         if self.params is not None:
-            self.params.ztv = self._auto_ztv if value < 0 else float(value)
+            ztv = self._auto_ztv if value < 0 else float(value)
+            if self.running and ztv != self.params.ztv:  # acts on the run in flight: its provenance says when
+                self._live_log.append({"after_step": self._last_step, "slab": list(self._last_core), "ztv": ztv,
+                                       "t": round(time.perf_counter() - self._t_run, 3)})
+            self.params.ztv = ztv
 
     def focus_slice(self) -> int | None:
         """The volume slice under the viewer's slider (in the estimate's or the input layer's voxels)."""
@@ -527,6 +535,9 @@ class VolumePanel(QGroupBox):
             return
         if self._ended and upd.kind != "stopped":  # queued behind Stop: the run is over
             return
+        self._last_step, self._last_core = upd.step, upd.core
+        if upd.kind in ("final", "stopped") and upd.provenance is not None:
+            upd.provenance["live_parameter_changes"] = list(self._live_log)  # [] when nothing changed
         running = {"status": "running", "frontend": "napari widget"}
         if upd.estimate is not None:
             prov = upd.provenance if upd.kind in ("final", "stopped") else running
