@@ -820,3 +820,18 @@ def test_closing_the_dock_stops_an_auto_tune_search(make_napari_viewer, qtbot):
     w.viewer.window.remove_dock_widget(w)
     qtbot.waitUntil(lambda: not w.tuning.running, timeout=60_000)
     assert w.tuning._cancel.is_set()
+
+
+def test_values_the_user_typed_are_named_when_the_tuned_ones_replace_them(make_napari_viewer, notes):
+    """Unticking the hot start turned a typed 7 DPS steps into 100 without a word."""
+    w = _session(make_napari_viewer)
+    w.load_sample("ct_sparse23")
+    w.method_combo.setCurrentIndex(w.method_combo.findData("dps"))
+    n = len(notes)
+    w.hot_start.setChecked(False)  # the dock's own tuned values replaced: nothing to say
+    assert not any("replaced yours" in m for m in notes[n:])
+    w.hot_start.setChecked(True)
+    w.spins["n_steps"].setValue(7)
+    w.hot_start.setChecked(False)
+    said = [m for m in notes[n:] if "replaced yours" in m]
+    assert len(said) == 1 and f"n_steps 7 → {w.spins['n_steps'].value():g}" in said[0], said

@@ -1120,6 +1120,8 @@ class DiffReconWidget(QWidget):
         p = self._recommended()
         if p is None:
             return
+        prev = self._tuned_for
+        before = {key: self.spins[key].value() for key in PARAM_SPINS}
         self._tuned_for, self._restored_kind = p.to_dict(), None
         with self._not_live():  # tuned values for the next run, not moves of the one in flight
             for key in PARAM_SPINS:
@@ -1129,6 +1131,25 @@ class DiffReconWidget(QWidget):
             if p.t0 < 1:
                 self.spins["t0"].setValue(p.t0)
             self.renoise_combo.setCurrentIndex(max(self.renoise_combo.findData(p.renoise), 0))
+        self._say_replaced(prev, before)
+
+    def _say_replaced(self, prev: Any, before: dict[str, float]) -> None:
+        """A notice naming the values the user had typed (not the dock's earlier tuned ones) that the tuned values
+        just replaced: toggling the hot start, say, turned a typed 7 steps into 100 without a word."""
+        if not isinstance(prev, dict):
+            return
+
+        def shown(key: str, v: Any) -> float:  # as the box shows it (rounded to its decimals, inf at its maximum)
+            v, box = float(v), self.spins[key]
+            places = box.decimals() if hasattr(box, "decimals") else 0
+            return box.maximum() if not math.isfinite(v) else round(v, places)
+
+        typed = [key for key in PARAM_SPINS if key in prev and not self.param_rows[key].isHidden()
+                 and not math.isclose(before[key], shown(key, prev[key]), rel_tol=1e-6, abs_tol=1e-9)
+                 and not math.isclose(before[key], self.spins[key].value(), rel_tol=1e-6, abs_tol=1e-9)]
+        if typed:
+            show_info("napari-diffrecon: the tuned values for this choice replaced yours: " + ", ".join(
+                f"{key} {before[key]:g} → {self.spins[key].value():g}" for key in typed))
 
     def _on_weight(self, tick: int) -> None:
         w = self.prior_weight()
@@ -1388,6 +1409,9 @@ class DiffReconWidget(QWidget):
         except ValueError as e:
             show_error(f"napari-diffrecon: preset {Path(path).name}: {e}")
             return False
+        if self.running:  # the boxes now show the preset; typing in them acts live, loading does not
+            show_info(f"napari-diffrecon: preset {Path(path).name} is for the next run; the run in flight keeps its "
+                      "own values")
         return True
 
     def _save_preset_dialog(self) -> None:
