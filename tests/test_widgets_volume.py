@@ -277,3 +277,21 @@ def test_a_ct_volume_in_hounsfield_units_is_simulated_as_attenuation_and_shown_i
     est = p.layers["estimate"]
     assert est.metadata["units"] == "HU" and float(np.median(est.data[:, :4, :4])) < -500  # air stays air, in HU
     assert est.metadata["provenance"]["measurement_intensity"]["native_units"] == "HU"
+
+
+def test_a_pet_volume_is_simulated_at_the_count_level_the_user_sets(make_napari_viewer, ct_slice):
+    """The Volume group had no count row for PET: every PET volume was simulated at 2e5 counts per slice."""
+    viewer = make_napari_viewer()
+    w = main_widget(viewer)
+    viewer.window.add_dock_widget(w, name="Diffusion reconstruction")
+    viewer.add_image(np.clip(_volume(ct_slice, d=3), 0, None), name="uptake")
+    p = w.volume
+    p.use_layer("uptake", "pet")
+    assert p._sim_rows["counts"].isVisibleTo(p) and not p._sim_rows["noise"].isVisibleTo(p)
+    p.counts.setValue(20_000)
+    make, modality, _ = p._study_factory()
+    assert modality == "pet" and make.keywords["counts_per_slice"] == 20_000
+    study = make()
+    assert study.modality == "pet" and np.all(study.data >= 0)
+    p.use_layer("uptake", "ct")
+    assert not p._sim_rows["counts"].isVisibleTo(p)

@@ -269,10 +269,13 @@ class VolumePanel(QGroupBox):
         self.accel = _spin(1.0, 16.0, 4.0, 0.5, 1)
         self.noise = _spin(0.0, 50.0, 1.0, 0.5, 2)
         self.noise.setToolTip("CT/MRI: Gaussian σ in % of the data RMS")
+        self.counts = _spin(1e3, 1e9, 2e5, 1e4)  # simulate_pet_study's default
         self._sim_rows = {
             "views": _row("views", self.views, tooltip="CT/PET views over 180°"),
             "accel": _row("acceleration", self.accel, tooltip="MRI: undersampling of every slice's mask"),
             "noise": _row("noise %", self.noise),
+            "counts": _row("counts / slice", self.counts,
+                           tooltip="PET: expected true counts per slice (Poisson; fewer = noisier)"),
         }
         lay.addWidget(_row("simulate as", self.modality))
         for r in self._sim_rows.values():
@@ -354,6 +357,7 @@ class VolumePanel(QGroupBox):
         self._sim_rows["views"].setVisible(from_layer and mod in ("ct", "pet"))
         self._sim_rows["accel"].setVisible(from_layer and mod == "mri")
         self._sim_rows["noise"].setVisible(from_layer and mod in ("ct", "mri"))
+        self._sim_rows["counts"].setVisible(from_layer and mod == "pet")
 
     def open_study(self, path: str | Path) -> None:
         """Use a volume study file as the input (it is read and checked in the worker when Run is pressed)."""
@@ -408,7 +412,7 @@ class VolumePanel(QGroupBox):
         elif modality == "mri":
             opts.update(acceleration=float(self.accel.value()), noise_fraction=noise)
         else:
-            opts.update(n_views=int(self.views.value()))
+            opts.update(n_views=int(self.views.value()), counts_per_slice=float(self.counts.value()))
         data = np.asarray(layer.data)
         self._info = {"spacing_mm": scale, "window": tuple(float(v) for v in layer.contrast_limits)}
         return partial(simulate_study, data, modality, **opts), modality, data.shape
