@@ -426,6 +426,13 @@ def _cmd_info(a: argparse.Namespace) -> int:
                           "method": (prov.get("settings") or {}).get("method"),
                           **{k: prov[k] for k in keep if k in prov}}, indent=2, default=str))
         return 0
+    demo = _demo_arrays(a.bundle)
+    if demo is not None:  # `napari-diffrecon demo`'s comparison file: one image per method
+        print(json.dumps({"demo_comparison": {k: f"{v.shape} {v.dtype}" for k, v in demo.items()},
+                          "note": "images of the demo's methods side by side (the DDS run's mean and std); "
+                                  "`napari-diffrecon reconstruct` writes result files that `export` takes"},
+                         indent=2))
+        return 0
     try:
         m = read_measurement(a.bundle)
     except VolumeStudyFileError:
@@ -455,6 +462,18 @@ def _cmd_info(a: argparse.Namespace) -> int:
         )
     )
     return 0
+
+
+def _demo_arrays(path: str | Path) -> dict[str, np.ndarray] | None:
+    """The arrays of a ``napari-diffrecon demo`` output (``reconstruction_<method>`` per method), else None; read
+    without unpickling."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if "measurement" in z.files or not any(k.startswith("reconstruction_") for k in z.files):
+                return None
+            return {k: z[k] for k in z.files if k != "provenance"}
+    except Exception:  # not an archive: read_measurement says what is wrong with it
+        return None
 
 
 def _cmd_priors(a: argparse.Namespace) -> int:

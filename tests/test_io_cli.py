@@ -1158,3 +1158,13 @@ def test_the_help_names_the_shipped_samples(capsys):
         main(["--help"])
     out = capsys.readouterr().out
     assert all(str(DATA_DIR / f"{key}.npz") in out and (DATA_DIR / f"{key}.npz").exists() for key in SAMPLES)
+
+
+def test_info_describes_the_demo_s_comparison_file(tmp_path, capsys):
+    """`info` on the demo's output said it lacks the 'measurement' array."""
+    p = tmp_path / "demo_reconstruction.npz"
+    np.savez(p, ground_truth=np.zeros((8, 8), np.float32), reconstruction_fbp=np.zeros((8, 8), np.float32),
+             reconstruction_dds=np.zeros((8, 8), np.float32), provenance=np.array("{}"))
+    assert main(["info", str(p)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert set(out["demo_comparison"]) == {"ground_truth", "reconstruction_fbp", "reconstruction_dds"}
