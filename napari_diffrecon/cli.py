@@ -242,6 +242,18 @@ def _refuse_flags_the_method_ignores(a: argparse.Namespace, m: Any) -> None:
                          f"drop --holdout{chose}")
 
 
+def _set_threads(n: int | None) -> None:
+    """``--threads``: torch's CPU threads (None: torch's default); a count below 1 is refused."""
+    if n is None:
+        return
+    from ._checks import check_number
+
+    check_number("--threads", n, 1, integer=True)
+    import torch
+
+    torch.set_num_threads(n)
+
+
 def _std_pool(v: float | None) -> float:
     from .uncertainty import DEFAULT_STD_POOL
 
@@ -322,13 +334,7 @@ def _cmd_reconstruct(a: argparse.Namespace) -> int:
     if a.method not in _methods():
         raise ValueError(f"unknown method {a.method!r}; choose from {', '.join(_methods())}")
     _refuse_flags_the_run_ignores(a)
-    if a.threads is not None:
-        from ._checks import check_number
-
-        check_number("--threads", a.threads, 1, integer=True)
-        import torch
-
-        torch.set_num_threads(a.threads)
+    _set_threads(a.threads)
     out = check_output_path(a.output, a.force, RESULT_SUFFIXES)
     if Path(a.bundle).exists() and out.exists() and out.resolve() == Path(a.bundle).resolve():
         raise ValueError(f"-o {a.output} is the input measurement; write the result to another file (--force "
@@ -635,10 +641,8 @@ def _training_pool(a: argparse.Namespace) -> tuple[Any, dict[str, Any], int]:
     from .priors.sources import BUILTIN_SOURCES, builtin_pool
     from .priors.training import ImagePool
 
-    if a.threads:
-        import torch
-
-        torch.set_num_threads(a.threads)
+    if a.threads:  # 0: torch's default, as before
+        _set_threads(a.threads)
     channels = 2 if a.complex else 1
     if a.complex and a.modality != "mri":
         raise ValueError("--complex (2-channel real/imaginary prior) is for MRI only")

@@ -584,8 +584,9 @@ def _run_folder_from_args(args: argparse.Namespace, folder: Path, out: Path) -> 
         p.check()
     n_samples = getattr(args, "samples", None)
     n_samples = 1 if n_samples is None else n_samples
-    if n_samples < 1:
-        raise ValueError(f"--samples must be at least 1 (posterior samples per study), got {n_samples}")
+    from ._checks import check_number
+
+    check_number("--samples", n_samples, 1, integer=True)
     from .priors import default_prior_for
 
     # The first readable study's modality picks the shipped prior (and is what a given one must fit); unreadable
@@ -607,18 +608,16 @@ def _run_folder_from_args(args: argparse.Namespace, folder: Path, out: Path) -> 
     elif modality is not None and not args.allow_mixed:
         from .priors import ModelCard
         from .priors.registry import prior_path
+        from .reconstruct import modality_mismatch
 
         card_path = prior_path(prior).with_suffix(".json")
         if not card_path.exists():
             raise FileNotFoundError(f"--prior {prior}: no prior card {card_path} (a prior is a .json card beside its "
                                     ".safetensors weights)")
-        card = ModelCard.read(card_path)
-        want = 2 if modality == "mri" else 1
-        if card.modality not in (modality, "generic") or card.channels != want:
+        why = modality_mismatch(ModelCard.read(card_path), modality)  # the 2D runs' rule (reconstruct)
+        if why:
             shipped = default_prior_for(modality, modality == "mri")
-            instead = f"pass --prior {shipped} or drop --prior" if shipped else f"pass a {modality.upper()} prior"
-            raise ValueError(f"--prior {prior} is a {card.modality.upper()} prior ({card.channels} channel(s)); these "
-                             f"studies are {modality.upper()} ({want}): {instead}")
+            raise ValueError(f"--prior {prior}: {why}" + (f" (the shipped one: --prior {shipped})" if shipped else ""))
     check = {"allow_anisotropic": args.allow_anisotropic}
     if args.spacing:
         check["assume_spacing"] = tuple(args.spacing)

@@ -383,7 +383,13 @@ def prior_mismatch(card: Any, measurement: Any) -> str | None:
     """
     if card is None or measurement is None:
         return None
-    modality = str(measurement.operator.get("modality", ""))
+    return (modality_mismatch(card, str(measurement.operator.get("modality", "")))
+            or resolution_mismatch(measurement.operator.get("image_shape") or [], card))
+
+
+def modality_mismatch(card: Any, modality: str) -> str | None:
+    """Why a prior cannot serve data of ``modality`` (None when it can): complex/real, then the modality it was
+    trained on. :func:`prior_mismatch`'s first two checks, also what a volume run checks before it starts."""
     complex_ = modality == "mri"
     if card.channels != (2 if complex_ else 1):
         kind = "complex (2-channel)" if complex_ else "real (1-channel)"
@@ -392,7 +398,7 @@ def prior_mismatch(card: Any, measurement: Any) -> str | None:
     if card.modality not in (modality, "generic"):
         return (f"prior {card.name!r} was trained on {card.modality.upper()} images, the measurement is "
                 f"{modality.upper()}: pick a {modality.upper()} prior or load one from file")
-    return resolution_mismatch(measurement.operator.get("image_shape") or [], card)
+    return None
 
 
 def _prior_notes(method: str, prior: Any) -> list[str]:

@@ -685,9 +685,7 @@ def auto_tune(
         details["discrepancy_ratio"] = ratios
         scores[:] = [abs(math.log(max(r, 1e-12))) for r in ratios]
     else:
-        lik = measurement.build_likelihood()
-        if not hasattr(lik, "sigma"):
-            raise ValueError("SURE needs Gaussian noise of known σ; use criterion='split' for counts")
+        lik = measurement.build_likelihood()  # Gaussian: refused before the search otherwise
         op = measurement.build_operator()
         m = measurement.to_tensor()
         sigma = float(lik.sigma)

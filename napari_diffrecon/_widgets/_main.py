@@ -38,7 +38,7 @@ from qtpy.QtWidgets import (
 
 from ..baselines import BASELINE_PARAMS as CORE_BASELINE_PARAMS
 from ..baselines import BASELINES
-from ..io import SAMPLES, BundleError, Measurement
+from ..io import DATA_DIR, SAMPLES, BundleError, Measurement
 from ..priors.prior import PRECISIONS
 from ..reconstruct import RunSettings, default_hot_start, noise_floor_text, prior_mismatch
 from ..samplers import PARAMS_READ, SAMPLERS, UNCONDITIONAL, SamplerParams
@@ -54,6 +54,8 @@ __all__ = ["DiffReconWidget", "WorkbenchWidget", "PARAMS_FOR", "LAYER_NAMES", "p
 # workbench sets TV's weight relative to the data (lam_rel): its "lam" row is Song / MCG's λ.
 PARAMS_FOR = PARAMS_READ
 BASELINE_PARAMS = {k: tuple(p for p in v if p != "lam") for k, v in CORE_BASELINE_PARAMS.items()}
+# Result layers windowed from 0 to their spread (io._napari.spread_limits); the window follows a run's updates.
+SPREAD_WINDOW_ROLES = ("std", "residual")
 LIVE = ("eta", "lam", "gamma", "zeta", "cg_iters", "snr", "orientations")  # changed mid-run: acts on the run in flight
 # The SamplerParams fields shown in spin boxes (tuned values and presets fill them; t0 has its own rule).
 PARAM_SPINS = ("n_steps", *LIVE)
@@ -266,8 +268,6 @@ def card_tooltip(card: Any) -> str:
     parts.append(f"Licence: {lic or '?'}")
     return "\n\n".join(parts)
 
-
-SPREAD_ROLES = ("std", "residual")  # result layers windowed from 0 to their spread (io._napari.spread_limits)
 
 class DiffReconWidget(QWidget):
     """The napari-diffrecon workbench (one dock widget).
@@ -599,8 +599,6 @@ class DiffReconWidget(QWidget):
 
     def _name_the_sample(self, m: Measurement) -> None:
         """The sample box names the shipped sample just opened, however it was opened."""
-        from ..io import DATA_DIR
-
         path = Path(m.path) if m.path else None
         if path is not None and path.parent.resolve() == Path(DATA_DIR).resolve():
             idx = self.sample_combo.findData(path.stem)
@@ -1066,26 +1064,32 @@ class DiffReconWidget(QWidget):
             self._kind_cache = cached = (m, kind)
         return cached[1]
 
-    def _recommended(self, kind: DataKind | None = None) -> Any:
+    def _recommended(self, kind: DataKind | None = None, *, method: str | None = None,
+                     hot_start: bool | None = None) -> Any:
         """The tuned :class:`SamplerParams` for the chosen method, hot start and data (None for a classical method).
 
         Parameters
         ----------
         kind : tuple, optional
             ``(modality, coils, noisy)`` of the data to tune for; default the measurement's (:meth:`_data_kind`).
+        method : str, optional
+            The sampler; default the one picked.
+        hot_start : bool, optional
+            Whether the run hot-starts; default the box's state.
 
         Returns
         -------
         SamplerParams or None
             The tuned values; None for a classical method.
         """
-        method = self.method_combo.currentData() or "dds"
+        method = method or self.method_combo.currentData() or "dds"
         if method not in SAMPLERS:
             return None
         from ..samplers.defaults import recommended_params
 
         modality, coils, noisy = kind if kind is not None else self._data_kind()
-        return recommended_params(method, modality, hot_start=self.hot_start.isChecked(), coils=coils, noisy=noisy)
+        hot = self.hot_start.isChecked() if hot_start is None else hot_start
+        return recommended_params(method, modality, hot_start=hot, coils=coils, noisy=noisy)
 
     def _follow_the_data(self) -> None:
         """Show the tuned values when the data's differ from those on show; keep a preset's and the user's otherwise
@@ -1291,11 +1295,8 @@ class DiffReconWidget(QWidget):
         self.method_combo.setCurrentIndex(idx)
         p = settings.params
         if p is None:  # a preset without sampler values: the tuned ones for the method, its hot start and the data
-            from ..samplers.defaults import recommended_params
-
-            modality, coils, noisy = self._data_kind()
-            p = recommended_params(settings.method if settings.method in SAMPLERS else "dds", modality,
-                                   bool(settings.hot_start), coils=coils, noisy=noisy)
+            p = self._recommended(method=settings.method if settings.method in SAMPLERS else "dds",
+                                  hot_start=bool(settings.hot_start))
         for key in PARAM_SPINS:
             v = getattr(p, key)
             if isinstance(v, float) and not math.isfinite(v):
@@ -1699,7 +1700,7 @@ class DiffReconWidget(QWidget):
                     self.viewer.layers.move(self.viewer.layers.index(layer), min(below))
             self.track(role, layer)
             self._fresh.discard(role)
-            if role in SPREAD_ROLES:
+            if role in SPREAD_WINDOW_ROLES:
                 self._spread_window[role] = tuple(layer.contrast_limits)
             return
         layer.data = data  # a fresh array: napari redraws
@@ -1715,11 +1716,12 @@ class DiffReconWidget(QWidget):
             for k, v in place.items():
                 if len(v) == data.ndim:
                     setattr(layer, k, v)
-        elif role in SPREAD_ROLES and np.allclose(layer.contrast_limits, self._spread_window.get(role, (np.nan,) * 2)):
+        elif (role in SPREAD_WINDOW_ROLES
+              and np.allclose(layer.contrast_limits, self._spread_window.get(role, (np.nan,) * 2))):
             # a std / residual changes its scale as the run goes (the samples converge): its window follows it
             # unless the user has set one
             layer.contrast_limits = self._display(role, data)["contrast_limits"]
-        if role in SPREAD_ROLES:
+        if role in SPREAD_WINDOW_ROLES:
             self._spread_window[role] = tuple(layer.contrast_limits)
 
     def _placement(self, data: np.ndarray, role: str) -> dict[str, tuple[float, ...]]:

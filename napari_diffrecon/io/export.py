@@ -353,11 +353,10 @@ def export_result(result: str | Path, path: str | Path, field: str | None = None
         raise ValueError(f"{Path(result).name} has no {field!r} (it holds {', '.join(have)}): a classical run writes "
                          "only 'reconstruction'; 'std' needs a diffusion run with --samples ≥ 2, 'lower' and "
                          "'upper' (the 95 % interval) --samples ≥ 8, 'samples' needs --keep-samples")
-    data = arrays[field]
-    inten, spacing = result_units(prov, data.ndim)
     prov = {**prov, "exported_field": field, "exported_from_file": str(result)}
-    return export_image(path, data, prov, spacing=spacing, name=f"{Path(result).stem} {field}", overwrite=overwrite,
-                        role=RESULT_IMAGES[field], intensity=inten)
+    # the HU mapping and the pixel size come from the provenance (export_image)
+    return export_image(path, arrays[field], prov, name=f"{Path(result).stem} {field}", overwrite=overwrite,
+                        role=RESULT_IMAGES[field])
 
 
 def read_exported(path: str | Path) -> tuple[np.ndarray, dict[str, Any] | None, dict[str, Any]]:

@@ -33,7 +33,16 @@ from .card import ModelCard
 from .network import build_network, count_parameters
 from .prior import NetworkPrior, save_prior
 from .schedules import pfgmpp_noise
-from .training import ImagePool, RunState, augment, ema_update, run_steps, validation_loss, validation_noise
+from .training import (
+    ImagePool,
+    RunState,
+    augment,
+    check_optimisation,
+    ema_update,
+    run_steps,
+    validation_loss,
+    validation_noise,
+)
 
 __all__ = ["DistillConfig", "check_distill_config", "distill_consistency", "karras_grid", "consistency_card",
            "export_distill_checkpoint"]
@@ -190,13 +199,9 @@ def check_distill_config(config: DistillConfig, teacher: NetworkPrior) -> float:
         An unknown mode, a teacher that is not EDM-parametrised, fewer than 2 grid levels, or a grid top at or below
         σ_min; each message says which.
     """
-    from .._checks import check_number
-
     if config.mode not in ("distillation", "training"):
         raise ValueError(f"mode must be 'distillation' or 'training' (consistency training), got {config.mode!r}")
-    check_number("steps", config.steps, 1, integer=True)  # 0 wrote the teacher under the consistency model's name
-    check_number("batch size", config.batch_size, 1, integer=True)
-    check_number("learning rate", config.lr, 0.0, above=True)
+    check_optimisation(config)  # 0 steps wrote the teacher under the consistency model's name
     if teacher.parametrisation != "edm":
         raise ValueError(
             f"consistency distillation needs an EDM-parametrised diffusion prior as teacher; "

@@ -506,6 +506,16 @@ def validation_noise(
     return torch.randn((len(VAL_SIGMAS), *val.shape), generator=generator)
 
 
+def check_optimisation(config: Any) -> None:
+    """Refuse a step count or batch size below 1 and a learning rate that is not a positive number (a training or
+    distillation config: ``steps``, ``batch_size``, ``lr``); each message names the setting."""
+    from .._checks import check_number
+
+    check_number("steps", config.steps, 1, integer=True)
+    check_number("batch size", config.batch_size, 1, integer=True)
+    check_number("learning rate", config.lr, 0.0, above=True)
+
+
 def check_train_config(config: TrainConfig) -> None:
     """Refuse settings a training run cannot use, before any work (the CLI calls it before building its pool).
 
@@ -525,11 +535,9 @@ def check_train_config(config: TrainConfig) -> None:
     from .._checks import check_number
     from .registry import prior_path
 
-    check_number("steps", config.steps, 1, integer=True)  # 0 wrote an untrained prior
-    check_number("batch size", config.batch_size, 1, integer=True)
+    check_optimisation(config)  # 0 steps wrote an untrained prior
     check_number("patch size", config.patch_size, 8, integer=True)
     check_number("validation interval", config.val_every, 1, integer=True)
-    check_number("learning rate", config.lr, 0.0, above=True)
     if config.init_from and not prior_path(config.init_from).exists():  # an unknown name raises in prior_path
         raise FileNotFoundError(f"--init {config.init_from}: no such prior card")  # stops here, before the pool
 
