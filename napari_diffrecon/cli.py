@@ -139,11 +139,13 @@ SAMPLER_FLAGS = {"prior": "--prior", "steps": "--steps", "eta": "--eta", "gamma"
                  "posterior_draw": "--posterior-draw", "renoise": "--renoise", "hot_start": "--hot-start", "t0": "--t0",
                  "adapt_steps": "--adapt-steps", "adapt_lr": "--adapt-lr", "lora_rank": "--lora-rank",
                  "adapt_every": "--adapt-every", "adapt_start": "--adapt-start", "adapt_target": "--adapt-target",
-                 "adapt_floor": "--adapt-floor", "std_pool": "--std-pool", "auto": "--auto"}
+                 "adapt_floor": "--adapt-floor", "std_pool": "--std-pool", "auto": "--auto",
+                 "holdout": "--holdout"}
 
 
 # Options of 2D runs the volume path (DiffusionMBIR-style sampler) does not read (dest → flag).
-VOLUME_IGNORES = {"auto": "--auto", "auto_params": "--auto-params", "zeta": "--zeta", "snr": "--snr", "lam": "--lam",
+VOLUME_IGNORES = {"auto": "--auto", "auto_params": "--auto-params", "holdout": "--holdout", "zeta": "--zeta",
+                  "snr": "--snr", "lam": "--lam",
                   "orientations": "--orientations",
                   "lam_rel": "--lam-rel", "iters": "--iters", "filter": "--filter", "subsets": "--subsets",
                   "t0": "--t0", "keep_samples": "--keep-samples", "adapt_steps": "--adapt-steps",
@@ -359,7 +361,7 @@ def _cmd_reconstruct(a: argparse.Namespace) -> int:
 
     def tell(w: str) -> None:  # before the first step: the user need not wait for the run to learn it
         told.append(w)
-        print(f"warning: {w}", flush=True)
+        print(f"warning: {w}", file=sys.stderr, flush=True)
 
     if getattr(a, "auto", None):
         result = _auto_tuned(a, m, settings)
@@ -370,7 +372,7 @@ def _cmd_reconstruct(a: argparse.Namespace) -> int:
           f"{noise_floor_text(result.provenance)}; wrote {out}")
     for w in result.provenance.get("warnings") or []:
         if w not in told:
-            print(f"warning: {w}")
+            print(f"warning: {w}", file=sys.stderr)
     return 0
 
 
@@ -407,6 +409,9 @@ def _step_printer(every: float = 0.1) -> Callable[[Any], None]:
 def _cmd_export(a: argparse.Namespace) -> int:
     from .io.export import export_result
 
+    if _demo_arrays(a.result) is not None:
+        raise ValueError(f"{a.result} is the demo's comparison of methods, not a result file; export the DDS run's "
+                         f"result, {Path(a.result).with_name('demo_dds.npz')}")
     out = export_result(a.result, a.output, field=a.field, overwrite=a.force)
     print(f"wrote {out}")
     from .io.bundle import read_result
@@ -436,7 +441,7 @@ def _cmd_info(a: argparse.Namespace) -> int:
     if demo is not None:  # `napari-diffrecon demo`'s comparison file: one image per method
         print(json.dumps({"demo_comparison": {k: f"{v.shape} {v.dtype}" for k, v in demo.items()},
                           "note": "images of the demo's methods side by side (the DDS run's mean and std); "
-                                  "`napari-diffrecon reconstruct` writes result files that `export` takes"},
+                                  "the DDS run's result file, which `export` takes, is demo_dds.npz beside it"},
                          indent=2))
         return 0
     try:
@@ -522,7 +527,7 @@ def _cmd_priors(a: argparse.Namespace) -> int:
     return 0
 
 
-DEMO_FILES = ("demo_reconstruction.npz", "demo_comparison.png")
+DEMO_FILES = ("demo_reconstruction.npz", "demo_comparison.png", "demo_dds.npz")
 DEMO_SAMPLES = 4  # the demo's DDS posterior samples (one batch): their mean and per-pixel std
 
 
@@ -577,6 +582,10 @@ def _run_demo_headless(outdir: Path) -> int:
     if dds in results:
         arrays["std_dds"] = results[dds].std
     npz = write_result(outdir / "demo_reconstruction.npz", arrays, results[best].provenance, overwrite=True)
+    result_file = None
+    if dds in results:  # the DDS run as `reconstruct` writes it: `export` and `info` take it, the workbench opens it
+        result_file = write_result(outdir / "demo_dds.npz", results[dds].arrays(), results[dds].provenance,
+                                   overwrite=True)
     panels = len(results) + 1 + (dds in results)
     fig, axes = plt.subplots(1, panels, figsize=(3.2 * panels, 3.4))
     intensity = m.metadata.get("intensity") if isinstance(m.metadata, dict) else None
@@ -606,7 +615,9 @@ def _run_demo_headless(outdir: Path) -> int:
                else "")
         print(f"  {label:{width}s}  PSNR {psnr(r.reconstruction, gt):6.2f} dB  SSIM {ssim(r.reconstruction, gt):.3f}"
               + one)
-    print(f"wrote {npz} and {png}")
+    also = (f"; the DDS run's result file {result_file} (napari-diffrecon export {result_file} -o dds_mean.nii.gz "
+            "writes its mean in HU)") if result_file else ""
+    print(f"wrote {npz} and {png}{also}")
     return 0
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import os
 
@@ -309,7 +311,7 @@ def test_cli_simulate_reconstruct_and_errors(tmp_path, capsys):
     assert "(--std-pool) must be" in capsys.readouterr().err and not (tmp_path / "z.npz").exists()
 
 
-def test_demo_headless_writes_png_and_npz(tmp_path):
+def test_demo_headless_writes_png_and_npz(tmp_path, capsys):
     assert main(["demo", "--headless", "-o", str(tmp_path)]) == 0
     assert (tmp_path / "demo_comparison.png").stat().st_size > 1000
     with np.load(tmp_path / "demo_reconstruction.npz") as z:
@@ -318,6 +320,17 @@ def test_demo_headless_writes_png_and_npz(tmp_path):
         assert psnr(z["reconstruction_dds"], z["ground_truth"]) > psnr(z["reconstruction_fbp"], z["ground_truth"])
         std = z["std_dds"]
         assert std.shape == z["ground_truth"].shape and std[64, 64] > 0 and std[0, 0] == 0
+        dds_mean = z["reconstruction_dds"]
+    # the DDS run is also written as a result file, which `export` takes (the comparison file is refused, naming it)
+    nii = tmp_path / "dds_mean.nii.gz"
+    assert main(["export", str(tmp_path / "demo_reconstruction.npz"), "-o", str(nii)]) == 2 and not nii.exists()
+    assert "export the DDS run's result" in capsys.readouterr().err
+    assert main(["export", str(tmp_path / "demo_dds.npz"), "-o", str(nii)]) == 0
+    import nibabel as nib
+
+    hu = np.asarray(nib.load(nii).dataobj, dtype=np.float64)
+    assert hu.size == dds_mean.size and np.corrcoef(hu.T.ravel(), dds_mean.ravel())[0, 1] > 0.999  # (x, y) order
+    assert hu.min() < -500 and hu.max() > 500  # Hounsfield units: air and bone, not the model's attenuation
 
 
 def test_napari_reader_and_sample(tmp_path):
@@ -387,6 +400,10 @@ def test_std_pool_is_refused_for_volume_runs(tmp_path, capsys):
     assert main(["reconstruct", str(tmp_path), "--volume", "--method", "mbir", "--orientations", "8", "-o",
                  str(out)]) == 2
     assert "--orientations applies to 2D runs" in capsys.readouterr().err and not out.exists()
+    # and measurement splitting's hold-out share (volume runs do not self-tune)
+    assert main(["reconstruct", str(tmp_path), "--volume", "--method", "mbir", "--holdout", "0.3", "-o",
+                 str(out)]) == 2
+    assert "--holdout applies to 2D runs" in capsys.readouterr().err and not out.exists()
 
 
 def test_precision_is_checked_and_refused_for_volume_runs(tmp_path, capsys):
@@ -413,9 +430,11 @@ def test_cli_warns_before_the_run_when_the_sampler_does_not_suit_the_noise(tmp_p
     assert main(["simulate", get_testdata_file("CT_small.dcm"), "--modality", "ct", "--views", "60", "--photons",
                  "1e4", "-o", str(b)]) == 0
     capsys.readouterr()
-    assert main(["reconstruct", str(b), "--method", "song", "--steps", "2", "-o", str(tmp_path / "s.npz")]) == 0
-    out = capsys.readouterr().out
-    lines = out.splitlines()
+    both = io.StringIO()  # warnings go to stderr, the result line to stdout: one stream shows their order
+    with contextlib.redirect_stdout(both), contextlib.redirect_stderr(both):
+        assert main(["reconstruct", str(b), "--method", "song", "--steps", "2", "-o", str(tmp_path / "s.npz")]) == 0
+    assert "warning:" not in capsys.readouterr().out
+    lines = both.getvalue().splitlines()
     warned = [i for i, line in enumerate(lines) if line.startswith("warning:") and "hard projection" in line]
     done = [i for i, line in enumerate(lines) if line.startswith("song:")]
     assert len(warned) == 1 and done and warned[0] < done[0]  # once, and before the run's result line
@@ -427,7 +446,7 @@ def test_cli_warns_before_the_run_when_the_sampler_does_not_suit_the_noise(tmp_p
     assert prov["settings"]["params"]["cg_iters"] == 1 and not any("--cg-iters 1" in w for w in prov["warnings"])
     assert main(["reconstruct", str(b), "--method", "song", "--steps", "2", "--cg-iters", "5",
                  "-o", str(tmp_path / "s5.npz")]) == 0
-    assert "--cg-iters 1" in capsys.readouterr().out
+    assert "--cg-iters 1" in capsys.readouterr().err
     with np.load(tmp_path / "s5.npz") as z:
         assert json.loads(str(z["provenance"]))["settings"]["params"]["cg_iters"] == 5
 
@@ -507,6 +526,7 @@ def test_cli_refuses_runs_that_cannot_be_what_was_asked(tmp_path, capsys):
         (["--method", "fbp", "--threads", "0"], "--threads must be a whole number ≥ 1"),
         (["--method", "mcg", "--steps", "2", "--adapt-lr", "0.01"], "it is off without --adapt-steps"),
         (["--method", "dds", "--steps", "2", "--auto", "--holdout", "0.3"], "--auto picks the discrepancy principle"),
+        (["--method", "fbp", "--holdout", "0.3"], "--holdout applies to the diffusion samplers"),
     ]
     for extra, message in cases:
         capsys.readouterr()
@@ -525,13 +545,13 @@ def test_cli_warns_when_the_samples_ignore_or_do_not_fit_the_measurement(tmp_pat
     b = _ct23_bundle(tmp_path / "ct.npz")
     capsys.readouterr()
     assert main(["reconstruct", str(b), "--method", "ddim", "--steps", "3", "-o", str(tmp_path / "u.npz")]) == 0
-    assert "warning: ddim is an unconditional sampler" in capsys.readouterr().out
+    assert "warning: ddim is an unconditional sampler" in capsys.readouterr().err
     # DPS with far too few steps for its step size leaves a residual many times the noise floor.
     assert main(["reconstruct", str(b), "--method", "dps", "--steps", "4", "-o", str(tmp_path / "d.npz")]) == 0
-    assert "do not fit the measurements" in capsys.readouterr().out
+    assert "do not fit the measurements" in capsys.readouterr().err
     # A well-posed DDS hot start fits the data to the floor: no warning.
     assert main(["reconstruct", str(b), "--method", "dds", "--hot-start", "fbp", "-o", str(tmp_path / "h.npz")]) == 0
-    assert "warning" not in capsys.readouterr().out
+    assert "warning" not in capsys.readouterr().err
     with np.load(tmp_path / "d.npz") as z:
         assert any("do not fit" in w for w in json.loads(str(z["provenance"]))["warnings"])
     # No PET consistency model ships: the consistency sampler says it runs on the diffusion prior.
@@ -541,10 +561,10 @@ def test_cli_warns_when_the_samples_ignore_or_do_not_fit_the_measurement(tmp_pat
     capsys.readouterr()
     assert main(["reconstruct", str(pet), "--method", "consistency", "--hot-start", "mlem", "-o",
                  str(tmp_path / "c.npz")]) == 0
-    assert "'pet-phantom-128', a diffusion prior, not a consistency model" in capsys.readouterr().out
+    assert "'pet-phantom-128', a diffusion prior, not a consistency model" in capsys.readouterr().err
     assert main(["reconstruct", str(b), "--method", "consistency", "--hot-start", "fbp", "-o",
                  str(tmp_path / "c2.npz")]) == 0
-    assert "not a consistency model" not in capsys.readouterr().out  # CT ships one
+    assert "not a consistency model" not in capsys.readouterr().err  # CT ships one
 
 
 def test_the_demo_never_overwrites_earlier_results(tmp_path):

@@ -64,7 +64,12 @@ def test_adaptation_options_for_dds_and_dps_reach_the_run(make_napari_viewer, qt
     w.spins["adapt_steps"].setValue(1)
     w.spins["adapt_start"].setValue(0.0)
     extra = w.current_settings().params.extra
-    assert extra["adapt_steps"] == 1 and extra["adapt_lr"] == pytest.approx(3e-3) and extra["adapt_start"] == 0.0
+    # the rows start where DPS gained on every measured draw (lr 1e-3 every 2nd step), not at lr 3e-3 every step
+    assert extra["adapt_steps"] == 1 and extra["adapt_lr"] == pytest.approx(1e-3) and extra["adapt_start"] == 0.0
+    assert extra["adapt_every"] == 2 and isinstance(extra["adapt_every"], int)
+    assert not w.param_rows["adapt_every"].isHidden()
+    w.spins["adapt_every"].setValue(1)
+    assert w.current_settings().params.extra["adapt_every"] == 1
     w.n_samples.setValue(1)
     w.compare.setChecked(False)
     assert w.run() is not None

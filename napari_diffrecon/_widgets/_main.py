@@ -60,9 +60,10 @@ LIVE = ("eta", "lam", "gamma", "zeta", "cg_iters", "snr", "orientations")  # cha
 # The SamplerParams fields shown in spin boxes (tuned values and presets fill them; t0 has its own rule).
 PARAM_SPINS = ("n_steps", *LIVE)
 # Test-time adaptation of the prior (samplers/adapt.py; DDS and DPS): SamplerParams.extra keys, read every step.
-# The rows start at the setting that measured well with DPS (benchmarks/results/adapt.md), not the core's defaults.
-ADAPT = ("adapt_steps", "adapt_lr", "adapt_start")
-ADAPT_START_VALUES = {"adapt_steps": 0, "adapt_lr": 3e-3, "adapt_start": 0.5}
+# The rows start at the setting that gained on every measured draw with DPS (lr 1e-3 every 2nd step from half-way;
+# README "Test-time adaptation", benchmarks/results/adapt_dps_lr1e3_stage4), not the core's defaults.
+ADAPT = ("adapt_steps", "adapt_lr", "adapt_every", "adapt_start")
+ADAPT_START_VALUES = {"adapt_steps": 0, "adapt_lr": 1e-3, "adapt_every": 2, "adapt_start": 0.5}
 # DDS's x0 step (SamplerParams.extra["posterior_draw"], samplers/datastep.py): label -> value, read every step.
 DRAW_CHOICES = {"posterior mean (DDS paper)": None, "draw, structured (calibrated spread, 2 NFE/step)": "jacobian",
                 "draw, isotropic (calibrated spread)": "gaussian"}
@@ -99,6 +100,8 @@ _SPINS: dict[str, tuple[str, str, float, float, float, int, str]] = {
                     "scan (and can spoil a run); with DDS it over-fits noisy data. Each step costs one network "
                     "forward + backward pass"),
     "adapt_lr": ("adapt lr", "float", 1e-5, 0.1, 5e-4, 5, "adaptation learning rate (acts live)"),
+    "adapt_every": ("adapt every", "int", 1, 20, 1, 0, "adapt at every N-th sampling step (acts live): every 2nd "
+                    "step at lr 1e-3 gained on all six measured draws with DPS, every step at lr 3e-3 collapsed one"),
     "adapt_start": ("adapt from", "float", 0.0, 0.95, 0.05, 2, "fraction of the run before adaptation starts "
                     "(acts live)"),
     "iters": ("iterations", "int", 0, 5000, 1, 0, "classical method iterations; 'default' = the method's own (CG 20, "
@@ -1215,7 +1218,7 @@ class DiffReconWidget(QWidget):
         if method == "dds":
             params.renoise = self.renoise_combo.currentData()
         if method in ("dds", "dps") and int(self.spins["adapt_steps"].value()) > 0:
-            params.extra.update({k: (int if k == "adapt_steps" else float)(self.spins[k].value()) for k in ADAPT})
+            params.extra.update({k: (int if _SPINS[k][1] == "int" else float)(self.spins[k].value()) for k in ADAPT})
         baseline_params: dict[str, Any] = {}
         hot = self._start_method() if method in SAMPLERS else None
         classical = method if method in BASELINES else hot  # whose parameters the classical rows hold

@@ -22,8 +22,8 @@ __all__ = [
 #: ``prior_weight`` and, hot-started, ``t0``): the workbench shows these rows, the CLI refuses the others' flags.
 PARAMS_READ: dict[str, tuple[str, ...]] = {
     "dds": ("n_steps", "eta", "renoise", "gamma", "cg_iters", "posterior_draw", "orientations", "adapt_steps",
-            "adapt_lr", "adapt_start"),
-    "dps": ("n_steps", "eta", "zeta", "orientations", "adapt_steps", "adapt_lr", "adapt_start"),
+            "adapt_lr", "adapt_every", "adapt_start"),
+    "dps": ("n_steps", "eta", "zeta", "orientations", "adapt_steps", "adapt_lr", "adapt_every", "adapt_start"),
     "mcg": ("n_steps", "eta", "zeta", "lam", "cg_iters", "orientations"),
     "song": ("n_steps", "lam", "cg_iters", "snr", "orientations"),
     "consistency": ("n_steps", "gamma", "cg_iters", "orientations"),
