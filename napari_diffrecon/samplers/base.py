@@ -458,13 +458,20 @@ def time_grid(prior: Prior, params: SamplerParams) -> torch.Tensor:
     t0 = float(params.t0)
     if t0 >= 1:
         return sched.sigmas(n)
-    # Hot start: the same step density as a full run, entered at fraction t0 of it.
+    # Hot start: the same step density as a full run, entered at fraction t0 of its steps (the last n of
+    # N = round(n / t0)), so one grid step later in time than CCDF's t0·T; the tuned t0 values assume this grid.
     full = sched.sigmas(max(int(round(n / t0)), n + 1))
     return full[len(full) - 1 - n :]
 
 
 def fresh_noise(u: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Standard normal noise shaped and typed like ``u`` (on its device), drawn from ``generator`` on the CPU."""
+    """Standard normal noise shaped and typed like ``u`` (on its device), drawn from ``generator`` on the CPU.
+
+    Gaussian for every prior: with a PFGM++ prior of finite D the start state and the consistency sampler draw from
+    the prior's own kernel (``prior.draw_noise``), but the fresh share of a stochastic (η > 0) DDIM / DDS re-noise
+    is this Gaussian, an approximation of that kernel (η 1 against 0 measured no difference on MRI 4×,
+    docs/dev/fast.md); the deterministic steps are exact under the r = σ√D alignment.
+    """
     return torch.randn(u.shape, generator=generator, dtype=u.dtype).to(u.device)
 
 

@@ -338,7 +338,10 @@ def song(
     Per step: project (λ) → ancestral predictor → project (λ) → Langevin corrector with
     signal-to-noise ``snr`` (skipped when ``snr = 0``). The last step returns Tweedie's estimate
     followed by a hard projection (λ = 1). The predictor uses the exact ancestral variance, so the
-    sampler stays correct with tens of steps (Euler–Maruyama over-noises there).
+    sampler stays correct with tens of steps (Euler–Maruyama over-noises there). The score-SDE
+    reference code runs the corrector *before* the predictor at each level; here it follows it, so
+    the run has one corrector step at the last level instead of one at σ_max (the same count; no
+    difference at the tuned ``snr = 0``).
     """
 
     def step(u, s, s_next, i, ctx):
