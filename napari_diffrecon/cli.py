@@ -480,7 +480,8 @@ def _demo_arrays(path: str | Path) -> dict[str, np.ndarray] | None:
     without unpickling."""
     try:
         with np.load(path, allow_pickle=False) as z:
-            if "measurement" in z.files or not any(k.startswith("reconstruction_") for k in z.files):
+            if ("measurement" in z.files or "reconstruction" in z.files  # a bundle, or a result (MRI's hold
+                    or not any(k.startswith("reconstruction_") for k in z.files)):  # reconstruction_complex)
                 return None
             return {k: z[k] for k in z.files if k != "provenance"}
     except Exception:  # not an archive: read_measurement says what is wrong with it

@@ -837,6 +837,21 @@ def test_a_result_file_is_exported_in_hounsfield_units_and_opens_in_napari(tmp_p
     assert "not a napari-diffrecon result" in capsys.readouterr().err
     assert main(["export", str(out), "-o", str(tmp_path / "mean.png")]) == 2
     assert "cannot export to mean.png" in capsys.readouterr().err
+    # one posterior sample: its std is 0 everywhere, which would read as certainty
+    one = tmp_path / "one.npz"
+    assert main(["reconstruct", str(b), "--method", "dds", "--steps", "2", "-o", str(one)]) == 0
+    assert main(["export", str(one), "--field", "std", "-o", str(tmp_path / "one_std.nii")]) == 2
+    assert "--samples ≥ 2" in capsys.readouterr().err and not (tmp_path / "one_std.nii").exists()
+    # an MRI result (it holds 'reconstruction_complex') is a result, not the demo's comparison file
+    from napari_diffrecon.io import DATA_DIR
+
+    mri = tmp_path / "mri_cg.npz"
+    assert main(["reconstruct", str(DATA_DIR / "mri_4x_8coils.npz"), "--method", "cg", "-o", str(mri)]) == 0
+    with np.load(mri) as z:
+        assert "reconstruction_complex" in z.files
+        magnitude = z["reconstruction"]
+    assert main(["export", str(mri), "-o", str(tmp_path / "mri.nii.gz")]) == 0
+    np.testing.assert_allclose(read_exported(tmp_path / "mri.nii.gz")[0], magnitude, rtol=1e-5, atol=1e-6)
     capsys.readouterr()
     assert main(["info", str(out)]) == 0  # a result is summarised (it said it lacked a 'measurement' array)
     summary = json.loads(capsys.readouterr().out)

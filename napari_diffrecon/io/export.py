@@ -336,7 +336,8 @@ def export_result(result: str | Path, path: str | Path, field: str | None = None
     Raises
     ------
     ValueError
-        An unknown field, or one the result does not hold (a classical run has only ``reconstruction``).
+        An unknown field, one the result does not hold (a classical run has only ``reconstruction``), or the std of
+        a one-sample run (0 everywhere).
     BundleError, FileNotFoundError
         Not a readable result file.
     FileExistsError
@@ -353,6 +354,10 @@ def export_result(result: str | Path, path: str | Path, field: str | None = None
         raise ValueError(f"{Path(result).name} has no {field!r} (it holds {', '.join(have)}): a classical run writes "
                          "only 'reconstruction'; 'std' needs a diffusion run with --samples ≥ 2, 'lower' and "
                          "'upper' (the 95 % interval) --samples ≥ 8, 'samples' needs --keep-samples")
+    n_samples = (prov.get("settings") or {}).get("n_samples")
+    if field == "std" and isinstance(n_samples, int) and n_samples < 2:
+        raise ValueError(f"{Path(result).name} is a run of one posterior sample: its 'std' is 0 everywhere, which "
+                         "would read as certainty; rerun with --samples ≥ 2 to export a spread")
     prov = {**prov, "exported_field": field, "exported_from_file": str(result)}
     # the HU mapping and the pixel size come from the provenance (export_image)
     return export_image(path, arrays[field], prov, name=f"{Path(result).stem} {field}", overwrite=overwrite,
