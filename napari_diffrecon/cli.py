@@ -36,6 +36,10 @@ def _cmd_simulate(a: argparse.Namespace) -> int:
     img, info = read_image(a.image, a.slice)
     if info.get("converted"):
         print(f"{Path(a.image).name}: {info['converted']}")
+    source = str(a.image)
+    if info.get("n_slices", 1) > 1:  # which slice of a volume: said and recorded (--slice picks another)
+        source += f" (slice {info['slice_index']} of 0–{info['n_slices'] - 1})"
+        print(f"{Path(a.image).name}: slice {info['slice_index']} of 0–{info['n_slices'] - 1} (--slice picks another)")
     m = simulate_from_image(
         img,
         a.modality,
@@ -51,10 +55,13 @@ def _cmd_simulate(a: argparse.Namespace) -> int:
         units=info.get("units", "auto"),
         pixel_spacing_mm=info.get("pixel_spacing_mm"),
         seed=a.seed,
-        source=str(a.image),
+        source=source,
     )
     write_measurement(m, out, overwrite=a.force)
     print(f"wrote {out}: {m.metadata.get('description')}, measurement {m.data.shape} {m.data.dtype}")
+    assumed = (m.metadata.get("intensity") or {}).get("assumed")
+    if assumed:
+        print(f"note: {assumed}")
     return 0
 
 

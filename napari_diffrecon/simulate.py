@@ -29,6 +29,11 @@ MU_WATER_PER_MM = 0.02  # ~70 keV
 MU_WATER_511_PER_MM = 0.0096
 
 
+#: How a CT simulated from an image not in Hounsfield units got its HU (``metadata.intensity.assumed``).
+ASSUMED_HU = ("the image declared no Hounsfield units and has no values below −500, so its 0.5–99.5 % intensity "
+              "range was mapped to −1000 (air) … +1000 HU (bone): its results' HU are this mapping's, not a scanner's")
+
+
 def _unit(img: np.ndarray) -> np.ndarray:
     lo, hi = np.percentile(img, [0.5, 99.5])
     return np.clip((img - lo) / max(hi - lo, 1e-12), 0, 1)
@@ -189,7 +194,9 @@ def simulate_from_image(
     Parameters
     ----------
     image : np.ndarray
-        2D image; ``units="HU"`` (or "auto" with values below −500 present) is read as Hounsfield units.
+        2D image; ``units="HU"`` (or "auto" with values below −500 present) is read as Hounsfield units; CT from
+        an image in other units maps its 0.5–99.5 % range to −1000 … +1000 HU and says so
+        (``metadata["intensity"]["assumed"]``).
     modality : {"ct", "mri", "pet"}
         What to simulate. PET from a CT image (HU) simulates an FDG-like uptake of its tissues
         (:func:`activity_from_anatomy`); from any other image, its normalised intensity is the activity. Options
@@ -262,7 +269,7 @@ def simulate_from_image(
             "counts": counts,
             "noise_sigma": noise_sigma,
             "seed": seed,
-            "units": "HU" if is_hu else units,
+            "units": "HU" if is_hu else ("arbitrary" if units == "auto" else units),
             "input_shape": list(np.shape(image)),
             "padded_to_square": padded,
         },
@@ -286,6 +293,8 @@ def simulate_from_image(
             sigma = noise_sigma if noise_sigma is not None else 0.005 * float(op.forward(xt).max())
             noise = {"model": "gaussian", "sigma": float(sigma)}
         meta["intensity"] = {"native_units": "HU", "scale": w / 1000.0, "offset": w, "pixel_size_mm": px}
+        if not is_hu:  # the HU of its results are this mapping's, not a scanner's: said where the units are
+            meta["intensity"]["assumed"] = ASSUMED_HU
         meta["description"] = f"CT, {len(angles)} views" + (f", {photons:g} photons" if photons else "")
     elif modality == "mri":
         mag = _unit(img)

@@ -145,7 +145,7 @@ def read_volume(path: str | Path) -> tuple[np.ndarray, dict[str, Any]]:
             vol, spacing = nifti_napari_order(nii, first_frame=True)
             info = {
                 "format": "nifti",
-                "units": "arbitrary",
+                "units": "auto",  # NIfTI declares no intensity units: the values decide (simulate: below −500 → HU)
                 "pixel_spacing_mm": spacing[-2:],  # (row = y, column = x)
             }
         elif name.endswith((".tif", ".tiff")):
@@ -154,20 +154,20 @@ def read_volume(path: str | Path) -> tuple[np.ndarray, dict[str, Any]]:
             with tifffile.TiffFile(path) as tif:
                 raw, axes = tif.asarray(), tif.series[0].axes
             _refuse_complex(raw.dtype, path.name)
-            vol, info = np.asarray(raw, dtype=np.float32), {"format": "tiff", "units": "arbitrary"}
+            vol, info = np.asarray(raw, dtype=np.float32), {"format": "tiff", "units": "auto"}
             if "S" in axes:  # colour samples per pixel (RGB, RGBA, grey + alpha; interleaved or planar): grey
                 vol = np.moveaxis(vol, axes.index("S"), -1)
                 vol, info["converted"] = _grey(vol), "colour image converted to grey"
         elif name.endswith(".npy"):
             raw = np.load(path, allow_pickle=False)
             _refuse_complex(raw.dtype, path.name)
-            vol, info = raw.astype(np.float32), {"format": "npy", "units": "arbitrary"}
+            vol, info = raw.astype(np.float32), {"format": "npy", "units": "auto"}
         elif name.endswith((".png", ".jpg", ".jpeg", ".bmp")):
             from skimage.io import imread
 
             vol, info = (
                 np.asarray(imread(path), dtype=np.float32),
-                {"format": name.rsplit(".", 1)[-1], "units": "arbitrary"},
+                {"format": name.rsplit(".", 1)[-1], "units": "auto"},
             )
             if vol.ndim == 3 and vol.shape[-1] in (2, 3, 4):
                 vol, info["converted"] = _grey(vol), "colour image converted to grey"
