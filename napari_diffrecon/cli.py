@@ -1031,6 +1031,10 @@ def main(argv: list[str] | None = None) -> int:
         with contextlib.suppress(OSError):  # (a run whose progress lines had nowhere to go stopped: nothing written)
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
+    except OSError as e:  # a disk that filled up, a folder that became read-only mid-run: one line, not a traceback
+        what = f"{e.strerror or e}" + (f": {e.filename}" if e.filename else "")
+        print(f"error: {what}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:  # Ctrl-C: results are written atomically (nothing half-written); training has saved
         print("interrupted", file=sys.stderr)  # its checkpoint and said so
         return 130

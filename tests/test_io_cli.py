@@ -1245,3 +1245,33 @@ def test_a_ct_image_in_hu_reads_as_hu_from_every_format_and_other_units_are_said
     assert main(["simulate", str(tmp_path / "vol.npy"), *args, "-o", str(tmp_path / "vol.npz")]) == 0
     assert "slice 1 of 0–2 (--slice picks another)" in capsys.readouterr().out
     assert read_measurement(tmp_path / "vol.npz").metadata["source"].endswith("(slice 1 of 0–2)")
+
+
+def test_an_unwritable_output_folder_is_refused_before_the_run_and_a_failed_write_is_one_line(tmp_path, capsys,
+                                                                                              monkeypatch):
+    """A read-only output folder gave a traceback after the whole run (nothing checked it first); a disk that
+    fills up during the write gave a traceback too."""
+    from pathlib import Path
+
+    import napari_diffrecon.io.bundle as bundle_mod
+
+    b = _ct23_bundle(tmp_path / "ct.npz")
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(bundle_mod.os, "access", lambda p, mode: False if Path(p) == locked else real_access(p, mode))
+    ran = []
+    monkeypatch.setattr("napari_diffrecon.reconstruct.reconstruct", lambda *a, **k: ran.append(1))
+    capsys.readouterr()
+    assert main(["reconstruct", str(b), "--method", "fbp", "-o", str(locked / "sub" / "r.npz")]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot write into {locked}" in err and "Traceback" not in err and not ran
+    monkeypatch.undo()
+
+    def full_disk(*a, **k):
+        raise OSError(28, "No space left on device", str(tmp_path / "r.npz"))
+
+    monkeypatch.setattr("napari_diffrecon.io.write_result", full_disk)
+    assert main(["reconstruct", str(b), "--method", "fbp", "-o", str(tmp_path / "r.npz")]) == 1
+    err = capsys.readouterr().err
+    assert err.strip() == f"error: No space left on device: {tmp_path / 'r.npz'}"

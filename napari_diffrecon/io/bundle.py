@@ -551,8 +551,8 @@ def check_output_path(path: str | Path, overwrite: bool = False, suffixes: tuple
     Raises
     ------
     OutputPathError
-        When ``path`` is a directory, lies inside something that is a file (whatever ``overwrite`` says), or does
-        not end in one of ``suffixes``.
+        When ``path`` is a directory, lies inside something that is a file (whatever ``overwrite`` says), would be
+        created in a folder this process cannot write, or does not end in one of ``suffixes``.
     FileExistsError
         When a file exists at ``path`` and ``overwrite`` is False.
     """
@@ -573,6 +573,9 @@ def check_output_path(path: str | Path, overwrite: bool = False, suffixes: tuple
         if parent.exists():
             if not parent.is_dir():
                 raise OutputPathError(f"{parent} is a file, so {path} cannot be created inside it; choose another path")
+            if not os.access(parent, os.W_OK | os.X_OK):  # read-only or no permission: found before the work
+                raise OutputPathError(f"cannot write into {parent} (read-only, or no permission); choose another "
+                                      "output path")
             break
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; choose another name or pass --force to overwrite it "
