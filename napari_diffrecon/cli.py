@@ -1012,9 +1012,26 @@ def _device(name: str) -> str:
     return name
 
 
+def _one_line_warnings() -> None:
+    """Python warnings (e.g. angles that look like radians) as one ``warning:`` line on stderr, each message once,
+    instead of a source line printed per call site."""
+    import warnings
+
+    shown: set[str] = set()
+
+    def show(message, category, filename, lineno, file=None, line=None):  # noqa: ARG001 - warnings' signature
+        text = str(message)
+        if text not in shown:
+            shown.add(text)
+            print(f"warning: {text}", file=sys.stderr)
+
+    warnings.showwarning = show
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit code (2 with a one-line ``error:`` for bad input)."""
     args = _parser().parse_args(argv)
+    _one_line_warnings()
     try:
         return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as e:

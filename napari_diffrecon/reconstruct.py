@@ -492,6 +492,53 @@ def _mask_notes(measurement: Any) -> list[str]:
             "the zero-filled image); store operator.mask (1 where k-space was acquired)"]
 
 
+#: Share of a post-log CT sinogram's total |value| that may be negative before a run warns: line integrals of
+#: attenuation are ≥ 0, so only noise dips below 0 (a few % of the total near the object's edges); a sinogram of an
+#: image in HU (air −1000) is mostly negative.
+NEGATIVE_SINOGRAM_WARN = 0.2
+
+
+def _sinogram_notes(measurement: Any) -> list[str]:
+    """A warning when a Gaussian (post-log) CT sinogram is largely negative: projections of an image in HU, not of
+    attenuation, which no attenuation image fits."""
+    spec = getattr(measurement, "operator", None) or {}
+    noise = getattr(measurement, "noise", None) or {}
+    if str(spec.get("modality")) != "ct" or str(noise.get("model", "gaussian")) != "gaussian":
+        return []
+    d = np.asarray(measurement.data, dtype=np.float64)
+    total = float(np.abs(d).sum())
+    negative = float(-d[d < 0].sum()) / total if total > 0 else 0.0
+    if negative <= NEGATIVE_SINOGRAM_WARN:
+        return []
+    return [f"{negative:.0%} of the sinogram's total is negative, but line integrals of attenuation are ≥ 0 (only "
+            "noise dips below 0): projections of an image in Hounsfield units? Project attenuation, μ = μ_water · (1 + "
+            "HU / 1000) per pixel (`napari-diffrecon simulate` does), or check the log / blank-scan normalisation"]
+
+
+def _kspace_notes(measurement: Any) -> list[str]:
+    """A warning when MRI k-space looks stored in another FFT convention: its largest sample (the DC term of an image)
+    far from the array's centre, as ``np.fft.fft2`` without ``fftshift`` leaves it (the centred convention:
+    :mod:`napari_diffrecon.physics.mri`)."""
+    spec = getattr(measurement, "operator", None) or {}
+    if str(spec.get("modality")) != "mri":
+        return []
+    data = np.abs(np.asarray(measurement.data))
+    energy = (data**2).reshape(-1, *data.shape[-2:]).sum(0)  # coils summed
+    h, w = energy.shape
+    r, c = np.unravel_index(int(np.argmax(energy)), energy.shape)
+    if abs(r - h // 2) <= h // 4 and abs(c - w // 2) <= w // 4:
+        return []
+    return [f"the largest k-space sample is at row {r}, column {c}, far from the centre ({h // 2}, {w // 2}) where an "
+            "image's DC term lies in the centred convention this package uses, k = fftshift(fft2(ifftshift(x))) "
+            "(orthonormal): k-space stored without fftshift (np.fft.fft2's order)? Shift it with np.fft.fftshift "
+            "over the last two axes (the mask too)"]
+
+
+def _data_notes(measurement: Any) -> list[str]:
+    """Warnings on measurements that no image of the modality's model fits as stored (see each check)."""
+    return _mask_notes(measurement) + _kspace_notes(measurement) + _sinogram_notes(measurement)
+
+
 def data_kind(measurement: Any) -> tuple[str, int | None, bool]:
     """What the tuned sampler values depend on besides the method: ``(modality, coils, noisy)``.
 
@@ -634,7 +681,7 @@ def prepare_run(
         "conditional": settings.method not in UNCONDITIONAL,
         "warnings": _noise_notes(settings.method, likelihood, floor, assumed, int(settings.params.cg_iters))
         + _prior_notes(settings.method, prior) + _count_notes(measurement.data, likelihood)
-        + _mask_notes(measurement) + _orientation_notes(settings),
+        + _data_notes(measurement) + _orientation_notes(settings),
     }
     return problem, start, info
 
@@ -770,13 +817,14 @@ def reconstruct(
 
         res = float(data_residual(op, x, m_t, lik))
         floor, assumed = noise_floor(op, m_t, lik), noise_is_assumed(measurement.noise)
-        warns = _count_notes(measurement.data, lik) + _mask_notes(measurement)
+        warns = _count_notes(measurement.data, lik) + _data_notes(measurement)
         misfit = None if assumed else _misfit(res, floor)
         if misfit == "noise":
             warns.append(f"the data residual ({res:.3g}) is below half the noise floor ({floor:.3g}, what the "
                          f"measurement noise alone leaves): {settings.method} fits the noise, and the image carries it "
-                         "amplified; use fewer iterations or a regularised method (tv, mlem / osem with their default "
-                         "stop, or a diffusion sampler)")
+                         "amplified; " + ("it has no iterations to stop early: " if settings.method in
+                                          ("fbp", "zero_filled") else "use fewer iterations or ")
+                         + "a regularised method (tv, mlem / osem with their default stop, or a diffusion sampler)")
         if misfit == "under" and settings.method not in ("fbp", "zero_filled"):
             warns.append(f"the data residual ({res:.3g}) is {res / floor:.0f}× the noise floor ({floor:.3g}): "
                          f"{settings.method} does not fit the measurements; lower its regularisation (lam_rel, damp) "

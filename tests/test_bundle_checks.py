@@ -316,3 +316,36 @@ def test_zero_filled_k_space_without_its_mask_is_warned_about():
     lost = dataclasses.replace(m, operator=spec)
     warns = reconstruct(lost, RunSettings(method="zero_filled")).provenance["warnings"]
     assert any("marks as measured are exactly 0" in w and "operator.mask" in w for w in warns), warns
+
+
+def test_measurements_no_image_fits_as_stored_are_warned_about():
+    """A sinogram of an image in HU (mostly negative line integrals) and k-space stored without fftshift ran to
+    garbage without a word (their noise floors were assumed, so no misfit warning either)."""
+    import dataclasses
+
+    from napari_diffrecon.io import load_sample
+    from napari_diffrecon.reconstruct import RunSettings, reconstruct
+
+    ct = load_sample("ct_sparse23")
+    assert not any("negative" in w for w in reconstruct(ct, RunSettings(method="fbp")).provenance["warnings"])
+    inten = ct.metadata["intensity"]  # image = scale · HU + offset: the same projector applied to the HU image
+    hu_sino = (np.asarray(ct.data) - inten["offset"] * _ones_projection(ct)) / inten["scale"]
+    warns = reconstruct(dataclasses.replace(ct, data=hu_sino.astype(np.float32)),
+                        RunSettings(method="fbp")).provenance["warnings"]
+    assert any("of the sinogram's total is negative" in w and "Hounsfield" in w for w in warns), warns
+    mri = load_sample("mri_4x_8coils")
+    assert not any("fftshift" in w for w in reconstruct(mri, RunSettings(method="zero_filled")).provenance["warnings"])
+    mask = np.fft.ifftshift(np.asarray(mri.operator["mask"]))
+    unshifted = dataclasses.replace(mri, data=np.fft.ifftshift(np.asarray(mri.data), axes=(-2, -1)),
+                                    operator={**mri.operator, "mask": mask})
+    warns = reconstruct(unshifted, RunSettings(method="zero_filled")).provenance["warnings"]
+    assert any("without fftshift" in w for w in warns), warns
+
+
+def _ones_projection(m):
+    """The projection of an image of ones (inside the field of view) with the measurement's own operator."""
+    import torch
+
+    op = m.build_operator("cpu")
+    n = int(m.operator["image_shape"][-1])
+    return op.forward(torch.ones(n, n)).numpy()

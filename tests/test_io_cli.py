@@ -1275,3 +1275,17 @@ def test_an_unwritable_output_folder_is_refused_before_the_run_and_a_failed_writ
     assert main(["reconstruct", str(b), "--method", "fbp", "-o", str(tmp_path / "r.npz")]) == 1
     err = capsys.readouterr().err
     assert err.strip() == f"error: No space left on device: {tmp_path / 'r.npz'}"
+
+
+def test_python_warnings_print_as_one_line_each(tmp_path, capsys):
+    """Angles in radians gave Python's warning with its source line, once per operator built."""
+    import dataclasses
+
+    m = load_sample("ct_sparse23")
+    op = {**m.operator, "angles_deg": [float(a) for a in np.deg2rad(np.asarray(m.operator["angles_deg"], float))]}
+    b = write_measurement(dataclasses.replace(m, operator=op), tmp_path / "radians.npz")
+    capsys.readouterr()
+    assert main(["reconstruct", str(b), "--method", "fbp", "-o", str(tmp_path / "r.npz")]) == 0
+    err = capsys.readouterr().err
+    assert err.count("warning: angles_deg spans less than 2π: are these radians?") == 1, err
+    assert "UserWarning" not in err and "return ParallelBeamCT" not in err, err
