@@ -582,3 +582,28 @@ def test_a_damaged_preset_changes_nothing_and_a_damaged_last_session_does_not_bl
     w2 = main_widget(viewer)  # opens, with its defaults
     assert w2.method_combo.currentData()
     w2.deleteLater()
+
+
+def test_use_selected_layer_simulates_the_slice_on_screen(make_napari_viewer, qtbot, notes):
+    """With a second volume of finer z spacing open, "Use selected layer" simulated slice 0 while slice 10 was shown
+    (it took the world grid's step as the layer's index, modulo its depth); a rolled view simulated a slice of
+    another plane. Now the layer's own index of the slice shown, and a refusal when no slice of it is shown."""
+    viewer, w = _widget(make_napari_viewer, qtbot)
+    yy, xx = np.mgrid[:64, :64] - 31.5
+    vol = np.stack([(np.hypot(yy, xx) < 4 + k).astype(np.float32) for k in range(20)])  # slice k: radius 4 + k
+    layer = viewer.add_image(vol, name="discs")
+    viewer.add_image(np.zeros((40, 64, 64), np.float32), name="finer z", scale=(0.5, 1, 1))
+    viewer.dims.set_point(0, 10)
+    viewer.layers.selection.active = layer
+    w.sim_modality.setCurrentText("mri")
+    w.sim_size.setValue(64)
+    w.sim_coils.setValue(1)
+    w.use_selected_layer()
+    gt = np.abs(w.measurement.ground_truth)
+    radius = np.sqrt((gt > 0.5 * gt.max()).sum() / np.pi)
+    assert abs(radius - 14) < 1.0, radius  # slice 10 (radius 14), not slice 0 (radius 4)
+    viewer.dims.order = (1, 0, 2)  # a rolled view shows no slice of the layer's first axis
+    viewer.layers.selection.active = layer
+    before = w.measurement
+    w.use_selected_layer()
+    assert w.measurement is before and "does not show one of its slices" in notes[-1]

@@ -839,7 +839,7 @@ class DiffReconWidget(QWidget):
                 return
         from napari.layers import Image
 
-        kind = type(layer).__name__
+        kind = layer.__class__.__name__  # the layer's class, also through napari's PublicOnlyProxy
         if not isinstance(layer, Image):  # points, shapes, labels, surfaces...: coordinates or ids are not an image
             show_error(f"napari-diffrecon: layer {layer.name!r} is a {kind} layer; pick an image layer (a measurement "
                        "layer, or an image to simulate one from)")
@@ -852,8 +852,19 @@ class DiffReconWidget(QWidget):
         if data.dtype == bool:
             show_error(f"napari-diffrecon: layer {layer.name!r} is a boolean mask, not an image of intensities")
             return
-        if data.ndim == 3:
-            data = data[int(self.viewer.dims.current_step[0]) % data.shape[0]]
+        if data.ndim == 3:  # the slice on screen, in the layer's own index (other layers' z grids differ)
+            dims = self.viewer.dims
+            if dims.ndisplay != 2 or list(dims.displayed) != [dims.ndim - 2, dims.ndim - 1]:
+                show_error(f"napari-diffrecon: layer {layer.name!r} is a volume and the view does not show one of its "
+                           "slices (3D view, or rolled / transposed axes); return to the 2D view of its slices "
+                           "(View ▸ Axes ▸ Reset, 2D) and pick the slice with the slider")
+                return
+            k = int(np.round(np.asarray(layer.world_to_data(dims.point))[0]))
+            if not 0 <= k < data.shape[0]:
+                show_error(f"napari-diffrecon: the slider is outside layer {layer.name!r}'s slices (0–"
+                           f"{data.shape[0] - 1}); move it onto the layer")
+                return
+            data = data[k]
         if data.ndim != 2 or not np.issubdtype(data.dtype, np.number):
             show_error(f"napari-diffrecon: layer {layer.name!r} is not a 2D image; pick a single-slice image layer")
             return
