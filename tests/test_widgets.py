@@ -158,7 +158,7 @@ def test_weight_slider_moved_mid_run_changes_result(make_napari_viewer, qtbot, t
     assert w.current_settings().params.prior_weight == pytest.approx(1.0)
 
 
-def test_stop_ends_worker_quickly_and_keeps_layers(make_napari_viewer, qtbot, tiny_priors):
+def test_stop_ends_worker_quickly_and_keeps_layers(make_napari_viewer, qtbot, tiny_priors, notes):
     viewer, w = _widget(make_napari_viewer, qtbot)
     _prepare(w, "ct_sparse23", tiny_priors["ct"], n_steps=400, slow=0.02)
     w.compare.setChecked(False)
@@ -170,6 +170,8 @@ def test_stop_ends_worker_quickly_and_keeps_layers(make_napari_viewer, qtbot, ti
     assert all(m.state() != QMovie.MovieState.Running for m in spinners)  # (a napari without one: nothing to do)
     t0 = time.perf_counter()
     w.stop_btn.click()
+    if w.running:  # Run while the stopped run ends: said so (it said "already in progress (press Stop first)")
+        assert w.run() is None and "the stopped run is still ending" in notes[-1], notes[-1:]
     qtbot.waitUntil(lambda: not w.running, timeout=1000)
     elapsed = time.perf_counter() - t0
     assert elapsed < 1.0, elapsed
@@ -185,6 +187,11 @@ def test_stop_ends_worker_quickly_and_keeps_layers(make_napari_viewer, qtbot, ti
     w.method_combo.setCurrentIndex(w.method_combo.findData("fbp"))
     _run_to_end(w, qtbot)
     assert "baseline (fbp)" in [layer.name for layer in viewer.layers]
+    # a rerun on the same data writes over the earlier run's layers: how to keep one is said, once a session
+    told = [n for n in notes if "writes over the earlier run's result layers" in n]
+    assert len(told) == 1 and "rename a result layer to keep it" in told[0]
+    _run_to_end(w, qtbot)
+    assert sum("writes over the earlier run's result layers" in n for n in notes) == 1
 
 
 def test_worker_memory_settings_apply_once():

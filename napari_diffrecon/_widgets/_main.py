@@ -142,6 +142,14 @@ def _method_label(name: str) -> str:
     return name.upper().replace("_", " ")
 
 
+def _busy_text(owner: Any) -> str:
+    """Why a run cannot start now: one in flight (press Stop), or one that was stopped and ends at its next step."""
+    workers = (owner.worker, owner.tuning.worker, owner.volume.worker)
+    if all(w is None or getattr(w, "abort_requested", False) for w in workers):
+        return "the stopped run is still ending (at its sampler's next step); press Run again in a moment"
+    return "a run or auto-tune search is already in progress (press Stop first)"
+
+
 def _row(label: str, *widgets: QWidget, tooltip: str = "") -> QWidget:
     box = QWidget()
     lay = QHBoxLayout(box)
@@ -299,6 +307,7 @@ class DiffReconWidget(QWidget):
         self._written_by: dict[str, str] = {}  # the method of the run whose result each layer holds
         self._written_on: dict[str, Any] = {}  # the measurement that run reconstructed
         self._stale: set[str] = set()  # roles whose layer still holds an earlier run's result
+        self._told_rewrite = False  # the notice that a rerun writes over the earlier run's layers: once a session
         self.last_provenance: dict[str, Any] | None = None
         self.estimate_updates = 0
         self._live_params: SamplerParams | None = None
@@ -1454,7 +1463,7 @@ class DiffReconWidget(QWidget):
     def run(self) -> Any:
         """Start a run in a napari thread worker; returns the worker (None when refused with a notification)."""
         if self.busy:
-            show_info("napari-diffrecon: a run or auto-tune search is already in progress (press Stop first)")
+            show_info(f"napari-diffrecon: {_busy_text(self)}")
             return None
         if self.measurement is None:
             show_error("napari-diffrecon: no measurement; load a sample, open a file or use a layer first")
@@ -1534,6 +1543,11 @@ class DiffReconWidget(QWidget):
                 layer.visible = False
             if other:
                 self._release(role)
+        if not self._told_rewrite and any(r in self._stale for r in ("mean", "estimate", "baseline")):
+            self._told_rewrite = True  # the same data's rerun writes over them: how to keep one, said once
+            show_info("napari-diffrecon: this run writes over the earlier run's result layers (hidden and marked "
+                      f"{EARLIER.format(method='…')} until it does); rename a result layer to keep it — a renamed "
+                      "layer is never written to")
 
     def _release(self, role: str) -> None:
         """Stop tracking the role's layer (it stays in the viewer)."""

@@ -437,7 +437,9 @@ class VolumePanel(QGroupBox):
         """Start the volume run in a napari thread worker; returns it (None when refused with a notification)."""
         o = self.owner
         if o.busy:
-            show_info("napari-diffrecon: a run is already in progress (press Stop first)")
+            from ._main import _busy_text
+
+            show_info(f"napari-diffrecon: {_busy_text(o)}")
             return None
         self._info = {}
         made = self._study_factory()

@@ -566,7 +566,7 @@ def check_output_path(path: str | Path, overwrite: bool = False, suffixes: tuple
         raise OutputPathError(
             f"{path.name}: this writes a {' / '.join(suffixes)} file, so the name must end in it (e.g. "
             f"{path.with_name(stem + suffixes[0])}); NIfTI, DICOM and TIFF images of a result are exported by "
-            "`napari-diffrecon export RESULT.npz -o IMAGE.nii.gz`, from the workbench (File > Save Selected Layers) "
+            "`napari-diffrecon export RESULT.npz -o IMAGE.nii.gz`, from the workbench (Export selected layer…) "
             "or with napari_diffrecon.io.export_image"
         )
     for parent in path.parents:
