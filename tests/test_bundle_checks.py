@@ -349,3 +349,15 @@ def _ones_projection(m):
     op = m.build_operator("cpu")
     n = int(m.operator["image_shape"][-1])
     return op.forward(torch.ones(n, n)).numpy()
+
+
+def test_multi_coil_k_space_without_coil_maps_names_what_is_missing(tmp_path):
+    """It said the shapes (4, 64, 64) and (64, 64) disagree, not that the maps are missing or how to get them."""
+    import dataclasses
+
+    from napari_diffrecon.io import BundleError, load_sample, read_measurement, write_measurement
+
+    m = load_sample("mri_4x_8coils")
+    spec = {k: v for k, v in m.operator.items() if k != "coil_maps"}
+    with pytest.raises(BundleError, match="no coil_maps: multi-coil data need sensitivity maps .*estimate_coil_maps"):
+        read_measurement(write_measurement(dataclasses.replace(m, operator=spec), tmp_path / "nomaps.npz"))

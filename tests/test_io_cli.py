@@ -400,6 +400,12 @@ def test_std_pool_is_refused_for_volume_runs(tmp_path, capsys):
     assert main(["reconstruct", str(tmp_path), "--volume", "--method", "mbir", "--orientations", "8", "-o",
                  str(out)]) == 2
     assert "--orientations applies to 2D runs" in capsys.readouterr().err and not out.exists()
+    # a 3D image is not a volume study: how to make one is said (it named an internal '.input' folder)
+    np.save(tmp_path / "vol.npy", np.zeros((4, 16, 16), np.float32))
+    assert main(["reconstruct", str(tmp_path / "vol.npy"), "--volume", "--method", "mbir", "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "vol.npy is not a volume study" in err and "simulate_study" in err and ".input" not in err
+    assert not out.exists()
     # and measurement splitting's hold-out share (volume runs do not self-tune)
     assert main(["reconstruct", str(tmp_path), "--volume", "--method", "mbir", "--holdout", "0.3", "-o",
                  str(out)]) == 2
@@ -1289,3 +1295,23 @@ def test_python_warnings_print_as_one_line_each(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("warning: angles_deg spans less than 2π: are these radians?") == 1, err
     assert "UserWarning" not in err and "return ParallelBeamCT" not in err, err
+
+
+def test_tiff_pixel_spacing_is_read_in_metric_units_only(tmp_path):
+    """TIFF resolution tags were ignored (a 350 mm field of view was assumed); an inch unit is an editor's dpi."""
+    import tifffile
+
+    img = np.random.default_rng(0).uniform(0, 1, (40, 50)).astype(np.float32)
+    tifffile.imwrite(tmp_path / "mm.tif", img, resolution=(1 / 0.5, 1 / 0.8), resolutionunit="MILLIMETER")
+    tifffile.imwrite(tmp_path / "cm.tif", img, resolution=(20.0, 10.0), resolutionunit="CENTIMETER")  # px per cm
+    tifffile.imwrite(tmp_path / "ij.tif", img, imagej=True, resolution=(1 / 0.25, 1 / 0.25), metadata={"unit": "mm"})
+    tifffile.imwrite(tmp_path / "dpi.tif", img, resolution=(72.0, 72.0), resolutionunit="INCH")
+    assert read_image(tmp_path / "mm.tif")[1]["pixel_spacing_mm"] == pytest.approx([0.8, 0.5])  # (row, column)
+    assert read_image(tmp_path / "cm.tif")[1]["pixel_spacing_mm"] == pytest.approx([1.0, 0.5])
+    assert read_image(tmp_path / "ij.tif")[1]["pixel_spacing_mm"] == pytest.approx([0.25, 0.25])
+    assert "pixel_spacing_mm" not in read_image(tmp_path / "dpi.tif")[1]
+    # this package's own TIFF export reads back at its pixel size
+    from napari_diffrecon.io import export_image
+
+    export_image(tmp_path / "ours.tif", img, {"kind": "test"}, spacing=[0.7, 0.6])
+    assert read_image(tmp_path / "ours.tif")[1]["pixel_spacing_mm"] == pytest.approx([0.7, 0.6])

@@ -182,6 +182,14 @@ def _validate(m: Measurement) -> None:
             raise BundleError(
                 f"measurement: has {data.shape[1]} angles but operator.angles_deg lists {na}; make them agree"
             )
+    if (modality == "mri" and data.ndim == 3 and len(op.data_shape) == 2
+            and tuple(data.shape[-2:]) == tuple(op.data_shape)):
+        raise BundleError(
+            f"measurement: {data.shape[0]} coils of k-space, but the operator has no coil_maps: multi-coil data need "
+            "sensitivity maps (coils, H, W) in operator.coil_maps — estimate them from the fully sampled centre with "
+            "napari_diffrecon.physics.coils.estimate_coil_maps(kspace, mask=mask) (ESPIRiT), or store the data as a "
+            "fastMRI-style .h5 ('kspace', 'mask'), which is read with estimated maps"
+        )
     if tuple(data.shape) != tuple(op.data_shape):
         raise BundleError(f"measurement: shape {data.shape} does not match the operator's data shape {op.data_shape}")
     if modality == "mri":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -116,6 +117,41 @@ def nifti_napari_order(img: Any, first_frame: bool = False) -> tuple[np.ndarray,
     return np.ascontiguousarray(data.T), zooms[::-1]
 
 
+#: TIFF ResolutionUnit values (and ImageJ's 'unit' strings) in mm per unit: metric ones only — an inch unit is what
+#: image editors write by default (72 / 96 / 300 dpi), not a physical pixel size.
+_TIFF_UNIT_MM = {3: 10.0, 4: 1.0, 5: 1e-3, "cm": 10.0, "mm": 1.0, "micron": 1e-3, "um": 1e-3, "µm": 1e-3}
+
+
+def _tiff_spacing(tif: Any) -> list[float] | None:
+    """The (row, column) pixel spacing in mm of a TIFF: this package's export record (``spacing_mm`` in the image
+    description), else its X/YResolution tags in a metric unit (the TIFF ResolutionUnit, or ImageJ's ``unit``); None
+    when it declares none."""
+    page = tif.pages[0]
+    try:
+        desc = json.loads(page.description) if page.description.lstrip().startswith("{") else {}
+        if isinstance(desc, dict) and desc.get("spacing_mm"):
+            return [float(v) for v in desc["spacing_mm"][-2:]]
+    except (ValueError, TypeError):
+        pass
+    tags = page.tags
+    if "XResolution" not in tags or "YResolution" not in tags:
+        return None
+    value = getattr(tags.get("ResolutionUnit"), "value", None)  # (tifffile's RESUNIT.NONE is falsy: no `or`)
+    unit: int | str = 2 if value is None else int(value)  # TIFF's default unit: the inch
+    if unit == 1:  # none: ImageJ keeps its unit in its own metadata
+        unit = str((tif.imagej_metadata or {}).get("unit", "")).lower()
+    mm = _TIFF_UNIT_MM.get(unit)
+    if mm is None:
+        return None
+    try:
+        per_unit = [float(n) / float(d) for n, d in (tags["YResolution"].value, tags["XResolution"].value)]
+    except (TypeError, ValueError, ZeroDivisionError):
+        return None
+    if not all(np.isfinite(p) and p > 0 for p in per_unit):
+        return None
+    return [mm / p for p in per_unit]
+
+
 def _refuse_complex(dtype: Any, name: str) -> None:
     """A complex image file is refused: an image to simulate from is real (for MRI, the simulation makes k-space)."""
     if np.dtype(dtype).kind == "c":
@@ -153,8 +189,11 @@ def read_volume(path: str | Path) -> tuple[np.ndarray, dict[str, Any]]:
 
             with tifffile.TiffFile(path) as tif:
                 raw, axes = tif.asarray(), tif.series[0].axes
+                spacing = _tiff_spacing(tif)
             _refuse_complex(raw.dtype, path.name)
             vol, info = np.asarray(raw, dtype=np.float32), {"format": "tiff", "units": "auto"}
+            if spacing:
+                info["pixel_spacing_mm"] = spacing
             if "S" in axes:  # colour samples per pixel (RGB, RGBA, grey + alpha; interleaved or planar): grey
                 vol = np.moveaxis(vol, axes.index("S"), -1)
                 vol, info["converted"] = _grey(vol), "colour image converted to grey"
