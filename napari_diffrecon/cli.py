@@ -158,7 +158,7 @@ VOLUME_IGNORES = {"auto": "--auto", "auto_params": "--auto-params", "holdout": "
                   "t0": "--t0", "keep_samples": "--keep-samples", "adapt_steps": "--adapt-steps",
                   "adapt_lr": "--adapt-lr", "lora_rank": "--lora-rank", "adapt_every": "--adapt-every",
                   "adapt_start": "--adapt-start", "adapt_target": "--adapt-target", "adapt_floor": "--adapt-floor",
-                  "threads": "--threads"}
+                  "threads": "--threads", "slice": "--slice", "size": "--size"}
 
 
 def _given(a: argparse.Namespace, flags: dict[str, str]) -> list[str]:
@@ -315,6 +315,22 @@ def _auto_tuned(a: argparse.Namespace, m, settings):
     return result
 
 
+def _read_for_reconstruct(a: argparse.Namespace) -> Any:
+    """The measurement of a 2D run: a bundle, or a fastMRI file's slice (``--slice``, ``--size``, which other inputs
+    refuse: a bundle holds one slice at its own geometry)."""
+    from .io import read_measurement
+    from .io.fastmri import is_fastmri, read_fastmri
+
+    given = [f for f, v in (("--slice", a.slice), ("--size", a.size)) if v is not None]
+    if is_fastmri(a.bundle):
+        m = read_fastmri(a.bundle, slice_index=a.slice, size=a.size)
+        print(f"{Path(a.bundle).name}: {m.metadata['description']}")
+        return m
+    _refuse_ignored(given, "fastMRI .h5 files", f"{Path(a.bundle).name} is a bundle of one measurement at its own "
+                    "geometry (for an image, `napari-diffrecon simulate --slice K --size N` makes one)")
+    return read_measurement(a.bundle)
+
+
 def _cmd_reconstruct(a: argparse.Namespace) -> int:
     from .distributed import run_from_args, wants_volume
 
@@ -334,7 +350,7 @@ def _cmd_reconstruct(a: argparse.Namespace) -> int:
                         "--gamma, --cg-iters, --prior-weight, --renoise, --ztv, --rho, --prior, --samples and --seed "
                         "(and --threads-per-worker)")
         return run_from_args(a)
-    from .io import check_output_path, read_measurement, write_result
+    from .io import check_output_path, write_result
     from .io.bundle import RESULT_SUFFIXES
     from .reconstruct import noise_floor_text, reconstruct
 
@@ -348,7 +364,7 @@ def _cmd_reconstruct(a: argparse.Namespace) -> int:
     if Path(a.bundle).exists() and out.exists() and out.resolve() == Path(a.bundle).resolve():
         raise ValueError(f"-o {a.output} is the input measurement; write the result to another file (--force "
                          "replaces earlier results, never the input)")
-    m = read_measurement(a.bundle)
+    m = _read_for_reconstruct(a)
     from .reconstruct import data_kind, default_hot_start
     from .samplers import SAMPLERS
 
@@ -881,6 +897,11 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--device", default="cpu", type=_device)
     r.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's, all cores)")
+    r.add_argument("--slice", type=int, default=None, help="fastMRI .h5: the slice to reconstruct (default: middle)")
+    r.add_argument("--size", type=int, default=None, metavar="N",
+                   help="fastMRI .h5: an N × N image — readout oversampling removed, k-space centre N × N kept (the "
+                        "same field of view at a coarser pixel; e.g. 128, the shipped MRI prior's resolution, for "
+                        "640 × 368 knee k-space)")
     r.add_argument("-o", "--output", required=True)
     r.add_argument("--force", action="store_true")
     from .distributed import add_volume_arguments  # no dask import at module level: cheap

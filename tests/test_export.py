@@ -255,3 +255,65 @@ def test_export_image_of_a_result_takes_its_units_and_pixel_size_from_the_proven
     data, prov, info = read_exported(out)
     assert prov["exported_units"] == "HU" and data.min() < -500  # air in HU, not attenuation per pixel
     assert info["spacing"][-1] == pytest.approx(0.661468, rel=1e-4)
+
+
+def _centred_fft2(x):
+    return np.fft.fftshift(np.fft.fft2(np.fft.ifftshift(x, axes=(-2, -1)), norm="ortho"), axes=(-2, -1))
+
+
+def test_fastmri_k_space_of_real_size_is_brought_to_the_prior_s_size_exactly(tmp_path, capsys):
+    """fastMRI knee k-space is 640 × 368 (readout oversampled 2×): it was refused ("far from the training
+    resolution") with no way to bring it down. `read_fastmri(size=N)` / `reconstruct --size N` keep the same field of
+    view at a coarser pixel with exact operations; the result equals the k-space of the central image rows' low-pass."""
+    import h5py
+
+    from napari_diffrecon.cli import main
+    from napari_diffrecon.io.fastmri import resize_kspace
+
+    m = load_sample("mri_4x_8coils")
+    img = np.abs(m.ground_truth).astype(np.float64)  # 128 × 128: the object, in a 256-row oversampled readout
+    h, w, size = 256, 128, 64
+    tall = np.zeros((h, w), np.complex128)
+    tall[64:192] = img * np.exp(1j * 0.3)
+    cols = np.zeros(w, bool)
+    cols[::3] = True
+    cols[56:72] = True
+    k = _centred_fft2(tall) * cols
+    path = tmp_path / "knee.h5"
+    with h5py.File(path, "w") as f:
+        f.create_dataset("kspace", data=np.stack([k, 2 * k, 3 * k]).astype(np.complex64))  # 3 slices, single coil
+        f.create_dataset("mask", data=cols.astype(np.float32))
+    got = read_fastmri(path, slice_index=2, size=size)
+    ref = 3 * _centred_fft2(tall[64:192])[32:96, 32:96] * cols[32:96]  # the central rows' k-space, centre kept
+    np.testing.assert_allclose(got.data, ref, rtol=0, atol=1e-4 * np.abs(ref).max())
+    np.testing.assert_array_equal(got.operator["mask"][0] > 0, cols[32:96])
+    assert got.operator["image_shape"] == [size, size] and "readout oversampling removed (256 → 128 rows)" in \
+        got.metadata["resized"]
+    # a short readout is padded in image space to the phase field of view; sizes the file cannot give are refused
+    short = _centred_fft2(tall[64:192, :][16:112]) * cols  # 96 rows
+    out, kept, how = resize_kspace(short, cols, size)
+    assert out.shape == (size, size) and "padded (96 → 128 rows)" in how
+    with pytest.raises(ValueError, match="16 … 128"):
+        resize_kspace(k, cols, 200)
+    # the CLI: --slice and --size for fastMRI files (a bundle refuses them)
+    out_npz = tmp_path / "r.npz"
+    assert main(["reconstruct", str(path), "--slice", "2", "--size", str(size), "--method", "zero_filled", "-o",
+                 str(out_npz)]) == 0
+    assert "k-space centre 64² of 128² kept" in capsys.readouterr().out
+    with np.load(out_npz) as z:
+        zf = z["reconstruction"]
+    lowpass = np.abs(np.fft.fftshift(np.fft.ifft2(np.fft.ifftshift(ref), norm="ortho")))
+    np.testing.assert_allclose(zf, lowpass, rtol=1e-3, atol=1e-3 * lowpass.max())
+    # napari: a file beyond any prior's range (here 600 rows) opens at the prior's size, saying so
+    from napari_diffrecon.io._napari import read_any
+
+    big = np.zeros((600, 160), np.complex128)
+    big[236:364, 16:144] = img
+    cols2 = np.zeros(160, bool)
+    cols2[::4] = True
+    cols2[72:88] = True
+    with h5py.File(tmp_path / "big.h5", "w") as f:
+        f.create_dataset("kspace", data=(_centred_fft2(big) * cols2)[None].astype(np.complex64))
+    meas = [kw["metadata"]["measurement"] for _, kw, _ in read_any(tmp_path / "big.h5")
+            if "measurement" in kw.get("metadata", {})][0]
+    assert meas.operator["image_shape"] == [128, 128] and "600 → 160 rows" in meas.metadata["description"]

@@ -333,7 +333,11 @@ def read_any(path: str | Path, simulate: dict[str, Any] | None = None) -> list[L
         raise FileNotFoundError(f"{p} not found")
     if p.suffix in (".npz", ".h5", ".hdf5") and not p.is_dir():
         if p.suffix != ".npz" and is_fastmri(p):
-            return _layers(read_fastmri(p), p.stem)
+            m = read_fastmri(p)
+            size = int((simulate or {}).get("size") or FASTMRI_SIZE)
+            if max(m.operator["image_shape"]) > 4 * size:  # e.g. 640 × 368 knee k-space: beyond any prior's range
+                m = read_fastmri(p, size=size)  # the same field of view at the prior's size (said in its description)
+            return _layers(m, p.stem)
         if is_result_file(p):  # a result to look at (and export, or simulate from)
             return result_layers(p)
         return _layers(read_measurement(p), p.stem)
@@ -344,6 +348,11 @@ def read_any(path: str | Path, simulate: dict[str, Any] | None = None) -> list[L
     if info.get("pixel_spacing_mm"):  # the attenuation per pixel (CT, PET) follows the image's own pixel size
         opts.setdefault("pixel_spacing_mm", info["pixel_spacing_mm"])
     return simulated_layers(img, _stem(p), source=str(p), **opts)
+
+
+#: The image side a fastMRI file's k-space is brought to when it is too large for a prior to run on (more than 4×
+#: it): the shipped priors' resolution (the dock passes its "simulate as" size instead).
+FASTMRI_SIZE = 128
 
 
 # -- samples -----------------------------------------------------------------------------------

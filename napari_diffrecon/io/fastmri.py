@@ -14,7 +14,7 @@ import numpy as np
 
 from .bundle import BundleError, Measurement, _validate
 
-__all__ = ["is_fastmri", "read_fastmri"]
+__all__ = ["is_fastmri", "read_fastmri", "resize_kspace"]
 
 
 def is_fastmri(path: str | Path) -> bool:
@@ -31,7 +31,61 @@ def is_fastmri(path: str | Path) -> bool:
         return False
 
 
-def read_fastmri(path: str | Path, slice_index: int | None = None, noise_fraction: float = 0.01) -> Measurement:
+def _centred_fft_rows(x: np.ndarray, inverse: bool) -> np.ndarray:
+    """The package's centred orthonormal FFT (``fftshift(fft(ifftshift(x)))``) along the rows (axis −2) only."""
+    f = np.fft.ifft if inverse else np.fft.fft
+    return np.fft.fftshift(f(np.fft.ifftshift(x, axes=-2), axis=-2, norm="ortho"), axes=-2)
+
+
+def _centre(n: int, m: int) -> slice:
+    """The ``m`` central indices of ``n`` in the centred convention (index n // 2 is the centre, kept at m // 2)."""
+    return slice(n // 2 - m // 2, n // 2 - m // 2 + m)
+
+
+def resize_kspace(data: np.ndarray, cols: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray, str]:
+    """Bring Cartesian k-space ``(..., H, W)`` (phase encoding along the columns) to a ``size × size`` image.
+
+    Exact operations only: the readout (rows, fully sampled) is brought to the phase-encoding field of view — its
+    oversampling removed (H > W: the central W image rows, as fastMRI's 640 × 368 knee data are cropped) or the rows
+    zero-padded in image space (H < W) — then the k-space centre ``size × size`` is kept: the same field of view at
+    ``W / size`` times the pixel size (a low-pass of the image; the mask's central columns come with it, so the
+    acceleration of the kept part is usually lower than the file's).
+
+    Parameters
+    ----------
+    data : numpy.ndarray
+        k-space ``(..., H, W)`` (coils first when several), centred convention.
+    cols : numpy.ndarray
+        The sampled phase-encoding columns (W booleans).
+    size : int
+        The image side wanted (≥ 16, ≤ W).
+
+    Returns
+    -------
+    data, cols, how
+        The resized k-space, its sampled columns and a sentence saying what was done.
+    """
+    h, w = data.shape[-2:]
+    if not 16 <= size <= w:
+        raise BundleError(f"size {size}: the k-space centre can be cropped to 16 … {w} (its {w} phase-encoding "
+                          "columns); a larger image needs data the file does not hold")
+    img_rows = _centred_fft_rows(data, inverse=True)  # (x, k_y): the readout in image space
+    if h > w:
+        img_rows, said = img_rows[..., _centre(h, w), :], f"readout oversampling removed ({h} → {w} rows)"
+    elif h < w:
+        pad = [(0, 0)] * (img_rows.ndim - 2) + [((w - h) // 2, w - h - (w - h) // 2), (0, 0)]
+        img_rows, said = np.pad(img_rows, pad), f"readout field of view padded ({h} → {w} rows)"
+    else:
+        said = ""
+    square = _centred_fft_rows(img_rows, inverse=False)
+    out = np.ascontiguousarray(square[..., _centre(w, size), _centre(w, size)]).astype(np.complex64)
+    how = (f"{said + '; ' if said else ''}k-space centre {size}² of {w}² kept (the same field of view at "
+           f"{w / size:.2f}× the file's pixel size)")
+    return out, cols[_centre(w, size)], how
+
+
+def read_fastmri(path: str | Path, slice_index: int | None = None, noise_fraction: float = 0.01,
+                 size: int | None = None) -> Measurement:
     """Read one slice of a fastMRI-style file as a validated MRI :class:`Measurement`.
 
     Parameters
@@ -43,11 +97,15 @@ def read_fastmri(path: str | Path, slice_index: int | None = None, noise_fractio
     noise_fraction : float
         Gaussian noise σ (of each real and imaginary part, as every Gaussian likelihood here) as a fraction of
         the RMS of the sampled k-space (the files carry no noise scan); the GUI shows it as a free setting.
+    size : int, optional
+        Bring the slice to a ``size × size`` image (:func:`resize_kspace`: readout oversampling removed, k-space
+        centre kept), e.g. a prior's resolution for a file's 640 × 368 k-space. Default: as stored.
 
     Raises
     ------
     BundleError
-        No ``kspace`` dataset, wrong shape or dtype, slice out of range, no fully sampled centre.
+        No ``kspace`` dataset, wrong shape or dtype, slice out of range, no fully sampled centre, a size the file
+        cannot give.
     """
     import h5py
 
@@ -85,6 +143,10 @@ def read_fastmri(path: str | Path, slice_index: int | None = None, noise_fractio
         cols = energy > 0
     if not cols.any():
         raise BundleError(f"{path.name}: the k-space slice is empty")
+    resized = None
+    if size is not None:
+        data, cols, resized = resize_kspace(data * cols, cols, int(size))
+        h, w = data.shape[-2:]
     mask = np.broadcast_to(cols[None, :], (h, w)).astype(np.float32)
     data = data * mask
     spec: dict[str, Any] = {"modality": "mri", "image_shape": [int(h), int(w)], "mask": mask, "coil_maps": None}
@@ -107,6 +169,9 @@ def read_fastmri(path: str | Path, slice_index: int | None = None, noise_fractio
             "description": f"fastMRI-style k-space, slice {k}/{n}, {w / cols.sum():.1f}× undersampled, "
                            f"{data.shape[0] if data.ndim == 3 else 1} coil(s)",
             "acquisition": attrs.get("acquisition")}
+    if resized:
+        meta["resized"] = resized
+        meta["description"] += f"; {resized}"
     m = Measurement(data=data, operator=spec, noise=noise, metadata=meta, path=str(path))
     _validate(m)
     return m

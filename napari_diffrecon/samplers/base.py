@@ -75,7 +75,8 @@ def resolution_mismatch(image_shape: Any, card: Any) -> str | None:
         return None
     name = getattr(card, "name", "this prior")
     return (f"image {h}×{w} is far from the {resolution}² training resolution of prior {name!r} (it runs from 16 px "
-            f"to {4 * resolution} px): resample the measurement geometry or pick a prior of matching resolution")
+            f"to {4 * resolution} px): resample the measurement geometry (a fastMRI .h5: reconstruct --size "
+            f"{resolution}) or pick a prior of matching resolution")
 
 
 class SamplingError(RuntimeError):
