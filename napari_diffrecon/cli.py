@@ -56,6 +56,7 @@ def _cmd_simulate(a: argparse.Namespace) -> int:
         pixel_spacing_mm=info.get("pixel_spacing_mm"),
         seed=a.seed,
         source=source,
+        axes_ras=info.get("axes_ras"),
     )
     write_measurement(m, out, overwrite=a.force)
     print(f"wrote {out}: {m.metadata.get('description')}, measurement {m.data.shape} {m.data.dtype}")

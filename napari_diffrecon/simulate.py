@@ -188,6 +188,7 @@ def simulate_from_image(
     pixel_spacing_mm: Any = None,
     seed: int = 0,
     source: str | None = None,
+    axes_ras: dict[str, Any] | None = None,
 ) -> Measurement:
     """Simulate measurements of a 2D image.
 
@@ -225,6 +226,10 @@ def simulate_from_image(
         Noise seed.
     source : str, optional
         Recorded in the metadata.
+    axes_ras : dict, optional
+        The input's orientation (``{"x": …, "y": …}``: the RAS+ directions of its column and row index, a DICOM's or
+        NIfTI's, :func:`napari_diffrecon.io.read_image`): recorded with the intensity mapping, so that exported
+        NIfTI images keep it.
     """
     if np.iscomplexobj(image):  # np.asarray(..., float64) would keep the real part with a warning only
         raise ValueError("simulate takes a real image; pass its magnitude (np.abs) — k-space goes into a bundle's "
@@ -310,6 +315,8 @@ def simulate_from_image(
         sigma = noise_sigma if noise_sigma is not None else 0.002 * float(op.forward(xt).abs().max())
         noise = {"model": "gaussian", "sigma": float(sigma)}
         meta["intensity"] = {"native_units": "magnitude", "scale": 1.0, "offset": 0.0}
+        if pixel_size_mm is not None or pixel_spacing_mm is not None:  # a declared size (CT / PET assume 350 mm)
+            meta["intensity"]["pixel_size_mm"] = px
         meta["description"] = f"MRI, {op.acceleration:.1f}x {mask_kind}, {max(op.n_coils, 1)} coil(s)"
     elif modality == "pet":
         if is_hu:  # a CT: an FDG-like uptake of its tissues (HU as activity would make bone the hottest)
@@ -335,6 +342,8 @@ def simulate_from_image(
         meta["description"] = f"PET, {len(angles)} views, {counts:g} true counts"
     else:
         raise ValueError(f"unknown modality {modality!r}; use ct, mri or pet")
+    if axes_ras:  # the image's orientation travels with its units (measurement → result provenance → export)
+        meta["intensity"]["axes_ras"] = {k: [float(v) for v in axes_ras[k]] for k in ("x", "y", "z") if k in axes_ras}
     m = simulate_measurement(op, xt, noise, seed=seed)
     data = m.numpy().astype(np.complex64 if m.is_complex() else np.float32)
     gt = x.astype(np.complex64 if np.iscomplexobj(x) else np.float32)

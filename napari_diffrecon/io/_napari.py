@@ -347,6 +347,8 @@ def read_any(path: str | Path, simulate: dict[str, Any] | None = None) -> list[L
         opts.setdefault("units", "HU")
     if info.get("pixel_spacing_mm"):  # the attenuation per pixel (CT, PET) follows the image's own pixel size
         opts.setdefault("pixel_spacing_mm", info["pixel_spacing_mm"])
+    if info.get("axes_ras"):  # its orientation, for NIfTI exports of what is made from it
+        opts.setdefault("axes_ras", info["axes_ras"])
     return simulated_layers(img, _stem(p), source=str(p), **opts)
 
 

@@ -156,16 +156,44 @@ def _spacing(spacing: Sequence[float] | None, ndim: int) -> list[float]:
     return [1.0] * (ndim - len(s)) + s
 
 
+def _nifti_affine(sp: list[float], ndim: int, axes_ras: dict[str, Any] | None) -> np.ndarray:
+    """The affine of an image stored as (x, y[, z]) with napari-order spacing ``sp``: the voxel axes along
+    ``axes_ras`` (the source's RAS+ directions of its column (x), row (y) and slice (z, default x × y) index), else
+    along +x, +y, +z (the identity orientation)."""
+    sx, sy, sz = sp[-1], sp[-2], (sp[0] if ndim == 3 else 1.0)
+    dx, dy = np.array([1.0, 0.0, 0.0]), np.array([0.0, 1.0, 0.0])
+    if isinstance(axes_ras, dict):
+        try:
+            x, y = (np.asarray(axes_ras[k], dtype=np.float64).reshape(3) for k in ("x", "y"))
+            if np.isfinite(x).all() and np.isfinite(y).all() and np.linalg.norm(np.cross(x, y)) > 1e-3:
+                dx, dy = x / np.linalg.norm(x), y / np.linalg.norm(y)
+        except (KeyError, TypeError, ValueError):
+            pass  # an unreadable record: the identity orientation, as before it was recorded
+    dz = np.cross(dx, dy)
+    if isinstance(axes_ras, dict) and axes_ras.get("z") is not None:  # the source's own slice direction (a NIfTI's
+        try:  # third axis may point against x × y)
+            z = np.asarray(axes_ras["z"], dtype=np.float64).reshape(3)
+            if np.isfinite(z).all() and abs(float(np.dot(z, dz))) > 1e-3 * float(np.linalg.norm(z)):
+                dz = z / np.linalg.norm(z)
+        except (TypeError, ValueError):
+            pass
+    affine = np.eye(4)
+    affine[:3, 0], affine[:3, 1], affine[:3, 2] = dx * sx, dy * sy, dz * sz
+    return affine
+
+
 def write_nifti(path: str | Path, data: Any, provenance: dict[str, Any] | None = None,
-                spacing: Sequence[float] | None = None, overwrite: bool = False) -> Path:
-    """Write a NIfTI-1 image (napari's (z, y, x) / (y, x) order stored as (x, y[, z]))."""
+                spacing: Sequence[float] | None = None, overwrite: bool = False,
+                axes_ras: dict[str, Any] | None = None) -> Path:
+    """Write a NIfTI-1 image (napari's (z, y, x) / (y, x) order stored as (x, y[, z])); ``axes_ras`` orients it
+    (the source image's RAS+ directions of its column and row index, :func:`_nifti_affine`)."""
     import nibabel as nib
 
     path = Path(path)
     a = _image(data)
     sp = _spacing(spacing, a.ndim)
     vol = a.T  # (y, x) -> (x, y); (z, y, x) -> (x, y, z)
-    affine = np.diag([*sp[::-1], *([1.0] * (3 - a.ndim)), 1.0])
+    affine = _nifti_affine(sp, a.ndim, axes_ras)
     img = nib.Nifti1Image(vol, affine)
     img.header["descrip"] = _TAG.encode()
     img.header.extensions.append(nib.nifti1.Nifti1Extension(6, _json(provenance).encode("utf-8")))
@@ -307,8 +335,8 @@ def export_image(path: str | Path, data: Any, provenance: dict[str, Any] | None 
                       else f"{role} in image units = {intensity['scale']:.6g} · HU")
     if units is not None:
         provenance = {**(provenance or {}), "exported_units": units, "exported_from": source}
-    if fmt == "nifti":
-        return write_nifti(path, data, provenance, spacing, overwrite)
+    if fmt == "nifti":  # oriented as the source image was (its record travels with the intensity mapping)
+        return write_nifti(path, data, provenance, spacing, overwrite, axes_ras=(intensity or {}).get("axes_ras"))
     if fmt == "dicom":
         return write_dicom(path, data, provenance, spacing, overwrite, description=name, units=units)
     return write_tiff(path, data, provenance, spacing, overwrite)

@@ -47,6 +47,12 @@ def _dicom_volume(path: Path) -> tuple[np.ndarray, dict[str, Any]]:
     measures = _group_item(ds, 0, "PixelMeasuresSequence")
     spacing = getattr(ds, "PixelSpacing", None) or getattr(measures, "PixelSpacing", None) or []
     info = {"format": "dicom", "units": units, "pixel_spacing_mm": [float(v) for v in spacing]}
+    iop = getattr(ds, "ImageOrientationPatient", None)
+    if iop is not None and len(iop) == 6:  # LPS direction cosines of the columns' and rows' index → RAS (x, y negated)
+        axes = _unit_axes([-float(iop[0]), -float(iop[1]), float(iop[2])], [-float(iop[3]), -float(iop[4]),
+                                                                             float(iop[5])])
+        if axes:
+            info["axes_ras"] = axes
     if any(int(getattr(s[2], "SamplesPerPixel", 1) or 1) > 1 for s in slices):
         info["converted"] = "colour image converted to grey"
     if len(slices) == 1 and slices[0][1].ndim == 3:  # one multi-frame file: its frames are the volume
@@ -152,6 +158,26 @@ def _tiff_spacing(tif: Any) -> list[float] | None:
     return [mm / p for p in per_unit]
 
 
+def _unit_axes(x: Any, y: Any, z: Any = None) -> dict[str, list[float]] | None:
+    """``{"x": …, "y": …[, "z": …]}``: the RAS+ directions (unit vectors) in which the column index (x), the row index
+    (y) and the slice index (z; a NIfTI's third axis, else x × y) of an image increase — what an exported NIfTI's
+    affine needs to show it the way the source did. None when x or y is degenerate (zero, non-finite, parallel)."""
+    out: dict[str, list[float]] = {}
+    for key, v in (("x", x), ("y", y), ("z", z)):
+        if v is None:
+            continue
+        v = np.asarray(v, dtype=np.float64).reshape(3)
+        n = float(np.linalg.norm(v))
+        if not (np.isfinite(n) and n > 0):
+            if key == "z":
+                continue
+            return None
+        out[key] = [round(float(c), 6) for c in v / n]
+    if np.linalg.norm(np.cross(out["x"], out["y"])) < 1e-3:
+        return None
+    return out
+
+
 def _refuse_complex(dtype: Any, name: str) -> None:
     """A complex image file is refused: an image to simulate from is real (for MRI, the simulation makes k-space)."""
     if np.dtype(dtype).kind == "c":
@@ -184,6 +210,10 @@ def read_volume(path: str | Path) -> tuple[np.ndarray, dict[str, Any]]:
                 "units": "auto",  # NIfTI declares no intensity units: the values decide (simulate: below −500 → HU)
                 "pixel_spacing_mm": spacing[-2:],  # (row = y, column = x)
             }
+            affine = np.asarray(nii.affine, dtype=np.float64)[:3, :3]  # voxel axes i (= columns, x), j (= rows, y)
+            axes = _unit_axes(affine[:, 0], affine[:, 1], affine[:, 2])
+            if axes:
+                info["axes_ras"] = axes
         elif name.endswith((".tif", ".tiff")):
             import tifffile
 
