@@ -332,8 +332,11 @@ def test_exported_nifti_keeps_the_source_image_s_orientation(tmp_path):
     img[8:30, 10:20] = 1.0  # (x, y) in the file: an asymmetric block
     las = np.diag([-2.0, 2.0, 2.0, 1.0])
     nib.save(nib.Nifti1Image(img, las), tmp_path / "las.nii.gz")
-    for src, modality, method, codes in ((tmp_path / "las.nii.gz", "mri", "zero_filled", ("L", "A", "S")),
-                                         (get_testdata_file("CT_small.dcm"), "ct", "fbp", ("L", "P", "S"))):
+    import pydicom
+
+    for src, modality, method, codes, iop in (
+            (tmp_path / "las.nii.gz", "mri", "zero_filled", ("L", "A", "S"), [1, 0, 0, 0, -1, 0]),
+            (get_testdata_file("CT_small.dcm"), "ct", "fbp", ("L", "P", "S"), [1, 0, 0, 0, 1, 0])):
         b, r, out = (tmp_path / f"{modality}.{ext}" for ext in ("npz", "r.npz", "nii.gz"))
         assert main(["simulate", str(src), "--modality", modality, "--size", "32", "-o", str(b)]) == 0
         assert main(["reconstruct", str(b), "--method", method, "-o", str(r)]) == 0
@@ -345,6 +348,10 @@ def test_exported_nifti_keeps_the_source_image_s_orientation(tmp_path):
         # the voxels are stored as before (our reader round-trips them, affine or not; CT in HU: an affine map)
         back, rec = read_exported(out)[0].ravel(), np.load(r)["reconstruction"].ravel()
         assert np.corrcoef(back, rec)[0, 1] > 0.99999
+        # DICOM: ImageOrientationPatient in LPS (CT_small's own [1, 0, 0, 0, 1, 0] back)
+        dcm = tmp_path / f"{modality}.dcm"
+        assert main(["export", str(r), "-o", str(dcm)]) == 0
+        np.testing.assert_allclose([float(v) for v in pydicom.dcmread(dcm).ImageOrientationPatient], iop, atol=1e-6)
     # an image with no orientation record keeps the identity orientation
     plain = tmp_path / "plain.nii"
     export_image(plain, np.ones((8, 8), np.float32), {"kind": "test"}, spacing=[0.5, 0.5])

@@ -156,29 +156,35 @@ def _spacing(spacing: Sequence[float] | None, ndim: int) -> list[float]:
     return [1.0] * (ndim - len(s)) + s
 
 
+def _source_axes(axes_ras: dict[str, Any] | None) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """The unit RAS+ directions (x, y, z) of the column, row and slice index that an orientation record
+    (``intensity["axes_ras"]``, :func:`napari_diffrecon.io.images.read_image`) gives: z is the record's own when it has
+    one not within x and y's plane, else x × y. None without a usable record (missing, non-finite, x parallel to y)."""
+    if not isinstance(axes_ras, dict):
+        return None
+    try:
+        x, y = (np.asarray(axes_ras[k], dtype=np.float64).reshape(3) for k in ("x", "y"))
+        if not (np.isfinite(x).all() and np.isfinite(y).all()) or np.linalg.norm(np.cross(x, y)) < 1e-3 * max(
+                float(np.linalg.norm(x) * np.linalg.norm(y)), 1e-30):
+            return None
+        x, y = x / np.linalg.norm(x), y / np.linalg.norm(y)
+        z = np.cross(x, y)
+        if axes_ras.get("z") is not None:  # the source's own slice direction (a NIfTI's third axis may point
+            own = np.asarray(axes_ras["z"], dtype=np.float64).reshape(3)  # against x × y)
+            if np.isfinite(own).all() and abs(float(np.dot(own, z))) > 1e-3 * float(np.linalg.norm(own)):
+                z = own / np.linalg.norm(own)
+    except (KeyError, TypeError, ValueError):
+        return None  # an unreadable record: the identity orientation, as before records existed
+    return x, y, z
+
+
 def _nifti_affine(sp: list[float], ndim: int, axes_ras: dict[str, Any] | None) -> np.ndarray:
-    """The affine of an image stored as (x, y[, z]) with napari-order spacing ``sp``: the voxel axes along
-    ``axes_ras`` (the source's RAS+ directions of its column (x), row (y) and slice (z, default x × y) index), else
-    along +x, +y, +z (the identity orientation)."""
+    """The affine of an image stored as (x, y[, z]) with napari-order spacing ``sp``: the voxel axes along the
+    source's directions (:func:`_source_axes`), else along +x, +y, +z (the identity orientation)."""
     sx, sy, sz = sp[-1], sp[-2], (sp[0] if ndim == 3 else 1.0)
-    dx, dy = np.array([1.0, 0.0, 0.0]), np.array([0.0, 1.0, 0.0])
-    if isinstance(axes_ras, dict):
-        try:
-            x, y = (np.asarray(axes_ras[k], dtype=np.float64).reshape(3) for k in ("x", "y"))
-            if np.isfinite(x).all() and np.isfinite(y).all() and np.linalg.norm(np.cross(x, y)) > 1e-3:
-                dx, dy = x / np.linalg.norm(x), y / np.linalg.norm(y)
-        except (KeyError, TypeError, ValueError):
-            pass  # an unreadable record: the identity orientation, as before it was recorded
-    dz = np.cross(dx, dy)
-    if isinstance(axes_ras, dict) and axes_ras.get("z") is not None:  # the source's own slice direction (a NIfTI's
-        try:  # third axis may point against x × y)
-            z = np.asarray(axes_ras["z"], dtype=np.float64).reshape(3)
-            if np.isfinite(z).all() and abs(float(np.dot(z, dz))) > 1e-3 * float(np.linalg.norm(z)):
-                dz = z / np.linalg.norm(z)
-        except (TypeError, ValueError):
-            pass
+    axes = _source_axes(axes_ras) or (np.array([1.0, 0, 0]), np.array([0, 1.0, 0]), np.array([0, 0, 1.0]))
     affine = np.eye(4)
-    affine[:3, 0], affine[:3, 1], affine[:3, 2] = dx * sx, dy * sy, dz * sz
+    affine[:3, 0], affine[:3, 1], affine[:3, 2] = axes[0] * sx, axes[1] * sy, axes[2] * sz
     return affine
 
 
@@ -219,10 +225,11 @@ def write_nifti(path: str | Path, data: Any, provenance: dict[str, Any] | None =
 
 def write_dicom(path: str | Path, data: Any, provenance: dict[str, Any] | None = None,
                 spacing: Sequence[float] | None = None, overwrite: bool = False, description: str = "",
-                units: str | None = None) -> Path:
+                units: str | None = None, axes_ras: dict[str, Any] | None = None) -> Path:
     """Write a DICOM Secondary Capture (multi-frame for volumes) carrying the provenance.
 
-    ``units="HU"``: RescaleType "HU" and a soft-tissue window (values already in Hounsfield units).
+    ``units="HU"``: RescaleType "HU" and a soft-tissue window (values already in Hounsfield units). ``axes_ras``
+    (the source image's RAS+ directions of its column and row index): ImageOrientationPatient, in DICOM's LPS.
     """
     import datetime
 
@@ -267,6 +274,10 @@ def write_dicom(path: str | Path, data: Any, provenance: dict[str, Any] | None =
     if units == "HU":
         ds.WindowCenter, ds.WindowWidth = f"{_HU_WINDOW[0]:g}", f"{_HU_WINDOW[1]:g}"
     ds.PixelSpacing = [f"{sp[-2]:.6g}", f"{sp[-1]:.6g}"]
+    axes = _source_axes(axes_ras)
+    if axes is not None:  # the source's orientation, RAS → DICOM's LPS (x and y negated): columns' then rows' direction
+        lps = [v * np.array([-1.0, -1.0, 1.0]) for v in axes[:2]]
+        ds.ImageOrientationPatient = [f"{v:.6g}" for v in (*lps[0], *lps[1])]
     if a.ndim == 3:
         ds.NumberOfFrames = int(a.shape[0])
         ds.SliceThickness = f"{sp[0]:.6g}"
@@ -338,7 +349,8 @@ def export_image(path: str | Path, data: Any, provenance: dict[str, Any] | None 
     if fmt == "nifti":  # oriented as the source image was (its record travels with the intensity mapping)
         return write_nifti(path, data, provenance, spacing, overwrite, axes_ras=(intensity or {}).get("axes_ras"))
     if fmt == "dicom":
-        return write_dicom(path, data, provenance, spacing, overwrite, description=name, units=units)
+        return write_dicom(path, data, provenance, spacing, overwrite, description=name, units=units,
+                           axes_ras=(intensity or {}).get("axes_ras"))
     return write_tiff(path, data, provenance, spacing, overwrite)
 
 
