@@ -356,3 +356,24 @@ def test_exported_nifti_keeps_the_source_image_s_orientation(tmp_path):
     plain = tmp_path / "plain.nii"
     export_image(plain, np.ones((8, 8), np.float32), {"kind": "test"}, spacing=[0.5, 0.5])
     assert nib.aff2axcodes(nib.load(plain).affine) == ("R", "A", "S")
+
+
+def test_a_ct_dicom_opened_as_an_image_layer_keeps_its_hounsfield_units(tmp_path):
+    """pydicom's CT_small opened with the image reader had no units: exported as DICOM with RescaleType US and no
+    window, and not taken as HU by "Use selected layer"."""
+    import pydicom
+    from pydicom.data import get_testdata_file
+
+    from napari_diffrecon.io._napari import get_image_reader, layer_units
+
+    src = get_testdata_file("CT_small.dcm")
+    ((data, kw, _),) = get_image_reader(src)(src)
+    assert kw["metadata"]["units"] == "HU" and data.min() < -500
+    role, intensity, units = layer_units(kw["metadata"])
+    out = export_image(tmp_path / "ct.dcm", data, kw["metadata"].get("provenance"), spacing=kw["scale"],
+                       role=role, intensity=intensity, data_units=units)
+    ds = pydicom.dcmread(out)
+    assert ds.RescaleType == "HU" and "WindowCenter" in ds
+    np.testing.assert_allclose(read_exported(out)[0], data, atol=0.05)
+    # and back: our own export of it reads as HU again
+    assert get_image_reader(str(out))(str(out))[0][1]["metadata"]["units"] == "HU"

@@ -296,6 +296,8 @@ def read_image_layers(path: str | Path) -> list[LayerData]:
     meta: dict[str, Any] = {"source": str(p), "format": fmt}
     if prov is not None:
         meta["provenance"] = prov
+    if info.get("units") == "HU":  # a CT in Hounsfield units: exported as HU, simulated from as HU
+        meta["units"] = "HU"
     spacing = [s if s > 0 else 1.0 for s in spacing][-data.ndim:]
     return [(data, {"name": _stem(p), "metadata": meta, "scale": tuple(spacing)}, "image")]
 

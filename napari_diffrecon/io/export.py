@@ -335,8 +335,8 @@ def export_image(path: str | Path, data: Any, provenance: dict[str, Any] | None 
         inten, px = result_units(provenance, np.ndim(data))
         intensity = inten if intensity is None else intensity
         spacing = px if spacing is None else spacing
-    if str(data_units or "").upper() == "HU" and (role in IMAGE_ROLES or role in SPREAD_ROLES):
-        units, source = "HU", f"{role} as shown in the viewer, in HU"
+    if str(data_units or "").upper() == "HU" and (role is None or role in IMAGE_ROLES or role in SPREAD_ROLES):
+        units, source = "HU", f"{role or 'image'} as shown in the viewer, in HU"  # (no role: a CT image layer)
     else:
         data, units = native_units(data, role, intensity)
         source = None
@@ -407,14 +407,14 @@ def export_result(result: str | Path, path: str | Path, field: str | None = None
 def read_exported(path: str | Path) -> tuple[np.ndarray, dict[str, Any] | None, dict[str, Any]]:
     """Read an exported image back: ``(data in napari order, provenance or None, info)``.
 
-    ``info`` holds ``format`` and ``spacing`` (per axis, napari order). Files written by other
-    software read too (their provenance is None).
+    ``info`` holds ``format``, ``spacing`` (per axis, napari order) and, when known, ``units`` ("HU": a rescaled CT
+    DICOM, or our export of a CT image). Files written by other software read too (their provenance is None).
     """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path} not found")
     fmt = format_for(path)
-    prov = None
+    prov, units = None, None
     try:
         if fmt == "nifti":
             import nibabel as nib
@@ -436,6 +436,9 @@ def read_exported(path: str | Path) -> tuple[np.ndarray, dict[str, Any] | None, 
                 getattr(ds, "RescaleIntercept", 0.0)
             )
             data = data.astype(np.float32)
+            rescaled_ct = str(getattr(ds, "Modality", "")).upper() == "CT" and "RescaleIntercept" in ds
+            if str(getattr(ds, "RescaleType", "")).upper() == "HU" or rescaled_ct:  # (as io.images reads CT)
+                units = "HU"
             ps = [float(v) for v in getattr(ds, "PixelSpacing", [1.0, 1.0])]
             spacing = ([float(getattr(ds, "SliceThickness", 1.0) or 1.0)] if data.ndim == 3 else []) + ps
             try:
@@ -461,4 +464,5 @@ def read_exported(path: str | Path) -> tuple[np.ndarray, dict[str, Any] | None, 
         raise
     except Exception as e:  # corrupt files surface as many exception types across the three libraries
         raise ValueError(f"cannot read {path.name} as {fmt}: {e}") from None
-    return data, prov, {"format": fmt, "spacing": spacing}
+    units = units or (prov or {}).get("exported_units")
+    return data, prov, {"format": fmt, "spacing": spacing, **({"units": units} if units else {})}
