@@ -31,6 +31,7 @@ def _cmd_simulate(a: argparse.Namespace) -> int:
     from .simulate import check_options_apply, simulate_from_image
 
     out = check_output_path(a.output, a.force, MEASUREMENT_SUFFIXES)
+    created = _new_folder(out)
     check_options_apply(a.modality, views=a.views, limited_angle=a.limited_angle, photons=a.photons, accel=a.accel,
                         coils=a.coils, counts=a.counts, noise_sigma=a.noise_sigma)
     img, info = read_image(a.image, a.slice)
@@ -59,7 +60,7 @@ def _cmd_simulate(a: argparse.Namespace) -> int:
         axes_ras=info.get("axes_ras"),
     )
     write_measurement(m, out, overwrite=a.force)
-    print(f"wrote {out}: {m.metadata.get('description')}, measurement {m.data.shape} {m.data.dtype}")
+    print(f"wrote {out}{created}: {m.metadata.get('description')}, measurement {m.data.shape} {m.data.dtype}")
     assumed = (m.metadata.get("intensity") or {}).get("assumed")
     if assumed:
         print(f"note: {assumed}")
@@ -316,6 +317,13 @@ def _auto_tuned(a: argparse.Namespace, m, settings):
     return result
 
 
+def _new_folder(path: str | Path) -> str:
+    """`` (created the folder F)`` when writing ``path`` creates F (said on the "wrote" line: a typo in a folder name
+    made a stray tree without a word), else ""."""
+    missing = [p for p in Path(path).parents if not p.exists()]
+    return f" (created the folder {missing[-1]})" if missing else ""
+
+
 def _read_for_reconstruct(a: argparse.Namespace) -> Any:
     """The measurement of a 2D run: a bundle, or a fastMRI file's slice (``--slice``, ``--size``, which other inputs
     refuse: a bundle holds one slice at its own geometry)."""
@@ -362,6 +370,7 @@ def _cmd_reconstruct(a: argparse.Namespace) -> int:
     _refuse_flags_the_run_ignores(a)
     _set_threads(a.threads)
     out = check_output_path(a.output, a.force, RESULT_SUFFIXES)
+    created = _new_folder(out)
     if Path(a.bundle).exists() and out.exists() and out.resolve() == Path(a.bundle).resolve():
         raise ValueError(f"-o {a.output} is the input measurement; write the result to another file (--force "
                          "replaces earlier results, never the input)")
@@ -393,7 +402,7 @@ def _cmd_reconstruct(a: argparse.Namespace) -> int:
         result = reconstruct(m, settings, notify=tell, callback=_step_printer())
     write_result(out, result.arrays(), result.provenance, overwrite=a.force)
     print(f"{a.method}: {_quality(result, m)}data residual {result.residual:.4g}"
-          f"{noise_floor_text(result.provenance)}; wrote {out}")
+          f"{noise_floor_text(result.provenance)}; wrote {out}{created}")
     for w in result.provenance.get("warnings") or []:
         if w not in told:
             print(f"warning: {w}", file=sys.stderr)
@@ -436,8 +445,9 @@ def _cmd_export(a: argparse.Namespace) -> int:
     if _demo_arrays(a.result) is not None:
         raise ValueError(f"{a.result} is the demo's comparison of methods, not a result file; export the DDS run's "
                          f"result, {Path(a.result).with_name('demo_dds.npz')}")
+    created = _new_folder(a.output)
     out = export_result(a.result, a.output, field=a.field, overwrite=a.force)
-    print(f"wrote {out}")
+    print(f"wrote {out}{created}")
     from .io.bundle import read_result
 
     _, prov = read_result(a.result)

@@ -1315,3 +1315,14 @@ def test_tiff_pixel_spacing_is_read_in_metric_units_only(tmp_path):
 
     export_image(tmp_path / "ours.tif", img, {"kind": "test"}, spacing=[0.7, 0.6])
     assert read_image(tmp_path / "ours.tif")[1]["pixel_spacing_mm"] == pytest.approx([0.7, 0.6])
+
+
+def test_a_folder_that_writing_creates_is_named(tmp_path, capsys):
+    """Missing output folders were created without a word (a typo made a stray tree)."""
+    b = _ct23_bundle(tmp_path / "ct.npz")
+    capsys.readouterr()
+    out = tmp_path / "new" / "deeper" / "r.npz"
+    assert main(["reconstruct", str(b), "--method", "fbp", "-o", str(out)]) == 0
+    assert f"wrote {out} (created the folder {tmp_path / 'new'})" in capsys.readouterr().out
+    assert main(["reconstruct", str(b), "--method", "fbp", "-o", str(out.with_name("again.npz"))]) == 0
+    assert "created the folder" not in capsys.readouterr().out  # it exists now
