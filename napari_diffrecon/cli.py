@@ -165,7 +165,8 @@ VOLUME_IGNORES = {"auto": "--auto", "auto_params": "--auto-params", "holdout": "
 
 def _given(a: argparse.Namespace, flags: dict[str, str]) -> list[str]:
     """The flags of ``flags`` (dest → flag) given on the command line."""
-    return [flag for dest, flag in flags.items() if getattr(a, dest, None) not in (None, False)]
+    return [flag for dest, flag in flags.items()
+            if (v := getattr(a, dest, None)) is not None and v is not False]  # 0 is given (0 == False)
 
 
 def _refuse_ignored(given: list[str], where: str, instead: str) -> None:
@@ -443,8 +444,10 @@ def _cmd_export(a: argparse.Namespace) -> int:
     from .io.export import export_result
 
     if _demo_arrays(a.result) is not None:
-        raise ValueError(f"{a.result} is the demo's comparison of methods, not a result file; export the DDS run's "
-                         f"result, {Path(a.result).with_name('demo_dds.npz')}")
+        dds = Path(a.result).with_name("demo_dds.npz")
+        where = f"export the DDS run's result, {dds}" if dds.exists() else ("rerun `napari-diffrecon demo`, which "
+                                                                            "also writes the DDS run's result file")
+        raise ValueError(f"{a.result} is the demo's comparison of methods, not a result file; {where}")
     created = _new_folder(a.output)
     out = export_result(a.result, a.output, field=a.field, overwrite=a.force)
     print(f"wrote {out}{created}")
@@ -1044,26 +1047,28 @@ def _device(name: str) -> str:
     return name
 
 
-def _one_line_warnings() -> None:
-    """Python warnings (e.g. angles that look like radians) as one ``warning:`` line on stderr, each message once,
-    instead of a source line printed per call site."""
+def console_main(argv: list[str] | None = None) -> int:
+    """The ``napari-diffrecon`` command: :func:`main`, with Python warnings (e.g. angles that look like radians)
+    shown as one ``warning:`` line on stderr, each message once, instead of a source line per call site. Only for
+    the command's duration (``main`` called from Python leaves the process's warning handling alone)."""
     import warnings
 
-    shown: set[str] = set()
+    shown: set[tuple[type, str]] = set()
 
     def show(message, category, filename, lineno, file=None, line=None):  # noqa: ARG001 - warnings' signature
-        text = str(message)
-        if text not in shown:
-            shown.add(text)
-            print(f"warning: {text}", file=sys.stderr)
+        key = (category, str(message))
+        if key not in shown:
+            shown.add(key)
+            print(f"warning: {message}", file=sys.stderr)
 
-    warnings.showwarning = show
+    with warnings.catch_warnings():  # restores the handler and the filters afterwards
+        warnings.showwarning = show
+        return main(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit code (2 with a one-line ``error:`` for bad input)."""
     args = _parser().parse_args(argv)
-    _one_line_warnings()
     try:
         return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as e:
@@ -1090,4 +1095,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    sys.exit(console_main())

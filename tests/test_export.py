@@ -289,10 +289,16 @@ def test_fastmri_k_space_of_real_size_is_brought_to_the_prior_s_size_exactly(tmp
     np.testing.assert_array_equal(got.operator["mask"][0] > 0, cols[32:96])
     assert got.operator["image_shape"] == [size, size] and "readout oversampling removed (256 → 128 rows)" in \
         got.metadata["resized"]
-    # a short readout is padded in image space to the phase field of view; sizes the file cannot give are refused
-    short = _centred_fft2(tall[64:192, :][16:112]) * cols  # 96 rows
-    out, kept, how = resize_kspace(short, cols, size)
-    assert out.shape == (size, size) and "padded (96 → 128 rows)" in how
+    # a short readout is padded in image space to the phase field of view (odd and even row counts: centred, row
+    # h // 2 on w // 2); sizes the file cannot give are refused
+    for rows in (96, 95):
+        part = tall[64:192][16:16 + rows]
+        out, kept, how = resize_kspace(_centred_fft2(part) * cols, cols, size)
+        padded = np.zeros((w, w), np.complex128)
+        padded[w // 2 - rows // 2: w // 2 - rows // 2 + rows] = part
+        expect = _centred_fft2(padded)[32:96, 32:96] * cols[32:96]
+        np.testing.assert_allclose(out, expect, rtol=0, atol=1e-4 * np.abs(expect).max())
+        assert out.shape == (size, size) and f"padded ({rows} → 128 rows)" in how
     with pytest.raises(ValueError, match="16 … 128"):
         resize_kspace(k, cols, 200)
     # the CLI: --slice and --size for fastMRI files (a bundle refuses them)
@@ -377,3 +383,23 @@ def test_a_ct_dicom_opened_as_an_image_layer_keeps_its_hounsfield_units(tmp_path
     np.testing.assert_allclose(read_exported(out)[0], data, atol=0.05)
     # and back: our own export of it reads as HU again
     assert get_image_reader(str(out))(str(out))[0][1]["metadata"]["units"] == "HU"
+
+
+def test_layers_keep_the_orientation_record_for_their_exports(tmp_path):
+    """napari's File ▸ Open (the image reader) and the simulated layers of a bundle dropped the orientation record,
+    so their exports (and simulations from them) came out +x +y where the CLI kept the source's."""
+    import nibabel as nib
+
+    from napari_diffrecon.io._napari import get_image_reader, layer_axes, read_any
+    from napari_diffrecon.io._napari import write_nifti as npe2_write_nifti
+
+    img = np.zeros((24, 32), np.float32)
+    img[4:12, 6:20] = 1.0
+    nib.save(nib.Nifti1Image(img, np.diag([-1.5, 1.5, 3.0, 1.0])), tmp_path / "las.nii.gz")
+    ((data, kw, _),) = get_image_reader(str(tmp_path / "las.nii.gz"))(str(tmp_path / "las.nii.gz"))
+    assert layer_axes(kw["metadata"])["x"] == [-1.0, 0.0, 0.0]
+    npe2_write_nifti(str(tmp_path / "layer.nii"), data, {**kw, "name": "las"})
+    assert nib.aff2axcodes(nib.load(tmp_path / "layer.nii").affine) == ("L", "A", "S")
+    # the workbench's "open anything": the simulated ground truth carries its measurement's record
+    layers = read_any(tmp_path / "las.nii.gz", simulate={"modality": "mri", "size": 32})
+    assert all(layer_axes(k["metadata"]) == layer_axes(kw["metadata"]) for _, k, _ in layers)

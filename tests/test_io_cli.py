@@ -533,6 +533,7 @@ def test_cli_refuses_runs_that_cannot_be_what_was_asked(tmp_path, capsys):
         (["--method", "mcg", "--steps", "2", "--adapt-lr", "0.01"], "it is off without --adapt-steps"),
         (["--method", "dds", "--steps", "2", "--auto", "--holdout", "0.3"], "--auto picks the discrepancy principle"),
         (["--method", "fbp", "--holdout", "0.3"], "--holdout applies to the diffusion samplers"),
+        (["--method", "fbp", "--holdout", "0"], "--holdout applies to the diffusion samplers"),  # 0 is given too
     ]
     for extra, message in cases:
         capsys.readouterr()
@@ -1284,17 +1285,25 @@ def test_an_unwritable_output_folder_is_refused_before_the_run_and_a_failed_writ
 
 
 def test_python_warnings_print_as_one_line_each(tmp_path, capsys):
-    """Angles in radians gave Python's warning with its source line, once per operator built."""
+    """Angles in radians gave Python's warning with its source line, once per operator built. The command does
+    that; `main` from Python leaves the warning machinery alone (pytest.warns still sees them)."""
     import dataclasses
+    import warnings
+
+    from napari_diffrecon.cli import console_main
 
     m = load_sample("ct_sparse23")
     op = {**m.operator, "angles_deg": [float(a) for a in np.deg2rad(np.asarray(m.operator["angles_deg"], float))]}
     b = write_measurement(dataclasses.replace(m, operator=op), tmp_path / "radians.npz")
     capsys.readouterr()
-    assert main(["reconstruct", str(b), "--method", "fbp", "-o", str(tmp_path / "r.npz")]) == 0
+    handler = warnings.showwarning
+    assert console_main(["reconstruct", str(b), "--method", "fbp", "-o", str(tmp_path / "r.npz")]) == 0
     err = capsys.readouterr().err
     assert err.count("warning: angles_deg spans less than 2π: are these radians?") == 1, err
     assert "UserWarning" not in err and "return ParallelBeamCT" not in err, err
+    assert warnings.showwarning is handler  # put back
+    with pytest.warns(UserWarning, match="radians"):
+        assert main(["reconstruct", str(b), "--method", "fbp", "-o", str(tmp_path / "r2.npz")]) == 0
 
 
 def test_tiff_pixel_spacing_is_read_in_metric_units_only(tmp_path):
@@ -1306,6 +1315,8 @@ def test_tiff_pixel_spacing_is_read_in_metric_units_only(tmp_path):
     tifffile.imwrite(tmp_path / "cm.tif", img, resolution=(20.0, 10.0), resolutionunit="CENTIMETER")  # px per cm
     tifffile.imwrite(tmp_path / "ij.tif", img, imagej=True, resolution=(1 / 0.25, 1 / 0.25), metadata={"unit": "mm"})
     tifffile.imwrite(tmp_path / "dpi.tif", img, resolution=(72.0, 72.0), resolutionunit="INCH")
+    tifffile.imwrite(tmp_path / "dpcm.tif", img, resolution=(72 / 2.54, 72 / 2.54), resolutionunit="CENTIMETER")
+    assert "pixel_spacing_mm" not in read_image(tmp_path / "dpcm.tif")[1]  # an editor's 72 dpi, in cm
     assert read_image(tmp_path / "mm.tif")[1]["pixel_spacing_mm"] == pytest.approx([0.8, 0.5])  # (row, column)
     assert read_image(tmp_path / "cm.tif")[1]["pixel_spacing_mm"] == pytest.approx([1.0, 0.5])
     assert read_image(tmp_path / "ij.tif")[1]["pixel_spacing_mm"] == pytest.approx([0.25, 0.25])

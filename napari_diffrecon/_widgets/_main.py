@@ -882,6 +882,10 @@ class DiffReconWidget(QWidget):
         opts = self.simulate_options()
         if str(meta.get("units", "")).upper() == "HU":  # a CT image shown in HU (even one with no air in it)
             opts["units"] = "HU"
+        from ..io._napari import layer_axes
+
+        if layer_axes(meta):  # its orientation, for NIfTI / DICOM exports of what is simulated from it
+            opts["axes_ras"] = layer_axes(meta)
         scale = [float(v) for v in np.asarray(layer.scale)[-2:]]
         if any(v != 1.0 for v in scale):  # a layer with a pixel size (mm): CT / PET attenuation per pixel follows it
             opts["pixel_spacing_mm"] = scale
@@ -1834,7 +1838,7 @@ class DiffReconWidget(QWidget):
     # ------------------------------------------------------------------ export
     def export_layer(self, layer: Any, path: str | Path, overwrite: bool = False) -> Path | None:
         """Write an image layer (NIfTI / DICOM / TIFF by extension) with its provenance; None on failure."""
-        from ..io._napari import layer_units
+        from ..io._napari import layer_axes, layer_units
         from ..io.bundle import OutputPathError
         from ..io.export import export_image
 
@@ -1842,7 +1846,7 @@ class DiffReconWidget(QWidget):
         try:
             return export_image(path, np.asarray(layer.data), self._layer_provenance(layer),
                                 spacing=tuple(float(s) for s in layer.scale), name=layer.name, overwrite=overwrite,
-                                role=role, intensity=intensity, data_units=units)
+                                role=role, intensity=intensity, data_units=units, axes_ras=layer_axes(layer.metadata))
         except OutputPathError as e:  # a folder, or a path inside a file: its message says what to do
             show_error(f"napari-diffrecon: export failed: {e}")
         except FileExistsError:  # the core's words are the command line's ("pass --force to overwrite it")

@@ -298,6 +298,8 @@ def read_image_layers(path: str | Path) -> list[LayerData]:
         meta["provenance"] = prov
     if info.get("units") == "HU":  # a CT in Hounsfield units: exported as HU, simulated from as HU
         meta["units"] = "HU"
+    if info.get("axes_ras"):  # its orientation: exports of it and of what is simulated from it keep it
+        meta["axes_ras"] = info["axes_ras"]
     spacing = [s if s > 0 else 1.0 for s in spacing][-data.ndim:]
     return [(data, {"name": _stem(p), "metadata": meta, "scale": tuple(spacing)}, "image")]
 
@@ -335,11 +337,16 @@ def read_any(path: str | Path, simulate: dict[str, Any] | None = None) -> list[L
         raise FileNotFoundError(f"{p} not found")
     if p.suffix in (".npz", ".h5", ".hdf5") and not p.is_dir():
         if p.suffix != ".npz" and is_fastmri(p):
-            m = read_fastmri(p)
+            import h5py
+
+            with h5py.File(p, "r") as f:  # the shape first: coil maps are estimated once, at the size read
+                h, w = (f["kspace"].shape[-2:] if isinstance(f["kspace"], h5py.Dataset) and f["kspace"].ndim >= 3
+                        else (0, 0))
             size = int((simulate or {}).get("size") or FASTMRI_SIZE)
-            if max(m.operator["image_shape"]) > 4 * size:  # e.g. 640 × 368 knee k-space: beyond any prior's range
-                m = read_fastmri(p, size=size)  # the same field of view at the prior's size (said in its description)
-            return _layers(m, p.stem)
+            # e.g. 640 × 368 knee k-space, beyond any prior's range: the same field of view at the prior's size
+            # (said in its description), or at the phase encodes' width when that is smaller
+            resize = min(size, w) if max(h, w) > 4 * size else None
+            return _layers(read_fastmri(p, size=resize), p.stem)
         if is_result_file(p):  # a result to look at (and export, or simulate from)
             return result_layers(p)
         return _layers(read_measurement(p), p.stem)
@@ -402,6 +409,17 @@ def layer_units(metadata: dict[str, Any] | None) -> tuple[str | None, dict[str, 
             (str(units) if units else None))
 
 
+def layer_axes(metadata: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A layer's orientation record (``axes_ras``: an opened NIfTI / DICOM's own, or its measurement's, which the
+    intensity record carries), for exports and simulations from it; None when it has none."""
+    md = metadata or {}
+    if isinstance(md.get("axes_ras"), dict):
+        return md["axes_ras"]
+    _, intensity, _ = layer_units(md)
+    axes = (intensity or {}).get("axes_ras")
+    return axes if isinstance(axes, dict) else None
+
+
 def core_values(data: Any, metadata: dict[str, Any] | None) -> np.ndarray:
     """A layer's values in the core's image units (CT: attenuation per pixel), whatever units the viewer shows them
     in (:func:`layer_units`; the inverse of :func:`shown_values`)."""
@@ -421,7 +439,7 @@ def _write(fmt_path: str, data: Any, meta: dict[str, Any]) -> list[str]:
     role, intensity, units = layer_units(md)
     out = export_image(fmt_path, data, prov, spacing=meta.get("scale"), name=str(meta.get("name", "")),
                        overwrite=True,  # napari's save dialog has already asked before replacing a file
-                       role=role, intensity=intensity, data_units=units)
+                       role=role, intensity=intensity, data_units=units, axes_ras=layer_axes(md))
     return [str(out)]
 
 

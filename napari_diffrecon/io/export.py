@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from .bundle import RESULT_IMAGES, atomic_write, read_result, result_units
-from .images import nifti_napari_order
+from .images import dicom_axes, nifti_axes, nifti_napari_order
 
 __all__ = ["export_image", "write_nifti", "write_dicom", "write_tiff", "read_exported", "EXPORT_FORMATS",
            "format_for", "native_units", "image_units", "export_result", "IMAGE_ROLES", "SPREAD_ROLES"]
@@ -313,7 +313,7 @@ def write_tiff(path: str | Path, data: Any, provenance: dict[str, Any] | None = 
 def export_image(path: str | Path, data: Any, provenance: dict[str, Any] | None = None,
                  spacing: Sequence[float] | None = None, name: str = "", overwrite: bool = False,
                  role: str | None = None, intensity: dict[str, Any] | None = None,
-                 data_units: str | None = None) -> Path:
+                 data_units: str | None = None, axes_ras: dict[str, Any] | None = None) -> Path:
     """Write ``data`` in the format named by the file extension (see :data:`EXPORT_FORMATS`).
 
     With ``role`` and ``intensity`` (the measurement's ``metadata["intensity"]``) a CT image or its std is written in
@@ -322,6 +322,9 @@ def export_image(path: str | Path, data: Any, provenance: dict[str, Any] | None 
     A result's provenance gives both when they are not passed: ``export_image(path, r.mean, r.provenance,
     role="mean")`` writes a CT result in HU at its pixel size (``intensity`` and ``spacing`` from its
     ``measurement_intensity``); without ``role`` the values are written as they are.
+
+    ``axes_ras`` orients NIfTI and DICOM files (the source image's RAS+ directions of its column and row index);
+    default: the one ``intensity`` records, else none (+x +y).
 
     Raises
     ------
@@ -346,11 +349,12 @@ def export_image(path: str | Path, data: Any, provenance: dict[str, Any] | None 
                       else f"{role} in image units = {intensity['scale']:.6g} · HU")
     if units is not None:
         provenance = {**(provenance or {}), "exported_units": units, "exported_from": source}
-    if fmt == "nifti":  # oriented as the source image was (its record travels with the intensity mapping)
-        return write_nifti(path, data, provenance, spacing, overwrite, axes_ras=(intensity or {}).get("axes_ras"))
+    axes_ras = axes_ras or (intensity or {}).get("axes_ras")  # the source's orientation: travels with its units
+    if fmt == "nifti":
+        return write_nifti(path, data, provenance, spacing, overwrite, axes_ras=axes_ras)
     if fmt == "dicom":
         return write_dicom(path, data, provenance, spacing, overwrite, description=name, units=units,
-                           axes_ras=(intensity or {}).get("axes_ras"))
+                           axes_ras=axes_ras)
     return write_tiff(path, data, provenance, spacing, overwrite)
 
 
@@ -408,19 +412,21 @@ def read_exported(path: str | Path) -> tuple[np.ndarray, dict[str, Any] | None, 
     """Read an exported image back: ``(data in napari order, provenance or None, info)``.
 
     ``info`` holds ``format``, ``spacing`` (per axis, napari order) and, when known, ``units`` ("HU": a rescaled CT
-    DICOM, or our export of a CT image). Files written by other software read too (their provenance is None).
+    DICOM, or our export of a CT image) and ``axes_ras`` (NIfTI / DICOM orientation, :func:`~.images.nifti_axes`).
+    Files written by other software read too (their provenance is None).
     """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path} not found")
     fmt = format_for(path)
-    prov, units = None, None
+    prov, units, axes = None, None, None
     try:
         if fmt == "nifti":
             import nibabel as nib
 
             img = nib.load(str(path))
             data, spacing = nifti_napari_order(img)
+            axes = nifti_axes(img)
             for ext in img.header.extensions:
                 if ext.get_code() == 6:
                     try:
@@ -436,6 +442,7 @@ def read_exported(path: str | Path) -> tuple[np.ndarray, dict[str, Any] | None, 
                 getattr(ds, "RescaleIntercept", 0.0)
             )
             data = data.astype(np.float32)
+            axes = dicom_axes(ds)
             rescaled_ct = str(getattr(ds, "Modality", "")).upper() == "CT" and "RescaleIntercept" in ds
             if str(getattr(ds, "RescaleType", "")).upper() == "HU" or rescaled_ct:  # (as io.images reads CT)
                 units = "HU"
@@ -465,4 +472,5 @@ def read_exported(path: str | Path) -> tuple[np.ndarray, dict[str, Any] | None, 
     except Exception as e:  # corrupt files surface as many exception types across the three libraries
         raise ValueError(f"cannot read {path.name} as {fmt}: {e}") from None
     units = units or (prov or {}).get("exported_units")
-    return data, prov, {"format": fmt, "spacing": spacing, **({"units": units} if units else {})}
+    return data, prov, {"format": fmt, "spacing": spacing, **({"units": units} if units else {}),
+                        **({"axes_ras": axes} if axes else {})}

@@ -73,7 +73,8 @@ def resize_kspace(data: np.ndarray, cols: np.ndarray, size: int) -> tuple[np.nda
     if h > w:
         img_rows, said = img_rows[..., _centre(h, w), :], f"readout oversampling removed ({h} → {w} rows)"
     elif h < w:
-        pad = [(0, 0)] * (img_rows.ndim - 2) + [((w - h) // 2, w - h - (w - h) // 2), (0, 0)]
+        before = w // 2 - h // 2  # the centred convention: row h // 2 lands on w // 2
+        pad = [(0, 0)] * (img_rows.ndim - 2) + [(before, w - h - before), (0, 0)]
         img_rows, said = np.pad(img_rows, pad), f"readout field of view padded ({h} → {w} rows)"
     else:
         said = ""

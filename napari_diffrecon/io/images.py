@@ -47,12 +47,9 @@ def _dicom_volume(path: Path) -> tuple[np.ndarray, dict[str, Any]]:
     measures = _group_item(ds, 0, "PixelMeasuresSequence")
     spacing = getattr(ds, "PixelSpacing", None) or getattr(measures, "PixelSpacing", None) or []
     info = {"format": "dicom", "units": units, "pixel_spacing_mm": [float(v) for v in spacing]}
-    iop = getattr(ds, "ImageOrientationPatient", None)
-    if iop is not None and len(iop) == 6:  # LPS direction cosines of the columns' and rows' index → RAS (x, y negated)
-        axes = _unit_axes([-float(iop[0]), -float(iop[1]), float(iop[2])], [-float(iop[3]), -float(iop[4]),
-                                                                             float(iop[5])])
-        if axes:
-            info["axes_ras"] = axes
+    axes = dicom_axes(ds)
+    if axes:
+        info["axes_ras"] = axes
     if any(int(getattr(s[2], "SamplesPerPixel", 1) or 1) > 1 for s in slices):
         info["converted"] = "colour image converted to grey"
     if len(slices) == 1 and slices[0][1].ndim == 3:  # one multi-frame file: its frames are the volume
@@ -128,6 +125,10 @@ def nifti_napari_order(img: Any, first_frame: bool = False) -> tuple[np.ndarray,
 _TIFF_UNIT_MM = {3: 10.0, 4: 1.0, 5: 1e-3, "cm": 10.0, "mm": 1.0, "micron": 1e-3, "um": 1e-3, "µm": 1e-3}
 
 
+#: Image editors' default resolutions (dots per inch): written in centimetres they are not a physical pixel size.
+_EDITOR_DPI = (72.0, 96.0, 150.0, 300.0, 600.0)
+
+
 def _tiff_spacing(tif: Any) -> list[float] | None:
     """The (row, column) pixel spacing in mm of a TIFF: this package's export record (``spacing_mm`` in the image
     description), else its X/YResolution tags in a metric unit (the TIFF ResolutionUnit, or ImageJ's ``unit``); None
@@ -155,7 +156,30 @@ def _tiff_spacing(tif: Any) -> list[float] | None:
         return None
     if not all(np.isfinite(p) and p > 0 for p in per_unit):
         return None
+    if mm == 10.0 and all(any(abs(p * 2.54 - dpi) < 0.5 for dpi in _EDITOR_DPI) for p in per_unit):
+        return None  # an editor's default dpi written in centimetres (72 dpi = 28.35 px/cm), not a pixel size
     return [mm / p for p in per_unit]
+
+
+def dicom_axes(ds: Any) -> dict[str, list[float]] | None:
+    """The orientation record (:func:`_unit_axes`) of a DICOM dataset: its ImageOrientationPatient (classic, or an
+    enhanced multi-frame's plane orientation group), LPS direction cosines of the column and row index → RAS+."""
+    iop = (getattr(ds, "ImageOrientationPatient", None)
+           or getattr(_group_item(ds, 0, "PlaneOrientationSequence"), "ImageOrientationPatient", None))
+    if iop is None or len(iop) != 6:
+        return None
+    try:
+        v = [float(c) for c in iop]
+    except (TypeError, ValueError):
+        return None
+    return _unit_axes([-v[0], -v[1], v[2]], [-v[3], -v[4], v[5]])
+
+
+def nifti_axes(img: Any) -> dict[str, list[float]] | None:
+    """The orientation record (:func:`_unit_axes`) of a nibabel image: its affine's voxel axes i (columns, x),
+    j (rows, y), k (slices), in RAS+."""
+    affine = np.asarray(img.affine, dtype=np.float64)[:3, :3]
+    return _unit_axes(affine[:, 0], affine[:, 1], affine[:, 2])
 
 
 def _unit_axes(x: Any, y: Any, z: Any = None) -> dict[str, list[float]] | None:
@@ -210,8 +234,7 @@ def read_volume(path: str | Path) -> tuple[np.ndarray, dict[str, Any]]:
                 "units": "auto",  # NIfTI declares no intensity units: the values decide (simulate: below −500 → HU)
                 "pixel_spacing_mm": spacing[-2:],  # (row = y, column = x)
             }
-            affine = np.asarray(nii.affine, dtype=np.float64)[:3, :3]  # voxel axes i (= columns, x), j (= rows, y)
-            axes = _unit_axes(affine[:, 0], affine[:, 1], affine[:, 2])
+            axes = nifti_axes(nii)
             if axes:
                 info["axes_ras"] = axes
         elif name.endswith((".tif", ".tiff")):
