@@ -1337,3 +1337,36 @@ def test_a_folder_that_writing_creates_is_named(tmp_path, capsys):
     assert f"wrote {out} (created the folder {tmp_path / 'new'})" in capsys.readouterr().out
     assert main(["reconstruct", str(b), "--method", "fbp", "-o", str(out.with_name("again.npz"))]) == 0
     assert "created the folder" not in capsys.readouterr().out  # it exists now
+
+
+def test_simulate_volume_makes_a_study_from_a_3d_image(tmp_path, capsys):
+    """A user's 3D image could become a volume study only from Python (simulate_study); `simulate --volume` makes
+    one from the command line: every slice resized as a 2D simulation is, the slice spacing kept, HU recognised."""
+    import nibabel as nib
+
+    from napari_diffrecon.volume import read_volume_study
+
+    rng = np.random.default_rng(0)
+    hu = np.full((40, 30, 4), -1000.0, np.float32)  # (x, y, z): a body of soft tissue in air, 4 slices
+    hu[8:32, 5:25] = rng.normal(40, 20, (24, 20, 4))
+    nib.save(nib.Nifti1Image(hu, np.diag([0.8, 0.8, 3.0, 1.0])), tmp_path / "vol.nii.gz")
+    out = tmp_path / "study.npz"
+    assert main(["simulate", str(tmp_path / "vol.nii.gz"), "--volume", "--modality", "ct", "--views", "23",
+                 "--size", "32", "-o", str(out)]) == 0
+    said = capsys.readouterr().out
+    assert "CT volume study, 4 slices of 32²" in said and "--volume --method mbir" in said
+    assert "note:" not in said  # HU: no assumed mapping
+    st = read_volume_study(out)
+    assert st.n_slices == 4 and st.modality == "ct" and st.ground_truth.shape == (4, 32, 32)
+    np.testing.assert_allclose(st.spacing_mm, (3.0, 40 * 0.8 / 32, 40 * 0.8 / 32), rtol=1e-5)
+    assert main(["simulate", str(tmp_path / "vol.nii.gz"), "--volume", "--modality", "mri", "--coils", "4",
+                 "--size", "32", "-o", str(tmp_path / "mri.npz")]) == 0
+    assert read_volume_study(tmp_path / "mri.npz").modality == "mri"
+    # refused: a 2D-only option, a single slice
+    assert main(["simulate", str(tmp_path / "vol.nii.gz"), "--volume", "--modality", "ct", "--photons", "1e4",
+                 "-o", str(tmp_path / "x.npz")]) == 2
+    assert "--photons applies to 2D simulations" in capsys.readouterr().err
+    np.save(tmp_path / "one.npy", hu[..., 0].T)
+    assert main(["simulate", str(tmp_path / "one.npy"), "--volume", "--modality", "ct", "-o",
+                 str(tmp_path / "y.npz")]) == 2
+    assert "a volume study needs several" in capsys.readouterr().err and not (tmp_path / "y.npz").exists()

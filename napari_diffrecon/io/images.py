@@ -50,6 +50,13 @@ def _dicom_volume(path: Path) -> tuple[np.ndarray, dict[str, Any]]:
     axes = dicom_axes(ds)
     if axes:
         info["axes_ras"] = axes
+    keys = np.asarray([sl[0] for sl in slices], dtype=np.float64)
+    dz = float(np.median(np.diff(keys))) if keys.size > 1 else 0.0  # from the positions, else the thickness
+    thickness = getattr(ds, "SpacingBetweenSlices", None) or getattr(ds, "SliceThickness", None)
+    if dz > 0 and any(getattr(sl[2], "ImagePositionPatient", None) is not None for sl in slices):
+        info["slice_spacing_mm"] = dz
+    elif thickness:
+        info["slice_spacing_mm"] = float(thickness)
     if any(int(getattr(s[2], "SamplesPerPixel", 1) or 1) > 1 for s in slices):
         info["converted"] = "colour image converted to grey"
     if len(slices) == 1 and slices[0][1].ndim == 3:  # one multi-frame file: its frames are the volume
@@ -234,6 +241,8 @@ def read_volume(path: str | Path) -> tuple[np.ndarray, dict[str, Any]]:
                 "units": "auto",  # NIfTI declares no intensity units: the values decide (simulate: below −500 → HU)
                 "pixel_spacing_mm": spacing[-2:],  # (row = y, column = x)
             }
+            if len(spacing) == 3:
+                info["slice_spacing_mm"] = float(spacing[0])
             axes = nifti_axes(nii)
             if axes:
                 info["axes_ras"] = axes
