@@ -553,8 +553,9 @@ def run_from_args(args: argparse.Namespace) -> int:
                          f"file: pass -o {out.parent / out.name.split('.')[0]} (a folder name)")
     if src.is_file() and src.suffix.lower() != ".npz":  # a 3D image, not a volume study: say how to make one
         raise ValueError(f"{src.name} is not a volume study (.npz: a stack of measurements with their operator); "
-                         "make one from a 3D image in Python with napari_diffrecon.volume.simulate_study (README, "
-                         "\"3D volumes and many studies\"), or open the image in the workbench's Volume group")
+                         f"make one from a 3D image with `napari-diffrecon simulate {src.name} --volume --modality "
+                         "ct|mri|pet -o STUDY.npz` (or napari_diffrecon.volume.simulate_study from Python), or open "
+                         "the image in the workbench's Volume group")
     folder = src
     made_out = not out.exists()
     if src.is_file():  # one study: a folder of one, via a link, so that outputs and resume work the same
