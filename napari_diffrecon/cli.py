@@ -69,6 +69,10 @@ def _simulate_volume(a: argparse.Namespace) -> int:
     else:
         opts.update(n_views=a.views or 180, counts_per_slice=float(a.counts or 2e5))
     st = simulate_study(slices, a.modality, **opts)
+    if info.get("axes_ras"):  # the source's orientation travels with the units record to the results' exports
+        units = {"ct": "HU", "mri": "magnitude", "pet": "activity"}[a.modality]
+        base = st.metadata.get("intensity") or {"native_units": units, "scale": 1.0, "offset": 0.0}
+        st.metadata["intensity"] = {**base, "axes_ras": info["axes_ras"]}
     write_volume_study(st, out, overwrite=a.force)
     print(f"wrote {out}{created}: {a.modality.upper()} volume study, {slices.shape[0]} slices of {a.size}², "
           f"{px:.3g} mm pixels; reconstruct it with: napari-diffrecon reconstruct {out} --volume --method mbir "

@@ -1358,6 +1358,7 @@ def test_simulate_volume_makes_a_study_from_a_3d_image(tmp_path, capsys):
     assert "note:" not in said  # HU: no assumed mapping
     st = read_volume_study(out)
     assert st.n_slices == 4 and st.modality == "ct" and st.ground_truth.shape == (4, 32, 32)
+    assert st.metadata["intensity"]["axes_ras"]["x"] == [1.0, 0.0, 0.0]  # the orientation travels to its results
     np.testing.assert_allclose(st.spacing_mm, (3.0, 40 * 0.8 / 32, 40 * 0.8 / 32), rtol=1e-5)
     assert main(["simulate", str(tmp_path / "vol.nii.gz"), "--volume", "--modality", "mri", "--coils", "4",
                  "--size", "32", "-o", str(tmp_path / "mri.npz")]) == 0
