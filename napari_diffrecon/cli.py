@@ -34,9 +34,9 @@ def _simulate_volume(a: argparse.Namespace) -> int:
     from .simulate import ASSUMED_HU, _pixel_size, _to_square, _unit, check_options_apply
     from .volume import simulate_study, write_volume_study
 
-    _refuse_ignored(_given(a, {"photons": "--photons", "noise_sigma": "--noise-sigma", "slice": "--slice"}),
-                    "2D simulations", "a volume study's noise is 1 % of its data RMS (CT, MRI) or its PET counts "
-                    "per slice (--counts), and it takes every slice")
+    _refuse_ignored(_given(a, {"slice": "--slice"}), "2D simulations", "a volume study takes every slice")
+    _refuse_ignored(_given(a, {"photons": "--photons", "noise_sigma": "--noise-sigma"}), "2D simulations",
+                    "a volume study's noise is 1 % of its data RMS (CT, MRI) or its PET counts per slice (--counts)")
     out = check_output_path(a.output, a.force, (".npz",))
     created = _new_folder(out)
     check_options_apply(a.modality, views=a.views, limited_angle=a.limited_angle, photons=None, accel=a.accel,
@@ -59,6 +59,10 @@ def _simulate_volume(a: argparse.Namespace) -> int:
     fill = -1000.0 if (a.modality == "ct" and is_hu) else float(vol.min())
     slices = np.stack([_to_square(sl, a.size, sp, fill=fill)[0] for sl in vol]).astype(np.float32)
     px = _pixel_size(vol.shape[1:], a.size, None, sp)
+    assumed = [what for what, known in (("a 350 mm field of view", sp), ("1 mm between slices",
+                                                                         info.get("slice_spacing_mm"))) if not known]
+    if assumed:  # .npy / plain TIFF stacks carry no voxel size
+        print(f"note: {Path(a.image).name} declares no voxel size: {' and '.join(assumed)} assumed")
     opts: dict[str, Any] = {"spacing_mm": (float(info.get("slice_spacing_mm") or 1.0), px, px), "seed": a.seed,
                             "study_id": Path(out).stem}
     if a.modality == "ct":
@@ -68,6 +72,13 @@ def _simulate_volume(a: argparse.Namespace) -> int:
         opts.update(acceleration=float(a.accel or 4.0), n_coils=int(a.coils or 1), mask_kind=a.mask)
     else:
         opts.update(n_views=a.views or 180, counts_per_slice=float(a.counts or 2e5))
+        from .simulate import activity_from_anatomy
+
+        if is_hu:  # as in 2D: a CT's tissues as an FDG-like uptake (HU as activity would make bone the hottest)
+            slices = np.stack([activity_from_anatomy(sl, "ct") * (sl > -500) for sl in slices]).astype(np.float32)
+        else:  # as in 2D: the normalised intensity is the activity (negative values are no activity)
+            body = _unit(slices)
+            slices = (body * (body > 0.05)).astype(np.float32)
     st = simulate_study(slices, a.modality, **opts)
     if info.get("axes_ras"):  # the source's orientation travels with the units record to the results' exports
         units = {"ct": "HU", "mri": "magnitude", "pet": "activity"}[a.modality]

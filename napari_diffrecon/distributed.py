@@ -551,6 +551,9 @@ def run_from_args(args: argparse.Namespace) -> int:
     if not out.exists() and out.suffix.lower() in file_suffixes:
         raise ValueError(f"volume runs write a folder (one result per study and report.json), not a {out.suffix} "
                          f"file: pass -o {out.parent / out.name.split('.')[0]} (a folder name)")
+    if src.is_file() and src.suffix.lower() in (".h5", ".hdf5"):  # a bundle or fastMRI file: 2D runs
+        raise ValueError(f"{src.name} is a 2D measurement (an .h5 bundle or fastMRI slice); reconstruct it without "
+                         "--volume (a fastMRI file's other slices: --slice K)")
     if src.is_file() and src.suffix.lower() != ".npz":  # a 3D image, not a volume study: say how to make one
         raise ValueError(f"{src.name} is not a volume study (.npz: a stack of measurements with their operator); "
                          f"make one from a 3D image with `napari-diffrecon simulate {src.name} --volume --modality "

@@ -259,3 +259,22 @@ def test_cli_volume_run_over_its_memory_budget_is_an_error_not_a_traceback(tmp_p
     capsys.readouterr()
     assert main([*run, "--ztv", "0.2"]) == 2 and "pass --force" in capsys.readouterr().err
     assert main([*run, "--ztv", "0.2", "--force"]) == 0 and "recomputed (--force)" in capsys.readouterr().out
+
+
+def test_an_exported_volume_result_has_the_study_s_voxel_size_and_one_sample_s_std_is_refused(tmp_path):
+    """A volume result exported at 1 mm voxels whatever the study's (its provenance held no spacing), and the
+    all-zero std of a one-sample volume run was exported without a word (2D runs refuse it)."""
+    import nibabel as nib
+
+    from napari_diffrecon.io import write_result
+    from napari_diffrecon.io.export import export_result
+
+    st = simulate_ct_study(_vol(d=4, n=32), n_views=30, spacing_mm=(2.5, 1.2, 1.2))
+    res = reconstruct_volume(st, GaussianPrior(), VolumeParams(n_steps=2))
+    assert res.provenance["spacing_mm"] == [2.5, 1.2, 1.2]
+    r = write_result(tmp_path / "vol.npz", res.arrays() if "std" in res.arrays() else {**res.arrays(), "std": res.std},
+                     {**res.provenance, "n_samples": 1})
+    out = export_result(r, tmp_path / "vol.nii.gz")
+    np.testing.assert_allclose(nib.load(out).header.get_zooms()[:3], (1.2, 1.2, 2.5), rtol=1e-5)  # (x, y, z)
+    with pytest.raises(ValueError, match="one posterior sample"):
+        export_result(r, tmp_path / "std.nii.gz", field="std")

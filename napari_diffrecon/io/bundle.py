@@ -726,11 +726,18 @@ RESULT_IMAGES = {"mean": "mean", "reconstruction": "estimate", "std": "std", "lo
 
 def result_units(provenance: dict[str, Any], ndim: int) -> tuple[dict[str, Any] | None, tuple[float, ...] | None]:
     """``(intensity, spacing)`` of a result's image with ``ndim`` axes: the measurement's intensity mapping that the
-    provenance records (None without one) and the pixel spacing in mm it gives (a stack's first axis 1)."""
+    provenance records (None without one) and the pixel spacing in mm it gives (a stack's first axis 1; a volume
+    result's own voxel size, ``spacing_mm``)."""
     inten = provenance.get("measurement_intensity")
     inten = inten if isinstance(inten, dict) else None
     px = (inten or {}).get("pixel_size_mm")
     spacing = (((1.0,) if ndim == 3 else ()) + (float(px), float(px))) if px else None
+    voxels = provenance.get("spacing_mm")  # a volume result's (dz, dy, dx)
+    if ndim == 3 and isinstance(voxels, list) and len(voxels) == 3:
+        try:
+            spacing = tuple(float(v) for v in voxels)
+        except (TypeError, ValueError):
+            pass
     return inten, spacing
 
 

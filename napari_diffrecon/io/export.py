@@ -398,7 +398,7 @@ def export_result(result: str | Path, path: str | Path, field: str | None = None
         raise ValueError(f"{Path(result).name} has no {field!r} (it holds {', '.join(have)}): a classical run writes "
                          "only 'reconstruction'; 'std' needs a diffusion run with --samples ≥ 2, 'lower' and "
                          "'upper' (the 95 % interval) --samples ≥ 8, 'samples' needs --keep-samples")
-    n_samples = (prov.get("settings") or {}).get("n_samples")
+    n_samples = (prov.get("settings") or {}).get("n_samples", prov.get("n_samples"))  # 2D runs; volume runs
     if field == "std" and isinstance(n_samples, int) and n_samples < 2:
         raise ValueError(f"{Path(result).name} is a run of one posterior sample: its 'std' is 0 everywhere, which "
                          "would read as certainty; rerun with --samples ≥ 2 to export a spread")

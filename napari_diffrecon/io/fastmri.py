@@ -67,8 +67,10 @@ def resize_kspace(data: np.ndarray, cols: np.ndarray, size: int) -> tuple[np.nda
     """
     h, w = data.shape[-2:]
     if not 16 <= size <= w:
+        why = ("a larger image needs data the file does not hold" if size > w
+               else "smaller images are below what the priors run on")
         raise BundleError(f"size {size}: the k-space centre can be cropped to 16 … {w} (its {w} phase-encoding "
-                          "columns); a larger image needs data the file does not hold")
+                          f"columns); {why}")
     img_rows = _centred_fft_rows(data, inverse=True)  # (x, k_y): the readout in image space
     if h > w:
         img_rows, said = img_rows[..., _centre(h, w), :], f"readout oversampling removed ({h} → {w} rows)"

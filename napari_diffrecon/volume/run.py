@@ -333,7 +333,8 @@ def volume_provenance(study: VolumeStudy, params: SamplerParams, extra: dict[str
         **({"measurement_intensity": study.metadata["intensity"]}  # image units → native (HU), as 2D results record
            if isinstance((study.metadata or {}).get("intensity"), dict) else {}),
         "n_slices": study.n_slices,
-        "slice_operator": spec,
+        "spacing_mm": [float(v) for v in study.spacing_mm] if study.spacing_mm is not None else None,  # (dz, dy, dx):
+        "slice_operator": spec,  # exports of the result are written at the study's voxel size
         "noise": {k: v for k, v in study.noise.items() if not isinstance(v, np.ndarray)},
         "params": params.to_dict(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
