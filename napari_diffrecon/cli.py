@@ -31,7 +31,15 @@ def _simulate_volume(a: argparse.Namespace) -> int:
     in 2D (said)."""
     from .io import check_output_path
     from .io.images import read_volume
-    from .simulate import ASSUMED_HU, _pixel_size, _to_square, _unit, check_options_apply
+    from .simulate import (
+        ASSUMED_HU,
+        _pixel_size,
+        _to_square,
+        check_options_apply,
+        hu_image,
+        is_hounsfield,
+        pet_activity,
+    )
     from .volume import simulate_study, write_volume_study
 
     _refuse_ignored(_given(a, {"slice": "--slice"}), "2D simulations", "a volume study takes every slice")
@@ -51,10 +59,9 @@ def _simulate_volume(a: argparse.Namespace) -> int:
         raise ValueError(f"{Path(a.image).name}: the volume contains NaN or Inf; replace them (e.g. np.nan_to_num) "
                          "first")
     sp = info.get("pixel_spacing_mm")
-    is_hu = str(info.get("units", "auto")).upper() == "HU" or (info.get("units", "auto") == "auto"
-                                                               and float(vol.min()) < -500)
-    if a.modality == "ct" and not is_hu:  # as a 2D simulation: the intensities' 0.5–99.5 % range → air … bone
-        vol, is_hu = _unit(vol) * 2000.0 - 1000.0, True
+    is_hu = is_hounsfield(vol, info.get("units", "auto"))
+    if a.modality == "ct" and not is_hu:  # as a 2D simulation (one mapping for the whole volume), said
+        vol, is_hu = hu_image(vol, False), True
         print(f"note: {ASSUMED_HU}")
     fill = -1000.0 if (a.modality == "ct" and is_hu) else float(vol.min())
     slices = np.stack([_to_square(sl, a.size, sp, fill=fill)[0] for sl in vol]).astype(np.float32)
@@ -72,13 +79,9 @@ def _simulate_volume(a: argparse.Namespace) -> int:
         opts.update(acceleration=float(a.accel or 4.0), n_coils=int(a.coils or 1), mask_kind=a.mask)
     else:
         opts.update(n_views=a.views or 180, counts_per_slice=float(a.counts or 2e5))
-        from .simulate import activity_from_anatomy
-
-        if is_hu:  # as in 2D: a CT's tissues as an FDG-like uptake (HU as activity would make bone the hottest)
-            slices = np.stack([activity_from_anatomy(sl, "ct") * (sl > -500) for sl in slices]).astype(np.float32)
-        else:  # as in 2D: the normalised intensity is the activity (negative values are no activity)
-            body = _unit(slices)
-            slices = (body * (body > 0.05)).astype(np.float32)
+        # as in 2D: a CT's tissues as uptake, slice by slice; other images' normalised intensity, over the volume
+        slices = (np.stack([pet_activity(sl, True) for sl in slices]) if is_hu
+                  else pet_activity(slices, False)).astype(np.float32)
     st = simulate_study(slices, a.modality, **opts)
     if info.get("axes_ras"):  # the source's orientation travels with the units record to the results' exports
         units = {"ct": "HU", "mri": "magnitude", "pet": "activity"}[a.modality]

@@ -23,7 +23,8 @@ from .physics.coils import simulate_coil_maps
 from .physics.ct import fov_mask
 from .physics.masks import make_mask
 
-__all__ = ["simulate_from_image", "activity_from_anatomy", "MU_WATER_PER_MM", "MU_WATER_511_PER_MM"]
+__all__ = ["simulate_from_image", "activity_from_anatomy", "is_hounsfield", "hu_image", "pet_activity",
+           "MU_WATER_PER_MM", "MU_WATER_511_PER_MM"]
 
 MU_WATER_PER_MM = 0.02  # ~70 keV
 MU_WATER_511_PER_MM = 0.0096
@@ -37,6 +38,26 @@ ASSUMED_HU = ("the image declared no Hounsfield units and has no values below �
 def _unit(img: np.ndarray) -> np.ndarray:
     lo, hi = np.percentile(img, [0.5, 99.5])
     return np.clip((img - lo) / max(hi - lo, 1e-12), 0, 1)
+
+
+def is_hounsfield(image: np.ndarray, units: str) -> bool:
+    """Whether an image is read as Hounsfield units: ``units="HU"``, or "auto" with values below −500 (air)."""
+    return str(units).upper() == "HU" or (units == "auto" and float(np.min(image)) < -500)
+
+
+def hu_image(image: np.ndarray, is_hu: bool) -> np.ndarray:
+    """A CT image in HU: as it is when ``is_hu``, else its 0.5–99.5 % intensity range mapped to −1000 (air) …
+    +1000 HU (bone) — the mapping :data:`ASSUMED_HU` describes."""
+    return image if is_hu else _unit(image) * 2000.0 - 1000.0
+
+
+def pet_activity(image: np.ndarray, is_hu: bool) -> np.ndarray:
+    """A PET activity map from an image: a CT's tissues as an FDG-like uptake (:func:`activity_from_anatomy`; HU as
+    activity would make bone the hottest), else the normalised intensity above 5 % (below: no activity)."""
+    if is_hu:
+        return activity_from_anatomy(image, "ct").astype(np.float64)
+    body = _unit(image)
+    return body * (body > 0.05)
 
 
 def activity_from_anatomy(image: np.ndarray, kind: str, fwhm_px: float = 1.5) -> np.ndarray:
@@ -258,7 +279,7 @@ def simulate_from_image(
         raise ValueError(f"the image is constant (every pixel {float(img.min()):g}): there is nothing to measure; "
                          "pick another slice or image (on the command line: --slice)")
     px = _pixel_size(img.shape, size, pixel_size_mm, pixel_spacing_mm)
-    is_hu = units.upper() == "HU" or (units == "auto" and img.min() < -500)
+    is_hu = is_hounsfield(img, units)
     img, padded = _to_square(img, size, pixel_spacing_mm, fill=-1000.0 if is_hu else None)  # HU: pad with air
     meta: dict[str, Any] = {
         "source": source,
@@ -287,7 +308,7 @@ def simulate_from_image(
             angles = sparse_view_angles(180 if views is None else views)
     if modality == "ct":
         w = MU_WATER_PER_MM * px
-        hu = img if is_hu else _unit(img) * 2000.0 - 1000.0  # other units: [0, 1] mapped to air..bone
+        hu = hu_image(img, is_hu)
         hu = np.where(disk, hu, -1000.0)
         x = np.clip(w * (1 + hu / 1000.0), 0, None)
         op = ParallelBeamCT(size, angles)
@@ -319,14 +340,12 @@ def simulate_from_image(
             meta["intensity"]["pixel_size_mm"] = px
         meta["description"] = f"MRI, {op.acceleration:.1f}x {mask_kind}, {max(op.n_coils, 1)} coil(s)"
     elif modality == "pet":
-        if is_hu:  # a CT: an FDG-like uptake of its tissues (HU as activity would make bone the hottest)
-            activity = np.where(disk, activity_from_anatomy(img, "ct"), 0.0).astype(np.float64)
+        activity = np.where(disk, pet_activity(img, is_hu), 0.0)
+        if is_hu:  # a CT: attenuation where its tissues are
             body_mask = disk & (img > -500)
             meta["options"]["activity"] = "FDG-like uptake from the CT's tissues (activity_from_anatomy)"
         else:
-            body = np.where(disk, _unit(img), 0.0)
-            activity = body * (body > 0.05)
-            body_mask = body > 0.05
+            body_mask = activity > 0
         mu = np.where(body_mask, MU_WATER_511_PER_MM * px, 0.0)
         att = attenuation_factors(mu, angles)
         unit_op = PETOperator(size, angles, att)

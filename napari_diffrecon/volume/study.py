@@ -381,10 +381,11 @@ def simulate_ct_study(
         ``(dz, dy, dx)``.
     """
     from ..physics import sparse_view_angles
+    from ..simulate import is_hounsfield
     from .operators import volume_ct
 
     vol = _check_volume(volume, "simulate_ct_study").astype(np.float32)
-    is_hu = units.upper() == "HU" or (units == "auto" and float(vol.min()) < -500)
+    is_hu = is_hounsfield(vol, units)  # the 2D simulation's rule
     if is_hu:
         vol = np.clip(1.0 + vol / 1000.0, 0.0, None).astype(np.float32)
     angles = sparse_view_angles(int(n_views), arc=arc)
