@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from .bundle import RESULT_IMAGES, atomic_write, read_result, result_units
-from .images import dicom_axes, nifti_axes, nifti_napari_order
+from .images import _unit_axes, dicom_axes, is_rescaled_ct, nifti_axes, nifti_napari_order
 
 __all__ = ["export_image", "write_nifti", "write_dicom", "write_tiff", "read_exported", "EXPORT_FORMATS",
            "format_for", "native_units", "image_units", "export_result", "IMAGE_ROLES", "SPREAD_ROLES"]
@@ -162,19 +162,16 @@ def _source_axes(axes_ras: dict[str, Any] | None) -> tuple[np.ndarray, np.ndarra
     one not within x and y's plane, else x × y. None without a usable record (missing, non-finite, x parallel to y)."""
     if not isinstance(axes_ras, dict):
         return None
-    try:
-        x, y = (np.asarray(axes_ras[k], dtype=np.float64).reshape(3) for k in ("x", "y"))
-        if not (np.isfinite(x).all() and np.isfinite(y).all()) or np.linalg.norm(np.cross(x, y)) < 1e-3 * max(
-                float(np.linalg.norm(x) * np.linalg.norm(y)), 1e-30):
-            return None
-        x, y = x / np.linalg.norm(x), y / np.linalg.norm(y)
-        z = np.cross(x, y)
-        if axes_ras.get("z") is not None:  # the source's own slice direction (a NIfTI's third axis may point
-            own = np.asarray(axes_ras["z"], dtype=np.float64).reshape(3)  # against x × y)
-            if np.isfinite(own).all() and abs(float(np.dot(own, z))) > 1e-3 * float(np.linalg.norm(own)):
-                z = own / np.linalg.norm(own)
+    try:  # the reader's own normalisation and checks (a record in a file may have been edited)
+        unit = _unit_axes(axes_ras["x"], axes_ras["y"], axes_ras.get("z"))
     except (KeyError, TypeError, ValueError):
+        unit = None
+    if unit is None:
         return None  # an unreadable record: the identity orientation, as before records existed
+    x, y = np.asarray(unit["x"]), np.asarray(unit["y"])
+    z = np.cross(x, y)
+    if "z" in unit and abs(float(np.dot(unit["z"], z))) > 1e-3:  # the source's own slice direction (a NIfTI's third
+        z = np.asarray(unit["z"])  # axis may point against x × y), unless it lies in the slice plane
     return x, y, z
 
 
@@ -443,8 +440,7 @@ def read_exported(path: str | Path) -> tuple[np.ndarray, dict[str, Any] | None, 
             )
             data = data.astype(np.float32)
             axes = dicom_axes(ds)
-            rescaled_ct = str(getattr(ds, "Modality", "")).upper() == "CT" and "RescaleIntercept" in ds
-            if str(getattr(ds, "RescaleType", "")).upper() == "HU" or rescaled_ct:  # (as io.images reads CT)
+            if str(getattr(ds, "RescaleType", "")).upper() == "HU" or is_rescaled_ct(ds):  # ours, or a scanner's CT
                 units = "HU"
             ps = [float(v) for v in getattr(ds, "PixelSpacing", [1.0, 1.0])]
             spacing = ([float(getattr(ds, "SliceThickness", 1.0) or 1.0)] if data.ndim == 3 else []) + ps

@@ -41,9 +41,7 @@ def _dicom_volume(path: Path) -> tuple[np.ndarray, dict[str, Any]]:
         raise ValueError(f"no readable DICOM images in {path}")
     slices.sort(key=lambda s: s[0])
     ds = slices[0][2]
-    rescaled = "RescaleIntercept" in ds or _group_item(ds, 0, "PixelValueTransformationSequence") is not None
-    # CT values are HU once rescaled (a CT without any rescale may store raw detector units: not claimed to be HU)
-    units = "HU" if str(getattr(ds, "Modality", "")).upper() == "CT" and rescaled else "arbitrary"
+    units = "HU" if is_rescaled_ct(ds) else "arbitrary"
     measures = _group_item(ds, 0, "PixelMeasuresSequence")
     spacing = getattr(ds, "PixelSpacing", None) or getattr(measures, "PixelSpacing", None) or []
     info = {"format": "dicom", "units": units, "pixel_spacing_mm": [float(v) for v in spacing]}
@@ -166,6 +164,13 @@ def _tiff_spacing(tif: Any) -> list[float] | None:
     if mm == 10.0 and all(any(abs(p * 2.54 - dpi) < 0.5 for dpi in _EDITOR_DPI) for p in per_unit):
         return None  # an editor's default dpi written in centimetres (72 dpi = 28.35 px/cm), not a pixel size
     return [mm / p for p in per_unit]
+
+
+def is_rescaled_ct(ds: Any) -> bool:
+    """Whether a DICOM dataset holds CT values in HU: a CT with a rescale (classic, or an enhanced multi-frame's
+    pixel value transformation group); a CT without any may store raw detector units, not claimed to be HU."""
+    rescaled = "RescaleIntercept" in ds or _group_item(ds, 0, "PixelValueTransformationSequence") is not None
+    return str(getattr(ds, "Modality", "")).upper() == "CT" and rescaled
 
 
 def dicom_axes(ds: Any) -> dict[str, list[float]] | None:
