@@ -884,8 +884,9 @@ class DiffReconWidget(QWidget):
             opts["units"] = "HU"
         from ..io._napari import layer_axes
 
-        if layer_axes(meta):  # its orientation, for NIfTI / DICOM exports of what is simulated from it
-            opts["axes_ras"] = layer_axes(meta)
+        axes = layer_axes(meta)
+        if axes:  # its orientation, for NIfTI / DICOM exports of what is simulated from it
+            opts["axes_ras"] = axes
         scale = [float(v) for v in np.asarray(layer.scale)[-2:]]
         if any(v != 1.0 for v in scale):  # a layer with a pixel size (mm): CT / PET attenuation per pixel follows it
             opts["pixel_spacing_mm"] = scale
